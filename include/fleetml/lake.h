@@ -1,0 +1,99 @@
+/*
+ * Data lake: committed measurements (with results and model version) and
+ * quarantined payloads, exported as Hive-partitioned, gzip-compressed NDJSON
+ * objects:
+ *
+ *   raw/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
+ *   quarantine/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
+ *
+ * where <seq> is the store sequence number of the first row in the object
+ * (zero-padded to 12 digits so names sort). Objects are built in a local
+ * spool file and handed to a backend (fs.c now, s3.c later) that makes them
+ * visible atomically: a reader never sees a partial object.
+ *
+ * The writer resumes from the store, not from memory: its cursor (last
+ * exported seq) lives in the database and is advanced together with the
+ * name of the object being published, so after a crash every committed row
+ * ends up in exactly one object.
+ */
+#ifndef FLEETML_LAKE_H
+#define FLEETML_LAKE_H
+
+#include "fleetml/config.h"
+#include "fleetml/core.h"
+#include "fleetml/store.h"
+
+typedef struct fm_lake fm_lake;
+
+typedef struct fm_lake_vtable {
+    const char *name;
+    /* Publishes the complete local file spool_path under key, atomically;
+     * on success the spool file is gone (moved or deleted). Idempotent for
+     * the same key/content. Returns 0, FM_ENOSPC, FM_EIO. */
+    int (*put)(fm_lake *l, const char *key, const char *spool_path, fm_errbuf *err);
+    /* True (1) if key exists, 0 if not, negative FM_E* on error. */
+    int (*exists)(fm_lake *l, const char *key);
+    void (*close)(fm_lake *l);
+} fm_lake_vtable;
+
+struct fm_lake {
+    const fm_lake_vtable *vt;
+    char spool_dir[PATH_MAX]; /* where objects are built */
+};
+
+/* Opens the configured lake backend (creating directories as needed).
+ * Returns 0 and *out (close with fm_lake_close), or FM_EIO / FM_EINVAL. */
+int fm_lake_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
+static inline void fm_lake_close(fm_lake *l) { if (l) l->vt->close(l); }
+static inline int fm_lake_put(fm_lake *l, const char *key, const char *spool, fm_errbuf *err)
+{ return l->vt->put(l, key, spool, err); }
+
+/* Builds an object key into buf:
+ *   <area>/tenant=<tenant>/date=YYYY-MM-DD/hour=HH/<node>-<seq 12 digits>.ndjson.gz
+ * for the UTC hour containing ms. Tenant and node names are sanitised
+ * (anything but [A-Za-z0-9_.-] becomes '_'; an empty tenant, as for a
+ * quarantined payload from an unknown device, becomes "_"). Returns 0 or
+ * FM_EINVAL if it does not fit or first_seq is negative. */
+int fm_lake_object_key(char *buf, size_t len, const char *area, const char *tenant,
+                       int64_t ms, const char *node, int64_t first_seq);
+
+/* Rolling policy: an open object is closed when adding a row would change
+ * its partition (area/tenant/date/hour), when it holds >= roll_bytes of
+ * uncompressed data, or when it has been open >= roll_ms (a limit <= 0 is
+ * disabled). row_partition NULL asks about age and size only (a timer
+ * check); open_partition NULL or "" means nothing is open (never roll).
+ * Returns 1 to roll, 0 not to. Pure function so it can be unit-tested. */
+typedef struct fm_lake_roll {
+    long roll_bytes;
+    int64_t roll_ms;
+} fm_lake_roll;
+int fm_lake_should_roll(const fm_lake_roll *p, const char *open_partition,
+                        long open_bytes, int64_t open_since_ms, const char *row_partition,
+                        int64_t now_ms);
+
+/* The export thread. fm_lake_writer_start opens its own store handle and
+ * lake backend, recovers any half-published object, then exports committed
+ * rows as they appear (poked by fm_lake_writer_notify). stop flushes the
+ * open object and joins. Returns 0 or an FM_E* code with err set: a
+ * store that cannot be opened or an invalid lake configuration fails
+ * start-up; an unwritable lake or a lake locked by another exporter does
+ * not (the thread logs it, counts lake_errors and retries with backoff up
+ * to ~5 s). Only one exporter runs per lake directory (a flock in the spool
+ * dir); the writer is stopped and freed by fm_lake_writer_stop.
+ * notify is cheap and may be called from any thread (NULL is ignored). */
+typedef struct fm_lake_writer fm_lake_writer;
+int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *err);
+void fm_lake_writer_notify(fm_lake_writer *w);
+/* Forces the open objects to be closed and published now; blocks until
+ * done. Returns 0 or the first error. */
+int fm_lake_writer_flush(fm_lake_writer *w);
+void fm_lake_writer_stop(fm_lake_writer *w);
+
+/* One-shot export used by the writer and by `fleetml lake flush`: exports
+ * everything committed up to now and publishes it. Returns 0, FM_EBUSY
+ * when another exporter (e.g. the running service) holds the lake, or the
+ * first error (FM_EIO, FM_ENOSPC, FM_EDB...) with err set; on failure the
+ * cursor is left where it was, so nothing is lost or duplicated. */
+int fm_lake_export_all(const fm_config *cfg, fm_errbuf *err);
+
+#endif

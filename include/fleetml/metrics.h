@@ -1,0 +1,61 @@
+/*
+ * Process-wide metrics, exported in Prometheus text format at /metrics.
+ * Counters and gauges are lock-free atomics; histograms use fixed buckets.
+ */
+#ifndef FLEETML_METRICS_H
+#define FLEETML_METRICS_H
+
+#include "fleetml/core.h"
+#include <stdatomic.h>
+
+#define FM_HIST_BUCKETS 16
+
+typedef struct fm_hist {
+    const double *bounds; /* FM_HIST_BUCKETS upper bounds, ascending */
+    _Atomic uint64_t counts[FM_HIST_BUCKETS + 1]; /* last = +Inf */
+    _Atomic uint64_t count;
+    _Atomic uint64_t sum_micro; /* sum in millionths of the unit */
+} fm_hist;
+
+enum fm_reject_reason {
+    FM_REJ_MALFORMED_JSON = 0, FM_REJ_TOO_LARGE, FM_REJ_MISSING_FIELD,
+    FM_REJ_INVALID_TYPE, FM_REJ_INVALID_VALUE, FM_REJ_UNKNOWN_FIELD, FM_REJ_UNKNOWN_KIND,
+    FM_REJ_OUT_OF_RANGE, FM_REJ_UNKNOWN_DEVICE, FM_REJ_DEVICE_INACTIVE,
+    FM_REJ_UNAVAILABLE, FM_REJ_INTERNAL, FM_REJ__COUNT
+};
+
+typedef struct fm_metrics {
+    _Atomic uint64_t received;
+    _Atomic uint64_t stored;
+    _Atomic uint64_t duplicates;
+    _Atomic uint64_t rejected[FM_REJ__COUNT];
+    _Atomic uint64_t replied;
+    _Atomic uint64_t commit_failures;
+    _Atomic uint64_t broker_restarts;
+    _Atomic int64_t mqtt_connected;   /* gauge 0/1 */
+    _Atomic int64_t queue_depth;      /* gauge */
+    _Atomic uint64_t lake_objects;
+    _Atomic uint64_t lake_rows;
+    _Atomic uint64_t lake_errors;
+    _Atomic int64_t lake_backlog;     /* gauge: committed rows not yet in lake */
+    _Atomic int64_t store_unavailable; /* gauge 0/1 (e.g. disk full) */
+    fm_hist inference_seconds;
+    fm_hist commit_seconds;
+    fm_hist commit_batch_size;
+    fm_hist reply_seconds; /* receive -> reply published */
+} fm_metrics;
+
+/* The process's metrics (zero-initialised, buckets set on first use). */
+fm_metrics *fm_metrics_get(void);
+
+/* Maps an FM_VERR_* code to a reject reason (unknown -> INTERNAL). */
+enum fm_reject_reason fm_reject_reason_from_code(const char *code);
+const char *fm_reject_reason_name(enum fm_reject_reason r);
+
+void fm_hist_observe(fm_hist *h, double v);
+
+/* Renders all metrics as Prometheus text; caller frees *out with fm_free.
+ * Returns 0 or FM_ENOMEM. */
+int fm_metrics_render(const fm_metrics *m, char **out, size_t *len);
+
+#endif

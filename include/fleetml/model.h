@@ -1,0 +1,66 @@
+/*
+ * Model subsystem: feature extraction (the one definition of the features,
+ * shared by serving, `fleetml features` and training), the XGBoost runtime
+ * (C API, in-place prediction from a dense float matrix; no per-request
+ * DMatrix) and synthetic training.
+ *
+ * A model lives in a directory (e.g. models/viscosity/) holding
+ *   manifest.json  name, version, features (names, in order), outputs
+ *                  (name, unit, plausible range), training description,
+ *                  holdout metrics
+ *   model.json     the XGBoost booster (multi-output regression)
+ */
+#ifndef FLEETML_MODEL_H
+#define FLEETML_MODEL_H
+
+#include "fleetml/core.h"
+#include "fleetml/measurement.h"
+
+#define FM_FEATURES_MAX 32
+#define FM_OUTPUTS_MAX 8
+
+/* Number of features produced by fm_features_extract (fixed by the code). */
+size_t fm_feature_count(void);
+/* Name of feature i (static string), NULL when i is out of range. */
+const char *fm_feature_name(size_t i);
+
+/* Computes the feature vector of a validated measurement into out
+ * (fm_feature_count() floats). Returns 0, or FM_ERANGE with e->code
+ * "out_of_range" when the sweep cannot be used by the model (e.g. it does
+ * not cover the needed shear-rate range or the signal is implausible). */
+int fm_features_extract(const fm_measurement *m, float *out, fm_verr *e);
+
+typedef struct fm_model fm_model;
+
+typedef struct fm_model_output {
+    char name[48];
+    char unit[16];
+    double min, max; /* plausible range of the output */
+} fm_model_output;
+
+/* Loads manifest.json + model.json from dir. Checks that the manifest's
+ * feature list equals fm_feature_name() order. Returns 0 and *out (free with
+ * fm_model_free), or FM_ENOTFOUND / FM_EINVAL / FM_EMODEL with err set. */
+int fm_model_load(const char *dir, fm_model **out, fm_errbuf *err);
+void fm_model_free(fm_model *m);
+
+const char *fm_model_name(const fm_model *m);
+const char *fm_model_version(const fm_model *m);
+size_t fm_model_output_count(const fm_model *m);
+const fm_model_output *fm_model_output_at(const fm_model *m, size_t i);
+
+/* Predicts `rows` feature vectors (row-major, rows * fm_feature_count()
+ * floats) into out (rows * fm_model_output_count() floats). Not
+ * thread-safe for the same model: one caller at a time. Returns 0 or
+ * FM_EMODEL with err set. */
+int fm_model_predict(fm_model *m, const float *features, size_t rows, float *out,
+                     fm_errbuf *err);
+
+/* Trains a model from synthetic viscometer data (fixed seed => same model
+ * bytes) and writes manifest.json + model.json into out_dir. n_train rows
+ * for training and n_holdout for holdout metrics. Returns 0 or an FM_E*
+ * code with err set. */
+int fm_model_train_synthetic(const char *out_dir, uint64_t seed, size_t n_train,
+                             size_t n_holdout, fm_errbuf *err);
+
+#endif

@@ -1,0 +1,81 @@
+/*
+ * The measurement pipeline: validate -> dedupe -> features -> infer ->
+ * group commit -> reply. One pipeline thread owns the write handle of the
+ * store and the model; the MQTT thread only copies messages into its queue.
+ *
+ * Acknowledgement rule: a device's `ok` result is published only after the
+ * transaction holding its measurement and result has been committed with
+ * synchronous=FULL. Everything rejected is answered with an error result
+ * and its raw bytes are kept for the lake's quarantine area (never in the
+ * measurement table).
+ */
+#ifndef FLEETML_PIPELINE_H
+#define FLEETML_PIPELINE_H
+
+#include "fleetml/config.h"
+#include "fleetml/core.h"
+
+/* A received message, owned by the pipeline once submitted. */
+typedef struct fm_inmsg {
+    struct fm_inmsg *next;
+    char device_id[65];     /* from the topic fleet/<device>/measurements */
+    char *payload;          /* fm_malloc'd, not NUL-terminated */
+    size_t len;
+    char *response_topic;   /* fm_malloc'd or NULL (MQTT 5 Response Topic) */
+    void *corr;             /* fm_malloc'd or NULL (MQTT 5 Correlation Data) */
+    size_t corr_len;
+    uint64_t recv_ns;       /* fm_mono_ns() at receipt */
+    int64_t recv_ms;        /* wall clock at receipt */
+} fm_inmsg;
+
+/* Allocates a message holding copies of the given buffers. Returns NULL on
+ * allocation failure. Free with fm_inmsg_free (if not submitted). */
+fm_inmsg *fm_inmsg_new(const char *device_id, const void *payload, size_t len,
+                       const char *response_topic, const void *corr, size_t corr_len);
+void fm_inmsg_free(fm_inmsg *m);
+
+/* Publishes a reply (QoS 1). Returns 0 or a negative FM_E* code. Called
+ * from the pipeline thread only. */
+typedef int (*fm_publish_fn)(void *ud, const char *topic, const void *payload, size_t len,
+                             const void *corr, size_t corr_len);
+/* Called after every successful commit (e.g. to wake the lake writer). */
+typedef void (*fm_committed_fn)(void *ud);
+
+typedef struct fm_pipeline fm_pipeline;
+
+typedef struct fm_pipeline_opts {
+    const fm_config *cfg;
+    fm_publish_fn publish;
+    fm_committed_fn committed;
+    void *ud;
+} fm_pipeline_opts;
+
+/* Opens the store write handle, loads the model and starts the pipeline
+ * thread. Returns 0 and *out, or an FM_E* code with err set (nothing is
+ * left running on failure). */
+int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf *err);
+
+/* Hands m to the pipeline (ownership moves on success). Returns 0, or
+ * FM_EBUSY when the queue is full / FM_ESTATE when stopping; the caller
+ * keeps m on failure. Thread-safe. */
+int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m);
+
+/* True once the model is loaded and the last commit (if any) succeeded. */
+int fm_pipeline_healthy(const fm_pipeline *p);
+/* "name@version" of the loaded model (static for the pipeline's life). */
+const char *fm_pipeline_model(const fm_pipeline *p);
+
+/* Processes what is queued, stops the thread and frees everything. */
+void fm_pipeline_stop(fm_pipeline *p);
+
+/* Chooses the reply topic: the MQTT 5 Response Topic when it lies inside
+ * the device's own namespace (fleet/<device>/...) and has no wildcards,
+ * otherwise fleet/<device>/results. Writes into buf; returns buf. */
+char *fm_reply_topic(const char *device_id, const char *response_topic, char *buf, size_t len);
+
+/* Builds the JSON error result document for a measurement id (may be "").
+ * Caller frees with fm_free. NULL on allocation
+ * failure. */
+char *fm_error_result_json(const char *measurement_id, const char *code, const char *message);
+
+#endif

@@ -1,0 +1,31 @@
+/*
+ * `fleetml` subcommands. Each returns a process exit status (0 ok, 1 runtime
+ * failure, 2 usage error) and prints human-facing output on stdout, errors
+ * on stderr.
+ */
+#ifndef FLEETML_CLI_H
+#define FLEETML_CLI_H
+
+#include "fleetml/config.h"
+
+int fm_cmd_init(int argc, char **argv);
+int fm_cmd_serve(int argc, char **argv);
+int fm_cmd_device(int argc, char **argv);     /* add | list | disable | enable | run */
+int fm_cmd_device_run(int argc, char **argv); /* `fleetml device run <id>` */
+int fm_cmd_sim(int argc, char **argv);
+int fm_cmd_features(int argc, char **argv);
+int fm_cmd_model(int argc, char **argv);      /* train | info | predict */
+int fm_cmd_lake(int argc, char **argv);       /* flush */
+
+/* Shared option handling: consumes `--data DIR` and `--set section.key=V`
+ * (repeatable) from argv (compacting it, updating *argc), loads
+ * <data>/fleetml.conf and applies the overrides in order. Returns 0 or 2
+ * (usage/config error, already reported on stderr). */
+int fm_cli_config(int *argc, char **argv, fm_config *cfg);
+
+/* Finds `--name VALUE` in argv, removes both and returns VALUE (or NULL). */
+const char *fm_cli_take_opt(int *argc, char **argv, const char *name);
+/* Finds `--name` in argv, removes it and returns 1 (0 if absent). */
+int fm_cli_take_flag(int *argc, char **argv, const char *name);
+
+#endif

@@ -1,0 +1,123 @@
+/* `fleetml device add|disable|enable|run`. */
+#include "cli/cli.h"
+#include "fleetml/measurement.h"
+#include "fleetml/pki.h"
+#include "fleetml/store.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DEVICE_CERT_DAYS 825
+
+static int device_add(int argc, char **argv)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    if (!tenant)
+        tenant = "demo-hospital";
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml device add <id> [--tenant T] [--data DIR]\n");
+        return 2;
+    }
+    const char *id = argv[1];
+    if (!fm_device_id_valid(id)) {
+        fprintf(stderr, "fleetml device add: '%s' is not a valid device id "
+                        "([a-z0-9][a-z0-9-]{2,63})\n", id);
+        return 2;
+    }
+    fm_errbuf err;
+    fm_store *st;
+    if (fm_store_open(&cfg, &st, &err) != 0) {
+        fprintf(stderr, "fleetml device add: %s\n", err.msg);
+        return 1;
+    }
+    fm_device existing;
+    if (fm_store_device_get(st, id, &existing) == 0) {
+        fprintf(stderr, "fleetml device add: device '%s' already exists\n", id);
+        fm_store_close(st);
+        return 1;
+    }
+    char dir[PATH_MAX], rel[128], key[PATH_MAX], crt[PATH_MAX], ca_key[PATH_MAX],
+        ca_crt[PATH_MAX];
+    snprintf(rel, sizeof rel, "devices/%s", id);
+    fm_config_path(&cfg, rel, dir, sizeof dir);
+    snprintf(rel, sizeof rel, "devices/%s/device.key", id);
+    fm_config_path(&cfg, rel, key, sizeof key);
+    snprintf(rel, sizeof rel, "devices/%s/device.crt", id);
+    fm_config_path(&cfg, rel, crt, sizeof crt);
+    fm_config_path(&cfg, "pki/ca.key", ca_key, sizeof ca_key);
+    fm_config_path(&cfg, "pki/ca.crt", ca_crt, sizeof ca_crt);
+    fm_ca *ca = NULL;
+    fm_device d = {0};
+    snprintf(d.id, sizeof d.id, "%s", id);
+    snprintf(d.tenant, sizeof d.tenant, "%s", tenant);
+    d.status = FM_DEVICE_ACTIVE;
+    fm_cert_req req = {.common_name = id, .usage = FM_CERT_CLIENT, .days = DEVICE_CERT_DAYS};
+    rc = fm_mkdirs(dir, 0700) ? fm_errf(&err, FM_EIO, "cannot create %s", dir) : 0;
+    if (!rc)
+        rc = fm_ca_load(ca_key, ca_crt, &ca, &err);
+    if (!rc)
+        rc = fm_ca_issue_keypair(ca, &req, key, crt, d.cert_serial, &err);
+    /* Register only once the certificate exists; if registering fails the
+     * certificate is removed so no usable identity is left behind. */
+    if (!rc && (rc = fm_store_device_add(st, &d, &err)) != 0) {
+        unlink(key);
+        unlink(crt);
+        rmdir(dir);
+    }
+    fm_ca_free(ca);
+    fm_store_close(st);
+    if (rc) {
+        fprintf(stderr, "fleetml device add: %s\n", err.msg);
+        return 1;
+    }
+    printf("device %s added to tenant %s\n  certificate: %s\n  key:         %s\n", id, tenant,
+           crt, key);
+    return 0;
+}
+
+static int device_status(int argc, char **argv, int status)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml device %s <id> [--data DIR]\n", argv[0]);
+        return 2;
+    }
+    fm_errbuf err;
+    fm_store *st;
+    if (fm_store_open(&cfg, &st, &err) != 0 ||
+        fm_store_device_set_status(st, argv[1], status, &err) != 0) {
+        fprintf(stderr, "fleetml device %s: %s\n", argv[0], err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    fm_store_close(st);
+    printf("device %s %sd\n", argv[1], argv[0]);
+    return 0;
+}
+
+int fm_cmd_device(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: fleetml device add|disable|enable|run ...\n");
+        return 2;
+    }
+    if (strcmp(argv[1], "add") == 0)
+        return device_add(argc - 1, argv + 1);
+    if (strcmp(argv[1], "disable") == 0)
+        return device_status(argc - 1, argv + 1, FM_DEVICE_DISABLED);
+    if (strcmp(argv[1], "enable") == 0)
+        return device_status(argc - 1, argv + 1, FM_DEVICE_ACTIVE);
+    if (strcmp(argv[1], "run") == 0)
+        return fm_cmd_device_run(argc - 1, argv + 1);
+    fprintf(stderr, "fleetml device: unknown subcommand '%s'\n", argv[1]);
+    return 2;
+}

@@ -1,0 +1,174 @@
+/*
+ * `fleetml model`: train the bundled model from the simulator and inspect
+ * a model directory.
+ */
+#include "cli/cli.h"
+#include "fleetml/model.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_DIR "models/viscosity"
+#define DEFAULT_SEED UINT64_C(20261126)
+#define DEFAULT_ROWS 20000
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: fleetml model train --synthetic [--out DIR] [--seed N] [--rows N] "
+               "[--holdout N]\n"
+               "       fleetml model info [--dir DIR]\n"
+               "defaults: DIR %s, seed %" PRIu64 ", rows %d, holdout rows/5\n",
+            DEFAULT_DIR, DEFAULT_SEED, DEFAULT_ROWS);
+}
+
+/* Parses a non-negative decimal integer option; strtoull alone would accept
+ * "-1" (wrapping it) and trailing garbage. */
+static int parse_u64(const char *opt, const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (!s || *s < '0' || *s > '9')
+        goto bad;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end)
+        goto bad;
+    *out = v;
+    return 0;
+bad:
+    fprintf(stderr, "fleetml model: %s expects a non-negative integer, got '%s'\n", opt,
+            s ? s : "");
+    return 2;
+}
+
+static int cmd_train(int argc, char **argv)
+{
+    int synthetic = fm_cli_take_flag(&argc, argv, "--synthetic");
+    const char *dir = fm_cli_take_opt(&argc, argv, "--out");
+    const char *seed_s = fm_cli_take_opt(&argc, argv, "--seed");
+    const char *rows_s = fm_cli_take_opt(&argc, argv, "--rows");
+    const char *hold_s = fm_cli_take_opt(&argc, argv, "--holdout");
+    if (argc > 1) {
+        fprintf(stderr, "fleetml model train: unexpected argument '%s'\n", argv[1]);
+        usage(stderr);
+        return 2;
+    }
+    if (!synthetic) {
+        /* Training from lake data joined with lab labels is a later
+         * feature; say so rather than guess at a data source. */
+        fprintf(stderr, "fleetml model train: only --synthetic training is available\n");
+        return 2;
+    }
+    uint64_t seed = DEFAULT_SEED, rows = DEFAULT_ROWS, hold;
+    if ((seed_s && parse_u64("--seed", seed_s, &seed)) ||
+        (rows_s && parse_u64("--rows", rows_s, &rows)))
+        return 2;
+    hold = rows / 5;
+    if (hold_s && parse_u64("--holdout", hold_s, &hold))
+        return 2;
+    if (!dir)
+        dir = DEFAULT_DIR;
+
+    fm_errbuf err;
+    uint64_t t0 = fm_mono_ns();
+    int rc = fm_model_train_synthetic(dir, seed, (size_t)rows, (size_t)hold, &err);
+    if (rc) {
+        fprintf(stderr, "fleetml model train: %s\n", err.msg);
+        return 1;
+    }
+    printf("trained %s/model.json and manifest.json (seed %" PRIu64 ", %" PRIu64
+           " training rows, %" PRIu64 " holdout rows) in %.1f s\n",
+           dir, seed, rows, hold, (double)(fm_mono_ns() - t0) / 1e9);
+    return 0;
+}
+
+static const char *str_or(json_t *v)
+{
+    const char *s = json_string_value(v);
+    return s ? s : "?";
+}
+
+static void print_metrics(json_t *man)
+{
+    json_t *hold = json_object_get(man, "holdout");
+    json_t *metrics = json_object_get(hold, "metrics");
+    if (!json_is_object(metrics))
+        return;
+    printf("holdout:  %" JSON_INTEGER_FORMAT " rows\n",
+           json_integer_value(json_object_get(hold, "rows")));
+    const char *name;
+    json_t *v;
+    json_object_foreach(metrics, name, v) {
+        printf("  %-22s rmse %-10.4g mae %-10.4g r2 %.4f\n", name,
+               json_number_value(json_object_get(v, "rmse")),
+               json_number_value(json_object_get(v, "mae")),
+               json_number_value(json_object_get(v, "r2")));
+    }
+}
+
+static int cmd_info(int argc, char **argv)
+{
+    const char *dir = fm_cli_take_opt(&argc, argv, "--dir");
+    if (argc > 1) {
+        fprintf(stderr, "fleetml model info: unexpected argument '%s'\n", argv[1]);
+        usage(stderr);
+        return 2;
+    }
+    if (!dir)
+        dir = DEFAULT_DIR;
+
+    /* Loading the model is the real check (manifest shape, feature list
+     * against this build, booster readable); the raw manifest is read
+     * only for the descriptive fields the runtime does not keep. */
+    fm_errbuf err;
+    fm_model *model = NULL;
+    if (fm_model_load(dir, &model, &err) != 0) {
+        fprintf(stderr, "fleetml model info: %s\n", err.msg);
+        return 1;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    json_error_t je;
+    json_t *man = json_load_file(path, 0, &je);
+
+    printf("model:    %s %s (%s)\n", fm_model_name(model), fm_model_version(model), dir);
+    printf("kind:     %s\n", str_or(json_object_get(man, "kind")));
+    printf("features: %zu:", fm_feature_count());
+    for (size_t i = 0; i < fm_feature_count(); i++)
+        printf(" %s", fm_feature_name(i));
+    printf("\noutputs:\n");
+    for (size_t i = 0; i < fm_model_output_count(model); i++) {
+        const fm_model_output *o = fm_model_output_at(model, i);
+        printf("  %-22s %-6s plausible %g..%g\n", o->name, o->unit, o->min, o->max);
+    }
+    json_t *tr = json_object_get(man, "training");
+    if (json_is_object(tr))
+        printf("training: %s (%s), seed %" JSON_INTEGER_FORMAT ", %" JSON_INTEGER_FORMAT
+               " rows\n",
+               str_or(json_object_get(tr, "source")),
+               str_or(json_object_get(tr, "generator")),
+               json_integer_value(json_object_get(tr, "seed")),
+               json_integer_value(json_object_get(tr, "rows")));
+    print_metrics(man);
+    json_decref(man);
+    fm_model_free(model);
+    return 0;
+}
+
+int fm_cmd_model(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "train") == 0)
+        return cmd_train(argc - 1, argv + 1);
+    if (strcmp(argv[1], "info") == 0)
+        return cmd_info(argc - 1, argv + 1);
+    fprintf(stderr, "fleetml model: unknown subcommand '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,192 @@
+/*
+ * `fleetml serve`: one node of the platform.
+ *
+ * Start order: lake writer (recovers half-published objects first),
+ * pipeline (store + model), broker, MQTT client, HTTP. Stop order: MQTT
+ * client first (no new work), then the pipeline drains what it holds, the
+ * lake writer publishes its open objects, the broker stops, HTTP last.
+ */
+#include "cli/cli.h"
+#include "fleetml/api.h"
+#include "fleetml/broker.h"
+#include "fleetml/lake.h"
+#include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
+#include "fleetml/mqtt.h"
+#include "fleetml/pipeline.h"
+
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct server {
+    fm_config cfg;
+    fm_broker *broker;
+    fm_pipeline *pipeline;
+    fm_lake_writer *lake;
+    fm_http *http;
+    _Atomic(fm_mqtt *) mqtt;
+} server;
+
+static int publish(void *ud, const char *topic, const void *payload, size_t len,
+                   const void *corr, size_t corr_len)
+{
+    server *s = ud;
+    fm_mqtt *c = atomic_load(&s->mqtt);
+    return c ? fm_mqtt_publish(c, topic, payload, len, corr, corr_len) : FM_EUNAVAIL;
+}
+
+static void committed(void *ud)
+{
+    server *s = ud;
+    if (s->lake)
+        fm_lake_writer_notify(s->lake);
+}
+
+/* Runs on the MQTT network thread: copy and queue, nothing more. */
+static void on_measurement(void *ud, const char *device, const void *payload, size_t len,
+                           const char *rt, const void *corr, size_t corr_len)
+{
+    server *s = ud;
+    fm_inmsg *m = fm_inmsg_new(device, payload, len, rt, corr, corr_len);
+    int rc = m ? fm_pipeline_submit(s->pipeline, m) : FM_ENOMEM;
+    if (rc == 0)
+        return;
+    /* Overloaded or stopping: tell the device now so it retries later,
+     * rather than holding a message we cannot promise to store. */
+    fm_metrics *mx = fm_metrics_get();
+    atomic_fetch_add(&mx->received, 1);
+    atomic_fetch_add(&mx->rejected[FM_REJ_UNAVAILABLE], 1);
+    char mid[FM_MEAS_ID_MAX + 1], topic[256];
+    fm_measurement_peek_id(payload, len, mid);
+    char *doc = fm_error_result_json(mid, FM_VERR_UNAVAILABLE,
+                                     rc == FM_EBUSY ? "platform overloaded, retry later"
+                                                    : "platform unavailable, retry later");
+    if (doc) {
+        fm_reply_topic(device, rt, topic, sizeof topic);
+        publish(s, topic, doc, strlen(doc), corr, corr_len);
+        fm_free(doc);
+    }
+    fm_inmsg_free(m);
+}
+
+static void health(void *ud, fm_health *h)
+{
+    server *s = ud;
+    fm_mqtt *c = atomic_load(&s->mqtt);
+    if (s->broker) {
+        h->broker_pid = (int)fm_broker_pid(s->broker);
+        h->broker_up = h->broker_pid > 0;
+    } else {
+        h->broker_up = 1; /* external broker: judged by the MQTT connection */
+    }
+    h->mqtt_connected = c ? fm_mqtt_connected(c) : 0;
+    h->store_ok = s->pipeline ? fm_pipeline_healthy(s->pipeline) : 0;
+    h->model_loaded = s->pipeline != NULL;
+    snprintf(h->model, sizeof h->model, "%s", s->pipeline ? fm_pipeline_model(s->pipeline) : "");
+}
+
+static void resolve_model_dir(fm_config *cfg)
+{
+    if (access(cfg->model_dir, R_OK) == 0 || cfg->model_dir[0] == '/')
+        return;
+#ifdef FM_DEFAULT_MODEL_DIR
+    /* A relative default only works from the source tree; fall back to the
+     * model bundled with this build. */
+    if (access(FM_DEFAULT_MODEL_DIR, R_OK) == 0)
+        snprintf(cfg->model_dir, sizeof cfg->model_dir, "%s", FM_DEFAULT_MODEL_DIR);
+#endif
+}
+
+static void shutdown_all(server *s)
+{
+    fm_mqtt *c = atomic_exchange(&s->mqtt, NULL);
+    fm_mqtt_stop(c);
+    fm_pipeline_stop(s->pipeline);
+    s->pipeline = NULL;
+    fm_lake_writer_stop(s->lake);
+    s->lake = NULL;
+    fm_broker_stop(s->broker);
+    s->broker = NULL;
+    fm_http_stop(s->http);
+    s->http = NULL;
+}
+
+int fm_cmd_serve(int argc, char **argv)
+{
+    static server s;
+    int rc = fm_cli_config(&argc, argv, &s.cfg);
+    if (rc)
+        return rc;
+    if (argc > 1) {
+        fprintf(stderr, "usage: fleetml serve [--data DIR] [--set section.key=value]...\n");
+        return 2;
+    }
+    char probe[PATH_MAX];
+    if (access(fm_config_path(&s.cfg, "pki/service.crt", probe, sizeof probe), R_OK) != 0) {
+        fprintf(stderr, "fleetml serve: %s is not initialised; run `fleetml init --data %s`\n",
+                s.cfg.data_dir, s.cfg.data_dir);
+        return 1;
+    }
+    resolve_model_dir(&s.cfg);
+
+    /* Signals are taken synchronously by the main thread; every thread
+     * started below inherits this mask. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    fm_errbuf err;
+    fm_mqtt *c = NULL;
+    if ((rc = fm_lake_writer_start(&s.cfg, &s.lake, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "lake writer failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    fm_pipeline_opts po = {.cfg = &s.cfg, .publish = publish, .committed = committed, .ud = &s};
+    if ((rc = fm_pipeline_start(&po, &s.pipeline, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "pipeline failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    if (strcmp(s.cfg.broker_mode, "supervised") == 0 &&
+        (rc = fm_broker_start(&s.cfg, &s.broker, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "broker failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    if ((rc = fm_mqtt_start(&s.cfg, on_measurement, &s, &c, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "MQTT client failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    atomic_store(&s.mqtt, c);
+    if ((rc = fm_http_start(&s.cfg, health, &s, &s.http, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "HTTP failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    char port[16];
+    snprintf(port, sizeof port, "%d", s.cfg.broker_port);
+    fm_logkv(FM_LOG_INFO, "serve", "fleetml serving", "node", s.cfg.node_id, "data",
+             s.cfg.data_dir, "mqtt_port", port, NULL);
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            fm_logf(FM_LOG_INFO, "serve", "SIGHUP ignored (restart to apply configuration)");
+            continue;
+        }
+        fm_logf(FM_LOG_INFO, "serve", "signal %d: shutting down", sig);
+        break;
+    }
+    shutdown_all(&s);
+    fm_logf(FM_LOG_INFO, "serve", "stopped");
+    return 0;
+fail:
+    shutdown_all(&s);
+    return 1;
+}

@@ -1,0 +1,179 @@
+#include "fleetml/metrics.h"
+#include "fleetml/measurement.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Latency buckets in seconds: fine-grained below 10 ms where the reply
+ * latency target lives. */
+static const double latency_bounds[FM_HIST_BUCKETS] = {
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
+    0.01,    0.025,  0.05,    0.1,    0.25,  0.5,   1.0,   5.0};
+static const double batch_bounds[FM_HIST_BUCKETS] = {1, 2, 4, 8, 16, 32, 48, 64,
+                                                     96, 128, 192, 256, 512, 1024, 2048, 4096};
+
+static fm_metrics metrics;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static void init_metrics(void)
+{
+    metrics.inference_seconds.bounds = latency_bounds;
+    metrics.commit_seconds.bounds = latency_bounds;
+    metrics.reply_seconds.bounds = latency_bounds;
+    metrics.commit_batch_size.bounds = batch_bounds;
+}
+
+fm_metrics *fm_metrics_get(void)
+{
+    pthread_once(&once, init_metrics);
+    return &metrics;
+}
+
+static const char *reason_names[FM_REJ__COUNT] = {
+    FM_VERR_MALFORMED_JSON, FM_VERR_TOO_LARGE,     FM_VERR_MISSING_FIELD,
+    FM_VERR_INVALID_TYPE,   FM_VERR_INVALID_VALUE, FM_VERR_UNKNOWN_FIELD,
+    FM_VERR_UNKNOWN_KIND,   FM_VERR_OUT_OF_RANGE,  FM_VERR_UNKNOWN_DEVICE,
+    FM_VERR_DEVICE_INACTIVE, FM_VERR_UNAVAILABLE,  FM_VERR_INTERNAL};
+
+enum fm_reject_reason fm_reject_reason_from_code(const char *code)
+{
+    for (int i = 0; i < FM_REJ__COUNT; i++)
+        if (strcmp(code, reason_names[i]) == 0)
+            return (enum fm_reject_reason)i;
+    return FM_REJ_INTERNAL;
+}
+
+const char *fm_reject_reason_name(enum fm_reject_reason r)
+{
+    return (r >= 0 && r < FM_REJ__COUNT) ? reason_names[r] : FM_VERR_INTERNAL;
+}
+
+void fm_hist_observe(fm_hist *h, double v)
+{
+    int i = 0;
+    while (i < FM_HIST_BUCKETS && v > h->bounds[i])
+        i++;
+    atomic_fetch_add_explicit(&h->counts[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_micro, (uint64_t)(v * 1e6 + 0.5), memory_order_relaxed);
+}
+
+/* Growable output buffer; on allocation failure it records the error and
+ * ignores further appends so the renderer stays linear. */
+typedef struct outbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} outbuf;
+
+static void put(outbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(outbuf *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = 1;
+            return;
+        }
+        if ((size_t)n < b->cap - b->len) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t ncap = (b->cap + (size_t)n + 1) * 2;
+        char *np = fm_realloc(b->p, ncap);
+        if (!np) {
+            b->oom = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = ncap;
+    }
+}
+
+static void counter(outbuf *b, const char *name, const char *help, uint64_t v)
+{
+    put(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+        (unsigned long long)v);
+}
+
+static void gauge(outbuf *b, const char *name, const char *help, int64_t v)
+{
+    put(b, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, (long long)v);
+}
+
+static void hist(outbuf *b, const char *name, const char *help, const fm_hist *h)
+{
+    put(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i < FM_HIST_BUCKETS; i++) {
+        cum += atomic_load(&h->counts[i]);
+        put(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+    }
+    cum += atomic_load(&h->counts[FM_HIST_BUCKETS]);
+    put(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    put(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_micro) / 1e6, name,
+        (unsigned long long)atomic_load(&h->count));
+}
+
+int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
+{
+    outbuf b = {0};
+    b.cap = 8192;
+    b.p = fm_malloc(b.cap);
+    if (!b.p)
+        return FM_ENOMEM;
+    b.p[0] = '\0';
+    counter(&b, "fleetml_measurements_received_total", "Measurement messages received.",
+            atomic_load(&m->received));
+    counter(&b, "fleetml_measurements_stored_total", "Measurements durably stored.",
+            atomic_load(&m->stored));
+    counter(&b, "fleetml_measurements_duplicate_total",
+            "Measurements whose id was already stored (answered with the original result).",
+            atomic_load(&m->duplicates));
+    put(&b, "# HELP fleetml_measurements_rejected_total Measurements rejected, by reason.\n"
+            "# TYPE fleetml_measurements_rejected_total counter\n");
+    for (int i = 0; i < FM_REJ__COUNT; i++)
+        put(&b, "fleetml_measurements_rejected_total{reason=\"%s\"} %llu\n", reason_names[i],
+            (unsigned long long)atomic_load(&m->rejected[i]));
+    counter(&b, "fleetml_replies_total", "Result messages published to devices.",
+            atomic_load(&m->replied));
+    counter(&b, "fleetml_commit_failures_total", "Group commits that failed (nothing acked).",
+            atomic_load(&m->commit_failures));
+    counter(&b, "fleetml_broker_restarts_total", "Times the supervised broker was restarted.",
+            atomic_load(&m->broker_restarts));
+    gauge(&b, "fleetml_mqtt_connected", "1 when the service is connected to the broker.",
+          atomic_load(&m->mqtt_connected));
+    gauge(&b, "fleetml_pipeline_queue_depth", "Messages waiting for the pipeline.",
+          atomic_load(&m->queue_depth));
+    gauge(&b, "fleetml_store_unavailable", "1 while the store cannot commit (e.g. disk full).",
+          atomic_load(&m->store_unavailable));
+    counter(&b, "fleetml_lake_objects_total", "Objects published to the lake.",
+            atomic_load(&m->lake_objects));
+    counter(&b, "fleetml_lake_rows_total", "Rows exported to the lake.",
+            atomic_load(&m->lake_rows));
+    counter(&b, "fleetml_lake_errors_total", "Lake export attempts that failed.",
+            atomic_load(&m->lake_errors));
+    gauge(&b, "fleetml_lake_backlog", "Committed rows not yet exported to the lake.",
+          atomic_load(&m->lake_backlog));
+    hist(&b, "fleetml_inference_seconds", "Model inference time per batch.",
+         &m->inference_seconds);
+    hist(&b, "fleetml_commit_seconds", "Group commit time (including fsync).",
+         &m->commit_seconds);
+    hist(&b, "fleetml_commit_batch_size", "Measurements per group commit.",
+         &m->commit_batch_size);
+    hist(&b, "fleetml_reply_seconds", "Time from receipt to reply publication.",
+         &m->reply_seconds);
+    if (b.oom) {
+        fm_free(b.p);
+        return FM_ENOMEM;
+    }
+    *out = b.p;
+    *len = b.len;
+    return 0;
+}

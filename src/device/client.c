@@ -1,0 +1,1068 @@
+/*
+ * Device SDK core: one MQTT 5 client over mutual TLS that publishes
+ * measurements and maps results back to them by correlation data.
+ *
+ * Design notes
+ *
+ * Pending measurements live in a fixed array of slots allocated once at
+ * creation, so publishing never allocates more than the payload copy and a
+ * result is matched in O(1): the correlation data names the slot directly.
+ * Each use of a slot gets a fresh generation number that is part of the
+ * correlation data too, so a late duplicate result for a slot that has been
+ * reused is recognised as stale instead of resolving the wrong measurement.
+ * A per-client random nonce in front keeps results addressed to an earlier
+ * process with the same device id from matching anything.
+ *
+ * The same slots are also linked into a FIFO in queueing order, so that after
+ * a reconnect the oldest measurements are re-published first and the timer
+ * scan walks only the measurements that exist.
+ *
+ * libmosquitto is used without its own thread (no mosquitto_loop_start): the
+ * caller drives the socket, which is what lets `fleetml sim` run thousands of
+ * devices from one epoll loop. Reconnecting is done here rather than with
+ * mosquitto_reconnect_delay_set() because that setting only applies inside
+ * mosquitto_loop_forever().
+ */
+#include "fleetml/device.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <mosquitto.h>
+#include <mqtt_protocol.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#define COMPONENT "device"
+#define CORR_MAGIC_LEN 8
+#define NS_PER_MS 1000000ull
+/* Ceiling on how long fm_devclient_disconnect() waits to flush DISCONNECT. */
+#define DISCONNECT_FLUSH_MS 100
+
+enum state {
+    ST_IDLE,        /* never started, or stopped by fm_devclient_disconnect */
+    ST_CONNECTING,  /* socket open, TLS handshake / CONNACK outstanding */
+    ST_SUBSCRIBING, /* CONNACK ok, SUBACK for the results topic outstanding */
+    ST_READY,       /* subscribed: measurements may be published */
+    ST_BACKOFF,     /* connection lost; waiting to reconnect */
+    ST_FAILED       /* permanent configuration error (TLS material) */
+};
+
+struct pending {
+    char *id;        /* NULL while the slot is free */
+    char *payload;
+    size_t len;
+    uint32_t gen;    /* generation of the current use; part of the correlation data */
+    int mid;         /* MQTT message id of the latest publish on this connection */
+    bool in_flight;  /* published on the current connection */
+    unsigned attempts;
+    uint64_t queued_ns;
+    uint64_t sent_ns;
+    const char *reject_code; /* set when the broker refused the publish */
+    char reject_msg[96];
+    int32_t prev, next; /* FIFO links (slot indexes, -1 = none) */
+};
+
+struct fm_devclient {
+    struct mosquitto *m;
+    char id[FM_DEVICE_ID_MAXLEN + 1];
+    char *host;
+    int port;
+    int keepalive;
+    char *ca_path, *cert_path, *key_path;
+    char topic_meas[FM_DEVICE_ID_MAXLEN + 32];
+    char topic_res[FM_DEVICE_ID_MAXLEN + 32];
+
+    fm_devclient_result_fn on_result;
+    fm_devclient_state_fn on_state;
+    void *ud;
+    uint64_t timeout_ns;
+    unsigned max_attempts;
+    uint32_t max_pending;
+    uint32_t backoff_min_ms, backoff_max_ms;
+
+    enum state st;
+    bool tls_configured;
+    bool ever_connected; /* a TLS error before the first success is permanent */
+    int sub_mid;
+    unsigned backoff_attempt;
+    uint64_t next_connect_ns;
+    char last_reason[128];
+
+    uint64_t rng;
+    uint8_t nonce[CORR_MAGIC_LEN];
+    uint64_t epoch;
+    int last_fd;
+
+    struct pending *slots;
+    uint32_t *free_stack;
+    uint32_t n_free;
+    int32_t head, tail;
+    size_t n_pending;
+    uint32_t next_gen;
+    uint64_t next_due_ns; /* earliest pending-timer deadline, UINT64_MAX = none */
+
+    bool in_result;
+    fm_devclient_result_info cur;
+    fm_devclient_stats stats;
+};
+
+/* ---- libmosquitto initialisation ---------------------------------------
+ * mosquitto_lib_init()/cleanup() are process-wide and not reference counted
+ * in every libmosquitto release we support, so clients share one count here.
+ * Cleaning up when the last client goes away keeps ASan's leak check quiet
+ * about the library's OpenSSL state. */
+static pthread_mutex_t lib_mu = PTHREAD_MUTEX_INITIALIZER;
+static unsigned lib_refs;
+
+static int lib_acquire(void)
+{
+    int rc = 0;
+    pthread_mutex_lock(&lib_mu);
+    if (lib_refs == 0 && mosquitto_lib_init() != MOSQ_ERR_SUCCESS)
+        rc = FM_EUNAVAIL;
+    if (rc == 0)
+        lib_refs++;
+    pthread_mutex_unlock(&lib_mu);
+    return rc;
+}
+
+static void lib_release(void)
+{
+    pthread_mutex_lock(&lib_mu);
+    if (lib_refs > 0 && --lib_refs == 0)
+        mosquitto_lib_cleanup();
+    pthread_mutex_unlock(&lib_mu);
+}
+
+/* ---- small pure helpers -------------------------------------------------- */
+
+static bool id_char(char ch) { return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9'); }
+
+bool fm_device_id_valid(const char *id)
+{
+    if (!id || !id_char(id[0]))
+        return false;
+    size_t n = 1;
+    for (; id[n]; n++) {
+        if (n >= FM_DEVICE_ID_MAXLEN || !(id_char(id[n]) || id[n] == '-'))
+            return false;
+    }
+    return n >= 3;
+}
+
+bool fm_device_measurement_id_valid(const char *id)
+{
+    if (!id || !id[0])
+        return false;
+    size_t n = 0;
+    for (; id[n]; n++) {
+        char ch = id[n];
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                  ch == '.' || ch == '_' || ch == ':' || ch == '-';
+        if (!ok || n >= FM_DEVICE_MEAS_ID_MAXLEN)
+            return false;
+    }
+    return true;
+}
+
+uint32_t fm_devclient_backoff_ms(unsigned attempt, uint32_t min_ms, uint32_t max_ms, uint64_t rnd)
+{
+    if (min_ms > max_ms)
+        min_ms = max_ms;
+    uint64_t d = min_ms;
+    /* Doubling stops at the cap; the shift bound also keeps it from
+     * overflowing for absurd attempt counts. */
+    for (unsigned i = 0; i < attempt && d < max_ms && i < 40; i++)
+        d *= 2;
+    if (d > max_ms)
+        d = max_ms;
+    uint64_t half = d / 2;
+    return (uint32_t)(half + rnd % (d - half + 1));
+}
+
+/* splitmix64: enough randomness for jitter, and cheap. */
+static uint64_t next_rand(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static void encode_corr(const fm_devclient *c, uint32_t idx, uint8_t out[FM_DEVCLIENT_CORR_LEN])
+{
+    memcpy(out, c->nonce, CORR_MAGIC_LEN);
+    put_be32(out + 8, idx);
+    put_be32(out + 12, c->slots[idx].gen);
+}
+
+/* ---- pending list ---------------------------------------------------------- */
+
+static void list_unlink(fm_devclient *c, uint32_t idx)
+{
+    struct pending *p = &c->slots[idx];
+    if (p->prev >= 0)
+        c->slots[p->prev].next = p->next;
+    else
+        c->head = p->next;
+    if (p->next >= 0)
+        c->slots[p->next].prev = p->prev;
+    else
+        c->tail = p->prev;
+    p->prev = p->next = -1;
+}
+
+static void list_append(fm_devclient *c, uint32_t idx)
+{
+    struct pending *p = &c->slots[idx];
+    p->prev = c->tail;
+    p->next = -1;
+    if (c->tail >= 0)
+        c->slots[c->tail].next = (int32_t)idx;
+    else
+        c->head = (int32_t)idx;
+    c->tail = (int32_t)idx;
+}
+
+static void due_at(fm_devclient *c, uint64_t t)
+{
+    if (t < c->next_due_ns)
+        c->next_due_ns = t;
+}
+
+/* Removes the measurement from the table and reports it. The slot is freed
+ * before the callback runs so a closed-loop caller can queue the next
+ * measurement from inside it. */
+static void resolve(fm_devclient *c, uint32_t idx, const char *status, const char *json, size_t len)
+{
+    struct pending *p = &c->slots[idx];
+    uint64_t now = fm_mono_ns();
+    fm_devclient_result_info info = {
+        .latency_ns = now - p->queued_ns, .queued_ns = p->queued_ns, .attempts = p->attempts};
+    char *id = p->id;
+    p->id = NULL;
+    fm_free(p->payload);
+    p->payload = NULL;
+    p->gen = 0;
+    p->in_flight = false;
+    p->reject_code = NULL;
+    list_unlink(c, idx);
+    c->free_stack[c->n_free++] = idx;
+    c->n_pending--;
+
+    if (strcmp(status, "timeout") == 0)
+        c->stats.timeouts++;
+    else
+        c->stats.results++;
+    c->in_result = true;
+    c->cur = info;
+    c->on_result(c->ud, id, status, json, len);
+    c->in_result = false;
+    fm_free(id);
+}
+
+/* Resolves a measurement with an error the SDK produced itself, shaped like
+ * a cloud error result so callers need only one code path. */
+static void resolve_local_error(fm_devclient *c, uint32_t idx, const char *code, const char *msg)
+{
+    json_t *doc = json_pack("{s:s, s:s, s:{s:s, s:s}}", "id", c->slots[idx].id, "status", "error",
+                            "error", "code", code, "message", msg);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(doc);
+    /* Without memory for the document the caller still learns the outcome. */
+    resolve(c, idx, "error", text, text ? strlen(text) : 0);
+    free(text); /* json_dumps allocates with jansson's allocator (malloc) */
+}
+
+/* ---- connection state -------------------------------------------------------- */
+
+static void sync_fd(fm_devclient *c)
+{
+    int fd = mosquitto_socket(c->m);
+    if (fd != c->last_fd) {
+        c->last_fd = fd;
+        c->epoch++;
+    }
+}
+
+static void schedule_reconnect(fm_devclient *c)
+{
+    uint32_t d = fm_devclient_backoff_ms(c->backoff_attempt, c->backoff_min_ms, c->backoff_max_ms,
+                                         next_rand(&c->rng));
+    if (c->backoff_attempt < 64)
+        c->backoff_attempt++;
+    c->st = ST_BACKOFF;
+    c->next_connect_ns = fm_mono_ns() + (uint64_t)d * NS_PER_MS;
+    fm_logf(FM_LOG_INFO, COMPONENT, "%s: reconnecting in %u ms", c->id, (unsigned)d);
+}
+
+/* Called once per lost (or never established) connection: from the
+ * disconnect callback, or when a loop call finds the socket gone. */
+static void connection_lost(fm_devclient *c, const char *reason)
+{
+    c->epoch++;
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
+        c->slots[i].in_flight = false;
+        c->slots[i].mid = 0;
+    }
+    if (c->st == ST_IDLE || c->st == ST_FAILED || c->st == ST_BACKOFF)
+        return;
+    bool was_ready = c->st == ST_READY;
+    c->stats.disconnects++;
+    fm_logf(was_ready ? FM_LOG_WARN : FM_LOG_INFO, COMPONENT, "%s: connection lost: %s", c->id,
+            reason);
+    schedule_reconnect(c);
+    if (was_ready && c->on_state)
+        c->on_state(c->ud, false, reason);
+}
+
+/* Publishes (or re-publishes) one pending measurement on the current
+ * connection. Returns 0 or FM_ENOMEM; other failures leave it unsent for
+ * the timer scan to retry, or mark it rejected when retrying cannot help. */
+static int send_pending(fm_devclient *c, uint32_t idx)
+{
+    struct pending *p = &c->slots[idx];
+    uint8_t corr[FM_DEVCLIENT_CORR_LEN];
+    encode_corr(c, idx, corr);
+
+    mosquitto_property *props = NULL;
+    int rc = mosquitto_property_add_string(&props, MQTT_PROP_RESPONSE_TOPIC, c->topic_res);
+    if (rc == MOSQ_ERR_SUCCESS)
+        rc = mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, corr, sizeof corr);
+    int mid = 0;
+    if (rc == MOSQ_ERR_SUCCESS)
+        rc = mosquitto_publish_v5(c->m, &mid, c->topic_meas, (int)p->len, p->payload, 1, false, props);
+    mosquitto_property_free_all(&props);
+
+    switch (rc) {
+    case MOSQ_ERR_SUCCESS:
+        p->in_flight = true;
+        p->mid = mid;
+        p->sent_ns = fm_mono_ns();
+        p->attempts++;
+        if (p->attempts == 1)
+            c->stats.published++;
+        else
+            c->stats.republished++;
+        due_at(c, p->sent_ns + c->timeout_ns);
+        return 0;
+    case MOSQ_ERR_NOMEM:
+        return FM_ENOMEM;
+    case MOSQ_ERR_OVERSIZE_PACKET:
+    case MOSQ_ERR_PAYLOAD_SIZE:
+        p->reject_code = "payload_too_large";
+        snprintf(p->reject_msg, sizeof p->reject_msg, "%s", mosquitto_strerror(rc));
+        due_at(c, 0);
+        return 0;
+    default:
+        /* Typically MOSQ_ERR_NO_CONN: the connection dropped under us and
+         * the disconnect handling will re-publish after reconnecting. */
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: publish deferred: %s", c->id, mosquitto_strerror(rc));
+        return 0;
+    }
+}
+
+static int flush_unsent(fm_devclient *c)
+{
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
+        struct pending *p = &c->slots[i];
+        if (!p->in_flight && !p->reject_code) {
+            int rc = send_pending(c, (uint32_t)i);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static int start_connect(fm_devclient *c, fm_errbuf *err)
+{
+    /* mosquitto_connect_async (not reconnect_async) every time: it stores
+     * host and port again, which also covers a first attempt that failed
+     * before libmosquitto recorded them. */
+    c->st = ST_CONNECTING;
+    c->last_reason[0] = '\0';
+    int rc = mosquitto_connect_async(c->m, c->host, c->port, c->keepalive);
+    sync_fd(c);
+    c->epoch++;
+    if (rc == MOSQ_ERR_SUCCESS)
+        return 0;
+    if (rc == MOSQ_ERR_TLS && !c->ever_connected) {
+        c->st = ST_FAILED;
+        return fm_errf(err, FM_ECRYPTO,
+                       "%s: TLS setup failed (check %s, %s and %s): %s", c->id, c->ca_path,
+                       c->cert_path, c->key_path, mosquitto_strerror(rc));
+    }
+    const char *why = rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
+    fm_errf(err, FM_EIO, "%s: cannot connect to %s:%d: %s", c->id, c->host, c->port, why);
+    c->stats.disconnects++;
+    fm_logf(FM_LOG_WARN, COMPONENT, "%s: cannot connect to %s:%d: %s", c->id, c->host, c->port,
+            why);
+    schedule_reconnect(c);
+    return FM_EIO;
+}
+
+/* ---- libmosquitto callbacks ------------------------------------------------ */
+
+static void cb_connect(struct mosquitto *m, void *obj, int rc, int flags,
+                       const mosquitto_property *props)
+{
+    (void)flags;
+    (void)props;
+    fm_devclient *c = obj;
+    if (rc != 0) {
+        snprintf(c->last_reason, sizeof c->last_reason, "connection refused: %s",
+                 mosquitto_reason_string(rc));
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: %s", c->id, c->last_reason);
+        return; /* libmosquitto closes the socket; the disconnect path retries */
+    }
+    c->st = ST_SUBSCRIBING;
+    int src = mosquitto_subscribe_v5(m, &c->sub_mid, c->topic_res, 1, 0, NULL);
+    if (src != MOSQ_ERR_SUCCESS) {
+        snprintf(c->last_reason, sizeof c->last_reason, "subscribe failed: %s",
+                 mosquitto_strerror(src));
+        mosquitto_disconnect(m);
+    }
+}
+
+static void cb_subscribe(struct mosquitto *m, void *obj, int mid, int qos_count,
+                         const int *granted, const mosquitto_property *props)
+{
+    (void)props;
+    fm_devclient *c = obj;
+    if (mid != c->sub_mid || c->st != ST_SUBSCRIBING)
+        return;
+    if (qos_count < 1 || granted[0] >= 0x80) {
+        /* The broker's ACL refused the results topic. Publishing now would
+         * lose every result, so drop the connection and retry later. */
+        snprintf(c->last_reason, sizeof c->last_reason, "subscription to %s refused: %s",
+                 c->topic_res, mosquitto_reason_string(qos_count < 1 ? 0x80 : granted[0]));
+        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: %s", c->id, c->last_reason);
+        mosquitto_disconnect(m);
+        return;
+    }
+    c->st = ST_READY;
+    c->backoff_attempt = 0;
+    c->ever_connected = true;
+    c->stats.connects++;
+    fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: ready", c->id);
+    if (c->on_state)
+        c->on_state(c->ud, true, "connected");
+    /* Allocation failure here is retried by the timer scan. */
+    (void)flush_unsent(c);
+}
+
+static void cb_publish(struct mosquitto *m, void *obj, int mid, int reason,
+                       const mosquitto_property *props)
+{
+    (void)m;
+    (void)props;
+    fm_devclient *c = obj;
+    if (reason < 0x80)
+        return; /* PUBACK ok: the broker has it; the result is still awaited */
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
+        struct pending *p = &c->slots[i];
+        if (p->in_flight && p->mid == mid) {
+            p->reject_code = "publish_rejected";
+            snprintf(p->reject_msg, sizeof p->reject_msg, "broker: %s",
+                     mosquitto_reason_string(reason));
+            due_at(c, 0);
+            return;
+        }
+    }
+}
+
+static void cb_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg,
+                       const mosquitto_property *props)
+{
+    (void)m;
+    fm_devclient *c = obj;
+    if (!msg->topic || strcmp(msg->topic, c->topic_res) != 0) {
+        c->stats.ignored++;
+        return;
+    }
+    void *corr = NULL;
+    uint16_t corr_len = 0;
+    if (!mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len,
+                                        false)) {
+        c->stats.ignored++;
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: result without correlation data ignored", c->id);
+        return;
+    }
+    (void)fm_devclient_handle_result(c, corr, corr_len, msg->payload ? msg->payload : "",
+                                     msg->payloadlen > 0 ? (size_t)msg->payloadlen : 0);
+    free(corr); /* allocated by libmosquitto with malloc */
+}
+
+static void cb_disconnect(struct mosquitto *m, void *obj, int rc, const mosquitto_property *props)
+{
+    (void)m;
+    (void)props;
+    fm_devclient *c = obj;
+    char reason[160];
+    if (c->last_reason[0])
+        snprintf(reason, sizeof reason, "%s", c->last_reason);
+    else if (rc == MOSQ_ERR_ERRNO)
+        snprintf(reason, sizeof reason, "%s", strerror(errno));
+    else
+        snprintf(reason, sizeof reason, "%s", mosquitto_strerror(rc));
+    connection_lost(c, reason);
+}
+
+/* ---- lifecycle ----------------------------------------------------------------- */
+
+static int opt_or(int v, int dflt) { return v > 0 ? v : dflt; }
+
+int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbuf *err)
+{
+    if (!opts || !out)
+        return fm_errf(err, FM_EINVAL, "fm_devclient_new: NULL argument");
+    if (!fm_device_id_valid(opts->id))
+        return fm_errf(err, FM_EINVAL, "invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})",
+                       opts->id ? opts->id : "(null)");
+    if (!opts->ca_path || !opts->cert_path || !opts->key_path)
+        return fm_errf(err, FM_EINVAL, "ca_path, cert_path and key_path are required");
+    if (!opts->on_result)
+        return fm_errf(err, FM_EINVAL, "on_result is required");
+    if (opts->port < 0 || opts->port > 65535)
+        return fm_errf(err, FM_EINVAL, "port %d out of range", opts->port);
+    if (opts->keepalive < 0 || opts->keepalive > 65535 || opts->result_timeout_ms < 0 ||
+        opts->max_attempts < 0 || opts->max_pending < 0 || opts->backoff_min_ms < 0 ||
+        opts->backoff_max_ms < 0)
+        return fm_errf(err, FM_EINVAL, "negative or out-of-range tuning option");
+    if (opts->max_pending > FM_DEVCLIENT_MAX_PENDING_LIMIT)
+        return fm_errf(err, FM_EINVAL, "max_pending %d exceeds %d", opts->max_pending,
+                       FM_DEVCLIENT_MAX_PENDING_LIMIT);
+    if (lib_acquire() != 0)
+        return fm_errf(err, FM_EUNAVAIL, "libmosquitto initialisation failed");
+
+    int rc = FM_ENOMEM;
+    fm_devclient *c = fm_calloc(1, sizeof *c);
+    if (!c)
+        goto err_lib;
+    snprintf(c->id, sizeof c->id, "%s", opts->id);
+    snprintf(c->topic_meas, sizeof c->topic_meas, "fleet/%s/measurements", c->id);
+    snprintf(c->topic_res, sizeof c->topic_res, "fleet/%s/results", c->id);
+    c->port = opt_or(opts->port, FM_DEVCLIENT_DEFAULT_PORT);
+    c->keepalive = opt_or(opts->keepalive, FM_DEVCLIENT_DEFAULT_KEEPALIVE);
+    c->on_result = opts->on_result;
+    c->on_state = opts->on_state;
+    c->ud = opts->ud;
+    c->timeout_ns =
+        (uint64_t)opt_or(opts->result_timeout_ms, FM_DEVCLIENT_DEFAULT_RESULT_TIMEOUT_MS) * NS_PER_MS;
+    c->max_attempts = (unsigned)opt_or(opts->max_attempts, FM_DEVCLIENT_DEFAULT_MAX_ATTEMPTS);
+    c->max_pending = (uint32_t)opt_or(opts->max_pending, FM_DEVCLIENT_DEFAULT_MAX_PENDING);
+    c->backoff_min_ms = (uint32_t)opt_or(opts->backoff_min_ms, FM_DEVCLIENT_DEFAULT_BACKOFF_MIN_MS);
+    c->backoff_max_ms = (uint32_t)opt_or(opts->backoff_max_ms, FM_DEVCLIENT_DEFAULT_BACKOFF_MAX_MS);
+    c->st = ST_IDLE;
+    c->last_fd = -1;
+    c->head = c->tail = -1;
+    c->next_gen = 1;
+    c->next_due_ns = UINT64_MAX;
+
+    if (getrandom(c->nonce, sizeof c->nonce, GRND_NONBLOCK) != (ssize_t)sizeof c->nonce) {
+        /* Early boot without entropy: uniqueness across restarts is all the
+         * nonce needs, which time and pid provide well enough. */
+        uint64_t s = fm_mono_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)fm_wall_ms();
+        uint64_t v = next_rand(&s);
+        memcpy(c->nonce, &v, sizeof v);
+    }
+    memcpy(&c->rng, c->nonce, sizeof c->rng);
+
+    c->host = fm_strdup(opts->host && opts->host[0] ? opts->host : FM_DEVCLIENT_DEFAULT_HOST);
+    c->ca_path = fm_strdup(opts->ca_path);
+    c->cert_path = fm_strdup(opts->cert_path);
+    c->key_path = fm_strdup(opts->key_path);
+    c->slots = fm_calloc(c->max_pending, sizeof *c->slots);
+    c->free_stack = fm_calloc(c->max_pending, sizeof *c->free_stack);
+    if (!c->host || !c->ca_path || !c->cert_path || !c->key_path || !c->slots || !c->free_stack)
+        goto err_free;
+    /* Push in reverse so slot 0 is used first, which keeps tests readable. */
+    for (uint32_t i = 0; i < c->max_pending; i++) {
+        c->slots[i].prev = c->slots[i].next = -1;
+        c->free_stack[i] = c->max_pending - 1 - i;
+    }
+    c->n_free = c->max_pending;
+
+    /* A clean start is right even though results may be lost across a
+     * reconnect: every unanswered measurement is re-published and the
+     * cloud answers repeats with the original result. */
+    c->m = mosquitto_new(c->id, true, c);
+    if (!c->m) {
+        rc = errno == EINVAL ? FM_EINVAL : FM_ENOMEM;
+        goto err_free;
+    }
+    if (mosquitto_int_option(c->m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5) != MOSQ_ERR_SUCCESS) {
+        rc = FM_EUNAVAIL;
+        goto err_free;
+    }
+    /* Latency matters more than packet count for request/response. */
+    (void)mosquitto_int_option(c->m, MOSQ_OPT_TCP_NODELAY, 1);
+    mosquitto_connect_v5_callback_set(c->m, cb_connect);
+    mosquitto_subscribe_v5_callback_set(c->m, cb_subscribe);
+    mosquitto_publish_v5_callback_set(c->m, cb_publish);
+    mosquitto_message_v5_callback_set(c->m, cb_message);
+    mosquitto_disconnect_v5_callback_set(c->m, cb_disconnect);
+    *out = c;
+    return 0;
+
+err_free:
+    if (c->m)
+        mosquitto_destroy(c->m);
+    fm_free(c->free_stack);
+    fm_free(c->slots);
+    fm_free(c->key_path);
+    fm_free(c->cert_path);
+    fm_free(c->ca_path);
+    fm_free(c->host);
+    fm_free(c);
+err_lib:
+    lib_release();
+    return fm_errf(err, rc, "cannot create device client: %s", fm_strerror(rc));
+}
+
+void fm_devclient_free(fm_devclient *c)
+{
+    if (!c)
+        return;
+    fm_devclient_disconnect(c);
+    mosquitto_destroy(c->m);
+    for (uint32_t i = 0; i < c->max_pending; i++) {
+        fm_free(c->slots[i].id);
+        fm_free(c->slots[i].payload);
+    }
+    fm_free(c->free_stack);
+    fm_free(c->slots);
+    fm_free(c->key_path);
+    fm_free(c->cert_path);
+    fm_free(c->ca_path);
+    fm_free(c->host);
+    fm_free(c);
+    lib_release();
+}
+
+int fm_devclient_connect(fm_devclient *c, fm_errbuf *err)
+{
+    if (c->st != ST_IDLE)
+        return fm_errf(err, FM_ESTATE, "%s: already connecting or connected", c->id);
+    if (!c->tls_configured) {
+        /* mosquitto_tls_set only checks that the files are readable; a
+         * malformed key surfaces as MOSQ_ERR_TLS from the connect below. */
+        int rc = mosquitto_tls_set(c->m, c->ca_path, NULL, c->cert_path, c->key_path, NULL);
+        if (rc != MOSQ_ERR_SUCCESS)
+            return fm_errf(err, FM_ECRYPTO, "%s: cannot use TLS files %s, %s, %s: %s", c->id,
+                           c->ca_path, c->cert_path, c->key_path, mosquitto_strerror(rc));
+        /* cert_reqs 1 = SSL_VERIFY_PEER; "tlsv1.2" means 1.2 or newer. */
+        rc = mosquitto_tls_opts_set(c->m, 1, "tlsv1.2", NULL);
+        if (rc != MOSQ_ERR_SUCCESS)
+            return fm_errf(err, FM_ECRYPTO, "%s: TLS options rejected: %s", c->id,
+                           mosquitto_strerror(rc));
+        c->tls_configured = true;
+    }
+    c->backoff_attempt = 0;
+    return start_connect(c, err);
+}
+
+int fm_devclient_disconnect(fm_devclient *c)
+{
+    enum state prev = c->st;
+    c->st = ST_IDLE;
+    if (mosquitto_socket(c->m) >= 0) {
+        if (prev == ST_READY || prev == ST_SUBSCRIBING || prev == ST_CONNECTING)
+            (void)mosquitto_disconnect_v5(c->m, MQTT_RC_NORMAL_DISCONNECTION, NULL);
+        /* Give the DISCONNECT a moment to leave so the broker logs a clean
+         * disconnect instead of a dropped connection; never wait long. */
+        uint64_t until = fm_mono_ns() + DISCONNECT_FLUSH_MS * NS_PER_MS;
+        while (mosquitto_socket(c->m) >= 0 && mosquitto_want_write(c->m) && fm_mono_ns() < until) {
+            struct pollfd p = {.fd = mosquitto_socket(c->m), .events = POLLOUT};
+            if (poll(&p, 1, 10) < 0 && errno != EINTR)
+                break;
+            if (mosquitto_loop_write(c->m, 1) != MOSQ_ERR_SUCCESS)
+                break;
+        }
+    }
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next)
+        c->slots[i].in_flight = false;
+    sync_fd(c);
+    return 0;
+}
+
+/* ---- publishing --------------------------------------------------------------- */
+
+int fm_devclient_publish_measurement(fm_devclient *c, const char *payload, size_t len,
+                                     const char *measurement_id)
+{
+    if (!payload || len == 0 || len > MQTT_MAX_PAYLOAD || !fm_device_measurement_id_valid(measurement_id))
+        return FM_EINVAL;
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next)
+        if (strcmp(c->slots[i].id, measurement_id) == 0)
+            return FM_EEXIST;
+    if (c->n_free == 0)
+        return FM_EBUSY;
+
+    char *id = fm_strdup(measurement_id);
+    char *copy = fm_malloc(len);
+    if (!id || !copy) {
+        fm_free(id);
+        fm_free(copy);
+        return FM_ENOMEM;
+    }
+    memcpy(copy, payload, len);
+
+    uint32_t idx = c->free_stack[--c->n_free];
+    struct pending *p = &c->slots[idx];
+    memset(p, 0, sizeof *p);
+    p->id = id;
+    p->payload = copy;
+    p->len = len;
+    p->gen = c->next_gen++;
+    if (c->next_gen == 0)
+        c->next_gen = 1; /* 0 marks a free slot */
+    p->queued_ns = fm_mono_ns();
+    list_append(c, idx);
+    c->n_pending++;
+    due_at(c, p->queued_ns + c->timeout_ns * c->max_attempts);
+
+    if (c->st == ST_READY) {
+        int rc = send_pending(c, idx);
+        if (rc != 0) {
+            /* Undo so that failure leaves nothing queued, as documented. */
+            list_unlink(c, idx);
+            p->id = NULL;
+            p->payload = NULL;
+            p->gen = 0;
+            c->free_stack[c->n_free++] = idx;
+            c->n_pending--;
+            fm_free(id);
+            fm_free(copy);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* ---- results ----------------------------------------------------------------- */
+
+int fm_devclient_handle_result(fm_devclient *c, const void *corr, size_t corr_len,
+                               const char *payload, size_t len)
+{
+    const uint8_t *b = corr;
+    if (corr_len != FM_DEVCLIENT_CORR_LEN || memcmp(b, c->nonce, CORR_MAGIC_LEN) != 0) {
+        c->stats.ignored++;
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: result for another session ignored", c->id);
+        return 0;
+    }
+    uint32_t idx = get_be32(b + 8), gen = get_be32(b + 12);
+    if (idx >= c->max_pending || gen == 0 || c->slots[idx].gen != gen) {
+        /* Normal after a retry: both publishes get an answer. */
+        c->stats.ignored++;
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: duplicate or stale result ignored", c->id);
+        return 0;
+    }
+
+    json_error_t jerr;
+    json_t *doc = json_loadb(payload, len, 0, &jerr);
+    const char *rid = doc ? json_string_value(json_object_get(doc, "id")) : NULL;
+    const char *status = doc ? json_string_value(json_object_get(doc, "status")) : NULL;
+    const char *st = NULL;
+    if (status && strcmp(status, "ok") == 0)
+        st = "ok";
+    else if (status && strcmp(status, "error") == 0)
+        st = "error";
+    if (!rid || !st || strcmp(rid, c->slots[idx].id) != 0) {
+        /* Leave the measurement pending: a retry may still get a usable
+         * answer, and otherwise it times out visibly. */
+        c->stats.ignored++;
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: malformed result for %s ignored%s%s", c->id,
+                c->slots[idx].id, doc ? "" : ": ", doc ? "" : jerr.text);
+        json_decref(doc);
+        return 0;
+    }
+    json_decref(doc);
+
+    /* The callback is promised a NUL-terminated document. */
+    char *text = fm_malloc(len + 1);
+    if (!text)
+        return FM_ENOMEM;
+    memcpy(text, payload, len);
+    text[len] = '\0';
+    resolve(c, idx, st, text, len);
+    fm_free(text);
+    return 0;
+}
+
+int fm_devclient_correlation(const fm_devclient *c, const char *measurement_id, void *buf,
+                             size_t cap, size_t *len)
+{
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
+        if (strcmp(c->slots[i].id, measurement_id) == 0) {
+            if (cap < FM_DEVCLIENT_CORR_LEN)
+                return FM_ERANGE;
+            encode_corr(c, (uint32_t)i, buf);
+            *len = FM_DEVCLIENT_CORR_LEN;
+            return 0;
+        }
+    }
+    return FM_ENOTFOUND;
+}
+
+int fm_devclient_result_info_get(const fm_devclient *c, fm_devclient_result_info *out)
+{
+    if (!c->in_result)
+        return FM_ESTATE;
+    *out = c->cur;
+    return 0;
+}
+
+/* ---- driving ------------------------------------------------------------------ */
+
+static int map_loop_rc(fm_devclient *c, int rc)
+{
+    if (rc == MOSQ_ERR_NOMEM)
+        return FM_ENOMEM;
+    sync_fd(c);
+    /* The socket can disappear without a disconnect callback on some error
+     * paths (for example a failed TLS handshake), so check directly. */
+    if ((c->st == ST_CONNECTING || c->st == ST_SUBSCRIBING || c->st == ST_READY) && c->last_fd < 0)
+        connection_lost(c, c->last_reason[0] ? c->last_reason
+                           : rc == MOSQ_ERR_SUCCESS ? "connection closed"
+                                                    : mosquitto_strerror(rc));
+    return 0;
+}
+
+int fm_devclient_fd(const fm_devclient *c) { return mosquitto_socket(c->m); }
+
+uint64_t fm_devclient_fd_epoch(const fm_devclient *c) { return c->epoch; }
+
+bool fm_devclient_want_write(const fm_devclient *c)
+{
+    return mosquitto_socket(c->m) >= 0 && mosquitto_want_write(c->m);
+}
+
+int fm_devclient_loop_read(fm_devclient *c)
+{
+    if (mosquitto_socket(c->m) < 0)
+        return map_loop_rc(c, MOSQ_ERR_SUCCESS);
+    return map_loop_rc(c, mosquitto_loop_read(c->m, 1));
+}
+
+int fm_devclient_loop_write(fm_devclient *c)
+{
+    if (mosquitto_socket(c->m) < 0)
+        return map_loop_rc(c, MOSQ_ERR_SUCCESS);
+    return map_loop_rc(c, mosquitto_loop_write(c->m, 1));
+}
+
+/* Walks the pending FIFO: reports broker rejections and timeouts, and
+ * re-publishes measurements whose result is overdue. */
+static int scan_pending(fm_devclient *c, uint64_t now)
+{
+    c->next_due_ns = UINT64_MAX;
+    for (int32_t i = c->head; i >= 0;) {
+        struct pending *p = &c->slots[i];
+        int32_t next = p->next; /* resolve() unlinks i; callbacks only append */
+        uint64_t giveup = p->queued_ns + c->timeout_ns * c->max_attempts;
+        uint64_t retry_at = p->sent_ns + c->timeout_ns;
+        if (p->reject_code) {
+            resolve_local_error(c, (uint32_t)i, p->reject_code, p->reject_msg);
+        } else if (now >= giveup || (p->in_flight && p->attempts >= c->max_attempts && now >= retry_at)) {
+            resolve(c, (uint32_t)i, "timeout", NULL, 0);
+        } else {
+            if (c->st == ST_READY && (!p->in_flight || now >= retry_at)) {
+                if (p->in_flight)
+                    fm_logf(FM_LOG_INFO, COMPONENT, "%s: no result for %s yet, re-publishing",
+                            c->id, p->id);
+                int rc = send_pending(c, (uint32_t)i);
+                if (rc != 0) {
+                    due_at(c, now);
+                    return rc;
+                }
+            }
+            due_at(c, giveup);
+            if (p->in_flight)
+                due_at(c, p->sent_ns + c->timeout_ns);
+        }
+        i = next;
+    }
+    return 0;
+}
+
+int fm_devclient_loop_misc(fm_devclient *c)
+{
+    uint64_t now = fm_mono_ns();
+    if (mosquitto_socket(c->m) >= 0) {
+        int rc = map_loop_rc(c, mosquitto_loop_misc(c->m));
+        if (rc != 0)
+            return rc;
+    }
+    if (c->st == ST_BACKOFF && now >= c->next_connect_ns) {
+        /* Failure already scheduled the next attempt and was logged. */
+        (void)start_connect(c, NULL);
+    }
+    if (now >= c->next_due_ns)
+        return scan_pending(c, now);
+    return 0;
+}
+
+int fm_devclient_next_timeout_ms(const fm_devclient *c)
+{
+    uint64_t now = fm_mono_ns();
+    uint64_t t = now + 1000 * NS_PER_MS;
+    if (c->next_due_ns < t)
+        t = c->next_due_ns;
+    if (c->st == ST_BACKOFF && c->next_connect_ns < t)
+        t = c->next_connect_ns;
+    if (t <= now)
+        return 0;
+    /* Round up so a caller sleeping this long does not wake just early. */
+    return (int)((t - now + NS_PER_MS - 1) / NS_PER_MS);
+}
+
+int fm_devclient_loop(fm_devclient *c, int timeout_ms)
+{
+    int t = fm_devclient_next_timeout_ms(c);
+    if (timeout_ms >= 0 && timeout_ms < t)
+        t = timeout_ms;
+    int fd = mosquitto_socket(c->m);
+    if (fd < 0) {
+        if (poll(NULL, 0, t) < 0 && errno == EINTR)
+            return 0;
+    } else {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (mosquitto_want_write(c->m))
+            p.events |= POLLOUT;
+        int n = poll(&p, 1, t);
+        if (n < 0)
+            return errno == EINTR ? 0 : FM_EIO;
+        if (n > 0) {
+            int rc = 0;
+            if (p.revents & (POLLIN | POLLERR | POLLHUP))
+                rc = fm_devclient_loop_read(c);
+            if (rc == 0 && (p.revents & POLLOUT) && mosquitto_socket(c->m) == fd)
+                rc = fm_devclient_loop_write(c);
+            if (rc != 0)
+                return rc;
+        }
+    }
+    return fm_devclient_loop_misc(c);
+}
+
+/* ---- state and statistics -------------------------------------------------- */
+
+bool fm_devclient_ready(const fm_devclient *c) { return c->st == ST_READY; }
+
+size_t fm_devclient_pending(const fm_devclient *c) { return c->n_pending; }
+
+void fm_devclient_get_stats(const fm_devclient *c, fm_devclient_stats *out) { *out = c->stats; }
+
+/* ---- latency histogram ----------------------------------------------------- */
+
+/* Bucket layout (values in microseconds, u): octave 0 holds u in [0, 64)
+ * exactly; octave k >= 1 holds [64 * 2^(k-1), 64 * 2^k) in 64 buckets of
+ * width 2^(k-1), so every bucket is at most 1/64 of its lower bound wide. */
+static void lathist_index(uint64_t ns, unsigned *k, unsigned *s)
+{
+    uint64_t u = ns / 1000;
+    if (u < FM_LATHIST_SUB) {
+        *k = 0;
+        *s = (unsigned)u;
+        return;
+    }
+    unsigned msb = 63u - (unsigned)__builtin_clzll(u); /* >= 6 */
+    unsigned oct = msb - 5;                            /* 64..127 -> octave 1 */
+    if (oct >= FM_LATHIST_OCTAVES) {
+        *k = FM_LATHIST_OCTAVES - 1;
+        *s = FM_LATHIST_SUB - 1;
+        return;
+    }
+    *k = oct;
+    *s = (unsigned)(u >> (oct - 1)) - FM_LATHIST_SUB;
+}
+
+/* Exclusive upper bound of a bucket, in ns. */
+static uint64_t lathist_upper(unsigned k, unsigned s)
+{
+    if (k == 0)
+        return ((uint64_t)s + 1) * 1000;
+    return (((uint64_t)FM_LATHIST_SUB + s + 1) << (k - 1)) * 1000;
+}
+
+void fm_lathist_reset(fm_lathist *h) { memset(h, 0, sizeof *h); }
+
+void fm_lathist_record(fm_lathist *h, uint64_t ns)
+{
+    unsigned k, s;
+    lathist_index(ns, &k, &s);
+    h->buckets[k][s]++;
+    if (h->count == 0 || ns < h->min_ns)
+        h->min_ns = ns;
+    if (ns > h->max_ns)
+        h->max_ns = ns;
+    h->count++;
+    h->sum_ns += ns;
+}
+
+void fm_lathist_merge(fm_lathist *dst, const fm_lathist *src)
+{
+    if (src->count == 0)
+        return;
+    for (unsigned k = 0; k < FM_LATHIST_OCTAVES; k++)
+        for (unsigned s = 0; s < FM_LATHIST_SUB; s++)
+            dst->buckets[k][s] += src->buckets[k][s];
+    if (dst->count == 0 || src->min_ns < dst->min_ns)
+        dst->min_ns = src->min_ns;
+    if (src->max_ns > dst->max_ns)
+        dst->max_ns = src->max_ns;
+    dst->count += src->count;
+    dst->sum_ns += src->sum_ns;
+}
+
+uint64_t fm_lathist_quantile(const fm_lathist *h, double q)
+{
+    if (h->count == 0)
+        return 0;
+    if (!(q > 0.0))
+        return h->min_ns;
+    if (q >= 1.0)
+        return h->max_ns;
+    /* Nearest rank: the smallest sample with at least q of all samples at or
+     * below it. */
+    double r = q * (double)h->count;
+    uint64_t rank = (uint64_t)r;
+    if ((double)rank < r)
+        rank++;
+    if (rank == 0)
+        rank = 1;
+    uint64_t seen = 0;
+    for (unsigned k = 0; k < FM_LATHIST_OCTAVES; k++) {
+        for (unsigned s = 0; s < FM_LATHIST_SUB; s++) {
+            seen += h->buckets[k][s];
+            if (seen >= rank) {
+                uint64_t v = lathist_upper(k, s);
+                if (v > h->max_ns)
+                    v = h->max_ns;
+                if (v < h->min_ns)
+                    v = h->min_ns;
+                return v;
+            }
+        }
+    }
+    return h->max_ns;
+}

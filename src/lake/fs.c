@@ -1,0 +1,147 @@
+/*
+ * Local-directory lake backend. An object is published by renaming the
+ * finished spool file to <lake_dir>/<key>; the spool directory is inside
+ * lake_dir so source and destination share a filesystem and the rename is
+ * atomic: a reader sees either no object or the whole object.
+ *
+ * Durability: after the rename both directories are fsynced, and so is
+ * every directory on the path from the object up to lake_dir, because a
+ * freshly created partition directory is itself only an entry in its parent
+ * and would vanish in a power loss together with the object inside it. The
+ * writer relies on "put returned 0" meaning "the object survives a crash".
+ */
+#include "lake/lake_int.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+typedef struct lake_fs {
+    fm_lake base; /* first: fm_lake* and lake_fs* are interchangeable */
+    char root[PATH_MAX];
+} lake_fs;
+
+/* Keys come from fm_lake_object_key, but the backend does not trust that:
+ * an absolute key or a ".." component would write outside the lake. */
+static int key_ok(const char *key)
+{
+    if (!*key || key[0] == '/')
+        return 0;
+    for (const char *p = key; *p;) {
+        const char *e = strchr(p, '/');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        if (n == 0 || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.'))
+            return 0;
+        p += n;
+        if (*p == '/')
+            p++;
+    }
+    return 1;
+}
+
+static int errno_code(void) { return errno == ENOSPC || errno == EDQUOT ? FM_ENOSPC : FM_EIO; }
+
+static int fs_put(fm_lake *l, const char *key, const char *spool_path, fm_errbuf *err)
+{
+    lake_fs *fs = (lake_fs *)l;
+    char dest[PATH_MAX], dir[PATH_MAX];
+    if (!key_ok(key))
+        return fm_errf(err, FM_EINVAL, "lake: invalid object key '%s'", key);
+    int n = snprintf(dest, sizeof dest, "%s/%s", fs->root, key);
+    if (n < 0 || (size_t)n >= sizeof dest)
+        return fm_errf(err, FM_EINVAL, "lake: object path too long");
+    memcpy(dir, dest, (size_t)n + 1);
+    *strrchr(dir, '/') = '\0'; /* key_ok guarantees a '/' after root */
+
+    if (fm_mkdirs(dir, 0755) != 0)
+        return fm_errf(err, errno_code(), "lake: cannot create %s: %s", dir, strerror(errno));
+    if (rename(spool_path, dest) != 0) {
+        int e = errno;
+        struct stat st;
+        /* Idempotence: a retry after a crash between rename and the
+         * caller's bookkeeping finds the spool gone and the object there. */
+        if (e == ENOENT && stat(dest, &st) == 0)
+            return 0;
+        errno = e;
+        return fm_errf(err, errno_code(), "lake: rename %s -> %s: %s", spool_path, dest,
+                       strerror(e));
+    }
+    /* Make the new entry durable, then every ancestor up to the root (one
+     * of them may have just been created by fm_mkdirs). */
+    size_t rootlen = strlen(fs->root);
+    for (;;) {
+        int rc = fm_fsync_dir(dir);
+        if (rc != 0)
+            return fm_errf(err, rc, "lake: fsync %s failed", dir);
+        if (strlen(dir) <= rootlen)
+            break;
+        *strrchr(dir, '/') = '\0';
+    }
+    /* The spool directory lost an entry; syncing it keeps a crash from
+     * resurrecting the spool file, which recovery would otherwise re-put
+     * (harmless, but wasted work). */
+    int rc = fm_fsync_dir(fs->base.spool_dir);
+    if (rc != 0)
+        return fm_errf(err, rc, "lake: fsync %s failed", fs->base.spool_dir);
+    return 0;
+}
+
+static int fs_exists(fm_lake *l, const char *key)
+{
+    lake_fs *fs = (lake_fs *)l;
+    char path[PATH_MAX];
+    struct stat st;
+    if (!key_ok(key))
+        return FM_EINVAL;
+    int n = snprintf(path, sizeof path, "%s/%s", fs->root, key);
+    if (n < 0 || (size_t)n >= sizeof path)
+        return FM_EINVAL;
+    if (stat(path, &st) == 0)
+        return S_ISREG(st.st_mode) ? 1 : 0;
+    return errno == ENOENT || errno == ENOTDIR ? 0 : FM_EIO;
+}
+
+static void fs_close(fm_lake *l) { fm_free(l); }
+
+static const fm_lake_vtable fs_vtable = {
+    .name = "fs",
+    .put = fs_put,
+    .exists = fs_exists,
+    .close = fs_close,
+};
+
+int lake__fs_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err)
+{
+    char root[PATH_MAX];
+    const char *dir = cfg->lake_dir;
+    int n;
+    /* An unset lake dir defaults to <data_dir>/lake. */
+    if (dir[0] == '\0')
+        n = snprintf(root, sizeof root, "%s/lake", cfg->data_dir);
+    else
+        n = snprintf(root, sizeof root, "%s", dir);
+    if (n <= 0 || (size_t)n + sizeof "/" LAKE__SPOOL_NAME > sizeof root)
+        return fm_errf(err, FM_EINVAL, "lake.dir: path empty or too long");
+    while (n > 1 && root[n - 1] == '/') /* keep "<root>/<key>" free of "//" */
+        root[--n] = '\0';
+
+    lake_fs *fs = fm_calloc(1, sizeof *fs);
+    if (!fs)
+        return fm_errf(err, FM_ENOMEM, "lake: out of memory");
+    fs->base.vt = &fs_vtable;
+    memcpy(fs->root, root, (size_t)n + 1);
+    /* Length checked above. */
+    memcpy(fs->base.spool_dir, root, (size_t)n);
+    memcpy(fs->base.spool_dir + n, "/" LAKE__SPOOL_NAME, sizeof "/" LAKE__SPOOL_NAME);
+    if (fm_mkdirs(fs->base.spool_dir, 0755) != 0) {
+        int e = errno;
+        fm_free(fs);
+        errno = e;
+        return fm_errf(err, FM_EIO, "lake: cannot create %s/%s: %s", root, LAKE__SPOOL_NAME,
+                       strerror(e));
+    }
+    *out = &fs->base;
+    return 0;
+}

@@ -1,0 +1,883 @@
+/*
+ * Lake export: turns committed store rows into published lake objects,
+ * exactly once, across crashes.
+ *
+ * Units of work. For each stream (raw, quarantine) the exporter keeps one
+ * open *batch*: the rows after the stream's cursor, appended in seq order to
+ * one gzip spool file per partition (tenant + UTC hour). A batch is the unit
+ * the cursor moves by: it covers a contiguous seq range (cursor, last], so
+ * "cursor = N" always means "every row <= N is in the lake". When a single
+ * tenant is active (the common case) a batch is exactly one object; with
+ * interleaved tenants it holds one object per partition, up to
+ * LAKE_MAX_OPEN, instead of closing a tiny object at every tenant switch.
+ *
+ * Publishing a batch (publish_batch):
+ *   1. finish every gzip stream, fsync every spool file and the spool dir;
+ *   2. cursor_set(last_seq = last row, pending_key = first object's key,
+ *      pending_spool = the spool file, or a manifest listing key/spool
+ *      pairs when the batch has several objects) -- the commit point;
+ *   3. put every object (rename into the lake, fsync dirs);
+ *   4. cursor_set(pending cleared); remove the manifest.
+ *
+ * Crash argument. Before 2 commits, the cursor is unchanged, so the rows are
+ * re-read from the store on restart and the spool files are stale: recovery
+ * deletes them (no object was put, since puts happen only after 2). After 2
+ * commits, the pending fields name every object of the batch, and their
+ * spool files are durable (step 1). Recovery re-puts every spool file that
+ * still exists; one that is gone was already renamed into the lake (put is
+ * the only thing that removes a spool file between 2 and 4). Either way each
+ * row of the batch ends up in exactly one object, and the cursor is already
+ * past them, so they are never exported again. The only way for a pending
+ * spool to be gone without a put is a cursor_set that reported failure but
+ * did commit (we then delete the spools); recovery detects this (object
+ * absent from the lake) and rewinds the cursor to just before the object's
+ * first seq, which re-exports exactly the lost rows.
+ *
+ * Only one exporter may run per lake: the spool directory holds a flock so
+ * `fleetml lake flush` cannot race the service's writer thread (two
+ * exporters would share the cursor and delete each other's spool files).
+ */
+#include "fleetml/lake.h"
+#include "fleetml/metrics.h"
+#include "lake/lake_int.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define LAKE_MAX_OPEN 16     /* partitions (objects) per batch */
+#define LAKE_SCAN_LIMIT 256  /* rows per store scan call */
+#define LAKE_TICK_MS 200     /* writer wake-up period */
+#define LAKE_BACKOFF_MAX_MS 5000
+#define LAKE_LOCK_NAME ".lock"
+#define LAKE_COMPONENT "lake"
+
+typedef struct lake_obj {
+    char partition[400];
+    char key[512];
+    char spool[PATH_MAX];
+    int fd;    /* kept open past gzclose so the file can be fsynced */
+    gzFile gz; /* writes to a dup of fd */
+    long bytes; /* uncompressed, for the roll policy */
+    uint64_t rows;
+} lake_obj;
+
+typedef struct lake_stream {
+    enum fm_lake_stream st;
+    const char *area;
+    int64_t cursor;  /* last seq durably published (as read from the store) */
+    int64_t pos;     /* last seq appended to the open batch; == cursor if none */
+    int64_t opened_ms; /* monotonic ms when the batch's first object opened */
+    int nobj;
+    lake_obj obj[LAKE_MAX_OPEN];
+} lake_stream;
+
+typedef struct lake_exporter {
+    fm_config cfg;
+    fm_store *store;
+    fm_lake *lake;
+    int lock_fd;
+    bool recovered; /* cursors loaded, pending objects settled, spool clean */
+    fm_lake_roll roll;
+    lake_stream s[2];
+    char *line; /* reusable NDJSON line buffer */
+    size_t line_cap;
+    int last_rc; /* for logging state changes only */
+} lake_exporter;
+
+static int64_t mono_ms(void) { return (int64_t)(fm_mono_ns() / 1000000u); }
+
+static int io_code(int e) { return e == ENOSPC || e == EDQUOT ? FM_ENOSPC : FM_EIO; }
+
+/* ---- row formatting ---------------------------------------------------- */
+
+/* A JSON string for s, never NULL unless out of memory: ids come from
+ * validated input, but a row that cannot be represented must not stop the
+ * export forever, so invalid UTF-8 degrades to null. */
+static json_t *jstr(const char *s)
+{
+    json_t *j = s ? json_string(s) : NULL;
+    return j ? j : json_null();
+}
+
+static json_t *jtime(int64_t ms)
+{
+    char buf[40];
+    return ms > 0 ? json_string(fm_rfc3339(ms, buf, sizeof buf)) : json_null();
+}
+
+/* Embeds stored JSON text as a value. The store only holds validated JSON,
+ * but if parsing ever fails the bytes are kept as a string rather than
+ * dropped, because the lake is the long-term record. */
+static json_t *jembed(const char *text, size_t len)
+{
+    if (!text)
+        return json_null();
+    json_t *j = json_loadb(text, len, JSON_DECODE_ANY, NULL);
+    if (!j)
+        j = json_stringn(text, len);
+    return j ? j : json_null();
+}
+
+static char *base64(const unsigned char *p, size_t n)
+{
+    static const char tab[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    char *out = fm_malloc((n + 2) / 3 * 4 + 1), *o = out;
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)p[i] << 16;
+        if (i + 1 < n)
+            v |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < n)
+            v |= p[i + 2];
+        *o++ = tab[(v >> 18) & 63];
+        *o++ = tab[(v >> 12) & 63];
+        *o++ = i + 1 < n ? tab[(v >> 6) & 63] : '=';
+        *o++ = i + 2 < n ? tab[v & 63] : '=';
+    }
+    *o = '\0';
+    return out;
+}
+
+/* Serialises obj (consumed) into ex->line. Returns the length or a negative
+ * FM_E* code. */
+static long dump_line(lake_exporter *ex, json_t *obj)
+{
+    if (!obj)
+        return FM_ENOMEM;
+    size_t need = json_dumpb(obj, ex->line, ex->line_cap, JSON_COMPACT);
+    if (need > ex->line_cap) {
+        size_t cap = need + 1024;
+        char *nb = fm_realloc(ex->line, cap);
+        if (!nb) {
+            json_decref(obj);
+            return FM_ENOMEM;
+        }
+        ex->line = nb;
+        ex->line_cap = cap;
+        need = json_dumpb(obj, ex->line, ex->line_cap, JSON_COMPACT);
+    }
+    json_decref(obj);
+    return need == 0 || need > ex->line_cap ? FM_ENOMEM : (long)need;
+}
+
+static long format_record(lake_exporter *ex, const fm_record *r)
+{
+    json_t *o = json_object();
+    if (!o)
+        return FM_ENOMEM;
+    json_object_set_new(o, "seq", json_integer(r->seq));
+    json_object_set_new(o, "device_id", jstr(r->device_id));
+    json_object_set_new(o, "tenant", jstr(r->tenant));
+    json_object_set_new(o, "measurement_id", jstr(r->measurement_id));
+    json_object_set_new(o, "received_at", jtime(r->received_ms));
+    json_object_set_new(o, "taken_at", jtime(r->taken_ms));
+    json_object_set_new(o, "model", jstr(r->model));
+    json_object_set_new(o, "measurement", jembed(r->payload, r->payload_len));
+    json_object_set_new(o, "result",
+                        jembed(r->result_json, r->result_json ? strlen(r->result_json) : 0));
+    return dump_line(ex, o);
+}
+
+static long format_quarantine(lake_exporter *ex, const fm_quarantine *q)
+{
+    json_t *o = json_object(), *e = json_object();
+    if (!o || !e) {
+        json_decref(o);
+        json_decref(e);
+        return FM_ENOMEM;
+    }
+    json_object_set_new(o, "seq", json_integer(q->seq));
+    json_object_set_new(o, "device_id", jstr(q->device_id));
+    json_object_set_new(o, "tenant", jstr(q->tenant));
+    json_object_set_new(o, "received_at", jtime(q->received_ms));
+    json_object_set_new(e, "code", jstr(q->error_code));
+    json_object_set_new(e, "message", jstr(q->error_message));
+    json_object_set_new(o, "error", e);
+    /* Quarantined payloads are arbitrary bytes: keep them readable when
+     * they are text, and lossless (base64) when they are not. */
+    json_t *p = q->payload ? json_stringn(q->payload, q->payload_len) : json_string("");
+    if (p) {
+        json_object_set_new(o, "payload", p);
+    } else {
+        char *b = base64((const unsigned char *)q->payload, q->payload_len);
+        if (!b) {
+            json_decref(o);
+            return FM_ENOMEM;
+        }
+        json_object_set_new(o, "payload_base64", json_string(b));
+        fm_free(b);
+    }
+    return dump_line(ex, o);
+}
+
+/* ---- objects and batches ---------------------------------------------- */
+
+static void obj_abort(lake_obj *o)
+{
+    if (o->gz)
+        gzclose(o->gz);
+    if (o->fd >= 0)
+        close(o->fd);
+    o->gz = NULL;
+    o->fd = -1;
+    unlink(o->spool);
+}
+
+/* Drops the open batch: its spool files are partial and unpublished, and
+ * the cursor was not moved, so the rows will simply be read again. */
+static void batch_abort(lake_stream *s)
+{
+    for (int i = 0; i < s->nobj; i++)
+        obj_abort(&s->obj[i]);
+    s->nobj = 0;
+    s->pos = s->cursor;
+}
+
+/* Finishes the gzip stream and makes the spool file durable. */
+static int obj_seal(lake_obj *o, fm_errbuf *err)
+{
+    int zrc = gzclose(o->gz);
+    int e = errno;
+    o->gz = NULL;
+    if (zrc != Z_OK) {
+        close(o->fd);
+        o->fd = -1;
+        return fm_errf(err, zrc == Z_ERRNO ? io_code(e) : FM_EIO, "lake: writing %s: %s",
+                       o->spool, zrc == Z_ERRNO ? strerror(e) : "zlib error");
+    }
+    int rc = fm_fsync_fd(o->fd);
+    if (close(o->fd) != 0 && rc == 0)
+        rc = io_code(errno);
+    o->fd = -1;
+    if (rc != 0)
+        return fm_errf(err, rc, "lake: fsync %s failed", o->spool);
+    return 0;
+}
+
+static int obj_open(lake_exporter *ex, lake_stream *s, lake_obj *o, const char *partition,
+                    const char *tenant, int64_t ms, int64_t seq, fm_errbuf *err)
+{
+    memset(o, 0, sizeof *o);
+    o->fd = -1;
+    snprintf(o->partition, sizeof o->partition, "%s", partition);
+    int rc = fm_lake_object_key(o->key, sizeof o->key, s->area, tenant, ms, ex->cfg.node_id, seq);
+    if (rc != 0)
+        return fm_errf(err, rc, "lake: cannot name object for seq %" PRId64, seq);
+    /* Spool names are unique per stream because every seq starts at most
+     * one object. */
+    int n = snprintf(o->spool, sizeof o->spool, "%s/%s-%012" PRId64 ".ndjson.gz",
+                     ex->lake->spool_dir, s->area, seq);
+    if (n < 0 || (size_t)n >= sizeof o->spool)
+        return fm_errf(err, FM_EINVAL, "lake: spool path too long");
+    o->fd = open(o->spool, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (o->fd < 0)
+        return fm_errf(err, io_code(errno), "lake: cannot create %s: %s", o->spool,
+                       strerror(errno));
+    int dfd = dup(o->fd);
+    o->gz = dfd >= 0 ? gzdopen(dfd, "wb") : NULL;
+    if (!o->gz) {
+        if (dfd >= 0)
+            close(dfd);
+        obj_abort(o);
+        return fm_errf(err, FM_ENOMEM, "lake: cannot start gzip stream");
+    }
+    return 0;
+}
+
+static int obj_append(lake_obj *o, const char *line, long len, fm_errbuf *err)
+{
+    /* gzwrite reports 0 for an error; the zlib state then holds Z_ERRNO
+     * and errno tells ENOSPC from other I/O errors. */
+    errno = 0;
+    if (gzwrite(o->gz, line, (unsigned)len) != (int)len || gzwrite(o->gz, "\n", 1) != 1) {
+        int e = errno;
+        return fm_errf(err, e ? io_code(e) : FM_EIO, "lake: writing %s: %s", o->spool,
+                       e ? strerror(e) : "zlib error");
+    }
+    o->bytes += len + 1;
+    o->rows++;
+    return 0;
+}
+
+static bool batch_should_roll(const lake_exporter *ex, const lake_stream *s,
+                              const char *row_partition, int64_t now)
+{
+    for (int i = 0; i < s->nobj; i++) {
+        const lake_obj *o = &s->obj[i];
+        /* A row only ever goes to the object of its own partition, so the
+         * policy is asked about that object with the row and about the
+         * others as a timer check (age and size). */
+        const char *rp = row_partition && strcmp(row_partition, o->partition) == 0
+                             ? row_partition : NULL;
+        if (fm_lake_should_roll(&ex->roll, o->partition, o->bytes, s->opened_ms, rp, now))
+            return true;
+    }
+    return false;
+}
+
+static int write_manifest(lake_exporter *ex, lake_stream *s, char *path, size_t len,
+                          fm_errbuf *err)
+{
+    size_t cap = (size_t)s->nobj * (512 + PATH_MAX + 2) + 1, n = 0;
+    char *text = fm_malloc(cap);
+    if (!text)
+        return fm_errf(err, FM_ENOMEM, "lake: out of memory");
+    for (int i = 0; i < s->nobj; i++)
+        n += (size_t)snprintf(text + n, cap - n, "%s\t%s\n", s->obj[i].key, s->obj[i].spool);
+    int m = snprintf(path, len, "%s/%s-%012" PRId64 ".manifest", ex->lake->spool_dir, s->area,
+                     s->cursor + 1);
+    int rc = m < 0 || (size_t)m >= len ? FM_EINVAL : fm_write_file_atomic(path, text, n, 0644);
+    fm_free(text);
+    return rc ? fm_errf(err, rc, "lake: cannot write manifest %s", path) : 0;
+}
+
+static bool is_manifest(const char *p)
+{
+    size_t n = strlen(p), m = strlen(".manifest");
+    return n > m && strcmp(p + n - m, ".manifest") == 0;
+}
+
+/* See the file comment for the protocol and why it is crash-safe. */
+static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
+{
+    if (s->nobj == 0)
+        return 0;
+    int rc = 0;
+    fm_lake_cursor c;
+    memset(&c, 0, sizeof c);
+    char manifest[PATH_MAX] = "";
+
+    for (int i = 0; i < s->nobj && rc == 0; i++)
+        rc = obj_seal(&s->obj[i], err);
+    if (rc == 0 && (rc = fm_fsync_dir(ex->lake->spool_dir)) != 0)
+        fm_errf(err, rc, "lake: fsync %s failed", ex->lake->spool_dir);
+    if (rc == 0 && s->nobj > 1)
+        rc = write_manifest(ex, s, manifest, sizeof manifest, err);
+    if (rc == 0) {
+        const char *ps = s->nobj > 1 ? manifest : s->obj[0].spool;
+        c.last_seq = s->pos;
+        if (strlen(s->obj[0].key) >= sizeof c.pending_key || strlen(ps) >= sizeof c.pending_spool)
+            rc = fm_errf(err, FM_EINVAL, "lake: spool path too long for the cursor");
+        else {
+            memcpy(c.pending_key, s->obj[0].key, strlen(s->obj[0].key) + 1);
+            memcpy(c.pending_spool, ps, strlen(ps) + 1);
+        }
+    }
+    if (rc == 0)
+        rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err);
+    if (rc != 0) {
+        /* Not committed (or, rarely, committed but reported as failed:
+         * recovery then finds the object missing and rewinds). */
+        batch_abort(s);
+        if (manifest[0])
+            unlink(manifest);
+        return rc;
+    }
+
+    /* Committed: the rows now belong to the pending objects, which
+     * recovery will finish if anything below fails. */
+    s->cursor = s->pos;
+    uint64_t rows = 0;
+    int nobj = s->nobj;
+    s->nobj = 0;
+    for (int i = 0; i < nobj; i++) {
+        rc = fm_lake_put(ex->lake, s->obj[i].key, s->obj[i].spool, err);
+        if (rc != 0)
+            return rc; /* spool files stay for recovery */
+        rows += s->obj[i].rows;
+    }
+    c.pending_key[0] = c.pending_spool[0] = '\0';
+    rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err);
+    if (rc != 0)
+        return rc;
+    if (manifest[0])
+        unlink(manifest); /* stale once pending is cleared; cleanup would get it too */
+    fm_metrics *m = fm_metrics_get();
+    atomic_fetch_add(&m->lake_objects, (uint64_t)nobj);
+    atomic_fetch_add(&m->lake_rows, rows);
+    fm_logf(FM_LOG_DEBUG, LAKE_COMPONENT, "published %d object(s), %" PRIu64 " rows, %s up to %" PRId64,
+            nobj, rows, s->area, s->cursor);
+    return 0;
+}
+
+/* Adds one formatted row to the stream's batch. Returns 0, 1 when the batch
+ * must be published before this row can be taken, or a negative FM_E*. */
+static int batch_add(lake_exporter *ex, lake_stream *s, const char *tenant, int64_t ms,
+                     int64_t seq, long len, fm_errbuf *err)
+{
+    char part[400];
+    if (lake__partition(part, sizeof part, s->area, tenant ? tenant : "", ms) != 0)
+        return fm_errf(err, FM_EINVAL, "lake: cannot partition seq %" PRId64, seq);
+    int64_t now = mono_ms();
+    if (batch_should_roll(ex, s, part, now))
+        return 1;
+    lake_obj *o = NULL;
+    for (int i = 0; i < s->nobj && !o; i++)
+        if (strcmp(s->obj[i].partition, part) == 0)
+            o = &s->obj[i];
+    if (!o) {
+        if (s->nobj == LAKE_MAX_OPEN)
+            return 1;
+        o = &s->obj[s->nobj];
+        int rc = obj_open(ex, s, o, part, tenant ? tenant : "", ms, seq, err);
+        if (rc != 0)
+            return rc;
+        if (s->nobj++ == 0)
+            s->opened_ms = now;
+    }
+    int rc = obj_append(o, ex->line, len, err);
+    if (rc == 0)
+        s->pos = seq;
+    return rc;
+}
+
+typedef struct scan_ctx {
+    lake_exporter *ex;
+    lake_stream *s;
+    fm_errbuf *err;
+    size_t seen;
+    int rc;       /* error from inside the callback */
+    bool need_roll;
+} scan_ctx;
+
+static int on_record(void *ud, const fm_record *r)
+{
+    scan_ctx *c = ud;
+    c->seen++;
+    long len = format_record(c->ex, r);
+    int rc = len < 0 ? fm_errf(c->err, (int)len, "lake: cannot format seq %" PRId64, r->seq)
+                     : batch_add(c->ex, c->s, r->tenant, r->received_ms, r->seq, len, c->err);
+    if (rc == 1)
+        c->need_roll = true;
+    else if (rc < 0)
+        c->rc = rc;
+    return rc != 0;
+}
+
+static int on_quarantine(void *ud, const fm_quarantine *q)
+{
+    scan_ctx *c = ud;
+    c->seen++;
+    long len = format_quarantine(c->ex, q);
+    int rc = len < 0 ? fm_errf(c->err, (int)len, "lake: cannot format seq %" PRId64, q->seq)
+                     : batch_add(c->ex, c->s, q->tenant, q->received_ms, q->seq, len, c->err);
+    if (rc == 1)
+        c->need_roll = true;
+    else if (rc < 0)
+        c->rc = rc;
+    return rc != 0;
+}
+
+/* Exports the rows committed after the stream's position. The batch is
+ * published when the roll policy says so, or now if force is set. The store
+ * is never written while a scan is running: a roll stops the scan, then the
+ * batch is published, then scanning resumes. */
+static int export_stream(lake_exporter *ex, lake_stream *s, bool force, fm_errbuf *err)
+{
+    for (;;) {
+        scan_ctx c = {.ex = ex, .s = s, .err = err};
+        int rc = s->st == FM_STREAM_RAW
+                     ? fm_store_scan_records(ex->store, s->pos, LAKE_SCAN_LIMIT, on_record, &c)
+                     : fm_store_scan_quarantine(ex->store, s->pos, LAKE_SCAN_LIMIT,
+                                                on_quarantine, &c);
+        if (c.rc != 0)
+            return c.rc;
+        if (rc < 0 && !c.need_roll)
+            return fm_errf(err, rc, "lake: scanning %s rows failed: %s", s->area,
+                           fm_strerror(rc));
+        if (c.need_roll) {
+            if ((rc = publish_batch(ex, s, err)) != 0)
+                return rc;
+            continue;
+        }
+        if (c.seen < LAKE_SCAN_LIMIT)
+            break;
+    }
+    if (s->nobj > 0 && (force || batch_should_roll(ex, s, NULL, mono_ms())))
+        return publish_batch(ex, s, err);
+    return 0;
+}
+
+/* ---- recovery ------------------------------------------------------------ */
+
+/* The pending object was never put and its spool is gone (see the file
+ * comment): move the cursor back to just before its first row so those
+ * rows are exported again. */
+static void rewind_cursor(fm_lake_cursor *c)
+{
+    int64_t first;
+    if (lake__key_first_seq(c->pending_key, &first) == 0 && first - 1 < c->last_seq) {
+        fm_logf(FM_LOG_WARN, LAKE_COMPONENT,
+                "pending object %s was never published; re-exporting from seq %" PRId64,
+                c->pending_key, first);
+        c->last_seq = first - 1;
+    } else {
+        fm_logf(FM_LOG_ERROR, LAKE_COMPONENT, "pending object %s is missing", c->pending_key);
+    }
+}
+
+static int recover_single(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
+{
+    if (access(c->pending_spool, F_OK) == 0)
+        return fm_lake_put(ex->lake, c->pending_key, c->pending_spool, err);
+    int ex_rc = ex->lake->vt->exists(ex->lake, c->pending_key);
+    if (ex_rc < 0)
+        return fm_errf(err, ex_rc, "lake: cannot check %s", c->pending_key);
+    if (ex_rc == 0)
+        rewind_cursor(c);
+    return 0;
+}
+
+static int recover_manifest(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
+{
+    char *text = NULL;
+    int rc = fm_read_file(c->pending_spool, &text, NULL);
+    if (rc == FM_ENOTFOUND) {
+        /* The manifest is removed only after pending is cleared, so this
+         * is the aborted-after-commit case: nothing of it was put. */
+        rewind_cursor(c);
+        return 0;
+    }
+    if (rc != 0)
+        return fm_errf(err, rc, "lake: cannot read %s", c->pending_spool);
+    for (char *line = text, *next; rc == 0 && line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = '\0';
+        char *tab = strchr(line, '\t');
+        if (!tab)
+            continue;
+        *tab = '\0';
+        /* A missing spool file was renamed into the lake already. */
+        if (access(tab + 1, F_OK) == 0)
+            rc = fm_lake_put(ex->lake, line, tab + 1, err);
+    }
+    fm_free(text);
+    return rc;
+}
+
+static int clean_spool(lake_exporter *ex)
+{
+    DIR *d = opendir(ex->lake->spool_dir);
+    if (!d)
+        return FM_EIO;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' &&
+            (de->d_name[1] == '\0' || strcmp(de->d_name, "..") == 0 ||
+             strcmp(de->d_name, LAKE_LOCK_NAME) == 0))
+            continue;
+        if (unlinkat(dirfd(d), de->d_name, 0) == 0)
+            fm_logf(FM_LOG_DEBUG, LAKE_COMPONENT, "removed stale spool file %s", de->d_name);
+    }
+    closedir(d);
+    return 0;
+}
+
+/* Loads both cursors, settles a half-published batch, and removes stale
+ * spool files. Must run before any export and again after any failure,
+ * because a failure can leave the in-memory state behind the store's. */
+static int recover(lake_exporter *ex, fm_errbuf *err)
+{
+    for (int i = 0; i < 2; i++)
+        batch_abort(&ex->s[i]);
+    for (int i = 0; i < 2; i++) {
+        lake_stream *s = &ex->s[i];
+        fm_lake_cursor c;
+        memset(&c, 0, sizeof c);
+        int rc = fm_store_lake_cursor_get(ex->store, ex->cfg.node_id, s->st, &c);
+        if (rc != 0)
+            return fm_errf(err, rc, "lake: cannot read the %s cursor", s->area);
+        if (c.pending_key[0]) {
+            bool man = is_manifest(c.pending_spool);
+            rc = man ? recover_manifest(ex, &c, err) : recover_single(ex, &c, err);
+            if (rc != 0)
+                return rc;
+            char spool[sizeof c.pending_spool];
+            memcpy(spool, c.pending_spool, sizeof spool);
+            c.pending_key[0] = c.pending_spool[0] = '\0';
+            if ((rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err)) != 0)
+                return rc;
+            if (man)
+                unlink(spool);
+            fm_logf(FM_LOG_INFO, LAKE_COMPONENT, "recovered pending %s object, cursor %" PRId64,
+                    s->area, c.last_seq);
+        }
+        s->cursor = s->pos = c.last_seq;
+    }
+    if (clean_spool(ex) != 0)
+        return fm_errf(err, FM_EIO, "lake: cannot list %s", ex->lake->spool_dir);
+    ex->recovered = true;
+    return 0;
+}
+
+/* ---- exporter lifecycle -------------------------------------------------- */
+
+static void ex_init(lake_exporter *ex, const fm_config *cfg)
+{
+    memset(ex, 0, sizeof *ex);
+    ex->cfg = *cfg;
+    ex->lock_fd = -1;
+    ex->roll.roll_bytes = cfg->lake_roll_bytes;
+    ex->roll.roll_ms = (int64_t)cfg->lake_roll_seconds * 1000;
+    ex->s[0].st = FM_STREAM_RAW;
+    ex->s[0].area = "raw";
+    ex->s[1].st = FM_STREAM_QUARANTINE;
+    ex->s[1].area = "quarantine";
+}
+
+/* Opens what is not open yet: store handle, backend, exclusive lock. */
+static int ex_open(lake_exporter *ex, fm_errbuf *err)
+{
+    int rc;
+    if (!ex->store && (rc = fm_store_open(&ex->cfg, &ex->store, err)) != 0)
+        return rc;
+    if (!ex->lake && (rc = fm_lake_open(&ex->cfg, &ex->lake, err)) != 0)
+        return rc;
+    if (ex->lock_fd < 0) {
+        char path[PATH_MAX];
+        if (snprintf(path, sizeof path, "%s/%s", ex->lake->spool_dir, LAKE_LOCK_NAME) >=
+            (int)sizeof path)
+            return fm_errf(err, FM_EINVAL, "lake: spool path too long");
+        int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0)
+            return fm_errf(err, io_code(errno), "lake: cannot open %s: %s", path,
+                           strerror(errno));
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            close(fd);
+            return fm_errf(err, FM_EBUSY, "lake: another exporter is running on %s",
+                           ex->lake->spool_dir);
+        }
+        ex->lock_fd = fd;
+    }
+    return 0;
+}
+
+static void update_backlog(lake_exporter *ex)
+{
+    int64_t backlog = 0;
+    for (int i = 0; i < 2; i++) {
+        int64_t max = 0;
+        if (ex->store && fm_store_max_seq(ex->store, ex->s[i].st, &max) == 0 &&
+            max > ex->s[i].cursor)
+            backlog += max - ex->s[i].cursor;
+    }
+    atomic_store(&fm_metrics_get()->lake_backlog, backlog);
+}
+
+/* One export pass. On failure every open batch is dropped and the next
+ * pass starts with recovery, so the store's cursor is the truth. */
+static int ex_run(lake_exporter *ex, bool force, fm_errbuf *err)
+{
+    int rc = ex_open(ex, err);
+    if (rc == 0 && !ex->recovered)
+        rc = recover(ex, err);
+    for (int i = 0; i < 2 && rc == 0; i++)
+        rc = export_stream(ex, &ex->s[i], force, err);
+    if (rc != 0) {
+        ex->recovered = false;
+        if (ex->lake)
+            for (int i = 0; i < 2; i++)
+                batch_abort(&ex->s[i]);
+        atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
+    }
+    update_backlog(ex);
+    /* Log transitions, not every retry: a full disk would otherwise flood
+     * the log every backoff period. */
+    if (rc != 0 && rc != ex->last_rc)
+        fm_logf(FM_LOG_ERROR, LAKE_COMPONENT, "lake export failing: %s", err->msg);
+    else if (rc == 0 && ex->last_rc != 0)
+        fm_logf(FM_LOG_INFO, LAKE_COMPONENT, "lake export recovered");
+    ex->last_rc = rc;
+    return rc;
+}
+
+static void ex_close(lake_exporter *ex)
+{
+    if (ex->lake)
+        for (int i = 0; i < 2; i++)
+            batch_abort(&ex->s[i]);
+    if (ex->lock_fd >= 0)
+        close(ex->lock_fd); /* releases the flock */
+    fm_lake_close(ex->lake);
+    fm_store_close(ex->store);
+    fm_free(ex->line);
+    ex->lock_fd = -1;
+    ex->lake = NULL;
+    ex->store = NULL;
+    ex->line = NULL;
+}
+
+int fm_lake_export_all(const fm_config *cfg, fm_errbuf *err)
+{
+    lake_exporter *ex = fm_malloc(sizeof *ex); /* large: keep it off the stack */
+    if (!ex)
+        return fm_errf(err, FM_ENOMEM, "lake: out of memory");
+    ex_init(ex, cfg);
+    int rc = ex_run(ex, true, err);
+    ex_close(ex);
+    fm_free(ex);
+    return rc;
+}
+
+/* ---- writer thread ------------------------------------------------------- */
+
+struct fm_lake_writer {
+    lake_exporter ex;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t wake; /* the thread waits here */
+    pthread_cond_t done; /* flush callers wait here */
+    bool stop;
+    bool notified;
+    uint64_t flush_req, flush_done;
+    int flush_rc;
+};
+
+static void *writer_main(void *arg)
+{
+    fm_lake_writer *w = arg;
+    int64_t backoff = 0, next_try = 0;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        if (!w->stop && !w->notified && w->flush_req == w->flush_done) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += LAKE_TICK_MS * 1000000L;
+            ts.tv_sec += ts.tv_nsec / 1000000000L;
+            ts.tv_nsec %= 1000000000L;
+            pthread_cond_timedwait(&w->wake, &w->mu, &ts);
+        }
+        bool stop = w->stop;
+        uint64_t req = w->flush_req;
+        bool force = stop || req != w->flush_done;
+        w->notified = false;
+        pthread_mutex_unlock(&w->mu);
+
+        /* While backing off after an error only explicit flushes (and the
+         * final one at stop) try again: retrying at every commit would turn
+         * a full disk into a busy loop. */
+        int rc = 0;
+        int64_t now = mono_ms();
+        if (force || now >= next_try) {
+            fm_errbuf err = {{0}};
+            rc = ex_run(&w->ex, force, &err);
+            if (rc != 0) {
+                backoff = backoff ? backoff * 2 : LAKE_TICK_MS;
+                if (backoff > LAKE_BACKOFF_MAX_MS)
+                    backoff = LAKE_BACKOFF_MAX_MS;
+                next_try = mono_ms() + backoff;
+            } else {
+                backoff = 0;
+                next_try = 0;
+            }
+        }
+
+        pthread_mutex_lock(&w->mu);
+        if (force && req != w->flush_done) {
+            w->flush_done = req;
+            w->flush_rc = rc;
+            pthread_cond_broadcast(&w->done);
+        }
+        if (stop)
+            break;
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *err)
+{
+    *out = NULL;
+    fm_lake_writer *w = fm_calloc(1, sizeof *w);
+    if (!w)
+        return fm_errf(err, FM_ENOMEM, "lake: out of memory");
+    ex_init(&w->ex, cfg);
+    /* The store and the backend configuration are checked now so a broken
+     * setup fails start-up; an unwritable lake or a held lock is not fatal:
+     * the thread retries, because the pipeline must not wait for the lake. */
+    int rc = ex_open(&w->ex, err);
+    if (rc == 0)
+        rc = recover(&w->ex, err);
+    if (rc == FM_EINVAL || (rc != 0 && !w->ex.store)) {
+        ex_close(&w->ex);
+        fm_free(w);
+        return rc;
+    }
+    if (rc != 0) {
+        fm_logf(FM_LOG_ERROR, LAKE_COMPONENT, "lake export failing: %s", err->msg);
+        w->ex.last_rc = rc;
+        atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
+    }
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->wake, &ca);
+    pthread_cond_init(&w->done, NULL);
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
+        pthread_cond_destroy(&w->done);
+        pthread_cond_destroy(&w->wake);
+        pthread_mutex_destroy(&w->mu);
+        ex_close(&w->ex);
+        fm_free(w);
+        return fm_errf(err, FM_ENOMEM, "lake: cannot start the writer thread");
+    }
+    *out = w;
+    return 0;
+}
+
+void fm_lake_writer_notify(fm_lake_writer *w)
+{
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->notified = true;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&w->mu);
+}
+
+int fm_lake_writer_flush(fm_lake_writer *w)
+{
+    if (!w)
+        return FM_EINVAL;
+    pthread_mutex_lock(&w->mu);
+    uint64_t my = ++w->flush_req;
+    pthread_cond_signal(&w->wake);
+    while (w->flush_done < my)
+        pthread_cond_wait(&w->done, &w->mu);
+    int rc = w->flush_rc;
+    pthread_mutex_unlock(&w->mu);
+    return rc;
+}
+
+void fm_lake_writer_stop(fm_lake_writer *w)
+{
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->stop = true;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL); /* the last pass runs with force: a flush */
+    pthread_cond_destroy(&w->done);
+    pthread_cond_destroy(&w->wake);
+    pthread_mutex_destroy(&w->mu);
+    ex_close(&w->ex);
+    fm_free(w);
+}

@@ -1,0 +1,231 @@
+/*
+ * XGBoost runtime: loads a model directory (manifest.json + model.json) and
+ * predicts in place from a dense float matrix. Serving calls
+ * fm_model_predict once per batch, so the per-call work is limited to
+ * formatting one array-interface string; no DMatrix is built per request.
+ */
+#include "fleetml/model.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <xgboost/c_api.h>
+
+struct fm_model {
+    BoosterHandle booster;
+    char name[64];
+    char version[32];
+    size_t n_features;
+    size_t n_outputs;
+    fm_model_output outputs[FM_OUTPUTS_MAX];
+};
+
+/* Prediction options, the same for every call. "missing" is NaN so a
+ * feature a future extractor cannot compute goes down the trees' default
+ * branch instead of being read as a number; strict_shape makes the result
+ * (rows, outputs) even for a single-output model. */
+static const char predict_config[] =
+    "{\"type\":0,\"training\":false,\"cache_id\":0,\"iteration_begin\":0,\"iteration_end\":0,"
+    "\"strict_shape\":true,\"missing\":NaN}";
+
+static int copy_str(json_t *obj, const char *key, char *dst, size_t cap, const char *what,
+                    fm_errbuf *err)
+{
+    const char *s = json_string_value(json_object_get(obj, key));
+    if (!s || !*s || strlen(s) >= cap)
+        return fm_errf(err, FM_EINVAL, "manifest.json: %s: expected a non-empty string of at most %zu chars",
+                       what, cap - 1);
+    memcpy(dst, s, strlen(s) + 1);
+    return 0;
+}
+
+static int parse_manifest(fm_model *m, const char *text, size_t len, fm_errbuf *err)
+{
+    json_error_t je;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
+    if (!root)
+        return fm_errf(err, FM_EINVAL, "manifest.json: line %d: %s", je.line, je.text);
+    int rc;
+    if (!json_is_object(root)) {
+        rc = fm_errf(err, FM_EINVAL, "manifest.json: expected a JSON object");
+        goto out;
+    }
+    if ((rc = copy_str(root, "name", m->name, sizeof m->name, "name", err)) ||
+        (rc = copy_str(root, "version", m->version, sizeof m->version, "version", err)))
+        goto out;
+
+    /* The feature list is the contract between this build's extractor and
+     * the trees: a model trained on other features (or another order)
+     * would silently predict garbage, so any difference refuses the load. */
+    json_t *feats = json_object_get(root, "features");
+    size_t nf = fm_feature_count();
+    if (!json_is_array(feats)) {
+        rc = fm_errf(err, FM_EINVAL, "manifest.json: features: expected an array of names");
+        goto out;
+    }
+    for (size_t i = 0; i < nf || i < json_array_size(feats); i++) {
+        const char *have = json_string_value(json_array_get(feats, i));
+        const char *want = fm_feature_name(i);
+        if (!have || !want || strcmp(have, want) != 0) {
+            rc = fm_errf(err, FM_EINVAL,
+                         "manifest.json: features[%zu] is %s%s%s but this build computes %s%s%s "
+                         "(retrain the model with `fleetml model train`)",
+                         i, have ? "'" : "", have ? have : "nothing", have ? "'" : "",
+                         want ? "'" : "", want ? want : "nothing", want ? "'" : "");
+            goto out;
+        }
+    }
+    m->n_features = nf;
+
+    json_t *outs = json_object_get(root, "outputs");
+    size_t no = json_array_size(outs);
+    if (!json_is_array(outs) || no == 0 || no > FM_OUTPUTS_MAX) {
+        rc = fm_errf(err, FM_EINVAL, "manifest.json: outputs: expected an array of 1..%d outputs",
+                     FM_OUTPUTS_MAX);
+        goto out;
+    }
+    for (size_t i = 0; i < no; i++) {
+        json_t *o = json_array_get(outs, i);
+        fm_model_output *dst = &m->outputs[i];
+        char what[32];
+        snprintf(what, sizeof what, "outputs[%zu]", i);
+        json_t *mn = json_object_get(o, "min"), *mx = json_object_get(o, "max");
+        if ((rc = copy_str(o, "name", dst->name, sizeof dst->name, what, err)) ||
+            (rc = copy_str(o, "unit", dst->unit, sizeof dst->unit, what, err)))
+            goto out;
+        if (!json_is_number(mn) || !json_is_number(mx) ||
+            !(json_number_value(mn) < json_number_value(mx))) {
+            rc = fm_errf(err, FM_EINVAL, "manifest.json: %s: expected numbers min < max", what);
+            goto out;
+        }
+        dst->min = json_number_value(mn);
+        dst->max = json_number_value(mx);
+    }
+    m->n_outputs = no;
+    rc = 0;
+out:
+    json_decref(root);
+    return rc;
+}
+
+int fm_model_load(const char *dir, fm_model **out, fm_errbuf *err)
+{
+    char path[4096];
+    char *text = NULL;
+    size_t len = 0;
+    int rc;
+    *out = NULL;
+
+    fm_model *m = fm_calloc(1, sizeof *m);
+    if (!m)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    if ((size_t)snprintf(path, sizeof path, "%s/manifest.json", dir) >= sizeof path) {
+        rc = fm_errf(err, FM_EINVAL, "%s: model directory path too long", dir);
+        goto err;
+    }
+    rc = fm_read_file(path, &text, &len);
+    if (rc == FM_ENOTFOUND) {
+        fm_errf(err, rc, "%s: no such file (is %s a model directory?)", path, dir);
+        goto err;
+    }
+    if (rc) {
+        fm_errf(err, rc, "%s: %s", path, fm_strerror(rc));
+        goto err;
+    }
+    rc = parse_manifest(m, text, len, err);
+    if (rc)
+        goto err;
+
+    snprintf(path, sizeof path, "%s/model.json", dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        rc = fm_errf(err, FM_ENOTFOUND, "%s: no such file", path);
+        goto err;
+    }
+    fclose(f);
+    if (XGBoosterCreate(NULL, 0, &m->booster) != 0) {
+        rc = fm_errf(err, FM_EMODEL, "xgboost: %s", XGBGetLastError());
+        goto err;
+    }
+    /* One inference thread per service: letting OpenMP fan out inside
+     * every small batch would oversubscribe the cores the broker and the
+     * HTTP server share. */
+    if (XGBoosterLoadModel(m->booster, path) != 0 ||
+        XGBoosterSetParam(m->booster, "nthread", "1") != 0) {
+        rc = fm_errf(err, FM_EMODEL, "%s: %s", path, XGBGetLastError());
+        goto err;
+    }
+    bst_ulong nf = 0;
+    if (XGBoosterGetNumFeature(m->booster, &nf) != 0 || nf != m->n_features) {
+        rc = fm_errf(err, FM_EMODEL, "%s: booster expects %" PRIu64 " features, manifest lists %zu",
+                     path, (uint64_t)nf, m->n_features);
+        goto err;
+    }
+    /* A dry run on one all-missing row checks that the booster's output
+     * width agrees with the manifest, so a mismatch fails here and not on
+     * the first device request. */
+    float probe_in[FM_FEATURES_MAX], probe_out[FM_OUTPUTS_MAX];
+    for (size_t i = 0; i < FM_FEATURES_MAX; i++)
+        probe_in[i] = NAN;
+    rc = fm_model_predict(m, probe_in, 1, probe_out, err);
+    if (rc)
+        goto err;
+    fm_free(text);
+    *out = m;
+    return 0;
+err:
+    fm_free(text);
+    fm_model_free(m);
+    return rc;
+}
+
+void fm_model_free(fm_model *m)
+{
+    if (!m)
+        return;
+    if (m->booster)
+        XGBoosterFree(m->booster);
+    fm_free(m);
+}
+
+const char *fm_model_name(const fm_model *m) { return m->name; }
+const char *fm_model_version(const fm_model *m) { return m->version; }
+size_t fm_model_output_count(const fm_model *m) { return m->n_outputs; }
+
+const fm_model_output *fm_model_output_at(const fm_model *m, size_t i)
+{
+    return i < m->n_outputs ? &m->outputs[i] : NULL;
+}
+
+int fm_model_predict(fm_model *m, const float *features, size_t rows, float *out,
+                     fm_errbuf *err)
+{
+    if (rows == 0)
+        return 0;
+    /* The __array_interface__ protocol passes the buffer by address: XGBoost
+     * reads the floats straight from the caller's memory, row-major, with
+     * no copy. "<f4" is little-endian float32, which is what float is on
+     * every platform the Debian package is built for. */
+    char iface[256];
+    snprintf(iface, sizeof iface,
+             "{\"data\":[%" PRIuPTR ",true],\"shape\":[%zu,%zu],\"typestr\":\"<f4\",\"version\":3}",
+             (uintptr_t)features, rows, m->n_features);
+    const bst_ulong *shape = NULL;
+    bst_ulong dim = 0;
+    const float *res = NULL;
+    if (XGBoosterPredictFromDense(m->booster, iface, predict_config, NULL, &shape, &dim, &res) != 0)
+        return fm_errf(err, FM_EMODEL, "xgboost predict: %s", XGBGetLastError());
+    if (dim != 2 || shape[0] != rows || shape[1] != m->n_outputs)
+        return fm_errf(err, FM_EMODEL,
+                       "xgboost predict: result has shape %" PRIu64 "x%" PRIu64
+                       ", expected %zux%zu",
+                       (uint64_t)(dim > 0 ? shape[0] : 0), (uint64_t)(dim > 1 ? shape[1] : 0),
+                       rows, m->n_outputs);
+    /* The result buffer belongs to the booster and is overwritten by the
+     * next call, so it is copied out before returning. */
+    memcpy(out, res, rows * m->n_outputs * sizeof *out);
+    return 0;
+}

@@ -1,0 +1,227 @@
+/*
+ * Service MQTT client. libmosquitto's own network thread (loop_start) reads
+ * and writes; publishes from the pipeline thread are safe because the
+ * library locks its internal queues.
+ */
+#include "fleetml/mqtt.h"
+#include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
+
+#include <mosquitto.h>
+#include <mqtt_protocol.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SERVICE_CLIENT_ID "fleetml-service"
+#define SHARED_SUB "$share/fleetml/fleet/+/measurements"
+/* How long the broker keeps the service's session (and queues messages for
+ * it) while the service is away: long enough for any restart. */
+#define SESSION_EXPIRY_S (7 * 24 * 3600)
+
+struct fm_mqtt {
+    struct mosquitto *mosq;
+    fm_mqtt_measurement_fn on_measurement;
+    void *ud;
+    _Atomic int connected;
+    _Atomic int subscribed;
+};
+
+static int lib_init_once(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, (void (*)(void))mosquitto_lib_init);
+    return 0;
+}
+
+static void on_connect(struct mosquitto *mosq, void *obj, int rc, int flags,
+                       const mosquitto_property *props)
+{
+    (void)flags;
+    (void)props;
+    fm_mqtt *c = obj;
+    if (rc != 0) {
+        fm_logkv(FM_LOG_WARN, "mqtt", "connect refused", "reason", mosquitto_reason_string(rc),
+                 NULL);
+        return;
+    }
+    atomic_store(&c->connected, 1);
+    atomic_store(&fm_metrics_get()->mqtt_connected, 1);
+    /* The persistent session keeps the subscription, but subscribing again
+     * is harmless and covers a session the broker has expired. */
+    int src = mosquitto_subscribe_v5(mosq, NULL, SHARED_SUB, 1, 0, NULL);
+    if (src != MOSQ_ERR_SUCCESS)
+        fm_logkv(FM_LOG_ERROR, "mqtt", "subscribe failed", "error", mosquitto_strerror(src),
+                 NULL);
+    fm_logf(FM_LOG_INFO, "mqtt", "connected to broker");
+}
+
+static void on_subscribe(struct mosquitto *mosq, void *obj, int mid, int qos_count,
+                         const int *granted, const mosquitto_property *props)
+{
+    (void)mosq;
+    (void)mid;
+    (void)props;
+    fm_mqtt *c = obj;
+    if (qos_count >= 1 && granted[0] <= 2) {
+        atomic_store(&c->subscribed, 1);
+    } else {
+        fm_logf(FM_LOG_ERROR, "mqtt", "subscription to %s refused", SHARED_SUB);
+    }
+}
+
+static void on_disconnect(struct mosquitto *mosq, void *obj, int rc,
+                          const mosquitto_property *props)
+{
+    (void)mosq;
+    (void)props;
+    fm_mqtt *c = obj;
+    if (atomic_exchange(&c->connected, 0))
+        fm_logkv(FM_LOG_WARN, "mqtt", "disconnected from broker", "reason",
+                 mosquitto_strerror(rc), NULL);
+    atomic_store(&c->subscribed, 0);
+    atomic_store(&fm_metrics_get()->mqtt_connected, 0);
+}
+
+/* fleet/<device>/measurements -> device id; anything else -> 0. */
+static int device_from_topic(const char *topic, char *out, size_t len)
+{
+    const char *prefix = "fleet/", *suffix = "/measurements";
+    size_t pl = strlen(prefix), sl = strlen(suffix), tl = strlen(topic);
+    if (tl <= pl + sl || strncmp(topic, prefix, pl) != 0 ||
+        strcmp(topic + tl - sl, suffix) != 0)
+        return 0;
+    size_t idl = tl - pl - sl;
+    if (idl >= len)
+        return 0;
+    memcpy(out, topic + pl, idl);
+    out[idl] = '\0';
+    return fm_device_id_valid(out);
+}
+
+static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg,
+                       const mosquitto_property *props)
+{
+    (void)mosq;
+    fm_mqtt *c = obj;
+    char device[FM_DEVICE_ID_MAX + 1];
+    if (!device_from_topic(msg->topic, device, sizeof device)) {
+        fm_logkv(FM_LOG_WARN, "mqtt", "ignoring message on unexpected topic", "topic",
+                 msg->topic, NULL);
+        return;
+    }
+    char *rt = NULL;
+    void *corr = NULL;
+    uint16_t corr_len = 0;
+    mosquitto_property_read_string(props, MQTT_PROP_RESPONSE_TOPIC, &rt, false);
+    mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len, false);
+    c->on_measurement(c->ud, device, msg->payload, (size_t)msg->payloadlen, rt, corr, corr_len);
+    free(rt);
+    free(corr);
+}
+
+static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str)
+{
+    (void)mosq;
+    (void)obj;
+    if (level & (MOSQ_LOG_ERR | MOSQ_LOG_WARNING))
+        fm_logkv(FM_LOG_WARN, "mqtt", "libmosquitto", "detail", str, NULL);
+}
+
+int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, void *ud,
+                  fm_mqtt **out, fm_errbuf *err)
+{
+    char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX];
+    lib_init_once();
+    fm_config_path(cfg, "pki/ca.crt", ca, sizeof ca);
+    fm_config_path(cfg, "pki/service.crt", cert, sizeof cert);
+    fm_config_path(cfg, "pki/service.key", key, sizeof key);
+
+    fm_mqtt *c = fm_calloc(1, sizeof *c);
+    if (!c)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    c->on_measurement = on_measurement;
+    c->ud = ud;
+    int rc;
+    mosquitto_property *props = NULL;
+    /* clean_session=false + session expiry: the broker queues measurements
+     * for the service while it restarts, so none are dropped. */
+    c->mosq = mosquitto_new(SERVICE_CLIENT_ID, false, c);
+    if (!c->mosq) {
+        fm_free(c);
+        return fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
+    }
+    mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
+    mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
+    mosquitto_int_option(c->mosq, MOSQ_OPT_RECEIVE_MAXIMUM, 1000);
+    mosquitto_int_option(c->mosq, MOSQ_OPT_SEND_MAXIMUM, 1000);
+    mosquitto_max_inflight_messages_set(c->mosq, 1000);
+    mosquitto_reconnect_delay_set(c->mosq, 1, 5, true);
+    mosquitto_connect_v5_callback_set(c->mosq, on_connect);
+    mosquitto_disconnect_v5_callback_set(c->mosq, on_disconnect);
+    mosquitto_subscribe_v5_callback_set(c->mosq, on_subscribe);
+    mosquitto_message_v5_callback_set(c->mosq, on_message);
+    mosquitto_log_callback_set(c->mosq, on_log);
+    rc = mosquitto_tls_set(c->mosq, ca, NULL, cert, key, NULL);
+    if (rc == MOSQ_ERR_SUCCESS)
+        rc = mosquitto_tls_opts_set(c->mosq, 1, "tlsv1.2", NULL);
+    if (rc != MOSQ_ERR_SUCCESS) {
+        rc = fm_errf(err, FM_ECRYPTO, "TLS setup: %s", mosquitto_strerror(rc));
+        goto fail;
+    }
+    mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL, SESSION_EXPIRY_S);
+    /* The first attempt may fail while the broker is still starting; the
+     * properties are kept by libmosquitto and the network thread started
+     * below keeps reconnecting with them. */
+    rc = mosquitto_connect_bind_v5(c->mosq, cfg->broker_host, cfg->broker_service_port, 30,
+                                   NULL, props);
+    mosquitto_property_free_all(&props);
+    if (rc == MOSQ_ERR_INVAL || rc == MOSQ_ERR_NOMEM) {
+        rc = fm_errf(err, FM_EINVAL, "connect: %s", mosquitto_strerror(rc));
+        goto fail;
+    }
+    rc = mosquitto_loop_start(c->mosq);
+    if (rc != MOSQ_ERR_SUCCESS) {
+        rc = fm_errf(err, FM_EINVAL, "loop_start: %s", mosquitto_strerror(rc));
+        goto fail;
+    }
+    *out = c;
+    return 0;
+fail:
+    mosquitto_property_free_all(&props);
+    mosquitto_destroy(c->mosq);
+    fm_free(c);
+    return rc;
+}
+
+int fm_mqtt_publish(fm_mqtt *c, const char *topic, const void *payload, size_t len,
+                    const void *corr, size_t corr_len)
+{
+    mosquitto_property *props = NULL;
+    if (corr && corr_len > 0 &&
+        mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, corr,
+                                      (uint16_t)corr_len) != MOSQ_ERR_SUCCESS)
+        return FM_ENOMEM;
+    int rc = mosquitto_publish_v5(c->mosq, NULL, topic, (int)len, payload, 1, false, props);
+    mosquitto_property_free_all(&props);
+    if (rc == MOSQ_ERR_SUCCESS)
+        return 0;
+    return rc == MOSQ_ERR_NO_CONN ? FM_EUNAVAIL : FM_EIO;
+}
+
+int fm_mqtt_connected(const fm_mqtt *c)
+{
+    return atomic_load(&c->connected) && atomic_load(&c->subscribed);
+}
+
+void fm_mqtt_stop(fm_mqtt *c)
+{
+    if (!c)
+        return;
+    mosquitto_disconnect_v5(c->mosq, MQTT_RC_NORMAL_DISCONNECTION, NULL);
+    mosquitto_loop_stop(c->mosq, false);
+    mosquitto_destroy(c->mosq);
+    fm_free(c);
+}

@@ -1,0 +1,534 @@
+/*
+ * Pipeline thread: batches queued messages, validates and scores them, and
+ * commits measurement + result rows in one transaction before replying.
+ *
+ * Group commit: the thread takes whatever is queued (up to batch_max); if the
+ * batch is not full it waits at most commit_window_us for more, measured
+ * from the oldest message's arrival, so no message waits longer than the
+ * window for its commit to start. Under load, messages that arrive while a
+ * commit is fsyncing form the next batch, which is what amortises fsync.
+ */
+#include "fleetml/pipeline.h"
+#include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
+#include "fleetml/model.h"
+#include "fleetml/store.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+struct fm_pipeline {
+    fm_pipeline_opts opts;
+    fm_config cfg;
+    fm_store *store;
+    fm_model *model;
+    char model_ref[128];
+
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    fm_inmsg *head, *tail;
+    long depth;
+    int stopping;
+    _Atomic int healthy;
+};
+
+/* Per-message working state for one batch. */
+typedef struct item {
+    fm_inmsg *msg;
+    fm_measurement m;
+    fm_device dev;
+    fm_verr verr;
+    int rejected;     /* error reply, quarantined */
+    int duplicate;    /* already stored: reply with stored result */
+    int follower;     /* same id as an earlier item in this batch */
+    size_t leader;    /* index of that earlier item */
+    size_t row;       /* row in the feature matrix */
+    char *result;     /* reply document (fm_free) */
+} item;
+
+fm_inmsg *fm_inmsg_new(const char *device_id, const void *payload, size_t len,
+                       const char *response_topic, const void *corr, size_t corr_len)
+{
+    fm_inmsg *m = fm_calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    snprintf(m->device_id, sizeof m->device_id, "%s", device_id);
+    m->payload = fm_malloc(len + 1);
+    if (!m->payload)
+        goto fail;
+    memcpy(m->payload, payload, len);
+    m->payload[len] = '\0';
+    m->len = len;
+    if (response_topic && !(m->response_topic = fm_strdup(response_topic)))
+        goto fail;
+    if (corr && corr_len) {
+        if (!(m->corr = fm_malloc(corr_len)))
+            goto fail;
+        memcpy(m->corr, corr, corr_len);
+        m->corr_len = corr_len;
+    }
+    m->recv_ns = fm_mono_ns();
+    m->recv_ms = fm_wall_ms();
+    return m;
+fail:
+    fm_inmsg_free(m);
+    return NULL;
+}
+
+void fm_inmsg_free(fm_inmsg *m)
+{
+    if (!m)
+        return;
+    fm_free(m->payload);
+    fm_free(m->response_topic);
+    fm_free(m->corr);
+    fm_free(m);
+}
+
+char *fm_reply_topic(const char *device_id, const char *rt, char *buf, size_t len)
+{
+    char prefix[80];
+    int n = snprintf(prefix, sizeof prefix, "fleet/%s/", device_id);
+    if (rt && strncmp(rt, prefix, (size_t)n) == 0 && rt[n] != '\0' && !strpbrk(rt, "+#") &&
+        strlen(rt) < len) {
+        snprintf(buf, len, "%s", rt);
+        return buf;
+    }
+    snprintf(buf, len, "fleet/%s/results", device_id);
+    return buf;
+}
+
+char *fm_error_result_json(const char *mid, const char *code, const char *message)
+{
+    json_t *doc = json_pack("{s:s, s:s, s:{s:s, s:s}}", "id", mid ? mid : "", "status", "error",
+                            "error", "code", code, "message", message);
+    if (!doc)
+        return NULL;
+    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(doc);
+    return s;
+}
+
+/* Rounds to a fixed number of decimals so results are stable and compact. */
+static double round_to(double v, int decimals)
+{
+    double f = pow(10.0, decimals);
+    return round(v * f) / f;
+}
+
+static char *ok_result_json(const fm_pipeline *p, const char *mid, const float *out,
+                            int64_t recv_ms)
+{
+    char ts[40];
+    json_t *outputs = json_object();
+    if (!outputs)
+        return NULL;
+    size_t n = fm_model_output_count(p->model);
+    for (size_t i = 0; i < n; i++) {
+        const fm_model_output *o = fm_model_output_at(p->model, i);
+        json_object_set_new(outputs, o->name, json_real(round_to(out[i], 3)));
+    }
+    json_t *doc = json_pack("{s:s, s:s, s:s, s:o, s:s}", "id", mid, "status", "ok", "model",
+                            p->model_ref, "outputs", outputs, "received_at",
+                            fm_rfc3339(recv_ms, ts, sizeof ts));
+    if (!doc)
+        return NULL;
+    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    json_decref(doc);
+    return s;
+}
+
+static void reject(item *it, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void reject(item *it, const char *code, const char *fmt, ...)
+{
+    it->rejected = 1;
+    snprintf(it->verr.code, sizeof it->verr.code, "%s", code);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(it->verr.message, sizeof it->verr.message, fmt, ap);
+    va_end(ap);
+}
+
+/* Validation, device check and dedupe for one message. */
+static void admit(fm_pipeline *p, item *items, size_t i)
+{
+    item *it = &items[i];
+    fm_inmsg *msg = it->msg;
+    int rc = fm_store_device_get(p->store, msg->device_id, &it->dev);
+    if (rc == FM_ENOTFOUND) {
+        reject(it, FM_VERR_UNKNOWN_DEVICE, "device '%s' is not registered", msg->device_id);
+        return;
+    }
+    if (rc != 0) {
+        reject(it, FM_VERR_UNAVAILABLE, "device registry unavailable, retry later");
+        return;
+    }
+    if (it->dev.status != FM_DEVICE_ACTIVE) {
+        reject(it, FM_VERR_DEVICE_INACTIVE, "device '%s' is %s", msg->device_id,
+               it->dev.status == FM_DEVICE_REVOKED ? "revoked" : "disabled");
+        return;
+    }
+    if ((int64_t)msg->len > p->cfg.max_payload) {
+        reject(it, FM_VERR_TOO_LARGE, "payload is %zu bytes, the limit is %d bytes", msg->len,
+               p->cfg.max_payload);
+        return;
+    }
+    if (fm_measurement_parse(msg->payload, msg->len, &it->m, &it->verr) != 0) {
+        it->rejected = 1;
+        return;
+    }
+    /* An id already stored is answered with its original result. */
+    char *stored = NULL;
+    rc = fm_store_result_lookup(p->store, msg->device_id, it->m.id, &stored);
+    if (rc == 0) {
+        it->duplicate = 1;
+        it->result = stored;
+        return;
+    }
+    if (rc != FM_ENOTFOUND) {
+        reject(it, FM_VERR_UNAVAILABLE, "store unavailable, retry later");
+        return;
+    }
+    for (size_t j = 0; j < i; j++) {
+        item *o = &items[j];
+        if (!o->rejected && !o->duplicate && !o->follower &&
+            strcmp(o->msg->device_id, msg->device_id) == 0 && strcmp(o->m.id, it->m.id) == 0) {
+            it->follower = 1;
+            it->leader = j;
+            return;
+        }
+    }
+}
+
+static void count_reject(const item *it)
+{
+    fm_metrics *mx = fm_metrics_get();
+    atomic_fetch_add(&mx->rejected[fm_reject_reason_from_code(it->verr.code)], 1);
+}
+
+static void publish_reply(fm_pipeline *p, const item *it, const char *doc)
+{
+    char topic[256];
+    fm_inmsg *msg = it->msg;
+    fm_reply_topic(msg->device_id, msg->response_topic, topic, sizeof topic);
+    int rc = p->opts.publish(p->opts.ud, topic, doc, strlen(doc), msg->corr, msg->corr_len);
+    fm_metrics *mx = fm_metrics_get();
+    if (rc == 0)
+        atomic_fetch_add(&mx->replied, 1);
+    fm_hist_observe(&mx->reply_seconds, (double)(fm_mono_ns() - msg->recv_ns) / 1e9);
+}
+
+static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
+{
+    fm_metrics *mx = fm_metrics_get();
+    size_t nf = fm_feature_count(), no = fm_model_output_count(p->model);
+    item *items = fm_calloc(n, sizeof *items);
+    float *feat = fm_malloc(n * nf * sizeof(float));
+    float *pred = fm_malloc(n * no * sizeof(float));
+    fm_record *recs = fm_calloc(n, sizeof *recs);
+    fm_quarantine *quar = fm_calloc(n, sizeof *quar);
+    if (!items || !feat || !pred || !recs || !quar) {
+        /* Out of memory: nothing can be stored; devices will retry. */
+        fm_logf(FM_LOG_ERROR, "pipeline", "out of memory processing a batch of %zu", n);
+        while (list) {
+            fm_inmsg *next = list->next;
+            fm_inmsg_free(list);
+            list = next;
+        }
+        fm_free(items);
+        fm_free(feat);
+        fm_free(pred);
+        fm_free(recs);
+        fm_free(quar);
+        return;
+    }
+
+    size_t i = 0, rows = 0;
+    for (fm_inmsg *m = list; m; m = m->next, i++) {
+        items[i].msg = m;
+        atomic_fetch_add(&mx->received, 1);
+        admit(p, items, i);
+        if (items[i].rejected || items[i].duplicate || items[i].follower)
+            continue;
+        if (fm_features_extract(&items[i].m, feat + rows * nf, &items[i].verr) != 0) {
+            items[i].rejected = 1;
+            continue;
+        }
+        items[i].row = rows++;
+    }
+
+    int model_ok = 1;
+    if (rows > 0) {
+        fm_errbuf err;
+        uint64_t t0 = fm_mono_ns();
+        if (fm_model_predict(p->model, feat, rows, pred, &err) != 0) {
+            fm_logf(FM_LOG_ERROR, "pipeline", "inference failed: %s", err.msg);
+            model_ok = 0;
+        }
+        fm_hist_observe(&mx->inference_seconds, (double)(fm_mono_ns() - t0) / 1e9);
+    }
+
+    /* Build the rows to commit. */
+    size_t nr = 0, nq = 0;
+    for (i = 0; i < n; i++) {
+        item *it = &items[i];
+        if (it->duplicate || it->follower)
+            continue;
+        if (!it->rejected && !model_ok)
+            reject(it, FM_VERR_INTERNAL, "model inference failed, retry later");
+        if (it->rejected) {
+            if (strcmp(it->verr.code, FM_VERR_UNAVAILABLE) == 0 ||
+                strcmp(it->verr.code, FM_VERR_INTERNAL) == 0)
+                continue; /* our fault, not the payload's: nothing to quarantine */
+            quar[nq++] = (fm_quarantine){
+                .device_id = it->msg->device_id,
+                .tenant = it->dev.tenant,
+                .received_ms = it->msg->recv_ms,
+                .payload = it->msg->payload,
+                .payload_len = it->msg->len,
+                .error_code = it->verr.code,
+                .error_message = it->verr.message,
+            };
+            continue;
+        }
+        it->result = ok_result_json(p, it->m.id, pred + it->row * no, it->msg->recv_ms);
+        if (!it->result) {
+            reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
+            continue;
+        }
+        recs[nr++] = (fm_record){
+            .device_id = it->msg->device_id,
+            .tenant = it->dev.tenant,
+            .measurement_id = it->m.id,
+            .received_ms = it->msg->recv_ms,
+            .taken_ms = it->m.taken_at_ms,
+            .payload = it->msg->payload,
+            .payload_len = it->msg->len,
+            .result_json = it->result,
+            .model = p->model_ref,
+        };
+    }
+
+    int committed = 1;
+    if (nr + nq > 0) {
+        fm_errbuf err;
+        uint64_t t0 = fm_mono_ns();
+        int rc = fm_store_commit(p->store, recs, nr, quar, nq, &err);
+        fm_hist_observe(&mx->commit_seconds, (double)(fm_mono_ns() - t0) / 1e9);
+        if (rc != 0) {
+            committed = 0;
+            atomic_fetch_add(&mx->commit_failures, 1);
+            if (atomic_exchange(&p->healthy, 0))
+                fm_logkv(FM_LOG_ERROR, "pipeline", "commit failed; replying unavailable",
+                         "error", err.msg, NULL);
+            atomic_store(&mx->store_unavailable, 1);
+        } else {
+            fm_hist_observe(&mx->commit_batch_size, (double)nr);
+            atomic_fetch_add(&mx->stored, nr);
+            if (!atomic_exchange(&p->healthy, 1))
+                fm_logf(FM_LOG_INFO, "pipeline", "commits succeed again");
+            atomic_store(&mx->store_unavailable, 0);
+            if (p->opts.committed)
+                p->opts.committed(p->opts.ud);
+        }
+    }
+
+    /* Replies go out only now that the batch is durable. */
+    for (i = 0; i < n; i++) {
+        item *it = &items[i];
+        const char *doc = NULL;
+        char *owned = NULL;
+        if (it->follower) {
+            item *lead = &items[it->leader];
+            if (committed && !lead->rejected) {
+                doc = lead->result;
+                atomic_fetch_add(&mx->duplicates, 1);
+            } else {
+                it->verr = lead->verr;
+                if (!committed)
+                    snprintf(it->verr.code, sizeof it->verr.code, "%s", FM_VERR_UNAVAILABLE);
+                it->rejected = 1;
+            }
+        } else if (it->duplicate) {
+            doc = it->result;
+            atomic_fetch_add(&mx->duplicates, 1);
+        } else if (!it->rejected && !committed) {
+            reject(it, FM_VERR_UNAVAILABLE, "measurement could not be stored, retry later");
+        } else if (!it->rejected) {
+            doc = it->result;
+        }
+        if (it->rejected) {
+            char mid[FM_MEAS_ID_MAX + 1];
+            if (it->m.id[0])
+                snprintf(mid, sizeof mid, "%s", it->m.id);
+            else
+                fm_measurement_peek_id(it->msg->payload, it->msg->len, mid);
+            count_reject(it);
+            owned = fm_error_result_json(mid, it->verr.code, it->verr.message);
+            doc = owned;
+        }
+        if (doc)
+            publish_reply(p, it, doc);
+        fm_free(owned);
+    }
+
+    for (i = 0; i < n; i++) {
+        fm_measurement_free(&items[i].m);
+        fm_free(items[i].result);
+        fm_inmsg_free(items[i].msg);
+    }
+    fm_free(items);
+    fm_free(feat);
+    fm_free(pred);
+    fm_free(recs);
+    fm_free(quar);
+}
+
+static void deadline_after_ns(struct timespec *ts, uint64_t ns)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    ts->tv_sec += (time_t)(ns / 1000000000ull);
+    ts->tv_nsec += (long)(ns % 1000000000ull);
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static void *run(void *arg)
+{
+    fm_pipeline *p = arg;
+    fm_metrics *mx = fm_metrics_get();
+    const long batch_max = p->cfg.batch_max;
+    const uint64_t window_ns = (uint64_t)p->cfg.commit_window_us * 1000ull;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->head && !p->stopping)
+            pthread_cond_wait(&p->cv, &p->mu);
+        if (!p->head && p->stopping)
+            break;
+        /* Wait for the batch to fill, but never past the window counted
+         * from the oldest queued message's arrival. */
+        if (window_ns > 0 && p->depth < batch_max && !p->stopping) {
+            uint64_t age = fm_mono_ns() - p->head->recv_ns;
+            if (age < window_ns) {
+                struct timespec ts;
+                deadline_after_ns(&ts, window_ns - age);
+                while (p->depth < batch_max && !p->stopping) {
+                    if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT)
+                        break;
+                }
+            }
+        }
+        fm_inmsg *list = p->head, *last = p->head;
+        size_t n = 1;
+        while (last->next && (long)n < batch_max) {
+            last = last->next;
+            n++;
+        }
+        p->head = last->next;
+        if (!p->head)
+            p->tail = NULL;
+        last->next = NULL;
+        p->depth -= (long)n;
+        atomic_store(&mx->queue_depth, p->depth);
+        pthread_mutex_unlock(&p->mu);
+        process_batch(p, list, n);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf *err)
+{
+    fm_pipeline *p = fm_calloc(1, sizeof *p);
+    if (!p)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    p->opts = *opts;
+    p->cfg = *opts->cfg;
+    p->opts.cfg = &p->cfg;
+    int rc = fm_store_open(&p->cfg, &p->store, err);
+    if (rc)
+        goto fail;
+    if ((rc = fm_model_load(p->cfg.model_dir, &p->model, err)) != 0)
+        goto fail;
+    snprintf(p->model_ref, sizeof p->model_ref, "%s@%s", fm_model_name(p->model),
+             fm_model_version(p->model));
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    atomic_store(&p->healthy, 1);
+    if (pthread_create(&p->thread, NULL, run, p) != 0) {
+        rc = fm_errf(err, FM_ENOMEM, "cannot start pipeline thread");
+        pthread_cond_destroy(&p->cv);
+        pthread_mutex_destroy(&p->mu);
+        goto fail;
+    }
+    fm_logkv(FM_LOG_INFO, "pipeline", "started", "model", p->model_ref, NULL);
+    *out = p;
+    return 0;
+fail:
+    fm_model_free(p->model);
+    fm_store_close(p->store);
+    fm_free(p);
+    return rc;
+}
+
+int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
+{
+    pthread_mutex_lock(&p->mu);
+    if (p->stopping) {
+        pthread_mutex_unlock(&p->mu);
+        return FM_ESTATE;
+    }
+    if (p->depth >= p->cfg.queue_max) {
+        pthread_mutex_unlock(&p->mu);
+        return FM_EBUSY;
+    }
+    m->next = NULL;
+    if (p->tail)
+        p->tail->next = m;
+    else
+        p->head = m;
+    p->tail = m;
+    p->depth++;
+    atomic_store(&fm_metrics_get()->queue_depth, p->depth);
+    /* Wake the thread when the first message arrives or the batch is full;
+     * in between it is sleeping out the commit window on purpose. */
+    if (p->depth == 1 || p->depth >= p->cfg.batch_max)
+        pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+int fm_pipeline_healthy(const fm_pipeline *p) { return atomic_load(&p->healthy); }
+
+const char *fm_pipeline_model(const fm_pipeline *p) { return p->model_ref; }
+
+void fm_pipeline_stop(fm_pipeline *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->stopping = 1;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_join(p->thread, NULL);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    fm_model_free(p->model);
+    fm_store_close(p->store);
+    fm_free(p);
+}

@@ -1,0 +1,120 @@
+"""Fixtures for the black-box tests of `fleetml serve`.
+
+`platform` is one initialised data directory with a running `serve`, shared
+by every test that does not disturb it (each such test uses its own device
+ids, registered up front in SHARED_DEVICES).  Tests that kill or restart
+processes use `make_platform`, which gives each test its own data
+directory, ports and processes.  Every process started is killed in
+teardown, including a broker orphaned by `kill -9` of serve.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from helpers import Device, Platform  # noqa: E402
+
+DEFAULT_BIN = "/work/main/build-test/fleetml"
+
+# Devices of the shared platform.  One per test (or per purpose) so that
+# counts "by device" in the database are not disturbed by other tests.
+SHARED_DEVICES = [
+    "dev-ok", "dev-latency", "dev-err", "dev-a", "dev-b", "dev-c", "dev-dup", "dev-corr",
+    "dev-http", "dev-lake", "dev-impostor", "dev-rogue", "dev-nocert",
+]
+
+_platforms = []
+
+
+@pytest.fixture(scope="session")
+def fm_bin():
+    b = os.environ.get("FM_BIN") or DEFAULT_BIN
+    if not os.path.isabs(b):
+        b = os.path.abspath(b)
+    if not (os.path.isfile(b) and os.access(b, os.X_OK)):
+        pytest.fail(f"fleetml binary not found at {b} (set FM_BIN)", pytrace=False)
+    return b
+
+
+@pytest.fixture(scope="session")
+def platform(fm_bin, tmp_path_factory):
+    p = Platform(fm_bin, tmp_path_factory.mktemp("shared"), node_id="it-shared")
+    _platforms.append(p)
+    try:
+        p.init()
+        for d in SHARED_DEVICES:
+            p.add_device(d)
+        p.start()
+        yield p
+    finally:
+        p.cleanup()
+        _platforms.remove(p)
+
+
+@pytest.fixture
+def make_platform(fm_bin, tmp_path):
+    """Factory for private platforms: make_platform(devices=[...], start=True)."""
+    made = []
+
+    def make(devices=(), start=True, name="private"):
+        p = Platform(fm_bin, tmp_path / f"{name}{len(made)}", node_id=f"it-{name}")
+        p.workdir.mkdir(parents=True)
+        made.append(p)
+        _platforms.append(p)
+        p.init()
+        for d in devices:
+            p.add_device(d)
+        if start:
+            p.start()
+        return p
+
+    yield make
+    for p in made:
+        p.cleanup()
+        _platforms.remove(p)
+
+
+@pytest.fixture
+def devices():
+    """Factory for MQTT devices that are disconnected in teardown:
+    devices(platform, device_id, **kw) -> Device (not yet connected)."""
+    made = []
+
+    def make(platform, device_id, **kw):
+        d = Device(platform, device_id, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def connected(devices):
+    """connected(platform, device_id) -> Device connected and subscribed to
+    its results topic."""
+    def make(platform, device_id, **kw):
+        d = devices(platform, device_id, **kw).connect()
+        codes = d.subscribe(d.results_topic)
+        assert all(c < 0x80 for c in codes), f"SUBACK {codes} for own results topic"
+        return d
+    return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for p in list(_platforms):
+            rep.sections.append((f"fleetml log {p.workdir.name}", p.log_tail(80)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Last line of defence if a fixture's teardown did not run.
+    for p in list(_platforms):
+        p.cleanup()
