@@ -13,6 +13,40 @@
  *
  * Every key has a default; unknown sections or keys are errors so typos are
  * caught at start-up rather than silently ignored.
+ *
+ * Accepted values (fm_config_set refuses anything else):
+ *   node.id                 [a-z0-9][a-z0-9-]*, < 64 bytes; default: the
+ *                           host name's first label, lower-cased, other
+ *                           characters turned into '-' (fallback "node1")
+ *   node.log_level          debug | info | warn | error        (info)
+ *   broker.mode             supervised | external              (supervised)
+ *   broker.mosquitto        non-empty path                     (/usr/sbin/mosquitto)
+ *   broker.bind, .host      non-empty, no blanks               (0.0.0.0, 127.0.0.1)
+ *   broker.port             1..65535                           (8883)
+ *   broker.service_port     1..65535                           (8884)
+ *   broker.max_payload      1024..16777216 bytes               (131072)
+ *   http.bind               non-empty, no blanks               (127.0.0.1)
+ *   http.port               1..65535                           (8080)
+ *   pipeline.commit_window_us 0..2000 (the window is part of every ack's
+ *                           latency, so it is capped at 2 ms)   (1000)
+ *   pipeline.batch_max      1..4096                            (256)
+ *   pipeline.queue_max      1..16777216                        (65536)
+ *   store.backend           sqlite | postgres (postgres: accepted, not built)
+ *   lake.backend            fs | s3 (s3: accepted, not built)   (fs)
+ *   lake.dir                path, or empty for <data>/lake     (<data>/lake)
+ *   lake.roll_bytes         4096..1073741824                   (8388608)
+ *   lake.roll_seconds       1..3600                            (60)
+ *   model.dir               non-empty path                     ($FM_MODEL_DIR if
+ *                           set, else "models/viscosity", relative to the
+ *                           working directory)
+ * Integers are plain decimal. String values are not quoted and may not hold
+ * control characters, leading/trailing blanks, or a '#'/';' at the start or
+ * after a blank (those would be read back as comments). Cross-key rules
+ * (e.g. queue_max >= batch_max) are left to the subsystems.
+ *
+ * File syntax: `[section]` lines, `key = value` lines, blank lines, and
+ * comments: a line starting with '#' or ';', or the rest of a line from a
+ * '#'/';' that follows a blank. A key may appear only once per file.
  */
 #ifndef FLEETML_CONFIG_H
 #define FLEETML_CONFIG_H
@@ -54,7 +88,9 @@ typedef struct fm_config {
 } fm_config;
 
 /* Fills c with defaults for the given data directory (NULL = "./var").
- * Never fails except FM_EINVAL when data_dir is too long. */
+ * data_dir is made absolute when it or its parent exists (realpath), else
+ * kept as given. Never fails except FM_EINVAL when data_dir is empty or too
+ * long. */
 int fm_config_defaults(fm_config *c, const char *data_dir);
 
 /* Sets one key ("section.key") from a string. Returns 0, or FM_EINVAL with
@@ -67,15 +103,16 @@ int fm_config_set(fm_config *c, const char *key, const char *value, fm_errbuf *e
 int fm_config_parse(fm_config *c, const char *text, fm_errbuf *err);
 
 /* Loads path if it exists (a missing file is not an error). Returns 0,
- * FM_EINVAL (bad content), or FM_EIO. */
+ * FM_EINVAL (bad content, or path NULL), FM_ENOMEM, or FM_EIO. */
 int fm_config_load(fm_config *c, const char *path, fm_errbuf *err);
 
 /* Writes an annotated config file holding the current values. The caller
  * frees *out with fm_free. Returns 0 or FM_ENOMEM. */
 int fm_config_render(const fm_config *c, char **out);
 
-/* Convenience: joins data_dir and a relative path into buf. Returns buf, or
- * NULL when it does not fit. */
+/* Convenience: joins data_dir and a relative path into buf (an absolute
+ * rel is copied as is). Returns buf, or NULL when it does not fit or an
+ * argument is NULL. */
 char *fm_config_path(const fm_config *c, const char *rel, char *buf, size_t len);
 
 #endif

@@ -43,6 +43,7 @@
 #define FLEETML_DEVICE_H
 
 #include "fleetml/core.h"
+#include "fleetml/measurement.h"
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -68,8 +69,7 @@ extern "C" {
 /* Upper bound on max_pending; keeps correlation slots in 16 bits. */
 #define FM_DEVCLIENT_MAX_PENDING_LIMIT 65535
 
-/* Returns true when id is a valid device id (contract v1). */
-bool fm_device_id_valid(const char *id);
+/* Device ids are checked with fm_device_id_valid() from measurement.h. */
 /* Returns true when id is a valid measurement id (contract v1). */
 bool fm_device_measurement_id_valid(const char *id);
 

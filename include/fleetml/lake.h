@@ -14,7 +14,10 @@
  * The writer resumes from the store, not from memory: its cursor (last
  * exported seq) lives in the database and is advanced together with the
  * name of the object being published, so after a crash every committed row
- * ends up in exactly one object.
+ * ends up in exactly one object. When several tenants' rows interleave, one
+ * cursor step publishes one object per partition (listed in a manifest in
+ * the spool dir) rather than one tiny object per tenant switch; see
+ * src/lake/writer.c for the protocol and the crash-consistency argument.
  */
 #ifndef FLEETML_LAKE_H
 #define FLEETML_LAKE_H
@@ -42,7 +45,8 @@ struct fm_lake {
 };
 
 /* Opens the configured lake backend (creating directories as needed).
- * Returns 0 and *out (close with fm_lake_close), or FM_EIO / FM_EINVAL. */
+ * Returns 0 and *out (close with fm_lake_close), FM_EIO, FM_EINVAL (unknown
+ * backend, path too long) or FM_EUNAVAIL (backend not built in: s3). */
 int fm_lake_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
 static inline void fm_lake_close(fm_lake *l) { if (l) l->vt->close(l); }
 static inline int fm_lake_put(fm_lake *l, const char *key, const char *spool, fm_errbuf *err)

@@ -12,13 +12,17 @@
 typedef struct fm_ca fm_ca;
 
 /* Creates a new CA (key + self-signed certificate, CN = common_name, valid
- * `days`) and writes key_path (0600) and cert_path (0644). Fails with
- * FM_EEXIST if either file exists (never overwrites). */
+ * `days`, 1..36500) and writes key_path (0600) and cert_path (0644). Fails
+ * with FM_EEXIST if either file exists (never overwrites; on any failure the
+ * files this call created are removed). Other errors: FM_EINVAL, FM_ECRYPTO,
+ * FM_EIO, FM_ENOSPC. */
 int fm_ca_create(const char *key_path, const char *cert_path, const char *common_name,
                  int days, fm_errbuf *err);
 
-/* Loads a CA from its key and certificate. *out is freed with fm_ca_free.
- * Returns 0, FM_ENOTFOUND, FM_ECRYPTO (unreadable/mismatched) with err. */
+/* Loads a CA from its key and certificate. *out is freed with fm_ca_free
+ * and is set to NULL on failure. Returns 0, FM_ENOTFOUND (a file is
+ * missing), FM_ECRYPTO (unreadable, mismatched, or not a CA certificate) or
+ * FM_ENOMEM, with err. */
 int fm_ca_load(const char *key_path, const char *cert_path, fm_ca **out, fm_errbuf *err);
 void fm_ca_free(fm_ca *ca);
 
@@ -33,18 +37,22 @@ typedef struct fm_cert_req {
 } fm_cert_req;
 
 /* Generates a fresh P-256 key, issues a certificate for it signed by ca and
- * writes key_path (0600) and cert_path (0644) atomically. If serial_hex is
- * non-NULL it receives the certificate serial as lowercase hex (>= 41
- * bytes). Returns 0 or FM_ECRYPTO / FM_EIO with err set. */
+ * writes key_path (0600) and cert_path (0644) atomically, replacing existing
+ * files. If serial_hex is non-NULL it receives the certificate serial as
+ * lowercase hex (>= 41 bytes). Returns 0, FM_EINVAL (empty CN, bad days,
+ * usage or SAN), FM_ECRYPTO (including a CN over 64 characters), FM_EIO or
+ * FM_ENOSPC, with err set. */
 int fm_ca_issue_keypair(fm_ca *ca, const fm_cert_req *req, const char *key_path,
                         const char *cert_path, char *serial_hex, fm_errbuf *err);
 
 /* Reads the subject CN of the PEM certificate at path into cn (size
- * cn_len). Returns 0, FM_ENOTFOUND, FM_ECRYPTO. */
+ * cn_len). Returns 0, FM_ENOTFOUND, FM_ECRYPTO (unparsable, no CN or more
+ * than one), FM_EINVAL (CN does not fit cn_len). */
 int fm_cert_file_cn(const char *path, char *cn, size_t cn_len, fm_errbuf *err);
 
 /* Verifies that the PEM certificate at cert_path chains to the CA
- * certificate at ca_path. Returns 0 or FM_ECRYPTO with the reason. */
+ * certificate at ca_path. Returns 0, FM_ENOTFOUND (a file is missing) or
+ * FM_ECRYPTO with the reason. */
 int fm_cert_verify_file(const char *ca_path, const char *cert_path, fm_errbuf *err);
 
 #endif

@@ -83,7 +83,7 @@ static void put(outbuf *b, const char *fmt, ...)
 static void tls_block(outbuf *b, const fm_config *cfg)
 {
     char ca[PATH_MAX], crt[PATH_MAX], key[PATH_MAX];
-    put(b, "cafile %s\n", fm_config_path(cfg, "pki/ca.crt", ca, sizeof ca));
+    put(b, "cafile %s\n", fm_config_path(cfg, "broker/ca.crt", ca, sizeof ca));
     put(b, "certfile %s\n", fm_config_path(cfg, "broker/broker.crt", crt, sizeof crt));
     put(b, "keyfile %s\n", fm_config_path(cfg, "broker/broker.key", key, sizeof key));
     put(b, "require_certificate true\n"
@@ -349,7 +349,10 @@ int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err)
     }
     /* The broker's own copies of its certificate and key, owned by the user
      * it runs as; the key stays 0600. */
-    if ((rc = copy_file(fm_config_path(cfg, "pki/broker.crt", src, sizeof src),
+    if ((rc = copy_file(fm_config_path(cfg, "pki/ca.crt", src, sizeof src),
+                        fm_config_path(cfg, "broker/ca.crt", dst, sizeof dst), 0644, uid,
+                        gid)) != 0 ||
+        (rc = copy_file(fm_config_path(cfg, "pki/broker.crt", src, sizeof src),
                         fm_config_path(cfg, "broker/broker.crt", dst, sizeof dst), 0644, uid,
                         gid)) != 0 ||
         (rc = copy_file(fm_config_path(cfg, "pki/broker.key", src, sizeof src),

@@ -30,6 +30,12 @@ static int device_add(int argc, char **argv)
                         "([a-z0-9][a-z0-9-]{2,63})\n", id);
         return 2;
     }
+    /* The service's certificate CN has broker-wide rights; a device must
+     * never be issued a certificate with that name (or anything like it). */
+    if (strncmp(id, "fleetml-", 8) == 0) {
+        fprintf(stderr, "fleetml device add: ids starting with 'fleetml-' are reserved\n");
+        return 2;
+    }
     fm_errbuf err;
     fm_store *st;
     if (fm_store_open(&cfg, &st, &err) != 0) {

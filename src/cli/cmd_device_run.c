@@ -1,4 +1,320 @@
-/* Placeholder until the real command lands; replaced by its owner. */
+/*
+ * `fleetml device run <id>`: one simulated viscometer. It connects as the
+ * device (mutual TLS with the certificate made by `fleetml device add`),
+ * sends a measurement every --interval seconds and prints one line per
+ * result on stdout:
+ *
+ *   m-lz3k8q1a-000001 ok viscosity_high_mpas=4.12 ... latency_ms=3.2
+ *   m-lz3k8q1a-000002 error out_of_range sweep[2]: ...
+ *   m-lz3k8q1a-000003 timeout no result after 3 attempts
+ *
+ * Measurement ids carry a per-run prefix (the start time in base 36)
+ * because the cloud answers a repeated id with the original result: a
+ * restarted device counting from 1 again would get stale answers.
+ */
 #include "cli/cli.h"
+#include "fleetml/device.h"
+#include "fleetml/viscometer.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
-int fm_cmd_device_run(int argc, char **argv) { (void)argc; (void)argv; fprintf(stderr, "not built yet\n"); return 1; }
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FIRMWARE "fleetml-sim/" FM_VERSION
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+/* Installs handlers without SA_RESTART so a blocking poll returns EINTR
+ * and the loop notices the request promptly. */
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+static int parse_double(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v))
+        return FM_EINVAL;
+    *out = v;
+    return 0;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (*s == '-')
+        return FM_EINVAL;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end)
+        return FM_EINVAL;
+    *out = v;
+    return 0;
+}
+
+struct run {
+    fm_devclient *c;
+    uint64_t resolved;
+    uint64_t failed;
+};
+
+/* Appends " key=value" for each output; numbers with 3 significant digits,
+ * which is the precision of the physics anyway. */
+static void print_outputs(json_t *outputs)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(outputs, key, v)
+    {
+        if (json_is_number(v))
+            printf(" %s=%.3g", key, json_number_value(v));
+        else if (json_is_string(v))
+            printf(" %s=%s", key, json_string_value(v));
+        else if (json_is_boolean(v))
+            printf(" %s=%s", key, json_is_true(v) ? "true" : "false");
+    }
+}
+
+static void on_result(void *ud, const char *mid, const char *status, const char *json, size_t len)
+{
+    struct run *r = ud;
+    fm_devclient_result_info info = {0};
+    (void)fm_devclient_result_info_get(r->c, &info);
+    double latency_ms = (double)info.latency_ns / 1e6;
+    r->resolved++;
+
+    if (strcmp(status, "timeout") == 0) {
+        r->failed++;
+        printf("%s timeout no result after %u attempts (%.1f s)\n", mid, info.attempts,
+               latency_ms / 1000.0);
+        fflush(stdout);
+        return;
+    }
+    json_t *doc = json ? json_loadb(json, len, 0, NULL) : NULL;
+    if (strcmp(status, "ok") == 0) {
+        printf("%s ok", mid);
+        print_outputs(json_object_get(doc, "outputs"));
+        printf(" latency_ms=%.1f\n", latency_ms);
+    } else {
+        r->failed++;
+        json_t *e = json_object_get(doc, "error");
+        const char *code = json_string_value(json_object_get(e, "code"));
+        const char *msg = json_string_value(json_object_get(e, "message"));
+        printf("%s error %s %s\n", mid, code ? code : "unknown", msg ? msg : "");
+    }
+    json_decref(doc);
+    fflush(stdout);
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: fleetml device run <id> [--data DIR] [--set k=v] [--count N (0 = forever)]\n"
+                    "                          [--interval SECONDS (default 5)] [--seed S]\n"
+                    "                          [--timeout SECONDS (result wait per attempt, default 10)]\n");
+}
+
+/* Renders v in base 36 (lower case), for compact per-run id prefixes. */
+static void base36(uint64_t v, char *buf, size_t len)
+{
+    char tmp[16];
+    size_t n = 0;
+    do {
+        tmp[n++] = "0123456789abcdefghijklmnopqrstuvwxyz"[v % 36];
+        v /= 36;
+    } while (v && n < sizeof tmp);
+    size_t i = 0;
+    for (; i < n && i + 1 < len; i++)
+        buf[i] = tmp[n - 1 - i];
+    buf[i] = '\0';
+}
+
+int fm_cmd_device_run(int argc, char **argv)
+{
+    /* Our own options first, so usage errors are reported before the
+     * configuration is even loaded. */
+    const char *s_count = fm_cli_take_opt(&argc, argv, "--count");
+    const char *s_interval = fm_cli_take_opt(&argc, argv, "--interval");
+    const char *s_seed = fm_cli_take_opt(&argc, argv, "--seed");
+    const char *s_timeout = fm_cli_take_opt(&argc, argv, "--timeout");
+    if (fm_cli_take_flag(&argc, argv, "--help") || fm_cli_take_flag(&argc, argv, "-h")) {
+        usage();
+        return 0;
+    }
+    uint64_t count = 0, seed = 0;
+    double interval = 5.0, timeout_s = 10.0;
+    if (s_count && parse_u64(s_count, &count) != 0) {
+        fprintf(stderr, "fleetml device run: --count expects a non-negative integer, got '%s'\n", s_count);
+        return 2;
+    }
+    if (s_interval && (parse_double(s_interval, &interval) != 0 || interval < 0.001 || interval > 86400)) {
+        fprintf(stderr, "fleetml device run: --interval expects seconds in 0.001..86400, got '%s'\n",
+                s_interval);
+        return 2;
+    }
+    if (s_timeout && (parse_double(s_timeout, &timeout_s) != 0 || timeout_s < 0.01 || timeout_s > 3600)) {
+        fprintf(stderr, "fleetml device run: --timeout expects seconds in 0.01..3600, got '%s'\n",
+                s_timeout);
+        return 2;
+    }
+    if (s_seed && parse_u64(s_seed, &seed) != 0) {
+        fprintf(stderr, "fleetml device run: --seed expects a non-negative integer, got '%s'\n", s_seed);
+        return 2;
+    }
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc != 0)
+        return rc;
+    if (argc != 2 || argv[1][0] == '-') {
+        if (argc > 2 || (argc == 2 && argv[1][0] == '-'))
+            fprintf(stderr, "fleetml device run: unexpected argument '%s'\n", argv[argc > 2 ? 2 : 1]);
+        usage();
+        return 2;
+    }
+    const char *id = argv[1];
+    if (!fm_device_id_valid(id)) {
+        fprintf(stderr, "fleetml device run: invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})\n", id);
+        return 2;
+    }
+
+    char ca[PATH_MAX], crt[PATH_MAX], key[PATH_MAX], rel[256];
+    snprintf(rel, sizeof rel, "devices/%s/device.crt", id);
+    bool paths_ok = fm_config_path(&cfg, "pki/ca.crt", ca, sizeof ca) &&
+                    fm_config_path(&cfg, rel, crt, sizeof crt);
+    snprintf(rel, sizeof rel, "devices/%s/device.key", id);
+    paths_ok = paths_ok && fm_config_path(&cfg, rel, key, sizeof key);
+    if (!paths_ok) {
+        fprintf(stderr, "fleetml device run: data directory path too long\n");
+        return 2;
+    }
+    if (access(crt, R_OK) != 0 || access(key, R_OK) != 0) {
+        fprintf(stderr, "fleetml device run: no credentials for '%s' in %s/devices/%s (run `fleetml device add %s`)\n",
+                id, cfg.data_dir, id, id);
+        return 1;
+    }
+
+    struct run r = {0};
+    fm_devclient_opts o = {
+        .id = id,
+        .host = cfg.broker_host,
+        .port = cfg.broker_port,
+        .ca_path = ca,
+        .cert_path = crt,
+        .key_path = key,
+        .on_result = on_result,
+        .ud = &r,
+        .result_timeout_ms = (int)(timeout_s * 1000.0),
+    };
+    fm_errbuf err;
+    if (fm_devclient_new(&o, &r.c, &err) != 0) {
+        fprintf(stderr, "fleetml device run: %s\n", err.msg);
+        return 1;
+    }
+    install_signals();
+    rc = fm_devclient_connect(r.c, &err);
+    if (rc == FM_ECRYPTO || rc == FM_ESTATE) {
+        fprintf(stderr, "fleetml device run: %s\n", err.msg);
+        fm_devclient_free(r.c);
+        return 1;
+    }
+    /* FM_EIO means the broker is not reachable yet; the client keeps
+     * retrying with backoff, which is what a real device would do. */
+    if (rc != 0)
+        fprintf(stderr, "fleetml device run: %s (retrying)\n", err.msg);
+
+    fm_rng rng;
+    if (!s_seed)
+        seed = (uint64_t)fm_wall_ms() ^ ((uint64_t)getpid() << 40);
+    fm_rng_seed(&rng, seed);
+    char run_prefix[16];
+    base36((uint64_t)fm_wall_ms(), run_prefix, sizeof run_prefix);
+
+    const uint64_t interval_ns = (uint64_t)(interval * 1e9);
+    const uint64_t start = fm_mono_ns();
+    /* The first measurement goes out as soon as the device is ready, or
+     * after one interval anyway so an unreachable broker cannot stall the
+     * schedule (the SDK buffers until it reconnects). */
+    uint64_t next_send = start + interval_ns;
+    bool scheduled_from_ready = false;
+    uint64_t sent = 0;
+    int exit_code = 0;
+
+    while (!stop_requested) {
+        uint64_t now = fm_mono_ns();
+        if (!scheduled_from_ready && fm_devclient_ready(r.c)) {
+            scheduled_from_ready = true;
+            if (sent == 0)
+                next_send = now;
+        }
+        if ((count == 0 || sent < count) && now >= next_send) {
+            char mid[FM_DEVICE_MEAS_ID_MAXLEN + 1];
+            snprintf(mid, sizeof mid, "m-%s-%06llu", run_prefix, (unsigned long long)(sent + 1));
+            fm_visc_truth truth;
+            fm_visc_draw_truth(&rng, &truth);
+            char *doc = NULL;
+            size_t len = 0;
+            rc = fm_visc_measurement_json(&rng, &truth, mid, FIRMWARE, fm_wall_ms(), &doc, &len);
+            if (rc == 0)
+                rc = fm_devclient_publish_measurement(r.c, doc, len, mid);
+            fm_free(doc);
+            if (rc == FM_EBUSY) {
+                /* Not counted towards --count: it was never sent. */
+                fprintf(stderr, "fleetml device run: too many measurements awaiting results; skipping one\n");
+            } else if (rc != 0) {
+                fprintf(stderr, "fleetml device run: cannot send measurement: %s\n", fm_strerror(rc));
+                exit_code = 1;
+                break;
+            } else {
+                sent++;
+            }
+            /* Keep the cadence, but after a long stall restart it rather
+             * than firing a burst of catch-up measurements. */
+            next_send += interval_ns;
+            if (next_send < now)
+                next_send = now + interval_ns;
+        }
+        if (count != 0 && r.resolved >= count)
+            break;
+
+        int wait_ms = 1000;
+        if (count == 0 || sent < count) {
+            uint64_t t = fm_mono_ns();
+            uint64_t d = next_send > t ? (next_send - t + 999999) / 1000000 : 0;
+            if (d < (uint64_t)wait_ms)
+                wait_ms = (int)d;
+        }
+        rc = fm_devclient_loop(r.c, wait_ms);
+        if (rc != 0) {
+            fprintf(stderr, "fleetml device run: %s\n", fm_strerror(rc));
+            exit_code = 1;
+            break;
+        }
+    }
+
+    if (r.failed > 0)
+        exit_code = 1;
+    /* Interrupted before --count results arrived: the run is incomplete. */
+    if (count != 0 && r.resolved < count)
+        exit_code = 1;
+    fm_devclient_free(r.c);
+    return exit_code;
+}

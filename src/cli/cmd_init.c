@@ -58,7 +58,10 @@ int fm_cmd_init(int argc, char **argv)
     }
     char path[PATH_MAX], ca_key[PATH_MAX], ca_crt[PATH_MAX];
     fm_errbuf err;
-    if (fm_mkdirs(cfg.data_dir, 0750) != 0 ||
+    /* The data directory is traversable (not listable) by others so the
+     * broker can run as its own unprivileged user and reach broker/; what
+     * is secret lives in 0700 subdirectories. */
+    if (fm_mkdirs(cfg.data_dir, 0711) != 0 ||
         fm_mkdirs(fm_config_path(&cfg, "pki", path, sizeof path), 0700) != 0 ||
         fm_mkdirs(cfg.lake_dir, 0750) != 0) {
         fprintf(stderr, "fleetml init: cannot create directories under %s\n", cfg.data_dir);

@@ -140,20 +140,6 @@ static void lib_release(void)
 
 /* ---- small pure helpers -------------------------------------------------- */
 
-static bool id_char(char ch) { return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9'); }
-
-bool fm_device_id_valid(const char *id)
-{
-    if (!id || !id_char(id[0]))
-        return false;
-    size_t n = 1;
-    for (; id[n]; n++) {
-        if (n >= FM_DEVICE_ID_MAXLEN || !(id_char(id[n]) || id[n] == '-'))
-            return false;
-    }
-    return n >= 3;
-}
-
 bool fm_device_measurement_id_valid(const char *id)
 {
     if (!id || !id[0])

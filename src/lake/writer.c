@@ -813,7 +813,7 @@ int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *
     int rc = ex_open(&w->ex, err);
     if (rc == 0)
         rc = recover(&w->ex, err);
-    if (rc == FM_EINVAL || (rc != 0 && !w->ex.store)) {
+    if (rc == FM_EINVAL || rc == FM_EUNAVAIL || (rc != 0 && !w->ex.store)) {
         ex_close(&w->ex);
         fm_free(w);
         return rc;

@@ -8,6 +8,21 @@ import subprocess
 from helpers import Platform, file_digests
 
 
+def parse_ini(text):
+    out, section = {}, ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif "=" in line:
+            k, v = line.split("=", 1)
+            v = re.split(r"\s[#;]", v, maxsplit=1)[0]
+            out[f"{section}.{k.strip()}"] = v.strip().strip('"')
+    return out
+
+
 def test_init_layout_idempotent_and_private_keys(fm_bin, tmp_path):
     p = Platform(fm_bin, tmp_path)
     r = p.init()
@@ -23,11 +38,9 @@ def test_init_layout_idempotent_and_private_keys(fm_bin, tmp_path):
         assert mode == 0o600, f"{key} has mode {oct(mode)}"
 
     # The --set values are persisted for later commands.
-    conf = (d / "fleetml.conf").read_text()
+    conf = parse_ini((d / "fleetml.conf").read_text())
     for key, value in p.sets().items():
-        section, name = key.split(".")
-        assert re.search(rf"^\[{section}\][^\[]*^\s*{name}\s*=\s*{re.escape(value)}\s*$",
-                         conf, re.M | re.S), f"{key}={value} not persisted in fleetml.conf"
+        assert conf.get(key) == value, f"{key}={value} not persisted (file has {conf.get(key)!r})"
 
     # The password is not stored in clear anywhere in the data directory.
     for f in d.rglob("*"):

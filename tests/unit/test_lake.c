@@ -354,6 +354,12 @@ static void test_fs_put(void **state)
     pfmt(bad.lake_backend, sizeof bad.lake_backend, "ftp");
     assert_int_equal(fm_lake_open(&bad, &l, &err), FM_EINVAL);
     assert_null(l);
+    pfmt(bad.lake_backend, sizeof bad.lake_backend, "s3");
+    assert_int_equal(fm_lake_open(&bad, &l, &err), FM_EUNAVAIL);
+    /* A start-up with an invalid lake configuration fails. */
+    fm_lake_writer *w = NULL;
+    assert_int_equal(fm_lake_writer_start(&bad, &w, &err), FM_EUNAVAIL);
+    assert_null(w);
 }
 
 /* ---- end to end -------------------------------------------------------------- */
@@ -527,10 +533,10 @@ static void test_recover_manifest(void **state)
     /* Crash in the middle of putting a two-object batch: the acme object
      * was put, the beta one was not. */
     gzFile gz = gzopen(sa, "wb");
-    gzprintf(gz, "{\"seq\":1}\n{\"seq\":3}\n");
+    gzprintf(gz, "{\"seq\":1,\"received_at\":\"x\"}\n{\"seq\":3,\"received_at\":\"x\"}\n");
     gzclose(gz);
     gz = gzopen(sb, "wb");
-    gzprintf(gz, "{\"seq\":2}\n{\"seq\":4}\n");
+    gzprintf(gz, "{\"seq\":2,\"received_at\":\"x\"}\n{\"seq\":4,\"received_at\":\"x\"}\n");
     gzclose(gz);
     pfmt(text, sizeof text, "%s\t%s\n%s\t%s\n", ka, sa, kb, sb);
     assert_int_equal(fm_write_file_atomic(man, text, strlen(text), 0644), 0);
@@ -581,31 +587,40 @@ static void test_fsync_failure(void **state)
     fm_store_close(s);
 }
 
-static void test_unwritable_lake(void **state)
+/* The lake cannot take the object (a file blocks the partition directory,
+ * standing in for an unwritable or full lake, and working even as root).
+ * The put fails after the cursor committed the pending object: the export
+ * reports the error, the spool file is kept, and the next run finishes the
+ * publication without duplicating or losing a row. */
+static void test_put_failure(void **state)
 {
     fixture *f = *state;
-    if (geteuid() == 0)
-        skip(); /* root ignores directory permissions */
     fm_store *s = open_store(f);
     fm_errbuf err = {{0}};
     commit_rows(s, 3, 0, T_LAST_MS - 100, 1);
-    /* Open the lake once so the dirs exist, then take write access away. */
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
-    commit_rows(s, 2, 0, T_LAST_MS - 90, 1);
-    chmod(f->cfg.lake_dir, 0555);
-    char sp[600];
-    pfmt(sp, sizeof sp, "%s/.spool", f->cfg.lake_dir);
-    chmod(sp, 0555);
+    commit_rows(s, 2, 0, T_NEXT_MS + 1, 1); /* 4, 5: next day */
+    char block[600];
+    pfmt(block, sizeof block, "%s/raw/tenant=acme/date=2026-11-27", f->cfg.lake_dir);
+    write_spool(block, "in the way");
+    uint64_t errs0 = fm_metrics_get()->lake_errors;
     assert_int_not_equal(fm_lake_export_all(&f->cfg, &err), 0);
-    chmod(sp, 0755);
-    chmod(f->cfg.lake_dir, 0755);
-    fm_lake_cursor c;
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
-    assert_int_equal(c.last_seq, 3);
+    assert_true(fm_metrics_get()->lake_errors > errs0);
+    assert_int_equal(spool_files(f), 1);
+    /* A second attempt while still blocked fails the same way and keeps
+     * the pending object. */
+    assert_int_not_equal(fm_lake_export_all(&f->cfg, &err), 0);
+    assert_int_equal(spool_files(f), 1);
+    unlink(block);
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     seen sn;
     scan_lake(f, &sn);
     assert_each_once(&sn, 5, 0);
+    assert_int_equal(spool_files(f), 0);
+    fm_lake_cursor c;
+    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(c.last_seq, 5);
+    assert_string_equal(c.pending_key, "");
     fm_store_close(s);
 }
 
@@ -675,7 +690,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_recover_pending_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recover_manifest, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fsync_failure, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_unwritable_lake, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_put_failure, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writer_thread, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writer_age_roll, setup, teardown),
     };
