@@ -22,6 +22,13 @@
  * devices from one epoll loop. Reconnecting is done here rather than with
  * mosquitto_reconnect_delay_set() because that setting only applies inside
  * mosquitto_loop_forever().
+ *
+ * Every connection attempt uses a fresh libmosquitto instance. libmosquitto
+ * 2.0 treats SSL_ERROR_SYSCALL during a non-blocking TLS connect as "try
+ * again", so a refused or reset connection would otherwise spin until the
+ * keepalive expires; dropping the instance is the only public way out. It
+ * also discards libmosquitto's own queue of unacknowledged publishes, which
+ * would duplicate the re-publishing done here.
  */
 #include "fleetml/device.h"
 
@@ -34,6 +41,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define COMPONENT "device"
@@ -41,6 +49,8 @@
 #define NS_PER_MS 1000000ull
 /* Ceiling on how long fm_devclient_disconnect() waits to flush DISCONNECT. */
 #define DISCONNECT_FLUSH_MS 100
+/* How long the TLS handshake, CONNACK and SUBACK may take together. */
+#define CONNECT_TIMEOUT_MS 10000
 
 enum state {
     ST_IDLE,        /* never started, or stopped by fm_devclient_disconnect */
@@ -86,10 +96,12 @@ struct fm_devclient {
 
     enum state st;
     bool tls_configured;
+    bool fresh;          /* m has not been used for a connection attempt yet */
     bool ever_connected; /* a TLS error before the first success is permanent */
     int sub_mid;
     unsigned backoff_attempt;
     uint64_t next_connect_ns;
+    uint64_t connect_deadline_ns;
     char last_reason[128];
 
     uint64_t rng;
@@ -378,8 +390,77 @@ static int flush_unsent(fm_devclient *c)
     return 0;
 }
 
+static void cb_connect(struct mosquitto *m, void *obj, int rc, int flags,
+                       const mosquitto_property *props);
+static void cb_subscribe(struct mosquitto *m, void *obj, int mid, int qos_count,
+                         const int *granted, const mosquitto_property *props);
+static void cb_publish(struct mosquitto *m, void *obj, int mid, int reason,
+                       const mosquitto_property *props);
+static void cb_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg,
+                       const mosquitto_property *props);
+static void cb_disconnect(struct mosquitto *m, void *obj, int rc, const mosquitto_property *props);
+
+/* Replaces c->m with a new, configured, unconnected instance. TLS files are
+ * applied only once fm_devclient_connect() has accepted them, so creating a
+ * client does no I/O. On failure c->m is left as it was. Must not be called
+ * from inside a libmosquitto callback of c->m. */
+static int mosq_setup(fm_devclient *c, fm_errbuf *err)
+{
+    struct mosquitto *m = mosquitto_new(c->id, true, c);
+    if (!m)
+        return fm_errf(err, errno == EINVAL ? FM_EINVAL : FM_ENOMEM, "%s: mosquitto_new failed",
+                       c->id);
+    int rc = FM_EUNAVAIL;
+    if (mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5) != MOSQ_ERR_SUCCESS) {
+        fm_errf(err, rc, "%s: libmosquitto lacks MQTT 5 support", c->id);
+        goto fail;
+    }
+    /* Latency matters more than packet count for request/response. */
+    (void)mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
+    mosquitto_connect_v5_callback_set(m, cb_connect);
+    mosquitto_subscribe_v5_callback_set(m, cb_subscribe);
+    mosquitto_publish_v5_callback_set(m, cb_publish);
+    mosquitto_message_v5_callback_set(m, cb_message);
+    mosquitto_disconnect_v5_callback_set(m, cb_disconnect);
+    if (c->tls_configured) {
+        /* mosquitto_tls_set only checks that the files are readable; a
+         * malformed key surfaces as MOSQ_ERR_TLS when connecting. */
+        int mrc = mosquitto_tls_set(m, c->ca_path, NULL, c->cert_path, c->key_path, NULL);
+        /* cert_reqs 1 = SSL_VERIFY_PEER; "tlsv1.2" means 1.2 or newer. */
+        if (mrc == MOSQ_ERR_SUCCESS)
+            mrc = mosquitto_tls_opts_set(m, 1, "tlsv1.2", NULL);
+        if (mrc != MOSQ_ERR_SUCCESS) {
+            rc = mrc == MOSQ_ERR_NOMEM ? FM_ENOMEM : FM_ECRYPTO;
+            fm_errf(err, rc, "%s: cannot use TLS files %s, %s, %s: %s", c->id, c->ca_path,
+                    c->cert_path, c->key_path, mosquitto_strerror(mrc));
+            goto fail;
+        }
+    }
+    if (c->m)
+        mosquitto_destroy(c->m);
+    c->m = m;
+    c->fresh = true;
+    sync_fd(c);
+    c->epoch++;
+    return 0;
+fail:
+    mosquitto_destroy(m);
+    return rc;
+}
+
 static int start_connect(fm_devclient *c, fm_errbuf *err)
 {
+    if (!c->fresh) {
+        int src = mosq_setup(c, err);
+        if (src != 0) {
+            c->st = ST_CONNECTING; /* so that the loss is accounted once */
+            c->stats.disconnects++;
+            schedule_reconnect(c);
+            return src;
+        }
+    }
+    c->fresh = false;
+    c->connect_deadline_ns = fm_mono_ns() + CONNECT_TIMEOUT_MS * NS_PER_MS;
     /* mosquitto_connect_async (not reconnect_async) every time: it stores
      * host and port again, which also covers a first attempt that failed
      * before libmosquitto recorded them. */
@@ -590,22 +671,10 @@ int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbu
     /* A clean start is right even though results may be lost across a
      * reconnect: every unanswered measurement is re-published and the
      * cloud answers repeats with the original result. */
-    c->m = mosquitto_new(c->id, true, c);
-    if (!c->m) {
-        rc = errno == EINVAL ? FM_EINVAL : FM_ENOMEM;
+    rc = mosq_setup(c, NULL);
+    if (rc != 0)
         goto err_free;
-    }
-    if (mosquitto_int_option(c->m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5) != MOSQ_ERR_SUCCESS) {
-        rc = FM_EUNAVAIL;
-        goto err_free;
-    }
-    /* Latency matters more than packet count for request/response. */
-    (void)mosquitto_int_option(c->m, MOSQ_OPT_TCP_NODELAY, 1);
-    mosquitto_connect_v5_callback_set(c->m, cb_connect);
-    mosquitto_subscribe_v5_callback_set(c->m, cb_subscribe);
-    mosquitto_publish_v5_callback_set(c->m, cb_publish);
-    mosquitto_message_v5_callback_set(c->m, cb_message);
-    mosquitto_disconnect_v5_callback_set(c->m, cb_disconnect);
+    c->epoch = 0;
     *out = c;
     return 0;
 
@@ -649,18 +718,12 @@ int fm_devclient_connect(fm_devclient *c, fm_errbuf *err)
     if (c->st != ST_IDLE)
         return fm_errf(err, FM_ESTATE, "%s: already connecting or connected", c->id);
     if (!c->tls_configured) {
-        /* mosquitto_tls_set only checks that the files are readable; a
-         * malformed key surfaces as MOSQ_ERR_TLS from the connect below. */
-        int rc = mosquitto_tls_set(c->m, c->ca_path, NULL, c->cert_path, c->key_path, NULL);
-        if (rc != MOSQ_ERR_SUCCESS)
-            return fm_errf(err, FM_ECRYPTO, "%s: cannot use TLS files %s, %s, %s: %s", c->id,
-                           c->ca_path, c->cert_path, c->key_path, mosquitto_strerror(rc));
-        /* cert_reqs 1 = SSL_VERIFY_PEER; "tlsv1.2" means 1.2 or newer. */
-        rc = mosquitto_tls_opts_set(c->m, 1, "tlsv1.2", NULL);
-        if (rc != MOSQ_ERR_SUCCESS)
-            return fm_errf(err, FM_ECRYPTO, "%s: TLS options rejected: %s", c->id,
-                           mosquitto_strerror(rc));
         c->tls_configured = true;
+        int rc = mosq_setup(c, err);
+        if (rc != 0) {
+            c->tls_configured = false;
+            return rc;
+        }
     }
     c->backoff_attempt = 0;
     return start_connect(c, err);
