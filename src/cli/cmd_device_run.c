@@ -105,8 +105,12 @@ static void on_result(void *ud, const char *mid, const char *status, const char 
 
     if (strcmp(status, "timeout") == 0) {
         r->failed++;
-        printf("%s timeout no result after %u attempts (%.1f s)\n", mid, info.attempts,
-               latency_ms / 1000.0);
+        if (info.attempts == 0)
+            printf("%s timeout never sent: no connection to the broker (%.1f s)\n", mid,
+                   latency_ms / 1000.0);
+        else
+            printf("%s timeout no result after %u attempt(s) (%.1f s)\n", mid, info.attempts,
+                   latency_ms / 1000.0);
         fflush(stdout);
         return;
     }

@@ -51,6 +51,8 @@
 #define DISCONNECT_FLUSH_MS 100
 /* How long the TLS handshake, CONNACK and SUBACK may take together. */
 #define CONNECT_TIMEOUT_MS 10000
+/* While connecting, the handshake is nudged this often (see loop_misc). */
+#define CONNECT_NUDGE_MS 50
 
 enum state {
     ST_IDLE,        /* never started, or stopped by fm_devclient_disconnect */
@@ -300,7 +302,7 @@ static void sync_fd(fm_devclient *c)
     }
 }
 
-static void schedule_reconnect(fm_devclient *c)
+static uint32_t schedule_reconnect(fm_devclient *c)
 {
     uint32_t d = fm_devclient_backoff_ms(c->backoff_attempt, c->backoff_min_ms, c->backoff_max_ms,
                                          next_rand(&c->rng));
@@ -308,7 +310,7 @@ static void schedule_reconnect(fm_devclient *c)
         c->backoff_attempt++;
     c->st = ST_BACKOFF;
     c->next_connect_ns = fm_mono_ns() + (uint64_t)d * NS_PER_MS;
-    fm_logf(FM_LOG_INFO, COMPONENT, "%s: reconnecting in %u ms", c->id, (unsigned)d);
+    return d;
 }
 
 /* Called once per lost (or never established) connection: from the
@@ -324,9 +326,10 @@ static void connection_lost(fm_devclient *c, const char *reason)
         return;
     bool was_ready = c->st == ST_READY;
     c->stats.disconnects++;
-    fm_logf(was_ready ? FM_LOG_WARN : FM_LOG_INFO, COMPONENT, "%s: connection lost: %s", c->id,
-            reason);
-    schedule_reconnect(c);
+    uint32_t d = schedule_reconnect(c);
+    fm_logf(was_ready ? FM_LOG_WARN : FM_LOG_INFO, COMPONENT,
+            "%s: %s: %s; reconnecting in %u ms", c->id,
+            was_ready ? "connection lost" : "connection failed", reason, (unsigned)d);
     if (was_ready && c->on_state)
         c->on_state(c->ud, false, reason);
 }
@@ -453,7 +456,6 @@ static int start_connect(fm_devclient *c, fm_errbuf *err)
     if (!c->fresh) {
         int src = mosq_setup(c, err);
         if (src != 0) {
-            c->st = ST_CONNECTING; /* so that the loss is accounted once */
             c->stats.disconnects++;
             schedule_reconnect(c);
             return src;
@@ -480,9 +482,9 @@ static int start_connect(fm_devclient *c, fm_errbuf *err)
     const char *why = rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
     fm_errf(err, FM_EIO, "%s: cannot connect to %s:%d: %s", c->id, c->host, c->port, why);
     c->stats.disconnects++;
-    fm_logf(FM_LOG_WARN, COMPONENT, "%s: cannot connect to %s:%d: %s", c->id, c->host, c->port,
-            why);
-    schedule_reconnect(c);
+    uint32_t d = schedule_reconnect(c);
+    fm_logf(FM_LOG_WARN, COMPONENT, "%s: cannot connect to %s:%d: %s; retrying in %u ms", c->id,
+            c->host, c->port, why, (unsigned)d);
     return FM_EIO;
 }
 
@@ -590,6 +592,9 @@ static void cb_disconnect(struct mosquitto *m, void *obj, int rc, const mosquitt
         snprintf(reason, sizeof reason, "%s", strerror(errno));
     else
         snprintf(reason, sizeof reason, "%s", mosquitto_strerror(rc));
+    size_t n = strlen(reason);
+    if (n > 0 && reason[n - 1] == '.')
+        reason[n - 1] = '\0'; /* libmosquitto's messages end in a full stop */
     connection_lost(c, reason);
 }
 
@@ -882,10 +887,48 @@ int fm_devclient_result_info_get(const fm_devclient *c, fm_devclient_result_info
 
 /* ---- driving ------------------------------------------------------------------ */
 
+/* Gives up on the current connection attempt by replacing the instance
+ * (see the design notes at the top) and schedules the next one. */
+static void abort_connection(fm_devclient *c, const char *why)
+{
+    char reason[160];
+    snprintf(reason, sizeof reason, "%s", why);
+    /* Without memory for a new instance the old one stays until the next
+     * attempt replaces it; the scheduled reconnect still happens. */
+    (void)mosq_setup(c, NULL);
+    connection_lost(c, reason);
+}
+
+/* Detects a failed connection attempt that libmosquitto would keep
+ * retrying: a pending socket error, or a hang-up before CONNACK. */
+static bool connect_failed(fm_devclient *c, char *why, size_t len)
+{
+    int fd = mosquitto_socket(c->m);
+    if (c->st != ST_CONNECTING || fd < 0)
+        return false;
+    int soerr = 0;
+    socklen_t sl = sizeof soerr;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 && soerr != 0) {
+        snprintf(why, len, "%s", strerror(soerr));
+        return true;
+    }
+    struct pollfd p = {.fd = fd, .events = 0};
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR))) {
+        snprintf(why, len, "connection refused or closed before the handshake completed");
+        return true;
+    }
+    return false;
+}
+
 static int map_loop_rc(fm_devclient *c, int rc)
 {
     if (rc == MOSQ_ERR_NOMEM)
         return FM_ENOMEM;
+    char why[128];
+    if (connect_failed(c, why, sizeof why)) {
+        abort_connection(c, why);
+        return 0;
+    }
     sync_fd(c);
     /* The socket can disappear without a disconnect callback on some error
      * paths (for example a failed TLS handshake), so check directly. */
@@ -956,6 +999,18 @@ static int scan_pending(fm_devclient *c, uint64_t now)
 int fm_devclient_loop_misc(fm_devclient *c)
 {
     uint64_t now = fm_mono_ns();
+    if ((c->st == ST_CONNECTING || c->st == ST_SUBSCRIBING) && now >= c->connect_deadline_ns)
+        abort_connection(c, "timed out waiting for the broker");
+    if (c->st == ST_CONNECTING && mosquitto_socket(c->m) >= 0) {
+        /* libmosquitto only advances a non-blocking TLS handshake when the
+         * socket is serviced, and does not always ask for writability when
+         * the handshake needs it; a periodic read bounds any such stall. */
+        int rc = map_loop_rc(c, mosquitto_loop_read(c->m, 1));
+        if (rc == 0 && mosquitto_socket(c->m) >= 0 && mosquitto_want_write(c->m))
+            rc = map_loop_rc(c, mosquitto_loop_write(c->m, 1));
+        if (rc != 0)
+            return rc;
+    }
     if (mosquitto_socket(c->m) >= 0) {
         int rc = map_loop_rc(c, mosquitto_loop_misc(c->m));
         if (rc != 0)
@@ -978,6 +1033,10 @@ int fm_devclient_next_timeout_ms(const fm_devclient *c)
         t = c->next_due_ns;
     if (c->st == ST_BACKOFF && c->next_connect_ns < t)
         t = c->next_connect_ns;
+    if (c->st == ST_CONNECTING && now + CONNECT_NUDGE_MS * NS_PER_MS < t)
+        t = now + CONNECT_NUDGE_MS * NS_PER_MS;
+    if ((c->st == ST_CONNECTING || c->st == ST_SUBSCRIBING) && c->connect_deadline_ns < t)
+        t = c->connect_deadline_ns;
     if (t <= now)
         return 0;
     /* Round up so a caller sleeping this long does not wake just early. */
