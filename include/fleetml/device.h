@@ -80,7 +80,8 @@ typedef struct fm_devclient fm_devclient;
  * result payload (len bytes, also NUL-terminated), or NULL with len 0 for
  * "timeout". status is "ok", "error" or "timeout". The callback may call
  * fm_devclient_publish_measurement() on the same client (closed-loop load
- * generators do), but must not call fm_devclient_free() on it. */
+ * generators do), but must not free the client or call its loop, connect or
+ * disconnect functions. */
 typedef void (*fm_devclient_result_fn)(void *ud, const char *measurement_id, const char *status,
                                        const char *json, size_t len);
 
@@ -116,8 +117,9 @@ typedef struct fm_devclient_opts {
  * could not be initialised). On failure *out is untouched. */
 int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbuf *err);
 
-/* Disconnects (best effort, without waiting), drops pending measurements
- * without calling on_result, and frees c. NULL is a no-op. */
+/* Disconnects (best effort: waits at most 100 ms to flush DISCONNECT),
+ * drops pending measurements without calling on_result, and frees c.
+ * NULL is a no-op. */
 void fm_devclient_free(fm_devclient *c);
 
 /* Starts connecting: configures TLS (>= 1.2, the broker certificate is

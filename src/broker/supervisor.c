@@ -107,6 +107,8 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
      * device gets a `payload_too_large` answer; packets above twice that
      * are cut off by the broker itself. */
     put(&b, "max_packet_size %d\n", cfg->max_payload * 2 + 4096);
+    /* Replies are small and latency matters more than packet count. */
+    put(&b, "set_tcp_nodelay true\n");
     put(&b, "max_queued_messages 10000\nmax_inflight_messages 1000\n");
     put(&b, "plugin %s\nplugin_opt_service_id fleetml-service\n", plugin_path);
     put(&b, "\n# Devices: mutual TLS.\nlistener %d %s\n", cfg->broker_port, cfg->broker_bind);
@@ -333,7 +335,9 @@ int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err)
     gid_t gid = getegid();
     if (uid == 0) {
         struct passwd *pw = getpwnam("mosquitto");
-        if (pw && traversable_by(dir, pw->pw_uid, pw->pw_gid) &&
+        /* broker/ itself is handed to the user below; what matters is
+         * whether it can get there and load the plugin. */
+        if (pw && traversable_by(cfg->data_dir, pw->pw_uid, pw->pw_gid) &&
             traversable_by(plugin, pw->pw_uid, pw->pw_gid)) {
             user = "mosquitto";
             uid = pw->pw_uid;

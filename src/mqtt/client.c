@@ -1,7 +1,12 @@
 /*
- * Service MQTT client. libmosquitto's own network thread (loop_start) reads
- * and writes; publishes from the pipeline thread are safe because the
- * library locks its internal queues.
+ * Service MQTT client.
+ *
+ * The network thread is ours rather than libmosquitto's loop_start: the
+ * library's loop_forever gives up for good on a TLS error, which is exactly
+ * what a broker killed mid-connection produces, and the service must
+ * reconnect whatever happened. The client runs in "threaded" mode, so
+ * publishes from the pipeline thread are only queued and this thread
+ * writes them.
  */
 #include "fleetml/mqtt.h"
 #include "fleetml/measurement.h"
@@ -14,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define SERVICE_CLIENT_ID "fleetml-service"
 #define SHARED_SUB "$share/fleetml/fleet/+/measurements"
@@ -25,6 +31,13 @@ struct fm_mqtt {
     struct mosquitto *mosq;
     fm_mqtt_measurement_fn on_measurement;
     void *ud;
+    char host[256];
+    int port;
+    mosquitto_property *connect_props;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stopping;
     _Atomic int connected;
     _Atomic int subscribed;
 };
@@ -130,6 +143,74 @@ static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str
         fm_logkv(FM_LOG_WARN, "mqtt", "libmosquitto", "detail", str, NULL);
 }
 
+/* Waits up to ms or until stop is requested. Returns 1 when stopping. */
+static int wait_or_stop(fm_mqtt *c, int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&c->mu);
+    while (!c->stopping && pthread_cond_timedwait(&c->cv, &c->mu, &ts) == 0)
+        ;
+    int stop = c->stopping;
+    pthread_mutex_unlock(&c->mu);
+    return stop;
+}
+
+static int stopping(fm_mqtt *c)
+{
+    pthread_mutex_lock(&c->mu);
+    int stop = c->stopping;
+    pthread_mutex_unlock(&c->mu);
+    return stop;
+}
+
+static void mark_down(fm_mqtt *c)
+{
+    atomic_store(&c->connected, 0);
+    atomic_store(&c->subscribed, 0);
+    atomic_store(&fm_metrics_get()->mqtt_connected, 0);
+}
+
+static void *net_thread(void *arg)
+{
+    fm_mqtt *c = arg;
+    int backoff_ms = 100, up = 0;
+    while (!stopping(c)) {
+        if (!up) {
+            /* Connect again with the same CONNECT properties (session
+             * expiry), whatever ended the previous connection. */
+            int rc = mosquitto_connect_bind_v5(c->mosq, c->host, c->port, 30, NULL,
+                                               c->connect_props);
+            if (rc != MOSQ_ERR_SUCCESS) {
+                if (wait_or_stop(c, backoff_ms))
+                    break;
+                backoff_ms = backoff_ms * 2 > 2000 ? 2000 : backoff_ms * 2;
+                continue;
+            }
+            up = 1;
+            backoff_ms = 100;
+        }
+        int rc = mosquitto_loop(c->mosq, 100, 1);
+        if (rc != MOSQ_ERR_SUCCESS) {
+            if (atomic_load(&c->connected))
+                fm_logkv(FM_LOG_WARN, "mqtt", "connection lost", "reason",
+                         mosquitto_strerror(rc), NULL);
+            mark_down(c);
+            up = 0;
+            mosquitto_disconnect(c->mosq);
+            if (wait_or_stop(c, backoff_ms))
+                break;
+        }
+    }
+    return NULL;
+}
+
 int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, void *ud,
                   fm_mqtt **out, fm_errbuf *err)
 {
@@ -144,8 +225,9 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
         return fm_errf(err, FM_ENOMEM, "out of memory");
     c->on_measurement = on_measurement;
     c->ud = ud;
+    snprintf(c->host, sizeof c->host, "%s", cfg->broker_host);
+    c->port = cfg->broker_service_port;
     int rc;
-    mosquitto_property *props = NULL;
     /* clean_session=false + session expiry: the broker queues measurements
      * for the service while it restarts, so none are dropped. */
     c->mosq = mosquitto_new(SERVICE_CLIENT_ID, false, c);
@@ -153,12 +235,12 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
         fm_free(c);
         return fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
     }
+    mosquitto_threaded_set(c->mosq, true);
     mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
     mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
     mosquitto_int_option(c->mosq, MOSQ_OPT_RECEIVE_MAXIMUM, 1000);
     mosquitto_int_option(c->mosq, MOSQ_OPT_SEND_MAXIMUM, 1000);
     mosquitto_max_inflight_messages_set(c->mosq, 1000);
-    mosquitto_reconnect_delay_set(c->mosq, 1, 5, true);
     mosquitto_connect_v5_callback_set(c->mosq, on_connect);
     mosquitto_disconnect_v5_callback_set(c->mosq, on_disconnect);
     mosquitto_subscribe_v5_callback_set(c->mosq, on_subscribe);
@@ -171,26 +253,27 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
         rc = fm_errf(err, FM_ECRYPTO, "TLS setup: %s", mosquitto_strerror(rc));
         goto fail;
     }
-    mosquitto_property_add_int32(&props, MQTT_PROP_SESSION_EXPIRY_INTERVAL, SESSION_EXPIRY_S);
-    /* The first attempt may fail while the broker is still starting; the
-     * properties are kept by libmosquitto and the network thread started
-     * below keeps reconnecting with them. */
-    rc = mosquitto_connect_bind_v5(c->mosq, cfg->broker_host, cfg->broker_service_port, 30,
-                                   NULL, props);
-    mosquitto_property_free_all(&props);
-    if (rc == MOSQ_ERR_INVAL || rc == MOSQ_ERR_NOMEM) {
-        rc = fm_errf(err, FM_EINVAL, "connect: %s", mosquitto_strerror(rc));
+    if (mosquitto_property_add_int32(&c->connect_props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
+                                     SESSION_EXPIRY_S) != MOSQ_ERR_SUCCESS) {
+        rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto fail;
     }
-    rc = mosquitto_loop_start(c->mosq);
-    if (rc != MOSQ_ERR_SUCCESS) {
-        rc = fm_errf(err, FM_EINVAL, "loop_start: %s", mosquitto_strerror(rc));
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_condattr_t ca_attr;
+    pthread_condattr_init(&ca_attr);
+    pthread_condattr_setclock(&ca_attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cv, &ca_attr);
+    pthread_condattr_destroy(&ca_attr);
+    if (pthread_create(&c->thread, NULL, net_thread, c) != 0) {
+        pthread_cond_destroy(&c->cv);
+        pthread_mutex_destroy(&c->mu);
+        rc = fm_errf(err, FM_ENOMEM, "cannot start MQTT thread");
         goto fail;
     }
     *out = c;
     return 0;
 fail:
-    mosquitto_property_free_all(&props);
+    mosquitto_property_free_all(&c->connect_props);
     mosquitto_destroy(c->mosq);
     fm_free(c);
     return rc;
@@ -220,8 +303,22 @@ void fm_mqtt_stop(fm_mqtt *c)
 {
     if (!c)
         return;
-    mosquitto_disconnect_v5(c->mosq, MQTT_RC_NORMAL_DISCONNECTION, NULL);
-    mosquitto_loop_stop(c->mosq, false);
+    pthread_mutex_lock(&c->mu);
+    c->stopping = 1;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    pthread_join(c->thread, NULL);
+    /* The network thread is gone: send DISCONNECT (keeping the session)
+     * and flush it from this thread. */
+    if (atomic_load(&c->connected)) {
+        mosquitto_disconnect_v5(c->mosq, MQTT_RC_NORMAL_DISCONNECTION, NULL);
+        for (int i = 0; i < 10 && mosquitto_loop(c->mosq, 50, 1) == MOSQ_ERR_SUCCESS; i++)
+            ;
+    }
+    mark_down(c);
+    mosquitto_property_free_all(&c->connect_props);
     mosquitto_destroy(c->mosq);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
     fm_free(c);
 }

@@ -99,9 +99,29 @@ static int step_done(sqlite3_stmt *st)
     return rc == SQLITE_DONE ? SQLITE_OK : rc;
 }
 
+static int user_version(sqlite_store *s)
+{
+    sqlite3_stmt *st;
+    int v = -1;
+    if (sqlite3_prepare_v2(s->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+        return -1;
+    if (sqlite3_step(st) == SQLITE_ROW)
+        v = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
 static int s_migrate(fm_store *base, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
+    /* A database already at this version is left untouched: opening it
+     * must not write (so `fleetml init` run twice changes nothing). */
+    int v = user_version(s);
+    if (v == SCHEMA_VERSION)
+        return 0;
+    if (v > SCHEMA_VERSION)
+        return fm_errf(err, FM_EDB, "database schema version %d is newer than this fleetml (%d)",
+                       v, SCHEMA_VERSION);
     int rc = exec(s, "BEGIN IMMEDIATE", err);
     if (rc)
         return rc;
@@ -132,7 +152,16 @@ static int s_tenant_ensure(fm_store *base, const char *name, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    int rc = prep(s, &st, "INSERT OR IGNORE INTO tenants(name, created_ms) VALUES(?, ?)", err);
+    /* Look first so an existing tenant costs no write transaction. */
+    int rc = prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_ROW)
+        return 0;
+    rc = prep(s, &st, "INSERT OR IGNORE INTO tenants(name, created_ms) VALUES(?, ?)", err);
     if (rc)
         return rc;
     sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);

@@ -9,7 +9,10 @@ teardown, including a broker orphaned by `kill -9` of serve.
 """
 
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -58,10 +61,19 @@ def platform(fm_bin, tmp_path_factory):
 def make_platform(fm_bin, tmp_path):
     """Factory for private platforms: make_platform(devices=[...], start=True)."""
     made = []
+    scratch = []
 
-    def make(devices=(), start=True, name="private"):
-        p = Platform(fm_bin, tmp_path / f"{name}{len(made)}", node_id=f"it-{name}")
-        p.workdir.mkdir(parents=True)
+    def make(devices=(), start=True, name="private", traversable=False):
+        if traversable:
+            # pytest's base temp dir is 0700, so a broker started as root
+            # cannot switch to the `mosquitto` user; this one can.
+            wd = Path(tempfile.mkdtemp(prefix=f"fleetml-it-{name}-", dir="/tmp"))
+            os.chmod(wd, 0o711)
+            scratch.append(wd)
+        else:
+            wd = tmp_path / f"{name}{len(made)}"
+            wd.mkdir(parents=True)
+        p = Platform(fm_bin, wd, node_id=f"it-{name}")
         made.append(p)
         _platforms.append(p)
         p.init()
@@ -75,6 +87,8 @@ def make_platform(fm_bin, tmp_path):
     for p in made:
         p.cleanup()
         _platforms.remove(p)
+    for wd in scratch:
+        shutil.rmtree(wd, ignore_errors=True)
 
 
 @pytest.fixture

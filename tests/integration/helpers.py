@@ -100,20 +100,15 @@ def proc_cmdline(pid):
 
 
 def pids_mentioning(text):
-    """Pids of this user's processes whose command line, cwd or open files
-    mention text (used to find mosquitto children orphaned by kill -9)."""
+    """Pids of processes whose command line, cwd or open files mention text
+    (a test's unique data directory: used to find mosquitto children
+    orphaned by kill -9, which may run as the `mosquitto` user)."""
     out = []
     me = os.getpid()
-    uid = os.getuid()
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == me:
             continue
         pid = int(d)
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-        except OSError:
-            continue
         hit = text in proc_cmdline(pid)
         if not hit:
             try:
@@ -244,6 +239,16 @@ def metric_value(text, name, **labels):
 # The platform under test
 
 
+def model_dir():
+    """The trained model (`make model`): FM_MODEL_DIR, else the repository's
+    models/viscosity.  Given as an absolute path because the configured
+    default is relative to serve's working directory."""
+    d = os.environ.get("FM_MODEL_DIR")
+    if d:
+        return os.path.abspath(d)
+    return str((Path(__file__).resolve().parents[2] / "models" / "viscosity"))
+
+
 class Platform:
     """One data directory and (at most) one `fleetml serve` process."""
 
@@ -269,6 +274,7 @@ class Platform:
             "http.port": str(self.http_port),
             "lake.roll_seconds": "1",
             "node.id": self.node_id,
+            "model.dir": model_dir(),
         }
 
     def run(self, *args, check=True, timeout=60):

@@ -135,6 +135,7 @@ def test_rejected_payload(platform, connected, name, build, code, words, id_know
     assert isinstance(err, dict), r
     assert err.get("code") == code, f"expected {code}, got {r}"
     msg = err.get("message")
+    print(f"{name}: {r}")
     assert isinstance(msg, str) and msg.strip(), r
     for w in words:
         assert w in msg, f"message {msg!r} does not mention {w!r}"
