@@ -86,6 +86,7 @@ typedef struct fm_store_vtable {
     int (*commit)(fm_store *s, fm_record *recs, size_t n, fm_quarantine *quar, size_t nq,
                   fm_errbuf *err);
     int (*count_measurements)(fm_store *s, const char *device_id, long *out);
+    int (*probe_write)(fm_store *s, fm_errbuf *err);
 
     int (*scan_records)(fm_store *s, int64_t after_seq, size_t limit, fm_record_cb cb,
                         void *ud);
@@ -142,6 +143,11 @@ static inline int fm_store_result_lookup(fm_store *s, const char *device_id,
 static inline int fm_store_commit(fm_store *s, fm_record *recs, size_t n, fm_quarantine *q,
                                   size_t nq, fm_errbuf *err)
 { return s->vt->commit(s, recs, n, q, nq, err); }
+/* Commits a tiny durable write, to learn whether the store can take
+ * commits again after a failure (disk full, I/O error). Returns 0 or the
+ * error a real commit would get. */
+static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
+{ return s->vt->probe_write(s, err); }
 static inline int fm_store_count_measurements(fm_store *s, const char *device_id, long *out)
 { return s->vt->count_measurements(s, device_id, out); }
 /* Calls cb for committed records with seq > after_seq in seq order, at most

@@ -411,8 +411,27 @@ static void *run(void *arg)
     const uint64_t window_ns = (uint64_t)p->cfg.commit_window_us * 1000ull;
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->head && !p->stopping)
-            pthread_cond_wait(&p->cv, &p->mu);
+        while (!p->head && !p->stopping) {
+            if (atomic_load(&p->healthy)) {
+                pthread_cond_wait(&p->cv, &p->mu);
+                continue;
+            }
+            /* After a failed commit, probe the store every second so
+             * readiness recovers on its own even when no device sends
+             * (a load balancer will not send traffic to a 503 node). */
+            struct timespec ts;
+            deadline_after_ns(&ts, 1000000000ull);
+            if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT && !p->head) {
+                pthread_mutex_unlock(&p->mu);
+                fm_errbuf err;
+                if (fm_store_probe_write(p->store, &err) == 0) {
+                    atomic_store(&p->healthy, 1);
+                    atomic_store(&mx->store_unavailable, 0);
+                    fm_logf(FM_LOG_INFO, "pipeline", "store accepts commits again");
+                }
+                pthread_mutex_lock(&p->mu);
+            }
+        }
         if (!p->head && p->stopping)
             break;
         /* Wait for the batch to fill, but never past the window counted

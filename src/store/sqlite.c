@@ -16,7 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 
 typedef struct sqlite_store {
     fm_store base;
@@ -46,6 +46,8 @@ static const char *schema_v1 =
     "  seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, tenant TEXT NOT NULL,"
     "  received_ms INTEGER NOT NULL, payload BLOB NOT NULL, error_code TEXT NOT NULL,"
     "  error_message TEXT NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS health ("
+    "  id INTEGER PRIMARY KEY CHECK (id = 1), probed_ms INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS lake_cursors ("
     "  node TEXT NOT NULL, stream INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
     "  pending_key TEXT NOT NULL DEFAULT '', pending_spool TEXT NOT NULL DEFAULT '',"
@@ -369,6 +371,19 @@ static int s_count_measurements(fm_store *base, const char *device_id, long *out
     return rc == SQLITE_ROW ? 0 : FM_EDB;
 }
 
+static int s_probe_write(fm_store *base, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = prep(s, &st, "INSERT OR REPLACE INTO health(id, probed_ms) VALUES(1, ?)", err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, fm_wall_ms());
+    rc = step_done(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : db_err(s, err, rc, "probe");
+}
+
 static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record_cb cb, void *ud)
 {
     sqlite_store *s = (sqlite_store *)base;
@@ -513,6 +528,7 @@ static const fm_store_vtable sqlite_vt = {
     .result_lookup = s_result_lookup,
     .commit = s_commit,
     .count_measurements = s_count_measurements,
+    .probe_write = s_probe_write,
     .scan_records = s_scan_records,
     .scan_quarantine = s_scan_quarantine,
     .max_seq = s_max_seq,

@@ -204,6 +204,14 @@ static void test_reopen(void **state)
     fm_free(res);
 }
 
+static void test_probe_write(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    assert_int_equal(fm_store_probe_write(f->st, &err), 0);
+    assert_int_equal(fm_store_probe_write(f->st, &err), 0);
+}
+
 static void test_unknown_backend(void **state)
 {
     (void)state;
@@ -224,6 +232,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_commit_is_atomic, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_and_cursor, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_probe_write, setup, teardown),
         cmocka_unit_test(test_unknown_backend),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
