@@ -63,6 +63,23 @@ char *fm_strndup(const char *s, size_t n);
  * (n < 0 disables). Process-wide; not for production use. */
 void fm_alloc_fail_after(long n);
 
+/* ---- string building -------------------------------------------------------
+ * A growable string. Appends after an allocation failure are ignored and
+ * the failure is reported once, by fm_strbuf_take, so builders stay linear.
+ * Zero-initialise (`fm_strbuf b = {0};`) before use. */
+typedef struct fm_strbuf {
+    char *p;
+    size_t len, cap;
+    int failed;
+} fm_strbuf;
+
+/* Appends printf-style output. */
+void fm_strbuf_printf(fm_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Hands the NUL-terminated string to the caller (free with fm_free) and
+ * resets b. Returns 0, or FM_ENOMEM (the buffer is freed) when any append
+ * failed. len may be NULL. */
+int fm_strbuf_take(fm_strbuf *b, char **out, size_t *len);
+
 /* ---- logging -------------------------------------------------------------
  * One JSON object per line on stderr:
  *   {"ts":"2026-11-26T07:00:00.123Z","level":"info","component":"pipeline",
@@ -88,6 +105,11 @@ int64_t fm_wall_ms(void);
 /* Formats ms-since-epoch as RFC 3339 UTC with milliseconds
  * ("2026-11-26T07:00:00.123Z") into buf (>= 25 bytes). Returns buf. */
 char *fm_rfc3339(int64_t ms, char *buf, size_t len);
+/* Absolute deadline `ns` nanoseconds from now on the given clock, for
+ * pthread_cond_timedwait (CLOCK_MONOTONIC needs a condvar set up with
+ * pthread_condattr_setclock). */
+struct timespec;
+void fm_deadline_ns(struct timespec *ts, int clock_id, int64_t ns);
 /* Parses an RFC 3339 date-time (with 'Z' or a numeric offset, optional
  * fraction). Returns 0 and sets *ms, or FM_EINVAL. */
 int fm_rfc3339_parse(const char *s, int64_t *ms);

@@ -8,6 +8,8 @@
 
 #include "fleetml/config.h"
 
+#include <stdint.h>
+
 int fm_cmd_init(int argc, char **argv);
 int fm_cmd_serve(int argc, char **argv);
 int fm_cmd_device(int argc, char **argv);     /* add | list | disable | enable | run */
@@ -27,5 +29,16 @@ int fm_cli_config(int *argc, char **argv, fm_config *cfg);
 const char *fm_cli_take_opt(int *argc, char **argv, const char *name);
 /* Finds `--name` in argv, removes it and returns 1 (0 if absent). */
 int fm_cli_take_flag(int *argc, char **argv, const char *name);
+
+/* Parses a finite decimal number (the whole string). Returns 0 or
+ * FM_EINVAL. */
+int fm_cli_parse_double(const char *s, double *out);
+/* Parses a non-negative decimal integer <= max (the whole string; "-1" and
+ * trailing garbage are refused). Returns 0 or FM_EINVAL. */
+int fm_cli_parse_u64(const char *s, uint64_t max, uint64_t *out);
+
+/* Renders v in base 36 (lower case) into buf, for compact per-run
+ * measurement-id prefixes; truncates to fit. */
+void fm_cli_base36(uint64_t v, char *buf, size_t len);
 
 #endif

@@ -48,30 +48,6 @@ static void install_signals(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
-static int parse_double(const char *s, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v))
-        return FM_EINVAL;
-    *out = v;
-    return 0;
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    if (*s == '-')
-        return FM_EINVAL;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *end)
-        return FM_EINVAL;
-    *out = v;
-    return 0;
-}
-
 struct run {
     fm_devclient *c;
     uint64_t resolved;
@@ -137,20 +113,6 @@ static void usage(void)
                     "                          [--timeout SECONDS (result wait per attempt, default 10)]\n");
 }
 
-/* Renders v in base 36 (lower case), for compact per-run id prefixes. */
-static void base36(uint64_t v, char *buf, size_t len)
-{
-    char tmp[16];
-    size_t n = 0;
-    do {
-        tmp[n++] = "0123456789abcdefghijklmnopqrstuvwxyz"[v % 36];
-        v /= 36;
-    } while (v && n < sizeof tmp);
-    size_t i = 0;
-    for (; i < n && i + 1 < len; i++)
-        buf[i] = tmp[n - 1 - i];
-    buf[i] = '\0';
-}
 
 int fm_cmd_device_run(int argc, char **argv)
 {
@@ -166,21 +128,21 @@ int fm_cmd_device_run(int argc, char **argv)
     }
     uint64_t count = 0, seed = 0;
     double interval = 5.0, timeout_s = 10.0;
-    if (s_count && parse_u64(s_count, &count) != 0) {
+    if (s_count && fm_cli_parse_u64(s_count, UINT64_MAX, &count) != 0) {
         fprintf(stderr, "fleetml device run: --count expects a non-negative integer, got '%s'\n", s_count);
         return 2;
     }
-    if (s_interval && (parse_double(s_interval, &interval) != 0 || interval < 0.001 || interval > 86400)) {
+    if (s_interval && (fm_cli_parse_double(s_interval, &interval) != 0 || interval < 0.001 || interval > 86400)) {
         fprintf(stderr, "fleetml device run: --interval expects seconds in 0.001..86400, got '%s'\n",
                 s_interval);
         return 2;
     }
-    if (s_timeout && (parse_double(s_timeout, &timeout_s) != 0 || timeout_s < 0.01 || timeout_s > 3600)) {
+    if (s_timeout && (fm_cli_parse_double(s_timeout, &timeout_s) != 0 || timeout_s < 0.01 || timeout_s > 3600)) {
         fprintf(stderr, "fleetml device run: --timeout expects seconds in 0.01..3600, got '%s'\n",
                 s_timeout);
         return 2;
     }
-    if (s_seed && parse_u64(s_seed, &seed) != 0) {
+    if (s_seed && fm_cli_parse_u64(s_seed, UINT64_MAX, &seed) != 0) {
         fprintf(stderr, "fleetml device run: --seed expects a non-negative integer, got '%s'\n", s_seed);
         return 2;
     }
@@ -250,7 +212,7 @@ int fm_cmd_device_run(int argc, char **argv)
         seed = (uint64_t)fm_wall_ms() ^ ((uint64_t)getpid() << 40);
     fm_rng_seed(&rng, seed);
     char run_prefix[16];
-    base36((uint64_t)fm_wall_ms(), run_prefix, sizeof run_prefix);
+    fm_cli_base36((uint64_t)fm_wall_ms(), run_prefix, sizeof run_prefix);
 
     const uint64_t interval_ns = (uint64_t)(interval * 1e9);
     const uint64_t start = fm_mono_ns();

@@ -25,20 +25,10 @@ static void usage(FILE *f)
             DEFAULT_DIR, DEFAULT_SEED, DEFAULT_ROWS);
 }
 
-/* Parses a non-negative decimal integer option; strtoull alone would accept
- * "-1" (wrapping it) and trailing garbage. */
 static int parse_u64(const char *opt, const char *s, uint64_t *out)
 {
-    char *end;
-    errno = 0;
-    if (!s || *s < '0' || *s > '9')
-        goto bad;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end)
-        goto bad;
-    *out = v;
-    return 0;
-bad:
+    if (s && fm_cli_parse_u64(s, UINT64_MAX, out) == 0)
+        return 0;
     fprintf(stderr, "fleetml model: %s expects a non-negative integer, got '%s'\n", opt,
             s ? s : "");
     return 2;

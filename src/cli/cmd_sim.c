@@ -101,30 +101,6 @@ struct sim {
 
 /* ---- option parsing ------------------------------------------------------- */
 
-static int parse_double(const char *s, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v))
-        return FM_EINVAL;
-    *out = v;
-    return 0;
-}
-
-static int parse_uint(const char *s, unsigned long long max, unsigned long long *out)
-{
-    char *end;
-    errno = 0;
-    if (*s == '-' || *s == '\0')
-        return FM_EINVAL;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || *end || v > max)
-        return FM_EINVAL;
-    *out = v;
-    return 0;
-}
-
 static void usage(void)
 {
     fprintf(stderr,
@@ -156,20 +132,20 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     s->json = fm_cli_take_flag(argc, argv, "--json");
     s->provision = fm_cli_take_flag(argc, argv, "--provision");
 
-    unsigned long long u;
+    uint64_t u;
     if (!v_devices)
         USAGE_ERR("--devices N is required");
-    if (parse_uint(v_devices, 100000, &u) != 0 || u == 0)
+    if (fm_cli_parse_u64(v_devices, 100000, &u) != 0 || u == 0)
         USAGE_ERR("--devices expects 1..100000, got '%s'", v_devices);
     s->n_devices = (unsigned)u;
     if (v_rate && v_inflight)
         USAGE_ERR("--rate and --inflight are alternatives; give one");
     if (!v_rate && !v_inflight)
         USAGE_ERR("give --rate R (per device per second) or --inflight W");
-    if (v_rate && (parse_double(v_rate, &s->rate) != 0 || s->rate <= 0 || s->rate > 10000))
+    if (v_rate && (fm_cli_parse_double(v_rate, &s->rate) != 0 || s->rate <= 0 || s->rate > 10000))
         USAGE_ERR("--rate expects a number in (0, 10000], got '%s'", v_rate);
     if (v_inflight) {
-        if (parse_uint(v_inflight, FM_DEVCLIENT_MAX_PENDING_LIMIT, &u) != 0 || u == 0)
+        if (fm_cli_parse_u64(v_inflight, FM_DEVCLIENT_MAX_PENDING_LIMIT, &u) != 0 || u == 0)
             USAGE_ERR("--inflight expects 1..%d, got '%s'", FM_DEVCLIENT_MAX_PENDING_LIMIT, v_inflight);
         s->inflight = (unsigned)u;
     }
@@ -178,17 +154,17 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     snprintf(probe, sizeof probe, "%s-%04u", s->prefix, s->n_devices);
     if (!fm_device_id_valid(probe))
         USAGE_ERR("--prefix '%s' does not make valid device ids (e.g. '%s')", s->prefix, probe);
-    if (v_duration && (parse_double(v_duration, &s->duration_s) != 0 || s->duration_s <= 0))
+    if (v_duration && (fm_cli_parse_double(v_duration, &s->duration_s) != 0 || s->duration_s <= 0))
         USAGE_ERR("--duration expects positive seconds, got '%s'", v_duration);
     s->timeout_s = 10.0;
-    if (v_timeout && (parse_double(v_timeout, &s->timeout_s) != 0 || s->timeout_s < 0.01 ||
+    if (v_timeout && (fm_cli_parse_double(v_timeout, &s->timeout_s) != 0 || s->timeout_s < 0.01 ||
                       s->timeout_s > 3600))
         USAGE_ERR("--timeout expects seconds in 0.01..3600, got '%s'", v_timeout);
     s->drain_s = 5.0;
-    if (v_drain && (parse_double(v_drain, &s->drain_s) != 0 || s->drain_s < 0 || s->drain_s > 3600))
+    if (v_drain && (fm_cli_parse_double(v_drain, &s->drain_s) != 0 || s->drain_s < 0 || s->drain_s > 3600))
         USAGE_ERR("--drain expects seconds in 0..3600, got '%s'", v_drain);
     if (v_seed) {
-        if (parse_uint(v_seed, UINT64_MAX, &u) != 0)
+        if (fm_cli_parse_u64(v_seed, UINT64_MAX, &u) != 0)
             USAGE_ERR("--seed expects a non-negative integer, got '%s'", v_seed);
         s->seed = u;
     } else {
@@ -432,19 +408,6 @@ static void raise_fd_limit(unsigned n_devices)
                 (unsigned long long)rl.rlim_cur, n_devices);
 }
 
-static void base36(uint64_t v, char *buf, size_t len)
-{
-    char tmp[16];
-    size_t n = 0;
-    do {
-        tmp[n++] = "0123456789abcdefghijklmnopqrstuvwxyz"[v % 36];
-        v /= 36;
-    } while (v && n < sizeof tmp);
-    size_t i = 0;
-    for (; i < n && i + 1 < len; i++)
-        buf[i] = tmp[n - 1 - i];
-    buf[i] = '\0';
-}
 
 /* ---- the run -------------------------------------------------------------------- */
 
@@ -667,7 +630,7 @@ int fm_cmd_sim(int argc, char **argv)
     if (create_devices(&cfg, &s) != 0)
         goto out;
     fm_rng_seed(&s.rng, s.seed);
-    base36((uint64_t)fm_wall_ms(), s.run_prefix, sizeof s.run_prefix);
+    fm_cli_base36((uint64_t)fm_wall_ms(), s.run_prefix, sizeof s.run_prefix);
 
     if (!s.json) {
         if (s.inflight)

@@ -1,6 +1,9 @@
 #include "cli/cli.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static void drop(int *argc, char **argv, int i, int n)
@@ -61,5 +64,44 @@ int fm_cli_config(int *argc, char **argv, fm_config *cfg)
         }
     }
     fm_log_set_level((enum fm_log_level)cfg->log_level);
+    return 0;
+}
+
+void fm_cli_base36(uint64_t v, char *buf, size_t len)
+{
+    char tmp[16];
+    size_t n = 0;
+    do {
+        tmp[n++] = "0123456789abcdefghijklmnopqrstuvwxyz"[v % 36];
+        v /= 36;
+    } while (v && n < sizeof tmp);
+    size_t i = 0;
+    for (; i < n && i + 1 < len; i++)
+        buf[i] = tmp[n - 1 - i];
+    buf[i] = '\0';
+}
+
+int fm_cli_parse_double(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v))
+        return FM_EINVAL;
+    *out = v;
+    return 0;
+}
+
+int fm_cli_parse_u64(const char *s, uint64_t max, uint64_t *out)
+{
+    /* strtoull alone would accept "-1" (wrapping it) and leading blanks. */
+    if (*s < '0' || *s > '9')
+        return FM_EINVAL;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v > max)
+        return FM_EINVAL;
+    *out = v;
     return 0;
 }

@@ -531,49 +531,11 @@ int fm_config_load(fm_config *c, const char *path, fm_errbuf *err)
 
 /* ---- render -------------------------------------------------------------------- */
 
-typedef struct outbuf {
-    char *p;
-    size_t len, cap;
-    bool failed;
-} outbuf;
-
-static void outf(outbuf *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void outf(outbuf *o, const char *fmt, ...)
-{
-    if (o->failed)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(o->p ? o->p + o->len : NULL, o->p ? o->cap - o->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            o->failed = true;
-            return;
-        }
-        if (o->p && o->len + (size_t)n < o->cap) {
-            o->len += (size_t)n;
-            return;
-        }
-        size_t cap = o->cap ? o->cap : 2048;
-        while (cap <= o->len + (size_t)n)
-            cap *= 2;
-        char *np = fm_realloc(o->p, cap);
-        if (!np) {
-            o->failed = true;
-            return;
-        }
-        o->p = np;
-        o->cap = cap;
-    }
-}
-
 int fm_config_render(const fm_config *c, char **out)
 {
-    outbuf o = {0};
+    fm_strbuf o = {0};
     *out = NULL;
-    outf(&o,
+    fm_strbuf_printf(&o,
          "# fleetml configuration.\n"
          "# Every key is shown with its current value. Unknown sections or keys are\n"
          "# errors. Comments start with '#' or ';' at the start of a line, or after a\n"
@@ -587,41 +549,36 @@ int fm_config_render(const fm_config *c, char **out)
         const key_def *k = &keys[i];
         if (strcmp(cur, k->section) != 0) {
             cur = k->section;
-            outf(&o, "\n[%s]\n", cur);
+            fm_strbuf_printf(&o, "\n[%s]\n", cur);
         }
-        outf(&o, "# %s", k->help);
+        fm_strbuf_printf(&o, "# %s", k->help);
         const void *field = (const char *)c + k->off;
         switch (k->type) {
         case T_INT:
-            outf(&o, " Range %ld..%ld.\n%s = %d\n", k->min, k->max, k->name, *(const int *)field);
+            fm_strbuf_printf(&o, " Range %ld..%ld.\n%s = %d\n", k->min, k->max, k->name, *(const int *)field);
             break;
         case T_LONG:
-            outf(&o, " Range %ld..%ld.\n%s = %ld\n", k->min, k->max, k->name,
+            fm_strbuf_printf(&o, " Range %ld..%ld.\n%s = %ld\n", k->min, k->max, k->name,
                  *(const long *)field);
             break;
         case T_LEVEL: {
             int lvl = *(const int *)field;
-            outf(&o, " One of: debug, info, warn, error.\n%s = %s\n", k->name,
+            fm_strbuf_printf(&o, " One of: debug, info, warn, error.\n%s = %s\n", k->name,
                  lvl >= FM_LOG_DEBUG && lvl <= FM_LOG_ERROR ? level_names[lvl] : "info");
             break;
         }
         case T_ENUM:
-            outf(&o, " One of:");
+            fm_strbuf_printf(&o, " One of:");
             for (const char *const *ch = k->choices; *ch; ch++)
-                outf(&o, "%s %s", ch == k->choices ? "" : ",", *ch);
-            outf(&o, ".\n%s = %s\n", k->name, (const char *)field);
+                fm_strbuf_printf(&o, "%s %s", ch == k->choices ? "" : ",", *ch);
+            fm_strbuf_printf(&o, ".\n%s = %s\n", k->name, (const char *)field);
             break;
         default:
-            outf(&o, "\n%s = %s\n", k->name, (const char *)field);
+            fm_strbuf_printf(&o, "\n%s = %s\n", k->name, (const char *)field);
             break;
         }
     }
-    if (o.failed) {
-        fm_free(o.p);
-        return FM_ENOMEM;
-    }
-    *out = o.p;
-    return 0;
+    return fm_strbuf_take(&o, out, NULL);
 }
 
 /* ---- paths --------------------------------------------------------------------- */

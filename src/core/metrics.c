@@ -59,76 +59,34 @@ void fm_hist_observe(fm_hist *h, double v)
     atomic_fetch_add_explicit(&h->sum_micro, (uint64_t)(v * 1e6 + 0.5), memory_order_relaxed);
 }
 
-/* Growable output buffer; on allocation failure it records the error and
- * ignores further appends so the renderer stays linear. */
-typedef struct outbuf {
-    char *p;
-    size_t len, cap;
-    int oom;
-} outbuf;
-
-static void put(outbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void put(outbuf *b, const char *fmt, ...)
+static void counter(fm_strbuf *b, const char *name, const char *help, uint64_t v)
 {
-    if (b->oom)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = 1;
-            return;
-        }
-        if ((size_t)n < b->cap - b->len) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t ncap = (b->cap + (size_t)n + 1) * 2;
-        char *np = fm_realloc(b->p, ncap);
-        if (!np) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = ncap;
-    }
-}
-
-static void counter(outbuf *b, const char *name, const char *help, uint64_t v)
-{
-    put(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
         (unsigned long long)v);
 }
 
-static void gauge(outbuf *b, const char *name, const char *help, int64_t v)
+static void gauge(fm_strbuf *b, const char *name, const char *help, int64_t v)
 {
-    put(b, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, (long long)v);
+    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, (long long)v);
 }
 
-static void hist(outbuf *b, const char *name, const char *help, const fm_hist *h)
+static void hist(fm_strbuf *b, const char *name, const char *help, const fm_hist *h)
 {
-    put(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     uint64_t cum = 0;
     for (int i = 0; i < FM_HIST_BUCKETS; i++) {
         cum += atomic_load(&h->counts[i]);
-        put(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+        fm_strbuf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
     }
     cum += atomic_load(&h->counts[FM_HIST_BUCKETS]);
-    put(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
-    put(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_micro) / 1e6, name,
+    fm_strbuf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    fm_strbuf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_micro) / 1e6, name,
         (unsigned long long)atomic_load(&h->count));
 }
 
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
 {
-    outbuf b = {0};
-    b.cap = 8192;
-    b.p = fm_malloc(b.cap);
-    if (!b.p)
-        return FM_ENOMEM;
-    b.p[0] = '\0';
+    fm_strbuf b = {0};
     counter(&b, "fleetml_measurements_received_total", "Measurement messages received.",
             atomic_load(&m->received));
     counter(&b, "fleetml_measurements_stored_total", "Measurements durably stored.",
@@ -136,10 +94,10 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
     counter(&b, "fleetml_measurements_duplicate_total",
             "Measurements whose id was already stored (answered with the original result).",
             atomic_load(&m->duplicates));
-    put(&b, "# HELP fleetml_measurements_rejected_total Measurements rejected, by reason.\n"
+    fm_strbuf_printf(&b, "# HELP fleetml_measurements_rejected_total Measurements rejected, by reason.\n"
             "# TYPE fleetml_measurements_rejected_total counter\n");
     for (int i = 0; i < FM_REJ__COUNT; i++)
-        put(&b, "fleetml_measurements_rejected_total{reason=\"%s\"} %llu\n", reason_names[i],
+        fm_strbuf_printf(&b, "fleetml_measurements_rejected_total{reason=\"%s\"} %llu\n", reason_names[i],
             (unsigned long long)atomic_load(&m->rejected[i]));
     counter(&b, "fleetml_replies_total", "Result messages published to devices.",
             atomic_load(&m->replied));
@@ -169,11 +127,5 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
          &m->commit_batch_size);
     hist(&b, "fleetml_reply_seconds", "Time from receipt to reply publication.",
          &m->reply_seconds);
-    if (b.oom) {
-        fm_free(b.p);
-        return FM_ENOMEM;
-    }
-    *out = b.p;
-    *len = b.len;
-    return 0;
+    return fm_strbuf_take(&b, out, len);
 }

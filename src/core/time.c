@@ -12,6 +12,17 @@ uint64_t fm_mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+void fm_deadline_ns(struct timespec *ts, int clock_id, int64_t ns)
+{
+    clock_gettime((clockid_t)clock_id, ts);
+    ts->tv_sec += (time_t)(ns / 1000000000LL);
+    ts->tv_nsec += (long)(ns % 1000000000LL);
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 int64_t fm_wall_ms(void)
 {
     struct timespec ts;

@@ -147,13 +147,7 @@ static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str
 static int wait_or_stop(fm_mqtt *c, int ms)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
+    fm_deadline_ns(&ts, CLOCK_MONOTONIC, (int64_t)ms * 1000000LL);
     pthread_mutex_lock(&c->mu);
     while (!c->stopping && pthread_cond_timedwait(&c->cv, &c->mu, &ts) == 0)
         ;

@@ -392,17 +392,6 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
     fm_free(quar);
 }
 
-static void deadline_after_ns(struct timespec *ts, uint64_t ns)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += (time_t)(ns / 1000000000ull);
-    ts->tv_nsec += (long)(ns % 1000000000ull);
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 static void *run(void *arg)
 {
     fm_pipeline *p = arg;
@@ -420,7 +409,7 @@ static void *run(void *arg)
              * readiness recovers on its own even when no device sends
              * (a load balancer will not send traffic to a 503 node). */
             struct timespec ts;
-            deadline_after_ns(&ts, 1000000000ull);
+            fm_deadline_ns(&ts, CLOCK_MONOTONIC, 1000000000LL);
             if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT && !p->head) {
                 pthread_mutex_unlock(&p->mu);
                 fm_errbuf err;
@@ -440,7 +429,7 @@ static void *run(void *arg)
             uint64_t age = fm_mono_ns() - p->head->recv_ns;
             if (age < window_ns) {
                 struct timespec ts;
-                deadline_after_ns(&ts, window_ns - age);
+                fm_deadline_ns(&ts, CLOCK_MONOTONIC, (int64_t)(window_ns - age));
                 while (p->depth < batch_max && !p->stopping) {
                     if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT)
                         break;
