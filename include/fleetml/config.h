@@ -69,6 +69,8 @@ typedef struct fm_config {
     int broker_port;       /* device listener (mTLS) */
     int broker_service_port; /* loopback listener for the service (mTLS) */
     char broker_host[256]; /* host the service connects to */
+    char broker_public_host[256]; /* told to devices after provisioning */
+    int broker_public_port;       /* 0 = broker_port */
     int max_payload;       /* bytes; larger measurements are rejected */
 
     char http_bind[64];
@@ -85,6 +87,9 @@ typedef struct fm_config {
     int lake_roll_seconds;
 
     char model_dir[PATH_MAX];
+
+    int device_cert_days;  /* certificates issued without a template */
+    int rotation_grace_s;  /* old certificate validity after a rotation */
 } fm_config;
 
 /* Fills c with defaults for the given data directory (NULL = "./var").

@@ -1,8 +1,8 @@
 /*
  * The service's MQTT 5 client (libmosquitto): connects to the broker's
  * service listener with the service certificate, keeps a persistent
- * session, subscribes to `$share/fleetml/fleet/+/measurements` (QoS 1) and
- * hands each measurement to a callback. Reconnects by itself.
+ * session, subscribes (QoS 1, shared subscriptions so several nodes split
+ * the work) and hands each message to a callback. Reconnects by itself.
  */
 #ifndef FLEETML_MQTT_H
 #define FLEETML_MQTT_H
@@ -12,17 +12,34 @@
 
 typedef struct fm_mqtt fm_mqtt;
 
-/* Called on the client's network thread for each measurement message.
- * The buffers are borrowed for the duration of the call. */
-typedef void (*fm_mqtt_measurement_fn)(void *ud, const char *device_id, const void *payload,
-                                       size_t len, const char *response_topic,
-                                       const void *corr, size_t corr_len);
+/* A received message. Everything is borrowed for the duration of the
+ * callback. The fleetml-* user properties are set only by the broker plugin
+ * (it strips copies sent by clients). */
+typedef struct fm_mqtt_msg {
+    const char *topic;
+    const void *payload;
+    size_t len;
+    const char *response_topic; /* MQTT 5 Response Topic or NULL */
+    const void *corr;           /* MQTT 5 Correlation Data or NULL */
+    size_t corr_len;
+    const char *claim_template; /* user property fleetml-claim-template */
+    const char *cert_serial;    /* user property fleetml-cert-serial */
+} fm_mqtt_msg;
+
+typedef struct fm_mqtt_handlers {
+    /* Called on the client's network thread for each message. */
+    void (*on_message)(void *ud, const fm_mqtt_msg *m);
+    /* Called on the network thread after each successful (re)connect. */
+    void (*on_connect)(void *ud);
+    void *ud;
+} fm_mqtt_handlers;
 
 /* Creates the client and starts its network thread; connection happens in
- * the background (see fm_mqtt_connected). Returns 0 and *out, or FM_EINVAL /
- * FM_ECRYPTO / FM_ENOMEM with err set. */
-int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, void *ud,
-                  fm_mqtt **out, fm_errbuf *err);
+ * the background (see fm_mqtt_connected). subscriptions is a NULL-terminated
+ * list of topic filters subscribed with QoS 1 on every connect. Returns 0
+ * and *out, or FM_EINVAL / FM_ECRYPTO / FM_ENOMEM with err set. */
+int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
+                  const fm_mqtt_handlers *h, fm_mqtt **out, fm_errbuf *err);
 
 /* Publishes with QoS 1 (optionally with Correlation Data). Thread-safe.
  * Returns 0, FM_EUNAVAIL when not connected, or FM_EIO. */

@@ -24,7 +24,11 @@ typedef struct fm_device {
     char tenant[65];
     int status; /* enum fm_device_status */
     int64_t created_ms;
-    char cert_serial[48];
+    char cert_serial[64];    /* first certificate (direct issue); may be "" */
+    char device_group[65];
+    char serial_number[65];  /* hardware serial when provisioned by claim */
+    char model[65];
+    char firmware[65];
 } fm_device;
 
 /* A measurement with its result, as committed in one group commit. The
@@ -63,6 +67,58 @@ typedef struct fm_lake_cursor {
     char pending_spool[512];
 } fm_lake_cursor;
 
+
+/* ---- registry: templates, certificates, provisioning, shadows ---------- */
+
+enum fm_template_status { FM_TEMPLATE_ACTIVE = 0, FM_TEMPLATE_DISABLED = 1 };
+enum fm_cert_status { FM_CERT_ACTIVE = 0, FM_CERT_GRACE = 1, FM_CERT_REVOKED = 2 };
+
+/* A provisioning template: which tenant/group a device claimed with it
+ * joins, and what is checked before it gets a certificate. */
+typedef struct fm_template {
+    char name[64];
+    char tenant[65];
+    char device_group[65];
+    char device_prefix[33];
+    int cert_days;
+    int allow_reprovision;
+    int rate_per_min;
+    int status;          /* enum fm_template_status */
+    int has_allowlist;   /* serials restricted to template_serials */
+    char hook[512];      /* "" | http(s)://... | /absolute/executable */
+    int64_t created_ms;
+} fm_template;
+
+/* What one successful provisioning commits, atomically. */
+typedef struct fm_provision {
+    const char *template_name;
+    const char *serial_number; /* the device's hardware serial */
+    const char *device_id;
+    const char *tenant;
+    const char *device_group;
+    const char *model;
+    const char *firmware;
+    const char *cert_serial;   /* the new certificate */
+    const char *cert_pem;
+    int64_t not_after_ms;
+    int reprovision;           /* revoke the device's earlier certificates */
+} fm_provision;
+
+/* A registry change to propagate (to the broker plugin, to devices). */
+enum fm_event_kind { FM_EVENT_DEVICE = 0, FM_EVENT_TEMPLATE = 1, FM_EVENT_SHADOW = 2 };
+
+typedef struct fm_shadow {
+    char *desired;   /* JSON object text (fm_free) */
+    char *reported;  /* JSON object text (fm_free) */
+    int64_t version; /* 0 when the device has no shadow yet */
+    int64_t updated_ms;
+} fm_shadow;
+
+typedef int (*fm_template_cb)(void *ud, const fm_template *t);
+typedef int (*fm_serial_cb)(void *ud, const char *serial_hex, int status, int64_t when_ms);
+typedef int (*fm_event_cb)(void *ud, int64_t seq, int kind, const char *subject);
+typedef int (*fm_device_cb)(void *ud, const fm_device *d);
+
 /* Called for each row of a scan; return nonzero to stop early. */
 typedef int (*fm_record_cb)(void *ud, const fm_record *r);
 typedef int (*fm_quarantine_cb)(void *ud, const fm_quarantine *q);
@@ -97,6 +153,38 @@ typedef struct fm_store_vtable {
                            fm_lake_cursor *out);
     int (*lake_cursor_set)(fm_store *s, const char *node, enum fm_lake_stream st,
                            const fm_lake_cursor *c, fm_errbuf *err);
+
+    int (*template_add)(fm_store *s, const fm_template *t, const char *const *serials,
+                        size_t nserials, fm_errbuf *err);
+    int (*template_get)(fm_store *s, const char *name, fm_template *out);
+    int (*template_set_status)(fm_store *s, const char *name, int status, fm_errbuf *err);
+    int (*template_list)(fm_store *s, fm_template_cb cb, void *ud);
+    int (*template_serial_allowed)(fm_store *s, const char *name, const char *serial);
+    int (*claim_cert_add)(fm_store *s, const char *tmpl, const char *serial_hex, fm_errbuf *err);
+    int (*claim_certs)(fm_store *s, const char *tmpl, fm_serial_cb cb, void *ud);
+
+    int (*cert_add)(fm_store *s, const char *device_id, const char *serial_hex,
+                    const char *pem, int64_t not_after_ms, fm_errbuf *err);
+    int (*device_certs)(fm_store *s, const char *device_id, fm_serial_cb cb, void *ud);
+    int (*device_revoke)(fm_store *s, const char *device_id, fm_errbuf *err);
+    int (*device_list)(fm_store *s, fm_device_cb cb, void *ud);
+    int (*revoked_certs)(fm_store *s, fm_serial_cb cb, void *ud);
+    int (*expire_grace)(fm_store *s, int64_t now_ms, long *expired, fm_errbuf *err);
+
+    int (*provision_lookup)(fm_store *s, const char *serial_number, char *device_id,
+                            size_t id_len, char **cert_pem);
+    int (*provision_commit)(fm_store *s, const fm_provision *p, fm_errbuf *err);
+    int (*rotate_commit)(fm_store *s, const char *device_id, const char *new_serial,
+                         const char *pem, int64_t not_after_ms, const char *old_serial,
+                         int64_t grace_until_ms, fm_errbuf *err);
+
+    int (*shadow_get)(fm_store *s, const char *device_id, fm_shadow *out);
+    int (*shadow_put)(fm_store *s, const char *device_id, const char *desired,
+                      const char *reported, int64_t expected_version, int64_t *new_version,
+                      int notify, fm_errbuf *err);
+
+    int (*events_after)(fm_store *s, int64_t after_seq, size_t limit, fm_event_cb cb, void *ud);
+    int (*events_max)(fm_store *s, int64_t *out);
 } fm_store_vtable;
 
 struct fm_store {
@@ -171,5 +259,99 @@ static inline int fm_store_lake_cursor_set(fm_store *s, const char *node,
                                            enum fm_lake_stream st, const fm_lake_cursor *c,
                                            fm_errbuf *err)
 { return s->vt->lake_cursor_set(s, node, st, c, err); }
+
+/* ---- registry wrappers ----------------------------------------------------
+ * Every change below that the broker must learn about also appends a
+ * registry event in the same transaction (see fm_store_events_after). */
+
+/* Creates a template with an optional serial allow-list (nserials == 0: any
+ * serial). FM_EEXIST if the name is taken, FM_ENOTFOUND if the tenant is
+ * unknown. */
+static inline int fm_store_template_add(fm_store *s, const fm_template *t,
+                                        const char *const *serials, size_t nserials,
+                                        fm_errbuf *err)
+{ return s->vt->template_add(s, t, serials, nserials, err); }
+/* 0 and *out, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_template_get(fm_store *s, const char *name, fm_template *out)
+{ return s->vt->template_get(s, name, out); }
+static inline int fm_store_template_set_status(fm_store *s, const char *name, int status,
+                                               fm_errbuf *err)
+{ return s->vt->template_set_status(s, name, status, err); }
+static inline int fm_store_template_list(fm_store *s, fm_template_cb cb, void *ud)
+{ return s->vt->template_list(s, cb, ud); }
+/* 1 when the template allows the serial (no allow-list, or listed), 0 when
+ * not, negative FM_E* on error. */
+static inline int fm_store_template_serial_allowed(fm_store *s, const char *name,
+                                                   const char *serial)
+{ return s->vt->template_serial_allowed(s, name, serial); }
+/* Records a claim certificate serial for a template (it becomes usable). */
+static inline int fm_store_claim_cert_add(fm_store *s, const char *tmpl, const char *serial_hex,
+                                          fm_errbuf *err)
+{ return s->vt->claim_cert_add(s, tmpl, serial_hex, err); }
+/* Calls cb for each claim certificate serial of a template. */
+static inline int fm_store_claim_certs(fm_store *s, const char *tmpl, fm_serial_cb cb, void *ud)
+{ return s->vt->claim_certs(s, tmpl, cb, ud); }
+/* Records an active certificate of a device (direct issue). */
+static inline int fm_store_cert_add(fm_store *s, const char *device_id, const char *serial_hex,
+                                    const char *pem, int64_t not_after_ms, fm_errbuf *err)
+{ return s->vt->cert_add(s, device_id, serial_hex, pem, not_after_ms, err); }
+/* Calls cb for each certificate of the device that may connect (active or
+ * in its rotation grace period); when is the grace end (0 if active). */
+static inline int fm_store_device_certs(fm_store *s, const char *device_id, fm_serial_cb cb,
+                                        void *ud)
+{ return s->vt->device_certs(s, device_id, cb, ud); }
+/* Irreversibly revokes a device and all its certificates. FM_ENOTFOUND. */
+static inline int fm_store_device_revoke(fm_store *s, const char *device_id, fm_errbuf *err)
+{ return s->vt->device_revoke(s, device_id, err); }
+static inline int fm_store_device_list(fm_store *s, fm_device_cb cb, void *ud)
+{ return s->vt->device_list(s, cb, ud); }
+/* Calls cb for every revoked certificate (for the CRL); when = revocation. */
+static inline int fm_store_revoked_certs(fm_store *s, fm_serial_cb cb, void *ud)
+{ return s->vt->revoked_certs(s, cb, ud); }
+/* Revokes certificates whose rotation grace ended before now_ms. */
+static inline int fm_store_expire_grace(fm_store *s, int64_t now_ms, long *expired,
+                                        fm_errbuf *err)
+{ return s->vt->expire_grace(s, now_ms, expired, err); }
+/* Finds the device provisioned for a hardware serial: 0 with device_id and
+ * its newest active certificate PEM (*cert_pem, fm_free; may be NULL when
+ * none is active), FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_provision_lookup(fm_store *s, const char *serial_number,
+                                            char *device_id, size_t id_len, char **cert_pem)
+{ return s->vt->provision_lookup(s, serial_number, device_id, id_len, cert_pem); }
+/* Registers (or re-activates, when p->reprovision) the device, revokes its
+ * older certificates if reprovisioning, records the new active certificate
+ * and the serial -> device mapping, in one transaction. FM_EEXIST when the
+ * device id belongs to another serial. */
+static inline int fm_store_provision_commit(fm_store *s, const fm_provision *p, fm_errbuf *err)
+{ return s->vt->provision_commit(s, p, err); }
+/* Adds a new active certificate and puts old_serial into its grace period
+ * (until grace_until_ms), in one transaction. */
+static inline int fm_store_rotate_commit(fm_store *s, const char *device_id,
+                                         const char *new_serial, const char *pem,
+                                         int64_t not_after_ms, const char *old_serial,
+                                         int64_t grace_until_ms, fm_errbuf *err)
+{ return s->vt->rotate_commit(s, device_id, new_serial, pem, not_after_ms, old_serial,
+                             grace_until_ms, err); }
+/* Reads a device's shadow; a missing shadow reads as version 0 with "{}"
+ * documents. Free the strings with fm_free. */
+static inline int fm_store_shadow_get(fm_store *s, const char *device_id, fm_shadow *out)
+{ return s->vt->shadow_get(s, device_id, out); }
+/* Writes both documents and bumps the version. expected_version >= 0 makes
+ * it conditional (FM_EBUSY when the stored version differs). notify adds a
+ * shadow event (so every node pushes the delta). */
+static inline int fm_store_shadow_put(fm_store *s, const char *device_id, const char *desired,
+                                      const char *reported, int64_t expected_version,
+                                      int64_t *new_version, int notify, fm_errbuf *err)
+{ return s->vt->shadow_put(s, device_id, desired, reported, expected_version, new_version,
+                          notify, err); }
+/* Calls cb for registry events with seq > after_seq, in order. */
+static inline int fm_store_events_after(fm_store *s, int64_t after_seq, size_t limit,
+                                        fm_event_cb cb, void *ud)
+{ return s->vt->events_after(s, after_seq, limit, cb, ud); }
+static inline int fm_store_events_max(fm_store *s, int64_t *out)
+{ return s->vt->events_max(s, out); }
+/* Frees the strings of a shadow read with fm_store_shadow_get. */
+static inline void fm_shadow_clear(fm_shadow *sh)
+{ fm_free(sh->desired); fm_free(sh->reported); sh->desired = sh->reported = NULL; }
 
 #endif

@@ -75,7 +75,10 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
     /* Replies are small and latency matters more than packet count. */
     fm_strbuf_printf(&b, "set_tcp_nodelay true\n");
     fm_strbuf_printf(&b, "max_queued_messages 10000\nmax_inflight_messages 1000\n");
+    char registry[PATH_MAX];
     fm_strbuf_printf(&b, "plugin %s\nplugin_opt_service_id fleetml-service\n", plugin_path);
+    fm_strbuf_printf(&b, "plugin_opt_registry %s\n",
+                     fm_config_path(cfg, "broker/registry.json", registry, sizeof registry));
     fm_strbuf_printf(&b, "\n# Devices: mutual TLS.\nlistener %d %s\n", cfg->broker_port, cfg->broker_bind);
     tls_block(&b, cfg);
     fm_strbuf_printf(&b, "\n# The fleetml service itself (loopback only).\nlistener %d 127.0.0.1\n",

@@ -12,12 +12,13 @@
 
 int fm_cmd_init(int argc, char **argv);
 int fm_cmd_serve(int argc, char **argv);
-int fm_cmd_device(int argc, char **argv);     /* add | list | disable | enable | run */
+int fm_cmd_device(int argc, char **argv); /* add | disable | enable | revoke | shadow | run */
 int fm_cmd_device_run(int argc, char **argv); /* `fleetml device run <id>` */
 int fm_cmd_sim(int argc, char **argv);
 int fm_cmd_features(int argc, char **argv);
 int fm_cmd_model(int argc, char **argv);      /* train | info | predict */
 int fm_cmd_lake(int argc, char **argv);       /* flush */
+int fm_cmd_template(int argc, char **argv);   /* add | list | disable | enable | claim-cert */
 
 /* Shared option handling: consumes `--data DIR` and `--set section.key=V`
  * (repeatable) from argv (compacting it, updating *argc), loads

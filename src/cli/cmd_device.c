@@ -2,8 +2,10 @@
 #include "cli/cli.h"
 #include "fleetml/measurement.h"
 #include "fleetml/pki.h"
+#include "fleetml/registry.h"
 #include "fleetml/store.h"
 
+#include <jansson.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -32,8 +34,9 @@ static int device_add(int argc, char **argv)
     }
     /* The service's certificate CN has broker-wide rights; a device must
      * never be issued a certificate with that name (or anything like it). */
-    if (strncmp(id, "fleetml-", 8) == 0) {
-        fprintf(stderr, "fleetml device add: ids starting with 'fleetml-' are reserved\n");
+    if (strncmp(id, "fleetml-", 8) == 0 || strcmp(id, "provisioning") == 0) {
+        fprintf(stderr, "fleetml device add: 'provisioning' and ids starting with 'fleetml-' "
+                        "are reserved\n");
         return 2;
     }
     fm_errbuf err;
@@ -110,10 +113,140 @@ static int device_status(int argc, char **argv, int status)
     return 0;
 }
 
+static int device_revoke(int argc, char **argv)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml device revoke <id> [--data DIR]\n");
+        return 2;
+    }
+    fm_errbuf err;
+    fm_store *st = NULL;
+    if (fm_store_open(&cfg, &st, &err) != 0 || fm_store_device_revoke(st, argv[1], &err) != 0) {
+        fprintf(stderr, "fleetml device revoke: %s\n", err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    fm_store_close(st);
+    /* The running platform follows the registry event log: it cuts the
+     * device's sessions and updates the CRL within about a second. */
+    printf("device %s revoked (irreversible)\n", argv[1]);
+    return 0;
+}
+
+static int print_shadow(const fm_shadow *sh)
+{
+    json_t *des = json_loads(sh->desired, 0, NULL), *rep = json_loads(sh->reported, 0, NULL);
+    char ts[40];
+    json_t *doc = json_pack("{s:{s:o,s:o},s:I,s:s}", "state", "desired", des ? des : json_object(),
+                            "reported", rep ? rep : json_object(), "version",
+                            (json_int_t)sh->version, "updated_at",
+                            sh->updated_ms ? fm_rfc3339(sh->updated_ms, ts, sizeof ts) : "");
+    char *text = doc ? json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(doc);
+    if (!text)
+        return 1;
+    printf("%s\n", text);
+    fm_free(text);
+    return 0;
+}
+
+static int device_shadow(int argc, char **argv)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    const char *desired = fm_cli_take_opt(&argc, argv, "--desired");
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml device shadow <id> [--desired JSON] [--data DIR]\n");
+        return 2;
+    }
+    json_t *patch = NULL;
+    if (desired) {
+        json_error_t je;
+        patch = json_loads(desired, JSON_REJECT_DUPLICATES, &je);
+        if (!json_is_object(patch)) {
+            fprintf(stderr, "fleetml device shadow: --desired must be a JSON object (%s)\n",
+                    je.text);
+            json_decref(patch);
+            return 2;
+        }
+    }
+    fm_errbuf err;
+    fm_store *st = NULL;
+    fm_device d;
+    if (fm_store_open(&cfg, &st, &err) != 0) {
+        fprintf(stderr, "fleetml device shadow: %s\n", err.msg);
+        json_decref(patch);
+        return 1;
+    }
+    if (fm_store_device_get(st, argv[1], &d) != 0) {
+        fprintf(stderr, "fleetml device shadow: device '%s' does not exist\n", argv[1]);
+        rc = 1;
+    }
+    fm_shadow sh = {0};
+    /* Read-modify-write, conditional on the version read: the platform
+     * may store a reported update in between, and then we merge again. */
+    for (int attempt = 0; !rc && attempt < 10; attempt++) {
+        fm_shadow_clear(&sh);
+        if (fm_store_shadow_get(st, argv[1], &sh) != 0) {
+            rc = 1;
+            break;
+        }
+        if (!patch)
+            break;
+        json_t *des = json_loads(sh.desired, 0, NULL);
+        char *text = NULL;
+        if (des && fm_shadow_merge(des, patch) == 0)
+            text = json_dumps(des, JSON_COMPACT | JSON_SORT_KEYS);
+        json_decref(des);
+        if (!text) {
+            rc = 1;
+            break;
+        }
+        if (strlen(text) + strlen(sh.reported) > FM_SHADOW_MAX_BYTES) {
+            fprintf(stderr, "fleetml device shadow: the document would exceed %d bytes\n",
+                    FM_SHADOW_MAX_BYTES);
+            fm_free(text);
+            rc = 1;
+            break;
+        }
+        int64_t ver = 0;
+        int prc = fm_store_shadow_put(st, argv[1], text, sh.reported, sh.version, &ver, 1, &err);
+        fm_free(text);
+        if (prc == FM_EBUSY)
+            continue;
+        if (prc != 0) {
+            fprintf(stderr, "fleetml device shadow: %s\n", err.msg);
+            rc = 1;
+            break;
+        }
+        fm_shadow_clear(&sh);
+        rc = fm_store_shadow_get(st, argv[1], &sh) ? 1 : 0;
+        json_decref(patch);
+        patch = NULL;
+        break;
+    }
+    if (!rc && patch) {
+        fprintf(stderr, "fleetml device shadow: the shadow kept changing; try again\n");
+        rc = 1;
+    }
+    if (!rc)
+        rc = print_shadow(&sh);
+    fm_shadow_clear(&sh);
+    json_decref(patch);
+    fm_store_close(st);
+    return rc;
+}
+
 int fm_cmd_device(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: fleetml device add|disable|enable|run ...\n");
+        fprintf(stderr, "usage: fleetml device add|disable|enable|revoke|shadow|run ...\n");
         return 2;
     }
     if (strcmp(argv[1], "add") == 0)
@@ -122,6 +255,10 @@ int fm_cmd_device(int argc, char **argv)
         return device_status(argc - 1, argv + 1, FM_DEVICE_DISABLED);
     if (strcmp(argv[1], "enable") == 0)
         return device_status(argc - 1, argv + 1, FM_DEVICE_ACTIVE);
+    if (strcmp(argv[1], "revoke") == 0)
+        return device_revoke(argc - 1, argv + 1);
+    if (strcmp(argv[1], "shadow") == 0)
+        return device_shadow(argc - 1, argv + 1);
     if (strcmp(argv[1], "run") == 0)
         return fm_cmd_device_run(argc - 1, argv + 1);
     fprintf(stderr, "fleetml device: unknown subcommand '%s'\n", argv[1]);

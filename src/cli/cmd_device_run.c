@@ -1,12 +1,27 @@
 /*
- * `fleetml device run <id>`: one simulated viscometer. It connects as the
- * device (mutual TLS with the certificate made by `fleetml device add`),
+ * `fleetml device run`: one simulated viscometer, in two modes:
+ *
+ *   fleetml device run <id>      the certificate made by `fleetml device add`
+ *                                (<data>/devices/<id>/), which is also the
+ *                                state directory (outbox) unless --state;
+ *   fleetml device run --claim <template> --serial <S> [--state DIR]
+ *                                onboards once through the claim flow with
+ *                                <data>/claims/<template>/claim.{crt,key}
+ *                                (state directory default <data>/sim/<S>).
+ *
+ * Every measurement goes through the SDK's on-disk outbox, so a device
+ * killed with -9 resends what was never answered when it starts again. It
  * sends a measurement every --interval seconds and prints one line per
  * result on stdout:
  *
  *   m-lz3k8q1a-000001 ok viscosity_high_mpas=4.12 ... latency_ms=3.2
  *   m-lz3k8q1a-000002 error out_of_range sweep[2]: ...
- *   m-lz3k8q1a-000003 timeout no result after 3 attempts
+ *   m-lz3k8q1a-000003 dropped outbox full
+ *
+ * It also prints the shadow deltas it receives and reports each one back
+ * as applied (reported = the delta), a minimal shadow loop:
+ *
+ *   shadow delta version=7 {"sample_rate_hz":20}
  *
  * Measurement ids carry a per-run prefix (the start time in base 36)
  * because the cloud answers a repeated id with the original result: a
@@ -52,6 +67,7 @@ struct run {
     fm_devclient *c;
     uint64_t resolved;
     uint64_t failed;
+    bool announced; /* "ready as <id>" printed */
 };
 
 /* Appends " key=value" for each output; numbers with 3 significant digits,
@@ -79,6 +95,12 @@ static void on_result(void *ud, const char *mid, const char *status, const char 
     double latency_ms = (double)info.latency_ns / 1e6;
     r->resolved++;
 
+    if (strcmp(status, "dropped") == 0) {
+        r->failed++;
+        printf("%s dropped outbox full\n", mid);
+        fflush(stdout);
+        return;
+    }
     if (strcmp(status, "timeout") == 0) {
         r->failed++;
         if (info.attempts == 0)
@@ -106,13 +128,82 @@ static void on_result(void *ud, const char *mid, const char *status, const char 
     fflush(stdout);
 }
 
-static void usage(void)
+static void on_state(void *ud, bool connected, const char *reason)
 {
-    fprintf(stderr, "usage: fleetml device run <id> [--data DIR] [--set k=v] [--count N (0 = forever)]\n"
-                    "                          [--interval SECONDS (default 5)] [--seed S]\n"
-                    "                          [--timeout SECONDS (result wait per attempt, default 10)]\n");
+    struct run *r = ud;
+    if (!connected) {
+        if (fm_devclient_error(r->c))
+            fprintf(stderr, "fleetml device run: %s\n", reason);
+        return;
+    }
+    if (!r->announced) {
+        r->announced = true;
+        printf("device %s connected\n", fm_devclient_id(r->c));
+        fflush(stdout);
+    }
+    /* Learn the desired state that changed while we were away. */
+    (void)fm_devclient_shadow_get(r->c);
 }
 
+/* The tiny shadow loop: print the delta and report it back as applied. */
+static void on_shadow(void *ud, enum fm_shadow_kind kind, const char *json, size_t len)
+{
+    struct run *r = ud;
+    json_t *doc = json_loadb(json, len, 0, NULL);
+    json_t *state = json_object_get(doc, "state");
+    long long version = (long long)json_integer_value(json_object_get(doc, "version"));
+    if (kind == FM_SHADOW_DELTA || kind == FM_SHADOW_DOCUMENT) {
+        json_t *delta = kind == FM_SHADOW_DELTA ? state : NULL;
+        if (kind == FM_SHADOW_DOCUMENT) {
+            /* Apply desired keys that reported does not match yet. */
+            json_t *des = json_object_get(state, "desired"), *rep = json_object_get(state, "reported");
+            const char *k;
+            json_t *v;
+            json_object_foreach(des, k, v)
+            {
+                if (!json_equal(v, json_object_get(rep, k))) {
+                    if (!delta)
+                        delta = json_object();
+                    json_object_set(delta, k, v);
+                }
+            }
+        }
+        if (json_is_object(delta) && json_object_size(delta) > 0) {
+            char *text = json_dumps(delta, JSON_COMPACT | JSON_SORT_KEYS);
+            if (text) {
+                printf("shadow delta version=%lld %s\n", version, text);
+                fflush(stdout);
+                int rc = fm_devclient_shadow_report(r->c, text);
+                if (rc != 0)
+                    fprintf(stderr, "fleetml device run: cannot report shadow: %s\n", fm_strerror(rc));
+                free(text);
+            }
+        }
+        if (kind == FM_SHADOW_DOCUMENT)
+            json_decref(delta);
+    } else {
+        fprintf(stderr, "fleetml device run: shadow update rejected: %.*s\n", (int)len, json);
+    }
+    json_decref(doc);
+}
+
+static void usage(void)
+{
+    fprintf(stderr,
+            "usage: fleetml device run <id> [--state DIR (default <data>/devices/<id>)]\n"
+            "       fleetml device run --claim <template> --serial <S> [--state DIR (default <data>/sim/<S>)]\n"
+            "  common: [--data DIR] [--set k=v] [--count N (0 = forever)] [--interval SECONDS (default 5)]\n"
+            "          [--seed S] [--timeout SECONDS (result wait per attempt, default 10)]\n"
+            "          [--outbox-max N (entries, default %d)] [--drop-oldest]\n",
+            FM_OUTBOX_DEFAULT_MAX_ENTRIES);
+}
+
+#define USAGE_ERR(...)                                                                             \
+    do {                                                                                           \
+        fprintf(stderr, "fleetml device run: " __VA_ARGS__);                                       \
+        fputc('\n', stderr);                                                                       \
+        return 2;                                                                                  \
+    } while (0)
 
 int fm_cmd_device_run(int argc, char **argv)
 {
@@ -122,73 +213,112 @@ int fm_cmd_device_run(int argc, char **argv)
     const char *s_interval = fm_cli_take_opt(&argc, argv, "--interval");
     const char *s_seed = fm_cli_take_opt(&argc, argv, "--seed");
     const char *s_timeout = fm_cli_take_opt(&argc, argv, "--timeout");
+    const char *s_claim = fm_cli_take_opt(&argc, argv, "--claim");
+    const char *s_serial = fm_cli_take_opt(&argc, argv, "--serial");
+    const char *s_state = fm_cli_take_opt(&argc, argv, "--state");
+    const char *s_obmax = fm_cli_take_opt(&argc, argv, "--outbox-max");
+    bool drop_oldest = fm_cli_take_flag(&argc, argv, "--drop-oldest");
     if (fm_cli_take_flag(&argc, argv, "--help") || fm_cli_take_flag(&argc, argv, "-h")) {
         usage();
         return 0;
     }
-    uint64_t count = 0, seed = 0;
+    uint64_t count = 0, seed = 0, obmax = 0;
     double interval = 5.0, timeout_s = 10.0;
-    if (s_count && fm_cli_parse_u64(s_count, UINT64_MAX, &count) != 0) {
-        fprintf(stderr, "fleetml device run: --count expects a non-negative integer, got '%s'\n", s_count);
-        return 2;
-    }
-    if (s_interval && (fm_cli_parse_double(s_interval, &interval) != 0 || interval < 0.001 || interval > 86400)) {
-        fprintf(stderr, "fleetml device run: --interval expects seconds in 0.001..86400, got '%s'\n",
-                s_interval);
-        return 2;
-    }
-    if (s_timeout && (fm_cli_parse_double(s_timeout, &timeout_s) != 0 || timeout_s < 0.01 || timeout_s > 3600)) {
-        fprintf(stderr, "fleetml device run: --timeout expects seconds in 0.01..3600, got '%s'\n",
-                s_timeout);
-        return 2;
-    }
-    if (s_seed && fm_cli_parse_u64(s_seed, UINT64_MAX, &seed) != 0) {
-        fprintf(stderr, "fleetml device run: --seed expects a non-negative integer, got '%s'\n", s_seed);
-        return 2;
-    }
+    if (s_count && fm_cli_parse_u64(s_count, UINT64_MAX, &count) != 0)
+        USAGE_ERR("--count expects a non-negative integer, got '%s'", s_count);
+    if (s_interval && (fm_cli_parse_double(s_interval, &interval) != 0 || interval < 0.001 || interval > 86400))
+        USAGE_ERR("--interval expects seconds in 0.001..86400, got '%s'", s_interval);
+    if (s_timeout && (fm_cli_parse_double(s_timeout, &timeout_s) != 0 || timeout_s < 0.01 || timeout_s > 3600))
+        USAGE_ERR("--timeout expects seconds in 0.01..3600, got '%s'", s_timeout);
+    if (s_seed && fm_cli_parse_u64(s_seed, UINT64_MAX, &seed) != 0)
+        USAGE_ERR("--seed expects a non-negative integer, got '%s'", s_seed);
+    if (s_obmax && (fm_cli_parse_u64(s_obmax, FM_DEVCLIENT_MAX_PENDING_LIMIT - 1, &obmax) != 0 || obmax == 0))
+        USAGE_ERR("--outbox-max expects 1..%d, got '%s'", FM_DEVCLIENT_MAX_PENDING_LIMIT - 1, s_obmax);
+    if (!s_claim != !s_serial)
+        USAGE_ERR("--claim and --serial go together");
     fm_config cfg;
     int rc = fm_cli_config(&argc, argv, &cfg);
     if (rc != 0)
         return rc;
-    if (argc != 2 || argv[1][0] == '-') {
-        if (argc > 2 || (argc == 2 && argv[1][0] == '-'))
-            fprintf(stderr, "fleetml device run: unexpected argument '%s'\n", argv[argc > 2 ? 2 : 1]);
-        usage();
-        return 2;
-    }
-    const char *id = argv[1];
-    if (!fm_device_id_valid(id)) {
-        fprintf(stderr, "fleetml device run: invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})\n", id);
-        return 2;
+    const char *id = NULL;
+    if (s_claim) {
+        if (argc > 1) {
+            fprintf(stderr, "fleetml device run: unexpected argument '%s' (claim mode takes no id)\n", argv[1]);
+            usage();
+            return 2;
+        }
+    } else {
+        if (argc != 2 || argv[1][0] == '-') {
+            if (argc > 2 || (argc == 2 && argv[1][0] == '-'))
+                fprintf(stderr, "fleetml device run: unexpected argument '%s'\n", argv[argc > 2 ? 2 : 1]);
+            usage();
+            return 2;
+        }
+        id = argv[1];
+        if (!fm_device_id_valid(id)) {
+            fprintf(stderr, "fleetml device run: invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})\n", id);
+            return 2;
+        }
     }
 
-    char ca[PATH_MAX], crt[PATH_MAX], key[PATH_MAX], rel[256];
-    snprintf(rel, sizeof rel, "devices/%s/device.crt", id);
-    bool paths_ok = fm_config_path(&cfg, "pki/ca.crt", ca, sizeof ca) &&
-                    fm_config_path(&cfg, rel, crt, sizeof crt);
-    snprintf(rel, sizeof rel, "devices/%s/device.key", id);
-    paths_ok = paths_ok && fm_config_path(&cfg, rel, key, sizeof key);
+    char ca[PATH_MAX], crt[PATH_MAX], key[PATH_MAX], state[PATH_MAX], rel[512];
+    bool paths_ok = fm_config_path(&cfg, "pki/ca.crt", ca, sizeof ca) != NULL;
+    if (s_claim) {
+        snprintf(rel, sizeof rel, "claims/%s/claim.crt", s_claim);
+        paths_ok = paths_ok && fm_config_path(&cfg, rel, crt, sizeof crt);
+        snprintf(rel, sizeof rel, "claims/%s/claim.key", s_claim);
+        paths_ok = paths_ok && fm_config_path(&cfg, rel, key, sizeof key);
+        snprintf(rel, sizeof rel, "sim/%s", s_serial);
+    } else {
+        snprintf(rel, sizeof rel, "devices/%s/device.crt", id);
+        paths_ok = paths_ok && fm_config_path(&cfg, rel, crt, sizeof crt);
+        snprintf(rel, sizeof rel, "devices/%s/device.key", id);
+        paths_ok = paths_ok && fm_config_path(&cfg, rel, key, sizeof key);
+        snprintf(rel, sizeof rel, "devices/%s", id);
+    }
+    if (s_state)
+        paths_ok = paths_ok && (size_t)snprintf(state, sizeof state, "%s", s_state) < sizeof state;
+    else
+        paths_ok = paths_ok && fm_config_path(&cfg, rel, state, sizeof state);
     if (!paths_ok) {
-        fprintf(stderr, "fleetml device run: data directory path too long\n");
+        fprintf(stderr, "fleetml device run: path too long\n");
         return 2;
     }
     if (access(crt, R_OK) != 0 || access(key, R_OK) != 0) {
-        fprintf(stderr, "fleetml device run: no credentials for '%s' in %s/devices/%s (run `fleetml device add %s`)\n",
-                id, cfg.data_dir, id, id);
+        if (s_claim)
+            fprintf(stderr, "fleetml device run: no claim certificate for template '%s' (%s; run `fleetml template claim-cert %s`)\n",
+                    s_claim, crt, s_claim);
+        else
+            fprintf(stderr, "fleetml device run: no credentials for '%s' in %s/devices/%s (run `fleetml device add %s`)\n",
+                    id, cfg.data_dir, id, id);
         return 1;
     }
 
     struct run r = {0};
+    fm_devclient_claim claim = {
+        .cert_path = crt,
+        .key_path = key,
+        .serial = s_serial,
+        .model = "fleetml-sim-viscometer",
+        .firmware = FIRMWARE,
+        .timeout_ms = (int)(timeout_s * 1000.0),
+    };
     fm_devclient_opts o = {
         .id = id,
         .host = cfg.broker_host,
         .port = cfg.broker_port,
         .ca_path = ca,
-        .cert_path = crt,
-        .key_path = key,
+        .cert_path = s_claim ? NULL : crt,
+        .key_path = s_claim ? NULL : key,
         .on_result = on_result,
+        .on_state = on_state,
+        .on_shadow = on_shadow,
         .ud = &r,
         .result_timeout_ms = (int)(timeout_s * 1000.0),
+        .state_dir = state,
+        .claim = s_claim ? &claim : NULL,
+        .outbox_max_entries = (int)obmax,
+        .outbox_policy = drop_oldest ? FM_OUTBOX_DROP_OLDEST : FM_OUTBOX_REFUSE_NEW,
     };
     fm_errbuf err;
     if (fm_devclient_new(&o, &r.c, &err) != 0) {
@@ -196,8 +326,14 @@ int fm_cmd_device_run(int argc, char **argv)
         return 1;
     }
     install_signals();
+    size_t leftover = fm_devclient_pending(r.c);
+    if (leftover > 0)
+        printf("outbox: %zu unanswered measurement(s) from an earlier run will be sent again\n", leftover);
+    if (fm_devclient_claiming(r.c))
+        printf("claiming a certificate as serial %s (template %s)\n", s_serial, s_claim);
+    fflush(stdout);
     rc = fm_devclient_connect(r.c, &err);
-    if (rc == FM_ECRYPTO || rc == FM_ESTATE) {
+    if (rc != 0 && rc != FM_EIO) {
         fprintf(stderr, "fleetml device run: %s\n", err.msg);
         fm_devclient_free(r.c);
         return 1;
@@ -215,23 +351,29 @@ int fm_cmd_device_run(int argc, char **argv)
     fm_cli_base36((uint64_t)fm_wall_ms(), run_prefix, sizeof run_prefix);
 
     const uint64_t interval_ns = (uint64_t)(interval * 1e9);
-    const uint64_t start = fm_mono_ns();
     /* The first measurement goes out as soon as the device is ready, or
      * after one interval anyway so an unreachable broker cannot stall the
-     * schedule (the SDK buffers until it reconnects). */
-    uint64_t next_send = start + interval_ns;
+     * schedule (the outbox keeps it until it can be sent). While the claim
+     * runs nothing is measured: the device does not know who it is yet. */
+    uint64_t next_send = fm_mono_ns() + interval_ns;
     bool scheduled_from_ready = false;
     uint64_t sent = 0;
     int exit_code = 0;
 
     while (!stop_requested) {
+        if (fm_devclient_error(r.c)) {
+            fprintf(stderr, "fleetml device run: %s\n", fm_devclient_error(r.c));
+            exit_code = 1;
+            break;
+        }
         uint64_t now = fm_mono_ns();
         if (!scheduled_from_ready && fm_devclient_ready(r.c)) {
             scheduled_from_ready = true;
             if (sent == 0)
                 next_send = now;
         }
-        if ((count == 0 || sent < count) && now >= next_send) {
+        bool may_send = !fm_devclient_claiming(r.c);
+        if (may_send && (count == 0 || sent < count) && now >= next_send) {
             char mid[FM_DEVICE_MEAS_ID_MAXLEN + 1];
             snprintf(mid, sizeof mid, "m-%s-%06llu", run_prefix, (unsigned long long)(sent + 1));
             fm_visc_truth truth;
@@ -243,10 +385,10 @@ int fm_cmd_device_run(int argc, char **argv)
                 rc = fm_devclient_publish_measurement(r.c, doc, len, mid);
             fm_free(doc);
             if (rc == FM_EBUSY) {
-                /* Not counted towards --count: it was never sent. */
-                fprintf(stderr, "fleetml device run: too many measurements awaiting results; skipping one\n");
+                /* Not counted towards --count: it was never stored. */
+                fprintf(stderr, "fleetml device run: outbox full; measurement not taken\n");
             } else if (rc != 0) {
-                fprintf(stderr, "fleetml device run: cannot send measurement: %s\n", fm_strerror(rc));
+                fprintf(stderr, "fleetml device run: cannot store measurement: %s\n", fm_strerror(rc));
                 exit_code = 1;
                 break;
             } else {
@@ -258,11 +400,13 @@ int fm_cmd_device_run(int argc, char **argv)
             if (next_send < now)
                 next_send = now + interval_ns;
         }
-        if (count != 0 && r.resolved >= count)
+        /* Done when the measurements of this run are taken and the outbox
+         * (including entries of earlier runs) is empty. */
+        if (count != 0 && sent >= count && fm_devclient_pending(r.c) == 0)
             break;
 
         int wait_ms = 1000;
-        if (count == 0 || sent < count) {
+        if (may_send && (count == 0 || sent < count)) {
             uint64_t t = fm_mono_ns();
             uint64_t d = next_send > t ? (next_send - t + 999999) / 1000000 : 0;
             if (d < (uint64_t)wait_ms)
@@ -278,8 +422,9 @@ int fm_cmd_device_run(int argc, char **argv)
 
     if (r.failed > 0)
         exit_code = 1;
-    /* Interrupted before --count results arrived: the run is incomplete. */
-    if (count != 0 && r.resolved < count)
+    /* Interrupted before everything was answered: the run is incomplete
+     * (what is left stays in the outbox for the next run). */
+    if (count != 0 && (sent < count || fm_devclient_pending(r.c) > 0))
         exit_code = 1;
     fm_devclient_free(r.c);
     return exit_code;

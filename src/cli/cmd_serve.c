@@ -14,6 +14,7 @@
 #include "fleetml/metrics.h"
 #include "fleetml/mqtt.h"
 #include "fleetml/pipeline.h"
+#include "fleetml/registry.h"
 
 #include <signal.h>
 #include <stdatomic.h>
@@ -25,6 +26,7 @@ typedef struct server {
     fm_config cfg;
     fm_broker *broker;
     fm_pipeline *pipeline;
+    fm_registry *registry;
     fm_lake_writer *lake;
     fm_http *http;
     _Atomic(fm_mqtt *) mqtt;
@@ -45,12 +47,25 @@ static void committed(void *ud)
         fm_lake_writer_notify(s->lake);
 }
 
-/* Runs on the MQTT network thread: copy and queue, nothing more. */
-static void on_measurement(void *ud, const char *device, const void *payload, size_t len,
-                           const char *rt, const void *corr, size_t corr_len)
+/* fleet/<device>/measurements -> device id; anything else -> 0. */
+static int measurement_device(const char *topic, char *out, size_t len)
 {
-    server *s = ud;
-    fm_inmsg *m = fm_inmsg_new(device, payload, len, rt, corr, corr_len);
+    const char *prefix = "fleet/", *suffix = "/measurements";
+    size_t pl = strlen(prefix), sl = strlen(suffix), tl = strlen(topic);
+    if (tl <= pl + sl || strncmp(topic, prefix, pl) != 0 || strcmp(topic + tl - sl, suffix) != 0)
+        return 0;
+    size_t idl = tl - pl - sl;
+    if (idl >= len)
+        return 0;
+    memcpy(out, topic + pl, idl);
+    out[idl] = '\0';
+    return fm_device_id_valid(out);
+}
+
+static void on_measurement(server *s, const char *device, const fm_mqtt_msg *mm)
+{
+    fm_inmsg *m = fm_inmsg_new(device, mm->payload, mm->len, mm->response_topic, mm->corr,
+                               mm->corr_len);
     int rc = m ? fm_pipeline_submit(s->pipeline, m) : FM_ENOMEM;
     if (rc == 0)
         return;
@@ -60,16 +75,46 @@ static void on_measurement(void *ud, const char *device, const void *payload, si
     atomic_fetch_add(&mx->received, 1);
     atomic_fetch_add(&mx->rejected[FM_REJ_UNAVAILABLE], 1);
     char mid[FM_MEAS_ID_MAX + 1], topic[256];
-    fm_measurement_peek_id(payload, len, mid);
+    fm_measurement_peek_id(mm->payload, mm->len, mid);
     char *doc = fm_error_result_json(mid, FM_VERR_UNAVAILABLE,
                                      rc == FM_EBUSY ? "platform overloaded, retry later"
                                                     : "platform unavailable, retry later");
     if (doc) {
-        fm_reply_topic(device, rt, topic, sizeof topic);
-        publish(s, topic, doc, strlen(doc), corr, corr_len);
+        fm_reply_topic(device, mm->response_topic, "results", topic, sizeof topic);
+        publish(s, topic, doc, strlen(doc), mm->corr, mm->corr_len);
         fm_free(doc);
     }
     fm_inmsg_free(m);
+}
+
+/* Runs on the MQTT network thread: route, copy and queue, nothing more. */
+static void on_message(void *ud, const fm_mqtt_msg *mm)
+{
+    server *s = ud;
+    char device[FM_DEVICE_ID_MAX + 1];
+    if (measurement_device(mm->topic, device, sizeof device)) {
+        on_measurement(s, device, mm);
+        return;
+    }
+    if (s->registry && fm_registry_handles(mm->topic)) {
+        fm_regmsg_in in = {.topic = mm->topic, .payload = mm->payload, .len = mm->len,
+                           .response_topic = mm->response_topic, .corr = mm->corr,
+                           .corr_len = mm->corr_len, .claim_template = mm->claim_template,
+                           .cert_serial = mm->cert_serial};
+        if (fm_registry_submit(s->registry, &in) != 0)
+            fm_logkv(FM_LOG_WARN, "serve", "registry queue full; message dropped", "topic",
+                     mm->topic, NULL);
+        return;
+    }
+    fm_logkv(FM_LOG_WARN, "serve", "ignoring message on unexpected topic", "topic", mm->topic,
+             NULL);
+}
+
+static void on_connect(void *ud)
+{
+    server *s = ud;
+    if (s->registry)
+        fm_registry_resync(s->registry);
 }
 
 static void health(void *ud, fm_health *h)
@@ -106,6 +151,8 @@ static void shutdown_all(server *s)
     fm_mqtt_stop(c);
     fm_pipeline_stop(s->pipeline);
     s->pipeline = NULL;
+    fm_registry_stop(s->registry);
+    s->registry = NULL;
     fm_lake_writer_stop(s->lake);
     s->lake = NULL;
     fm_broker_stop(s->broker);
@@ -153,12 +200,26 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "pipeline failed to start", "error", err.msg, NULL);
         goto fail;
     }
+    fm_registry_opts ro = {.cfg = &s.cfg, .publish = publish, .ud = &s};
+    if ((rc = fm_registry_start(&ro, &s.registry, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "registry failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
     if (strcmp(s.cfg.broker_mode, "supervised") == 0 &&
         (rc = fm_broker_start(&s.cfg, &s.broker, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "broker failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    if ((rc = fm_mqtt_start(&s.cfg, on_measurement, &s, &c, &err)) != 0) {
+    static const char *const subs[] = {
+        "$share/fleetml/fleet/+/measurements",
+        "$share/fleetml/fleet/provisioning/+/request",
+        "$share/fleetml/fleet/+/cert/rotate",
+        "$share/fleetml/fleet/+/shadow/update",
+        "$share/fleetml/fleet/+/shadow/get",
+        NULL,
+    };
+    fm_mqtt_handlers mh = {.on_message = on_message, .on_connect = on_connect, .ud = &s};
+    if ((rc = fm_mqtt_start(&s.cfg, subs, &mh, &c, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "MQTT client failed to start", "error", err.msg, NULL);
         goto fail;
     }

@@ -3,7 +3,7 @@
  *
  *   fleetml sim --devices N (--rate R | --inflight W) [--prefix sim]
  *               [--duration SECONDS] [--data DIR] [--json] [--provision]
- *               [--seed S] [--timeout SECONDS] [--drain SECONDS]
+ *               [--seed S] [--timeout SECONDS] [--drain SECONDS] [--claim TEMPLATE]
  *
  * Every device is a full fm_devclient (its own TLS session and MQTT
  * connection), and all of them are driven by a single epoll loop over the
@@ -19,6 +19,12 @@
  *   --inflight W  closed loop: each device keeps W requests outstanding and
  *                 sends the next one as soon as a result arrives, which
  *                 finds the platform's saturation throughput.
+ *
+ * With --claim TEMPLATE every device onboards itself through the claim flow
+ * (serials SIM-0001, SIM-0002, ...; state directory <data>/sim/<serial>/,
+ * claim certificate <data>/claims/<template>/) and sends through the SDK's
+ * on-disk outbox; a device provisioned by an earlier run reuses its
+ * certificate. Claims run inside the same epoll loop as everything else.
  *
  * Latency is measured from handing the measurement to the SDK until its
  * result arrives, including any retries. When the run ends (duration or
@@ -70,6 +76,8 @@ struct simdev {
     uint64_t reg_epoch;  /* fm_devclient_fd_epoch() at registration */
     uint32_t reg_events;
     bool started;        /* send schedule running (device was ready once) */
+    bool announced;      /* claim mode: "provisioned as" printed */
+    bool failed;         /* claim mode: gave up (reported once) */
     uint64_t next_send_ns;
     uint64_t seq;
 };
@@ -84,6 +92,7 @@ struct sim {
     double timeout_s;
     bool json;
     bool provision;
+    const char *claim; /* template, or NULL */
     const char *prefix;
     uint64_t seed;
 
@@ -109,7 +118,9 @@ static void usage(void)
             "                   [--provision] [--seed S] [--timeout SECONDS] [--drain SECONDS]\n"
             "  --rate R       measurements per second per device (e.g. 0.1)\n"
             "  --inflight W   closed loop: keep W requests in flight per device\n"
-            "  --provision    run `fleetml device add` for devices without credentials\n");
+            "  --provision    run `fleetml device add` for devices without credentials\n"
+            "  --claim T      onboard each device through the claim flow of template T\n"
+            "                 (serials SIM-0001...; state in <data>/sim/<serial>/)\n");
 }
 
 #define USAGE_ERR(...)                                                                             \
@@ -129,6 +140,7 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     const char *v_seed = fm_cli_take_opt(argc, argv, "--seed");
     const char *v_timeout = fm_cli_take_opt(argc, argv, "--timeout");
     const char *v_drain = fm_cli_take_opt(argc, argv, "--drain");
+    s->claim = fm_cli_take_opt(argc, argv, "--claim");
     s->json = fm_cli_take_flag(argc, argv, "--json");
     s->provision = fm_cli_take_flag(argc, argv, "--provision");
 
@@ -138,6 +150,10 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     if (fm_cli_parse_u64(v_devices, 100000, &u) != 0 || u == 0)
         USAGE_ERR("--devices expects 1..100000, got '%s'", v_devices);
     s->n_devices = (unsigned)u;
+    if (s->claim && s->provision)
+        USAGE_ERR("--claim and --provision are alternatives; give one");
+    if (s->claim && u > 9999)
+        USAGE_ERR("--claim supports up to 9999 devices");
     if (v_rate && v_inflight)
         USAGE_ERR("--rate and --inflight are alternatives; give one");
     if (!v_rate && !v_inflight)
@@ -330,6 +346,22 @@ static void on_result(void *ud, const char *mid, const char *status, const char 
         (void)fill_inflight(d);
 }
 
+static void on_state(void *ud, bool connected, const char *reason)
+{
+    struct simdev *d = ud;
+    if (connected && !d->announced && d->sim->claim) {
+        d->announced = true;
+        if (!d->sim->json) {
+            printf("%s: connected as %s\n", d->id, fm_devclient_id(d->c));
+            fflush(stdout);
+        }
+    }
+    if (!connected && fm_devclient_error(d->c) && !d->failed) {
+        d->failed = true;
+        fprintf(stderr, "fleetml sim: %s: %s\n", d->id, reason);
+    }
+}
+
 static unsigned count_ready(const struct sim *s)
 {
     unsigned n = 0;
@@ -411,11 +443,66 @@ static void raise_fd_limit(unsigned n_devices)
 
 /* ---- the run -------------------------------------------------------------------- */
 
+static int create_claim_devices(const fm_config *cfg, struct sim *s, const char *ca)
+{
+    char rel[512], crt[PATH_MAX], key[PATH_MAX];
+    snprintf(rel, sizeof rel, "claims/%s/claim.crt", s->claim);
+    if (!fm_config_path(cfg, rel, crt, sizeof crt))
+        return FM_EINVAL;
+    snprintf(rel, sizeof rel, "claims/%s/claim.key", s->claim);
+    if (!fm_config_path(cfg, rel, key, sizeof key))
+        return FM_EINVAL;
+    if (access(crt, R_OK) != 0 || access(key, R_OK) != 0) {
+        fprintf(stderr, "fleetml sim: no claim certificate for template '%s' in %s/claims/%s "
+                        "(run `fleetml template claim-cert %s`)\n",
+                s->claim, cfg->data_dir, s->claim, s->claim);
+        return FM_ENOTFOUND;
+    }
+    for (unsigned i = 0; i < s->n_devices; i++) {
+        struct simdev *d = &s->devs[i];
+        char state[PATH_MAX];
+        snprintf(rel, sizeof rel, "sim/%s", d->id); /* d->id holds the serial */
+        if (!fm_config_path(cfg, rel, state, sizeof state))
+            return FM_EINVAL;
+        fm_devclient_claim claim = {
+            .cert_path = crt,
+            .key_path = key,
+            .serial = d->id,
+            .model = "fleetml-sim-viscometer",
+            .firmware = FIRMWARE,
+        };
+        int cap = FM_OUTBOX_DEFAULT_MAX_ENTRIES;
+        if ((int)s->inflight > cap)
+            cap = (int)s->inflight;
+        fm_devclient_opts o = {
+            .host = cfg->broker_host,
+            .port = cfg->broker_port,
+            .ca_path = ca,
+            .on_result = on_result,
+            .on_state = on_state,
+            .ud = d,
+            .result_timeout_ms = (int)(s->timeout_s * 1000.0),
+            .state_dir = state,
+            .claim = &claim,
+            .outbox_max_entries = cap,
+        };
+        fm_errbuf err;
+        int rc = fm_devclient_new(&o, &d->c, &err);
+        if (rc != 0) {
+            fprintf(stderr, "fleetml sim: %s: %s\n", d->id, err.msg);
+            return rc;
+        }
+    }
+    return 0;
+}
+
 static int create_devices(const fm_config *cfg, struct sim *s)
 {
     char ca[PATH_MAX];
     if (!fm_config_path(cfg, "pki/ca.crt", ca, sizeof ca))
         return FM_EINVAL;
+    if (s->claim)
+        return create_claim_devices(cfg, s, ca);
     for (unsigned i = 0; i < s->n_devices; i++) {
         struct simdev *d = &s->devs[i];
         char rel[256], crt[PATH_MAX], key[PATH_MAX];
@@ -475,9 +562,15 @@ static int run_loop(struct sim *s)
             struct simdev *d = &s->devs[next_connect++];
             fm_errbuf err;
             int rc = fm_devclient_connect(d->c, &err);
-            if (rc == FM_ECRYPTO) {
+            if (rc == FM_ECRYPTO && !s->claim) {
                 fprintf(stderr, "fleetml sim: %s\n", err.msg);
                 return rc;
+            }
+            if (rc != 0 && rc != FM_EIO && s->claim) {
+                /* One device that cannot even start its claim (e.g. no
+                 * space for its key) does not stop the others. */
+                fprintf(stderr, "fleetml sim: %s: %s\n", d->id, err.msg);
+                d->failed = true;
             }
             /* FM_EIO: unreachable for now; the client retries by itself. */
             sync_reg(d);
@@ -592,7 +685,10 @@ int fm_cmd_sim(int argc, char **argv)
     for (unsigned i = 0; i < s.n_devices; i++) {
         s.devs[i].sim = &s;
         s.devs[i].reg_fd = -1;
-        snprintf(s.devs[i].id, sizeof s.devs[i].id, "%s-%04u", s.prefix, i + 1);
+        if (s.claim)
+            snprintf(s.devs[i].id, sizeof s.devs[i].id, "SIM-%04u", i + 1);
+        else
+            snprintf(s.devs[i].id, sizeof s.devs[i].id, "%s-%04u", s.prefix, i + 1);
     }
 
     struct sigaction sa;
@@ -608,7 +704,7 @@ int fm_cmd_sim(int argc, char **argv)
         goto out;
     }
     unsigned missing = 0;
-    for (unsigned i = 0; i < s.n_devices; i++) {
+    for (unsigned i = 0; i < s.n_devices && !s.claim; i++) {
         if (!has_credentials(&cfg, s.devs[i].id)) {
             if (missing++ == 0)
                 fprintf(stderr, "fleetml sim: no credentials for %s in %s/devices "

@@ -10,7 +10,8 @@ static const struct {
 } commands[] = {
     {"init", fm_cmd_init, "create the data directory: CA, certificates, database, lake, admin"},
     {"serve", fm_cmd_serve, "run the platform on this node (broker, pipeline, lake, HTTP)"},
-    {"device", fm_cmd_device, "add | list | disable | enable | run a simulated device"},
+    {"device", fm_cmd_device, "add | disable | enable | revoke | shadow | run (simulated)"},
+    {"template", fm_cmd_template, "provisioning templates: add | list | disable | enable | claim-cert"},
     {"sim", fm_cmd_sim, "run many simulated devices: --devices N --rate R"},
     {"features", fm_cmd_features, "measurements (NDJSON on stdin) -> feature CSV on stdout"},
     {"model", fm_cmd_model, "train --synthetic | info"},

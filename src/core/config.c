@@ -74,6 +74,11 @@ static const key_def keys[] = {
           "Loopback listener the fleetml service connects to (mutual TLS)."),
     K_STR("broker", "host", T_HOST, broker_host, NULL,
           "Host the service connects to (the external broker in external mode)."),
+    K_STR("broker", "public_host", T_HOST, broker_public_host, NULL,
+          "Host name devices are told to connect to after provisioning (must be in the "
+          "broker certificate)."),
+    K_NUM("broker", "public_port", T_INT, broker_public_port, 0, 65535,
+          "Port devices are told to connect to (0 = broker.port)."),
     K_NUM("broker", "max_payload", T_INT, max_payload, 1024, 16 * 1024 * 1024,
           "Largest accepted MQTT payload in bytes (measurements are capped at 128 KiB "
           "by the contract regardless)."),
@@ -96,6 +101,10 @@ static const key_def keys[] = {
           "Close a lake object once it holds this many bytes."),
     K_NUM("lake", "roll_seconds", T_INT, lake_roll_seconds, 1, 3600,
           "Close a lake object once it is this many seconds old."),
+    K_NUM("pki", "device_cert_days", T_INT, device_cert_days, 1, 3650,
+          "Lifetime of device certificates issued without a template (rotation, device add)."),
+    K_NUM("pki", "rotation_grace_s", T_INT, rotation_grace_s, 0, 90 * 86400,
+          "How long a device's old certificate keeps working after a rotation, in seconds."),
     K_STR("model", "dir", T_PATH, model_dir, NULL,
           "Directory of the viscosity model (relative paths are resolved against the "
           "working directory)."),
@@ -193,6 +202,10 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     c->broker_port = 8883;
     c->broker_service_port = 8884;
     copy_str(c->broker_host, sizeof c->broker_host, "127.0.0.1");
+    copy_str(c->broker_public_host, sizeof c->broker_public_host, "localhost");
+    c->broker_public_port = 0;
+    c->device_cert_days = 825;
+    c->rotation_grace_s = 86400;
     c->max_payload = 131072;
     copy_str(c->http_bind, sizeof c->http_bind, "127.0.0.1");
     c->http_port = 8080;

@@ -31,14 +31,18 @@
  * would duplicate the re-publishing done here.
  */
 #include "fleetml/device.h"
+#include "fleetml/pki.h"
 
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
+#include <stdarg.h>
 #include <mosquitto.h>
 #include <mqtt_protocol.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -53,6 +57,13 @@
 #define CONNECT_TIMEOUT_MS 10000
 /* While connecting, the handshake is nudged this often (see loop_misc). */
 #define CONNECT_NUDGE_MS 50
+/* How long a certificate rotation may wait for the cloud's answer. */
+#define ROTATE_TIMEOUT_MS 30000
+#define CLAIM_DEFAULT_TIMEOUT_MS 10000
+#define CLAIM_DEFAULT_MAX_ATTEMPTS 6
+#define TOPIC_LEN (FM_DEVICE_ID_MAXLEN + 96)
+/* Subscriptions of a device: results, then the shadow and rotation topics. */
+#define MAX_SUBS 6
 
 enum state {
     ST_IDLE,        /* never started, or stopped by fm_devclient_disconnect */
@@ -73,6 +84,7 @@ struct pending {
     unsigned attempts;
     uint64_t queued_ns;
     uint64_t sent_ns;
+    uint64_t next_try_ns; /* outbox: do not (re)send before this */
     const char *reject_code; /* set when the broker refused the publish */
     char reject_msg[96];
     int32_t prev, next; /* FIFO links (slot indexes, -1 = none) */
@@ -80,14 +92,45 @@ struct pending {
 
 struct fm_devclient {
     struct mosquitto *m;
-    char id[FM_DEVICE_ID_MAXLEN + 1];
+    char id[FM_DEVICE_ID_MAXLEN + 1]; /* "" while claiming */
+    char client_id[FM_DEVICE_ID_MAXLEN + 8]; /* MQTT client id (also the log name) */
     char *host;
     int port;
     int keepalive;
     char *ca_path, *cert_path, *key_path;
     char topic_meas[FM_DEVICE_ID_MAXLEN + 32];
     char topic_res[FM_DEVICE_ID_MAXLEN + 32];
+    char topic_shadow_delta[TOPIC_LEN], topic_shadow_doc[TOPIC_LEN], topic_shadow_rej[TOPIC_LEN];
+    char topic_shadow_update[TOPIC_LEN], topic_shadow_get[TOPIC_LEN];
+    char topic_cert_rotate[TOPIC_LEN], topic_cert_acc[TOPIC_LEN], topic_cert_rej[TOPIC_LEN];
+    char topic_claim_req[TOPIC_LEN], topic_claim_acc[TOPIC_LEN], topic_claim_rej[TOPIC_LEN];
+    bool extras; /* subscribe the shadow and rotation topics too */
+    int n_subs;  /* topics in the outstanding SUBSCRIBE */
 
+    /* v2: state directory, outbox, claim, rotation */
+    char *state_dir;
+    fm_outbox *ob;
+    char **dropped; /* ids dropped by the outbox, reported from the next loop call */
+    size_t n_dropped, cap_dropped;
+    bool claiming;
+    char *claim_cert, *claim_key, *serial, *model, *firmware;
+    char *claim_req; /* request payload, built by fm_devclient_connect */
+    uint64_t claim_timeout_ns;
+    unsigned claim_max_attempts, claim_attempts;
+    uint64_t claim_next_ns;
+    bool use_claim_endpoint;
+    char new_id[FM_DEVICE_ID_MAXLEN + 1];
+    char new_host[256];
+    int new_port;
+    /* Work that must not run inside a libmosquitto callback (it replaces
+     * the instance); done by run_deferred() when the loop call returns. */
+    bool switch_pending, reconnect_pending, fail_pending;
+    char fail_reason[320];
+    char error[320]; /* permanent failure, "" = none */
+    bool rotating;
+    uint64_t rotate_deadline_ns;
+    fm_devclient_shadow_fn on_shadow;
+    fm_devclient_rotate_fn on_rotate;
     fm_devclient_result_fn on_result;
     fm_devclient_state_fn on_state;
     void *ud;
@@ -275,7 +318,68 @@ static void resolve(fm_devclient *c, uint32_t idx, const char *status, const cha
     c->cur = info;
     c->on_result(c->ud, id, status, json, len);
     c->in_result = false;
+    /* Deleting after the callback makes the callback at-least-once across
+     * crashes (see device.h); the reverse order would lose it instead. */
+    if (c->ob) {
+        int rc = fm_outbox_remove(c->ob, id);
+        if (rc != 0 && rc != FM_ENOTFOUND)
+            fm_logf(FM_LOG_ERROR, COMPONENT, "%s: cannot delete outbox entry %s: %s",
+                    c->client_id, id, fm_strerror(rc));
+    }
     fm_free(id);
+}
+
+/* Frees a slot without reporting it (the outbox dropped its entry; the
+ * report is queued in c->dropped). */
+static void release_slot(fm_devclient *c, uint32_t idx)
+{
+    struct pending *p = &c->slots[idx];
+    fm_free(p->id);
+    fm_free(p->payload);
+    p->id = NULL;
+    p->payload = NULL;
+    p->gen = 0;
+    p->in_flight = false;
+    p->reject_code = NULL;
+    list_unlink(c, idx);
+    c->free_stack[c->n_free++] = idx;
+    c->n_pending--;
+}
+
+static int32_t find_pending(const fm_devclient *c, const char *id)
+{
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next)
+        if (strcmp(c->slots[i].id, id) == 0)
+            return i;
+    return -1;
+}
+
+static bool can_send(const fm_devclient *c) { return c->st == ST_READY && !c->claiming; }
+
+/* Delay before re-publishing a measurement that got no result, in outbox
+ * mode: the result timeout, doubling per attempt, capped. */
+static uint64_t retry_delay_ns(const fm_devclient *c, unsigned attempts)
+{
+    uint64_t cap = (uint64_t)c->backoff_max_ms * NS_PER_MS;
+    if (cap < c->timeout_ns)
+        cap = c->timeout_ns;
+    unsigned sh = attempts > 1 ? attempts - 1 : 0;
+    if (sh > 6)
+        sh = 6;
+    uint64_t d = c->timeout_ns << sh;
+    return d < cap ? d : cap;
+}
+
+/* Outbox mode: try again later instead of resolving. */
+static void retry_later(fm_devclient *c, struct pending *p)
+{
+    uint32_t d = fm_devclient_backoff_ms(p->attempts > 0 ? p->attempts - 1 : 0, 1000,
+                                         c->backoff_max_ms > 1000 ? c->backoff_max_ms : 1000,
+                                         next_rand(&c->rng));
+    p->in_flight = false;
+    p->mid = 0;
+    p->next_try_ns = fm_mono_ns() + (uint64_t)d * NS_PER_MS;
+    due_at(c, p->next_try_ns);
 }
 
 /* Resolves a measurement with an error the SDK produced itself, shaped like
@@ -328,9 +432,9 @@ static void connection_lost(fm_devclient *c, const char *reason)
     c->stats.disconnects++;
     uint32_t d = schedule_reconnect(c);
     fm_logf(was_ready ? FM_LOG_WARN : FM_LOG_INFO, COMPONENT,
-            "%s: %s: %s; reconnecting in %u ms", c->id,
+            "%s: %s: %s; reconnecting in %u ms", c->client_id,
             was_ready ? "connection lost" : "connection failed", reason, (unsigned)d);
-    if (was_ready && c->on_state)
+    if (was_ready && !c->claiming && c->on_state)
         c->on_state(c->ud, false, reason);
 }
 
@@ -375,7 +479,7 @@ static int send_pending(fm_devclient *c, uint32_t idx)
     default:
         /* Typically MOSQ_ERR_NO_CONN: the connection dropped under us and
          * the disconnect handling will re-publish after reconnecting. */
-        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: publish deferred: %s", c->id, mosquitto_strerror(rc));
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: publish deferred: %s", c->client_id, mosquitto_strerror(rc));
         return 0;
     }
 }
@@ -384,7 +488,7 @@ static int flush_unsent(fm_devclient *c)
 {
     for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
         struct pending *p = &c->slots[i];
-        if (!p->in_flight && !p->reject_code) {
+        if (!p->in_flight && !p->reject_code && fm_mono_ns() >= p->next_try_ns) {
             int rc = send_pending(c, (uint32_t)i);
             if (rc != 0)
                 return rc;
@@ -409,13 +513,13 @@ static void cb_disconnect(struct mosquitto *m, void *obj, int rc, const mosquitt
  * from inside a libmosquitto callback of c->m. */
 static int mosq_setup(fm_devclient *c, fm_errbuf *err)
 {
-    struct mosquitto *m = mosquitto_new(c->id, true, c);
+    struct mosquitto *m = mosquitto_new(c->client_id, true, c);
     if (!m)
         return fm_errf(err, errno == EINVAL ? FM_EINVAL : FM_ENOMEM, "%s: mosquitto_new failed",
-                       c->id);
+                       c->client_id);
     int rc = FM_EUNAVAIL;
     if (mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5) != MOSQ_ERR_SUCCESS) {
-        fm_errf(err, rc, "%s: libmosquitto lacks MQTT 5 support", c->id);
+        fm_errf(err, rc, "%s: libmosquitto lacks MQTT 5 support", c->client_id);
         goto fail;
     }
     /* Latency matters more than packet count for request/response. */
@@ -428,14 +532,16 @@ static int mosq_setup(fm_devclient *c, fm_errbuf *err)
     if (c->tls_configured) {
         /* mosquitto_tls_set only checks that the files are readable; a
          * malformed key surfaces as MOSQ_ERR_TLS when connecting. */
-        int mrc = mosquitto_tls_set(m, c->ca_path, NULL, c->cert_path, c->key_path, NULL);
+        const char *crt = c->claiming ? c->claim_cert : c->cert_path;
+        const char *key = c->claiming ? c->claim_key : c->key_path;
+        int mrc = mosquitto_tls_set(m, c->ca_path, NULL, crt, key, NULL);
         /* cert_reqs 1 = SSL_VERIFY_PEER; "tlsv1.2" means 1.2 or newer. */
         if (mrc == MOSQ_ERR_SUCCESS)
             mrc = mosquitto_tls_opts_set(m, 1, "tlsv1.2", NULL);
         if (mrc != MOSQ_ERR_SUCCESS) {
             rc = mrc == MOSQ_ERR_NOMEM ? FM_ENOMEM : FM_ECRYPTO;
-            fm_errf(err, rc, "%s: cannot use TLS files %s, %s, %s: %s", c->id, c->ca_path,
-                    c->cert_path, c->key_path, mosquitto_strerror(mrc));
+            fm_errf(err, rc, "%s: cannot use TLS files %s, %s, %s: %s", c->client_id, c->ca_path,
+                    crt, key, mosquitto_strerror(mrc));
             goto fail;
         }
     }
@@ -476,16 +582,227 @@ static int start_connect(fm_devclient *c, fm_errbuf *err)
     if (rc == MOSQ_ERR_TLS && !c->ever_connected) {
         c->st = ST_FAILED;
         return fm_errf(err, FM_ECRYPTO,
-                       "%s: TLS setup failed (check %s, %s and %s): %s", c->id, c->ca_path,
-                       c->cert_path, c->key_path, mosquitto_strerror(rc));
+                       "%s: TLS setup failed (check %s, %s and %s): %s", c->client_id, c->ca_path,
+                       c->claiming ? c->claim_cert : c->cert_path,
+                       c->claiming ? c->claim_key : c->key_path, mosquitto_strerror(rc));
     }
     const char *why = rc == MOSQ_ERR_ERRNO ? strerror(errno) : mosquitto_strerror(rc);
-    fm_errf(err, FM_EIO, "%s: cannot connect to %s:%d: %s", c->id, c->host, c->port, why);
+    fm_errf(err, FM_EIO, "%s: cannot connect to %s:%d: %s", c->client_id, c->host, c->port, why);
     c->stats.disconnects++;
     uint32_t d = schedule_reconnect(c);
-    fm_logf(FM_LOG_WARN, COMPONENT, "%s: cannot connect to %s:%d: %s; retrying in %u ms", c->id,
+    fm_logf(FM_LOG_WARN, COMPONENT, "%s: cannot connect to %s:%d: %s; retrying in %u ms", c->client_id,
             c->host, c->port, why, (unsigned)d);
     return FM_EIO;
+}
+
+/* ---- claim flow ------------------------------------------------------------ */
+
+static void set_topics(fm_devclient *c)
+{
+    snprintf(c->topic_meas, sizeof c->topic_meas, "fleet/%s/measurements", c->id);
+    snprintf(c->topic_res, sizeof c->topic_res, "fleet/%s/results", c->id);
+    snprintf(c->topic_shadow_delta, TOPIC_LEN, "fleet/%s/shadow/delta", c->id);
+    snprintf(c->topic_shadow_doc, TOPIC_LEN, "fleet/%s/shadow/document", c->id);
+    snprintf(c->topic_shadow_rej, TOPIC_LEN, "fleet/%s/shadow/rejected", c->id);
+    snprintf(c->topic_shadow_update, TOPIC_LEN, "fleet/%s/shadow/update", c->id);
+    snprintf(c->topic_shadow_get, TOPIC_LEN, "fleet/%s/shadow/get", c->id);
+    snprintf(c->topic_cert_rotate, TOPIC_LEN, "fleet/%s/cert/rotate", c->id);
+    snprintf(c->topic_cert_acc, TOPIC_LEN, "fleet/%s/cert/accepted", c->id);
+    snprintf(c->topic_cert_rej, TOPIC_LEN, "fleet/%s/cert/rejected", c->id);
+    snprintf(c->client_id, sizeof c->client_id, "%s", c->id);
+}
+
+/* Records a permanent failure to be applied by run_deferred(). */
+static void fail_later(fm_devclient *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail_later(fm_devclient *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->fail_reason, sizeof c->fail_reason, fmt, ap);
+    va_end(ap);
+    c->fail_pending = true;
+}
+
+static void claim_send(fm_devclient *c)
+{
+    int rc = mosquitto_publish_v5(c->m, NULL, c->topic_claim_req, (int)strlen(c->claim_req),
+                                  c->claim_req, 1, false, NULL);
+    c->claim_attempts++;
+    unsigned sh = c->claim_attempts > 1 ? c->claim_attempts - 1 : 0;
+    c->claim_next_ns = fm_mono_ns() + (c->claim_timeout_ns << (sh > 3 ? 3 : sh));
+    fm_logf(FM_LOG_INFO, COMPONENT, "%s: provisioning request sent (attempt %u of %u)%s%s",
+            c->client_id, c->claim_attempts, c->claim_max_attempts,
+            rc == MOSQ_ERR_SUCCESS ? "" : ": ", rc == MOSQ_ERR_SUCCESS ? "" : mosquitto_strerror(rc));
+}
+
+static bool is_retryable_claim_code(const char *code)
+{
+    return strcmp(code, "unavailable") == 0 || strcmp(code, "internal") == 0 ||
+           strcmp(code, "rate_limited") == 0;
+}
+
+static int state_path(const fm_devclient *c, const char *name, char *buf, size_t len)
+{
+    int n = snprintf(buf, len, "%s/%s", c->state_dir, name);
+    return n < 0 || (size_t)n >= len ? FM_EINVAL : 0;
+}
+
+/* The cloud's acceptance: persist it (device.crt last: its existence is
+ * what marks the device as provisioned) and switch identity afterwards. */
+static void claim_accepted(fm_devclient *c, const char *payload, size_t len)
+{
+    json_t *doc = json_loadb(payload, len, 0, NULL);
+    const char *id = json_string_value(json_object_get(doc, "device_id"));
+    const char *crt = json_string_value(json_object_get(doc, "certificate_pem"));
+    const char *ca = json_string_value(json_object_get(doc, "ca_pem"));
+    json_t *ep = json_object_get(doc, "endpoint");
+    if (!id || !fm_device_id_valid(id) || !crt || !crt[0]) {
+        fail_later(c, "provisioning accepted with an unusable answer (device_id or certificate_pem missing)");
+        json_decref(doc);
+        return;
+    }
+    fm_device_identity ident;
+    memset(&ident, 0, sizeof ident);
+    snprintf(ident.device_id, sizeof ident.device_id, "%s", id);
+    snprintf(ident.serial, sizeof ident.serial, "%s", c->serial);
+    const char *host = json_string_value(json_object_get(ep, "host"));
+    json_int_t port = json_integer_value(json_object_get(ep, "port"));
+    if (host && host[0] && strlen(host) < sizeof ident.host && port > 0 && port <= 65535) {
+        snprintf(ident.host, sizeof ident.host, "%s", host);
+        ident.port = (int)port;
+    }
+    char path[PATH_MAX];
+    fm_errbuf err;
+    int rc = 0;
+    if (ca && ca[0] && (rc = state_path(c, "ca.crt", path, sizeof path)) == 0)
+        rc = fm_write_file_atomic(path, ca, strlen(ca), 0644);
+    if (rc == 0 && (rc = state_path(c, "identity.json", path, sizeof path)) == 0)
+        rc = fm_device_identity_write(path, &ident, &err);
+    if (rc == 0)
+        rc = fm_write_file_atomic(c->cert_path, crt, strlen(crt), 0644);
+    json_decref(doc);
+    if (rc != 0) {
+        fail_later(c, "provisioned as %s but cannot save the identity in %s: %s", ident.device_id,
+                   c->state_dir, fm_strerror(rc));
+        return;
+    }
+    fm_logkv(FM_LOG_INFO, COMPONENT, "provisioned", "serial", c->serial, "device_id",
+             ident.device_id, NULL);
+    snprintf(c->new_id, sizeof c->new_id, "%s", ident.device_id);
+    snprintf(c->new_host, sizeof c->new_host, "%s", ident.host);
+    c->new_port = ident.port;
+    c->switch_pending = true;
+}
+
+static void claim_rejected(fm_devclient *c, const char *payload, size_t len)
+{
+    json_t *doc = json_loadb(payload, len, 0, NULL);
+    const char *code = json_string_value(json_object_get(doc, "code"));
+    const char *msg = json_string_value(json_object_get(doc, "message"));
+    if (!code)
+        code = "unknown";
+    if (!msg)
+        msg = "";
+    if (is_retryable_claim_code(code) && c->claim_attempts < c->claim_max_attempts) {
+        uint32_t d = fm_devclient_backoff_ms(c->claim_attempts, 1000, c->backoff_max_ms > 1000 ? c->backoff_max_ms : 1000,
+                                             next_rand(&c->rng));
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: provisioning rejected (%s: %s); retrying in %u ms",
+                c->client_id, code, msg, (unsigned)d);
+        c->claim_next_ns = fm_mono_ns() + (uint64_t)d * NS_PER_MS;
+    } else if (strcmp(code, "already_provisioned") == 0 && c->claim_attempts > 1) {
+        fail_later(c, "provisioning rejected: already_provisioned: %s (the request was sent %u "
+                      "times; an earlier one was probably accepted and its answer lost: allow "
+                      "re-provisioning for the template, or remove the device, then retry)",
+                   msg, c->claim_attempts);
+    } else {
+        fail_later(c, "provisioning rejected: %s: %s", code, msg);
+    }
+    json_decref(doc);
+}
+
+/* ---- rotation ---------------------------------------------------------------- */
+
+static int next_path(const char *path, char *buf, size_t len)
+{
+    int n = snprintf(buf, len, "%s.next", path);
+    return n < 0 || (size_t)n >= len ? FM_EINVAL : 0;
+}
+
+static int dir_of(const char *path, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s", path);
+    char *slash = strrchr(buf, '/');
+    if (!slash)
+        snprintf(buf, len, ".");
+    else if (slash == buf)
+        buf[1] = '\0';
+    else
+        *slash = '\0';
+    return 0;
+}
+
+/* Installs <key>.next and <cert>.next: key first, certificate last, so
+ * that a crash in between leaves <cert>.next, which rotation_recover()
+ * finishes installing. */
+static int rotation_install(const char *cert_path, const char *key_path)
+{
+    char cn[PATH_MAX], kn[PATH_MAX], dir[PATH_MAX];
+    if (next_path(cert_path, cn, sizeof cn) != 0 || next_path(key_path, kn, sizeof kn) != 0)
+        return FM_EINVAL;
+    if (access(cn, F_OK) != 0)
+        return FM_ENOTFOUND;
+    if (access(kn, F_OK) == 0 && rename(kn, key_path) != 0)
+        return FM_EIO;
+    if (rename(cn, cert_path) != 0)
+        return FM_EIO;
+    dir_of(cert_path, dir, sizeof dir);
+    (void)fm_fsync_dir(dir);
+    dir_of(key_path, dir, sizeof dir);
+    return fm_fsync_dir(dir);
+}
+
+static void rotate_answer(fm_devclient *c, bool accepted, const char *payload, size_t len)
+{
+    if (!c->rotating) {
+        c->stats.ignored++;
+        return;
+    }
+    c->rotating = false;
+    json_t *doc = json_loadb(payload, len, 0, NULL);
+    char kn[PATH_MAX], cn[PATH_MAX];
+    bool paths = next_path(c->key_path, kn, sizeof kn) == 0 && next_path(c->cert_path, cn, sizeof cn) == 0;
+    if (!accepted) {
+        const char *code = json_string_value(json_object_get(doc, "code"));
+        const char *msg = json_string_value(json_object_get(doc, "message"));
+        /* A fresh key next time: this one may be the reason (weak_key...). */
+        if (paths)
+            (void)unlink(kn);
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: certificate rotation rejected: %s: %s", c->client_id,
+                code ? code : "unknown", msg ? msg : "");
+        if (c->on_rotate)
+            c->on_rotate(c->ud, false, code ? code : "unknown", msg ? msg : "");
+        json_decref(doc);
+        return;
+    }
+    const char *crt = json_string_value(json_object_get(doc, "certificate_pem"));
+    int rc = !paths ? FM_EINVAL : !crt || !crt[0] ? FM_EPROTO : 0;
+    if (rc == 0)
+        rc = fm_write_file_atomic(cn, crt, strlen(crt), 0644);
+    if (rc == 0)
+        rc = rotation_install(c->cert_path, c->key_path);
+    json_decref(doc);
+    if (rc != 0) {
+        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: cannot install the rotated certificate: %s",
+                c->client_id, fm_strerror(rc));
+        if (c->on_rotate)
+            c->on_rotate(c->ud, false, "io", fm_strerror(rc));
+        return;
+    }
+    fm_logf(FM_LOG_INFO, COMPONENT, "%s: new certificate installed; reconnecting with it",
+            c->client_id);
+    if (c->on_rotate)
+        c->on_rotate(c->ud, true, NULL, NULL);
+    c->reconnect_pending = true;
 }
 
 /* ---- libmosquitto callbacks ------------------------------------------------ */
@@ -499,11 +816,27 @@ static void cb_connect(struct mosquitto *m, void *obj, int rc, int flags,
     if (rc != 0) {
         snprintf(c->last_reason, sizeof c->last_reason, "connection refused: %s",
                  mosquitto_reason_string(rc));
-        fm_logf(FM_LOG_WARN, COMPONENT, "%s: %s", c->id, c->last_reason);
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: %s", c->client_id, c->last_reason);
         return; /* libmosquitto closes the socket; the disconnect path retries */
     }
     c->st = ST_SUBSCRIBING;
-    int src = mosquitto_subscribe_v5(m, &c->sub_mid, c->topic_res, 1, 0, NULL);
+    char *topics[MAX_SUBS];
+    int n = 0;
+    if (c->claiming) {
+        topics[n++] = c->topic_claim_acc;
+        topics[n++] = c->topic_claim_rej;
+    } else {
+        topics[n++] = c->topic_res;
+        if (c->extras) {
+            topics[n++] = c->topic_shadow_delta;
+            topics[n++] = c->topic_shadow_doc;
+            topics[n++] = c->topic_shadow_rej;
+            topics[n++] = c->topic_cert_acc;
+            topics[n++] = c->topic_cert_rej;
+        }
+    }
+    c->n_subs = n;
+    int src = mosquitto_subscribe_multiple(m, &c->sub_mid, n, topics, 1, 0, NULL);
     if (src != MOSQ_ERR_SUCCESS) {
         snprintf(c->last_reason, sizeof c->last_reason, "subscribe failed: %s",
                  mosquitto_strerror(src));
@@ -518,20 +851,28 @@ static void cb_subscribe(struct mosquitto *m, void *obj, int mid, int qos_count,
     fm_devclient *c = obj;
     if (mid != c->sub_mid || c->st != ST_SUBSCRIBING)
         return;
-    if (qos_count < 1 || granted[0] >= 0x80) {
-        /* The broker's ACL refused the results topic. Publishing now would
-         * lose every result, so drop the connection and retry later. */
-        snprintf(c->last_reason, sizeof c->last_reason, "subscription to %s refused: %s",
-                 c->topic_res, mosquitto_reason_string(qos_count < 1 ? 0x80 : granted[0]));
-        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: %s", c->id, c->last_reason);
+    int bad = qos_count < c->n_subs ? 0x80 : 0;
+    for (int i = 0; i < qos_count && !bad; i++)
+        if (granted[i] >= 0x80)
+            bad = granted[i];
+    if (bad) {
+        /* The broker's ACL refused a topic. Publishing now would lose every
+         * answer, so drop the connection and retry later. */
+        snprintf(c->last_reason, sizeof c->last_reason, "subscription to %.70s refused: %.30s",
+                 c->claiming ? c->topic_claim_acc : c->topic_res, mosquitto_reason_string(bad));
+        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: %s", c->client_id, c->last_reason);
         mosquitto_disconnect(m);
         return;
     }
     c->st = ST_READY;
     c->backoff_attempt = 0;
     c->ever_connected = true;
+    if (c->claiming) {
+        claim_send(c);
+        return;
+    }
     c->stats.connects++;
-    fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: ready", c->id);
+    fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: ready", c->client_id);
     if (c->on_state)
         c->on_state(c->ud, true, "connected");
     /* Allocation failure here is retried by the timer scan. */
@@ -549,6 +890,10 @@ static void cb_publish(struct mosquitto *m, void *obj, int mid, int reason,
     for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
         struct pending *p = &c->slots[i];
         if (p->in_flight && p->mid == mid) {
+            if (c->ob && (reason == MQTT_RC_SERVER_BUSY || reason == MQTT_RC_QUOTA_EXCEEDED)) {
+                retry_later(c, p);
+                return;
+            }
             p->reject_code = "publish_rejected";
             snprintf(p->reject_msg, sizeof p->reject_msg, "broker: %s",
                      mosquitto_reason_string(reason));
@@ -563,8 +908,45 @@ static void cb_message(struct mosquitto *m, void *obj, const struct mosquitto_me
 {
     (void)m;
     fm_devclient *c = obj;
-    if (!msg->topic || strcmp(msg->topic, c->topic_res) != 0) {
+    const char *payload = msg->payload ? msg->payload : "";
+    size_t plen = msg->payloadlen > 0 ? (size_t)msg->payloadlen : 0;
+    if (!msg->topic) {
         c->stats.ignored++;
+        return;
+    }
+    if (c->claiming) {
+        if (strcmp(msg->topic, c->topic_claim_acc) == 0)
+            claim_accepted(c, payload, plen);
+        else if (strcmp(msg->topic, c->topic_claim_rej) == 0)
+            claim_rejected(c, payload, plen);
+        else
+            c->stats.ignored++;
+        return;
+    }
+    if (strcmp(msg->topic, c->topic_res) != 0) {
+        enum fm_shadow_kind kind = 0;
+        if (strcmp(msg->topic, c->topic_shadow_delta) == 0)
+            kind = FM_SHADOW_DELTA;
+        else if (strcmp(msg->topic, c->topic_shadow_doc) == 0)
+            kind = FM_SHADOW_DOCUMENT;
+        else if (strcmp(msg->topic, c->topic_shadow_rej) == 0)
+            kind = FM_SHADOW_REJECTED;
+        if (kind && c->on_shadow) {
+            /* The callback is promised a NUL-terminated document. */
+            char *text = fm_malloc(plen + 1);
+            if (text) {
+                memcpy(text, payload, plen);
+                text[plen] = '\0';
+                c->on_shadow(c->ud, kind, text, plen);
+                fm_free(text);
+            }
+        } else if (strcmp(msg->topic, c->topic_cert_acc) == 0) {
+            rotate_answer(c, true, payload, plen);
+        } else if (strcmp(msg->topic, c->topic_cert_rej) == 0) {
+            rotate_answer(c, false, payload, plen);
+        } else {
+            c->stats.ignored++;
+        }
         return;
     }
     void *corr = NULL;
@@ -572,11 +954,10 @@ static void cb_message(struct mosquitto *m, void *obj, const struct mosquitto_me
     if (!mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len,
                                         false)) {
         c->stats.ignored++;
-        fm_logf(FM_LOG_WARN, COMPONENT, "%s: result without correlation data ignored", c->id);
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: result without correlation data ignored", c->client_id);
         return;
     }
-    (void)fm_devclient_handle_result(c, corr, corr_len, msg->payload ? msg->payload : "",
-                                     msg->payloadlen > 0 ? (size_t)msg->payloadlen : 0);
+    (void)fm_devclient_handle_result(c, corr, corr_len, payload, plen);
     free(corr); /* allocated by libmosquitto with malloc */
 }
 
@@ -602,41 +983,181 @@ static void cb_disconnect(struct mosquitto *m, void *obj, int rc, const mosquitt
 
 static int opt_or(int v, int dflt) { return v > 0 ? v : dflt; }
 
+static bool serial_valid(const char *s)
+{
+    size_t n = 0;
+    for (; s && s[n]; n++) {
+        char ch = s[n];
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                  ch == '_' || ch == '-';
+        if (!ok || n >= 64)
+            return false;
+    }
+    return n > 0;
+}
+
+/* Finishes a rotation interrupted between writing the new certificate and
+ * renaming it into place (see rotation_install). */
+static void rotation_recover(const fm_devclient *c)
+{
+    int rc = rotation_install(c->cert_path, c->key_path);
+    if (rc == 0)
+        fm_logf(FM_LOG_INFO, COMPONENT, "%s: finished installing a rotated certificate", c->client_id);
+    else if (rc != FM_ENOTFOUND)
+        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: cannot finish installing a rotated certificate: %s",
+                c->client_id, fm_strerror(rc));
+}
+
+static int queue_slot(fm_devclient *c, const char *measurement_id, const char *payload, size_t len,
+                      uint32_t *out);
+
+static void load_entry(void *ud, const char *id, const char *data, size_t len)
+{
+    fm_devclient *c = ud;
+    uint32_t idx;
+    if (queue_slot(c, id, data, len, &idx) == 0)
+        c->stats.recovered++;
+    else
+        fm_logf(FM_LOG_ERROR, COMPONENT, "%s: cannot queue outbox entry %s", c->client_id, id);
+}
+
+/* Claim mode: paths inside the state directory, and the identity if the
+ * device was provisioned earlier. */
+static int setup_state(fm_devclient *c, const fm_devclient_opts *opts, fm_errbuf *err)
+{
+    char path[PATH_MAX];
+    int rc;
+    if ((rc = state_path(c, "device.crt", path, sizeof path)) != 0 || !(c->cert_path = fm_strdup(path)))
+        return fm_errf(err, rc ? rc : FM_ENOMEM, "state directory path too long or out of memory");
+    if ((rc = state_path(c, "device.key", path, sizeof path)) != 0 || !(c->key_path = fm_strdup(path)))
+        return fm_errf(err, rc ? rc : FM_ENOMEM, "state directory path too long or out of memory");
+    const fm_devclient_claim *cl = opts->claim;
+    c->claim_cert = fm_strdup(cl->cert_path);
+    c->claim_key = fm_strdup(cl->key_path);
+    c->serial = fm_strdup(cl->serial);
+    c->model = fm_strdup(cl->model ? cl->model : "");
+    c->firmware = fm_strdup(cl->firmware ? cl->firmware : "");
+    if (!c->claim_cert || !c->claim_key || !c->serial || !c->model || !c->firmware)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    c->claim_timeout_ns = (uint64_t)opt_or(cl->timeout_ms, CLAIM_DEFAULT_TIMEOUT_MS) * NS_PER_MS;
+    c->claim_max_attempts = (unsigned)opt_or(cl->max_attempts, CLAIM_DEFAULT_MAX_ATTEMPTS);
+    c->use_claim_endpoint = opts->use_claim_endpoint;
+    snprintf(c->topic_claim_req, TOPIC_LEN, "fleet/provisioning/prov-%s/request", c->serial);
+    snprintf(c->topic_claim_acc, TOPIC_LEN, "fleet/provisioning/prov-%s/accepted", c->serial);
+    snprintf(c->topic_claim_rej, TOPIC_LEN, "fleet/provisioning/prov-%s/rejected", c->serial);
+
+    rotation_recover(c);
+    if (access(c->cert_path, F_OK) != 0) {
+        c->claiming = true;
+        c->id[0] = '\0';
+        snprintf(c->client_id, sizeof c->client_id, "prov-%s", c->serial);
+        return 0;
+    }
+    fm_device_identity ident;
+    if ((rc = state_path(c, "identity.json", path, sizeof path)) != 0)
+        return fm_errf(err, rc, "state directory path too long");
+    if ((rc = fm_device_identity_read(path, &ident, err)) != 0)
+        return fm_errf(err, FM_EINVAL, "%s exists but its identity is unusable: %s", c->cert_path,
+                       err->msg);
+    snprintf(c->id, sizeof c->id, "%s", ident.device_id);
+    if (c->use_claim_endpoint && ident.host[0]) {
+        char *h = fm_strdup(ident.host);
+        if (!h)
+            return fm_errf(err, FM_ENOMEM, "out of memory");
+        fm_free(c->host);
+        c->host = h;
+        c->port = ident.port;
+    }
+    set_topics(c);
+    return 0;
+}
+
+static void free_fields(fm_devclient *c)
+{
+    if (c->m)
+        mosquitto_destroy(c->m);
+    if (c->slots)
+        for (uint32_t i = 0; i < c->max_pending; i++) {
+            fm_free(c->slots[i].id);
+            fm_free(c->slots[i].payload);
+        }
+    for (size_t i = 0; i < c->n_dropped; i++)
+        fm_free(c->dropped[i]);
+    fm_free(c->dropped);
+    fm_outbox_close(c->ob);
+    fm_free(c->free_stack);
+    fm_free(c->slots);
+    fm_free(c->key_path);
+    fm_free(c->cert_path);
+    fm_free(c->ca_path);
+    fm_free(c->host);
+    fm_free(c->state_dir);
+    fm_free(c->claim_cert);
+    fm_free(c->claim_key);
+    fm_free(c->serial);
+    fm_free(c->model);
+    fm_free(c->firmware);
+    fm_free(c->claim_req);
+    fm_free(c);
+}
+
 int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbuf *err)
 {
     if (!opts || !out)
         return fm_errf(err, FM_EINVAL, "fm_devclient_new: NULL argument");
-    if (!fm_device_id_valid(opts->id))
-        return fm_errf(err, FM_EINVAL, "invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})",
-                       opts->id ? opts->id : "(null)");
-    if (!opts->ca_path || !opts->cert_path || !opts->key_path)
-        return fm_errf(err, FM_EINVAL, "ca_path, cert_path and key_path are required");
+    if (opts->claim) {
+        const fm_devclient_claim *cl = opts->claim;
+        if (!opts->state_dir || !opts->state_dir[0])
+            return fm_errf(err, FM_EINVAL, "claim mode needs state_dir");
+        if (!cl->cert_path || !cl->key_path)
+            return fm_errf(err, FM_EINVAL, "claim cert_path and key_path are required");
+        if (!serial_valid(cl->serial))
+            return fm_errf(err, FM_EINVAL, "invalid serial '%s' (expected [A-Za-z0-9_-]{1,64})",
+                           cl->serial ? cl->serial : "(null)");
+        if (cl->timeout_ms < 0 || cl->max_attempts < 0)
+            return fm_errf(err, FM_EINVAL, "negative claim tuning option");
+        if (!opts->ca_path)
+            return fm_errf(err, FM_EINVAL, "ca_path is required");
+    } else {
+        if (!fm_device_id_valid(opts->id))
+            return fm_errf(err, FM_EINVAL, "invalid device id '%s' (expected [a-z0-9][a-z0-9-]{2,63})",
+                           opts->id ? opts->id : "(null)");
+        if (!opts->ca_path || !opts->cert_path || !opts->key_path)
+            return fm_errf(err, FM_EINVAL, "ca_path, cert_path and key_path are required");
+    }
     if (!opts->on_result)
         return fm_errf(err, FM_EINVAL, "on_result is required");
     if (opts->port < 0 || opts->port > 65535)
         return fm_errf(err, FM_EINVAL, "port %d out of range", opts->port);
     if (opts->keepalive < 0 || opts->keepalive > 65535 || opts->result_timeout_ms < 0 ||
         opts->max_attempts < 0 || opts->max_pending < 0 || opts->backoff_min_ms < 0 ||
-        opts->backoff_max_ms < 0)
+        opts->backoff_max_ms < 0 || opts->outbox_max_entries < 0)
         return fm_errf(err, FM_EINVAL, "negative or out-of-range tuning option");
-    if (opts->max_pending > FM_DEVCLIENT_MAX_PENDING_LIMIT)
-        return fm_errf(err, FM_EINVAL, "max_pending %d exceeds %d", opts->max_pending,
-                       FM_DEVCLIENT_MAX_PENDING_LIMIT);
+    if (opts->max_pending > FM_DEVCLIENT_MAX_PENDING_LIMIT ||
+        opts->outbox_max_entries > FM_DEVCLIENT_MAX_PENDING_LIMIT - 1)
+        return fm_errf(err, FM_EINVAL, "max_pending / outbox_max_entries exceeds %d",
+                       FM_DEVCLIENT_MAX_PENDING_LIMIT - 1);
+    if (opts->outbox_policy != FM_OUTBOX_REFUSE_NEW && opts->outbox_policy != FM_OUTBOX_DROP_OLDEST)
+        return fm_errf(err, FM_EINVAL, "unknown outbox policy %d", (int)opts->outbox_policy);
     if (lib_acquire() != 0)
         return fm_errf(err, FM_EUNAVAIL, "libmosquitto initialisation failed");
 
     int rc = FM_ENOMEM;
+    fm_errbuf local;
+    if (!err)
+        err = &local;
+    err->msg[0] = '\0';
     fm_devclient *c = fm_calloc(1, sizeof *c);
     if (!c)
         goto err_lib;
-    snprintf(c->id, sizeof c->id, "%s", opts->id);
-    snprintf(c->topic_meas, sizeof c->topic_meas, "fleet/%s/measurements", c->id);
-    snprintf(c->topic_res, sizeof c->topic_res, "fleet/%s/results", c->id);
     c->port = opt_or(opts->port, FM_DEVCLIENT_DEFAULT_PORT);
     c->keepalive = opt_or(opts->keepalive, FM_DEVCLIENT_DEFAULT_KEEPALIVE);
     c->on_result = opts->on_result;
     c->on_state = opts->on_state;
+    c->on_shadow = opts->on_shadow;
+    c->on_rotate = opts->on_rotate;
     c->ud = opts->ud;
+    c->extras = opts->state_dir || opts->on_shadow || opts->on_rotate;
     c->timeout_ns =
         (uint64_t)opt_or(opts->result_timeout_ms, FM_DEVCLIENT_DEFAULT_RESULT_TIMEOUT_MS) * NS_PER_MS;
     c->max_attempts = (unsigned)opt_or(opts->max_attempts, FM_DEVCLIENT_DEFAULT_MAX_ATTEMPTS);
@@ -660,11 +1181,51 @@ int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbu
 
     c->host = fm_strdup(opts->host && opts->host[0] ? opts->host : FM_DEVCLIENT_DEFAULT_HOST);
     c->ca_path = fm_strdup(opts->ca_path);
-    c->cert_path = fm_strdup(opts->cert_path);
-    c->key_path = fm_strdup(opts->key_path);
+    if (!c->host || !c->ca_path)
+        goto err_free;
+    if (opts->state_dir && !(c->state_dir = fm_strdup(opts->state_dir)))
+        goto err_free;
+    if (opts->claim) {
+        if ((rc = setup_state(c, opts, err)) != 0)
+            goto err_free;
+    } else {
+        snprintf(c->id, sizeof c->id, "%s", opts->id);
+        c->cert_path = fm_strdup(opts->cert_path);
+        c->key_path = fm_strdup(opts->key_path);
+        rc = FM_ENOMEM;
+        if (!c->cert_path || !c->key_path)
+            goto err_free;
+        set_topics(c);
+        if (c->state_dir)
+            rotation_recover(c);
+    }
+
+    if (c->state_dir) {
+        char dir[PATH_MAX];
+        if ((rc = fm_mkdirs(c->state_dir, 0700)) != 0) {
+            fm_errf(err, FM_EIO, "cannot create state directory %s", c->state_dir);
+            goto err_free;
+        }
+        if ((rc = state_path(c, "outbox", dir, sizeof dir)) != 0) {
+            fm_errf(err, rc, "state directory path too long");
+            goto err_free;
+        }
+        if ((rc = fm_outbox_open(dir, (size_t)opts->outbox_max_entries, opts->outbox_max_bytes,
+                                 opts->outbox_policy, &c->ob, err)) != 0)
+            goto err_free;
+        size_t cap = opts->outbox_max_entries > 0 ? (size_t)opts->outbox_max_entries
+                                                  : FM_OUTBOX_DEFAULT_MAX_ENTRIES;
+        if (fm_outbox_count(c->ob) > cap)
+            cap = fm_outbox_count(c->ob);
+        /* One spare slot: drop-oldest stores the new entry before it frees
+         * the oldest one's slot. */
+        c->max_pending = (uint32_t)(cap + 1 > FM_DEVCLIENT_MAX_PENDING_LIMIT ? FM_DEVCLIENT_MAX_PENDING_LIMIT : cap + 1);
+    }
+
+    rc = FM_ENOMEM;
     c->slots = fm_calloc(c->max_pending, sizeof *c->slots);
     c->free_stack = fm_calloc(c->max_pending, sizeof *c->free_stack);
-    if (!c->host || !c->ca_path || !c->cert_path || !c->key_path || !c->slots || !c->free_stack)
+    if (!c->slots || !c->free_stack)
         goto err_free;
     /* Push in reverse so slot 0 is used first, which keeps tests readable. */
     for (uint32_t i = 0; i < c->max_pending; i++) {
@@ -672,6 +1233,14 @@ int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbu
         c->free_stack[i] = c->max_pending - 1 - i;
     }
     c->n_free = c->max_pending;
+
+    if (c->ob && (rc = fm_outbox_load(c->ob, load_entry, c)) != 0) {
+        fm_errf(err, rc, "cannot read outbox %s: %s", fm_outbox_dir(c->ob), fm_strerror(rc));
+        goto err_free;
+    }
+    if (c->stats.recovered > 0)
+        fm_logf(FM_LOG_INFO, COMPONENT, "%s: %llu unanswered measurement(s) from the outbox will be sent again",
+                c->client_id, (unsigned long long)c->stats.recovered);
 
     /* A clean start is right even though results may be lost across a
      * reconnect: every unanswered measurement is re-published and the
@@ -684,15 +1253,11 @@ int fm_devclient_new(const fm_devclient_opts *opts, fm_devclient **out, fm_errbu
     return 0;
 
 err_free:
-    if (c->m)
-        mosquitto_destroy(c->m);
-    fm_free(c->free_stack);
-    fm_free(c->slots);
-    fm_free(c->key_path);
-    fm_free(c->cert_path);
-    fm_free(c->ca_path);
-    fm_free(c->host);
-    fm_free(c);
+    if (!err->msg[0])
+        fm_errf(err, rc, "cannot create device client: %s", fm_strerror(rc));
+    free_fields(c);
+    lib_release();
+    return rc;
 err_lib:
     lib_release();
     return fm_errf(err, rc, "cannot create device client: %s", fm_strerror(rc));
@@ -703,25 +1268,48 @@ void fm_devclient_free(fm_devclient *c)
     if (!c)
         return;
     fm_devclient_disconnect(c);
-    mosquitto_destroy(c->m);
-    for (uint32_t i = 0; i < c->max_pending; i++) {
-        fm_free(c->slots[i].id);
-        fm_free(c->slots[i].payload);
-    }
-    fm_free(c->free_stack);
-    fm_free(c->slots);
-    fm_free(c->key_path);
-    fm_free(c->cert_path);
-    fm_free(c->ca_path);
-    fm_free(c->host);
-    fm_free(c);
+    free_fields(c);
     lib_release();
+}
+
+/* Builds the provisioning request: key (created once, kept), CSR. */
+static int claim_prepare(fm_devclient *c, fm_errbuf *err)
+{
+    if (c->claim_req)
+        return 0;
+    int rc = fm_key_ensure(c->key_path, err);
+    if (rc != 0)
+        return rc;
+    char *csr = NULL;
+    if ((rc = fm_csr_create(c->key_path, c->serial, &csr, err)) != 0)
+        return rc;
+    json_t *doc = json_pack("{s:s, s:s, s:s, s:s}", "serial", c->serial, "csr", csr, "model",
+                            c->model, "firmware", c->firmware);
+    fm_free(csr);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(doc);
+    c->claim_req = text ? fm_strdup(text) : NULL;
+    free(text);
+    if (!c->claim_req)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    return 0;
 }
 
 int fm_devclient_connect(fm_devclient *c, fm_errbuf *err)
 {
+    if (c->st == ST_FAILED && c->error[0]) {
+        /* Start over after a permanent failure (e.g. claim rejected). */
+        c->error[0] = '\0';
+        c->st = ST_IDLE;
+        c->claim_attempts = 0;
+    }
     if (c->st != ST_IDLE)
-        return fm_errf(err, FM_ESTATE, "%s: already connecting or connected", c->id);
+        return fm_errf(err, FM_ESTATE, "%s: already connecting or connected", c->client_id);
+    if (c->claiming) {
+        int rc = claim_prepare(c, err);
+        if (rc != 0)
+            return rc;
+    }
     if (!c->tls_configured) {
         c->tls_configured = true;
         int rc = mosq_setup(c, err);
@@ -760,17 +1348,12 @@ int fm_devclient_disconnect(fm_devclient *c)
 
 /* ---- publishing --------------------------------------------------------------- */
 
-int fm_devclient_publish_measurement(fm_devclient *c, const char *payload, size_t len,
-                                     const char *measurement_id)
+/* Puts a measurement into a free slot (no I/O, no send). */
+static int queue_slot(fm_devclient *c, const char *measurement_id, const char *payload, size_t len,
+                      uint32_t *out)
 {
-    if (!payload || len == 0 || len > MQTT_MAX_PAYLOAD || !fm_device_measurement_id_valid(measurement_id))
-        return FM_EINVAL;
-    for (int32_t i = c->head; i >= 0; i = c->slots[i].next)
-        if (strcmp(c->slots[i].id, measurement_id) == 0)
-            return FM_EEXIST;
     if (c->n_free == 0)
         return FM_EBUSY;
-
     char *id = fm_strdup(measurement_id);
     char *copy = fm_malloc(len);
     if (!id || !copy) {
@@ -792,24 +1375,61 @@ int fm_devclient_publish_measurement(fm_devclient *c, const char *payload, size_
     p->queued_ns = fm_mono_ns();
     list_append(c, idx);
     c->n_pending++;
-    due_at(c, p->queued_ns + c->timeout_ns * c->max_attempts);
-
-    if (c->st == ST_READY) {
-        int rc = send_pending(c, idx);
-        if (rc != 0) {
-            /* Undo so that failure leaves nothing queued, as documented. */
-            list_unlink(c, idx);
-            p->id = NULL;
-            p->payload = NULL;
-            p->gen = 0;
-            c->free_stack[c->n_free++] = idx;
-            c->n_pending--;
-            fm_free(id);
-            fm_free(copy);
-            return rc;
-        }
-    }
+    if (c->ob)
+        due_at(c, p->queued_ns);
+    else
+        due_at(c, p->queued_ns + c->timeout_ns * c->max_attempts);
+    *out = idx;
     return 0;
+}
+
+/* The outbox deleted an old entry to make room: forget it now, report it
+ * from the next loop call (publish never calls back synchronously). */
+static void on_outbox_drop(void *ud, const char *id)
+{
+    fm_devclient *c = ud;
+    int32_t i = find_pending(c, id);
+    if (i >= 0)
+        release_slot(c, (uint32_t)i);
+    if (c->n_dropped == c->cap_dropped) {
+        size_t cap = c->cap_dropped ? c->cap_dropped * 2 : 8;
+        char **v = fm_realloc(c->dropped, cap * sizeof *v);
+        if (!v)
+            return; /* logged by the outbox; only the report is lost */
+        c->dropped = v;
+        c->cap_dropped = cap;
+    }
+    char *copy = fm_strdup(id);
+    if (copy)
+        c->dropped[c->n_dropped++] = copy;
+    c->stats.dropped++;
+    due_at(c, 0);
+}
+
+int fm_devclient_publish_measurement(fm_devclient *c, const char *payload, size_t len,
+                                     const char *measurement_id)
+{
+    if (!payload || len == 0 || len > MQTT_MAX_PAYLOAD || !fm_device_measurement_id_valid(measurement_id))
+        return FM_EINVAL;
+    if (find_pending(c, measurement_id) >= 0)
+        return FM_EEXIST;
+    if (c->n_free == 0)
+        return FM_EBUSY;
+    if (c->ob) {
+        int rc = fm_outbox_put(c->ob, measurement_id, payload, len, on_outbox_drop, c);
+        if (rc != 0)
+            return rc;
+    }
+    uint32_t idx;
+    int rc = queue_slot(c, measurement_id, payload, len, &idx);
+    if (rc == 0 && can_send(c)) {
+        rc = send_pending(c, idx);
+        if (rc != 0)
+            release_slot(c, idx); /* undo so that failure leaves nothing queued */
+    }
+    if (rc != 0 && c->ob)
+        (void)fm_outbox_remove(c->ob, measurement_id);
+    return rc;
 }
 
 /* ---- results ----------------------------------------------------------------- */
@@ -820,14 +1440,14 @@ int fm_devclient_handle_result(fm_devclient *c, const void *corr, size_t corr_le
     const uint8_t *b = corr;
     if (corr_len != FM_DEVCLIENT_CORR_LEN || memcmp(b, c->nonce, CORR_MAGIC_LEN) != 0) {
         c->stats.ignored++;
-        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: result for another session ignored", c->id);
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: result for another session ignored", c->client_id);
         return 0;
     }
     uint32_t idx = get_be32(b + 8), gen = get_be32(b + 12);
     if (idx >= c->max_pending || gen == 0 || c->slots[idx].gen != gen) {
         /* Normal after a retry: both publishes get an answer. */
         c->stats.ignored++;
-        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: duplicate or stale result ignored", c->id);
+        fm_logf(FM_LOG_DEBUG, COMPONENT, "%s: duplicate or stale result ignored", c->client_id);
         return 0;
     }
 
@@ -844,10 +1464,24 @@ int fm_devclient_handle_result(fm_devclient *c, const void *corr, size_t corr_le
         /* Leave the measurement pending: a retry may still get a usable
          * answer, and otherwise it times out visibly. */
         c->stats.ignored++;
-        fm_logf(FM_LOG_WARN, COMPONENT, "%s: malformed result for %s ignored%s%s", c->id,
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: malformed result for %s ignored%s%s", c->client_id,
                 c->slots[idx].id, doc ? "" : ": ", doc ? "" : jerr.text);
         json_decref(doc);
         return 0;
+    }
+    if (c->ob && st[0] == 'e') {
+        /* The cloud could not process it this time (store down, crash):
+         * the outbox keeps it and it is sent again later. */
+        const char *code = json_string_value(json_object_get(json_object_get(doc, "error"), "code"));
+        if (code && (strcmp(code, "unavailable") == 0 || strcmp(code, "internal") == 0)) {
+            struct pending *p = &c->slots[idx];
+            c->stats.retried_errors++;
+            retry_later(c, p);
+            fm_logf(FM_LOG_INFO, COMPONENT, "%s: %s answered %s; will retry", c->client_id, p->id,
+                    code);
+            json_decref(doc);
+            return 0;
+        }
     }
     json_decref(doc);
 
@@ -865,16 +1499,14 @@ int fm_devclient_handle_result(fm_devclient *c, const void *corr, size_t corr_le
 int fm_devclient_correlation(const fm_devclient *c, const char *measurement_id, void *buf,
                              size_t cap, size_t *len)
 {
-    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
-        if (strcmp(c->slots[i].id, measurement_id) == 0) {
-            if (cap < FM_DEVCLIENT_CORR_LEN)
-                return FM_ERANGE;
-            encode_corr(c, (uint32_t)i, buf);
-            *len = FM_DEVCLIENT_CORR_LEN;
-            return 0;
-        }
-    }
-    return FM_ENOTFOUND;
+    int32_t i = find_pending(c, measurement_id);
+    if (i < 0)
+        return FM_ENOTFOUND;
+    if (cap < FM_DEVCLIENT_CORR_LEN)
+        return FM_ERANGE;
+    encode_corr(c, (uint32_t)i, buf);
+    *len = FM_DEVCLIENT_CORR_LEN;
+    return 0;
 }
 
 int fm_devclient_result_info_get(const fm_devclient *c, fm_devclient_result_info *out)
@@ -882,6 +1514,69 @@ int fm_devclient_result_info_get(const fm_devclient *c, fm_devclient_result_info
     if (!c->in_result)
         return FM_ESTATE;
     *out = c->cur;
+    return 0;
+}
+
+/* ---- shadow and rotation ------------------------------------------------------ */
+
+static int publish_simple(fm_devclient *c, const char *topic, const char *payload)
+{
+    if (!can_send(c))
+        return FM_ESTATE;
+    int rc = mosquitto_publish_v5(c->m, NULL, topic, (int)strlen(payload), payload, 1, false, NULL);
+    if (rc == MOSQ_ERR_SUCCESS)
+        return 0;
+    return rc == MOSQ_ERR_NOMEM ? FM_ENOMEM : rc == MOSQ_ERR_NO_CONN ? FM_ESTATE : FM_EIO;
+}
+
+int fm_devclient_shadow_report(fm_devclient *c, const char *reported_json)
+{
+    json_t *rep = reported_json ? json_loads(reported_json, 0, NULL) : NULL;
+    if (!json_is_object(rep)) {
+        json_decref(rep);
+        return FM_EINVAL;
+    }
+    json_t *doc = json_pack("{s:o}", "reported", rep);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(doc);
+    if (!text)
+        return FM_ENOMEM;
+    int rc = publish_simple(c, c->topic_shadow_update, text);
+    free(text);
+    return rc;
+}
+
+int fm_devclient_shadow_get(fm_devclient *c) { return publish_simple(c, c->topic_shadow_get, "{}"); }
+
+int fm_devclient_rotate(fm_devclient *c, fm_errbuf *err)
+{
+    if (!can_send(c) || c->rotating || !c->extras)
+        return fm_errf(err, FM_ESTATE, "%s: cannot rotate now (%s)", c->client_id,
+                       !can_send(c) ? "not connected" : c->rotating ? "a rotation is running"
+                                                                    : "rotation topics not subscribed");
+    char kn[PATH_MAX];
+    if (next_path(c->key_path, kn, sizeof kn) != 0)
+        return fm_errf(err, FM_EINVAL, "key path too long");
+    int rc = fm_key_ensure(kn, err);
+    if (rc != 0)
+        return rc;
+    char *csr = NULL;
+    if ((rc = fm_csr_create(kn, c->id, &csr, err)) != 0)
+        return rc;
+    json_t *doc = json_pack("{s:s}", "csr", csr);
+    fm_free(csr);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    if (!text)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    rc = publish_simple(c, c->topic_cert_rotate, text);
+    free(text);
+    if (rc != 0)
+        return fm_errf(err, rc, "%s: cannot publish the rotation request: %s", c->client_id,
+                       fm_strerror(rc));
+    c->rotating = true;
+    c->rotate_deadline_ns = fm_mono_ns() + ROTATE_TIMEOUT_MS * NS_PER_MS;
+    fm_logf(FM_LOG_INFO, COMPONENT, "%s: certificate rotation requested", c->client_id);
     return 0;
 }
 
@@ -920,8 +1615,81 @@ static bool connect_failed(fm_devclient *c, char *why, size_t len)
     return false;
 }
 
+/* Closes the current connection on purpose (DISCONNECT, best effort) and
+ * connects again right away with a fresh instance. */
+static void restart_connection(fm_devclient *c, const char *why)
+{
+    bool was_ready = c->st == ST_READY && !c->claiming;
+    if (mosquitto_socket(c->m) >= 0) {
+        (void)mosquitto_disconnect_v5(c->m, MQTT_RC_NORMAL_DISCONNECTION, NULL);
+        (void)mosquitto_loop_write(c->m, 1);
+    }
+    for (int32_t i = c->head; i >= 0; i = c->slots[i].next) {
+        c->slots[i].in_flight = false;
+        c->slots[i].mid = 0;
+    }
+    (void)mosq_setup(c, NULL);
+    c->st = ST_BACKOFF;
+    c->backoff_attempt = 0;
+    c->next_connect_ns = fm_mono_ns();
+    c->epoch++;
+    fm_logf(FM_LOG_INFO, COMPONENT, "%s: reconnecting: %s", c->client_id, why);
+    if (was_ready && c->on_state)
+        c->on_state(c->ud, false, why);
+}
+
+/* Stops for good; fm_devclient_connect() may start over. */
+static void go_failed(fm_devclient *c, const char *reason)
+{
+    bool was_ready = c->st == ST_READY && !c->claiming;
+    if (mosquitto_socket(c->m) >= 0) {
+        (void)mosquitto_disconnect_v5(c->m, MQTT_RC_NORMAL_DISCONNECTION, NULL);
+        (void)mosquitto_loop_write(c->m, 1);
+    }
+    (void)mosq_setup(c, NULL);
+    c->st = ST_FAILED;
+    c->epoch++;
+    snprintf(c->error, sizeof c->error, "%s", reason);
+    fm_logf(FM_LOG_ERROR, COMPONENT, "%s: %s", c->client_id, reason);
+    if (c->on_state && (was_ready || c->claiming))
+        c->on_state(c->ud, false, c->error);
+}
+
+/* Work queued by libmosquitto callbacks that replaces the instance. */
+static void run_deferred(fm_devclient *c)
+{
+    if (c->fail_pending) {
+        c->fail_pending = false;
+        c->switch_pending = false;
+        go_failed(c, c->fail_reason);
+        return;
+    }
+    if (c->switch_pending) {
+        c->switch_pending = false;
+        snprintf(c->id, sizeof c->id, "%s", c->new_id);
+        if (c->use_claim_endpoint && c->new_host[0]) {
+            char *h = fm_strdup(c->new_host);
+            if (h) {
+                fm_free(c->host);
+                c->host = h;
+                c->port = c->new_port;
+            }
+        }
+        restart_connection(c, "provisioned; connecting as the device");
+        c->claiming = false;
+        set_topics(c);
+        (void)mosq_setup(c, NULL); /* the new client id and certificate */
+        c->epoch++;
+    }
+    if (c->reconnect_pending) {
+        c->reconnect_pending = false;
+        restart_connection(c, "new certificate installed");
+    }
+}
+
 static int map_loop_rc(fm_devclient *c, int rc)
 {
+    run_deferred(c);
     if (rc == MOSQ_ERR_NOMEM)
         return FM_ENOMEM;
     char why[128];
@@ -967,20 +1735,35 @@ int fm_devclient_loop_write(fm_devclient *c)
 static int scan_pending(fm_devclient *c, uint64_t now)
 {
     c->next_due_ns = UINT64_MAX;
+    /* Reports of entries the outbox dropped (callbacks may drop more). */
+    while (c->n_dropped > 0) {
+        char *id = c->dropped[0];
+        memmove(c->dropped, c->dropped + 1, (c->n_dropped - 1) * sizeof *c->dropped);
+        c->n_dropped--;
+        c->in_result = true;
+        memset(&c->cur, 0, sizeof c->cur);
+        c->on_result(c->ud, id, "dropped", NULL, 0);
+        c->in_result = false;
+        fm_free(id);
+    }
     for (int32_t i = c->head; i >= 0;) {
         struct pending *p = &c->slots[i];
         int32_t next = p->next; /* resolve() unlinks i; callbacks only append */
-        uint64_t giveup = p->queued_ns + c->timeout_ns * c->max_attempts;
-        uint64_t retry_at = p->sent_ns + c->timeout_ns;
+        /* With an outbox nothing times out: it is retried until answered. */
+        uint64_t giveup = c->ob ? UINT64_MAX : p->queued_ns + c->timeout_ns * c->max_attempts;
+        uint64_t retry_at = p->sent_ns + (c->ob ? retry_delay_ns(c, p->attempts) : c->timeout_ns);
         if (p->reject_code) {
             resolve_local_error(c, (uint32_t)i, p->reject_code, p->reject_msg);
-        } else if (now >= giveup || (p->in_flight && p->attempts >= c->max_attempts && now >= retry_at)) {
+        } else if (now >= giveup ||
+                   (!c->ob && p->in_flight && p->attempts >= c->max_attempts && now >= retry_at)) {
             resolve(c, (uint32_t)i, "timeout", NULL, 0);
+        } else if (!p->in_flight && now < p->next_try_ns) {
+            due_at(c, p->next_try_ns);
         } else {
-            if (c->st == ST_READY && (!p->in_flight || now >= retry_at)) {
+            if (can_send(c) && (!p->in_flight || now >= retry_at)) {
                 if (p->in_flight)
                     fm_logf(FM_LOG_INFO, COMPONENT, "%s: no result for %s yet, re-publishing",
-                            c->id, p->id);
+                            c->client_id, p->id);
                 int rc = send_pending(c, (uint32_t)i);
                 if (rc != 0) {
                     due_at(c, now);
@@ -989,7 +1772,7 @@ static int scan_pending(fm_devclient *c, uint64_t now)
             }
             due_at(c, giveup);
             if (p->in_flight)
-                due_at(c, p->sent_ns + c->timeout_ns);
+                due_at(c, p->sent_ns + (c->ob ? retry_delay_ns(c, p->attempts) : c->timeout_ns));
         }
         i = next;
     }
@@ -1020,6 +1803,25 @@ int fm_devclient_loop_misc(fm_devclient *c)
         /* Failure already scheduled the next attempt and was logged. */
         (void)start_connect(c, NULL);
     }
+    if (c->claiming && c->st == ST_READY && now >= c->claim_next_ns) {
+        if (c->claim_attempts >= c->claim_max_attempts) {
+            char why[160];
+            snprintf(why, sizeof why, "no answer to the provisioning request after %u attempts",
+                     c->claim_attempts);
+            go_failed(c, why);
+        } else {
+            claim_send(c);
+        }
+    }
+    if (c->rotating && now >= c->rotate_deadline_ns) {
+        /* The key stays in <key>.next and is reused by the next attempt. */
+        c->rotating = false;
+        fm_logf(FM_LOG_WARN, COMPONENT, "%s: no answer to the certificate rotation request",
+                c->client_id);
+        if (c->on_rotate)
+            c->on_rotate(c->ud, false, "timeout", "no answer from the cloud");
+    }
+    run_deferred(c);
     if (now >= c->next_due_ns)
         return scan_pending(c, now);
     return 0;
@@ -1037,6 +1839,10 @@ int fm_devclient_next_timeout_ms(const fm_devclient *c)
         t = now + CONNECT_NUDGE_MS * NS_PER_MS;
     if ((c->st == ST_CONNECTING || c->st == ST_SUBSCRIBING) && c->connect_deadline_ns < t)
         t = c->connect_deadline_ns;
+    if (c->claiming && c->st == ST_READY && c->claim_next_ns < t)
+        t = c->claim_next_ns;
+    if (c->rotating && c->rotate_deadline_ns < t)
+        t = c->rotate_deadline_ns;
     if (t <= now)
         return 0;
     /* Round up so a caller sleeping this long does not wake just early. */
@@ -1074,7 +1880,18 @@ int fm_devclient_loop(fm_devclient *c, int timeout_ms)
 
 /* ---- state and statistics -------------------------------------------------- */
 
-bool fm_devclient_ready(const fm_devclient *c) { return c->st == ST_READY; }
+bool fm_devclient_ready(const fm_devclient *c) { return can_send(c); }
+
+const char *fm_devclient_id(const fm_devclient *c) { return c->id; }
+
+const char *fm_devclient_error(const fm_devclient *c)
+{
+    if (c->st != ST_FAILED)
+        return NULL;
+    return c->error[0] ? c->error : "TLS material unusable";
+}
+
+bool fm_devclient_claiming(const fm_devclient *c) { return c->claiming; }
 
 size_t fm_devclient_pending(const fm_devclient *c) { return c->n_pending; }
 

@@ -22,15 +22,16 @@
 #include <time.h>
 
 #define SERVICE_CLIENT_ID "fleetml-service"
-#define SHARED_SUB "$share/fleetml/fleet/+/measurements"
+#define MAX_SUBS 16
 /* How long the broker keeps the service's session (and queues messages for
  * it) while the service is away: long enough for any restart. */
 #define SESSION_EXPIRY_S (7 * 24 * 3600)
 
 struct fm_mqtt {
     struct mosquitto *mosq;
-    fm_mqtt_measurement_fn on_measurement;
-    void *ud;
+    fm_mqtt_handlers h;
+    char *subs[MAX_SUBS];
+    int nsubs;
     char host[256];
     int port;
     mosquitto_property *connect_props;
@@ -62,12 +63,14 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc, int flags,
     }
     atomic_store(&c->connected, 1);
     atomic_store(&fm_metrics_get()->mqtt_connected, 1);
-    /* The persistent session keeps the subscription, but subscribing again
-     * is harmless and covers a session the broker has expired. */
-    int src = mosquitto_subscribe_v5(mosq, NULL, SHARED_SUB, 1, 0, NULL);
+    /* The persistent session keeps the subscriptions, but subscribing
+     * again is harmless and covers a session the broker has expired. */
+    int src = mosquitto_subscribe_multiple(mosq, NULL, c->nsubs, c->subs, 1, 0, NULL);
     if (src != MOSQ_ERR_SUCCESS)
         fm_logkv(FM_LOG_ERROR, "mqtt", "subscribe failed", "error", mosquitto_strerror(src),
                  NULL);
+    if (c->h.on_connect)
+        c->h.on_connect(c->h.ud);
     fm_logf(FM_LOG_INFO, "mqtt", "connected to broker");
 }
 
@@ -78,11 +81,15 @@ static void on_subscribe(struct mosquitto *mosq, void *obj, int mid, int qos_cou
     (void)mid;
     (void)props;
     fm_mqtt *c = obj;
-    if (qos_count >= 1 && granted[0] <= 2) {
+    int ok = qos_count == c->nsubs;
+    for (int i = 0; i < qos_count; i++)
+        if (granted[i] > 2) {
+            fm_logkv(FM_LOG_ERROR, "mqtt", "subscription refused", "filter",
+                     i < c->nsubs ? c->subs[i] : "?", NULL);
+            ok = 0;
+        }
+    if (ok)
         atomic_store(&c->subscribed, 1);
-    } else {
-        fm_logf(FM_LOG_ERROR, "mqtt", "subscription to %s refused", SHARED_SUB);
-    }
 }
 
 static void on_disconnect(struct mosquitto *mosq, void *obj, int rc,
@@ -98,20 +105,23 @@ static void on_disconnect(struct mosquitto *mosq, void *obj, int rc,
     atomic_store(&fm_metrics_get()->mqtt_connected, 0);
 }
 
-/* fleet/<device>/measurements -> device id; anything else -> 0. */
-static int device_from_topic(const char *topic, char *out, size_t len)
+/* Reads a user property by name (first occurrence); caller frees. */
+static char *user_property(const mosquitto_property *props, const char *want)
 {
-    const char *prefix = "fleet/", *suffix = "/measurements";
-    size_t pl = strlen(prefix), sl = strlen(suffix), tl = strlen(topic);
-    if (tl <= pl + sl || strncmp(topic, prefix, pl) != 0 ||
-        strcmp(topic + tl - sl, suffix) != 0)
-        return 0;
-    size_t idl = tl - pl - sl;
-    if (idl >= len)
-        return 0;
-    memcpy(out, topic + pl, idl);
-    out[idl] = '\0';
-    return fm_device_id_valid(out);
+    char *name = NULL, *value = NULL;
+    const mosquitto_property *p =
+        mosquitto_property_read_string_pair(props, MQTT_PROP_USER_PROPERTY, &name, &value, false);
+    while (p) {
+        if (name && strcmp(name, want) == 0) {
+            free(name);
+            return value;
+        }
+        free(name);
+        free(value);
+        name = value = NULL;
+        p = mosquitto_property_read_string_pair(p, MQTT_PROP_USER_PROPERTY, &name, &value, true);
+    }
+    return NULL;
 }
 
 static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto_message *msg,
@@ -119,20 +129,21 @@ static void on_message(struct mosquitto *mosq, void *obj, const struct mosquitto
 {
     (void)mosq;
     fm_mqtt *c = obj;
-    char device[FM_DEVICE_ID_MAX + 1];
-    if (!device_from_topic(msg->topic, device, sizeof device)) {
-        fm_logkv(FM_LOG_WARN, "mqtt", "ignoring message on unexpected topic", "topic",
-                 msg->topic, NULL);
-        return;
-    }
     char *rt = NULL;
     void *corr = NULL;
     uint16_t corr_len = 0;
     mosquitto_property_read_string(props, MQTT_PROP_RESPONSE_TOPIC, &rt, false);
     mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len, false);
-    c->on_measurement(c->ud, device, msg->payload, (size_t)msg->payloadlen, rt, corr, corr_len);
+    char *claim = user_property(props, "fleetml-claim-template");
+    char *serial = user_property(props, "fleetml-cert-serial");
+    fm_mqtt_msg m = {.topic = msg->topic, .payload = msg->payload, .len = (size_t)msg->payloadlen,
+                     .response_topic = rt, .corr = corr, .corr_len = corr_len,
+                     .claim_template = claim, .cert_serial = serial};
+    c->h.on_message(c->h.ud, &m);
     free(rt);
     free(corr);
+    free(claim);
+    free(serial);
 }
 
 static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str)
@@ -205,8 +216,8 @@ static void *net_thread(void *arg)
     return NULL;
 }
 
-int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, void *ud,
-                  fm_mqtt **out, fm_errbuf *err)
+int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
+                  const fm_mqtt_handlers *h, fm_mqtt **out, fm_errbuf *err)
 {
     char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX];
     lib_init_once();
@@ -217,8 +228,15 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
     fm_mqtt *c = fm_calloc(1, sizeof *c);
     if (!c)
         return fm_errf(err, FM_ENOMEM, "out of memory");
-    c->on_measurement = on_measurement;
-    c->ud = ud;
+    c->h = *h;
+    for (; subscriptions[c->nsubs]; c->nsubs++) {
+        if (c->nsubs == MAX_SUBS || !(c->subs[c->nsubs] = fm_strdup(subscriptions[c->nsubs]))) {
+            for (int i = 0; i < c->nsubs; i++)
+                fm_free(c->subs[i]);
+            fm_free(c);
+            return fm_errf(err, FM_EINVAL, "too many subscriptions or out of memory");
+        }
+    }
     snprintf(c->host, sizeof c->host, "%s", cfg->broker_host);
     c->port = cfg->broker_service_port;
     int rc;
@@ -226,8 +244,8 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
      * for the service while it restarts, so none are dropped. */
     c->mosq = mosquitto_new(SERVICE_CLIENT_ID, false, c);
     if (!c->mosq) {
-        fm_free(c);
-        return fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
+        rc = fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
+        goto fail;
     }
     mosquitto_threaded_set(c->mosq, true);
     mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
@@ -268,7 +286,10 @@ int fm_mqtt_start(const fm_config *cfg, fm_mqtt_measurement_fn on_measurement, v
     return 0;
 fail:
     mosquitto_property_free_all(&c->connect_props);
-    mosquitto_destroy(c->mosq);
+    if (c->mosq)
+        mosquitto_destroy(c->mosq);
+    for (int i = 0; i < c->nsubs; i++)
+        fm_free(c->subs[i]);
     fm_free(c);
     return rc;
 }
@@ -314,5 +335,7 @@ void fm_mqtt_stop(fm_mqtt *c)
     mosquitto_destroy(c->mosq);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
+    for (int i = 0; i < c->nsubs; i++)
+        fm_free(c->subs[i]);
     fm_free(c);
 }

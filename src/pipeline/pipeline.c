@@ -92,7 +92,8 @@ void fm_inmsg_free(fm_inmsg *m)
     fm_free(m);
 }
 
-char *fm_reply_topic(const char *device_id, const char *rt, char *buf, size_t len)
+char *fm_reply_topic(const char *device_id, const char *rt, const char *default_leaf, char *buf,
+                     size_t len)
 {
     char prefix[80];
     int n = snprintf(prefix, sizeof prefix, "fleet/%s/", device_id);
@@ -101,7 +102,7 @@ char *fm_reply_topic(const char *device_id, const char *rt, char *buf, size_t le
         snprintf(buf, len, "%s", rt);
         return buf;
     }
-    snprintf(buf, len, "fleet/%s/results", device_id);
+    snprintf(buf, len, "fleet/%s/%s", device_id, default_leaf);
     return buf;
 }
 
@@ -218,7 +219,7 @@ static void publish_reply(fm_pipeline *p, const item *it, const char *doc)
 {
     char topic[256];
     fm_inmsg *msg = it->msg;
-    fm_reply_topic(msg->device_id, msg->response_topic, topic, sizeof topic);
+    fm_reply_topic(msg->device_id, msg->response_topic, "results", topic, sizeof topic);
     int rc = p->opts.publish(p->opts.ud, topic, doc, strlen(doc), msg->corr, msg->corr_len);
     fm_metrics *mx = fm_metrics_get();
     if (rc == 0)

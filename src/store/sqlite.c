@@ -10,19 +10,11 @@
  * after quarantine rows are pruned: the lake exporter relies on seqs only
  * growing.
  */
-#include "store/store_internal.h"
-
-#include <sqlite3.h>
+#include "store/sqlite_int.h"
 #include <stdio.h>
 #include <string.h>
 
-#define SCHEMA_VERSION 2
 
-typedef struct sqlite_store {
-    fm_store base;
-    sqlite3 *db;
-    sqlite3_stmt *ins_meas, *ins_quar, *lookup, *dev_get, *begin, *commit, *rollback;
-} sqlite_store;
 
 static const char *schema_v1 =
     "CREATE TABLE IF NOT EXISTS tenants ("
@@ -46,14 +38,59 @@ static const char *schema_v1 =
     "  seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, tenant TEXT NOT NULL,"
     "  received_ms INTEGER NOT NULL, payload BLOB NOT NULL, error_code TEXT NOT NULL,"
     "  error_message TEXT NOT NULL);"
-    "CREATE TABLE IF NOT EXISTS health ("
-    "  id INTEGER PRIMARY KEY CHECK (id = 1), probed_ms INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS lake_cursors ("
     "  node TEXT NOT NULL, stream INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
     "  pending_key TEXT NOT NULL DEFAULT '', pending_spool TEXT NOT NULL DEFAULT '',"
     "  PRIMARY KEY (node, stream));";
 
-static int map_rc(int rc)
+static const char *schema_v2 =
+    "CREATE TABLE IF NOT EXISTS health ("
+    "  id INTEGER PRIMARY KEY CHECK (id = 1), probed_ms INTEGER NOT NULL);";
+
+/* The registry: provisioning templates, certificates, shadows, and the
+ * event log every node follows to keep the broker's view current. */
+static const char *schema_v3 =
+    "ALTER TABLE devices ADD COLUMN device_group TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE devices ADD COLUMN serial_number TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE devices ADD COLUMN model TEXT NOT NULL DEFAULT '';"
+    "ALTER TABLE devices ADD COLUMN firmware TEXT NOT NULL DEFAULT '';"
+    "CREATE TABLE templates ("
+    "  name TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES tenants(name),"
+    "  device_group TEXT NOT NULL, device_prefix TEXT NOT NULL, cert_days INTEGER NOT NULL,"
+    "  allow_reprovision INTEGER NOT NULL, rate_per_min INTEGER NOT NULL,"
+    "  status INTEGER NOT NULL, has_allowlist INTEGER NOT NULL, hook TEXT NOT NULL,"
+    "  created_ms INTEGER NOT NULL);"
+    "CREATE TABLE template_serials ("
+    "  template TEXT NOT NULL REFERENCES templates(name), serial TEXT NOT NULL,"
+    "  PRIMARY KEY (template, serial));"
+    "CREATE TABLE claim_certs ("
+    "  serial TEXT PRIMARY KEY, template TEXT NOT NULL REFERENCES templates(name),"
+    "  status INTEGER NOT NULL, created_ms INTEGER NOT NULL);"
+    "CREATE TABLE certs ("
+    "  serial TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(id),"
+    "  status INTEGER NOT NULL, pem TEXT NOT NULL, not_after_ms INTEGER NOT NULL,"
+    "  grace_until_ms INTEGER NOT NULL DEFAULT 0, revoked_ms INTEGER NOT NULL DEFAULT 0,"
+    "  created_ms INTEGER NOT NULL);"
+    "CREATE INDEX certs_by_device ON certs(device_id, status);"
+    "CREATE TABLE provisioned ("
+    "  serial_number TEXT PRIMARY KEY, template TEXT NOT NULL, device_id TEXT NOT NULL,"
+    "  at_ms INTEGER NOT NULL);"
+    "CREATE TABLE shadows ("
+    "  device_id TEXT PRIMARY KEY REFERENCES devices(id), desired TEXT NOT NULL,"
+    "  reported TEXT NOT NULL, version INTEGER NOT NULL, updated_ms INTEGER NOT NULL);"
+    "CREATE TABLE registry_events ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, subject TEXT NOT NULL,"
+    "  at_ms INTEGER NOT NULL);"
+    /* Devices registered before certificates were tracked keep working:
+     * their recorded serial becomes an active certificate. */
+    "INSERT OR IGNORE INTO certs(serial, device_id, status, pem, not_after_ms, created_ms)"
+    "  SELECT cert_serial, id, 0, '', 0, created_ms FROM devices WHERE cert_serial != '';";
+
+/* Migrations in order; schema_steps[i] brings a database to version i + 1. */
+static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3};
+#define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
+
+int sql__map_rc(int rc)
 {
     switch (rc & 0xff) {
     case SQLITE_OK:
@@ -69,31 +106,31 @@ static int map_rc(int rc)
     }
 }
 
-static int db_err(sqlite_store *s, fm_errbuf *err, int rc, const char *what)
+int sql__err(sqlite_store *s, fm_errbuf *err, int rc, const char *what)
 {
-    return fm_errf(err, map_rc(rc), "%s: %s", what, sqlite3_errmsg(s->db));
+    return fm_errf(err, sql__map_rc(rc), "%s: %s", what, sqlite3_errmsg(s->db));
 }
 
-static int exec(sqlite_store *s, const char *sql, fm_errbuf *err)
+int sql__exec(sqlite_store *s, const char *sql, fm_errbuf *err)
 {
     char *msg = NULL;
     int rc = sqlite3_exec(s->db, sql, NULL, NULL, &msg);
     if (rc != SQLITE_OK) {
-        int code = fm_errf(err, map_rc(rc), "%s", msg ? msg : sqlite3_errstr(rc));
+        int code = fm_errf(err, sql__map_rc(rc), "%s", msg ? msg : sqlite3_errstr(rc));
         sqlite3_free(msg);
         return code;
     }
     return 0;
 }
 
-static int prep(sqlite_store *s, sqlite3_stmt **st, const char *sql, fm_errbuf *err)
+int sql__prep(sqlite_store *s, sqlite3_stmt **st, const char *sql, fm_errbuf *err)
 {
     int rc = sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
-    return rc == SQLITE_OK ? 0 : db_err(s, err, rc, "prepare");
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "prepare");
 }
 
 /* Runs a prepared statement to completion and resets it. */
-static int step_done(sqlite3_stmt *st)
+int sql__step_done(sqlite3_stmt *st)
 {
     int rc = sqlite3_step(st);
     sqlite3_reset(st);
@@ -124,19 +161,58 @@ static int s_migrate(fm_store *base, fm_errbuf *err)
     if (v > SCHEMA_VERSION)
         return fm_errf(err, FM_EDB, "database schema version %d is newer than this fleetml (%d)",
                        v, SCHEMA_VERSION);
-    int rc = exec(s, "BEGIN IMMEDIATE", err);
+    int rc = sql__exec(s, "BEGIN IMMEDIATE", err);
     if (rc)
         return rc;
-    rc = exec(s, schema_v1, err);
+    /* A fresh database reports version 0 and runs every step. */
+    for (int i = v < 0 ? 0 : v; i < SCHEMA_VERSION && !rc; i++)
+        rc = sql__exec(s, *schema_steps[i], err);
     if (!rc) {
         char sql[64];
         snprintf(sql, sizeof sql, "PRAGMA user_version = %d", SCHEMA_VERSION);
-        rc = exec(s, sql, err);
+        rc = sql__exec(s, sql, err);
     }
     if (!rc)
-        return exec(s, "COMMIT", err);
-    exec(s, "ROLLBACK", NULL);
+        return sql__exec(s, "COMMIT", err);
+    sql__exec(s, "ROLLBACK", NULL);
     return rc;
+}
+
+int sql__begin(sqlite_store *s, fm_errbuf *err)
+{
+    int rc = sql__step_done(s->begin);
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "begin");
+}
+
+int sql__commit(sqlite_store *s, fm_errbuf *err)
+{
+    int rc = sql__step_done(s->commit);
+    if (rc == SQLITE_OK)
+        return 0;
+    int code = sql__err(s, err, rc, "commit");
+    sql__rollback(s);
+    return code;
+}
+
+void sql__rollback(sqlite_store *s)
+{
+    if (!sqlite3_get_autocommit(s->db))
+        sql__step_done(s->rollback);
+}
+
+int sql__event(sqlite_store *s, int kind, const char *subject, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st, "INSERT INTO registry_events(kind, subject, at_ms) VALUES(?,?,?)",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int(st, 1, kind);
+    sqlite3_bind_text(st, 2, subject, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, fm_wall_ms());
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "event");
 }
 
 static void s_close(fm_store *base)
@@ -155,7 +231,7 @@ static int s_tenant_ensure(fm_store *base, const char *name, fm_errbuf *err)
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
     /* Look first so an existing tenant costs no write transaction. */
-    int rc = prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
+    int rc = sql__prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
     if (rc)
         return rc;
     sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
@@ -163,14 +239,14 @@ static int s_tenant_ensure(fm_store *base, const char *name, fm_errbuf *err)
     sqlite3_finalize(st);
     if (rc == SQLITE_ROW)
         return 0;
-    rc = prep(s, &st, "INSERT OR IGNORE INTO tenants(name, created_ms) VALUES(?, ?)", err);
+    rc = sql__prep(s, &st, "INSERT OR IGNORE INTO tenants(name, created_ms) VALUES(?, ?)", err);
     if (rc)
         return rc;
     sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, fm_wall_ms());
-    rc = step_done(st);
+    rc = sql__step_done(st);
     sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : db_err(s, err, rc, "tenant");
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "tenant");
 }
 
 static int s_user_create(fm_store *base, const char *tenant, const char *username,
@@ -178,7 +254,7 @@ static int s_user_create(fm_store *base, const char *tenant, const char *usernam
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    int rc = prep(s, &st,
+    int rc = sql__prep(s, &st,
                   "INSERT INTO users(tenant, username, password_hash, roles, created_ms) "
                   "VALUES(?, ?, ?, ?, ?)",
                   err);
@@ -189,18 +265,18 @@ static int s_user_create(fm_store *base, const char *tenant, const char *usernam
     sqlite3_bind_text(st, 3, hash, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, roles, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, fm_wall_ms());
-    rc = step_done(st);
+    rc = sql__step_done(st);
     sqlite3_finalize(st);
     if (rc == SQLITE_OK)
         return 0;
-    return db_err(s, err, rc, "user");
+    return sql__err(s, err, rc, "user");
 }
 
 static int s_user_count(fm_store *base, const char *tenant, long *out)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (prep(s, &st, "SELECT count(*) FROM users WHERE tenant = ?", NULL))
+    if (sql__prep(s, &st, "SELECT count(*) FROM users WHERE tenant = ?", NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
@@ -210,11 +286,12 @@ static int s_user_count(fm_store *base, const char *tenant, long *out)
     return rc == SQLITE_ROW ? 0 : FM_EDB;
 }
 
-static int s_device_add(fm_store *base, const fm_device *d, fm_errbuf *err)
+/* Inserts the device row (and its first certificate when d->cert_serial is
+ * set) inside the caller's transaction. */
+int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err)
 {
-    sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    int rc = prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
+    int rc = sql__prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
     if (rc)
         return rc;
     sqlite3_bind_text(st, 1, d->tenant, -1, SQLITE_STATIC);
@@ -222,30 +299,86 @@ static int s_device_add(fm_store *base, const fm_device *d, fm_errbuf *err)
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW)
         return fm_errf(err, FM_ENOTFOUND, "tenant '%s' does not exist", d->tenant);
-    rc = prep(s, &st,
-              "INSERT INTO devices(id, tenant, status, cert_serial, created_ms) "
-              "VALUES(?, ?, ?, ?, ?)",
-              err);
+    int64_t now = d->created_ms ? d->created_ms : fm_wall_ms();
+    rc = sql__prep(s, &st,
+                   "INSERT INTO devices(id, tenant, status, cert_serial, created_ms, device_group,"
+                   " serial_number, model, firmware) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   err);
     if (rc)
         return rc;
     sqlite3_bind_text(st, 1, d->id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, d->tenant, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 3, d->status);
     sqlite3_bind_text(st, 4, d->cert_serial, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, d->created_ms ? d->created_ms : fm_wall_ms());
-    rc = step_done(st);
+    sqlite3_bind_int64(st, 5, now);
+    sqlite3_bind_text(st, 6, d->device_group, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, d->serial_number, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 8, d->model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 9, d->firmware, -1, SQLITE_STATIC);
+    rc = sql__step_done(st);
     sqlite3_finalize(st);
-    if (rc == SQLITE_OK)
-        return 0;
     if ((rc & 0xff) == SQLITE_CONSTRAINT)
         return fm_errf(err, FM_EEXIST, "device '%s' already exists", d->id);
-    return db_err(s, err, rc, "device");
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "device");
+    if (d->cert_serial[0])
+        return sql__insert_cert(s, d->id, d->cert_serial, "", 0, err);
+    return 0;
 }
 
-static void copy_col(char *dst, size_t n, sqlite3_stmt *st, int col)
+int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
+                     const char *pem, int64_t not_after_ms, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "INSERT INTO certs(serial, device_id, status, pem, not_after_ms, created_ms)"
+                       " VALUES(?, ?, 0, ?, ?, ?)",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, serial, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, device_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, pem, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, not_after_ms);
+    sqlite3_bind_int64(st, 5, fm_wall_ms());
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "certificate");
+    return sql__event(s, FM_EVENT_DEVICE, device_id, err);
+}
+
+static int s_device_add(fm_store *base, const fm_device *d, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    int rc = sql__begin(s, err);
+    if (rc)
+        return rc;
+    rc = sql__insert_device(s, d, err);
+    if (!rc)
+        rc = sql__event(s, FM_EVENT_DEVICE, d->id, err);
+    if (!rc)
+        return sql__commit(s, err);
+    sql__rollback(s);
+    return rc;
+}
+
+void sql__copy_col(char *dst, size_t n, sqlite3_stmt *st, int col)
 {
     const unsigned char *v = sqlite3_column_text(st, col);
     snprintf(dst, n, "%s", v ? (const char *)v : "");
+}
+
+void sql__read_device(sqlite3_stmt *st, fm_device *out)
+{
+    memset(out, 0, sizeof *out);
+    sql__copy_col(out->id, sizeof out->id, st, 0);
+    sql__copy_col(out->tenant, sizeof out->tenant, st, 1);
+    out->status = sqlite3_column_int(st, 2);
+    sql__copy_col(out->cert_serial, sizeof out->cert_serial, st, 3);
+    out->created_ms = sqlite3_column_int64(st, 4);
+    sql__copy_col(out->device_group, sizeof out->device_group, st, 5);
+    sql__copy_col(out->serial_number, sizeof out->serial_number, st, 6);
 }
 
 static int s_device_get(fm_store *base, const char *id, fm_device *out)
@@ -256,15 +389,10 @@ static int s_device_get(fm_store *base, const char *id, fm_device *out)
     int rc = sqlite3_step(st);
     int ret;
     if (rc == SQLITE_ROW) {
-        memset(out, 0, sizeof *out);
-        copy_col(out->id, sizeof out->id, st, 0);
-        copy_col(out->tenant, sizeof out->tenant, st, 1);
-        out->status = sqlite3_column_int(st, 2);
-        copy_col(out->cert_serial, sizeof out->cert_serial, st, 3);
-        out->created_ms = sqlite3_column_int64(st, 4);
+        sql__read_device(st, out);
         ret = 0;
     } else {
-        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : map_rc(rc);
+        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
     }
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
@@ -274,18 +402,33 @@ static int s_device_get(fm_store *base, const char *id, fm_device *out)
 static int s_device_set_status(fm_store *base, const char *id, int status, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    int rc = prep(s, &st, "UPDATE devices SET status = ? WHERE id = ?", err);
+    fm_device d;
+    int rc = s_device_get(base, id, &d);
+    if (rc == FM_ENOTFOUND)
+        return fm_errf(err, FM_ENOTFOUND, "device '%s' does not exist", id);
     if (rc)
+        return fm_errf(err, rc, "device '%s': %s", id, fm_strerror(rc));
+    /* Revocation is final: a revoked device's certificates are gone and
+     * it must be provisioned again under a new identity. */
+    if (d.status == FM_DEVICE_REVOKED)
+        return fm_errf(err, FM_EPERM, "device '%s' is revoked; revocation cannot be undone", id);
+    sqlite3_stmt *st;
+    if ((rc = sql__begin(s, err)) != 0)
         return rc;
-    sqlite3_bind_int(st, 1, status);
-    sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-    rc = step_done(st);
-    int changed = sqlite3_changes(s->db);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_OK)
-        return db_err(s, err, rc, "device status");
-    return changed ? 0 : fm_errf(err, FM_ENOTFOUND, "device '%s' does not exist", id);
+    rc = sql__prep(s, &st, "UPDATE devices SET status = ? WHERE id = ?", err);
+    if (!rc) {
+        sqlite3_bind_int(st, 1, status);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        int src = sql__step_done(st);
+        sqlite3_finalize(st);
+        rc = src == SQLITE_OK ? 0 : sql__err(s, err, src, "device status");
+    }
+    if (!rc)
+        rc = sql__event(s, FM_EVENT_DEVICE, id, err);
+    if (!rc)
+        return sql__commit(s, err);
+    sql__rollback(s);
+    return rc;
 }
 
 static int s_result_lookup(fm_store *base, const char *dev, const char *mid, char **result)
@@ -301,7 +444,7 @@ static int s_result_lookup(fm_store *base, const char *dev, const char *mid, cha
         *result = fm_strdup(v ? v : "");
         ret = *result ? 0 : FM_ENOMEM;
     } else {
-        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : map_rc(rc);
+        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
     }
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
@@ -312,9 +455,9 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
                     fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    int rc = step_done(s->begin);
+    int rc = sql__step_done(s->begin);
     if (rc != SQLITE_OK)
-        return db_err(s, err, rc, "begin");
+        return sql__err(s, err, rc, "begin");
     for (size_t i = 0; i < n && rc == SQLITE_OK; i++) {
         sqlite3_stmt *st = s->ins_meas;
         fm_record *r = &recs[i];
@@ -326,7 +469,7 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
         sqlite3_bind_text(st, 6, r->payload, (int)r->payload_len, SQLITE_STATIC);
         sqlite3_bind_text(st, 7, r->result_json, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 8, r->model, -1, SQLITE_STATIC);
-        rc = step_done(st);
+        rc = sql__step_done(st);
         if (rc == SQLITE_OK)
             r->seq = sqlite3_last_insert_rowid(s->db);
     }
@@ -339,19 +482,19 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
         sqlite3_bind_blob(st, 4, x->payload, (int)x->payload_len, SQLITE_STATIC);
         sqlite3_bind_text(st, 5, x->error_code, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 6, x->error_message, -1, SQLITE_STATIC);
-        rc = step_done(st);
+        rc = sql__step_done(st);
         if (rc == SQLITE_OK)
             x->seq = sqlite3_last_insert_rowid(s->db);
     }
     if (rc == SQLITE_OK)
-        rc = step_done(s->commit);
+        rc = sql__step_done(s->commit);
     if (rc == SQLITE_OK)
         return 0;
     /* Keep the message before ROLLBACK overwrites it. A failed COMMIT may
      * leave the transaction open; roll it back so nothing is half-stored. */
-    int code = db_err(s, err, rc, "commit");
+    int code = sql__err(s, err, rc, "commit");
     if (!sqlite3_get_autocommit(s->db))
-        step_done(s->rollback);
+        sql__step_done(s->rollback);
     for (size_t i = 0; i < n; i++)
         recs[i].seq = 0;
     return code;
@@ -361,7 +504,7 @@ static int s_count_measurements(fm_store *base, const char *device_id, long *out
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (prep(s, &st, "SELECT count(*) FROM measurements WHERE device_id = ?", NULL))
+    if (sql__prep(s, &st, "SELECT count(*) FROM measurements WHERE device_id = ?", NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, device_id, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
@@ -375,20 +518,20 @@ static int s_probe_write(fm_store *base, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    int rc = prep(s, &st, "INSERT OR REPLACE INTO health(id, probed_ms) VALUES(1, ?)", err);
+    int rc = sql__prep(s, &st, "INSERT OR REPLACE INTO health(id, probed_ms) VALUES(1, ?)", err);
     if (rc)
         return rc;
     sqlite3_bind_int64(st, 1, fm_wall_ms());
-    rc = step_done(st);
+    rc = sql__step_done(st);
     sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : db_err(s, err, rc, "probe");
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "probe");
 }
 
 static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record_cb cb, void *ud)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (prep(s, &st,
+    if (sql__prep(s, &st,
              "SELECT seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload,"
              " result, model FROM measurements WHERE seq > ? ORDER BY seq LIMIT ?",
              NULL))
@@ -415,7 +558,7 @@ static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record
         }
     }
     sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : map_rc(rc);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
 static int s_scan_quarantine(fm_store *base, int64_t after, size_t limit, fm_quarantine_cb cb,
@@ -423,7 +566,7 @@ static int s_scan_quarantine(fm_store *base, int64_t after, size_t limit, fm_qua
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (prep(s, &st,
+    if (sql__prep(s, &st,
              "SELECT seq, device_id, tenant, received_ms, payload, error_code, error_message"
              " FROM quarantine WHERE seq > ? ORDER BY seq LIMIT ?",
              NULL))
@@ -450,7 +593,7 @@ static int s_scan_quarantine(fm_store *base, int64_t after, size_t limit, fm_qua
         }
     }
     sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : map_rc(rc);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
 static int s_max_seq(fm_store *base, enum fm_lake_stream stream, int64_t *out)
@@ -459,14 +602,14 @@ static int s_max_seq(fm_store *base, enum fm_lake_stream stream, int64_t *out)
     sqlite3_stmt *st;
     /* sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
      * right even when the newest quarantine rows have been pruned. */
-    if (prep(s, &st, "SELECT seq FROM sqlite_sequence WHERE name = ?", NULL))
+    if (sql__prep(s, &st, "SELECT seq FROM sqlite_sequence WHERE name = ?", NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, stream == FM_STREAM_RAW ? "measurements" : "quarantine", -1,
                       SQLITE_STATIC);
     int rc = sqlite3_step(st);
     *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
     sqlite3_finalize(st);
-    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : map_rc(rc);
+    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : sql__map_rc(rc);
 }
 
 static int s_cursor_get(fm_store *base, const char *node, enum fm_lake_stream stream,
@@ -475,7 +618,7 @@ static int s_cursor_get(fm_store *base, const char *node, enum fm_lake_stream st
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
     memset(out, 0, sizeof *out);
-    if (prep(s, &st,
+    if (sql__prep(s, &st,
              "SELECT last_seq, pending_key, pending_spool FROM lake_cursors"
              " WHERE node = ? AND stream = ?",
              NULL))
@@ -485,11 +628,11 @@ static int s_cursor_get(fm_store *base, const char *node, enum fm_lake_stream st
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
         out->last_seq = sqlite3_column_int64(st, 0);
-        copy_col(out->pending_key, sizeof out->pending_key, st, 1);
-        copy_col(out->pending_spool, sizeof out->pending_spool, st, 2);
+        sql__copy_col(out->pending_key, sizeof out->pending_key, st, 1);
+        sql__copy_col(out->pending_spool, sizeof out->pending_spool, st, 2);
     }
     sqlite3_finalize(st);
-    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : map_rc(rc);
+    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : sql__map_rc(rc);
 }
 
 static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream stream,
@@ -497,7 +640,7 @@ static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream st
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    int rc = prep(s, &st,
+    int rc = sql__prep(s, &st,
                   "INSERT INTO lake_cursors(node, stream, last_seq, pending_key, pending_spool)"
                   " VALUES(?, ?, ?, ?, ?) ON CONFLICT(node, stream) DO UPDATE SET"
                   " last_seq = excluded.last_seq, pending_key = excluded.pending_key,"
@@ -510,9 +653,9 @@ static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream st
     sqlite3_bind_int64(st, 3, c->last_seq);
     sqlite3_bind_text(st, 4, c->pending_key, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 5, c->pending_spool, -1, SQLITE_STATIC);
-    rc = step_done(st);
+    rc = sql__step_done(st);
     sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : db_err(s, err, rc, "lake cursor");
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "lake cursor");
 }
 
 static const fm_store_vtable sqlite_vt = {
@@ -534,6 +677,26 @@ static const fm_store_vtable sqlite_vt = {
     .max_seq = s_max_seq,
     .lake_cursor_get = s_cursor_get,
     .lake_cursor_set = s_cursor_set,
+    .template_add = sql__template_add,
+    .template_get = sql__template_get,
+    .template_set_status = sql__template_set_status,
+    .template_list = sql__template_list,
+    .template_serial_allowed = sql__template_serial_allowed,
+    .claim_cert_add = sql__claim_cert_add,
+    .claim_certs = sql__claim_certs,
+    .cert_add = sql__cert_add,
+    .device_certs = sql__device_certs,
+    .device_revoke = sql__device_revoke,
+    .device_list = sql__device_list,
+    .revoked_certs = sql__revoked_certs,
+    .expire_grace = sql__expire_grace,
+    .provision_lookup = sql__provision_lookup,
+    .provision_commit = sql__provision_commit,
+    .rotate_commit = sql__rotate_commit,
+    .shadow_get = sql__shadow_get,
+    .shadow_put = sql__shadow_put,
+    .events_after = sql__events_after,
+    .events_max = sql__events_max,
 };
 
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
@@ -558,29 +721,30 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     }
     sqlite3_busy_timeout(s->db, 5000);
     sqlite3_extended_result_codes(s->db, 1);
-    if ((rc = exec(s, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+    if ((rc = sql__exec(s, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
                       " PRAGMA foreign_keys=ON;",
                    err)) != 0)
         goto fail;
     if ((rc = s_migrate(&s->base, err)) != 0)
         goto fail;
-    if ((rc = prep(s, &s->ins_meas,
+    if ((rc = sql__prep(s, &s->ins_meas,
                    "INSERT INTO measurements(device_id, tenant, measurement_id, received_ms,"
                    " taken_ms, payload, result, model) VALUES(?,?,?,?,?,?,?,?)",
                    err)) ||
-        (rc = prep(s, &s->ins_quar,
+        (rc = sql__prep(s, &s->ins_quar,
                    "INSERT INTO quarantine(device_id, tenant, received_ms, payload, error_code,"
                    " error_message) VALUES(?,?,?,?,?,?)",
                    err)) ||
-        (rc = prep(s, &s->lookup,
+        (rc = sql__prep(s, &s->lookup,
                    "SELECT result FROM measurements WHERE device_id = ? AND measurement_id = ?",
                    err)) ||
-        (rc = prep(s, &s->dev_get,
-                   "SELECT id, tenant, status, cert_serial, created_ms FROM devices WHERE id = ?",
+        (rc = sql__prep(s, &s->dev_get,
+                   "SELECT id, tenant, status, cert_serial, created_ms, device_group,"
+                   " serial_number FROM devices WHERE id = ?",
                    err)) ||
-        (rc = prep(s, &s->begin, "BEGIN IMMEDIATE", err)) ||
-        (rc = prep(s, &s->commit, "COMMIT", err)) ||
-        (rc = prep(s, &s->rollback, "ROLLBACK", err)))
+        (rc = sql__prep(s, &s->begin, "BEGIN IMMEDIATE", err)) ||
+        (rc = sql__prep(s, &s->commit, "COMMIT", err)) ||
+        (rc = sql__prep(s, &s->rollback, "ROLLBACK", err)))
         goto fail;
     *out = &s->base;
     return 0;

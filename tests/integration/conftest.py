@@ -91,6 +91,34 @@ def make_platform(fm_bin, tmp_path):
         shutil.rmtree(wd, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def module_platform(fm_bin, tmp_path_factory):
+    """Factory for one platform per test module, for tests that change
+    registry state (templates, revocations) the shared platform must not
+    see: module_platform(name, devices=[...], sets={...}, setup=fn).
+    setup(p) runs after init and device registration, before serve."""
+    made = []
+
+    def make(name, devices=(), sets=None, setup=None, start=True):
+        p = Platform(fm_bin, tmp_path_factory.mktemp(name), node_id=f"it-{name}")
+        p.extra_sets.update(sets or {})
+        made.append(p)
+        _platforms.append(p)
+        p.init()
+        for d in devices:
+            p.add_device(d)
+        if setup is not None:
+            setup(p)
+        if start:
+            p.start()
+        return p
+
+    yield make
+    for p in made:
+        p.cleanup()
+        _platforms.remove(p)
+
+
 @pytest.fixture
 def devices():
     """Factory for MQTT devices that are disconnected in teardown:

@@ -263,11 +263,13 @@ class Platform:
         self.broker_pids = set()
         self.admin_password = None
         self.env = dict(os.environ)
+        # Extra `--set key=value` pairs for init (e.g. pki.rotation_grace_s).
+        self.extra_sets = {}
 
     # -- CLI --------------------------------------------------------------
 
     def sets(self):
-        return {
+        base = {
             "broker.bind": "127.0.0.1",
             "broker.port": str(self.broker_port),
             "broker.service_port": str(self.service_port),
@@ -276,6 +278,8 @@ class Platform:
             "node.id": self.node_id,
             "model.dir": model_dir(),
         }
+        base.update(self.extra_sets)
+        return base
 
     def run(self, *args, check=True, timeout=60):
         cmd = [self.bin, *args]
@@ -286,6 +290,10 @@ class Platform:
                 f"{' '.join(map(str, cmd))} exited {r.returncode}\n"
                 f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}")
         return r
+
+    def cli(self, *args, check=True, timeout=60):
+        """Runs a fleetml subcommand against this platform's data directory."""
+        return self.run(*args, "--data", str(self.data), check=check, timeout=timeout)
 
     def init(self):
         args = ["init", "--data", str(self.data)]
@@ -540,6 +548,7 @@ class Device:
         self.messages = []
         self.connacks = []      # reason code values
         self.disconnects = []   # reason code values / ints
+        self.lost_times = []    # time.monotonic() of every disconnect or network error
         self.subacks = {}       # mid -> [reason code values]
         self.subscriptions = []  # (topic, qos) re-subscribed on reconnect
         self.published = set()
@@ -574,6 +583,7 @@ class Device:
                 rc = None
                 with self.cond:
                     self.errors.append(repr(e))
+                    self.lost_times.append(time.monotonic())
                     self.cond.notify_all()
             if rc == mqtt.MQTT_ERR_SUCCESS:
                 continue
@@ -603,6 +613,7 @@ class Device:
         v = rc.value if hasattr(rc, "value") else int(rc)
         with self.cond:
             self.disconnects.append(v)
+            self.lost_times.append(time.monotonic())
             self.cond.notify_all()
 
     def _on_message(self, client, userdata, msg):
@@ -673,6 +684,12 @@ class Device:
         """Waits for a successful CONNACK beyond the first `after` ones."""
         return self._wait(lambda: any(v < 0x80 for v in self.connacks[after:]), timeout,
                           "a successful (re)connect")
+
+    def wait_lost(self, timeout, after=0):
+        """Waits until the connection is lost (disconnect or network error
+        beyond the first `after` ones) and returns its monotonic time."""
+        return self._wait(lambda: self.lost_times[after:] and self.lost_times[after],
+                          timeout, "the connection to be closed")
 
     def close(self):
         self._stop.set()
@@ -792,3 +809,60 @@ def make_foreign_client_cert(tmpdir, cn):
             "rogue-ca.key", "-CAcreateserial", "-out", "client.crt", "-days", "2",
             "-extfile", "ext.cnf", cwd=d)
     return str(d / "client.crt"), str(d / "client.key")
+
+
+# --------------------------------------------------------------------------
+# Keys, certificate signing requests and certificates (openssl CLI)
+
+
+def make_csr(tmpdir, name, key="ec", cn="it-requested-cn", ca=False):
+    """Creates a private key and a PEM CSR in tmpdir.  key is "ec" (P-256),
+    "secp256k1", "rsa1024" or "rsa2048"; ca=True asks for basicConstraints
+    CA:TRUE.  Returns (key path, CSR PEM text)."""
+    d = Path(tmpdir)
+    d.mkdir(parents=True, exist_ok=True)
+    keyfile, csrfile = f"{name}.key", f"{name}.csr"
+    if key == "ec":
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", keyfile, cwd=d)
+    elif key == "secp256k1":
+        openssl("ecparam", "-name", "secp256k1", "-genkey", "-noout", "-out", keyfile, cwd=d)
+    elif key.startswith("rsa"):
+        openssl("genrsa", "-out", keyfile, key[3:], cwd=d)
+    else:
+        raise ValueError(key)
+    args = ["req", "-new", "-key", keyfile, "-subj", f"/CN={cn}", "-out", csrfile]
+    if ca:
+        args += ["-addext", "basicConstraints=critical,CA:TRUE"]
+    openssl(*args, cwd=d)
+    return str(d / keyfile), (d / csrfile).read_text()
+
+
+def corrupt_csr_signature(tmpdir, csr_pem):
+    """The same CSR with the last byte of its DER encoding (the end of the
+    signature) flipped: still parseable, signature no longer valid."""
+    import base64
+    d = Path(tmpdir)
+    src = d / f"corrupt-{unique_id('c')}.csr"
+    src.write_text(csr_pem)
+    der = d / (src.name + ".der")
+    openssl("req", "-in", src.name, "-outform", "DER", "-out", der.name, cwd=d)
+    raw = bytearray(der.read_bytes())
+    raw[-1] ^= 0x01
+    b64 = base64.b64encode(bytes(raw)).decode()
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return ("-----BEGIN CERTIFICATE REQUEST-----\n" + "\n".join(lines)
+            + "\n-----END CERTIFICATE REQUEST-----\n")
+
+
+def cert_info(cert):
+    """(serial as int, subject CN) of a PEM certificate (path or PEM text)."""
+    if isinstance(cert, (str, Path)) and not str(cert).lstrip().startswith("-----BEGIN"):
+        pem = Path(cert).read_text()
+    else:
+        pem = str(cert)
+    r = subprocess.run(["openssl", "x509", "-noout", "-serial", "-subject", "-nameopt", "RFC2253"],
+                       input=pem, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"not a PEM certificate: {r.stderr}\n{pem[:200]}"
+    serial = re.search(r"serial=([0-9A-Fa-f]+)", r.stdout)
+    cn = re.search(r"CN=([^,\n]+)", r.stdout)
+    return int(serial.group(1), 16), (cn.group(1) if cn else None)

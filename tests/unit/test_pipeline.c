@@ -262,13 +262,13 @@ static void test_reply_topic_rules(void **state)
 {
     (void)state;
     char buf[128];
-    assert_string_equal(fm_reply_topic("d1", NULL, buf, sizeof buf), "fleet/d1/results");
-    assert_string_equal(fm_reply_topic("d1", "fleet/d1/r/9", buf, sizeof buf), "fleet/d1/r/9");
-    assert_string_equal(fm_reply_topic("d1", "fleet/d1/", buf, sizeof buf), "fleet/d1/results");
-    assert_string_equal(fm_reply_topic("d1", "fleet/d1/+", buf, sizeof buf), "fleet/d1/results");
-    assert_string_equal(fm_reply_topic("d1", "fleet/d10/x", buf, sizeof buf),
+    assert_string_equal(fm_reply_topic("d1", NULL, "results", buf, sizeof buf), "fleet/d1/results");
+    assert_string_equal(fm_reply_topic("d1", "fleet/d1/r/9", "results", buf, sizeof buf), "fleet/d1/r/9");
+    assert_string_equal(fm_reply_topic("d1", "fleet/d1/", "results", buf, sizeof buf), "fleet/d1/results");
+    assert_string_equal(fm_reply_topic("d1", "fleet/d1/+", "results", buf, sizeof buf), "fleet/d1/results");
+    assert_string_equal(fm_reply_topic("d1", "fleet/d10/x", "results", buf, sizeof buf),
                         "fleet/d1/results");
-    assert_string_equal(fm_reply_topic("d1", "other", buf, sizeof buf), "fleet/d1/results");
+    assert_string_equal(fm_reply_topic("d1", "other", "results", buf, sizeof buf), "fleet/d1/results");
     char *e = fm_error_result_json("x", "invalid_type", "sweep: expected array");
     assert_string_equal(e, "{\"id\":\"x\",\"status\":\"error\",\"error\":{\"code\":"
                            "\"invalid_type\",\"message\":\"sweep: expected array\"}}");

@@ -23,7 +23,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/rsa.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
@@ -380,6 +384,602 @@ static void test_load_alloc_failures(void **state)
     assert_true(succeeded);
 }
 
+
+/* ---- certificate signing requests ----------------------------------------- */
+
+enum csr_ext { CSR_NO_EXT, CSR_ASK_CA, CSR_ASK_LEAF };
+
+/* Builds a PEM CSR for key with OpenSSL directly (so that the tests can
+ * make requests fm_csr_create never would). md is NULL for Ed25519. The
+ * result is freed with free(). */
+static char *make_csr(EVP_PKEY *key, const EVP_MD *md, enum csr_ext ext)
+{
+    X509_REQ *req = X509_REQ_new();
+    assert_non_null(req);
+    assert_true(X509_NAME_add_entry_by_NID(X509_REQ_get_subject_name(req), NID_commonName,
+                                           MBSTRING_UTF8, (const unsigned char *)"requested-cn",
+                                           -1, -1, 0));
+    if (ext != CSR_NO_EXT) {
+        X509V3_CTX ctx;
+        X509V3_set_ctx(&ctx, NULL, NULL, req, NULL, 0);
+        X509_EXTENSION *bc = X509V3_EXT_nconf_nid(
+            NULL, &ctx, NID_basic_constraints,
+            ext == CSR_ASK_CA ? "critical,CA:TRUE" : "critical,CA:FALSE");
+        assert_non_null(bc);
+        STACK_OF(X509_EXTENSION) *exts = sk_X509_EXTENSION_new_null();
+        assert_non_null(exts);
+        assert_true(sk_X509_EXTENSION_push(exts, bc) > 0);
+        assert_true(X509_REQ_add_extensions(req, exts));
+        sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    }
+    assert_true(X509_REQ_set_pubkey(req, key));
+    assert_true(X509_REQ_sign(req, key, md) > 0);
+    BIO *bio = BIO_new(BIO_s_mem());
+    assert_non_null(bio);
+    assert_true(PEM_write_bio_X509_REQ(bio, req));
+    char *data = NULL;
+    long len = BIO_get_mem_data(bio, &data);
+    char *pem = strndup(data, (size_t)len);
+    assert_non_null(pem);
+    BIO_free(bio);
+    X509_REQ_free(req);
+    return pem;
+}
+
+/* Expects fm_csr_parse to refuse pem with the given contract code. */
+static void expect_refused(const char *pem, size_t len, const char *want)
+{
+    fm_csr *csr = (fm_csr *)&want; /* must be reset to NULL */
+    char code[32] = "";
+    fm_errbuf err = {{0}};
+    int rc = fm_csr_parse(pem, len, &csr, code, &err);
+    assert_int_equal(rc, FM_EINVAL);
+    assert_null(csr);
+    assert_string_equal(code, want);
+    assert_true(strlen(err.msg) > 0);
+}
+
+static void expect_accepted(const char *pem)
+{
+    fm_csr *csr = NULL;
+    char code[32] = "";
+    fm_errbuf err = {{0}};
+    int rc = fm_csr_parse(pem, strlen(pem), &csr, code, &err);
+    if (rc != 0)
+        fprintf(stderr, "fm_csr_parse: %s (%s)\n", err.msg, code);
+    assert_int_equal(rc, 0);
+    assert_non_null(csr);
+    fm_csr_free(csr);
+}
+
+static X509 *cert_from_pem(const char *pem)
+{
+    BIO *bio = BIO_new_mem_buf(pem, -1);
+    assert_non_null(bio);
+    X509 *cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+    BIO_free(bio);
+    assert_non_null(cert);
+    return cert;
+}
+
+/* Verifies cert against the CA (and optionally a CRL, with CRL checking on)
+ * and returns the X509_V_* result. */
+static int verify_with(X509 *ca, X509_CRL *crl, X509 *cert)
+{
+    X509_STORE *store = X509_STORE_new();
+    X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+    assert_non_null(store);
+    assert_non_null(ctx);
+    assert_true(X509_STORE_add_cert(store, ca));
+    if (crl) {
+        assert_true(X509_STORE_add_crl(store, crl));
+        assert_true(X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK));
+    }
+    assert_true(X509_STORE_CTX_init(ctx, store, cert, NULL));
+    int ok = X509_verify_cert(ctx);
+    int verr = X509_STORE_CTX_get_error(ctx);
+    X509_STORE_CTX_free(ctx);
+    X509_STORE_free(store);
+    return ok == 1 ? X509_V_OK : (verr != X509_V_OK ? verr : -1);
+}
+
+static void test_csr_round_trip(void **state)
+{
+    fixture *f = *state;
+    char key[160];
+    path_in(f, key, sizeof key, "device.key");
+    fm_errbuf err = {{0}};
+    assert_int_equal(fm_key_ensure(key, &err), 0);
+
+    char *csr_pem = NULL;
+    assert_int_equal(fm_csr_create(key, "requested-cn", &csr_pem, &err), 0);
+    assert_non_null(strstr(csr_pem, "-----BEGIN CERTIFICATE REQUEST-----"));
+
+    fm_csr *csr = NULL;
+    char code[32] = "x";
+    int rc = fm_csr_parse(csr_pem, strlen(csr_pem), &csr, code, &err);
+    if (rc != 0)
+        fprintf(stderr, "fm_csr_parse: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+    assert_string_equal(code, "");
+
+    fm_ca *ca = NULL;
+    assert_int_equal(fm_ca_load(f->ca_key, f->ca_cert, &ca, &err), 0);
+    char *cert_pem = NULL, serial[64] = "";
+    int64_t not_after = 0;
+    rc = fm_ca_sign_csr(ca, csr, "acme-0001", FM_CERT_CLIENT, 30, &cert_pem, serial,
+                        &not_after, &err);
+    if (rc != 0)
+        fprintf(stderr, "fm_ca_sign_csr: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+    assert_non_null(cert_pem);
+
+    /* The CA certificate handed out is the one on disk. */
+    X509 *ca_x = read_cert(f->ca_cert);
+    X509 *ca_from_pem = cert_from_pem(fm_ca_cert_pem(ca));
+    assert_int_equal(X509_cmp(ca_x, ca_from_pem), 0);
+    X509_free(ca_from_pem);
+
+    /* The CN is the one the platform chose, not the requested one. */
+    char serial2[64], cn[65];
+    int64_t not_after2 = 0;
+    assert_int_equal(fm_cert_pem_info(cert_pem, strlen(cert_pem), serial2, sizeof serial2, cn,
+                                      sizeof cn, &not_after2),
+                     0);
+    assert_string_equal(cn, "acme-0001");
+    assert_string_equal(serial2, serial);
+    assert_true(not_after2 == not_after);
+    int64_t expect = (int64_t)time(NULL) * 1000 + 30LL * 86400 * 1000;
+    assert_true(not_after > expect - 120000 && not_after < expect + 120000);
+    /* Optional outputs may be left out. */
+    assert_int_equal(fm_cert_pem_info(cert_pem, strlen(cert_pem), serial2, sizeof serial2, NULL,
+                                      0, NULL),
+                     0);
+
+    X509 *cert = cert_from_pem(cert_pem);
+    /* Same serial format as fm_ca_issue_keypair: BN_bn2hex, lowercased. */
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+    char *hex = BN_bn2hex(bn);
+    assert_int_equal(strcasecmp(hex, serial), 0);
+    for (const char *p = serial; *p; p++)
+        assert_non_null(strchr("0123456789abcdef", *p));
+    OPENSSL_free(hex);
+    BN_free(bn);
+
+    /* The certificate carries the device's own key and chains to the CA. */
+    FILE *fp = fopen(key, "r");
+    assert_non_null(fp);
+    EVP_PKEY *dev_key = PEM_read_PrivateKey(fp, NULL, NULL, NULL);
+    fclose(fp);
+    assert_non_null(dev_key);
+    assert_int_equal(EVP_PKEY_eq(X509_get0_pubkey(cert), dev_key), 1);
+    EVP_PKEY_free(dev_key);
+    assert_int_equal(verify_with(ca_x, NULL, cert), X509_V_OK);
+    assert_int_equal(X509_check_ca(cert), 0);
+    assert_int_equal(X509_check_purpose(cert, X509_PURPOSE_SSL_CLIENT, 0), 1);
+    assert_int_not_equal(X509_check_purpose(cert, X509_PURPOSE_SSL_SERVER, 0), 1);
+    assert_non_null(X509_get0_authority_key_id(cert));
+    X509_free(cert);
+    X509_free(ca_x);
+
+    /* Invalid arguments are refused before anything is issued. */
+    char *none = (char *)"unchanged";
+    assert_int_equal(fm_ca_sign_csr(ca, csr, "acme-0001", FM_CERT_CLIENT, 0, &none, serial,
+                                    NULL, &err),
+                     FM_EINVAL);
+    assert_null(none);
+    assert_int_equal(fm_ca_sign_csr(ca, csr, "acme-0001", (enum fm_cert_usage)7, 1, &none,
+                                    serial, NULL, &err),
+                     FM_EINVAL);
+    assert_int_equal(fm_ca_sign_csr(ca, csr, "", FM_CERT_CLIENT, 1, &none, serial, NULL, &err),
+                     FM_EINVAL);
+    assert_null(none);
+
+    fm_free(cert_pem);
+    fm_csr_free(csr);
+    fm_ca_free(ca);
+    fm_free(csr_pem);
+}
+
+static void test_csr_accepted_keys(void **state)
+{
+    (void)state;
+    EVP_PKEY *rsa = EVP_RSA_gen(2048);
+    EVP_PKEY *ec = EVP_EC_gen("P-256");
+    assert_non_null(rsa);
+    assert_non_null(ec);
+    char *pem = make_csr(rsa, EVP_sha256(), CSR_NO_EXT);
+    expect_accepted(pem);
+    free(pem);
+    /* Asking for CA:FALSE is harmless. */
+    pem = make_csr(ec, EVP_sha256(), CSR_ASK_LEAF);
+    expect_accepted(pem);
+    free(pem);
+    /* Whitespace after the block is fine. */
+    pem = make_csr(ec, EVP_sha256(), CSR_NO_EXT);
+    size_t n = strlen(pem);
+    char *padded = malloc(n + 4);
+    assert_non_null(padded);
+    memcpy(padded, pem, n);
+    memcpy(padded + n, "\r\n \n", 4);
+    fm_csr *csr = NULL;
+    char code[32];
+    fm_errbuf err = {{0}};
+    assert_int_equal(fm_csr_parse(padded, n + 4, &csr, code, &err), 0);
+    fm_csr_free(csr);
+    free(padded);
+    free(pem);
+    EVP_PKEY_free(ec);
+    EVP_PKEY_free(rsa);
+}
+
+static void test_csr_weak_keys(void **state)
+{
+    (void)state;
+    EVP_PKEY *rsa = EVP_RSA_gen(1024);
+    EVP_PKEY *p384 = EVP_EC_gen("secp384r1");
+    EVP_PKEY *ed = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
+    EVP_PKEY *explicit_ec = EVP_EC_gen("P-256");
+    assert_non_null(rsa);
+    assert_non_null(p384);
+    assert_non_null(ed);
+    assert_non_null(explicit_ec);
+
+    char *pem = make_csr(rsa, EVP_sha256(), CSR_NO_EXT);
+    expect_refused(pem, strlen(pem), "weak_key");
+    free(pem);
+    /* The spec accepts only P-256 among the curves, even stronger ones:
+     * devices and the broker are configured for exactly one curve. */
+    pem = make_csr(p384, EVP_sha256(), CSR_NO_EXT);
+    expect_refused(pem, strlen(pem), "weak_key");
+    free(pem);
+    pem = make_csr(ed, NULL, CSR_NO_EXT);
+    expect_refused(pem, strlen(pem), "weak_key");
+    free(pem);
+    /* P-256 spelled out as explicit curve parameters. */
+    assert_true(EVP_PKEY_set_utf8_string_param(explicit_ec, OSSL_PKEY_PARAM_EC_ENCODING,
+                                               OSSL_PKEY_EC_ENCODING_EXPLICIT));
+    pem = make_csr(explicit_ec, EVP_sha256(), CSR_NO_EXT);
+    expect_refused(pem, strlen(pem), "weak_key");
+    free(pem);
+
+    EVP_PKEY_free(explicit_ec);
+    EVP_PKEY_free(ed);
+    EVP_PKEY_free(p384);
+    EVP_PKEY_free(rsa);
+}
+
+static void test_csr_ca_requested(void **state)
+{
+    (void)state;
+    EVP_PKEY *ec = EVP_EC_gen("P-256");
+    assert_non_null(ec);
+    char *pem = make_csr(ec, EVP_sha256(), CSR_ASK_CA);
+    expect_refused(pem, strlen(pem), "ca_not_allowed");
+    free(pem);
+    EVP_PKEY_free(ec);
+}
+
+static void test_csr_bad_signature(void **state)
+{
+    (void)state;
+    EVP_PKEY *ec = EVP_EC_gen("P-256");
+    assert_non_null(ec);
+    char *pem = make_csr(ec, EVP_sha256(), CSR_NO_EXT);
+
+    BIO *in = BIO_new_mem_buf(pem, -1);
+    X509_REQ *req = PEM_read_bio_X509_REQ(in, NULL, NULL, NULL);
+    BIO_free(in);
+    assert_non_null(req);
+    unsigned char *der = NULL;
+    int len = i2d_X509_REQ(req, &der);
+    assert_true(len > 0);
+    /* The signature BIT STRING ends the DER encoding; flipping its last bit
+     * changes the ECDSA "s" value but keeps the encoding well-formed. */
+    der[len - 1] ^= 0x01;
+    BIO *out = BIO_new(BIO_s_mem());
+    assert_true(PEM_write_bio(out, PEM_STRING_X509_REQ, "", der, len) > 0);
+    char *data = NULL;
+    long n = BIO_get_mem_data(out, &data);
+    expect_refused(data, (size_t)n, "bad_signature");
+
+    BIO_free(out);
+    OPENSSL_free(der);
+    X509_REQ_free(req);
+    free(pem);
+    EVP_PKEY_free(ec);
+}
+
+static void test_csr_invalid(void **state)
+{
+    fixture *f = *state;
+    expect_refused("", 0, "invalid_csr");
+    expect_refused(NULL, 0, "invalid_csr");
+    const char *junk = "hello, this is not a CSR\n";
+    expect_refused(junk, strlen(junk), "invalid_csr");
+    const char *bad_b64 =
+        "-----BEGIN CERTIFICATE REQUEST-----\nMIIB!!!notbase64\n-----END CERTIFICATE REQUEST-----\n";
+    expect_refused(bad_b64, strlen(bad_b64), "invalid_csr");
+
+    EVP_PKEY *ec = EVP_EC_gen("P-256");
+    assert_non_null(ec);
+    char *pem = make_csr(ec, EVP_sha256(), CSR_NO_EXT);
+    size_t n = strlen(pem);
+    /* Not NUL-terminated: only len bytes may be read. A truncated block is
+     * refused. */
+    expect_refused(pem, n / 2, "invalid_csr");
+    /* Too large, even though a valid request is inside. */
+    size_t big = 16 * 1024 + 1;
+    char *oversize = malloc(big);
+    assert_non_null(oversize);
+    memset(oversize, '\n', big);
+    memcpy(oversize, pem, n);
+    expect_refused(oversize, big, "invalid_csr");
+    /* Data after the block (here a second request). */
+    char *twice = malloc(2 * n);
+    assert_non_null(twice);
+    memcpy(twice, pem, n);
+    memcpy(twice + n, pem, n);
+    expect_refused(twice, 2 * n, "invalid_csr");
+    free(twice);
+    free(oversize);
+    free(pem);
+    EVP_PKEY_free(ec);
+
+    /* A certificate is not a request. */
+    char *crt = NULL;
+    size_t crt_len = 0;
+    assert_int_equal(fm_read_file(f->ca_cert, &crt, &crt_len), 0);
+    expect_refused(crt, crt_len, "invalid_csr");
+    fm_free(crt);
+}
+
+/* Every project allocation in parsing and signing either succeeds or fails
+ * cleanly (ASan reports leaks on the failure paths). */
+static void test_csr_alloc_failures(void **state)
+{
+    fixture *f = *state;
+    fm_errbuf err = {{0}};
+    char key[160];
+    path_in(f, key, sizeof key, "device.key");
+    assert_int_equal(fm_key_ensure(key, &err), 0);
+    char *csr_pem = NULL;
+    assert_int_equal(fm_csr_create(key, "x", &csr_pem, &err), 0);
+    fm_ca *ca = NULL;
+    assert_int_equal(fm_ca_load(f->ca_key, f->ca_cert, &ca, &err), 0);
+
+    int succeeded = 0;
+    for (long n = 0; n < 16 && !succeeded; n++) {
+        fm_csr *csr = NULL;
+        char *cert = NULL, serial[64], code[32];
+        fm_alloc_fail_after(n);
+        int rc = fm_csr_parse(csr_pem, strlen(csr_pem), &csr, code, &err);
+        if (rc == 0)
+            rc = fm_ca_sign_csr(ca, csr, "dev-1", FM_CERT_CLIENT, 1, &cert, serial, NULL, &err);
+        fm_alloc_fail_after(-1);
+        if (rc == 0) {
+            assert_non_null(cert);
+            succeeded = 1;
+        } else {
+            assert_int_equal(rc, FM_ENOMEM);
+            assert_null(cert);
+        }
+        fm_free(cert);
+        fm_csr_free(csr);
+    }
+    assert_true(succeeded);
+    fm_ca_free(ca);
+    fm_free(csr_pem);
+}
+
+/* ---- revocation ------------------------------------------------------------ */
+
+static X509_CRL *read_crl(const char *path)
+{
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    X509_CRL *crl = PEM_read_X509_CRL(fp, NULL, NULL, NULL);
+    fclose(fp);
+    assert_non_null(crl);
+    return crl;
+}
+
+static int crl_has_serial(X509_CRL *crl, const char *hex)
+{
+    BIGNUM *bn = NULL;
+    assert_true(BN_hex2bn(&bn, hex) > 0);
+    ASN1_INTEGER *ai = BN_to_ASN1_INTEGER(bn, NULL);
+    assert_non_null(ai);
+    X509_REVOKED *rev = NULL;
+    int found = X509_CRL_get0_by_serial(crl, &rev, ai);
+    ASN1_INTEGER_free(ai);
+    BN_free(bn);
+    return found == 1;
+}
+
+static void test_crl(void **state)
+{
+    fixture *f = *state;
+    char s1[41], s2[41], s3[41];
+    issue(f, "d1", "dev-001", FM_CERT_CLIENT, NULL, NULL, s1);
+    issue(f, "d2", "dev-002", FM_CERT_CLIENT, NULL, NULL, s2);
+    issue(f, "d3", "dev-003", FM_CERT_CLIENT, NULL, NULL, s3);
+
+    fm_errbuf err = {{0}};
+    fm_ca *ca = NULL;
+    assert_int_equal(fm_ca_load(f->ca_key, f->ca_cert, &ca, &err), 0);
+    char crl_path[160];
+    path_in(f, crl_path, sizeof crl_path, "crl.pem");
+    int64_t now_ms = (int64_t)time(NULL) * 1000;
+    fm_revoked rev[2] = {{s1, now_ms - 3600 * 1000}, {s2, now_ms}};
+    int rc = fm_ca_write_crl(ca, rev, 2, 7, crl_path, &err);
+    if (rc != 0)
+        fprintf(stderr, "fm_ca_write_crl: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(file_mode(crl_path), 0644);
+
+    X509 *ca_x = read_cert(f->ca_cert);
+    X509_CRL *crl = read_crl(crl_path);
+    assert_int_equal(X509_CRL_get_version(crl), X509_CRL_VERSION_2);
+    assert_int_equal(X509_CRL_verify(crl, X509_get0_pubkey(ca_x)), 1);
+    assert_int_equal(X509_CRL_get_signature_nid(crl), NID_ecdsa_with_SHA256);
+    assert_int_equal(X509_NAME_cmp(X509_CRL_get_issuer(crl), X509_get_subject_name(ca_x)), 0);
+    assert_int_equal(sk_X509_REVOKED_num(X509_CRL_get_REVOKED(crl)), 2);
+    assert_true(crl_has_serial(crl, s1));
+    assert_true(crl_has_serial(crl, s2));
+    assert_false(crl_has_serial(crl, s3));
+    time_t six_days = time(NULL) + 6 * 86400, eight_days = time(NULL) + 8 * 86400;
+    assert_true(X509_cmp_time(X509_CRL_get0_nextUpdate(crl), &six_days) > 0);
+    assert_true(X509_cmp_time(X509_CRL_get0_nextUpdate(crl), &eight_days) < 0);
+
+    /* The revocation date is the one given. */
+    BIGNUM *bn = NULL;
+    assert_true(BN_hex2bn(&bn, s1) > 0);
+    ASN1_INTEGER *ai = BN_to_ASN1_INTEGER(bn, NULL);
+    X509_REVOKED *r = NULL;
+    assert_int_equal(X509_CRL_get0_by_serial(crl, &r, ai), 1);
+    assert_int_equal(ASN1_TIME_cmp_time_t(X509_REVOKED_get0_revocationDate(r),
+                                          (time_t)(rev[0].revoked_ms / 1000)),
+                     0);
+    ASN1_INTEGER_free(ai);
+    BN_free(bn);
+
+    /* CRL number, and an authority key identifier matching the CA's SKI. */
+    ASN1_INTEGER *number = X509_CRL_get_ext_d2i(crl, NID_crl_number, NULL, NULL);
+    assert_non_null(number);
+    long first_number = ASN1_INTEGER_get(number);
+    assert_true(first_number > 0);
+    ASN1_INTEGER_free(number);
+    AUTHORITY_KEYID *akid = X509_CRL_get_ext_d2i(crl, NID_authority_key_identifier, NULL, NULL);
+    assert_non_null(akid);
+    assert_non_null(akid->keyid);
+    assert_int_equal(ASN1_OCTET_STRING_cmp(akid->keyid, X509_get0_subject_key_id(ca_x)), 0);
+    AUTHORITY_KEYID_free(akid);
+
+    /* What a TLS peer with CRL checking on does. */
+    char p1[160], p3[160];
+    path_in(f, p1, sizeof p1, "d1.crt");
+    path_in(f, p3, sizeof p3, "d3.crt");
+    X509 *c1 = read_cert(p1), *c3 = read_cert(p3);
+    assert_int_equal(verify_with(ca_x, crl, c1), X509_V_ERR_CERT_REVOKED);
+    assert_int_equal(verify_with(ca_x, crl, c3), X509_V_OK);
+    X509_CRL_free(crl);
+
+    /* An empty CRL is valid and revokes nothing; it replaces the file. */
+    assert_int_equal(fm_ca_write_crl(ca, NULL, 0, 1, crl_path, &err), 0);
+    crl = read_crl(crl_path);
+    assert_int_equal(X509_CRL_verify(crl, X509_get0_pubkey(ca_x)), 1);
+    assert_true(sk_X509_REVOKED_num(X509_CRL_get_REVOKED(crl)) <= 0);
+    assert_int_equal(verify_with(ca_x, crl, c1), X509_V_OK);
+    /* Written within the same second, the number still increases. */
+    number = X509_CRL_get_ext_d2i(crl, NID_crl_number, NULL, NULL);
+    assert_non_null(number);
+    assert_true(ASN1_INTEGER_get(number) > first_number);
+    ASN1_INTEGER_free(number);
+    X509_CRL_free(crl);
+
+    /* Bad serials and validity are refused and leave the file as it was. */
+    char *before = NULL, *after = NULL;
+    size_t blen = 0, alen = 0;
+    assert_int_equal(fm_read_file(crl_path, &before, &blen), 0);
+    const char *bad[] = {"xyz", "-1a", "", "12 34", NULL};
+    for (const char **b = bad; *b; b++) {
+        fm_revoked one = {*b, now_ms};
+        err.msg[0] = '\0';
+        assert_int_equal(fm_ca_write_crl(ca, &one, 1, 7, crl_path, &err), FM_EINVAL);
+        assert_true(strlen(err.msg) > 0);
+    }
+    fm_revoked none = {NULL, 0};
+    assert_int_equal(fm_ca_write_crl(ca, &none, 1, 7, crl_path, &err), FM_EINVAL);
+    assert_int_equal(fm_ca_write_crl(ca, rev, 2, 0, crl_path, &err), FM_EINVAL);
+    assert_int_equal(fm_read_file(crl_path, &after, &alen), 0);
+    assert_int_equal(alen, blen);
+    assert_memory_equal(before, after, blen);
+    fm_free(before);
+    fm_free(after);
+
+    X509_free(c3);
+    X509_free(c1);
+    X509_free(ca_x);
+    fm_ca_free(ca);
+}
+
+static void test_cert_pem_info_errors(void **state)
+{
+    fixture *f = *state;
+    char serial[41], cn[65];
+    assert_int_equal(fm_cert_pem_info(NULL, 0, serial, sizeof serial, cn, sizeof cn, NULL),
+                     FM_EINVAL);
+    const char *junk = "not a certificate";
+    assert_int_equal(
+        fm_cert_pem_info(junk, strlen(junk), serial, sizeof serial, cn, sizeof cn, NULL),
+        FM_ECRYPTO);
+
+    char *pem = NULL;
+    size_t len = 0;
+    assert_int_equal(fm_read_file(f->ca_cert, &pem, &len), 0);
+    int64_t na = 0;
+    assert_int_equal(fm_cert_pem_info(pem, len, serial, sizeof serial, cn, sizeof cn, &na), 0);
+    assert_string_equal(cn, CA_CN);
+    assert_true(na > (int64_t)time(NULL) * 1000);
+    /* Buffers too small are reported, not truncated. */
+    char tiny[4];
+    assert_int_equal(fm_cert_pem_info(pem, len, tiny, sizeof tiny, NULL, 0, NULL), FM_EINVAL);
+    assert_int_equal(fm_cert_pem_info(pem, len, serial, sizeof serial, tiny, sizeof tiny, NULL),
+                     FM_EINVAL);
+    fm_free(pem);
+}
+
+/* ---- device side ------------------------------------------------------------ */
+
+static void test_key_ensure(void **state)
+{
+    fixture *f = *state;
+    char key[160];
+    path_in(f, key, sizeof key, "device.key");
+    fm_errbuf err = {{0}};
+    assert_int_equal(fm_key_ensure(key, &err), 0);
+    assert_int_equal(file_mode(key), 0600);
+
+    char *first = NULL, *second = NULL;
+    size_t flen = 0, slen = 0;
+    assert_int_equal(fm_read_file(key, &first, &flen), 0);
+    assert_non_null(strstr(first, "-----BEGIN PRIVATE KEY-----")); /* PKCS#8 */
+
+    /* An existing key is kept byte for byte. */
+    assert_int_equal(fm_key_ensure(key, &err), 0);
+    assert_int_equal(fm_read_file(key, &second, &slen), 0);
+    assert_int_equal(slen, flen);
+    assert_memory_equal(first, second, flen);
+    assert_int_equal(file_mode(key), 0600);
+    fm_free(first);
+    fm_free(second);
+
+    /* It is a P-256 key. */
+    FILE *fp = fopen(key, "r");
+    assert_non_null(fp);
+    EVP_PKEY *pk = PEM_read_PrivateKey(fp, NULL, NULL, NULL);
+    fclose(fp);
+    assert_non_null(pk);
+    char group[64];
+    assert_true(EVP_PKEY_get_utf8_string_param(pk, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                               sizeof group, NULL));
+    assert_string_equal(group, "prime256v1");
+    EVP_PKEY_free(pk);
+
+    /* A CSR needs an existing key. */
+    char missing[160];
+    path_in(f, missing, sizeof missing, "missing.key");
+    char *pem = (char *)"unchanged";
+    assert_int_equal(fm_csr_create(missing, "x", &pem, &err), FM_ENOTFOUND);
+    assert_null(pem);
+    assert_int_not_equal(access(missing, F_OK), 0);
+    /* A file that is not a key. */
+    assert_int_equal(fm_csr_create(f->ca_cert, "x", &pem, &err), FM_ECRYPTO);
+    /* A directory where the key should be. */
+    assert_int_equal(fm_key_ensure(f->dir, &err), FM_EIO);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -391,6 +991,16 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_load_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_invalid_requests, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_alloc_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_round_trip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_accepted_keys, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_weak_keys, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_ca_requested, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_bad_signature, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_invalid, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_csr_alloc_failures, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_crl, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cert_pem_info_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_key_ensure, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

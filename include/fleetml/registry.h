@@ -1,0 +1,94 @@
+/*
+ * The device registry service (cloud side of device identity): fleet
+ * provisioning by claim, certificate rotation, device shadows, and keeping
+ * the broker plugin's view of devices current.
+ *
+ * It runs one thread per node with its own store handle and the CA. Work
+ * arrives two ways: MQTT messages routed to it by `fleetml serve`, and the
+ * registry event log in the database (changes made by the CLI, the API or
+ * other nodes), which it polls every 200 ms and turns into control messages
+ * for the broker plugin (`$CONTROL/fleetml/v1`), shadow deltas, a fresh
+ * registry snapshot file for the plugin and an up-to-date CRL.
+ */
+#ifndef FLEETML_REGISTRY_H
+#define FLEETML_REGISTRY_H
+
+#include "fleetml/config.h"
+#include "fleetml/core.h"
+#include "fleetml/pipeline.h"
+#include "fleetml/store.h"
+
+#define FM_SHADOW_MAX_BYTES 8192
+#define FM_CONTROL_TOPIC "$CONTROL/fleetml/v1"
+
+/* ---- shadow documents (pure functions, shadow.c) ------------------------- */
+
+/* Merges patch into doc in place (both JSON objects, as jansson json_t*):
+ * keys in patch replace doc's, objects merge recursively, a null value
+ * deletes the key. Returns 0 or FM_ENOMEM. */
+struct json_t;
+int fm_shadow_merge(struct json_t *doc, struct json_t *patch);
+/* The part of desired that differs from reported (recursively for
+ * objects); a new object, possibly empty. NULL on allocation failure. */
+struct json_t *fm_shadow_delta(struct json_t *desired, struct json_t *reported);
+
+/* ---- registry service ------------------------------------------------------ */
+
+/* An MQTT message for the registry, with what the broker plugin stamped on
+ * it. Borrowed for the duration of fm_registry_submit. */
+typedef struct fm_regmsg_in {
+    const char *topic;
+    const void *payload;
+    size_t len;
+    const char *response_topic;
+    const void *corr;
+    size_t corr_len;
+    const char *claim_template; /* user property fleetml-claim-template */
+    const char *cert_serial;    /* user property fleetml-cert-serial */
+} fm_regmsg_in;
+
+typedef struct fm_registry fm_registry;
+
+typedef struct fm_registry_opts {
+    const fm_config *cfg;
+    fm_publish_fn publish; /* QoS 1 publish; must be thread-safe */
+    void *ud;
+} fm_registry_opts;
+
+/* Loads the CA, opens a store handle, writes the snapshot and CRL, and
+ * starts the thread. Returns 0 and *out, or an FM_E* code with err set. */
+int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf *err);
+
+/* True when topic is one the registry handles: fleet/provisioning/+/request,
+ * fleet/+/cert/rotate, fleet/+/shadow/update, fleet/+/shadow/get. */
+int fm_registry_handles(const char *topic);
+
+/* Copies m into the registry's queue. Returns 0, FM_EBUSY (queue full) or
+ * FM_ENOMEM. Thread-safe. */
+int fm_registry_submit(fm_registry *r, const fm_regmsg_in *m);
+
+/* Tells the registry the service (re)connected to the broker: it rewrites
+ * the snapshot and asks the plugin to reload it, so nothing changed while
+ * the connection was down is missed. Thread-safe, non-blocking. */
+void fm_registry_resync(fm_registry *r);
+
+void fm_registry_stop(fm_registry *r);
+
+/* Writes <data>/broker/registry.json (the plugin's snapshot) from the
+ * store. Used before the broker starts and by the registry thread. */
+int fm_registry_write_snapshot(const fm_config *cfg, fm_store *st, fm_errbuf *err);
+
+/* Derives a device id from a template prefix and a hardware serial:
+ * "<prefix>-<serial lowercased, other chars -> '-'>", at most 64 chars.
+ * Returns 0 or FM_EINVAL when the result is not a valid device id. */
+int fm_registry_device_id(const char *prefix, const char *serial, char *out, size_t len);
+
+/* Runs a template's pre-provisioning hook: an http(s) URL (POST, JSON) or
+ * an absolute path to an executable (JSON on stdin, JSON on stdout), with a
+ * timeout of timeout_ms. *response receives the parsed JSON object (caller
+ * json_decref's it). Returns 0, FM_ETIMEDOUT, FM_EIO or FM_EPROTO (not a
+ * JSON object) with err set. */
+int fm_registry_run_hook(const char *hook, struct json_t *request, int timeout_ms,
+                         struct json_t **response, fm_errbuf *err);
+
+#endif

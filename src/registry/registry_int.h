@@ -1,0 +1,70 @@
+/* Internals shared by the registry service's files. */
+#ifndef FLEETML_REGISTRY_INT_H
+#define FLEETML_REGISTRY_INT_H
+
+#include "fleetml/pki.h"
+#include "fleetml/registry.h"
+
+#include <jansson.h>
+#include <pthread.h>
+
+#define REG_RATE_SLOTS 64
+
+typedef struct regmsg {
+    struct regmsg *next;
+    char *topic;
+    char *payload; /* NUL-terminated copy */
+    size_t len;
+    char *response_topic;
+    void *corr;
+    size_t corr_len;
+    char *claim_template;
+    char *cert_serial;
+} regmsg;
+
+/* Token bucket per template for claim requests. */
+typedef struct rate_slot {
+    char name[64];
+    double tokens;
+    uint64_t last_ns;
+} rate_slot;
+
+struct fm_registry {
+    fm_registry_opts opts;
+    fm_config cfg;
+    fm_store *store;
+    fm_ca *ca;
+
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    regmsg *head, *tail;
+    long depth;
+    int stopping;
+    int resync;
+
+    int64_t event_seq;
+    int snapshot_dirty;
+    int crl_dirty;
+    uint64_t next_grace_ns;
+    rate_slot rates[REG_RATE_SLOTS];
+};
+
+/* Handles one message (provisioning, rotation, shadow). */
+void registry__handle(fm_registry *r, const regmsg *m);
+
+/* Publishes doc (consumed) to topic with optional correlation data. */
+void registry__publish(fm_registry *r, const char *topic, json_t *doc, const void *corr,
+                       size_t corr_len);
+
+/* Pushes the current state of a device / template to the broker plugin. */
+void registry__push_device(fm_registry *r, const char *device_id);
+void registry__push_template(fm_registry *r, const char *name);
+/* Publishes the shadow delta of a device if desired differs from reported. */
+void registry__push_delta(fm_registry *r, const char *device_id);
+
+/* Takes one token from the template's bucket; 0 when the request may go
+ * ahead, FM_EBUSY when the template is over its rate. */
+int registry__rate_take(fm_registry *r, const char *name, int per_min);
+
+#endif

@@ -1,0 +1,73 @@
+/* Internals shared by the SQLite backend's files. */
+#ifndef FLEETML_SQLITE_INT_H
+#define FLEETML_SQLITE_INT_H
+
+#include "store/store_internal.h"
+
+#include <sqlite3.h>
+
+typedef struct sqlite_store {
+    fm_store base;
+    sqlite3 *db;
+    sqlite3_stmt *ins_meas, *ins_quar, *lookup, *dev_get, *begin, *commit, *rollback;
+} sqlite_store;
+
+/* Maps an SQLite result code to an FM_E* code (0 for OK/DONE/ROW). */
+int sql__map_rc(int rc);
+/* Fills err with "what: <sqlite message>" and returns the mapped code. */
+int sql__err(sqlite_store *s, fm_errbuf *err, int rc, const char *what);
+/* Runs SQL text (several statements allowed). */
+int sql__exec(sqlite_store *s, const char *sql, fm_errbuf *err);
+/* Prepares a statement (persistent). */
+int sql__prep(sqlite_store *s, sqlite3_stmt **st, const char *sql, fm_errbuf *err);
+/* Steps a statement to completion, resets it; returns SQLITE_OK or the
+ * failing code. */
+int sql__step_done(sqlite3_stmt *st);
+/* Copies a text column into dst (empty string for NULL). */
+void sql__copy_col(char *dst, size_t n, sqlite3_stmt *st, int col);
+/* BEGIN IMMEDIATE / COMMIT / ROLLBACK with the store's prepared statements. */
+int sql__begin(sqlite_store *s, fm_errbuf *err);
+int sql__commit(sqlite_store *s, fm_errbuf *err);
+void sql__rollback(sqlite_store *s);
+/* Appends a registry event inside the current transaction. */
+int sql__event(sqlite_store *s, int kind, const char *subject, fm_errbuf *err);
+
+/* Inserts a device (and its first certificate if d->cert_serial is set)
+ * inside the caller's transaction. */
+int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err);
+/* Inserts an active certificate + a device event inside the caller's
+ * transaction. */
+int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
+                     const char *pem, int64_t not_after_ms, fm_errbuf *err);
+/* Reads the columns id, tenant, status, cert_serial, created_ms,
+ * device_group, serial_number (in that order) of a row. */
+void sql__read_device(sqlite3_stmt *st, fm_device *out);
+
+/* The registry part of the vtable (sqlite_registry.c); see store.h. */
+int sql__template_add(fm_store *s, const fm_template *t, const char *const *serials, size_t n,
+                      fm_errbuf *err);
+int sql__template_get(fm_store *s, const char *name, fm_template *out);
+int sql__template_set_status(fm_store *s, const char *name, int status, fm_errbuf *err);
+int sql__template_list(fm_store *s, fm_template_cb cb, void *ud);
+int sql__template_serial_allowed(fm_store *s, const char *name, const char *serial);
+int sql__claim_cert_add(fm_store *s, const char *tmpl, const char *serial, fm_errbuf *err);
+int sql__claim_certs(fm_store *s, const char *tmpl, fm_serial_cb cb, void *ud);
+int sql__cert_add(fm_store *s, const char *device_id, const char *serial, const char *pem,
+                  int64_t not_after_ms, fm_errbuf *err);
+int sql__device_certs(fm_store *s, const char *device_id, fm_serial_cb cb, void *ud);
+int sql__device_revoke(fm_store *s, const char *id, fm_errbuf *err);
+int sql__device_list(fm_store *s, fm_device_cb cb, void *ud);
+int sql__revoked_certs(fm_store *s, fm_serial_cb cb, void *ud);
+int sql__expire_grace(fm_store *s, int64_t now_ms, long *expired, fm_errbuf *err);
+int sql__provision_lookup(fm_store *s, const char *serial_number, char *device_id,
+                          size_t id_len, char **cert_pem);
+int sql__provision_commit(fm_store *s, const fm_provision *p, fm_errbuf *err);
+int sql__rotate_commit(fm_store *s, const char *dev, const char *serial, const char *pem,
+                       int64_t not_after, const char *old, int64_t grace_until, fm_errbuf *err);
+int sql__shadow_get(fm_store *s, const char *device_id, fm_shadow *out);
+int sql__shadow_put(fm_store *s, const char *dev, const char *desired, const char *reported,
+                    int64_t expected, int64_t *new_version, int notify, fm_errbuf *err);
+int sql__events_after(fm_store *s, int64_t after, size_t limit, fm_event_cb cb, void *ud);
+int sql__events_max(fm_store *s, int64_t *out);
+
+#endif
