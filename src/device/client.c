@@ -1620,6 +1620,9 @@ static bool connect_failed(fm_devclient *c, char *why, size_t len)
 static void restart_connection(fm_devclient *c, const char *why)
 {
     bool was_ready = c->st == ST_READY && !c->claiming;
+    /* IDLE first: the disconnect callback this may trigger must not
+     * report a lost connection or schedule a reconnect of its own. */
+    c->st = ST_IDLE;
     if (mosquitto_socket(c->m) >= 0) {
         (void)mosquitto_disconnect_v5(c->m, MQTT_RC_NORMAL_DISCONNECTION, NULL);
         (void)mosquitto_loop_write(c->m, 1);
@@ -1642,6 +1645,9 @@ static void restart_connection(fm_devclient *c, const char *why)
 static void go_failed(fm_devclient *c, const char *reason)
 {
     bool was_ready = c->st == ST_READY && !c->claiming;
+    /* IDLE first: the disconnect callback this may trigger must not
+     * report a lost connection or schedule a reconnect of its own. */
+    c->st = ST_IDLE;
     if (mosquitto_socket(c->m) >= 0) {
         (void)mosquitto_disconnect_v5(c->m, MQTT_RC_NORMAL_DISCONNECTION, NULL);
         (void)mosquitto_loop_write(c->m, 1);

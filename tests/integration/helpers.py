@@ -866,3 +866,21 @@ def cert_info(cert):
     serial = re.search(r"serial=([0-9A-Fa-f]+)", r.stdout)
     cn = re.search(r"CN=([^,\n]+)", r.stdout)
     return int(serial.group(1), 16), (cn.group(1) if cn else None)
+
+
+# --------------------------------------------------------------------------
+# Published JSON Schemas (docs/schemas/)
+
+
+def check_against_schema(name, doc):
+    """Validates a document the daemon sent against docs/schemas/<name>
+    when python3-jsonschema is installed (otherwise does nothing)."""
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - depends on the host
+        return
+    path = Path(__file__).resolve().parents[2] / "docs" / "schemas" / name
+    schema = json.loads(path.read_text())
+    cls = jsonschema.Draft202012Validator
+    errors = [e.message for e in cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(doc)]
+    assert not errors, f"{name}: {errors}\n{json.dumps(doc)[:500]}"

@@ -14,8 +14,8 @@ import stat
 
 import pytest
 
-from helpers import (TENANT, cert_info, corrupt_csr_signature, make_csr, make_measurement,
-                     unique_id, wait_for)
+from helpers import (TENANT, cert_info, check_against_schema, corrupt_csr_signature, make_csr,
+                     make_measurement, unique_id, wait_for)
 
 DENIED = 0x80
 
@@ -75,7 +75,9 @@ def request(p, devices, template, serial, csr=None, payload=None, timeout=10):
                        timeout=timeout, since=since,
                        what=f"accepted/rejected for {template}/{serial}")
     c.close()
-    return m.topic.rsplit("/", 1)[1], m.json()
+    kind, doc = m.topic.rsplit("/", 1)[1], m.json()
+    check_against_schema(f"provisioning-{kind}.v1.json", doc)
+    return kind, doc
 
 
 def assert_rejected(kind, doc, code):
@@ -359,7 +361,7 @@ def test_rate_limited(prov, devices, tmp_path):
     for i in range(4):
         _, csr = make_csr(tmp_path, f"k{i}")
         results.append(request(prov, devices, "slow-tpl", f"SN-RATE-{i}", csr))
-    print(results)
+    print([(k, d.get("code", d.get("device_id"))) for k, d in results])
     assert results[0][0] == "accepted", results[0]
     codes = [doc.get("code") for kind, doc in results[1:] if kind == "rejected"]
     assert "rate_limited" in codes, f"4 claims in a row at 1/min: {results}"

@@ -11,7 +11,8 @@ from datetime import datetime
 
 import pytest
 
-from helpers import cert_info, make_csr, make_measurement, unique_id, wait_for
+from helpers import (cert_info, check_against_schema, make_csr, make_measurement, unique_id,
+                     wait_for)
 
 GRACE_S = 5
 DENIED = 0x80
@@ -53,7 +54,9 @@ def rotate(d, csr, timeout=10):
     d.publish({"csr": csr} if isinstance(csr, str) else csr, topic=base + "/rotate")
     m = d.wait_message(lambda m: m.topic in (base + "/accepted", base + "/rejected"),
                        timeout=timeout, since=since, what=f"rotation answer on {base}/+")
-    return m.topic.rsplit("/", 1)[1], m.json()
+    kind, doc = m.topic.rsplit("/", 1)[1], m.json()
+    check_against_schema(f"cert-rotate-{kind}.v1.json", doc)
+    return kind, doc
 
 
 def parse_rfc3339(s):

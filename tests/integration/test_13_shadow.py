@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from helpers import unique_id
+from helpers import check_against_schema, unique_id
 
 DENIED = 0x80
 DEVICES = ["shd-doc", "shd-delta", "shd-get", "shd-big", "shd-grow", "shd-bad"]
@@ -50,8 +50,10 @@ def exchange(d, leaf, payload, answer=("document", "rejected"), **kw):
     want = {topic(d, a) for a in answer}
     since = d.mark()
     d.publish(payload, topic=topic(d, leaf), **kw)
-    return d.wait_message(lambda m: m.topic in want, timeout=10, since=since,
-                          what=f"answer to shadow/{leaf} on {sorted(want)}")
+    m = d.wait_message(lambda m: m.topic in want, timeout=10, since=since,
+                       what=f"answer to shadow/{leaf} on {sorted(want)}")
+    check_against_schema(f"shadow-{m.topic.rsplit('/', 1)[1]}.v1.json", m.json())
+    return m
 
 
 def update(d, reported):
@@ -103,6 +105,7 @@ def test_desired_delta(plat, devices):
     m = d.wait_message(lambda m: m.topic == topic(d, "delta"), timeout=5, since=since,
                        what="shadow/delta after setting desired")
     delta = m.json()
+    check_against_schema("shadow-delta.v1.json", delta)
     # Only what differs from reported, recursively.
     assert delta.get("state") == {"rate": 5, "cfg": {"b": 2}, "led": "on"}, delta
     assert delta.get("version") == cli["version"], (delta, cli["version"])
