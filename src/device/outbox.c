@@ -6,7 +6,7 @@
  *
  * A file is the unit of durability because it makes the two operations the
  * device needs crash-atomic without a log or a database: adding an entry is
- * fm_write_file_atomic() (temp file + fsync + rename + directory fsync), and
+ * an atomic write (temp file + fsync + rename + directory fsync), and
  * removing one is unlink() followed by a directory fsync. After a crash the
  * directory holds whole entries only, plus perhaps a temp file
  * (`<id>.json.tmp.<pid>`) from a write that never reached its rename; such
@@ -17,8 +17,13 @@
  * The in-memory index mirrors the directory in insertion order, so the
  * bounds are checked without touching the disk and "oldest" is cheap.
  * Across restarts the order is recovered from the files' modification
- * times (nanosecond resolution on the file systems we care about), then
- * names; ties only matter for the drop-oldest policy and for send order.
+ * times. The kernel stamps files with a coarse clock (one tick, often
+ * 4 ms), so entries written in a burst would tie; instead every entry's
+ * mtime is set explicitly (futimens, before the fsync that makes it
+ * durable) to a strictly increasing nanosecond "logical time": the wall
+ * clock, or the previous stamp + 1 ns when the clock has not moved on.
+ * Keeping the file content exactly the published payload keeps the outbox
+ * easy to inspect and the file name is the id, so no header is needed.
  */
 #include "fleetml/device.h"
 
@@ -30,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define COMPONENT "outbox"
@@ -48,6 +54,7 @@ struct fm_outbox {
     struct entry *v; /* oldest first */
     size_t n, cap;
     size_t bytes;
+    int64_t last_stamp_ns; /* highest mtime given or found */
 };
 
 static int entry_path(const fm_outbox *ob, const char *id, char *buf, size_t len)
@@ -147,6 +154,8 @@ static int scan(fm_outbox *ob, fm_errbuf *err)
         (void)fm_fsync_dir(ob->dir);
     if (rc == 0 && ob->n > 1)
         qsort(ob->v, ob->n, sizeof *ob->v, cmp_entry);
+    if (ob->n > 0)
+        ob->last_stamp_ns = ob->v[ob->n - 1].mtime_ns;
     return rc;
 }
 
@@ -247,6 +256,60 @@ int fm_outbox_remove(fm_outbox *ob, const char *id)
     return remove_at(ob, (size_t)i);
 }
 
+static int64_t next_stamp(fm_outbox *ob)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t t = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    if (t <= ob->last_stamp_ns)
+        t = ob->last_stamp_ns + 1;
+    ob->last_stamp_ns = t;
+    return t;
+}
+
+/* Temp file + mtime stamp + fsync + rename + directory fsync. */
+static int write_entry(fm_outbox *ob, const char *path, const void *data, size_t len)
+{
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
+        return FM_EINVAL;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return errno == ENOSPC ? FM_ENOSPC : FM_EIO;
+    int rc = 0;
+    const char *p = data;
+    size_t left = len;
+    while (left > 0) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = errno == ENOSPC ? FM_ENOSPC : FM_EIO;
+            break;
+        }
+        p += w;
+        left -= (size_t)w;
+    }
+    if (rc == 0) {
+        int64_t t = next_stamp(ob);
+        struct timespec times[2] = {{.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000},
+                                    {.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000}};
+        if (futimens(fd, times) != 0)
+            rc = FM_EIO;
+    }
+    if (rc == 0)
+        rc = fm_fsync_fd(fd);
+    if (close(fd) != 0 && rc == 0)
+        rc = FM_EIO;
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = FM_EIO;
+    if (rc != 0) {
+        unlink(tmp);
+        return rc;
+    }
+    return fm_fsync_dir(ob->dir);
+}
+
 static bool over(const fm_outbox *ob, size_t extra_entries, size_t extra_bytes)
 {
     return ob->n + extra_entries > ob->max_entries || ob->bytes + extra_bytes > ob->max_bytes;
@@ -269,7 +332,7 @@ int fm_outbox_put(fm_outbox *ob, const char *id, const void *data, size_t len,
     char path[PATH_MAX];
     if ((rc = entry_path(ob, id, path, sizeof path)) != 0)
         return rc;
-    rc = fm_write_file_atomic(path, data, len, 0600);
+    rc = write_entry(ob, path, data, len);
     if (rc != 0) {
         /* The rename may have happened before a failing directory fsync;
          * failure must leave nothing queued. */

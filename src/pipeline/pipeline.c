@@ -63,7 +63,8 @@ fm_inmsg *fm_inmsg_new(const char *device_id, const void *payload, size_t len,
     m->payload = fm_malloc(len + 1);
     if (!m->payload)
         goto fail;
-    memcpy(m->payload, payload, len);
+    if (len)
+        memcpy(m->payload, payload, len);
     m->payload[len] = '\0';
     m->len = len;
     if (response_topic && !(m->response_topic = fm_strdup(response_topic)))

@@ -441,7 +441,8 @@ int fm_registry_submit(fm_registry *r, const fm_regmsg_in *in)
         regmsg_free(m);
         return FM_ENOMEM;
     }
-    memcpy(m->payload, in->payload, in->len);
+    if (in->len)
+        memcpy(m->payload, in->payload, in->len);
     m->payload[in->len] = '\0';
     m->len = in->len;
     pthread_mutex_lock(&r->mu);

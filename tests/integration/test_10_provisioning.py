@@ -9,6 +9,8 @@ device.  Negative delivery checks never sleep: a forbidden publish is
 followed by an allowed one on a path processed after it (a barrier).
 """
 
+import json
+import os
 import re
 import stat
 
@@ -388,3 +390,38 @@ def test_lost_answer_retry_gets_same_certificate(prov, devices, tmp_path):
     assert kind1 == "accepted" and kind2 == "accepted", (first, again)
     assert again["device_id"] == first["device_id"]
     assert cert_info(again["certificate_pem"]) == cert_info(first["certificate_pem"])
+
+
+# --------------------------------------------------------------------------
+# The published contract (no platform needed)
+
+ISSUE3_SCHEMAS = [
+    "provisioning-request.v1.json", "provisioning-accepted.v1.json",
+    "provisioning-rejected.v1.json", "cert-rotate-request.v1.json",
+    "cert-rotate-accepted.v1.json", "cert-rotate-rejected.v1.json", "shadow-update.v1.json",
+    "shadow-document.v1.json", "shadow-delta.v1.json", "shadow-rejected.v1.json",
+]
+SPEC_PROVISIONING_CODES = {
+    "invalid_request", "invalid_csr", "bad_signature", "weak_key", "ca_not_allowed",
+    "serial_not_allowed", "hook_denied", "already_provisioned", "rate_limited",
+    "template_disabled", "unavailable", "internal",
+}
+
+
+def test_protocol_doc_covers_identity_schemas():
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    with open(os.path.join(root, "docs", "protocol.md"), encoding="utf-8") as f:
+        doc = f.read()
+    for name in ISSUE3_SCHEMAS:
+        with open(os.path.join(root, "docs", "schemas", name), encoding="utf-8") as f:
+            schema = json.load(f)
+        assert f"schemas/{name}" in doc, f"protocol.md does not link {name}"
+        assert schema.get("examples"), f"{name} has no examples"
+        for ex in schema["examples"]:
+            check_against_schema(name, ex)
+        codes = schema.get("properties", {}).get("code", {}).get("enum", [])
+        for code in codes:
+            assert f"`{code}`" in doc, f"protocol.md does not document {code} ({name})"
+    with open(os.path.join(root, "docs", "schemas", "provisioning-rejected.v1.json")) as f:
+        enum = set(json.load(f)["properties"]["code"]["enum"])
+    assert SPEC_PROVISIONING_CODES <= enum, SPEC_PROVISIONING_CODES - enum

@@ -15,6 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <limits.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -344,6 +347,387 @@ static void test_cli_usage_errors(void **state)
     assert_int_equal(run_cli("device run dev-1 --count -3"), 2);
     assert_int_equal(run_cli("device run dev-1 --seed abc"), 2);
     assert_int_equal(run_cli("device run dev-1 extra"), 2);
+    assert_int_equal(run_cli("device run --claim demo"), 2);
+    assert_int_equal(run_cli("device run --serial S1"), 2);
+    assert_int_equal(run_cli("device run dev-1 --outbox-max 0"), 2);
+    assert_int_equal(run_cli("sim --devices 2 --rate 1 --claim demo --provision"), 2);
+}
+
+/* ---- SDK v2: outbox, identity file, state directory ------------------------ */
+
+static void make_tmpdir(char *buf, size_t len)
+{
+    snprintf(buf, len, "/tmp/fm-test-device-XXXXXX");
+    assert_non_null(mkdtemp(buf));
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static int count_files(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        if (de->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n;
+}
+
+static void write_raw(const char *dir, const char *name, const char *data)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(data, f);
+    fclose(f);
+}
+
+struct loaded {
+    int n;
+    char ids[8][FM_DEVICE_MEAS_ID_MAXLEN + 1];
+    char data[8][64];
+};
+
+static void collect(void *ud, const char *id, const char *data, size_t len)
+{
+    struct loaded *l = ud;
+    if (l->n < 8) {
+        snprintf(l->ids[l->n], sizeof l->ids[0], "%s", id);
+        snprintf(l->data[l->n], sizeof l->data[0], "%.*s", (int)len, data);
+    }
+    l->n++;
+}
+
+struct drops {
+    int n;
+    char last[FM_DEVICE_MEAS_ID_MAXLEN + 1];
+};
+
+static void on_drop(void *ud, const char *id)
+{
+    struct drops *d = ud;
+    d->n++;
+    snprintf(d->last, sizeof d->last, "%s", id);
+}
+
+static void test_outbox_put_load_remove(void **state)
+{
+    (void)state;
+    char dir[64], ob_dir[128];
+    make_tmpdir(dir, sizeof dir);
+    snprintf(ob_dir, sizeof ob_dir, "%s/outbox", dir);
+    fm_outbox *ob = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_outbox_open(ob_dir, 0, 0, FM_OUTBOX_REFUSE_NEW, &ob, &err), 0);
+    assert_int_equal(fm_outbox_put(ob, "m-1", "{\"a\":1}", 7, NULL, NULL), 0);
+    assert_int_equal(fm_outbox_put(ob, "m-2", "{\"a\":22}", 8, NULL, NULL), 0);
+    assert_int_equal(fm_outbox_put(ob, "m-0", "{}", 2, NULL, NULL), 0);
+    assert_int_equal(fm_outbox_put(ob, "m-1", "{}", 2, NULL, NULL), FM_EEXIST);
+    assert_int_equal(fm_outbox_put(ob, "bad id", "{}", 2, NULL, NULL), FM_EINVAL);
+    assert_int_equal(fm_outbox_put(ob, "m-9", "", 0, NULL, NULL), FM_EINVAL);
+    assert_int_equal(fm_outbox_count(ob), 3);
+    assert_int_equal(fm_outbox_bytes(ob), 17);
+    assert_int_equal(count_files(ob_dir), 3);
+    fm_outbox_close(ob);
+
+    /* Reopened: the same entries, oldest first, content intact. */
+    assert_int_equal(fm_outbox_open(ob_dir, 0, 0, FM_OUTBOX_REFUSE_NEW, &ob, &err), 0);
+    struct loaded l = {0};
+    assert_int_equal(fm_outbox_load(ob, collect, &l), 0);
+    assert_int_equal(l.n, 3);
+    assert_string_equal(l.ids[0], "m-1");
+    assert_string_equal(l.ids[1], "m-2");
+    assert_string_equal(l.ids[2], "m-0");
+    assert_string_equal(l.data[1], "{\"a\":22}");
+    assert_int_equal(fm_outbox_remove(ob, "m-2"), 0);
+    assert_int_equal(fm_outbox_remove(ob, "m-2"), FM_ENOTFOUND);
+    assert_false(fm_outbox_contains(ob, "m-2"));
+    assert_int_equal(fm_outbox_count(ob), 2);
+    assert_int_equal(fm_outbox_bytes(ob), 9);
+    assert_int_equal(count_files(ob_dir), 2);
+    fm_outbox_close(ob);
+    rm_rf(dir);
+}
+
+static void test_outbox_bounds_and_policies(void **state)
+{
+    (void)state;
+    char dir[64];
+    make_tmpdir(dir, sizeof dir);
+    fm_outbox *ob = NULL;
+    fm_errbuf err;
+    /* Refuse-new: entry count bound, then byte bound. */
+    assert_int_equal(fm_outbox_open(dir, 2, 20, FM_OUTBOX_REFUSE_NEW, &ob, &err), 0);
+    assert_int_equal(fm_outbox_put(ob, "a", "0123456789", 10, NULL, NULL), 0);
+    assert_int_equal(fm_outbox_put(ob, "b", "0123456789ab", 12, NULL, NULL), FM_EBUSY);
+    assert_int_equal(fm_outbox_put(ob, "b", "01234", 5, NULL, NULL), 0);
+    assert_int_equal(fm_outbox_put(ob, "c", "0", 1, NULL, NULL), FM_EBUSY);
+    assert_int_equal(fm_outbox_put(ob, "d", "012345678901234567890", 21, NULL, NULL), FM_ERANGE);
+    assert_int_equal(count_files(dir), 2);
+    assert_int_equal(fm_outbox_remove(ob, "a"), 0);
+    assert_int_equal(fm_outbox_put(ob, "c", "0", 1, NULL, NULL), 0);
+    fm_outbox_close(ob);
+    rm_rf(dir);
+
+    /* Drop-oldest: the new entry is kept, the oldest reported. */
+    make_tmpdir(dir, sizeof dir);
+    assert_int_equal(fm_outbox_open(dir, 2, 20, FM_OUTBOX_DROP_OLDEST, &ob, &err), 0);
+    struct drops d = {0};
+    assert_int_equal(fm_outbox_put(ob, "a", "0123456789", 10, on_drop, &d), 0);
+    assert_int_equal(fm_outbox_put(ob, "b", "0123", 4, on_drop, &d), 0);
+    assert_int_equal(d.n, 0);
+    assert_int_equal(fm_outbox_put(ob, "c", "01", 2, on_drop, &d), 0);
+    assert_int_equal(d.n, 1);
+    assert_string_equal(d.last, "a");
+    /* The byte bound can drop more than one. */
+    assert_int_equal(fm_outbox_put(ob, "e", "0123456789abcdefghi", 19, on_drop, &d), 0);
+    assert_int_equal(d.n, 3);
+    assert_string_equal(d.last, "c");
+    assert_int_equal(fm_outbox_count(ob), 1);
+    assert_true(fm_outbox_contains(ob, "e"));
+    assert_int_equal(count_files(dir), 1);
+    fm_outbox_close(ob);
+    rm_rf(dir);
+}
+
+static void test_outbox_crash_leftovers(void **state)
+{
+    (void)state;
+    char dir[64], sub[128];
+    make_tmpdir(dir, sizeof dir);
+    write_raw(dir, "m-ok.json", "{\"x\":1}");
+    write_raw(dir, "m-half.json.tmp.4242", "{\"x\""); /* write cut short by a crash */
+    write_raw(dir, "m-empty.json", "");
+    write_raw(dir, "bad id.json", "{}");
+    write_raw(dir, "notes.txt", "hello");
+    snprintf(sub, sizeof sub, "%s/subdir", dir);
+    assert_int_equal(mkdir(sub, 0700), 0);
+    fm_outbox *ob = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_outbox_open(dir, 0, 0, FM_OUTBOX_REFUSE_NEW, &ob, &err), 0);
+    assert_int_equal(fm_outbox_count(ob), 1);
+    assert_true(fm_outbox_contains(ob, "m-ok"));
+    assert_int_equal(count_files(dir), 2); /* m-ok.json and the untouched subdir */
+    /* A temp file of the new entry's own name never blocks a write. */
+    write_raw(dir, "m-new.json.tmp.1", "junk");
+    assert_int_equal(fm_outbox_put(ob, "m-new", "{}", 2, NULL, NULL), 0);
+    fm_outbox_close(ob);
+    rm_rf(dir);
+}
+
+static void test_identity_file(void **state)
+{
+    (void)state;
+    fm_device_identity id;
+    fm_errbuf err;
+    const char *good = "{\"device_id\":\"demo-sn-1\",\"serial\":\"SN-1\","
+                       "\"endpoint\":{\"host\":\"mqtt.example\",\"port\":8883}}";
+    assert_int_equal(fm_device_identity_parse(good, strlen(good), &id, &err), 0);
+    assert_string_equal(id.device_id, "demo-sn-1");
+    assert_string_equal(id.serial, "SN-1");
+    assert_string_equal(id.host, "mqtt.example");
+    assert_int_equal(id.port, 8883);
+    const char *minimal = "{\"device_id\":\"abc\"}";
+    assert_int_equal(fm_device_identity_parse(minimal, strlen(minimal), &id, &err), 0);
+    assert_string_equal(id.host, "");
+    assert_int_equal(id.port, 0);
+    const char *bad[] = {
+        "", "[]", "{\"device_id\":\"Bad_Id\"}", "{\"serial\":\"x\"}",
+        "{\"device_id\":\"abc\",\"endpoint\":{\"host\":\"h\",\"port\":0}}",
+        "{\"device_id\":\"abc\",\"endpoint\":{\"host\":\"h\",\"port\":70000}}",
+        "{\"device_id\":\"abc\",\"endpoint\":{\"port\":1}}", "{\"device_id\":\"abc\",\"serial\":5}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_equal(fm_device_identity_parse(bad[i], strlen(bad[i]), &id, &err), FM_EINVAL);
+
+    char dir[64], path[128];
+    make_tmpdir(dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/identity.json", dir);
+    assert_int_equal(fm_device_identity_read(path, &id, &err), FM_ENOTFOUND);
+    fm_device_identity w = {.device_id = "dev-xyz", .serial = "S1", .host = "h.example", .port = 1883};
+    assert_int_equal(fm_device_identity_write(path, &w, &err), 0);
+    assert_int_equal(fm_device_identity_read(path, &id, &err), 0);
+    assert_string_equal(id.device_id, "dev-xyz");
+    assert_string_equal(id.host, "h.example");
+    assert_int_equal(id.port, 1883);
+    rm_rf(dir);
+}
+
+static fm_devclient *state_client(struct seen *s, const char *state_dir, int max_entries,
+                                  enum fm_outbox_policy policy)
+{
+    fm_devclient_opts o = {
+        .id = "dev-test",
+        .ca_path = "/nonexistent/ca.crt",
+        .cert_path = "/nonexistent/device.crt",
+        .key_path = "/nonexistent/device.key",
+        .on_result = on_result,
+        .ud = s,
+        .state_dir = state_dir,
+        .outbox_max_entries = max_entries,
+        .outbox_policy = policy,
+    };
+    fm_devclient *c = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_devclient_new(&o, &c, &err), 0);
+    s->c = c;
+    return c;
+}
+
+static void answer(fm_devclient *c, const char *mid, const char *doc)
+{
+    uint8_t corr[FM_DEVCLIENT_CORR_LEN];
+    size_t n = 0;
+    assert_int_equal(fm_devclient_correlation(c, mid, corr, sizeof corr, &n), 0);
+    assert_int_equal(fm_devclient_handle_result(c, corr, n, doc, strlen(doc)), 0);
+}
+
+static void test_client_outbox_survives_restart(void **state)
+{
+    (void)state;
+    char dir[64], ob_dir[128];
+    make_tmpdir(dir, sizeof dir);
+    snprintf(ob_dir, sizeof ob_dir, "%s/outbox", dir);
+    struct seen s = {0};
+    fm_devclient *c = state_client(&s, dir, 0, FM_OUTBOX_REFUSE_NEW);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{\"id\":\"m-1\"}", 12, "m-1"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{\"id\":\"m-2\"}", 12, "m-2"), 0);
+    assert_int_equal(count_files(ob_dir), 2);
+    fm_devclient_free(c); /* like a crash: nothing answered */
+    assert_int_equal(count_files(ob_dir), 2);
+
+    c = state_client(&s, dir, 0, FM_OUTBOX_REFUSE_NEW);
+    assert_int_equal(fm_devclient_pending(c), 2);
+    fm_devclient_stats st;
+    fm_devclient_get_stats(c, &st);
+    assert_int_equal(st.recovered, 2);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-1"), FM_EEXIST);
+
+    /* Retryable errors keep the entry; final results delete it. */
+    answer(c, "m-1", "{\"id\":\"m-1\",\"status\":\"error\",\"error\":{\"code\":\"unavailable\",\"message\":\"x\"}}");
+    assert_int_equal(s.calls, 0);
+    assert_int_equal(fm_devclient_pending(c), 2);
+    answer(c, "m-1", "{\"id\":\"m-1\",\"status\":\"ok\"}");
+    assert_int_equal(s.calls, 1);
+    assert_string_equal(s.status, "ok");
+    answer(c, "m-2", "{\"id\":\"m-2\",\"status\":\"error\",\"error\":{\"code\":\"invalid_measurement\",\"message\":\"x\"}}");
+    assert_int_equal(s.calls, 2);
+    assert_string_equal(s.status, "error");
+    assert_int_equal(fm_devclient_pending(c), 0);
+    assert_int_equal(count_files(ob_dir), 0);
+
+    /* In outbox mode nothing times out. */
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-3"), 0);
+    assert_int_equal(fm_devclient_loop_misc(c), 0);
+    assert_int_equal(s.calls, 2);
+    fm_devclient_free(c);
+    rm_rf(dir);
+}
+
+static void test_client_outbox_full(void **state)
+{
+    (void)state;
+    char dir[64], ob_dir[128];
+    make_tmpdir(dir, sizeof dir);
+    snprintf(ob_dir, sizeof ob_dir, "%s/outbox", dir);
+    struct seen s = {0};
+    fm_devclient *c = state_client(&s, dir, 2, FM_OUTBOX_REFUSE_NEW);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-1"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-2"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-3"), FM_EBUSY);
+    assert_int_equal(count_files(ob_dir), 2);
+    fm_devclient_free(c);
+    rm_rf(dir);
+
+    make_tmpdir(dir, sizeof dir);
+    snprintf(ob_dir, sizeof ob_dir, "%s/outbox", dir);
+    memset(&s, 0, sizeof s);
+    c = state_client(&s, dir, 2, FM_OUTBOX_DROP_OLDEST);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-1"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-2"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-3"), 0);
+    assert_int_equal(fm_devclient_publish_measurement(c, "{}", 2, "m-4"), 0);
+    assert_int_equal(s.calls, 0); /* never from inside publish */
+    assert_int_equal(fm_devclient_pending(c), 2);
+    assert_int_equal(count_files(ob_dir), 2);
+    assert_int_equal(fm_devclient_loop_misc(c), 0);
+    assert_int_equal(s.calls, 2);
+    assert_string_equal(s.status, "dropped");
+    assert_string_equal(s.id, "m-2");
+    fm_devclient_stats st;
+    fm_devclient_get_stats(c, &st);
+    assert_int_equal(st.dropped, 2);
+    fm_devclient_free(c);
+    rm_rf(dir);
+}
+
+static void test_claim_options(void **state)
+{
+    (void)state;
+    char dir[64], path[128];
+    make_tmpdir(dir, sizeof dir);
+    struct seen s = {0};
+    fm_devclient_claim cl = {.cert_path = "/nonexistent/claim.crt",
+                             .key_path = "/nonexistent/claim.key",
+                             .serial = "SN-0001"};
+    fm_devclient_opts o = {.ca_path = "/nonexistent/ca.crt", .on_result = on_result, .ud = &s,
+                           .claim = &cl};
+    fm_devclient *c = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_devclient_new(&o, &c, &err), FM_EINVAL); /* no state_dir */
+    o.state_dir = dir;
+    cl.serial = "bad serial";
+    assert_int_equal(fm_devclient_new(&o, &c, &err), FM_EINVAL);
+    cl.serial = "SN-0001";
+    assert_int_equal(fm_devclient_new(&o, &c, &err), 0);
+    assert_true(fm_devclient_claiming(c));
+    assert_string_equal(fm_devclient_id(c), "");
+    assert_false(fm_devclient_ready(c));
+    /* The claim certificate is unusable: connecting fails, after the
+     * device key was created (0600) for the CSR. */
+    assert_int_not_equal(fm_devclient_connect(c, &err), 0);
+    snprintf(path, sizeof path, "%s/device.key", dir);
+    struct stat st;
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    fm_devclient_free(c);
+
+    /* device.crt without identity.json is a broken state directory. */
+    write_raw(dir, "device.crt", "x");
+    assert_int_equal(fm_devclient_new(&o, &c, &err), FM_EINVAL);
+    assert_non_null(strstr(err.msg, "identity"));
+    write_raw(dir, "identity.json", "{\"device_id\":\"demo-sn-0001\"}");
+    assert_int_equal(fm_devclient_new(&o, &c, &err), 0);
+    assert_false(fm_devclient_claiming(c));
+    assert_string_equal(fm_devclient_id(c), "demo-sn-0001");
+    fm_devclient_free(c);
+
+    /* An interrupted rotation is finished on start: key then cert renamed. */
+    write_raw(dir, "device.key.next", "newkey");
+    write_raw(dir, "device.crt.next", "newcert");
+    assert_int_equal(fm_devclient_new(&o, &c, &err), 0);
+    fm_devclient_free(c);
+    snprintf(path, sizeof path, "%s/device.crt.next", dir);
+    assert_int_not_equal(access(path, F_OK), 0);
+    snprintf(path, sizeof path, "%s/device.key.next", dir);
+    assert_int_not_equal(access(path, F_OK), 0);
+    char *text = NULL;
+    size_t len = 0;
+    snprintf(path, sizeof path, "%s/device.crt", dir);
+    assert_int_equal(fm_read_file(path, &text, &len), 0);
+    assert_string_equal(text, "newcert");
+    fm_free(text);
+    rm_rf(dir);
 }
 
 int main(void)
@@ -361,6 +745,13 @@ int main(void)
         cmocka_unit_test(test_lathist_exact_small),
         cmocka_unit_test(test_lathist_relative_error),
         cmocka_unit_test(test_cli_usage_errors),
+        cmocka_unit_test(test_outbox_put_load_remove),
+        cmocka_unit_test(test_outbox_bounds_and_policies),
+        cmocka_unit_test(test_outbox_crash_leftovers),
+        cmocka_unit_test(test_identity_file),
+        cmocka_unit_test(test_client_outbox_survives_restart),
+        cmocka_unit_test(test_client_outbox_full),
+        cmocka_unit_test(test_claim_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
