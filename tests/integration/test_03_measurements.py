@@ -113,6 +113,7 @@ REJECTIONS = [
     ("unknown-field", lambda mid: encode(make_measurement(mid, colour="red")),
      "unknown_field", ["colour"], True),
     ("range", _narrow_sweep, "out_of_range", [], True),
+    ("empty", lambda mid: b"", "malformed_json", ["empty"], False),
 ]
 
 
