@@ -6,8 +6,14 @@ TEST_BUILD ?= build-test
 DATA       ?= var
 PY         := /usr/bin/python3
 JOBS       ?= $(shell nproc)
+# libFuzzer (clang): `make fuzz` runs every target for FUZZ_SECONDS, FUZZ_JOBS
+# at a time; `make test` runs each for FUZZ_SMOKE_SECONDS (tests/fuzz/README.md).
+FUZZ_BUILD         ?= build-fuzz
+FUZZ_SECONDS       ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+FUZZ_JOBS          ?= $(JOBS)
 
-.PHONY: all deps build build-test run test unit integration bench soak fuzz clean distclean model
+.PHONY: all deps build build-test run test unit integration bench soak fuzz fuzz-build fuzz-smoke clean distclean model
 
 all: build
 
@@ -34,16 +40,34 @@ integration: build-test
 	FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml FM_BUILD=$(CURDIR)/$(TEST_BUILD) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/integration
 
-test: unit integration
+# Fuzz targets: only fleetml_core + tests/fuzz/fuzz_*.c, clang, ASan+UBSan.
+fuzz-build: deps
+	@cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
+	  -DCMAKE_CXX_COMPILER=clang++ -DFM_FUZZ=ON -DFM_TESTS=OFF -DFM_WERROR=OFF >/dev/null
+	@cmake --build $(FUZZ_BUILD) -j$(JOBS)
+
+fuzz: fuzz-build
+	tests/fuzz/run $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS)
+
+# Replays tests/fuzz/regressions/ and fuzzes each target briefly.
+fuzz-smoke: fuzz-build
+	tests/fuzz/run $(FUZZ_BUILD) $(FUZZ_SMOKE_SECONDS) $(FUZZ_JOBS)
+
+test: unit integration fuzz-smoke
 
 bench: build
 	@scripts/bench $(BUILD)
+
+# Fault runs, minutes long, outside `make test` (needs root: tmpfs mounts).
+# One run: scripts/soak kill-serve --cycles 20 (see scripts/soak --help).
+soak: build
+	@scripts/soak --bin $(CURDIR)/$(BUILD)/fleetml
 
 model: build
 	$(BUILD)/fleetml model train --synthetic --out models/viscosity
 
 clean:
-	rm -rf $(BUILD) $(TEST_BUILD)
+	rm -rf $(BUILD) $(TEST_BUILD) $(FUZZ_BUILD)
 
 distclean: clean
 	rm -rf $(DATA)

@@ -79,6 +79,7 @@ typedef struct fm_config {
     int commit_window_us;
     int batch_max;
     int queue_max;
+    int pipeline_workers; /* threads that parse and extract features */
 
     char store_backend[16];
     char lake_backend[16];

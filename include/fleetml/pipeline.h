@@ -26,6 +26,7 @@ typedef struct fm_inmsg {
     size_t corr_len;
     uint64_t recv_ns;       /* fm_mono_ns() at receipt */
     int64_t recv_ms;        /* wall clock at receipt */
+    void *prep;             /* pipeline-internal: parse and feature results */
 } fm_inmsg;
 
 /* Allocates a message holding copies of the given buffers. Returns NULL on

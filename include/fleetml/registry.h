@@ -32,6 +32,37 @@ int fm_shadow_merge(struct json_t *doc, struct json_t *patch);
  * objects); a new object, possibly empty. NULL on allocation failure. */
 struct json_t *fm_shadow_delta(struct json_t *desired, struct json_t *reported);
 
+/* ---- provisioning requests (pure function, request.c) -------------------- */
+
+/* A parsed fleet/provisioning/<client>/request payload. Ownership: doc is
+ * the parsed JSON document and is owned by the struct; serial, csr_pem,
+ * model and firmware point into it and stay valid until
+ * fm_provision_request_free (model and firmware are "" when absent). */
+typedef struct fm_provision_request {
+    struct json_t *doc;
+    const char *serial;   /* 1..64 chars of [A-Za-z0-9_-], == client id after "prov-" */
+    const char *csr_pem;  /* at most 16384 chars; not yet checked as a CSR */
+    size_t csr_len;       /* strlen(csr_pem) */
+    const char *model;    /* printable, <= 64 chars */
+    const char *firmware; /* printable, <= 64 chars */
+} fm_provision_request;
+
+/* Parses and checks a provisioning request payload (len bytes, not
+ * necessarily NUL-terminated) sent by MQTT client client_id: a JSON object
+ * (no duplicate keys) with a string serial of 1..64 characters of
+ * [A-Za-z0-9_-] equal to client_id after "prov-", a string csr of at most
+ * 16384 characters, and optional strings model and firmware of at most 64
+ * printable characters. The CSR itself is checked later by fm_csr_parse.
+ * Returns 0 and fills *out (release with fm_provision_request_free), or
+ * FM_EINVAL with code (code_len >= 16) set to "invalid_request" and the
+ * message for the device in err; *out then holds nothing to free. */
+int fm_provision_request_parse(const char *payload, size_t len, const char *client_id,
+                               fm_provision_request *out, char *code, size_t code_len,
+                               fm_errbuf *err);
+/* Releases what fm_provision_request_parse filled; safe on a zeroed struct
+ * and idempotent. */
+void fm_provision_request_free(fm_provision_request *req);
+
 /* ---- registry service ------------------------------------------------------ */
 
 /* An MQTT message for the registry, with what the broker plugin stamped on

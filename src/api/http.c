@@ -1,10 +1,12 @@
 #include "fleetml/api.h"
+#include "fleetml/fault.h"
 #include "fleetml/metrics.h"
 
 #include <arpa/inet.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct fm_http {
@@ -12,6 +14,7 @@ struct fm_http {
     fm_health_fn health;
     void *ud;
     char node[64];
+    int fault; /* FM_FAULT_INJECTION=1 at start: /debug/fault exists */
 };
 
 static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *type,
@@ -47,6 +50,37 @@ static enum MHD_Result respond_error(struct MHD_Connection *conn, unsigned statu
                         json_pack("{s:{s:s,s:s}}", "error", "code", code, "message", message));
 }
 
+/* Soak-test hook, only with FM_FAULT_INJECTION=1 at start (see fault.h):
+ * POST /debug/fault?fsync=N[&file_fsync=M] makes the next N database
+ * fsyncs (and M fm_fsync_fd calls) fail; GET shows what is pending. */
+static enum MHD_Result handle_fault(struct MHD_Connection *conn, const char *method)
+{
+    if (strcmp(method, "POST") == 0) {
+        const char *names[2] = {"fsync", "file_fsync"};
+        for (int i = 0; i < 2; i++) {
+            const char *v = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, names[i]);
+            if (!v)
+                continue;
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*v == '\0' || *end != '\0' || n < 0 || n > 1000000)
+                return respond_error(conn, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                                     "expected a count 0..1000000");
+            if (i == 0)
+                fm_fault_fsync_fail_next((int)n);
+            else
+                fm_fsync_fail_next((int)n);
+            fm_logkv(FM_LOG_WARN, "http", "fault injection armed", names[i], v, NULL);
+        }
+    } else if (strcmp(method, "GET") != 0) {
+        return respond_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                             "GET or POST");
+    }
+    return respond_json(conn, MHD_HTTP_OK,
+                        json_pack("{s:i,s:I}", "fsync_pending", fm_fault_fsync_pending(),
+                                  "fsync_injected", (json_int_t)fm_fault_fsync_injected()));
+}
+
 static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
                               const char *method, const char *version, const char *upload,
                               size_t *upload_size, void **con_cls)
@@ -63,6 +97,8 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
     if (*upload_size != 0)
         return respond_error(conn, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
                              "this endpoint takes no request body");
+    if (h->fault && strcmp(url, "/debug/fault") == 0)
+        return handle_fault(conn, method);
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
         return respond_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
                              "only GET is supported here");
@@ -107,6 +143,9 @@ int fm_http_start(const fm_config *cfg, fm_health_fn health, void *ud, fm_http *
     h->health = health;
     h->ud = ud;
     snprintf(h->node, sizeof h->node, "%s", cfg->node_id);
+    h->fault = fm_fault_enabled_by_env();
+    if (h->fault)
+        fm_logf(FM_LOG_WARN, "http", "FM_FAULT_INJECTION=1: POST /debug/fault is enabled");
     h->daemon = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG,
         (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,

@@ -88,6 +88,9 @@ struct sim {
     double rate;
     unsigned inflight;
     double duration_s;
+    uint64_t started_ns;       /* run start */
+    uint64_t all_connected_ns; /* first moment every device was connected (0 = never) */
+    uint64_t next_ready_check;
     double drain_s;
     double timeout_s;
     bool json;
@@ -100,6 +103,12 @@ struct sim {
     struct simdev *devs;
     fm_rng rng;
     char run_prefix[16];
+    /* Optional pool of pre-generated measurements (--payload-pool): the
+     * load generator then only patches the id, so it costs little CPU and
+     * the machine's cores go to the system under test. */
+    unsigned pool_n;
+    char **pool;
+    size_t *pool_len, *pool_id_off;
     bool sending;
 
     uint64_t sent, ok, errors, timeouts, skipped;
@@ -120,7 +129,9 @@ static void usage(void)
             "  --inflight W   closed loop: keep W requests in flight per device\n"
             "  --provision    run `fleetml device add` for devices without credentials\n"
             "  --claim T      onboard each device through the claim flow of template T\n"
-            "                 (serials SIM-0001...; state in <data>/sim/<serial>/)\n");
+            "                 (serials SIM-0001...; state in <data>/sim/<serial>/)\n"
+            "  --payload-pool N  reuse N pre-generated sweeps (only ids change): a cheap\n"
+            "                 load generator for benchmarks\n");
 }
 
 #define USAGE_ERR(...)                                                                             \
@@ -138,6 +149,7 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     const char *v_prefix = fm_cli_take_opt(argc, argv, "--prefix");
     const char *v_duration = fm_cli_take_opt(argc, argv, "--duration");
     const char *v_seed = fm_cli_take_opt(argc, argv, "--seed");
+    const char *v_pool = fm_cli_take_opt(argc, argv, "--payload-pool");
     const char *v_timeout = fm_cli_take_opt(argc, argv, "--timeout");
     const char *v_drain = fm_cli_take_opt(argc, argv, "--drain");
     s->claim = fm_cli_take_opt(argc, argv, "--claim");
@@ -179,6 +191,11 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     s->drain_s = 5.0;
     if (v_drain && (fm_cli_parse_double(v_drain, &s->drain_s) != 0 || s->drain_s < 0 || s->drain_s > 3600))
         USAGE_ERR("--drain expects seconds in 0..3600, got '%s'", v_drain);
+    if (v_pool) {
+        if (fm_cli_parse_u64(v_pool, 4096, &u) != 0)
+            USAGE_ERR("--payload-pool expects 0..4096, got '%s'", v_pool);
+        s->pool_n = (unsigned)u;
+    }
     if (v_seed) {
         if (fm_cli_parse_u64(v_seed, UINT64_MAX, &u) != 0)
             USAGE_ERR("--seed expects a non-negative integer, got '%s'", v_seed);
@@ -287,19 +304,68 @@ static void sync_reg(struct simdev *d)
     }
 }
 
+/* Measurement ids have a fixed width so a pooled payload can be patched
+ * in place. */
+#define SEQ_DIGITS 12
+
+static int build_pool(struct sim *s)
+{
+    if (s->pool_n == 0)
+        return 0;
+    s->pool = fm_calloc(s->pool_n, sizeof *s->pool);
+    s->pool_len = fm_calloc(s->pool_n, sizeof *s->pool_len);
+    s->pool_id_off = fm_calloc(s->pool_n, sizeof *s->pool_id_off);
+    if (!s->pool || !s->pool_len || !s->pool_id_off)
+        return FM_ENOMEM;
+    char mid[FM_DEVICE_MEAS_ID_MAXLEN + 1];
+    snprintf(mid, sizeof mid, "s-%s-%0*d", s->run_prefix, SEQ_DIGITS, 0);
+    for (unsigned i = 0; i < s->pool_n; i++) {
+        fm_visc_truth truth;
+        fm_visc_draw_truth(&s->rng, &truth);
+        int rc = fm_visc_measurement_json(&s->rng, &truth, mid, FIRMWARE, fm_wall_ms(),
+                                          &s->pool[i], &s->pool_len[i]);
+        if (rc)
+            return rc;
+        const char *at = memmem(s->pool[i], s->pool_len[i], mid, strlen(mid));
+        if (!at)
+            return FM_EINVAL;
+        s->pool_id_off[i] = (size_t)(at - s->pool[i]) + strlen(mid) - SEQ_DIGITS;
+    }
+    return 0;
+}
+
+static void free_pool(struct sim *s)
+{
+    for (unsigned i = 0; s->pool && i < s->pool_n; i++)
+        fm_free(s->pool[i]);
+    fm_free(s->pool);
+    fm_free(s->pool_len);
+    fm_free(s->pool_id_off);
+}
+
 static int send_one(struct simdev *d)
 {
     struct sim *s = d->sim;
     char mid[FM_DEVICE_MEAS_ID_MAXLEN + 1];
-    snprintf(mid, sizeof mid, "s-%s-%llu", s->run_prefix, (unsigned long long)(d->seq + 1));
-    fm_visc_truth truth;
-    fm_visc_draw_truth(&s->rng, &truth);
+    unsigned long long seq = (unsigned long long)(d->seq + 1);
+    snprintf(mid, sizeof mid, "s-%s-%0*llu", s->run_prefix, SEQ_DIGITS, seq);
     char *doc = NULL;
     size_t len = 0;
-    int rc = fm_visc_measurement_json(&s->rng, &truth, mid, FIRMWARE, fm_wall_ms(), &doc, &len);
-    if (rc == 0)
-        rc = fm_devclient_publish_measurement(d->c, doc, len, mid);
-    fm_free(doc);
+    int rc;
+    if (s->pool_n) {
+        /* The publish copies the payload, so patching the shared buffer
+         * for each send is safe. */
+        unsigned i = (unsigned)(fm_rng_next(&s->rng) % s->pool_n);
+        memcpy(s->pool[i] + s->pool_id_off[i], mid + strlen(mid) - SEQ_DIGITS, SEQ_DIGITS);
+        rc = fm_devclient_publish_measurement(d->c, s->pool[i], s->pool_len[i], mid);
+    } else {
+        fm_visc_truth truth;
+        fm_visc_draw_truth(&s->rng, &truth);
+        rc = fm_visc_measurement_json(&s->rng, &truth, mid, FIRMWARE, fm_wall_ms(), &doc, &len);
+        if (rc == 0)
+            rc = fm_devclient_publish_measurement(d->c, doc, len, mid);
+        fm_free(doc);
+    }
     if (rc == 0) {
         d->seq++;
         s->sent++;
@@ -402,12 +468,13 @@ static void print_summary(struct sim *s, double duration_s, unsigned connected, 
         printf("{\"devices\":%u,\"connected\":%u,\"sent\":%llu,\"ok\":%llu,\"errors\":%llu,"
                "\"timeouts\":%llu,\"throughput_per_s\":%.3f,\"latency_ms\":{\"p50\":%.3f,"
                "\"p99\":%.3f,\"p999\":%.3f,\"max\":%.3f},\"duration_s\":%.3f,\"skipped\":%llu,"
-               "\"pending\":%zu,\"reconnects\":%llu}\n",
+               "\"pending\":%zu,\"reconnects\":%llu,\"all_connected_s\":%.3f}\n",
                s->n_devices, connected, (unsigned long long)s->sent, (unsigned long long)s->ok,
                (unsigned long long)s->errors, (unsigned long long)s->timeouts, tput,
                ms(fm_lathist_quantile(&s->hist, 0.50)), ms(fm_lathist_quantile(&s->hist, 0.99)),
                ms(fm_lathist_quantile(&s->hist, 0.999)), ms(s->hist.max_ns), duration_s,
-               (unsigned long long)s->skipped, pending, (unsigned long long)reconnects);
+               (unsigned long long)s->skipped, pending, (unsigned long long)reconnects,
+               s->all_connected_ns ? (double)(s->all_connected_ns - s->started_ns) / 1e9 : -1.0);
     } else {
         printf("summary: devices=%u connected=%u sent=%llu ok=%llu errors=%llu timeouts=%llu "
                "skipped=%llu pending=%zu reconnects=%llu\n",
@@ -540,6 +607,7 @@ static int create_devices(const fm_config *cfg, struct sim *s)
 static int run_loop(struct sim *s)
 {
     const uint64_t start = fm_mono_ns();
+    s->started_ns = start;
     const uint64_t end = s->duration_s > 0 ? start + (uint64_t)(s->duration_s * 1e9) : UINT64_MAX;
     const uint64_t interval = s->rate > 0 ? (uint64_t)(1e9 / s->rate) : 0;
     uint64_t drain_until = 0, next_misc = start, next_progress = start + PROGRESS_PERIOD_NS;
@@ -574,6 +642,14 @@ static int run_loop(struct sim *s)
             }
             /* FM_EIO: unreachable for now; the client retries by itself. */
             sync_reg(d);
+        }
+
+        /* Connect time of the whole fleet, checked a few times a second
+         * (counting is O(devices)). */
+        if (!s->all_connected_ns && now >= s->next_ready_check) {
+            s->next_ready_check = now + 50 * 1000000ull;
+            if (next_connect == s->n_devices && count_ready(s) == s->n_devices)
+                s->all_connected_ns = now;
         }
 
         /* Sending. */
@@ -727,6 +803,11 @@ int fm_cmd_sim(int argc, char **argv)
         goto out;
     fm_rng_seed(&s.rng, s.seed);
     fm_cli_base36((uint64_t)fm_wall_ms(), s.run_prefix, sizeof s.run_prefix);
+    if (build_pool(&s) != 0) {
+        fprintf(stderr, "fleetml sim: cannot build the payload pool\n");
+        exit_code = 1;
+        goto out;
+    }
 
     if (!s.json) {
         if (s.inflight)
@@ -751,6 +832,7 @@ int fm_cmd_sim(int argc, char **argv)
     exit_code = rc == 0 ? 0 : 1;
 
 out:
+    free_pool(&s);
     for (unsigned i = 0; i < s.n_devices; i++)
         fm_devclient_free(s.devs[i].c);
     fm_free(s.devs);

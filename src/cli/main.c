@@ -15,6 +15,7 @@ static const struct {
     {"sim", fm_cmd_sim, "run many simulated devices: --devices N --rate R"},
     {"features", fm_cmd_features, "measurements (NDJSON on stdin) -> feature CSV on stdout"},
     {"model", fm_cmd_model, "train --synthetic | info"},
+    {"bench", fm_cmd_bench, "pipeline: the measurement pipeline in-process, one JSON line"},
     {"lake", fm_cmd_lake, "flush: export everything committed to the lake now"},
 };
 

@@ -91,6 +91,9 @@ static const key_def keys[] = {
           "Most measurements committed in one transaction."),
     K_NUM("pipeline", "queue_max", T_INT, queue_max, 1, 16 * 1024 * 1024,
           "Most measurements waiting for a commit; beyond it devices get 'unavailable'."),
+    K_NUM("pipeline", "workers", T_INT, pipeline_workers, 0, 16,
+          "Threads that parse, validate and extract features in parallel (0 = the commit "
+          "thread does it; default: number of CPUs)."),
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
           "Database backend (postgres is accepted here but not built yet)."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
@@ -210,6 +213,8 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->http_bind, sizeof c->http_bind, "127.0.0.1");
     c->http_port = 8080;
     c->commit_window_us = 1000;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    c->pipeline_workers = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (int)ncpu;
     c->batch_max = 256;
     c->queue_max = 65536;
     copy_str(c->store_backend, sizeof c->store_backend, "sqlite");

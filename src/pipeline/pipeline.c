@@ -1,6 +1,9 @@
 /*
- * Pipeline thread: batches queued messages, validates and scores them, and
- * commits measurement + result rows in one transaction before replying.
+ * Pipeline: worker threads parse, validate and extract features of each
+ * message as it arrives (CPU work that needs no shared state); one commit
+ * thread then batches prepared messages, checks devices and duplicates,
+ * scores the whole batch with one model call, and commits measurement +
+ * result rows in one transaction before replying.
  *
  * Group commit: the thread takes whatever is queued (up to batch_max); if the
  * batch is not full it waits at most commit_window_us for more, measured
@@ -23,6 +26,17 @@
 #include <string.h>
 #include <time.h>
 
+#define MAX_WORKERS 16
+
+/* What a worker computed for one message, owned by the message. */
+typedef struct prepared {
+    int parse_rc;      /* 0, or FM_EINVAL/FM_ENOMEM with verr set */
+    int feat_rc;       /* 0, or non-zero with verr set (only when parse_rc == 0) */
+    fm_measurement m;
+    fm_verr verr;
+    float feat[FM_FEATURES_MAX];
+} prepared;
+
 struct fm_pipeline {
     fm_pipeline_opts opts;
     fm_config cfg;
@@ -33,10 +47,19 @@ struct fm_pipeline {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    fm_inmsg *head, *tail;
+    fm_inmsg *head, *tail; /* prepared, waiting for the commit thread */
     long depth;
     int stopping;
     _Atomic int healthy;
+
+    /* Worker stage (absent when cfg.pipeline_workers == 0). */
+    int nworkers;
+    pthread_t workers[MAX_WORKERS];
+    pthread_mutex_t in_mu;
+    pthread_cond_t in_cv;
+    fm_inmsg *in_head, *in_tail;
+    long in_depth;
+    int in_stopping;
 };
 
 /* Per-message working state for one batch. */
@@ -87,6 +110,11 @@ void fm_inmsg_free(fm_inmsg *m)
 {
     if (!m)
         return;
+    if (m->prep) {
+        prepared *pr = m->prep;
+        fm_measurement_free(&pr->m);
+        fm_free(pr);
+    }
     fm_free(m->payload);
     fm_free(m->response_topic);
     fm_free(m->corr);
@@ -159,6 +187,30 @@ static void reject(item *it, const char *code, const char *fmt, ...)
     va_end(ap);
 }
 
+/* The CPU-heavy part of a message's processing, done by a worker (or by
+ * the commit thread when there are no workers): size check, parse and
+ * validation, feature extraction. Never touches the store or the model.
+ * Returns 0 or FM_ENOMEM (the message is then answered "internal"). */
+static int prepare(const fm_pipeline *p, fm_inmsg *msg)
+{
+    if (msg->prep)
+        return 0;
+    prepared *pr = fm_calloc(1, sizeof *pr);
+    if (!pr)
+        return FM_ENOMEM;
+    if ((int64_t)msg->len > p->cfg.max_payload) {
+        pr->parse_rc = fm_verrf(&pr->verr, FM_VERR_TOO_LARGE,
+                                "payload is %zu bytes, the limit is %d bytes", msg->len,
+                                p->cfg.max_payload);
+    } else {
+        pr->parse_rc = fm_measurement_parse(msg->payload, msg->len, &pr->m, &pr->verr);
+        if (pr->parse_rc == 0)
+            pr->feat_rc = fm_features_extract(&pr->m, pr->feat, &pr->verr);
+    }
+    msg->prep = pr;
+    return 0;
+}
+
 /* Validation, device check and dedupe for one message. */
 static void admit(fm_pipeline *p, item *items, size_t i)
 {
@@ -178,15 +230,15 @@ static void admit(fm_pipeline *p, item *items, size_t i)
                it->dev.status == FM_DEVICE_REVOKED ? "revoked" : "disabled");
         return;
     }
-    if ((int64_t)msg->len > p->cfg.max_payload) {
-        reject(it, FM_VERR_TOO_LARGE, "payload is %zu bytes, the limit is %d bytes", msg->len,
-               p->cfg.max_payload);
-        return;
-    }
-    if (fm_measurement_parse(msg->payload, msg->len, &it->m, &it->verr) != 0) {
+    prepared *pr = msg->prep;
+    if (pr->parse_rc != 0) {
+        it->verr = pr->verr;
         it->rejected = 1;
         return;
     }
+    /* The measurement now belongs to the batch item. */
+    it->m = pr->m;
+    memset(&pr->m, 0, sizeof pr->m);
     /* An id already stored is answered with its original result. */
     char *stored = NULL;
     rc = fm_store_result_lookup(p->store, msg->device_id, it->m.id, &stored);
@@ -257,13 +309,20 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
     for (fm_inmsg *m = list; m; m = m->next, i++) {
         items[i].msg = m;
         atomic_fetch_add(&mx->received, 1);
+        if (prepare(p, m) != 0) {
+            reject(&items[i], FM_VERR_INTERNAL, "out of memory, retry later");
+            continue;
+        }
         admit(p, items, i);
         if (items[i].rejected || items[i].duplicate || items[i].follower)
             continue;
-        if (fm_features_extract(&items[i].m, feat + rows * nf, &items[i].verr) != 0) {
+        prepared *pr = m->prep;
+        if (pr->feat_rc != 0) {
+            items[i].verr = pr->verr;
             items[i].rejected = 1;
             continue;
         }
+        memcpy(feat + rows * nf, pr->feat, nf * sizeof(float));
         items[i].row = rows++;
     }
 
@@ -394,6 +453,8 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
     fm_free(quar);
 }
 
+static void *worker(void *arg);
+
 static void *run(void *arg)
 {
     fm_pipeline *p = arg;
@@ -480,11 +541,21 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     pthread_cond_init(&p->cv, &ca);
     pthread_condattr_destroy(&ca);
     atomic_store(&p->healthy, 1);
+    pthread_mutex_init(&p->in_mu, NULL);
+    pthread_cond_init(&p->in_cv, NULL);
     if (pthread_create(&p->thread, NULL, run, p) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start pipeline thread");
         pthread_cond_destroy(&p->cv);
         pthread_mutex_destroy(&p->mu);
+        pthread_cond_destroy(&p->in_cv);
+        pthread_mutex_destroy(&p->in_mu);
         goto fail;
+    }
+    int want = p->cfg.pipeline_workers > MAX_WORKERS ? MAX_WORKERS : p->cfg.pipeline_workers;
+    for (int i = 0; i < want; i++) {
+        if (pthread_create(&p->workers[i], NULL, worker, p) != 0)
+            break; /* fewer workers is still a working pipeline */
+        p->nworkers++;
     }
     fm_logkv(FM_LOG_INFO, "pipeline", "started", "model", p->model_ref, NULL);
     *out = p;
@@ -496,17 +567,9 @@ fail:
     return rc;
 }
 
-int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
+/* Appends a message to the commit thread's queue. Called with p->mu held. */
+static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
 {
-    pthread_mutex_lock(&p->mu);
-    if (p->stopping) {
-        pthread_mutex_unlock(&p->mu);
-        return FM_ESTATE;
-    }
-    if (p->depth >= p->cfg.queue_max) {
-        pthread_mutex_unlock(&p->mu);
-        return FM_EBUSY;
-    }
     m->next = NULL;
     if (p->tail)
         p->tail->next = m;
@@ -514,13 +577,67 @@ int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
         p->head = m;
     p->tail = m;
     p->depth++;
-    atomic_store(&fm_metrics_get()->queue_depth, p->depth);
+    atomic_store(&fm_metrics_get()->queue_depth, p->depth + p->in_depth);
     /* Wake the thread when the first message arrives or the batch is full;
      * in between it is sleeping out the commit window on purpose. */
     if (p->depth == 1 || p->depth >= p->cfg.batch_max)
         pthread_cond_signal(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    return 0;
+}
+
+static void *worker(void *arg)
+{
+    fm_pipeline *p = arg;
+    pthread_mutex_lock(&p->in_mu);
+    for (;;) {
+        while (!p->in_head && !p->in_stopping)
+            pthread_cond_wait(&p->in_cv, &p->in_mu);
+        fm_inmsg *m = p->in_head;
+        if (!m)
+            break; /* stopping and drained */
+        p->in_head = m->next;
+        if (!p->in_head)
+            p->in_tail = NULL;
+        pthread_mutex_unlock(&p->in_mu);
+        /* A failed allocation leaves the message unprepared; the commit
+         * thread tries again and answers "internal" if it fails too. */
+        (void)prepare(p, m);
+        pthread_mutex_lock(&p->mu);
+        enqueue_ready(p, m);
+        pthread_mutex_unlock(&p->mu);
+        pthread_mutex_lock(&p->in_mu);
+        p->in_depth--;
+    }
+    pthread_mutex_unlock(&p->in_mu);
+    return NULL;
+}
+
+int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
+{
+    if (p->nworkers == 0) {
+        pthread_mutex_lock(&p->mu);
+        int rc = p->stopping ? FM_ESTATE : p->depth >= p->cfg.queue_max ? FM_EBUSY : 0;
+        if (rc == 0)
+            enqueue_ready(p, m);
+        pthread_mutex_unlock(&p->mu);
+        return rc;
+    }
+    pthread_mutex_lock(&p->in_mu);
+    /* Both stages count against the limit; reading depth without p->mu is
+     * a benign race that can only be off by the messages in flight. */
+    long total = p->in_depth + __atomic_load_n(&p->depth, __ATOMIC_RELAXED);
+    int rc = p->in_stopping ? FM_ESTATE : total >= p->cfg.queue_max ? FM_EBUSY : 0;
+    if (rc == 0) {
+        m->next = NULL;
+        if (p->in_tail)
+            p->in_tail->next = m;
+        else
+            p->in_head = m;
+        p->in_tail = m;
+        p->in_depth++;
+        pthread_cond_signal(&p->in_cv);
+    }
+    pthread_mutex_unlock(&p->in_mu);
+    return rc;
 }
 
 int fm_pipeline_healthy(const fm_pipeline *p) { return atomic_load(&p->healthy); }
@@ -531,6 +648,15 @@ void fm_pipeline_stop(fm_pipeline *p)
 {
     if (!p)
         return;
+    /* Workers first: they finish what was submitted and hand it on. */
+    pthread_mutex_lock(&p->in_mu);
+    p->in_stopping = 1;
+    pthread_cond_broadcast(&p->in_cv);
+    pthread_mutex_unlock(&p->in_mu);
+    for (int i = 0; i < p->nworkers; i++)
+        pthread_join(p->workers[i], NULL);
+    pthread_cond_destroy(&p->in_cv);
+    pthread_mutex_destroy(&p->in_mu);
     pthread_mutex_lock(&p->mu);
     p->stopping = 1;
     pthread_cond_signal(&p->cv);

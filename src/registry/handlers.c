@@ -12,36 +12,7 @@
 #include <string.h>
 
 #define HOOK_TIMEOUT_MS 5000
-#define PROV_SERIAL_MAX 64
 #define CSR_MAX 16384
-
-static int serial_valid(const char *s)
-{
-    size_t n = strlen(s);
-    if (n == 0 || n > PROV_SERIAL_MAX)
-        return 0;
-    for (; *s; s++)
-        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
-              *s == '-' || *s == '_'))
-            return 0;
-    return 1;
-}
-
-/* Optional printable string field of at most max chars; "" when absent. */
-static int opt_string(json_t *doc, const char *key, size_t max, const char **out)
-{
-    json_t *v = json_object_get(doc, key);
-    *out = "";
-    if (!v)
-        return 0;
-    if (!json_is_string(v) || json_string_length(v) > max)
-        return FM_EINVAL;
-    *out = json_string_value(v);
-    for (const char *p = *out; *p; p++)
-        if ((unsigned char)*p < 0x20)
-            return FM_EINVAL;
-    return 0;
-}
 
 /* ---- provisioning ----------------------------------------------------------- */
 
@@ -129,31 +100,15 @@ static void handle_provision(fm_registry *r, const regmsg *m)
         prov_reject(r, client, "invalid_request", "not a claim-certificate connection");
         return;
     }
-    json_error_t je;
-    json_t *doc = json_loadb(m->payload, m->len, JSON_REJECT_DUPLICATES, &je);
-    const char *serial = NULL, *csr_pem = NULL, *model = "", *firmware = "";
-    if (!json_is_object(doc)) {
-        prov_reject(r, client, "invalid_request", "payload is not a JSON object");
-        goto out;
+    fm_provision_request req;
+    char code[32] = "";
+    fm_errbuf err;
+    if (fm_provision_request_parse(m->payload, m->len, client, &req, code, sizeof code, &err) !=
+        0) {
+        prov_reject(r, client, code[0] ? code : "invalid_request", "%s", err.msg);
+        return;
     }
-    serial = json_string_value(json_object_get(doc, "serial"));
-    csr_pem = json_string_value(json_object_get(doc, "csr"));
-    if (!serial || !serial_valid(serial)) {
-        prov_reject(r, client, "invalid_request", "serial: expected 1..64 characters of [A-Za-z0-9_-]");
-        goto out;
-    }
-    if (strncmp(client, "prov-", 5) != 0 || strcmp(client + 5, serial) != 0) {
-        prov_reject(r, client, "invalid_request", "serial: must equal the client id after 'prov-'");
-        goto out;
-    }
-    if (!csr_pem || json_string_length(json_object_get(doc, "csr")) > CSR_MAX) {
-        prov_reject(r, client, "invalid_request", "csr: expected a PEM certificate request");
-        goto out;
-    }
-    if (opt_string(doc, "model", 64, &model) || opt_string(doc, "firmware", 64, &firmware)) {
-        prov_reject(r, client, "invalid_request", "model/firmware: expected strings of <= 64 chars");
-        goto out;
-    }
+    const char *serial = req.serial, *model = req.model, *firmware = req.firmware;
 
     fm_template t;
     if (fm_store_template_get(r->store, m->claim_template, &t) != 0 ||
@@ -168,9 +123,7 @@ static void handle_provision(fm_registry *r, const regmsg *m)
         goto out;
     }
     fm_csr *csr = NULL;
-    char code[32] = "";
-    fm_errbuf err;
-    if (fm_csr_parse(csr_pem, strlen(csr_pem), &csr, code, &err) != 0) {
+    if (fm_csr_parse(req.csr_pem, req.csr_len, &csr, code, &err) != 0) {
         prov_reject(r, client, code[0] ? code : "invalid_csr", "csr: %s", err.msg);
         goto out;
     }
@@ -260,7 +213,7 @@ static void handle_provision(fm_registry *r, const regmsg *m)
 out_csr:
     fm_csr_free(csr);
 out:
-    json_decref(doc);
+    fm_provision_request_free(&req);
 }
 
 /* ---- rotation -------------------------------------------------------------------- */

@@ -1,0 +1,303 @@
+#!/usr/bin/python3
+"""`make bench`: fleetml against its baseline, and many devices on one node.
+
+Runs, with the same load generator (`fleetml sim`) and mutual TLS everywhere:
+  (a) baseline: mosquitto (same generated config and auth plugin) + fleetml-echo,
+      a service that answers each measurement with its id and does nothing else;
+  (b) `fleetml serve`: validation, dedupe, features, XGBoost, group commit, lake.
+Each gets a closed-loop run (N devices x W in flight) and an open-loop run at half
+of (b)'s closed-loop throughput. Then 10,000 devices connect to (b) over mTLS and
+send one measurement every 10 s each.
+
+Prints one JSON document (and writes it to bench/last.json when --out is given).
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def proc_cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_mem_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def http_json(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+            return json.loads(r.read())
+    except Exception:
+        return None
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+class Node:
+    """A data directory with init done and N devices registered."""
+
+    def __init__(self, build, devices, prefix="bench"):
+        self.bin = os.path.join(build, "fleetml")
+        self.echo = os.path.join(build, "fleetml-echo")
+        self.dir = tempfile.mkdtemp(prefix="fleetml-bench-")
+        self.ports = dict(mqtt=free_port(), svc=free_port(), http=free_port())
+        self.run([self.bin, "init", "--data", self.dir,
+                  "--set", "broker.bind=127.0.0.1",
+                  "--set", f"broker.port={self.ports['mqtt']}",
+                  "--set", f"broker.service_port={self.ports['svc']}",
+                  "--set", f"http.port={self.ports['http']}",
+                  "--set", "node.log_level=warn"])
+        self.devices = [f"{prefix}-{i:04d}" for i in range(1, devices + 1)]
+        for d in self.devices:
+            self.run([self.bin, "device", "add", d, "--data", self.dir])
+        self.procs = []
+
+    def run(self, argv):
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def spawn(self, argv, log):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(self.dir, log), "ab"))
+        self.procs.append(p)
+        return p
+
+    def start_serve(self, env=None):
+        p = self.spawn([self.bin, "serve", "--data", self.dir], "serve.log")
+        wait_for(lambda: (http_json(self.ports["http"], "/readyz") or {}).get("ready"), 60,
+                 "fleetml serve to be ready")
+        broker = http_json(self.ports["http"], "/healthz")["broker_pid"]
+        return p, broker
+
+    def start_baseline(self):
+        # The broker config, its certificate copies and the registry snapshot
+        # are what `fleetml serve` generates; take them from one short run.
+        serve, _ = self.start_serve()
+        self.stop(serve)
+        conf = os.path.join(self.dir, "broker", "mosquitto.conf")
+        broker = self.spawn(["/usr/sbin/mosquitto", "-c", conf], "baseline-broker.log")
+        echo = self.spawn([self.echo, "--data", self.dir], "echo.log")
+        # Ready when one device gets an answer.
+        wait_for(lambda: self.sim(1, inflight=1, duration=1, quiet=True)["ok"] > 0, 60,
+                 "the baseline to answer")
+        return broker, echo
+
+    def sim(self, devices, inflight=None, rate=None, duration=10, quiet=False, prefix="bench",
+            extra=()):
+        argv = [self.bin, "sim", "--data", self.dir, "--devices", str(devices), "--prefix", prefix,
+                "--duration", str(duration), "--json", "--drain", "10", "--payload-pool", "64"]
+        argv += ["--inflight", str(inflight)] if inflight else ["--rate", str(rate)]
+        argv += list(extra)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(argv, check=False, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"sim failed: {out.stderr[-2000:]}")
+        res = json.loads(lines[-1])
+        res["sim_cpu_s"] = round((after.ru_utime + after.ru_stime) -
+                                 (before.ru_utime + before.ru_stime), 3)
+        return res
+
+    def stop(self, p, sig=signal.SIGTERM):
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def close(self):
+        for p in reversed(self.procs):
+            self.stop(p)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def measured(node, pids, fn):
+    """Runs fn() and reports CPU seconds and memory of the given processes."""
+    cpu0 = {k: proc_cpu_s(p) for k, p in pids.items()}
+    res = fn()
+    dur = res["duration_s"]
+    res["processes"] = {
+        k: {"cpu_s": round(proc_cpu_s(p) - cpu0[k], 3),
+            "cpu_pct": round(100 * (proc_cpu_s(p) - cpu0[k]) / dur, 1),
+            "rss_mb": round(proc_mem_kb(p, "VmRSS") / 1024, 1),
+            "peak_rss_mb": round(proc_mem_kb(p, "VmHWM") / 1024, 1)}
+        for k, p in pids.items()}
+    sim_cpu = res.pop("sim_cpu_s")
+    res["processes"]["sim"] = {"cpu_s": sim_cpu, "cpu_pct": round(100 * sim_cpu / dur, 1)}
+    return res
+
+
+def summary(res):
+    return {"throughput_per_s": res["throughput_per_s"], "latency_ms": res["latency_ms"],
+            "ok": res["ok"], "errors": res["errors"], "timeouts": res["timeouts"],
+            "duration_s": res["duration_s"], "processes": res["processes"]}
+
+
+def bench_pair(args):
+    node = Node(args.build, args.devices)
+    out = {"devices": args.devices, "inflight": args.inflight, "duration_s": args.duration}
+    try:
+        serve, broker = node.start_serve()
+        m0 = metrics(node.ports["http"])
+        closed_b = measured(node, {"fleetml": serve.pid, "mosquitto": broker},
+                            lambda: node.sim(args.devices, inflight=args.inflight,
+                                             duration=args.duration))
+        m1 = metrics(node.ports["http"])
+        n = m1["fleetml_commit_batch_size_count"] - m0["fleetml_commit_batch_size_count"]
+        s = m1["fleetml_commit_batch_size_sum"] - m0["fleetml_commit_batch_size_sum"]
+        closed_b["commit_batch_mean"] = round(s / n, 2) if n else None
+        half = closed_b["throughput_per_s"] / 2
+        rate = half / args.devices
+        open_b = measured(node, {"fleetml": serve.pid, "mosquitto": broker},
+                          lambda: node.sim(args.devices, rate=rate, duration=args.duration))
+        node.stop(serve)
+        node.procs.remove(serve)
+
+        broker_a, echo = node.start_baseline()
+        closed_a = measured(node, {"echo": echo.pid, "mosquitto": broker_a.pid},
+                            lambda: node.sim(args.devices, inflight=args.inflight,
+                                             duration=args.duration))
+        open_a = measured(node, {"echo": echo.pid, "mosquitto": broker_a.pid},
+                          lambda: node.sim(args.devices, rate=rate, duration=args.duration))
+        out["baseline"] = {"closed_loop": summary(closed_a), "open_loop": summary(open_a)}
+        out["fleetml"] = {"closed_loop": summary(closed_b), "open_loop": summary(open_b)}
+        out["fleetml"]["closed_loop"]["commit_batch_mean"] = closed_b["commit_batch_mean"]
+        out["open_loop_rate_per_s"] = round(half, 1)
+        ratio = closed_b["throughput_per_s"] / closed_a["throughput_per_s"]
+        out["ratio"] = round(ratio, 3)
+        p99 = open_b["latency_ms"]["p99"]
+        out["targets"] = {"ratio_min": 0.8, "ratio_met": ratio >= 0.8,
+                          "open_loop_p99_ms_max": 3.0, "open_loop_p99_met": p99 <= 3.0}
+    finally:
+        node.close()
+    return out
+
+
+def bench_many(args):
+    """N devices connected at once, one measurement every 10 s each."""
+    node = Node(args.build, 0)
+    per_proc = 4000  # each simulated device holds 3 descriptors; stay under ulimit -n
+    out = {"devices": args.many}
+    try:
+        # Register the devices directly in bulk: issuing 10,000 certificates
+        # through the CLI one process at a time would take minutes.
+        procs = []
+        n_procs = (args.many + per_proc - 1) // per_proc
+        prefixes = [f"m{i}" for i in range(n_procs)]
+        counts = [min(per_proc, args.many - i * per_proc) for i in range(n_procs)]
+        for pre, cnt in zip(prefixes, counts):
+            subprocess.run([node.bin, "sim", "--data", node.dir, "--devices", str(cnt),
+                            "--prefix", pre, "--provision", "--duration", "0.001", "--rate",
+                            "0.001", "--json", "--drain", "0"],
+                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        serve, broker = node.start_serve()
+        rss0 = {"fleetml": proc_mem_kb(serve.pid, "VmRSS"), "mosquitto": proc_mem_kb(broker, "VmRSS")}
+        for pre, cnt in zip(prefixes, counts):
+            procs.append(subprocess.Popen(
+                [node.bin, "sim", "--data", node.dir, "--devices", str(cnt), "--prefix", pre,
+                 "--rate", "0.1", "--duration", str(args.many_duration), "--json", "--drain", "15"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        # Memory per connected device: the peak while the fleet is connected,
+        # minus the idle footprint measured before the first connection.
+        results = []
+        peak = {"fleetml": 0, "mosquitto": 0}
+        while any(p.poll() is None for p in procs):
+            peak["fleetml"] = max(peak["fleetml"], proc_mem_kb(serve.pid, "VmRSS"))
+            peak["mosquitto"] = max(peak["mosquitto"], proc_mem_kb(broker, "VmRSS"))
+            time.sleep(0.5)
+        for p in procs:
+            lines = [l for l in p.stdout.read().splitlines() if l.startswith("{")]
+            results.append(json.loads(lines[-1]) if lines else {})
+        total = lambda k: sum(r.get(k, 0) for r in results)
+        connect_s = max((r.get("all_connected_s", -1) for r in results), default=-1)
+        out.update({
+            "connected": total("connected"), "sent": total("sent"), "ok": total("ok"),
+            "errors": total("errors"), "timeouts": total("timeouts"), "pending": total("pending"),
+            "all_connected_s": connect_s,
+            "connect_rate_per_s": round(args.many / connect_s, 1) if connect_s > 0 else None,
+            "latency_ms_p50_max": max(r.get("latency_ms", {}).get("p50", 0) for r in results),
+            "latency_ms_p99_max": max(r.get("latency_ms", {}).get("p99", 0) for r in results),
+            "memory_kb_per_device": {
+                k: round((peak[k] - rss0[k]) / args.many, 2) for k in peak},
+            "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peak.items()},
+            "all_answered": total("sent") == total("ok") and total("sent") > 0,
+        })
+    finally:
+        node.close()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--devices", type=int, default=int(os.environ.get("FM_BENCH_DEVICES", 50)))
+    ap.add_argument("--inflight", type=int, default=int(os.environ.get("FM_BENCH_INFLIGHT", 4)))
+    ap.add_argument("--duration", type=float, default=float(os.environ.get("FM_BENCH_DURATION", 20)))
+    ap.add_argument("--many", type=int, default=int(os.environ.get("FM_BENCH_MANY", 10000)))
+    ap.add_argument("--many-duration", type=float,
+                    default=float(os.environ.get("FM_BENCH_MANY_DURATION", 60)))
+    ap.add_argument("--only", choices=["pair", "many"])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    args.build = os.path.abspath(args.build)
+    result = {"bench": "fleetml", "cpus": os.cpu_count()}
+    if args.only in (None, "pair"):
+        result["pair"] = bench_pair(args)
+    if args.only in (None, "many") and args.many > 0:
+        result["many_devices"] = bench_many(args)
+    text = json.dumps(result)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+/*
+ * `fleetml bench pipeline`: the measurement pipeline in-process, without
+ * the network: N simulated measurements go through validate -> dedupe ->
+ * features -> inference -> group commit -> reply (to a counting publisher).
+ * It isolates the cost of fleetml's own work from the broker's, and is the
+ * run to profile (valgrind --tool=callgrind fleetml bench pipeline ...).
+ * Prints one JSON line.
+ */
+#include "cli/cli.h"
+#include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
+#include "fleetml/pipeline.h"
+#include "fleetml/store.h"
+#include "fleetml/viscometer.h"
+
+#include <ftw.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct counter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t replies, ok;
+} counter;
+
+static int count_reply(void *ud, const char *topic, const void *payload, size_t len,
+                       const void *corr, size_t corr_len)
+{
+    (void)topic;
+    (void)corr;
+    (void)corr_len;
+    counter *c = ud;
+    int ok = memmem(payload, len, "\"status\":\"ok\"", 13) != NULL;
+    pthread_mutex_lock(&c->mu);
+    c->replies++;
+    c->ok += (uint64_t)ok;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb, (void)flag, (void)ftw;
+    return remove(p);
+}
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+           ru.ru_stime.tv_usec / 1e6;
+}
+
+static int bench_pipeline(int argc, char **argv)
+{
+    fm_config cfg;
+    char dir[] = "/tmp/fleetml-bench-pipeline-XXXXXX";
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    /* Start from the defaults of a fresh data directory, then apply the
+     * command line (e.g. --set pipeline.workers=0). */
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    snprintf(cfg.data_dir, sizeof cfg.data_dir, "%s", dir);
+    const char *n_s = fm_cli_take_opt(&argc, argv, "--n");
+    uint64_t n = 20000;
+    if (n_s && (fm_cli_parse_u64(n_s, 10000000, &n) != 0 || n == 0)) {
+        fprintf(stderr, "fleetml bench pipeline: --n expects 1..10000000\n");
+        return 2;
+    }
+    if (access(cfg.model_dir, R_OK) != 0) {
+#ifdef FM_DEFAULT_MODEL_DIR
+        snprintf(cfg.model_dir, sizeof cfg.model_dir, "%s", FM_DEFAULT_MODEL_DIR);
+#endif
+    }
+    fm_errbuf err;
+    fm_store *st;
+    fm_device d = {.id = "bench-device", .tenant = "bench", .status = FM_DEVICE_ACTIVE};
+    if (fm_store_open(&cfg, &st, &err) != 0 || fm_store_tenant_ensure(st, "bench", &err) != 0 ||
+        fm_store_device_add(st, &d, &err) != 0) {
+        fprintf(stderr, "fleetml bench pipeline: %s\n", err.msg);
+        return 1;
+    }
+    fm_store_close(st);
+
+    /* A pool of real simulator sweeps; only the id differs per message. */
+    enum { POOL = 64 };
+    char *pool[POOL];
+    size_t pool_len[POOL], id_off[POOL];
+    fm_rng rng;
+    fm_rng_seed(&rng, 42);
+    const char *tmpl = "b-000000000000";
+    for (int i = 0; i < POOL; i++) {
+        fm_visc_truth t;
+        fm_visc_draw_truth(&rng, &t);
+        if (fm_visc_measurement_json(&rng, &t, tmpl, "bench", fm_wall_ms(), &pool[i],
+                                     &pool_len[i]) != 0)
+            return 1;
+        id_off[i] = (size_t)((char *)memmem(pool[i], pool_len[i], tmpl, strlen(tmpl)) - pool[i]);
+    }
+
+    counter c = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    fm_pipeline *p;
+    fm_pipeline_opts o = {.cfg = &cfg, .publish = count_reply, .ud = &c};
+    if (fm_pipeline_start(&o, &p, &err) != 0) {
+        fprintf(stderr, "fleetml bench pipeline: %s\n", err.msg);
+        return 1;
+    }
+    double cpu0 = cpu_s();
+    uint64_t t0 = fm_mono_ns();
+    for (uint64_t i = 0; i < n; i++) {
+        int k = (int)(i % POOL);
+        char id[32];
+        snprintf(id, sizeof id, "b-%012llu", (unsigned long long)i);
+        memcpy(pool[k] + id_off[k], id, strlen(tmpl));
+        fm_inmsg *m = fm_inmsg_new("bench-device", pool[k], pool_len[k], NULL, NULL, 0);
+        /* Keep the queue bounded like a real broker connection would. */
+        while (m && fm_pipeline_submit(p, m) == FM_EBUSY) {
+            struct timespec ts = {0, 200000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    pthread_mutex_lock(&c.mu);
+    while (c.replies < n)
+        pthread_cond_wait(&c.cv, &c.mu);
+    pthread_mutex_unlock(&c.mu);
+    double secs = (double)(fm_mono_ns() - t0) / 1e9;
+    double cpu = cpu_s() - cpu0;
+    fm_pipeline_stop(p);
+    fm_metrics *mx = fm_metrics_get();
+    double infer = (double)atomic_load(&mx->inference_seconds.sum_micro) / 1e6;
+    double commit = (double)atomic_load(&mx->commit_seconds.sum_micro) / 1e6;
+    uint64_t batches = atomic_load(&mx->commit_batch_size.count);
+    printf("{\"bench\":\"pipeline\",\"measurements\":%llu,\"ok\":%llu,\"seconds\":%.3f,"
+           "\"per_s\":%.1f,\"cpu_us_per_measurement\":%.1f,\"workers\":%d,"
+           "\"inference_us_per_measurement\":%.1f,\"commit_us_per_measurement\":%.1f,"
+           "\"mean_batch\":%.1f,\"payload_bytes\":%zu}\n",
+           (unsigned long long)n, (unsigned long long)c.ok, secs, (double)n / secs,
+           cpu * 1e6 / (double)n, cfg.pipeline_workers, infer * 1e6 / (double)n,
+           commit * 1e6 / (double)n, batches ? (double)n / (double)batches : 0.0, pool_len[0]);
+    for (int i = 0; i < POOL; i++)
+        fm_free(pool[i]);
+    nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
+    return c.ok == n ? 0 : 1;
+}
+
+int fm_cmd_bench(int argc, char **argv)
+{
+    if (argc >= 2 && strcmp(argv[1], "pipeline") == 0)
+        return bench_pipeline(argc - 1, argv + 1);
+    fprintf(stderr, "usage: fleetml bench pipeline [--n N] [--set pipeline.workers=K]\n"
+                    "  (the end-to-end benchmark against a broker is `make bench`)\n");
+    return 2;
+}
