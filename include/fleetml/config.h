@@ -71,6 +71,7 @@ typedef struct fm_config {
     char broker_host[256]; /* host the service connects to */
     char broker_public_host[256]; /* told to devices after provisioning */
     int broker_public_port;       /* 0 = broker_port */
+    int max_connections;          /* device listener connection cap */
     int max_payload;       /* bytes; larger measurements are rejected */
 
     char http_bind[64];
@@ -80,6 +81,9 @@ typedef struct fm_config {
     int batch_max;
     int queue_max;
     int pipeline_workers; /* threads that parse and extract features */
+    long queue_max_bytes; /* payload bytes waiting in the pipeline at most */
+    int device_rate;      /* measurements per second per device (0 = no limit) */
+    int device_burst;     /* ... with this many at once */
 
     char store_backend[16];
     char lake_backend[16];

@@ -44,6 +44,7 @@
 #define FM_VERR_UNKNOWN_DEVICE "unknown_device"
 #define FM_VERR_DEVICE_INACTIVE "device_inactive"
 #define FM_VERR_UNAVAILABLE "unavailable"
+#define FM_VERR_RATE_LIMITED "rate_limited"
 #define FM_VERR_INTERNAL "internal"
 
 /* Structured validation error: code is one of FM_VERR_*, message names the

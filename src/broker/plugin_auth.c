@@ -790,6 +790,9 @@ static int copy_property(mosquitto_property **dst, const mosquitto_property *p)
     return rc;
 }
 
+/* Most properties a device or claim client may attach to one message. */
+#define AUTH_MAX_PROPERTIES 64
+
 static int on_message(int event, void *event_data, void *userdata)
 {
     struct mosquitto_evt_message *ed = event_data;
@@ -801,9 +804,22 @@ static int on_message(int event, void *event_data, void *userdata)
     if (c ? c->kind == K_SERVICE : is_service(st, ed->client))
         return MOSQ_ERR_SUCCESS;
 
+    /* MQTT 5 allows any number of user properties, but rebuilding or
+     * appending to a long list costs time in the broker's only thread:
+     * devices get a generous fixed budget, and a message over it is
+     * refused rather than stalling every other client. */
     bool forged = false;
-    for (const mosquitto_property *p = ed->properties; p && !forged; p = mosquitto_property_next(p))
-        forged = forged_name(p);
+    size_t nprops = 0;
+    for (const mosquitto_property *p = ed->properties; p; p = mosquitto_property_next(p)) {
+        if (++nprops > AUTH_MAX_PROPERTIES) {
+            mosquitto_log_printf(MOSQ_LOG_WARNING,
+                                 "fleetml_auth: refused message from '%s': more than %d properties",
+                                 log_safe(mosquitto_client_id(ed->client), idbuf, sizeof idbuf),
+                                 AUTH_MAX_PROPERTIES);
+            return MOSQ_ERR_ACL_DENIED;
+        }
+        forged = forged || forged_name(p);
+    }
     if (forged) {
         /* There is no way to unlink one property, so build the list anew
          * without them. mosquitto 2.0.11 (plugin__handle_message) simply

@@ -75,12 +75,15 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
     fm_strbuf_printf(&b, "max_packet_size %d\n", cfg->max_payload * 2 + 4096);
     /* Replies are small and latency matters more than packet count. */
     fm_strbuf_printf(&b, "set_tcp_nodelay true\n");
-    fm_strbuf_printf(&b, "max_queued_messages 10000\nmax_inflight_messages 1000\n");
+    /* The service's one session carries every device's measurements: give
+     * it room to absorb a burst while fleetml catches up. */
+    fm_strbuf_printf(&b, "max_queued_messages 100000\nmax_inflight_messages 1000\n");
     char registry[PATH_MAX];
     fm_strbuf_printf(&b, "plugin %s\nplugin_opt_service_id fleetml-service\n", plugin_path);
     fm_strbuf_printf(&b, "plugin_opt_registry %s\n",
                      fm_config_path(cfg, "broker/registry.json", registry, sizeof registry));
-    fm_strbuf_printf(&b, "\n# Devices: mutual TLS.\nlistener %d %s\n", cfg->broker_port, cfg->broker_bind);
+    fm_strbuf_printf(&b, "\n# Devices: mutual TLS.\nlistener %d %s\nmax_connections %d\n",
+                     cfg->broker_port, cfg->broker_bind, cfg->max_connections);
     tls_block(&b, cfg);
     fm_strbuf_printf(&b, "\n# The fleetml service itself (loopback only).\nlistener %d 127.0.0.1\n",
         cfg->broker_service_port);

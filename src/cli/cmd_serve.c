@@ -14,6 +14,7 @@
 #include "fleetml/metrics.h"
 #include "fleetml/mqtt.h"
 #include "fleetml/pipeline.h"
+#include "fleetml/ratelimit.h"
 #include "fleetml/registry.h"
 
 #include <signal.h>
@@ -29,6 +30,7 @@ typedef struct server {
     fm_registry *registry;
     fm_lake_writer *lake;
     fm_http *http;
+    fm_ratelimit *device_rates; /* used by the MQTT thread only */
     _Atomic(fm_mqtt *) mqtt;
 } server;
 
@@ -64,27 +66,39 @@ static int measurement_device(const char *topic, char *out, size_t len)
 
 static void on_measurement(server *s, const char *device, const fm_mqtt_msg *mm)
 {
-    fm_inmsg *m = fm_inmsg_new(device, mm->payload, mm->len, mm->response_topic, mm->corr,
-                               mm->corr_len);
-    int rc = m ? fm_pipeline_submit(s->pipeline, m) : FM_ENOMEM;
-    if (rc == 0)
-        return;
-    /* Overloaded or stopping: tell the device now so it retries later,
-     * rather than holding a message we cannot promise to store. */
+    int rc;
+    const char *code = FM_VERR_UNAVAILABLE;
+    /* A device over its rate is answered at once, before anything is
+     * copied or queued: one flooding device cannot crowd out the rest. */
+    if (s->cfg.device_rate > 0 && s->device_rates &&
+        !fm_ratelimit_take(s->device_rates, device, s->cfg.device_rate, s->cfg.device_burst,
+                           fm_mono_ns())) {
+        rc = FM_EPERM;
+        code = FM_VERR_RATE_LIMITED;
+    } else {
+        fm_inmsg *m = fm_inmsg_new(device, mm->payload, mm->len, mm->response_topic, mm->corr,
+                                   mm->corr_len);
+        rc = m ? fm_pipeline_submit(s->pipeline, m) : FM_ENOMEM;
+        if (rc == 0)
+            return;
+        fm_inmsg_free(m);
+    }
+    /* Overloaded, over rate or stopping: tell the device now so it retries
+     * later, rather than holding a message we cannot promise to store. */
     fm_metrics *mx = fm_metrics_get();
     atomic_fetch_add(&mx->received, 1);
-    atomic_fetch_add(&mx->rejected[FM_REJ_UNAVAILABLE], 1);
+    atomic_fetch_add(&mx->rejected[fm_reject_reason_from_code(code)], 1);
     char mid[FM_MEAS_ID_MAX + 1], topic[256];
     fm_measurement_peek_id(mm->payload, mm->len, mid);
-    char *doc = fm_error_result_json(mid, FM_VERR_UNAVAILABLE,
-                                     rc == FM_EBUSY ? "platform overloaded, retry later"
-                                                    : "platform unavailable, retry later");
+    char *doc = fm_error_result_json(mid, code,
+                                     rc == FM_EPERM  ? "this device sends too fast, retry later"
+                                     : rc == FM_EBUSY ? "platform overloaded, retry later"
+                                                      : "platform unavailable, retry later");
     if (doc) {
         fm_reply_topic(device, mm->response_topic, "results", topic, sizeof topic);
         publish(s, topic, doc, strlen(doc), mm->corr, mm->corr_len);
         fm_free(doc);
     }
-    fm_inmsg_free(m);
 }
 
 /* Runs on the MQTT network thread: route, copy and queue, nothing more. */
@@ -159,6 +173,8 @@ static void shutdown_all(server *s)
     s->broker = NULL;
     fm_http_stop(s->http);
     s->http = NULL;
+    fm_ratelimit_free(s->device_rates);
+    s->device_rates = NULL;
 }
 
 int fm_cmd_serve(int argc, char **argv)
@@ -191,6 +207,8 @@ int fm_cmd_serve(int argc, char **argv)
 
     fm_errbuf err;
     fm_mqtt *c = NULL;
+    if ((rc = fm_ratelimit_new(&s.device_rates)) != 0)
+        goto fail;
     if ((rc = fm_lake_writer_start(&s.cfg, &s.lake, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "lake writer failed to start", "error", err.msg, NULL);
         goto fail;

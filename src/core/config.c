@@ -79,6 +79,8 @@ static const key_def keys[] = {
           "broker certificate)."),
     K_NUM("broker", "public_port", T_INT, broker_public_port, 0, 65535,
           "Port devices are told to connect to (0 = broker.port)."),
+    K_NUM("broker", "max_connections", T_INT, max_connections, 1, 10000000,
+          "Most simultaneous connections on the device listener."),
     K_NUM("broker", "max_payload", T_INT, max_payload, 1024, 16 * 1024 * 1024,
           "Largest accepted MQTT payload in bytes (measurements are capped at 128 KiB "
           "by the contract regardless)."),
@@ -94,6 +96,14 @@ static const key_def keys[] = {
     K_NUM("pipeline", "workers", T_INT, pipeline_workers, 0, 16,
           "Threads that parse, validate and extract features in parallel (0 = the commit "
           "thread does it; default: number of CPUs)."),
+    K_NUM("pipeline", "queue_max_bytes", T_LONG, queue_max_bytes, 1024 * 1024,
+          64L * 1024 * 1024 * 1024,
+          "Most payload bytes waiting in the pipeline; beyond it devices get 'unavailable'."),
+    K_NUM("pipeline", "device_rate", T_INT, device_rate, 0, 1000000,
+          "Measurements per second one device may send (0 = no limit); more are answered "
+          "'rate_limited' so one device cannot crowd out the others."),
+    K_NUM("pipeline", "device_burst", T_INT, device_burst, 1, 1000000,
+          "How many measurements a device may send at once above its rate."),
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
           "Database backend (postgres is accepted here but not built yet)."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
@@ -213,6 +223,10 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->http_bind, sizeof c->http_bind, "127.0.0.1");
     c->http_port = 8080;
     c->commit_window_us = 1000;
+    c->queue_max_bytes = 256L * 1024 * 1024;
+    c->device_rate = 20;
+    c->device_burst = 100;
+    c->max_connections = 50000;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     c->pipeline_workers = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (int)ncpu;
     c->batch_max = 256;

@@ -1473,7 +1473,8 @@ int fm_devclient_handle_result(fm_devclient *c, const void *corr, size_t corr_le
         /* The cloud could not process it this time (store down, crash):
          * the outbox keeps it and it is sent again later. */
         const char *code = json_string_value(json_object_get(json_object_get(doc, "error"), "code"));
-        if (code && (strcmp(code, "unavailable") == 0 || strcmp(code, "internal") == 0)) {
+        if (code && (strcmp(code, "unavailable") == 0 || strcmp(code, "internal") == 0 ||
+                     strcmp(code, "rate_limited") == 0)) {
             struct pending *p = &c->slots[idx];
             c->stats.retried_errors++;
             retry_later(c, p);

@@ -27,6 +27,7 @@
 #include <time.h>
 
 #define MAX_WORKERS 16
+#define QUARANTINE_MAX (16 * 1024)
 
 /* What a worker computed for one message, owned by the message. */
 typedef struct prepared {
@@ -51,6 +52,7 @@ struct fm_pipeline {
     long depth;
     int stopping;
     _Atomic int healthy;
+    _Atomic long bytes; /* payload bytes held by both stages */
 
     /* Worker stage (absent when cfg.pipeline_workers == 0). */
     int nworkers;
@@ -294,6 +296,7 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
         fm_logf(FM_LOG_ERROR, "pipeline", "out of memory processing a batch of %zu", n);
         while (list) {
             fm_inmsg *next = list->next;
+            atomic_fetch_sub(&p->bytes, (long)list->len);
             fm_inmsg_free(list);
             list = next;
         }
@@ -349,12 +352,19 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
             if (strcmp(it->verr.code, FM_VERR_UNAVAILABLE) == 0 ||
                 strcmp(it->verr.code, FM_VERR_INTERNAL) == 0)
                 continue; /* our fault, not the payload's: nothing to quarantine */
+            /* Quarantine keeps evidence, not whole floods: at most the
+             * first QUARANTINE_MAX bytes of a payload are kept. */
+            if (it->msg->len > QUARANTINE_MAX) {
+                size_t ml = strlen(it->verr.message);
+                snprintf(it->verr.message + ml, sizeof it->verr.message - ml,
+                         " [quarantined: first %d of %zu bytes]", QUARANTINE_MAX, it->msg->len);
+            }
             quar[nq++] = (fm_quarantine){
                 .device_id = it->msg->device_id,
                 .tenant = it->dev.tenant,
                 .received_ms = it->msg->recv_ms,
                 .payload = it->msg->payload,
-                .payload_len = it->msg->len,
+                .payload_len = it->msg->len > QUARANTINE_MAX ? QUARANTINE_MAX : it->msg->len,
                 .error_code = it->verr.code,
                 .error_message = it->verr.message,
             };
@@ -441,11 +451,14 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
         fm_free(owned);
     }
 
+    long released = 0;
     for (i = 0; i < n; i++) {
+        released += (long)items[i].msg->len;
         fm_measurement_free(&items[i].m);
         fm_free(items[i].result);
         fm_inmsg_free(items[i].msg);
     }
+    atomic_fetch_sub(&p->bytes, released);
     fm_free(items);
     fm_free(feat);
     fm_free(pred);
@@ -567,6 +580,8 @@ fail:
     return rc;
 }
 
+static int submit_counted(fm_pipeline *p, fm_inmsg *m);
+
 /* Appends a message to the commit thread's queue. Called with p->mu held. */
 static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
 {
@@ -611,7 +626,29 @@ static void *worker(void *arg)
     return NULL;
 }
 
+/* Accounts for a message's payload; FM_EBUSY when it does not fit. */
+static int reserve_bytes(fm_pipeline *p, const fm_inmsg *m)
+{
+    long after = atomic_fetch_add(&p->bytes, (long)m->len) + (long)m->len;
+    if (after > p->cfg.queue_max_bytes) {
+        atomic_fetch_sub(&p->bytes, (long)m->len);
+        return FM_EBUSY;
+    }
+    return 0;
+}
+
 int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
+{
+    int brc = reserve_bytes(p, m);
+    if (brc)
+        return brc;
+    int rc = submit_counted(p, m);
+    if (rc)
+        atomic_fetch_sub(&p->bytes, (long)m->len);
+    return rc;
+}
+
+static int submit_counted(fm_pipeline *p, fm_inmsg *m)
 {
     if (p->nworkers == 0) {
         pthread_mutex_lock(&p->mu);

@@ -3,12 +3,12 @@
 #define FLEETML_REGISTRY_INT_H
 
 #include "fleetml/pki.h"
+#include "fleetml/ratelimit.h"
 #include "fleetml/registry.h"
 
 #include <jansson.h>
 #include <pthread.h>
 
-#define REG_RATE_SLOTS 64
 
 typedef struct regmsg {
     struct regmsg *next;
@@ -21,13 +21,6 @@ typedef struct regmsg {
     char *claim_template;
     char *cert_serial;
 } regmsg;
-
-/* Token bucket per template for claim requests. */
-typedef struct rate_slot {
-    char name[64];
-    double tokens;
-    uint64_t last_ns;
-} rate_slot;
 
 struct fm_registry {
     fm_registry_opts opts;
@@ -47,7 +40,7 @@ struct fm_registry {
     int snapshot_dirty;
     int crl_dirty;
     uint64_t next_grace_ns;
-    rate_slot rates[REG_RATE_SLOTS];
+    fm_ratelimit *rates; /* claim requests per template */
 };
 
 /* Handles one message (provisioning, rotation, shadow). */

@@ -365,7 +365,12 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
     r->cfg = *opts->cfg;
     r->opts.cfg = &r->cfg;
     char key[PATH_MAX], crt[PATH_MAX];
-    int rc = fm_store_open(&r->cfg, &r->store, err);
+    int rc = fm_ratelimit_new(&r->rates);
+    if (rc) {
+        fm_errf(err, rc, "out of memory");
+        goto fail;
+    }
+    rc = fm_store_open(&r->cfg, &r->store, err);
     if (rc)
         goto fail;
     rc = fm_ca_load(fm_config_path(&r->cfg, "pki/ca.key", key, sizeof key),
@@ -397,6 +402,7 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
 fail:
     fm_ca_free(r->ca);
     fm_store_close(r->store);
+    fm_ratelimit_free(r->rates);
     fm_free(r);
     return rc;
 }
@@ -488,6 +494,7 @@ void fm_registry_stop(fm_registry *r)
     pthread_mutex_destroy(&r->mu);
     fm_ca_free(r->ca);
     fm_store_close(r->store);
+    fm_ratelimit_free(r->rates);
     fm_free(r);
 }
 
@@ -495,31 +502,7 @@ int registry__rate_take(fm_registry *r, const char *name, int per_min)
 {
     if (per_min <= 0)
         return 0;
-    uint64_t now = fm_mono_ns();
-    rate_slot *slot = NULL, *oldest = &r->rates[0];
-    for (int i = 0; i < REG_RATE_SLOTS; i++) {
-        if (strcmp(r->rates[i].name, name) == 0) {
-            slot = &r->rates[i];
-            break;
-        }
-        if (r->rates[i].last_ns < oldest->last_ns)
-            oldest = &r->rates[i];
-    }
-    if (!slot) {
-        /* A template not seen recently starts with a full bucket; the
-         * least recently used slot is recycled for it. */
-        slot = oldest;
-        snprintf(slot->name, sizeof slot->name, "%s", name);
-        slot->tokens = per_min;
-        slot->last_ns = now;
-    }
-    double refill = (double)(now - slot->last_ns) / 60e9 * per_min;
-    slot->tokens = slot->tokens + refill > per_min ? per_min : slot->tokens + refill;
-    slot->last_ns = now;
-    if (slot->tokens < 1.0)
-        return FM_EBUSY;
-    slot->tokens -= 1.0;
-    return 0;
+    return fm_ratelimit_take(r->rates, name, per_min / 60.0, per_min, fm_mono_ns()) ? 0 : FM_EBUSY;
 }
 
 int fm_registry_device_id(const char *prefix, const char *serial, char *out, size_t len)

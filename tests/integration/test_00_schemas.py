@@ -20,7 +20,7 @@ MEASUREMENT_REQUIRED = ["id", "taken_at", "kind", "temperature_c", "sweep", "fir
 ERROR_CODES = {
     "malformed_json", "payload_too_large", "missing_field", "invalid_type", "invalid_value",
     "out_of_range", "unknown_field", "unknown_kind", "unknown_device", "device_inactive",
-    "unavailable", "internal",
+    "unavailable", "rate_limited", "internal",
 }
 
 try:

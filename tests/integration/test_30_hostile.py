@@ -2,16 +2,33 @@
 
 Every case has an offender that talks to the device listener with raw
 sockets (Python's ssl module, packets built by hand below) and a well
-behaved device (paho, `GoodDevice`) that sends measurements before, during
-and after the attack.  Each case checks that
+behaved device (paho, `GoodTraffic`) that sends measurements before, during
+and after the attack.  The `guard` fixture checks around each case that
 
-* the offender is dropped: the broker closes its connection, or refuses
-  the message (no result is ever published for it);
 * the good device gets an `ok` result for every measurement, each within
-  a few seconds;
+  GOOD_REPLY_MAX_S;
 * `fleetml serve` and the broker survive: serve is still running and
   GET /healthz reports the same broker pid as before;
-* neither process grows without bound (VmRSS before/after).
+* neither process grows by more than RSS_GROWTH_MAX_KB (VmRSS of
+  /proc/<pid>/status before and after the case);
+
+and each case checks how the offender was dropped: the broker closes its
+connection (protocol violations, oversize packets) or refuses the message
+(PUBACK >= 0x80, or 0x10 "no matching subscribers": nobody gets it), and
+nothing is stored for it.  Traffic that is legal MQTT (10,000 user
+properties, a flood of small QoS 1 publishes) is served, and the point is
+that it does not hurt anyone else.
+
+Two cases guard against problems found here: a PUBLISH with one forged
+fleetml-* user property among ~43,000 small ones used to stall the broker
+(the plugin now refuses messages with more than 64 properties), and a
+burst of large payloads from one device used to delay everybody's results
+and inflate serve (devices are now rate-limited and the pipeline queue is
+bounded in bytes).
+
+Connections that never send CONNECT, or never start TLS, are closed by
+mosquitto only after ~95 s; FM_HOSTILE_SLOW=1 runs the case that waits for
+it.
 
 One platform serves the whole module (init and start are the slow part);
 every case uses its own offender device id.
@@ -27,7 +44,8 @@ import time
 
 import pytest
 
-from helpers import (WaitTimeout, make_measurement, unique_id, vm_rss_kb, wait_for)
+from helpers import (WaitTimeout, make_measurement, metric_value, unique_id, vm_rss_kb,
+                     wait_for)
 
 GOOD = "good-dev"
 OFFENDERS = [
@@ -407,6 +425,8 @@ class Guard:
         self.plat = plat
         self.traffic = GoodTraffic(good)
         self.notes = []
+        # Allowed VmRSS growth over the case; a case may relax it (saying why).
+        self.rss_max_kb = {"serve": RSS_GROWTH_MAX_KB, "mosquitto": RSS_GROWTH_MAX_KB}
 
     def note(self, text):
         """An observation, printed with the case's summary (pytest -s)."""
@@ -426,9 +446,9 @@ def guard(plat, good, request):
     yield g
     g.traffic.stop()
     during = len(g.traffic.results) - 1
-    # After: this result also proves that everything the broker handed to
-    # fleetml before it has been processed (one FIFO session, in-order
-    # pipeline), so the memory reading below is after the work, not during.
+    # After: everything the broker had handed to fleetml before this
+    # measurement has been processed once it is answered (one FIFO session,
+    # an in-order pipeline).
     assert g.traffic.one() == "ok", f"after the case: {g.traffic.results[-1]}"
     assert plat.proc.poll() is None, f"serve exited with {plat.proc.returncode}"
     serve2, broker2 = _pids(plat)
@@ -443,7 +463,7 @@ def guard(plat, good, request):
     assert not bad, f"good device not answered ok: {bad[:5]}"
     assert during >= 1, "the good device sent nothing while the case ran"
     for name, a, b in (("serve", rss0[0], rss1[0]), ("mosquitto", rss0[1], rss1[1])):
-        assert b - a < RSS_GROWTH_MAX_KB, f"{name} VmRSS grew from {a} to {b} kB"
+        assert b - a < g.rss_max_kb[name], f"{name} VmRSS grew from {a} to {b} kB"
 
 
 def _closed_ok(pkts):
@@ -686,8 +706,10 @@ def test_packet_over_limit_closed(plat, guard, total):
 # 6. 10,000 user properties in one PUBLISH.
 #
 # MQTT 5 sets no limit on the number of user properties (only the packet
-# size bounds them) and mosquitto accepts them, so a valid measurement
-# carrying them is simply answered; what must hold is that nothing chokes.
+# size bounds them). The fleetml broker plugin refuses a device message
+# with more than 64 properties (PUBACK 0x87) because handling long lists
+# costs the broker's only thread; what must hold is that nothing chokes and
+# a refused message is never answered or stored.
 
 
 @pytest.mark.parametrize("prefix", ["k", "fleetml-forged-"])
@@ -711,31 +733,42 @@ def test_ten_thousand_user_properties(plat, guard, prefix):
     guard.note(f"prefix {prefix!r} ({len(pr)} property bytes): PUBACK {ack.reason:#04x} "
                f"after {t_ack:.3f}s, result {outcome and outcome['status']} after "
                f"{time.monotonic() - t0:.3f}s")
-    if ack.reason < 0x80:
-        assert outcome is not None and outcome["id"] == mid and outcome["status"] == "ok", outcome
+    assert ack.reason == 0x87, f"expected the plugin to refuse it, PUBACK {ack.reason:#04x}"
+    assert outcome is None
+    assert plat.query("SELECT count(*) FROM measurements WHERE measurement_id = ?", mid)[0][0] == 0
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fleetml_auth on_message rebuilds the property list of a message that carries a "
-    "fleetml-* user property with mosquitto_property_add_*, which walks the list to its "
-    "tail each time: O(n^2) in the broker's only thread (~3 s for 40,000 properties)"))
-def test_forged_property_among_many_does_not_stall_broker(plat, guard):
+def test_forged_property_among_many_does_not_stall_broker(plat, good):
     """One forged fleetml-* property plus as many tiny user properties as
     fit in the packet limit: stripping them must not stall the broker (its
-    one thread serves every device) for more than a second."""
+    one thread serves every device) for more than a second, and the good
+    device must still be answered within GOOD_REPLY_MAX_S meanwhile."""
     dev = "evil-props"
+    serve, broker = _pids(plat)
+    traffic = GoodTraffic(good)
+    assert traffic.one() == "ok"
     c = _online(plat, dev)
     body = json.dumps(make_measurement(unique_id("stall"))).encode()
     n = (MAX_PACKET - len(body) - 512) // 6          # name "k", empty value: 6 bytes
     pr = prop_pair("fleetml-cert-serial", "00") + prop_pair("k", "") * n
-    t0 = time.monotonic()
-    c.send(publish_packet(f"fleet/{dev}/measurements", body, properties=pr))
-    ack = c.expect(PT_PUBACK, 60)
-    stall = time.monotonic() - t0
-    guard.note(f"{n} user properties + 1 forged: PUBACK {ack.reason:#04x} after {stall:.3f}s")
-    c.close()
+    traffic.start()
+    try:
+        t0 = time.monotonic()
+        c.send(publish_packet(f"fleet/{dev}/measurements", body, properties=pr))
+        ack = c.expect(PT_PUBACK, 60)
+        stall = time.monotonic() - t0
+        traffic.wait_rounds(2)
+    finally:
+        traffic.stop()
+        c.close()
+    print(f"\n[stall] {n} user properties + 1 forged: PUBACK {ack.reason:#04x} after "
+          f"{stall:.3f}s; good device: {traffic.summary()}")
+    assert traffic.one() == "ok"
+    assert _pids(plat) == (serve, broker)
     assert stall < 1.0, f"the broker spent {stall:.1f}s on one {MAX_PACKET}-byte PUBLISH"
+    bad = [r for r in traffic.results if r[1] != "ok"]
+    assert not bad, f"good device not answered ok meanwhile: {bad}"
 
 
 # --------------------------------------------------------------------------
@@ -744,44 +777,78 @@ def test_forged_property_among_many_does_not_stall_broker(plat, guard):
 FLOOD = 20_000
 
 
+def _flood(c, dev, n):
+    """Writes n QoS 1 PUBLISHes as fast as the socket takes them and never
+    reads (so every PUBACK stays unread).  Returns (sent, seconds, error)."""
+    t0 = time.monotonic()
+    sent, err = 0, None
+    try:
+        for i in range(n):
+            c.send(publish_packet(f"fleet/{dev}/measurements", b'{"id":"flood-%d"}' % i,
+                                  packet_id=i % 0xFFFF + 1))
+            sent += 1
+    except (ssl.SSLError, OSError) as e:
+        err = repr(e)
+    return sent, time.monotonic() - t0, err
+
+
+def _settled_count(plat, dev, timeout=60):
+    """The device's quarantine row count once it has not changed over
+    three polls 0.2 s apart with fleetml's pipeline queue empty."""
+    hist = []
+
+    def settled():
+        depth = metric_value(plat.metrics(), "fleetml_pipeline_queue_depth")
+        n = plat.query("SELECT count(*) FROM quarantine WHERE device_id = ?", dev)[0][0]
+        hist.append((n, depth))
+        last = hist[-3:]
+        return (len(last) == 3 and len({x[0] for x in last}) == 1
+                and all(x[1] == 0 for x in last) and (n,))
+
+    return wait_for(settled, timeout, interval=0.2, msg="the flood to be processed")[0]
+
+
 def test_qos1_flood_without_reading_pubacks(plat, guard):
+    """Two floods of FLOOD small publishes (payload `{"id":...}`, answered
+    missing_field and quarantined).  The good device keeps being answered
+    during both; the second flood must not add memory the first did not
+    (bounded, not merely slow growth).  The first flood raises serve's
+    high-water mark by up to ~45 MB under ASan (its allocator, redzones and
+    8 MB quarantine; ~6 MB without ASan), so the case allows 100 MB
+    overall for serve."""
     dev = "evil-flood"
-    c = _online(plat, dev)
+    guard.rss_max_kb["serve"] = 2 * RSS_GROWTH_MAX_KB
+    serve, broker = _pids(plat)
     base = plat.query("SELECT count(*) FROM quarantine WHERE device_id = ?", dev)[0][0]
-    state = {"sent": 0}
-
-    def flood():
-        t0 = time.monotonic()
-        try:
-            for i in range(FLOOD):
-                c.send(publish_packet(f"fleet/{dev}/measurements", b'{"id":"flood-%d"}' % i,
-                                      packet_id=i % 0xFFFF + 1))
-                state["sent"] = i + 1
-        except (ssl.SSLError, OSError) as e:
-            state["error"] = repr(e)
-        state["t"] = time.monotonic() - t0
-
-    th = threading.Thread(target=flood, name="flood", daemon=True)
-    th.start()
-    th.join(60)
-    assert not th.is_alive(), f"flood writer blocked after {state['sent']} packets"
-    # The good device keeps being answered after the flood was written too.
-    guard.traffic.wait_rounds(3)
-    guard.note(f"{state['sent']} publishes written in {state.get('t', 0):.2f}s"
-               f"{', ' + state['error'] if 'error' in state else ''}")
-
-    def reached():
-        return plat.query("SELECT count(*) FROM quarantine WHERE device_id = ?", dev)[0][0] - base
-
-    # Every flood message the broker passed on is processed before a
-    # measurement of the good device sent afterwards (FIFO), so this count is
-    # final once the guard's last check is answered; read it here for the
-    # report (the broker may drop what overflows fleetml's session queue,
-    # max_queued_messages).
-    guard.traffic.wait_rounds(1)
-    guard.note(f"{reached()} of {FLOOD} flood messages reached fleetml so far "
-               f"(the rest overflowed the service session's queue in the broker)")
-    c.close()
+    rss = []
+    for rnd in (1, 2):
+        c = _online(plat, dev)
+        box = {}
+        th = threading.Thread(target=lambda: box.update(r=_flood(c, dev, FLOOD)),
+                              name="flood", daemon=True)
+        th.start()
+        th.join(60)
+        assert not th.is_alive(), "flood writer blocked for 60 s"
+        sent, secs, err = box["r"]
+        # sendall() returns once the kernel has the bytes, and the broker
+        # reads its sockets in turns, so the flood is processed when fleetml's
+        # queue is empty and the quarantine count has stopped moving.
+        n = len(guard.traffic.results)
+        guard.traffic.wait_rounds(2)
+        assert all(r[1] == "ok" for r in guard.traffic.results[n:]), guard.traffic.results[n:]
+        reached = _settled_count(plat, dev) - base
+        base += reached
+        rss.append((vm_rss_kb(serve), vm_rss_kb(broker)))
+        guard.note(f"flood {rnd}: {sent} publishes written in {secs:.2f}s"
+                   f"{' (' + err + ')' if err else ''}; {reached} reached fleetml; "
+                   f"VmRSS serve {rss[-1][0]} kB, mosquitto {rss[-1][1]} kB")
+        c.close()
+    log = (plat.data / "broker" / "mosquitto.log").read_text(errors="replace")
+    if "Outgoing messages are being dropped for client fleetml-service" in log:
+        guard.note("the broker dropped messages for fleetml-service (max_queued_messages)")
+    for i, name in enumerate(("serve", "mosquitto")):
+        assert rss[1][i] - rss[0][i] < 25 * 1024, \
+            f"{name} VmRSS kept growing: {rss[0][i]} -> {rss[1][i]} kB over the second flood"
 
 
 # --------------------------------------------------------------------------
@@ -790,11 +857,12 @@ def test_qos1_flood_without_reading_pubacks(plat, guard):
 # The generated mosquitto.conf sets no timeout for them, and mosquitto
 # 2.0.11 has no option for one: a new connection gets the default keepalive
 # of 60 s before CONNECT, so it is closed when nothing has arrived for
-# 1.5 x 60 s = 90 s (its keepalive check).  That is too long for `make
+# 1.5 x 60 s = 90 s (its keepalive check; observed: 95 s for all three
+# kinds).  That is too long for `make
 # test`; the default run checks that such connections do not disturb
 # anybody, and FM_HOSTILE_SLOW=1 also waits for the broker to close them.
 
-IDLE_CLOSE_MAX_S = 100.0
+IDLE_CLOSE_MAX_S = 110.0
 
 
 def _idle_connections(plat, kind, n):
@@ -902,3 +970,53 @@ def test_no_certificate_hammering(plat, guard):
         kinds[o] = kinds.get(o, 0) + 1
     guard.note(f"{attempts} attempts in {elapsed:.2f}s, all refused: {kinds}")
     assert all(not o.startswith("packet") for o in outcomes), kinds
+
+
+# --------------------------------------------------------------------------
+# 7b. A flood of large payloads (last in the module: it leaves a backlog).
+#
+# Each payload is just under the 128 KiB limit, so fleetml parses it and
+# quarantines its raw bytes.  fleetml's MQTT thread takes messages off the
+# broker as fast as they come and queues them for the single pipeline
+# thread (pipeline.queue_max counts messages, 65536 by default, not bytes),
+# so the broker's own limits (max_queued_messages) never push back.
+
+BIG_FLOOD, BIG_SIZE = 1500, 131000
+
+
+def test_large_payload_flood(plat, good):
+    dev = "evil-flood"
+    serve, broker = _pids(plat)
+    traffic = GoodTraffic(good)
+    assert traffic.one() == "ok"
+    rss0 = vm_rss_kb(serve)
+    c = _online(plat, dev)
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        for i in range(BIG_FLOOD):
+            body = b'{"id":"big-flood-%d","pad":"' % i
+            c.send(publish_packet(f"fleet/{dev}/measurements",
+                                  body + b"a" * (BIG_SIZE - len(body) - 2) + b'"}',
+                                  packet_id=i % 0xFFFF + 1), timeout=60)
+            sent += 1
+    except (ssl.SSLError, OSError):
+        pass
+    t_flood = time.monotonic() - t0
+    # Straight after the burst: is the good device answered in time?
+    first = traffic.one()
+    rss_peak = vm_rss_kb(serve)
+    lat_first = traffic.results[-1][2]
+    # Let the backlog drain before anything else runs (condition: a result
+    # for a measurement sent now, behind the whole backlog).
+    mid = unique_id("drain")
+    t1 = time.monotonic()
+    good.measure(make_measurement(mid), mid=mid, timeout=300)
+    drain = time.monotonic() - t1
+    c.close()
+    print(f"\n[big-flood] {sent} x {BIG_SIZE} B written in {t_flood:.2f}s; good device's "
+          f"next result: {first!r:.60} after {lat_first}; backlog drained {drain:.1f}s later; "
+          f"serve VmRSS {rss0} -> {rss_peak} kB")
+    assert _pids(plat) == (serve, broker)
+    assert first == "ok", f"good device not answered within {GOOD_REPLY_MAX_S}s after the flood"
+    assert rss_peak - rss0 < RSS_GROWTH_MAX_KB, f"serve VmRSS grew from {rss0} to {rss_peak} kB"

@@ -26,7 +26,6 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +83,11 @@ def run_kill_broker(args):
         ids = device_ids("soak-kb", args.devices)
         p = run.platform(devices=ids)
         p.start()
+        # Without FM_FAULT_INJECTION=1 the debug endpoint does not exist.
+        for method in ("GET", "POST"):
+            st, _ = http(p, "/debug/fault?fsync=1", method=method)
+            check(st in (404, 405), f"{method} /debug/fault answered {st} without "
+                  "FM_FAULT_INJECTION=1")
         fleet = run.start_fleet(ids, interval=args.interval)
         fleet.wait_progress(50, 60, "before the first kill")
         restarts_before = metric(p, "fleetml_broker_restarts_total") or 0
@@ -196,6 +200,10 @@ def run_disk_full(args):
         check("commit failed; replying unavailable" in logtext, "no commit failure in the logs")
         check("commits succeed again" in logtext or "store accepts commits again" in logtext,
               "no recovery in the logs")
+        probe_recoveries = logtext.count("store accepts commits again")
+        check(probe_recoveries >= stats.get("idle_recoveries", 0),
+              f"idle recoveries {stats.get('idle_recoveries')} but {probe_recoveries} "
+              "recoveries by the pipeline's store probe in the logs")
         stats["commit_failures"] = int(metric(p, "fleetml_commit_failures_total"))
         check(stats["probe_ok_while_full"] == 0,
               f"{stats['probe_ok_while_full']} ok replies while the disk was full")
@@ -254,6 +262,20 @@ def long_outage(p, probe, stats, n=12):
     stats["injected"] += n
 
 
+def pause_with_backlog(p, fleet):
+    """Pauses the fleet at a moment when committed rows still wait for
+    export (so the lake writer's next commit is the next database write).
+    Returns False (fleet paused anyway) if no such moment came."""
+    for _ in range(100):
+        fleet.pause()
+        if (metric(p, "fleetml_lake_backlog") or 0) > 0:
+            return True
+        fleet.resume()
+        time.sleep(0.05)
+    fleet.pause()
+    return False
+
+
 def crash_after_failed_fsync(run, p, fleet, probe, stats, n):
     """A commit whose fsync failed, then kill -9 before anything else is
     committed. The failed transaction's frames may still be in the WAL and
@@ -261,7 +283,7 @@ def crash_after_failed_fsync(run, p, fleet, probe, stats, n):
     `unavailable` turns out stored. That is allowed ("retry" does not
     promise "not stored"); what must hold is that the retry (same id) gets
     ok and the row exists exactly once, in the database and in the lake."""
-    recovered = 0
+    recovered = lake_crashes = 0
     for i in range(n):
         fleet.pause()
         wait_for(lambda: metric(p, "fleetml_lake_backlog") == 0, 30, interval=0.1,
@@ -279,8 +301,24 @@ def crash_after_failed_fsync(run, p, fleet, probe, stats, n):
         check(db_rows(p).get((probe.device_id, mid)) == 1, f"{mid} not stored exactly once")
         fleet.resume()
         fleet.wait_progress(30, 60, f"after crash {i + 1}")
+        # The same for the lake writer: its cursor commit fails (it then
+        # deletes its spool files), and serve dies before anything else is
+        # committed. If recovery resurrects that cursor commit, the writer
+        # must notice the object is missing and export those rows again.
+        pause_with_backlog(p, fleet)
+        fault(p, 1)
+        wait_for(lambda: fault_pending(p) == 0, 30, interval=0.05,
+                 msg="the lake writer's commit to fail")
+        p.kill9()
+        p.start(timeout=60)
+        lake_crashes += 1
+        wait_for(lambda: metric(p, "fleetml_lake_backlog") == 0, 60, interval=0.1,
+                 msg="lake backlog 0 after the crash")
+        fleet.resume()
+        fleet.wait_progress(30, 60, f"after lake crash {i + 1}")
     stats["crash_after_failed_fsync"] = n
     stats["unavailable_but_stored_after_crash"] = recovered
+    stats["crash_after_failed_lake_commit"] = lake_crashes
 
 
 def run_fsync(args):
@@ -296,7 +334,7 @@ def run_fsync(args):
         run.probe = probe = Probe(p, probe_id)
         fleet.wait_progress(50, 60, "before the first fault")
         stats = {"cycles": cycles, "injected": 0, "probe_unavailable": 0,
-                 "probe_retried_ok": 0, "loaded_cycles": cycles}
+                 "probe_retried_ok": 0, "loaded_cycles": cycles, "lake_commit_faults": 0}
         fails0 = metric(p, "fleetml_commit_failures_total")
         for c in range(cycles):
             # (a) Isolated: the fleet is paused and the lake has caught up, so
@@ -344,6 +382,17 @@ def run_fsync(args):
             wait_for(lambda: fault_pending(p) == 0, 30, interval=0.1,
                      msg="injected failures consumed under load")
             fleet.wait_progress(30, 60, f"after loaded fault {c + 1}")
+            # (c) The lake writer's commit fails: with the fleet paused and
+            # rows still to export, the only database writer left is the
+            # lake writer (cursor commits); it must not publish twice.
+            if pause_with_backlog(p, fleet):
+                fault(p, random.randint(1, 2))
+                wait_for(lambda: fault_pending(p) == 0, 30, interval=0.1,
+                         msg="the lake writer's commit to fail")
+                stats["lake_commit_faults"] += 1
+            wait_for(lambda: metric(p, "fleetml_lake_backlog") == 0, 60, interval=0.1,
+                     msg="lake backlog 0 after a failed lake commit")
+            fleet.resume()
             log(f"[fsync] cycle {c + 1}/{cycles}: ok so far {fleet.ok_count()}")
         fails = metric(p, "fleetml_commit_failures_total") - fails0
         check(fails >= cycles, f"fleetml_commit_failures_total grew by {fails} only")
@@ -448,6 +497,10 @@ def main():
         ap.error(f"no fleetml binary at {args.bin} (make build)")
     if os.geteuid() != 0:
         ap.error("soak runs mount tmpfs file systems: run as root")
+    # SIGTERM/SIGHUP unwind like Ctrl-C: every run's finally block stops
+    # its processes and unmounts its file systems.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: sys.exit(128 + s))
     seed = args.seed if args.seed is not None else int(time.time())
     random.seed(seed)
     log(f"soak: runs {names}, seed {seed}, binary {args.bin}")
