@@ -484,7 +484,7 @@ int fm_config_parse(fm_config *c, const char *text, fm_errbuf *err)
             if (!section_known(sb, sn))
                 return fm_errf(err, FM_EINVAL,
                                "line %d: unknown section [%.*s] (known: node, broker, http, "
-                               "pipeline, store, lake, model)",
+                               "pipeline, store, lake, pki, model)",
                                lineno, (int)(sn > KEY_MAX ? KEY_MAX : sn), sb);
             memcpy(section, sb, sn);
             section[sn] = '\0';

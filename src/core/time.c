@@ -117,6 +117,11 @@ int fm_rfc3339_parse(const char *s, int64_t *ms)
     tm.tm_min = mi;
     tm.tm_sec = se > 59 ? 59 : se;
     time_t t = timegm(&tm);
-    *ms = ((int64_t)t - (int64_t)offset_min * 60) * 1000 + frac_ms;
+    int64_t v = ((int64_t)t - (int64_t)offset_min * 60) * 1000 + frac_ms;
+    /* The year check above is on the local date; with an offset the
+     * instant itself can still fall before the epoch. */
+    if (v < 0)
+        return FM_EINVAL;
+    *ms = v;
     return 0;
 }
