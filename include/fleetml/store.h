@@ -143,6 +143,8 @@ typedef struct fm_store_vtable {
                   fm_errbuf *err);
     int (*count_measurements)(fm_store *s, const char *device_id, long *out);
     int (*probe_write)(fm_store *s, fm_errbuf *err);
+    int (*hot_path)(fm_store *s);
+    int (*checkpoint)(fm_store *s);
 
     int (*scan_records)(fm_store *s, int64_t after_seq, size_t limit, fm_record_cb cb,
                         void *ud);
@@ -236,6 +238,12 @@ static inline int fm_store_commit(fm_store *s, fm_record *recs, size_t n, fm_qua
  * error a real commit would get. */
 static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
 { return s->vt->probe_write(s, err); }
+/* Marks the handle as the latency-critical writer (the pipeline): the
+ * backend keeps housekeeping such as WAL checkpoints off it. */
+static inline int fm_store_hot_path(fm_store *s) { return s->vt->hot_path(s); }
+/* Moves committed data from the write-ahead log into the database without
+ * blocking anyone (called periodically off the hot path). */
+static inline int fm_store_checkpoint(fm_store *s) { return s->vt->checkpoint(s); }
 static inline int fm_store_count_measurements(fm_store *s, const char *device_id, long *out)
 { return s->vt->count_measurements(s, device_id, out); }
 /* Calls cb for committed records with seq > after_seq in seq order, at most

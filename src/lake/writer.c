@@ -793,7 +793,10 @@ static void *writer_main(void *arg)
     int64_t backoff = 0, next_try = 0;
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        if (!w->stop && !w->notified && w->flush_req == w->flush_done) {
+        /* Runs at most once a tick (or at once for a flush or stop): a
+         * run per commit would spend more on waking up, preparing the scan
+         * and starting gzip blocks than on exporting rows. */
+        if (!w->stop && w->flush_req == w->flush_done) {
             struct timespec ts;
             clock_gettime(CLOCK_MONOTONIC, &ts);
             ts.tv_nsec += LAKE_TICK_MS * 1000000L;
@@ -885,9 +888,10 @@ void fm_lake_writer_notify(fm_lake_writer *w)
 {
     if (!w)
         return;
+    /* Only records that there is work; the thread picks it up at its next
+     * tick (see writer_main). */
     pthread_mutex_lock(&w->mu);
     w->notified = true;
-    pthread_cond_signal(&w->wake);
     pthread_mutex_unlock(&w->mu);
 }
 

@@ -543,6 +543,10 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     int rc = fm_store_open(&p->cfg, &p->store, err);
     if (rc)
         goto fail;
+    if ((rc = fm_store_hot_path(p->store)) != 0) {
+        fm_errf(err, rc, "cannot configure the store");
+        goto fail;
+    }
     if ((rc = fm_model_load(p->cfg.model_dir, &p->model, err)) != 0)
         goto fail;
     snprintf(p->model_ref, sizeof p->model_ref, "%s@%s", fm_model_name(p->model),

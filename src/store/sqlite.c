@@ -14,6 +14,7 @@
 #include "fleetml/fault.h"
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 
 
@@ -149,6 +150,37 @@ static int user_version(sqlite_store *s)
         v = sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
     return v;
+}
+
+/* Waits for another connection's write lock in short steps. SQLite's own
+ * busy timeout sleeps 1, 2, 5, 10... ms between tries, which puts whole
+ * milliseconds on the reply latency each time the lake writer or the
+ * registry holds the lock for a few microseconds. Gives up after ~5 s. */
+static int on_busy(void *ud, int count)
+{
+    (void)ud;
+    if (count >= 50000)
+        return 0;
+    struct timespec ts = {0, count < 100 ? 20000 : 100000};
+    nanosleep(&ts, NULL);
+    return 1;
+}
+
+static int s_hot_path(fm_store *base)
+{
+    /* Checkpoints copy the WAL into the database and fsync it; on the
+     * commit path that is a latency spike of milliseconds. The other
+     * handles (lake writer, registry) commit often enough to run them. */
+    sqlite_store *s = (sqlite_store *)base;
+    return sqlite3_wal_autocheckpoint(s->db, 0) == SQLITE_OK ? 0 : FM_EDB;
+}
+
+static int s_checkpoint(fm_store *base)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    /* PASSIVE never waits for readers or writers: it copies what it can. */
+    int rc = sqlite3_wal_checkpoint_v2(s->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    return rc == SQLITE_OK || rc == SQLITE_BUSY ? 0 : sql__map_rc(rc);
 }
 
 static int s_migrate(fm_store *base, fm_errbuf *err)
@@ -673,6 +705,8 @@ static const fm_store_vtable sqlite_vt = {
     .commit = s_commit,
     .count_measurements = s_count_measurements,
     .probe_write = s_probe_write,
+    .hot_path = s_hot_path,
+    .checkpoint = s_checkpoint,
     .scan_records = s_scan_records,
     .scan_quarantine = s_scan_quarantine,
     .max_seq = s_max_seq,
@@ -720,7 +754,7 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
                      s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
         goto fail;
     }
-    sqlite3_busy_timeout(s->db, 5000);
+    sqlite3_busy_handler(s->db, on_busy, NULL);
     sqlite3_extended_result_codes(s->db, 1);
     if ((rc = sql__exec(s, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
                       " PRAGMA foreign_keys=ON;",
