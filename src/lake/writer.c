@@ -47,6 +47,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <sys/resource.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -59,6 +60,7 @@
 #define LAKE_MAX_OPEN 16     /* partitions (objects) per batch */
 #define LAKE_SCAN_LIMIT 256  /* rows per store scan call */
 #define LAKE_TICK_MS 200     /* writer wake-up period */
+#define LAKE_NICE 10         /* scheduling priority of the writer thread */
 #define LAKE_BACKOFF_MAX_MS 5000
 #define LAKE_LOCK_NAME ".lock"
 #define LAKE_COMPONENT "lake"
@@ -790,6 +792,11 @@ struct fm_lake_writer {
 static void *writer_main(void *arg)
 {
     fm_lake_writer *w = arg;
+    /* The lake is asynchronous by design: when the CPU is contended the
+     * pipeline's threads (whose latency devices see) go first, and the
+     * export catches up in the gaps (its backlog is a metric). */
+    if (setpriority(PRIO_PROCESS, (id_t)gettid(), LAKE_NICE) != 0)
+        fm_logf(FM_LOG_DEBUG, LAKE_COMPONENT, "cannot lower the lake writer's priority");
     int64_t backoff = 0, next_try = 0;
     pthread_mutex_lock(&w->mu);
     for (;;) {
