@@ -49,11 +49,21 @@
 #define FIRMWARE "fleetml-sim/" FM_VERSION
 #define NS_PER_S 1000000000ull
 #define NS_PER_MS 1000000ull
-/* New connections started per 10 ms tick: a TLS handshake storm of
- * thousands of devices at once would mostly measure the broker's accept
- * queue, so the fleet is brought up at about 2000 devices per second. */
+/* New connections started per 10 ms: a TLS handshake storm of thousands
+ * of devices at once would mostly measure the broker's accept queue, so the
+ * fleet is brought up at up to about 2000 devices per second. The budget is
+ * computed from elapsed time, not from loop iterations, so the ramp does
+ * not depend on how often the loop wakes up. */
 #define CONNECTS_PER_TICK 20
-#define MISC_PERIOD_NS (50 * NS_PER_MS)
+#define CONNECT_TICK_NS (10 * NS_PER_MS)
+/* At most this many first connections (TCP + TLS + CONNECT + SUBSCRIBE)
+ * in progress at once: when the broker (or this process) is the
+ * bottleneck the ramp slows down instead of piling up handshakes that then
+ * hit the connect timeout. */
+#define MAX_CONNECTING 256
+/* Wake-up granularity while the ramp or the drain runs. */
+#define RAMP_WAKE_MS 5
+#define DRAIN_CHECK_NS (20 * NS_PER_MS)
 #define PROGRESS_PERIOD_NS (5 * NS_PER_S)
 #define PROVISION_PARALLEL 4
 
@@ -78,7 +88,13 @@ struct simdev {
     bool started;        /* send schedule running (device was ready once) */
     bool announced;      /* claim mode: "provisioned as" printed */
     bool failed;         /* claim mode: gave up (reported once) */
+    bool ready;          /* fm_devclient_ready() when last looked at */
+    bool ever_ready;     /* became ready at least once */
+    bool first_done;     /* first connection attempt over (ready, or dropped) */
     uint64_t next_send_ns;
+    uint64_t misc_ns;    /* fm_devclient_loop_misc() due */
+    uint64_t due_ns;     /* heap key: min(misc_ns, next_send_ns while sending) */
+    int32_t heap_pos;    /* index in sim.heap, -1 = not queued */
     uint64_t seq;
 };
 
@@ -101,6 +117,14 @@ struct sim {
 
     int ep;
     struct simdev *devs;
+    /* Min-heap of device indices by due_ns: the loop only touches devices
+     * with socket events or due timers, never the whole fleet. */
+    uint32_t *heap;
+    uint32_t heap_n;
+    unsigned n_ready;      /* devices ready right now */
+    unsigned n_ever_ready; /* devices that were ready at least once */
+    unsigned n_first_done; /* devices whose first connection attempt ended */
+    uint64_t interval_ns;  /* open loop: between two sends of one device */
     fm_rng rng;
     char run_prefix[16];
     /* Optional pool of pre-generated measurements (--payload-pool): the
@@ -450,7 +474,7 @@ static void print_progress(struct sim *s, double t, double window_s)
 {
     printf("t=%.0fs connected=%u/%u sent=%llu ok=%llu errors=%llu timeouts=%llu skipped=%llu "
            "rate=%.1f/s p50=%.1fms p99=%.1fms\n",
-           t, count_ready(s), s->n_devices, (unsigned long long)s->sent, (unsigned long long)s->ok,
+           t, s->n_ready, s->n_devices, (unsigned long long)s->sent, (unsigned long long)s->ok,
            (unsigned long long)s->errors, (unsigned long long)s->timeouts,
            (unsigned long long)s->skipped,
            window_s > 0 ? (double)s->window_results / window_s : 0.0,
@@ -604,16 +628,211 @@ static int create_devices(const fm_config *cfg, struct sim *s)
     return 0;
 }
 
+/* ---- timers ----------------------------------------------------------------------- */
+
+static bool heap_less(const struct sim *s, uint32_t a, uint32_t b)
+{
+    return s->devs[a].due_ns < s->devs[b].due_ns;
+}
+
+static void heap_set(struct sim *s, uint32_t pos, uint32_t dev)
+{
+    s->heap[pos] = dev;
+    s->devs[dev].heap_pos = (int32_t)pos;
+}
+
+static void heap_up(struct sim *s, uint32_t pos)
+{
+    uint32_t dev = s->heap[pos];
+    while (pos > 0) {
+        uint32_t parent = (pos - 1) / 2;
+        if (!heap_less(s, dev, s->heap[parent]))
+            break;
+        heap_set(s, pos, s->heap[parent]);
+        pos = parent;
+    }
+    heap_set(s, pos, dev);
+}
+
+static void heap_down(struct sim *s, uint32_t pos)
+{
+    uint32_t dev = s->heap[pos];
+    for (;;) {
+        uint32_t child = 2 * pos + 1;
+        if (child >= s->heap_n)
+            break;
+        if (child + 1 < s->heap_n && heap_less(s, s->heap[child + 1], s->heap[child]))
+            child++;
+        if (!heap_less(s, s->heap[child], dev))
+            break;
+        heap_set(s, pos, s->heap[child]);
+        pos = child;
+    }
+    heap_set(s, pos, dev);
+}
+
+/* Sets a device's heap key (inserting it when not queued yet). */
+static void schedule(struct simdev *d, uint64_t due)
+{
+    struct sim *s = d->sim;
+    uint32_t idx = (uint32_t)(d - s->devs);
+    if (d->heap_pos < 0) {
+        d->due_ns = due;
+        heap_set(s, s->heap_n++, idx);
+        heap_up(s, s->heap_n - 1);
+        return;
+    }
+    uint64_t old = d->due_ns;
+    d->due_ns = due;
+    if (due < old)
+        heap_up(s, (uint32_t)d->heap_pos);
+    else if (due > old)
+        heap_down(s, (uint32_t)d->heap_pos);
+}
+
+/* Bookkeeping after every call into a device's client (socket event,
+ * timer, send): readiness counters, the closed loop's top-up, the open
+ * loop's send schedule, the epoll registration and the next timer. O(1)
+ * (plus O(log n) for the heap), so the loop's cost follows events and due
+ * timers, not the size of the fleet. misc_ran says whether
+ * fm_devclient_loop_misc() was just called: otherwise the misc deadline
+ * can only move earlier, so a device busy with socket traffic still gets
+ * its housekeeping (keepalive pings live in libmosquitto's misc). */
+static int touched(struct simdev *d, uint64_t now, bool misc_ran)
+{
+    struct sim *s = d->sim;
+    int rc = 0;
+    bool r = fm_devclient_ready(d->c);
+    if (r != d->ready) {
+        d->ready = r;
+        if (r)
+            s->n_ready++;
+        else
+            s->n_ready--;
+        if (r && !d->ever_ready) {
+            d->ever_ready = true;
+            s->n_ever_ready++;
+        }
+    }
+    /* The ramp limits first attempts in progress; one ends when the
+     * device is ready or its socket is gone (backoff, failure). */
+    if (!d->first_done && (d->ever_ready || fm_devclient_fd(d->c) < 0)) {
+        d->first_done = true;
+        s->n_first_done++;
+    }
+    if (r && s->sending) {
+        if (s->inflight) {
+            rc = fill_inflight(d);
+        } else if (!d->started) {
+            /* A random phase spreads the fleet's sends over the interval
+             * instead of synchronising them. */
+            d->started = true;
+            d->next_send_ns = now + (uint64_t)(fm_rng_uniform(&s->rng) * (double)s->interval_ns);
+        }
+    }
+    sync_reg(d);
+    int t = fm_devclient_next_timeout_ms(d->c);
+    if (t < 1)
+        t = 1; /* due now: next pass (keeps one timer pass finite) */
+    uint64_t misc = now + (uint64_t)t * NS_PER_MS;
+    if (misc_ran || misc < d->misc_ns)
+        d->misc_ns = misc;
+    uint64_t due = d->misc_ns;
+    if (!s->inflight && s->sending && d->started && d->next_send_ns < due)
+        due = d->next_send_ns;
+    schedule(d, due);
+    if (rc != 0 && rc != FM_EBUSY) {
+        fprintf(stderr, "fleetml sim: %s: cannot send: %s\n", d->id, fm_strerror(rc));
+        return rc;
+    }
+    return 0;
+}
+
+/* Runs the timers that are due: open-loop sends and the clients' own
+ * housekeeping (keepalive, result timeouts and re-publishing, reconnect
+ * backoff, connect nudges and deadlines). */
+static int run_timers(struct sim *s, uint64_t now)
+{
+    while (s->heap_n > 0) {
+        struct simdev *d = &s->devs[s->heap[0]];
+        if (d->due_ns > now)
+            break;
+        if (!s->inflight && s->sending && d->started && now >= d->next_send_ns) {
+            int rc = send_one(d);
+            sync_reg(d);
+            if (rc != 0 && rc != FM_EBUSY) {
+                fprintf(stderr, "fleetml sim: %s: cannot send: %s\n", d->id, fm_strerror(rc));
+                return rc;
+            }
+            d->next_send_ns += s->interval_ns;
+            if (d->next_send_ns <= now)
+                d->next_send_ns = now + s->interval_ns; /* no catch-up bursts */
+        }
+        bool misc = now >= d->misc_ns;
+        if (misc) {
+            int rc = fm_devclient_loop_misc(d->c);
+            if (rc != 0) {
+                sync_reg(d);
+                fprintf(stderr, "fleetml sim: %s: %s\n", d->id, fm_strerror(rc));
+                return rc;
+            }
+        }
+        int rc = touched(d, now, misc);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Starts the connections the ramp allows by now. */
+static int ramp(struct sim *s, uint64_t now, unsigned *next_connect)
+{
+    uint64_t budget = CONNECTS_PER_TICK +
+                      (now - s->started_ns) / (CONNECT_TICK_NS / CONNECTS_PER_TICK);
+    while (*next_connect < s->n_devices && *next_connect < budget) {
+        /* First attempts still in progress (counted by touched()). */
+        if (*next_connect - s->n_first_done >= MAX_CONNECTING)
+            break;
+        struct simdev *d = &s->devs[(*next_connect)++];
+        fm_errbuf err;
+        int rc = fm_devclient_connect(d->c, &err);
+        if (rc == FM_ECRYPTO && !s->claim) {
+            fprintf(stderr, "fleetml sim: %s\n", err.msg);
+            return rc;
+        }
+        if (rc != 0 && rc != FM_EIO && s->claim) {
+            /* One device that cannot even start its claim (e.g. no space
+             * for its key) does not stop the others. */
+            fprintf(stderr, "fleetml sim: %s: %s\n", d->id, err.msg);
+            d->failed = true;
+        }
+        /* FM_EIO: unreachable for now; the client retries by itself. */
+        rc = touched(d, now, true);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
 static int run_loop(struct sim *s)
 {
     const uint64_t start = fm_mono_ns();
     s->started_ns = start;
     const uint64_t end = s->duration_s > 0 ? start + (uint64_t)(s->duration_s * 1e9) : UINT64_MAX;
-    const uint64_t interval = s->rate > 0 ? (uint64_t)(1e9 / s->rate) : 0;
-    uint64_t drain_until = 0, next_misc = start, next_progress = start + PROGRESS_PERIOD_NS;
+    s->interval_ns = s->rate > 0 ? (uint64_t)(1e9 / s->rate) : 0;
+    uint64_t drain_until = 0, next_drain_check = 0, next_progress = start + PROGRESS_PERIOD_NS;
     uint64_t last_progress = start;
     unsigned next_connect = 0;
     struct epoll_event evs[256];
+    s->heap = fm_calloc(s->n_devices, sizeof *s->heap);
+    if (!s->heap) {
+        fprintf(stderr, "fleetml sim: out of memory\n");
+        return FM_ENOMEM;
+    }
+    for (unsigned i = 0; i < s->n_devices; i++) {
+        s->devs[i].heap_pos = -1;
+        s->devs[i].misc_ns = UINT64_MAX;
+    }
     s->sending = true;
 
     for (;;) {
@@ -621,76 +840,28 @@ static int run_loop(struct sim *s)
         if (s->sending && (signals_seen > 0 || now >= end)) {
             s->sending = false;
             drain_until = now + (uint64_t)(s->drain_s * 1e9);
+            next_drain_check = now;
         }
-        if (!s->sending && (signals_seen > 1 || now >= drain_until || count_pending(s) == 0))
-            break;
-
-        /* Ramp up connections. */
-        for (unsigned k = 0; k < CONNECTS_PER_TICK && next_connect < s->n_devices; k++) {
-            struct simdev *d = &s->devs[next_connect++];
-            fm_errbuf err;
-            int rc = fm_devclient_connect(d->c, &err);
-            if (rc == FM_ECRYPTO && !s->claim) {
-                fprintf(stderr, "fleetml sim: %s\n", err.msg);
-                return rc;
-            }
-            if (rc != 0 && rc != FM_EIO && s->claim) {
-                /* One device that cannot even start its claim (e.g. no
-                 * space for its key) does not stop the others. */
-                fprintf(stderr, "fleetml sim: %s: %s\n", d->id, err.msg);
-                d->failed = true;
-            }
-            /* FM_EIO: unreachable for now; the client retries by itself. */
-            sync_reg(d);
-        }
-
-        /* Connect time of the whole fleet, checked a few times a second
-         * (counting is O(devices)). */
-        if (!s->all_connected_ns && now >= s->next_ready_check) {
-            s->next_ready_check = now + 50 * 1000000ull;
-            if (next_connect == s->n_devices && count_ready(s) == s->n_devices)
-                s->all_connected_ns = now;
-        }
-
-        /* Sending. */
-        if (s->sending) {
-            for (unsigned i = 0; i < next_connect; i++) {
-                struct simdev *d = &s->devs[i];
-                int rc = 0;
-                if (s->inflight) {
-                    rc = fill_inflight(d);
-                } else {
-                    if (!d->started && fm_devclient_ready(d->c)) {
-                        /* A random phase spreads the fleet's sends over the
-                         * interval instead of synchronising them. */
-                        d->started = true;
-                        d->next_send_ns = now + (uint64_t)(fm_rng_uniform(&s->rng) * (double)interval);
-                    }
-                    if (d->started && now >= d->next_send_ns) {
-                        rc = send_one(d);
-                        d->next_send_ns += interval;
-                        if (d->next_send_ns < now)
-                            d->next_send_ns = now + interval; /* no catch-up bursts */
-                    }
-                }
-                if (rc != 0 && rc != FM_EBUSY) {
-                    fprintf(stderr, "fleetml sim: %s: cannot send: %s\n", d->id, fm_strerror(rc));
-                    return rc;
-                }
-                sync_reg(d);
+        if (!s->sending) {
+            if (signals_seen > 1 || now >= drain_until)
+                break;
+            /* count_pending() is O(devices): a few times per second only. */
+            if (now >= next_drain_check) {
+                if (count_pending(s) == 0)
+                    break;
+                next_drain_check = now + DRAIN_CHECK_NS;
             }
         }
 
-        /* Timers inside the clients: keepalive, retries, reconnects. */
-        if (now >= next_misc) {
-            next_misc = now + MISC_PERIOD_NS;
-            for (unsigned i = 0; i < next_connect; i++) {
-                int rc = fm_devclient_loop_misc(s->devs[i].c);
-                sync_reg(&s->devs[i]);
-                if (rc != 0)
-                    return rc;
-            }
-        }
+        int rc = ramp(s, now, &next_connect);
+        if (rc != 0)
+            return rc;
+        if (!s->all_connected_ns && s->n_ready == s->n_devices)
+            s->all_connected_ns = now;
+
+        rc = run_timers(s, now);
+        if (rc != 0)
+            return rc;
 
         if (!s->json && now >= next_progress) {
             print_progress(s, (double)(now - start) / 1e9, (double)(now - last_progress) / 1e9);
@@ -698,11 +869,25 @@ static int run_loop(struct sim *s)
             next_progress = now + PROGRESS_PERIOD_NS;
         }
 
-        /* A short tick keeps open-loop send times within a few ms of
-         * schedule; the closed loop sends from callbacks and needs it less. */
-        int timeout_ms = (s->inflight || !s->sending) ? 20 : 2;
-        if (next_connect < s->n_devices)
-            timeout_ms = 10;
+        /* Sleep until the next timer (rounded up to whole ms so the wake-up
+         * is never early), at most a second. */
+        now = fm_mono_ns();
+        uint64_t wake = now + NS_PER_S;
+        if (s->heap_n > 0 && s->devs[s->heap[0]].due_ns < wake)
+            wake = s->devs[s->heap[0]].due_ns;
+        if (s->sending && end < wake)
+            wake = end;
+        if (!s->json && next_progress < wake)
+            wake = next_progress;
+        if (!s->sending) {
+            if (drain_until < wake)
+                wake = drain_until;
+            if (next_drain_check < wake)
+                wake = next_drain_check;
+        }
+        int timeout_ms = wake <= now ? 0 : (int)((wake - now + NS_PER_MS - 1) / NS_PER_MS);
+        if (next_connect < s->n_devices && timeout_ms > RAMP_WAKE_MS)
+            timeout_ms = RAMP_WAKE_MS;
         int n = epoll_wait(s->ep, evs, (int)(sizeof evs / sizeof evs[0]), timeout_ms);
         if (n < 0) {
             if (errno == EINTR)
@@ -710,19 +895,23 @@ static int run_loop(struct sim *s)
             fprintf(stderr, "fleetml sim: epoll_wait: %s\n", strerror(errno));
             return FM_EIO;
         }
+        now = fm_mono_ns();
         for (int i = 0; i < n; i++) {
             struct simdev *d = &s->devs[evs[i].data.u32];
             int fd = d->reg_fd;
-            int rc = 0;
+            rc = 0;
             if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))
                 rc = fm_devclient_loop_read(d->c);
             if (rc == 0 && (evs[i].events & EPOLLOUT) && fm_devclient_fd(d->c) == fd)
                 rc = fm_devclient_loop_write(d->c);
-            sync_reg(d);
             if (rc != 0) {
+                sync_reg(d);
                 fprintf(stderr, "fleetml sim: %s: %s\n", d->id, fm_strerror(rc));
                 return rc;
             }
+            rc = touched(d, now, false);
+            if (rc != 0)
+                return rc;
         }
     }
     return 0;
@@ -836,6 +1025,7 @@ out:
     for (unsigned i = 0; i < s.n_devices; i++)
         fm_devclient_free(s.devs[i].c);
     fm_free(s.devs);
+    fm_free(s.heap);
     if (s.ep >= 0)
         close(s.ep);
     return exit_code;
