@@ -12,6 +12,7 @@
  * commit is fsyncing form the next batch, which is what amortises fsync.
  */
 #include "fleetml/pipeline.h"
+#include "fleetml/jsonmem.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
@@ -537,6 +538,8 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     fm_pipeline *p = fm_calloc(1, sizeof *p);
     if (!p)
         return fm_errf(err, FM_ENOMEM, "out of memory");
+    /* Parses of untrusted payloads use per-thread arenas from now on. */
+    fm_jsonmem_install();
     p->opts = *opts;
     p->cfg = *opts->cfg;
     p->opts.cfg = &p->cfg;

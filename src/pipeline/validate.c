@@ -10,6 +10,7 @@
  * confusing complaint about a field that version introduced.
  */
 #include "fleetml/measurement.h"
+#include "fleetml/jsonmem.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -414,8 +415,20 @@ static int load_error(const json_error_t *je, fm_verr *e)
     }
 }
 
+static int parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m, fm_verr *e);
+
 int fm_measurement_parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m,
                             fm_verr *e)
+{
+    /* The whole jansson document lives and dies inside this call, which is
+     * what the arena needs (see fleetml/jsonmem.h). */
+    fm_jsonmem_begin();
+    int rc = parse_at(buf, len, now_ms, m, e);
+    fm_jsonmem_end();
+    return rc;
+}
+
+static int parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m, fm_verr *e)
 {
     static const char *const top_fields[] = {"id",    "taken_at", "kind", "temperature_c",
                                               "sweep", "firmware", "meta", NULL};
