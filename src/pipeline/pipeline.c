@@ -30,6 +30,19 @@
 #define MAX_WORKERS 16
 #define QUARANTINE_MAX (16 * 1024)
 
+/* Device rows cached by the commit thread: a registry read per
+ * measurement costs more than the rest of the dedupe step. Entries live
+ * DEVICE_TTL_NS; a disabled or revoked device is also cut off by the
+ * broker at once, so the cache only bounds how long a measurement already
+ * in flight may still be accepted. */
+#define DEVICE_CACHE 1024 /* slots, power of two */
+#define DEVICE_TTL_NS (1000ull * 1000000ull)
+
+typedef struct cached_device {
+    fm_device dev;
+    uint64_t fetched_ns; /* 0 = empty */
+} cached_device;
+
 /* What a worker computed for one message, owned by the message. */
 typedef struct prepared {
     int parse_rc;      /* 0, or FM_EINVAL/FM_ENOMEM with verr set */
@@ -54,6 +67,7 @@ struct fm_pipeline {
     int stopping;
     _Atomic int healthy;
     _Atomic long bytes; /* payload bytes held by both stages */
+    cached_device *devices; /* DEVICE_CACHE slots, commit thread only */
 
     /* Worker stage (absent when cfg.pipeline_workers == 0). */
     int nworkers;
@@ -214,12 +228,39 @@ static int prepare(const fm_pipeline *p, fm_inmsg *msg)
     return 0;
 }
 
+static uint32_t id_hash(const char *s)
+{
+    uint32_t h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+/* The device row from the cache, or from the store (then cached). Only
+ * found devices are cached, so a newly registered one is seen at once. */
+static int device_lookup(fm_pipeline *p, const char *id, fm_device *out)
+{
+    uint64_t now = fm_mono_ns();
+    cached_device *c = p->devices ? &p->devices[id_hash(id) & (DEVICE_CACHE - 1)] : NULL;
+    if (c && c->fetched_ns && now - c->fetched_ns < DEVICE_TTL_NS &&
+        strcmp(c->dev.id, id) == 0) {
+        *out = c->dev;
+        return 0;
+    }
+    int rc = fm_store_device_get(p->store, id, out);
+    if (rc == 0 && c) {
+        c->dev = *out;
+        c->fetched_ns = now;
+    }
+    return rc;
+}
+
 /* Validation, device check and dedupe for one message. */
 static void admit(fm_pipeline *p, item *items, size_t i)
 {
     item *it = &items[i];
     fm_inmsg *msg = it->msg;
-    int rc = fm_store_device_get(p->store, msg->device_id, &it->dev);
+    int rc = device_lookup(p, msg->device_id, &it->dev);
     if (rc == FM_ENOTFOUND) {
         reject(it, FM_VERR_UNKNOWN_DEVICE, "device '%s' is not registered", msg->device_id);
         return;
@@ -540,6 +581,8 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
         return fm_errf(err, FM_ENOMEM, "out of memory");
     /* Parses of untrusted payloads use per-thread arenas from now on. */
     fm_jsonmem_install();
+    /* Without the cache every lookup goes to the store: slower, still right. */
+    p->devices = fm_calloc(DEVICE_CACHE, sizeof *p->devices);
     p->opts = *opts;
     p->cfg = *opts->cfg;
     p->opts.cfg = &p->cfg;
@@ -583,6 +626,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
 fail:
     fm_model_free(p->model);
     fm_store_close(p->store);
+    fm_free(p->devices);
     fm_free(p);
     return rc;
 }
@@ -710,5 +754,6 @@ void fm_pipeline_stop(fm_pipeline *p)
     pthread_mutex_destroy(&p->mu);
     fm_model_free(p->model);
     fm_store_close(p->store);
+    fm_free(p->devices);
     fm_free(p);
 }
