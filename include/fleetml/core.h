@@ -121,6 +121,9 @@ int fm_mkdirs(const char *path, unsigned mode);
 /* Writes data to path atomically (temp file + fsync + rename + dir fsync)
  * with the given mode. Returns 0, FM_ENOSPC or FM_EIO. */
 int fm_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode);
+/* Writes all len bytes to fd, retrying short writes and EINTR. Returns 0,
+ * FM_ENOSPC or FM_EIO. */
+int fm_write_full(int fd, const void *data, size_t len);
 /* Reads a whole file into a NUL-terminated buffer the caller frees with
  * fm_free. Returns 0, FM_ENOTFOUND, FM_ENOMEM or FM_EIO. */
 int fm_read_file(const char *path, char **out, size_t *len);

@@ -59,6 +59,22 @@ int fm_fsync_dir(const char *dir)
     return rc;
 }
 
+int fm_write_full(int fd, const void *data, size_t len)
+{
+    const char *p = data;
+    while (len > 0) {
+        ssize_t w = write(fd, p, len);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == ENOSPC ? FM_ENOSPC : FM_EIO;
+        }
+        p += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
 int fm_write_file_atomic(const char *path, const void *data, size_t len, unsigned mode)
 {
     char tmp[PATH_MAX], dir[PATH_MAX];
@@ -69,19 +85,8 @@ int fm_write_file_atomic(const char *path, const void *data, size_t len, unsigne
         return errno == ENOSPC ? FM_ENOSPC : FM_EIO;
     /* open() applies the umask; set the exact mode (keys must be 0600). */
     int rc = fchmod(fd, mode) == 0 ? 0 : FM_EIO;
-    const char *p = data;
-    size_t left = len;
-    while (rc == 0 && left > 0) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = errno == ENOSPC ? FM_ENOSPC : FM_EIO;
-            break;
-        }
-        p += w;
-        left -= (size_t)w;
-    }
+    if (rc == 0)
+        rc = fm_write_full(fd, data, len);
     if (rc == 0)
         rc = fm_fsync_fd(fd);
     if (close(fd) != 0 && rc == 0)

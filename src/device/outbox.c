@@ -276,20 +276,7 @@ static int write_entry(fm_outbox *ob, const char *path, const void *data, size_t
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return errno == ENOSPC ? FM_ENOSPC : FM_EIO;
-    int rc = 0;
-    const char *p = data;
-    size_t left = len;
-    while (left > 0) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = errno == ENOSPC ? FM_ENOSPC : FM_EIO;
-            break;
-        }
-        p += w;
-        left -= (size_t)w;
-    }
+    int rc = fm_write_full(fd, data, len);
     if (rc == 0) {
         int64_t t = next_stamp(ob);
         struct timespec times[2] = {{.tv_sec = t / 1000000000, .tv_nsec = t % 1000000000},
