@@ -119,6 +119,58 @@ typedef int (*fm_serial_cb)(void *ud, const char *serial_hex, int status, int64_
 typedef int (*fm_event_cb)(void *ud, int64_t seq, int kind, const char *subject);
 typedef int (*fm_device_cb)(void *ud, const fm_device *d);
 
+/* ---- users and sessions ------------------------------------------------- */
+
+enum fm_user_status { FM_USER_ACTIVE = 0, FM_USER_DISABLED = 1 };
+
+typedef struct fm_user {
+    int64_t id;
+    char tenant[65];
+    char username[65];      /* normalised: lower case */
+    char roles[128];        /* comma-separated, see fleetml/auth.h */
+    int status;             /* enum fm_user_status */
+    int64_t epoch;          /* revocation epoch: access tokens must carry it */
+    int64_t created_ms;
+    char password_hash[128]; /* PHC string; "" when the caller does not need it */
+} fm_user;
+
+typedef int (*fm_user_cb)(void *ud, const fm_user *u);
+
+/* Sign-in throttling parameters (see fm_auth_login in fleetml/auth.h).
+ * After `free_failures` failures of one key, each further failure locks it
+ * for base_delay_ms doubled per failure, at most max_delay_ms; a key whose
+ * last failure is older than forget_after_ms starts over. */
+typedef struct fm_throttle_policy {
+    int free_failures;       /* 5 */
+    int64_t base_delay_ms;   /* 1000 */
+    int64_t max_delay_ms;    /* 900000 (15 min) */
+    int64_t forget_after_ms; /* 86400000 (24 h) */
+} fm_throttle_policy;
+
+#define FM_THROTTLE_POLICY_DEFAULT                                                                 \
+    ((fm_throttle_policy){.free_failures = 5, .base_delay_ms = 1000, .max_delay_ms = 900000,      \
+                          .forget_after_ms = 86400000})
+
+/* The lock that follows the `failures`-th failure of a key (0 when none). */
+static inline int64_t fm_throttle_delay_ms(const fm_throttle_policy *p, int64_t failures)
+{
+    if (failures <= p->free_failures)
+        return 0;
+    int64_t d = p->base_delay_ms;
+    for (int64_t i = p->free_failures + 1; i < failures && d < p->max_delay_ms; i++)
+        d *= 2;
+    return d < p->max_delay_ms ? d : p->max_delay_ms;
+}
+
+/* SHA-256 of a refresh token: the only form in which the store keeps it. */
+#define FM_TOKEN_HASH_LEN 32
+
+/* What a refresh-token rotation learnt about the token it consumed. */
+typedef struct fm_refresh_info {
+    int64_t user_id;
+    char family[32];
+} fm_refresh_info;
+
 /* Called for each row of a scan; return nonzero to stop early. */
 typedef int (*fm_record_cb)(void *ud, const fm_record *r);
 typedef int (*fm_quarantine_cb)(void *ud, const fm_quarantine *q);
@@ -187,6 +239,33 @@ typedef struct fm_store_vtable {
 
     int (*events_after)(fm_store *s, int64_t after_seq, size_t limit, fm_event_cb cb, void *ud);
     int (*events_max)(fm_store *s, int64_t *out);
+
+    /* ---- users and sessions ---- */
+    int (*user_get)(fm_store *s, const char *tenant, const char *username, fm_user *out);
+    int (*user_get_by_id)(fm_store *s, int64_t id, fm_user *out);
+    int (*user_list)(fm_store *s, const char *tenant, fm_user_cb cb, void *ud);
+    int (*user_set_password)(fm_store *s, int64_t id, const char *password_hash, int64_t now_ms,
+                             fm_errbuf *err);
+    int (*user_set_status)(fm_store *s, int64_t id, int status, int64_t now_ms, fm_errbuf *err);
+    int (*user_set_roles)(fm_store *s, int64_t id, const char *roles, fm_errbuf *err);
+    int (*user_revoke_sessions)(fm_store *s, int64_t id, int64_t now_ms, fm_errbuf *err);
+    int (*throttle_attempt)(fm_store *s, const char *const *keys, size_t n,
+                            const fm_throttle_policy *p, int64_t now_ms, int64_t *locks,
+                            int64_t *locked_until_ms, fm_errbuf *err);
+    int (*throttle_release)(fm_store *s, const char *reset_key, const char *undo_key,
+                            int64_t undo_lock_ms, fm_errbuf *err);
+    int (*throttle_prune)(fm_store *s, int64_t before_ms, long *pruned);
+    int (*session_create)(fm_store *s, const char *family, int64_t user_id, int64_t epoch,
+                          const unsigned char *token_hash, int64_t expires_ms, int64_t now_ms,
+                          fm_errbuf *err);
+    int (*refresh_rotate)(fm_store *s, const unsigned char *old_hash,
+                          const unsigned char *new_hash, int64_t new_expires_ms, int64_t now_ms,
+                          fm_refresh_info *out, fm_errbuf *err);
+    int (*refresh_revoke)(fm_store *s, const unsigned char *token_hash, int64_t now_ms,
+                          fm_errbuf *err);
+    int (*session_active)(fm_store *s, const char *family, int64_t user_id);
+    int (*refresh_prune)(fm_store *s, int64_t before_ms, long *pruned);
+    int (*tenant_exists)(fm_store *s, const char *name);
 } fm_store_vtable;
 
 struct fm_store {
@@ -361,5 +440,95 @@ static inline int fm_store_events_max(fm_store *s, int64_t *out)
 /* Frees the strings of a shadow read with fm_store_shadow_get. */
 static inline void fm_shadow_clear(fm_shadow *sh)
 { fm_free(sh->desired); fm_free(sh->reported); sh->desired = sh->reported = NULL; }
+
+/* ---- users and sessions wrappers --------------------------------------------
+ * Policy (password rules, hashing, role names) lives in fleetml/auth.h;
+ * these only store. Every change that must end a user's sessions (password,
+ * disable, "log out everywhere") bumps the user's epoch and revokes all its
+ * refresh-token families in the same transaction. */
+
+/* Reads a user by (tenant, username) or by id. 0 and *out, FM_ENOTFOUND,
+ * FM_EDB. */
+static inline int fm_store_user_get(fm_store *s, const char *tenant, const char *username,
+                                    fm_user *out)
+{ return s->vt->user_get(s, tenant, username, out); }
+static inline int fm_store_user_get_by_id(fm_store *s, int64_t id, fm_user *out)
+{ return s->vt->user_get_by_id(s, id, out); }
+/* Calls cb for each user of tenant (every tenant when tenant is NULL), by
+ * tenant then username; password_hash is left empty. 0 or FM_EDB. */
+static inline int fm_store_user_list(fm_store *s, const char *tenant, fm_user_cb cb, void *ud)
+{ return s->vt->user_list(s, tenant, cb, ud); }
+/* Stores a new password hash, bumps the epoch, revokes all families.
+ * 0, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_user_set_password(fm_store *s, int64_t id, const char *password_hash,
+                                             int64_t now_ms, fm_errbuf *err)
+{ return s->vt->user_set_password(s, id, password_hash, now_ms, err); }
+/* Sets the status; FM_USER_DISABLED also bumps the epoch and revokes all
+ * families. 0, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_user_set_status(fm_store *s, int64_t id, int status, int64_t now_ms,
+                                           fm_errbuf *err)
+{ return s->vt->user_set_status(s, id, status, now_ms, err); }
+/* Replaces the roles and bumps the epoch (families stay). */
+static inline int fm_store_user_set_roles(fm_store *s, int64_t id, const char *roles,
+                                          fm_errbuf *err)
+{ return s->vt->user_set_roles(s, id, roles, err); }
+/* Bumps the epoch and revokes every family of the user. */
+static inline int fm_store_user_revoke_sessions(fm_store *s, int64_t id, int64_t now_ms,
+                                                fm_errbuf *err)
+{ return s->vt->user_revoke_sessions(s, id, now_ms, err); }
+/* Counts one sign-in attempt against each of keys[0..n-1] (n <= 4), atomically:
+ * when any key is locked at now_ms nothing is counted, *locked_until_ms is
+ * the latest lock end and FM_EBUSY is returned. Otherwise each key's
+ * failure count grows by one, locks[i] (array of n, may be NULL) receives
+ * the lock this put on keys[i] (0 for none), *locked_until_ms the latest of
+ * them, and 0 is returned. FM_EDB on failure. */
+static inline int fm_store_throttle_attempt(fm_store *s, const char *const *keys, size_t n,
+                                            const fm_throttle_policy *p, int64_t now_ms,
+                                            int64_t *locks, int64_t *locked_until_ms,
+                                            fm_errbuf *err)
+{ return s->vt->throttle_attempt(s, keys, n, p, now_ms, locks, locked_until_ms, err); }
+/* After a successful sign-in: forgets reset_key entirely, and takes back the
+ * attempt counted against undo_key (one failure less; its lock is lifted
+ * only if it is still undo_lock_ms, the one that attempt set). Either key
+ * may be NULL. */
+static inline int fm_store_throttle_release(fm_store *s, const char *reset_key,
+                                            const char *undo_key, int64_t undo_lock_ms,
+                                            fm_errbuf *err)
+{ return s->vt->throttle_release(s, reset_key, undo_key, undo_lock_ms, err); }
+/* Deletes throttle entries whose last failure is older than before_ms. */
+static inline int fm_store_throttle_prune(fm_store *s, int64_t before_ms, long *pruned)
+{ return s->vt->throttle_prune(s, before_ms, pruned); }
+/* Creates a refresh-token family for user_id with its first token (hash of
+ * FM_TOKEN_HASH_LEN bytes), provided the user is still active and still at
+ * `epoch` (the one seen when the password was checked: a password change or
+ * disable in between must win). 0, FM_ENOTFOUND (no such user), FM_ESTATE
+ * (disabled, or epoch moved on), FM_EEXIST, FM_EDB. */
+static inline int fm_store_session_create(fm_store *s, const char *family, int64_t user_id,
+                                          int64_t epoch, const unsigned char *token_hash,
+                                          int64_t expires_ms, int64_t now_ms, fm_errbuf *err)
+{ return s->vt->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms, err); }
+/* Consumes the refresh token old_hash and adds new_hash to its family, in
+ * one transaction. Returns 0 and *out; FM_ENOTFOUND (unknown token);
+ * FM_EPERM (family revoked, or token expired); FM_ESTATE when the token was
+ * already used: the family is then revoked (committed) before returning. */
+static inline int fm_store_refresh_rotate(fm_store *s, const unsigned char *old_hash,
+                                          const unsigned char *new_hash, int64_t new_expires_ms,
+                                          int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
+{ return s->vt->refresh_rotate(s, old_hash, new_hash, new_expires_ms, now_ms, out, err); }
+/* Revokes the family the token belongs to. 0, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_refresh_revoke(fm_store *s, const unsigned char *token_hash,
+                                          int64_t now_ms, fm_errbuf *err)
+{ return s->vt->refresh_revoke(s, token_hash, now_ms, err); }
+/* 0 when family exists, belongs to user_id and is not revoked; FM_EPERM
+ * otherwise; FM_EDB. */
+static inline int fm_store_session_active(fm_store *s, const char *family, int64_t user_id)
+{ return s->vt->session_active(s, family, user_id); }
+/* Deletes refresh tokens that expired before before_ms, and families left
+ * without tokens. */
+static inline int fm_store_refresh_prune(fm_store *s, int64_t before_ms, long *pruned)
+{ return s->vt->refresh_prune(s, before_ms, pruned); }
+/* 1 when the tenant exists, 0 when not, FM_EDB. */
+static inline int fm_store_tenant_exists(fm_store *s, const char *name)
+{ return s->vt->tenant_exists(s, name); }
 
 #endif

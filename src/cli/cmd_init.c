@@ -111,6 +111,17 @@ int fm_cmd_init(int argc, char **argv)
     if (rc)
         return rc;
 
+    /* The key that signs users' access tokens (ES256). Kept apart from the
+     * CA key: rotating one must not touch the other. */
+    fm_config_path(&cfg, "pki/jwt.key", path, sizeof path);
+    if (!exists(path)) {
+        if (fm_jwt_key_create(path, &err) != 0) {
+            fprintf(stderr, "fleetml init: token-signing key: %s\n", err.msg);
+            return 1;
+        }
+        printf("created token-signing key: %s\n", path);
+    }
+
     fm_store *st;
     if (fm_store_open(&cfg, &st, &err) != 0) {
         fprintf(stderr, "fleetml init: store: %s\n", err.msg);

@@ -12,6 +12,7 @@ static const struct {
     {"serve", fm_cmd_serve, "run the platform on this node (broker, pipeline, lake, HTTP)"},
     {"device", fm_cmd_device, "add | disable | enable | revoke | shadow | run (simulated)"},
     {"template", fm_cmd_template, "provisioning templates: add | list | disable | enable | claim-cert"},
+    {"user", fm_cmd_user, "users: add | list | disable | enable | passwd | roles"},
     {"sim", fm_cmd_sim, "run many simulated devices: --devices N --rate R"},
     {"features", fm_cmd_features, "measurements (NDJSON on stdin) -> feature CSV on stdout"},
     {"model", fm_cmd_model, "train --synthetic | info"},

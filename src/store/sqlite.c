@@ -88,8 +88,28 @@ static const char *schema_v3 =
     "INSERT OR IGNORE INTO certs(serial, device_id, status, pem, not_after_ms, created_ms)"
     "  SELECT cert_serial, id, 0, '', 0, created_ms FROM devices WHERE cert_serial != '';";
 
+/* Users and sessions (sqlite_users.c): the revocation epoch every access
+ * token must carry, persistent sign-in throttling, and refresh tokens kept
+ * only as SHA-256 hashes, grouped in families (one per sign-in). */
+static const char *schema_users =
+    "ALTER TABLE users ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;"
+    "CREATE TABLE auth_throttle ("
+    "  key TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_ms INTEGER NOT NULL,"
+    "  locked_until_ms INTEGER NOT NULL);"
+    "CREATE TABLE refresh_families ("
+    "  id TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id),"
+    "  created_ms INTEGER NOT NULL, revoked_ms INTEGER NOT NULL DEFAULT 0,"
+    "  revoked_reason TEXT NOT NULL DEFAULT '');"
+    "CREATE INDEX refresh_families_by_user ON refresh_families(user_id);"
+    "CREATE TABLE refresh_tokens ("
+    "  hash BLOB PRIMARY KEY, family TEXT NOT NULL REFERENCES refresh_families(id),"
+    "  created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,"
+    "  used_ms INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX refresh_tokens_by_family ON refresh_tokens(family);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
-static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3};
+static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
+                                               &schema_users};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -691,6 +711,34 @@ static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream st
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "lake cursor");
 }
 
+/* The users-and-sessions part of the vtable (sqlite_users.c); see store.h.
+ * Declared here rather than in sqlite_int.h because nothing else in the
+ * backend calls them. */
+int sql__user_get(fm_store *s, const char *tenant, const char *username, fm_user *out);
+int sql__user_get_by_id(fm_store *s, int64_t id, fm_user *out);
+int sql__user_list(fm_store *s, const char *tenant, fm_user_cb cb, void *ud);
+int sql__user_set_password(fm_store *s, int64_t id, const char *hash, int64_t now_ms,
+                           fm_errbuf *err);
+int sql__user_set_status(fm_store *s, int64_t id, int status, int64_t now_ms, fm_errbuf *err);
+int sql__user_set_roles(fm_store *s, int64_t id, const char *roles, fm_errbuf *err);
+int sql__user_revoke_sessions(fm_store *s, int64_t id, int64_t now_ms, fm_errbuf *err);
+int sql__throttle_attempt(fm_store *s, const char *const *keys, size_t n,
+                          const fm_throttle_policy *p, int64_t now_ms, int64_t *locks,
+                          int64_t *locked_until_ms, fm_errbuf *err);
+int sql__throttle_release(fm_store *s, const char *reset_key, const char *undo_key,
+                          int64_t undo_lock_ms, fm_errbuf *err);
+int sql__throttle_prune(fm_store *s, int64_t before_ms, long *pruned);
+int sql__session_create(fm_store *s, const char *family, int64_t user_id, int64_t epoch,
+                        const unsigned char *hash, int64_t expires_ms, int64_t now_ms,
+                        fm_errbuf *err);
+int sql__refresh_rotate(fm_store *s, const unsigned char *old_hash, const unsigned char *new_hash,
+                        int64_t new_expires_ms, int64_t now_ms, fm_refresh_info *out,
+                        fm_errbuf *err);
+int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms, fm_errbuf *err);
+int sql__session_active(fm_store *s, const char *family, int64_t user_id);
+int sql__refresh_prune(fm_store *s, int64_t before_ms, long *pruned);
+int sql__tenant_exists(fm_store *s, const char *name);
+
 static const fm_store_vtable sqlite_vt = {
     .name = "sqlite",
     .migrate = s_migrate,
@@ -732,6 +780,23 @@ static const fm_store_vtable sqlite_vt = {
     .shadow_put = sql__shadow_put,
     .events_after = sql__events_after,
     .events_max = sql__events_max,
+    /* users and sessions: sqlite_users.c */
+    .user_get = sql__user_get,
+    .user_get_by_id = sql__user_get_by_id,
+    .user_list = sql__user_list,
+    .user_set_password = sql__user_set_password,
+    .user_set_status = sql__user_set_status,
+    .user_set_roles = sql__user_set_roles,
+    .user_revoke_sessions = sql__user_revoke_sessions,
+    .throttle_attempt = sql__throttle_attempt,
+    .throttle_release = sql__throttle_release,
+    .throttle_prune = sql__throttle_prune,
+    .session_create = sql__session_create,
+    .refresh_rotate = sql__refresh_rotate,
+    .refresh_revoke = sql__refresh_revoke,
+    .session_active = sql__session_active,
+    .refresh_prune = sql__refresh_prune,
+    .tenant_exists = sql__tenant_exists,
 };
 
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
