@@ -231,6 +231,16 @@ static int s_migrate(fm_store *base, fm_errbuf *err)
     return rc;
 }
 
+int sql__require_tenant(sqlite_store *s, const char *tenant, fm_errbuf *err)
+{
+    int rc = sql__tenant_exists(&s->base, tenant);
+    if (rc == 1)
+        return 0;
+    if (rc == 0)
+        return fm_errf(err, FM_ENOTFOUND, "tenant '%s' does not exist", tenant);
+    return fm_errf(err, rc, "tenant lookup failed");
+}
+
 int sql__begin(sqlite_store *s, fm_errbuf *err)
 {
     int rc = sql__step_done(s->begin);
@@ -344,14 +354,9 @@ static int s_user_count(fm_store *base, const char *tenant, long *out)
 int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err)
 {
     sqlite3_stmt *st;
-    int rc = sql__prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
+    int rc = sql__require_tenant(s, d->tenant, err);
     if (rc)
         return rc;
-    sqlite3_bind_text(st, 1, d->tenant, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW)
-        return fm_errf(err, FM_ENOTFOUND, "tenant '%s' does not exist", d->tenant);
     int64_t now = d->created_ms ? d->created_ms : fm_wall_ms();
     rc = sql__prep(s, &st,
                    "INSERT INTO devices(id, tenant, status, cert_serial, created_ms, device_group,"
@@ -737,7 +742,6 @@ int sql__refresh_rotate(fm_store *s, const unsigned char *old_hash, const unsign
 int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms, fm_errbuf *err);
 int sql__session_active(fm_store *s, const char *family, int64_t user_id);
 int sql__refresh_prune(fm_store *s, int64_t before_ms, long *pruned);
-int sql__tenant_exists(fm_store *s, const char *name);
 
 static const fm_store_vtable sqlite_vt = {
     .name = "sqlite",

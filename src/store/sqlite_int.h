@@ -29,6 +29,11 @@ void sql__copy_col(char *dst, size_t n, sqlite3_stmt *st, int col);
 int sql__begin(sqlite_store *s, fm_errbuf *err);
 int sql__commit(sqlite_store *s, fm_errbuf *err);
 void sql__rollback(sqlite_store *s);
+/* 1 when the tenant exists, 0 when not, negative FM_E* on error. */
+int sql__tenant_exists(fm_store *s, const char *name);
+/* 0 when the tenant exists, FM_ENOTFOUND ("tenant '...' does not exist")
+ * or the lookup's error, with err set. */
+int sql__require_tenant(sqlite_store *s, const char *tenant, fm_errbuf *err);
 /* Appends a registry event inside the current transaction. */
 int sql__event(sqlite_store *s, int kind, const char *subject, fm_errbuf *err);
 

@@ -68,14 +68,9 @@ static int template_insert(sqlite_store *s, const fm_template *t, const char *co
                            size_t n, fm_errbuf *err)
 {
     sqlite3_stmt *st;
-    int rc = sql__prep(s, &st, "SELECT 1 FROM tenants WHERE name = ?", err);
+    int rc = sql__require_tenant(s, t->tenant, err);
     if (rc)
         return rc;
-    sqlite3_bind_text(st, 1, t->tenant, -1, SQLITE_STATIC);
-    rc = sqlite3_step(st);
-    sqlite3_finalize(st);
-    if (rc != SQLITE_ROW)
-        return fm_errf(err, FM_ENOTFOUND, "tenant '%s' does not exist", t->tenant);
     rc = sql__prep(s, &st, "INSERT INTO templates(" TEMPLATE_COLS ") VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                    err);
     if (rc)
