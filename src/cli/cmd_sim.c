@@ -9,7 +9,10 @@
  * connection), and all of them are driven by a single epoll loop over the
  * libmosquitto sockets. A thread per device would measure the scheduler
  * more than the platform once N reaches the thousands, and would make the
- * generator's own latency noise grow with N.
+ * generator's own latency noise grow with N. The loop's cost follows
+ * events, not N: it only touches devices with socket events or due timers
+ * (a min-heap of per-device deadlines: the next open-loop send and the
+ * client's own housekeeping, fm_devclient_next_timeout_ms()).
  *
  * Load models:
  *   --rate R      open loop: each device sends R measurements per second at
@@ -106,7 +109,6 @@ struct sim {
     double duration_s;
     uint64_t started_ns;       /* run start */
     uint64_t all_connected_ns; /* first moment every device was connected (0 = never) */
-    uint64_t next_ready_check;
     double drain_s;
     double timeout_s;
     bool json;
