@@ -34,6 +34,21 @@ int sql__tenant_exists(fm_store *s, const char *name);
 /* 0 when the tenant exists, FM_ENOTFOUND ("tenant '...' does not exist")
  * or the lookup's error, with err set. */
 int sql__require_tenant(sqlite_store *s, const char *tenant, fm_errbuf *err);
+/* Runs body (an int expression returning 0 or an FM_E* code) inside
+ * BEGIN IMMEDIATE ... COMMIT, rolling back on failure, and returns from the
+ * calling function with the result. */
+#define IN_TX(s, err, body)                                                                        \
+    do {                                                                                           \
+        int tx_rc_ = sql__begin((s), (err));                                                       \
+        if (tx_rc_)                                                                                \
+            return tx_rc_;                                                                         \
+        tx_rc_ = (body);                                                                           \
+        if (!tx_rc_)                                                                               \
+            return sql__commit((s), (err));                                                        \
+        sql__rollback(s);                                                                          \
+        return tx_rc_;                                                                             \
+    } while (0)
+
 /* Appends a registry event inside the current transaction. */
 int sql__event(sqlite_store *s, int kind, const char *subject, fm_errbuf *err);
 

@@ -9,19 +9,6 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Runs fn inside BEGIN IMMEDIATE ... COMMIT, rolling back on failure. */
-#define IN_TX(s, err, body)                                                                        \
-    do {                                                                                           \
-        int tx_rc_ = sql__begin((s), (err));                                                       \
-        if (tx_rc_)                                                                                \
-            return tx_rc_;                                                                         \
-        tx_rc_ = (body);                                                                           \
-        if (!tx_rc_)                                                                               \
-            return sql__commit((s), (err));                                                        \
-        sql__rollback(s);                                                                          \
-        return tx_rc_;                                                                             \
-    } while (0)
-
 /* Runs a one-off statement with text binds (NULL-terminated list of
  * values) to completion. Returns 0 or an FM_E* code; *changes gets the row
  * count when non-NULL. */

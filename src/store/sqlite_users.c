@@ -140,19 +140,6 @@ static int revoke_user(sqlite_store *s, int64_t id, int64_t now_ms, const char *
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "revoke sessions");
 }
 
-/* Runs body (an int expression) inside BEGIN IMMEDIATE ... COMMIT. */
-#define IN_TX(s, err, body)                                                                        \
-    do {                                                                                           \
-        int tx_rc_ = sql__begin((s), (err));                                                       \
-        if (tx_rc_)                                                                                \
-            return tx_rc_;                                                                         \
-        tx_rc_ = (body);                                                                           \
-        if (!tx_rc_)                                                                               \
-            return sql__commit((s), (err));                                                        \
-        sql__rollback(s);                                                                          \
-        return tx_rc_;                                                                             \
-    } while (0)
-
 static int set_password_tx(sqlite_store *s, int64_t id, const char *hash, int64_t now_ms,
                            fm_errbuf *err)
 {
