@@ -240,9 +240,13 @@ def bench_many(args):
         serve, broker = node.start_serve()
         rss0 = {"fleetml": proc_mem_kb(serve.pid, "VmRSS"), "mosquitto": proc_mem_kb(broker, "VmRSS")}
         for pre, cnt in zip(prefixes, counts):
+            # The fleet's TLS handshakes are spread over the ramp so they do not
+            # starve the broker and the platform on a small machine.
             procs.append(subprocess.Popen(
                 [node.bin, "sim", "--data", node.dir, "--devices", str(cnt), "--prefix", pre,
-                 "--rate", "0.1", "--duration", str(args.many_duration), "--json", "--drain", "15"],
+                 "--rate", "0.1", "--duration", str(args.many_duration), "--json", "--drain", "15",
+                 "--payload-pool", "16", "--connect-rate",
+                 str(max(1.0, args.connect_rate * cnt / args.many))],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         # Memory per connected device: the peak while the fleet is connected,
         # minus the idle footprint measured before the first connection.
@@ -282,7 +286,10 @@ def main():
     ap.add_argument("--duration", type=float, default=float(os.environ.get("FM_BENCH_DURATION", 20)))
     ap.add_argument("--many", type=int, default=int(os.environ.get("FM_BENCH_MANY", 10000)))
     ap.add_argument("--many-duration", type=float,
-                    default=float(os.environ.get("FM_BENCH_MANY_DURATION", 60)))
+                    default=float(os.environ.get("FM_BENCH_MANY_DURATION", 120)))
+    ap.add_argument("--connect-rate", type=float,
+                    default=float(os.environ.get("FM_BENCH_CONNECT_RATE", 150)),
+                    help="new connections per second for the whole fleet")
     ap.add_argument("--only", choices=["pair", "many"])
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -110,6 +110,7 @@ struct sim {
     uint64_t started_ns;       /* run start */
     uint64_t all_connected_ns; /* first moment every device was connected (0 = never) */
     double drain_s;
+    double connect_rate; /* new connections per second (0 = as fast as the ramp allows) */
     double timeout_s;
     bool json;
     bool provision;
@@ -156,6 +157,7 @@ static void usage(void)
             "  --provision    run `fleetml device add` for devices without credentials\n"
             "  --claim T      onboard each device through the claim flow of template T\n"
             "                 (serials SIM-0001...; state in <data>/sim/<serial>/)\n"
+            "  --connect-rate C  open at most C new connections per second\n"
             "  --payload-pool N  reuse N pre-generated sweeps (only ids change): a cheap\n"
             "                 load generator for benchmarks\n");
 }
@@ -178,6 +180,7 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     const char *v_pool = fm_cli_take_opt(argc, argv, "--payload-pool");
     const char *v_timeout = fm_cli_take_opt(argc, argv, "--timeout");
     const char *v_drain = fm_cli_take_opt(argc, argv, "--drain");
+    const char *v_crate = fm_cli_take_opt(argc, argv, "--connect-rate");
     s->claim = fm_cli_take_opt(argc, argv, "--claim");
     s->json = fm_cli_take_flag(argc, argv, "--json");
     s->provision = fm_cli_take_flag(argc, argv, "--provision");
@@ -194,6 +197,9 @@ static int parse_args(int *argc, char **argv, struct sim *s)
         USAGE_ERR("--claim supports up to 9999 devices");
     if (v_rate && v_inflight)
         USAGE_ERR("--rate and --inflight are alternatives; give one");
+    if (v_crate && (fm_cli_parse_double(v_crate, &s->connect_rate) != 0 || s->connect_rate <= 0))
+        USAGE_ERR("--connect-rate expects a positive number of connections per second, got '%s'",
+                  v_crate);
     if (!v_rate && !v_inflight)
         USAGE_ERR("give --rate R (per device per second) or --inflight W");
     if (v_rate && (fm_cli_parse_double(v_rate, &s->rate) != 0 || s->rate <= 0 || s->rate > 10000))
@@ -789,8 +795,13 @@ static int run_timers(struct sim *s, uint64_t now)
 /* Starts the connections the ramp allows by now. */
 static int ramp(struct sim *s, uint64_t now, unsigned *next_connect)
 {
-    uint64_t budget = CONNECTS_PER_TICK +
-                      (now - s->started_ns) / (CONNECT_TICK_NS / CONNECTS_PER_TICK);
+    /* TLS handshakes cost CPU on both sides; on a small machine an
+     * unthrottled ramp starves the broker and the platform, so the caller
+     * may cap the rate. */
+    uint64_t budget = s->connect_rate > 0
+                          ? 1 + (uint64_t)((double)(now - s->started_ns) / 1e9 * s->connect_rate)
+                          : CONNECTS_PER_TICK +
+                                (now - s->started_ns) / (CONNECT_TICK_NS / CONNECTS_PER_TICK);
     while (*next_connect < s->n_devices && *next_connect < budget) {
         /* First attempts still in progress (counted by touched()). */
         if (*next_connect - s->n_first_done >= MAX_CONNECTING)
