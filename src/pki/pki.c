@@ -1136,19 +1136,27 @@ out:
     return rc;
 }
 
+/* Parses one PEM certificate held in memory (len bytes); NULL when it is
+ * not one. Leaves the OpenSSL error queue empty either way. */
+static X509 *cert_from_pem(const char *pem, size_t len)
+{
+    BIO *bio = BIO_new_mem_buf(pem, (int)len);
+    X509 *cert = bio ? PEM_read_bio_X509(bio, NULL, no_passphrase, NULL) : NULL;
+    BIO_free(bio);
+    if (!cert)
+        ERR_clear_error();
+    return cert;
+}
+
 int fm_cert_pem_info(const char *pem, size_t len, char *serial_hex, size_t serial_len,
                      char *cn, size_t cn_len, int64_t *not_after_ms)
 {
     if (!pem || len == 0 || len > PKI_CERT_MAX_BYTES || (cn && cn_len == 0))
         return FM_EINVAL;
     ERR_clear_error();
-    BIO *bio = BIO_new_mem_buf(pem, (int)len);
-    X509 *cert = bio ? PEM_read_bio_X509(bio, NULL, no_passphrase, NULL) : NULL;
-    BIO_free(bio);
-    if (!cert) {
-        ERR_clear_error();
+    X509 *cert = cert_from_pem(pem, len);
+    if (!cert)
         return FM_ECRYPTO;
-    }
     int rc = 0;
     int64_t not_after = 0;
     if ((serial_hex && (rc = cert_serial_hex(cert, serial_hex, serial_len, NULL))) ||
@@ -1168,13 +1176,9 @@ int fm_csr_matches_cert_pem(const fm_csr *csr, const char *cert_pem)
     size_t len = cert_pem ? strlen(cert_pem) : 0;
     if (!csr || len == 0 || len > PKI_CERT_MAX_BYTES)
         return FM_EINVAL;
-    BIO *bio = BIO_new_mem_buf(cert_pem, (int)len);
-    X509 *cert = bio ? PEM_read_bio_X509(bio, NULL, no_passphrase, NULL) : NULL;
-    BIO_free(bio);
-    if (!cert) {
-        ERR_clear_error();
+    X509 *cert = cert_from_pem(cert_pem, len);
+    if (!cert)
         return FM_ECRYPTO;
-    }
     /* Both are borrowed references owned by their objects. */
     EVP_PKEY *a = X509_REQ_get0_pubkey(csr->req);
     EVP_PKEY *b = X509_get0_pubkey(cert);
