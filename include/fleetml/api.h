@@ -1,6 +1,8 @@
 /*
- * HTTP listener (libmicrohttpd): health, readiness and metrics now; the
- * user-facing API v1 is added here later.
+ * HTTP listener (libmicrohttpd): health, readiness, metrics and the user
+ * API v1 (sign-in, users, devices, templates, measurements, labels, model
+ * predict, audit). The contract is docs/openapi.yaml, served at
+ * /api/v1/openapi.yaml; design notes in docs/architecture.md ("HTTP API").
  *
  *   GET /healthz  200 {"status":"ok","version":..,"node":..,"broker_pid":..}
  *                 as long as the process is alive and serving
@@ -8,12 +10,18 @@
  *                 {"ready":bool,"checks":{"broker":..,"mqtt":..,"store":..,
  *                  "model":..},"model":"name@version"}
  *   GET /metrics  Prometheus text format (version 0.0.4)
+ *   /api/v1/...   JSON API; errors are {"error":{"code":..,"message":..}}
  */
 #ifndef FLEETML_API_H
 #define FLEETML_API_H
 
 #include "fleetml/config.h"
 #include "fleetml/core.h"
+
+#include <stdbool.h>
+
+struct fm_pipeline;
+struct json_t;
 
 typedef struct fm_health {
     int broker_pid;     /* 0 when the broker is down or external */
@@ -24,15 +32,78 @@ typedef struct fm_health {
     char model[128];
 } fm_health;
 
-/* Fills *out with the current state; called on the HTTP thread. */
+/* Fills *out with the current state; called on an HTTP thread. */
 typedef void (*fm_health_fn)(void *ud, fm_health *out);
 
 typedef struct fm_http fm_http;
 
-/* Starts the listener on cfg->http_bind:http_port. Returns 0 and *out, or
- * FM_EINVAL (bad address) / FM_EIO (cannot listen) with err set. */
-int fm_http_start(const fm_config *cfg, fm_health_fn health, void *ud, fm_http **out,
-                  fm_errbuf *err);
+typedef struct fm_http_opts {
+    const fm_config *cfg;
+    fm_health_fn health;
+    void *ud;
+    /* Where POST /models/{name}/predict?store=true submits measurements
+     * (the same pipeline devices use). NULL: such requests answer 503. */
+    struct fm_pipeline *pipeline;
+} fm_http_opts;
+
+/* Starts the listener on cfg->http_bind:http_port (HTTPS when http.tls is
+ * on) with cfg->http_threads threads, each with its own store handle. It
+ * loads the token key <data>/pki/jwt.key and the model in cfg->model_dir
+ * (for predict). Returns 0 and *out, or FM_EINVAL (bad address, bad
+ * trusted_proxies, TLS files unusable) / FM_EIO (cannot listen) /
+ * FM_ENOTFOUND (no token key: run `fleetml init`) / a store or model
+ * error, with err set. Nothing is left running on failure. */
+int fm_http_start(const fm_http_opts *opts, fm_http **out, fm_errbuf *err);
+/* Stops accepting, finishes requests in flight, frees everything. NULL is
+ * ignored. */
 void fm_http_stop(fm_http *h);
+
+/* ---- route table (for `fleetml api routes` and the OpenAPI check) ---- */
+
+typedef struct fm_api_route_info {
+    const char *method;  /* "GET", "POST", "PUT", "PATCH" */
+    const char *path;    /* "/api/v1/devices/{id}" */
+    const char *action;  /* permission (fleetml/auth.h), NULL: signed-in only,
+                            "public": no token needed */
+} fm_api_route_info;
+
+/* Number of API routes, and route i (0 <= i < count); static storage. */
+size_t fm_api_route_count(void);
+const fm_api_route_info *fm_api_route_at(size_t i);
+
+/* ---- request bodies ----------------------------------------------------
+ * Bodies are untrusted: fm_api_parse_body accepts exactly one JSON object
+ * (UTF-8, no duplicate keys, nothing after it) of at most len bytes and
+ * returns 0 and *out (json_decref), or FM_EINVAL with a message in
+ * msg (>= 128 bytes advised) naming what is wrong. Exposed for the fuzzer. */
+int fm_api_parse_body(const char *body, size_t len, struct json_t **out, char *msg,
+                      size_t msg_len);
+
+/* Field readers used by every handler, exposed for the fuzzer. Each returns
+ * 0, or FM_EINVAL with msg set ("field 'x' ..."). A missing optional field
+ * leaves *out unchanged.
+ *   fm_api_get_str: a string of 1..max_len bytes without NUL or control
+ *     characters; *out borrows from obj.
+ *   fm_api_get_int: an integer in [min, max].
+ *   fm_api_get_bool: true/false.
+ *   fm_api_get_roles: an array of role names (fleetml/auth.h) -> bit mask.
+ *   fm_api_check_label_outputs: an object of 1..max_outputs finite numbers
+ *     whose keys are among names[0..n-1]. */
+int fm_api_get_str(const struct json_t *obj, const char *key, bool required, size_t max_len,
+                   const char **out, char *msg, size_t msg_len);
+int fm_api_get_int(const struct json_t *obj, const char *key, bool required, long long min,
+                   long long max, long long *out, char *msg, size_t msg_len);
+int fm_api_get_bool(const struct json_t *obj, const char *key, bool required, bool *out,
+                    char *msg, size_t msg_len);
+int fm_api_get_roles(const struct json_t *obj, const char *key, unsigned *out, char *msg,
+                     size_t msg_len);
+int fm_api_check_label_outputs(const struct json_t *outputs, const char *const *names, size_t n,
+                               char *msg, size_t msg_len);
+
+/* Opaque pagination cursors: up to two integers and a string, encoded as
+ * base64url text. decode is strict and returns 0 or FM_EINVAL (anything a
+ * client could have altered or made up). */
+int fm_api_cursor_encode(int64_t a, int64_t b, const char *s, char *out, size_t len);
+int fm_api_cursor_decode(const char *cursor, int64_t *a, int64_t *b, char *s, size_t s_len);
 
 #endif

@@ -110,11 +110,15 @@ bool fm_auth_allowed(unsigned roles, const char *action);
  * key for base_delay_ms doubled per failure (1 s, 2 s, 4 s, ...), at most
  * max_delay_ms. A lock always expires; attempts made while locked are
  * refused without being counted, and a key whose last failure is older than
- * forget_after_ms starts over. A successful sign-in resets the account's
+ * forget_after_ms starts over. A client address is allowed
+ * FM_THROTTLE_ADDR_FACTOR times more free failures than an account (many
+ * users share one address behind a NAT). A successful sign-in resets the account's
  * counter (not the address's: one valid account must not let an address
  * keep guessing at others).
  * (fm_throttle_policy, FM_THROTTLE_POLICY_DEFAULT and fm_throttle_delay_ms are
  * defined in fleetml/store.h, which keeps the counters.) */
+
+#define FM_THROTTLE_ADDR_FACTOR 4
 
 /* Signs a user in. tenant and username are user input (the username is
  * normalised here); client_addr is the peer address as the HTTP layer sees

@@ -5,7 +5,7 @@
  *   [node]      id, log_level
  *   [broker]    mode (supervised|external), mosquitto, bind, port,
  *               service_port, host (external mode), max_payload
- *   [http]      bind, port
+ *   [http]      bind, port, tls, threads, trusted_proxies, access_ttl_s
  *   [pipeline]  commit_window_us, batch_max, queue_max
  *   [store]     backend (sqlite)
  *   [lake]      backend (fs), dir, roll_bytes, roll_seconds
@@ -27,6 +27,10 @@
  *   broker.max_payload      1024..16777216 bytes               (131072)
  *   http.bind               non-empty, no blanks               (127.0.0.1)
  *   http.port               1..65535                           (8080)
+ *   http.tls                off | on                           (off)
+ *   http.threads            1..64                              (4)
+ *   http.trusted_proxies    comma-separated addresses          ("")
+ *   http.access_ttl_s       60..86400                          (900)
  *   pipeline.commit_window_us 0..2000 (the window is part of every ack's
  *                           latency, so it is capped at 2 ms)   (1000)
  *   pipeline.batch_max      1..4096                            (256)
@@ -76,6 +80,10 @@ typedef struct fm_config {
 
     char http_bind[64];
     int http_port;
+    char http_tls[8];       /* "off" | "on" */
+    int http_threads;
+    char http_trusted_proxies[256];
+    int http_access_ttl_s;
 
     int commit_window_us;
     int batch_max;

@@ -1,13 +1,20 @@
 /*
- * Data lake: committed measurements (with results and model version) and
- * quarantined payloads, exported as Hive-partitioned, gzip-compressed NDJSON
+ * Data lake: committed measurements (with results and model version),
+ * quarantined payloads, labels (reference values entered for measurements)
+ * and the audit log, exported as Hive-partitioned, gzip-compressed NDJSON
  * objects:
  *
  *   raw/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
  *   quarantine/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
+ *   labels/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
+ *   logs/tenant=<t>/date=<YYYY-MM-DD>/hour=<HH>/<node>-<seq>.ndjson.gz
  *
  * where <seq> is the store sequence number of the first row in the object
- * (zero-padded to 12 digits so names sort). Objects are built in a local
+ * (zero-padded to 12 digits so names sort); each area is one store stream
+ * (enum fm_lake_stream) with its own seqs and cursor. raw and quarantine
+ * are partitioned by the time the payload was received, labels by the
+ * time the label was written, logs by the time of the audited action (an
+ * action concerning no tenant goes to tenant=_). Objects are built in a local
  * spool file and handed to a backend (fs.c now, s3.c later) that makes them
  * visible atomically: a reader never sees a partial object.
  *

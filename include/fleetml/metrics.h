@@ -39,6 +39,10 @@ typedef struct fm_metrics {
     _Atomic uint64_t lake_errors;
     _Atomic int64_t lake_backlog;     /* gauge: committed rows not yet in lake */
     _Atomic int64_t store_unavailable; /* gauge 0/1 (e.g. disk full) */
+    _Atomic uint64_t http_requests;    /* API requests answered */
+    _Atomic uint64_t http_errors;      /* ... with a 5xx status */
+    _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
+    _Atomic uint64_t presence_events;  /* device connect/disconnect reports */
     fm_hist inference_seconds;
     fm_hist commit_seconds;
     fm_hist commit_batch_size;

@@ -15,6 +15,15 @@
 #include "fleetml/config.h"
 #include "fleetml/core.h"
 
+struct fm_model;
+
+/* Where the answer to a message goes when it did not come over MQTT (the
+ * HTTP predict endpoint with ?store=true): called once, on the pipeline
+ * thread, with the reply document (not NUL-terminated beyond len; valid
+ * during the call), or with doc NULL when the message is dropped without
+ * an answer (fm_inmsg_free of an unanswered message). */
+typedef void (*fm_reply_fn)(void *ud, const char *doc, size_t len);
+
 /* A received message, owned by the pipeline once submitted. */
 typedef struct fm_inmsg {
     struct fm_inmsg *next;
@@ -27,6 +36,8 @@ typedef struct fm_inmsg {
     uint64_t recv_ns;       /* fm_mono_ns() at receipt */
     int64_t recv_ms;        /* wall clock at receipt */
     void *prep;             /* pipeline-internal: parse and feature results */
+    fm_reply_fn reply;      /* NULL: reply over MQTT (publish callback) */
+    void *reply_ud;
 } fm_inmsg;
 
 /* Allocates a message holding copies of the given buffers. Returns NULL on
@@ -80,5 +91,14 @@ char *fm_reply_topic(const char *device_id, const char *response_topic, const ch
  * Caller frees with fm_free. NULL on allocation
  * failure. */
 char *fm_error_result_json(const char *measurement_id, const char *code, const char *message);
+
+/* Builds the JSON "ok" result document a device gets for measurement mid:
+ * {"id","status":"ok","model":model_ref,"outputs":{name: value rounded to
+ * 3 decimals, in the model's output order},"received_at":RFC 3339}. out
+ * holds fm_model_output_count(model) values. Caller frees with fm_free;
+ * NULL on allocation failure. Shared by the pipeline and HTTP predict so
+ * both answer byte-for-byte the same document. */
+char *fm_result_ok_json(const struct fm_model *model, const char *model_ref, const char *mid,
+                        const float *out, int64_t recv_ms);
 
 #endif

@@ -20,6 +20,10 @@
 
 #define FM_SHADOW_MAX_BYTES 8192
 #define FM_CONTROL_TOPIC "$CONTROL/fleetml/v1"
+/* The broker plugin reports device connects and disconnects here
+ * ({"device":id,"online":bool,"at_ms":ms,"boot":id}); only the broker itself can
+ * publish on it (devices are confined to fleet/<id>/...). */
+#define FM_PRESENCE_TOPIC "$fleetml/v1/presence"
 
 /* ---- shadow documents (pure functions, shadow.c) ------------------------- */
 
@@ -84,6 +88,9 @@ typedef struct fm_registry_opts {
     const fm_config *cfg;
     fm_publish_fn publish; /* QoS 1 publish; must be thread-safe */
     void *ud;
+    /* Mark every device offline at start (the broker is starting empty,
+     * as a supervised broker does). */
+    int reset_presence;
 } fm_registry_opts;
 
 /* Loads the CA, opens a store handle, writes the snapshot and CRL, and
@@ -91,7 +98,8 @@ typedef struct fm_registry_opts {
 int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf *err);
 
 /* True when topic is one the registry handles: fleet/provisioning/+/request,
- * fleet/+/cert/rotate, fleet/+/shadow/update, fleet/+/shadow/get. */
+ * fleet/+/cert/rotate, fleet/+/shadow/update, fleet/+/shadow/get and
+ * FM_PRESENCE_TOPIC. */
 int fm_registry_handles(const char *topic);
 
 /* Copies m into the registry's queue. Returns 0, FM_EBUSY (queue full) or
@@ -121,5 +129,28 @@ int fm_registry_device_id(const char *prefix, const char *serial, char *out, siz
  * JSON object) with err set. */
 int fm_registry_run_hook(const char *hook, struct json_t *request, int timeout_ms,
                          struct json_t **response, fm_errbuf *err);
+
+/* ---- administration shared by the CLI and the HTTP API ---------------- */
+
+/* true when name is 2..63 characters of [a-z0-9-] starting with [a-z0-9]. */
+bool fm_template_name_valid(const char *name);
+/* Checks a template before it is stored: name, device prefix, lifetime
+ * (1..3650 days), rate (0..100000/min) and hook form. 0 or FM_EINVAL with
+ * err set to a sentence fit for the user. */
+int fm_template_check(const fm_template *t, fm_errbuf *err);
+/* Issues a new claim certificate (CN "claim:<name>", a fresh P-256 key)
+ * for template name into dir/claim.key (0600) and dir/claim.crt, creating
+ * dir (0700), and records its serial (written into serial, >= 64 bytes)
+ * so the broker accepts it. Returns 0, FM_ENOTFOUND (no such template),
+ * FM_EIO, FM_ECRYPTO, FM_EDB, with err set; on failure no file is left. */
+int fm_template_claim_cert(const fm_config *cfg, fm_store *st, const char *name,
+                           const char *dir, char *serial, size_t serial_len, fm_errbuf *err);
+/* Applies patch (a JSON object, RFC 7386 merge patch) to the desired
+ * document of a device's shadow, retrying on concurrent updates, and reads
+ * the result into *out (fm_shadow_clear it). Every node then sends the
+ * device its delta. Returns 0, FM_ERANGE (document would exceed
+ * FM_SHADOW_MAX_BYTES), FM_EBUSY (kept changing), FM_ENOMEM, FM_EDB. */
+int fm_shadow_set_desired(fm_store *st, const char *device_id, struct json_t *patch,
+                          fm_shadow *out, fm_errbuf *err);
 
 #endif

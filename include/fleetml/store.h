@@ -58,8 +58,16 @@ typedef struct fm_quarantine {
     const char *error_message;
 } fm_quarantine;
 
-/* Lake export streams; each has its own cursor. */
-enum fm_lake_stream { FM_STREAM_RAW = 0, FM_STREAM_QUARANTINE = 1 };
+/* Lake export streams; each has its own cursor. RAW and QUARANTINE rows
+ * are fm_record / fm_quarantine; LABELS and AUDIT rows are ready-made JSON
+ * documents (fm_doc) written to the lake's labels/ and logs/ areas. */
+enum fm_lake_stream {
+    FM_STREAM_RAW = 0,
+    FM_STREAM_QUARANTINE = 1,
+    FM_STREAM_LABELS = 2,
+    FM_STREAM_AUDIT = 3
+};
+#define FM_STREAM_COUNT 4
 
 typedef struct fm_lake_cursor {
     int64_t last_seq;       /* highest seq already in the lake */
@@ -171,6 +179,67 @@ typedef struct fm_refresh_info {
     char family[32];
 } fm_refresh_info;
 
+/* ---- API data: labels, audit, presence, pages ------------------------- */
+
+/* A reference value entered for a measurement (ground truth for retraining).
+ * On write the strings are borrowed; on read (fm_store_label_get) they are
+ * copied into the fixed buffers and outputs_json is fm_malloc'd. */
+typedef struct fm_label {
+    int64_t seq;            /* assigned by the store */
+    const char *device_id;
+    const char *tenant;
+    const char *measurement_id;
+    const char *outputs_json; /* JSON object {"name": number, ...} */
+    const char *source;       /* free text, e.g. "lab:capillary-viscometer" */
+    const char *labelled_by;  /* username */
+    int64_t at_ms;
+} fm_label;
+
+/* One audit entry. Strings are borrowed. details_json may be NULL ("{}"). */
+typedef struct fm_audit {
+    int64_t seq;
+    int64_t at_ms;
+    const char *tenant;   /* tenant the action concerns ("" for none) */
+    const char *actor;    /* "user:<tenant>/<username>", "anonymous", "cli" */
+    const char *action;   /* e.g. "auth.login", "device.revoke", "measurement.read" */
+    const char *target;   /* object acted on, e.g. "device:icu-1"; may be "" */
+    const char *outcome;  /* "ok", "denied", "failed", "throttled" */
+    const char *client;   /* client address, "" when none */
+    const char *details_json;
+} fm_audit;
+
+/* Filters for fm_store_audit_page; zero / NULL fields do not filter. */
+typedef struct fm_audit_filter {
+    const char *tenant;   /* NULL: every tenant (operators) */
+    const char *actor;
+    const char *action;
+    int64_t from_ms, to_ms; /* at_ms in [from, to); 0 = open */
+    int64_t before_seq;   /* cursor: only seq < before_seq; 0 = from the newest */
+} fm_audit_filter;
+
+/* Where a device is: online as the broker last reported it, and the last
+ * time it was seen (connect, disconnect or measurement). */
+typedef struct fm_presence {
+    int online;
+    int64_t changed_ms;   /* last online/offline change (0: never seen) */
+    int64_t last_seen_ms; /* max(changed_ms, newest measurement received_ms) */
+} fm_presence;
+
+/* Filters and cursor for fm_store_measurement_page: rows of one device with
+ * received_ms in [from_ms, to_ms) (0 = open), newest first, ordered by
+ * (received_ms DESC, seq DESC); the page starts strictly after the cursor
+ * row (cursor_ms, cursor_seq) when cursor_seq > 0. */
+typedef struct fm_measurement_query {
+    const char *device_id;
+    int64_t from_ms, to_ms;
+    int64_t cursor_ms, cursor_seq;
+    size_t limit;
+} fm_measurement_query;
+
+typedef int (*fm_doc_cb)(void *ud, int64_t seq, const char *tenant, int64_t at_ms,
+                         const char *doc, size_t len);
+typedef int (*fm_audit_cb)(void *ud, const fm_audit *a);
+
 /* Called for each row of a scan; return nonzero to stop early. */
 typedef int (*fm_record_cb)(void *ud, const fm_record *r);
 typedef int (*fm_quarantine_cb)(void *ud, const fm_quarantine *q);
@@ -266,6 +335,25 @@ typedef struct fm_store_vtable {
     int (*session_active)(fm_store *s, const char *family, int64_t user_id);
     int (*refresh_prune)(fm_store *s, int64_t before_ms, long *pruned);
     int (*tenant_exists)(fm_store *s, const char *name);
+
+    /* ---- API data ---- */
+    int (*device_page)(fm_store *s, const char *tenant, const char *after_id, size_t limit,
+                       fm_device_cb cb, void *ud);
+    int (*presence_set)(fm_store *s, const char *device_id, int online, int64_t at_ms);
+    int (*presence_reset)(fm_store *s, int64_t at_ms);
+    int (*presence_get)(fm_store *s, const char *device_id, fm_presence *out);
+    int (*measurement_page)(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
+                            void *ud);
+    int (*measurement_get)(fm_store *s, const char *device_id, const char *measurement_id,
+                           fm_record_cb cb, void *ud);
+    int (*label_put)(fm_store *s, fm_label *l, fm_errbuf *err);
+    int (*label_get)(fm_store *s, const char *device_id, const char *measurement_id,
+                     fm_label *out, char *source, size_t source_len, char *by, size_t by_len);
+    int (*audit_append)(fm_store *s, fm_audit *a, fm_errbuf *err);
+    int (*audit_page)(fm_store *s, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
+                      void *ud);
+    int (*scan_docs)(fm_store *s, enum fm_lake_stream st, int64_t after_seq, size_t limit,
+                     fm_doc_cb cb, void *ud);
 } fm_store_vtable;
 
 struct fm_store {
@@ -476,7 +564,8 @@ static inline int fm_store_user_set_roles(fm_store *s, int64_t id, const char *r
 static inline int fm_store_user_revoke_sessions(fm_store *s, int64_t id, int64_t now_ms,
                                                 fm_errbuf *err)
 { return s->vt->user_revoke_sessions(s, id, now_ms, err); }
-/* Counts one sign-in attempt against each of keys[0..n-1] (n <= 4), atomically:
+/* Counts one sign-in attempt against each of keys[0..n-1] (n <= 4), key i
+ * under policy p[i] (p is an array of n policies), atomically:
  * when any key is locked at now_ms nothing is counted, *locked_until_ms is
  * the latest lock end and FM_EBUSY is returned. Otherwise each key's
  * failure count grows by one, locks[i] (array of n, may be NULL) receives
@@ -530,5 +619,87 @@ static inline int fm_store_refresh_prune(fm_store *s, int64_t before_ms, long *p
 /* 1 when the tenant exists, 0 when not, FM_EDB. */
 static inline int fm_store_tenant_exists(fm_store *s, const char *name)
 { return s->vt->tenant_exists(s, name); }
+
+/* ---- API data wrappers ------------------------------------------------------ */
+
+/* Calls cb for up to limit devices of tenant (every tenant when NULL) with
+ * id > after_id (after_id NULL or "": from the start), ordered by id.
+ * 0 or FM_EDB. */
+static inline int fm_store_device_page(fm_store *s, const char *tenant, const char *after_id,
+                                       size_t limit, fm_device_cb cb, void *ud)
+{ return s->vt->device_page(s, tenant, after_id, limit, cb, ud); }
+/* Records that a device connected (online 1) or disconnected (0) at at_ms.
+ * Unknown devices are ignored (0). Not a registry event: presence is not
+ * pushed to the broker. 0 or FM_EDB. */
+static inline int fm_store_presence_set(fm_store *s, const char *device_id, int online,
+                                        int64_t at_ms)
+{ return s->vt->presence_set(s, device_id, online, at_ms); }
+/* Marks every device offline (the broker restarted: it lost all sessions),
+ * setting changed_ms = at_ms for those that were online. 0 or FM_EDB. */
+static inline int fm_store_presence_reset(fm_store *s, int64_t at_ms)
+{ return s->vt->presence_reset(s, at_ms); }
+/* Fills *out (zeros for a device never seen). 0 or FM_EDB. */
+static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
+{ return s->vt->presence_get(s, device_id, out); }
+/* Calls cb for up to q->limit measurements of q->device_id (see
+ * fm_measurement_query), with payload, result and model. Borrowed pointers
+ * live during the callback only. To continue, pass the last row's
+ * (received_ms, seq) as the cursor: pages neither repeat nor skip rows,
+ * even when several share a received_ms. 0, FM_EINVAL (no device_id) or
+ * FM_EDB. */
+static inline int fm_store_measurement_page(fm_store *s, const fm_measurement_query *q,
+                                            fm_record_cb cb, void *ud)
+{ return s->vt->measurement_page(s, q, cb, ud); }
+/* Calls cb once with the measurement (device, id). 0, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_measurement_get(fm_store *s, const char *device_id,
+                                           const char *measurement_id, fm_record_cb cb,
+                                           void *ud)
+{ return s->vt->measurement_get(s, device_id, measurement_id, cb, ud); }
+/* Stores the label of a measurement (replacing an earlier one), in one
+ * transaction with the check that the measurement exists. l->tenant may
+ * be NULL or "" (any tenant); otherwise the measurement must belong to it.
+ * The stored tenant is the measurement's. l->at_ms 0 means now (l->at_ms
+ * is then set). Every write is a new row with a new, larger seq (l->seq),
+ * which the lake exporter writes to labels/. The table keeps only the
+ * current label, so a label replaced again before the exporter read it
+ * (it runs every ~200 ms; longer while the lake is failing) does not reach
+ * the lake: the lake keeps the history the exporter saw. Returns 0,
+ * FM_EINVAL (outputs_json not a JSON object, no device or measurement id),
+ * FM_ENOTFOUND (no such measurement of that device and tenant), FM_EDB /
+ * FM_ENOSPC / FM_EIO. */
+static inline int fm_store_label_put(fm_store *s, fm_label *l, fm_errbuf *err)
+{ return s->vt->label_put(s, l, err); }
+/* Reads the current label: *out's device_id/tenant/measurement_id are NULL,
+ * outputs_json is fm_malloc'd (caller frees with fm_free((void *)...)),
+ * source and labelled_by point into the caller's buffers (truncated to
+ * fit; left NULL when a buffer is NULL). 0, FM_ENOTFOUND, FM_ENOMEM,
+ * FM_EDB. */
+static inline int fm_store_label_get(fm_store *s, const char *device_id,
+                                     const char *measurement_id, fm_label *out, char *source,
+                                     size_t source_len, char *by, size_t by_len)
+{ return s->vt->label_get(s, device_id, measurement_id, out, source, source_len, by, by_len); }
+/* Durably appends an audit entry (a->seq set; a->at_ms 0 means now and is
+ * then set; NULL strings are stored as ""). 0, FM_EINVAL (details_json not
+ * a JSON object), FM_EDB, FM_ENOSPC, FM_EIO. */
+static inline int fm_store_audit_append(fm_store *s, fm_audit *a, fm_errbuf *err)
+{ return s->vt->audit_append(s, a, err); }
+/* Calls cb for up to limit matching entries, newest first (seq DESC); f
+ * may be NULL (no filter). Pass the last entry's seq as before_seq for the
+ * next page. Borrowed pointers live during the callback only. 0, FM_EDB. */
+static inline int fm_store_audit_page(fm_store *s, const fm_audit_filter *f, size_t limit,
+                                      fm_audit_cb cb, void *ud)
+{ return s->vt->audit_page(s, f, limit, cb, ud); }
+/* For the LABELS and AUDIT streams: calls cb with each row's JSON document
+ * (one line, no newline, NUL-terminated; it includes "seq"), tenant and
+ * time (label written / action done), seq > after, in seq order, at most
+ * limit rows; cb returns nonzero to stop. Documents:
+ *   labels: {"seq","device_id","tenant","measurement_id","outputs":{...},
+ *            "source","labelled_by","labelled_at":RFC 3339}
+ *   audit:  {"seq","at":RFC 3339,"tenant","actor","action","target",
+ *            "outcome","client","details":{...}}
+ * 0, FM_EINVAL for other streams, FM_ENOMEM, FM_EDB. */
+static inline int fm_store_scan_docs(fm_store *s, enum fm_lake_stream st, int64_t after_seq,
+                                     size_t limit, fm_doc_cb cb, void *ud)
+{ return s->vt->scan_docs(s, st, after_seq, limit, cb, ud); }
 
 #endif

@@ -315,7 +315,12 @@ int fm_auth_login_ex(fm_store *s, const fm_throttle_policy *policy, const char *
     /* Count the attempt first and take it back on success: concurrent
      * guesses then see each other's counts, so a burst of parallel
      * requests cannot all get through before the first failure lands. */
-    rc = fm_store_throttle_attempt(s, keys, has_addr ? 2 : 1, policy, now_ms, locks, &until, NULL);
+    /* An address gets a larger allowance than an account: many staff sign
+     * in from behind one hospital NAT, and one of them mistyping must not
+     * lock out the others. */
+    fm_throttle_policy pols[2] = {*policy, *policy};
+    pols[1].free_failures = policy->free_failures * FM_THROTTLE_ADDR_FACTOR;
+    rc = fm_store_throttle_attempt(s, keys, has_addr ? 2 : 1, pols, now_ms, locks, &until, NULL);
     if (rc == FM_EBUSY) {
         if (retry_after_s)
             *retry_after_s = ceil_seconds(until - now_ms) > 0 ? ceil_seconds(until - now_ms) : 1;

@@ -1,59 +1,371 @@
-#include "fleetml/api.h"
+/*
+ * The HTTP listener: libmicrohttpd with a thread pool, request bodies
+ * bounded per route, one store handle per request from a pool, bearer
+ * token checks and the central permission check, then the route's handler
+ * (v1_*.c). Built-in endpoints outside /api/v1: /healthz, /readyz,
+ * /metrics and, only with FM_FAULT_INJECTION=1, /debug/fault.
+ */
+#include "api/api_int.h"
 #include "fleetml/fault.h"
 #include "fleetml/metrics.h"
 
 #include <arpa/inet.h>
-#include <jansson.h>
-#include <microhttpd.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
-struct fm_http {
-    struct MHD_Daemon *daemon;
-    fm_health_fn health;
-    void *ud;
-    char node[64];
-    int fault; /* FM_FAULT_INJECTION=1 at start: /debug/fault exists */
-};
+extern const unsigned char fm_openapi_yaml[];
+extern const unsigned long fm_openapi_yaml_len;
 
-static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *type,
-                               char *body, size_t len)
+
+#define HOUSEKEEPING_MS (5 * 60 * 1000)
+
+/* Per-request state kept by libmicrohttpd between calls. */
+typedef struct conn_state {
+    const api_route *route; /* resolved on the first call (NULL: none) */
+    char *body;
+    size_t len, max;
+    bool too_large;
+} conn_state;
+
+/* ---- store pool ---------------------------------------------------------- */
+
+static int pool_open(api_store_pool *p, const fm_config *cfg, size_t n, fm_errbuf *err)
 {
-    struct MHD_Response *r =
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->free = fm_calloc(n, sizeof *p->free);
+    if (!p->free)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    p->cap = n;
+    for (size_t i = 0; i < n; i++) {
+        int rc = fm_store_open(cfg, &p->free[i], err);
+        if (rc)
+            return rc;
+        p->nfree++;
+    }
+    return 0;
+}
+
+static fm_store *pool_take(api_store_pool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    while (p->nfree == 0)
+        pthread_cond_wait(&p->cv, &p->mu);
+    fm_store *s = p->free[--p->nfree];
+    pthread_mutex_unlock(&p->mu);
+    return s;
+}
+
+static void pool_give(api_store_pool *p, fm_store *s)
+{
+    pthread_mutex_lock(&p->mu);
+    p->free[p->nfree++] = s;
+    pthread_cond_signal(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void pool_close(api_store_pool *p)
+{
+    if (!p->free)
+        return;
+    for (size_t i = 0; i < p->nfree; i++)
+        fm_store_close(p->free[i]);
+    fm_free(p->free);
+    p->free = NULL;
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+}
+
+/* ---- answers ---------------------------------------------------------------- */
+
+void api_json(api_req *r, unsigned status, json_t *doc)
+{
+    json_decref(r->out);
+    r->out = doc;
+    r->status = doc ? status : MHD_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+void api_error(api_req *r, unsigned status, const char *code, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    api_json(r, status, json_pack("{s:{s:s,s:s}}", "error", "code", code, "message", msg));
+}
+
+void api_store_error(api_req *r, int rc)
+{
+    if (rc == FM_EBUSY || rc == FM_ENOSPC || rc == FM_EIO || rc == FM_EUNAVAIL) {
+        r->retry_after = 1;
+        api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable",
+                  "the store is unavailable, retry later");
+    } else {
+        api_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "internal error");
+    }
+}
+
+void api_no_content(api_req *r)
+{
+    json_decref(r->out);
+    r->out = NULL;
+    r->status = MHD_HTTP_NO_CONTENT;
+}
+
+static void add_security_headers(const fm_http *h, struct MHD_Response *resp)
+{
+    MHD_add_response_header(resp, "Cache-Control", "no-store");
+    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(resp, "X-Frame-Options", "DENY");
+    MHD_add_response_header(resp, "Content-Security-Policy",
+                            "default-src 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
+    if (h->tls)
+        MHD_add_response_header(resp, "Strict-Transport-Security", "max-age=31536000");
+}
+
+static enum MHD_Result send_buffer(fm_http *h, struct MHD_Connection *conn, unsigned status,
+                                   const char *type, char *body, size_t len, const api_req *r)
+{
+    struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
-    if (!r) {
+    if (!resp) {
         fm_free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(r, "Content-Type", type);
-    MHD_add_response_header(r, "Cache-Control", "no-store");
-    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
-    enum MHD_Result ret = MHD_queue_response(conn, status, r);
-    MHD_destroy_response(r);
+    if (type)
+        MHD_add_response_header(resp, "Content-Type", type);
+    add_security_headers(h, resp);
+    if (r) {
+        char ra[24];
+        if (r->retry_after > 0) {
+            snprintf(ra, sizeof ra, "%ld", r->retry_after);
+            MHD_add_response_header(resp, "Retry-After", ra);
+        }
+        if (r->allow)
+            MHD_add_response_header(resp, "Allow", r->allow);
+        if (r->www_authenticate)
+            MHD_add_response_header(resp, "WWW-Authenticate", "Bearer realm=\"fleetml\"");
+    }
+    enum MHD_Result ret = MHD_queue_response(conn, status, resp);
+    MHD_destroy_response(resp);
     return ret;
 }
 
-static enum MHD_Result respond_json(struct MHD_Connection *conn, unsigned status, json_t *doc)
+static enum MHD_Result send_json(fm_http *h, struct MHD_Connection *conn, unsigned status,
+                                 json_t *doc, const api_req *r)
 {
-    char *s = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    /* 15 significant digits: stored documents re-parsed for a response
+     * print as they were sent (37.21, not 37.210000000000001); the lake
+     * keeps the raw text for anyone who needs every bit. */
+    char *s = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(15))
+                  : NULL;
     json_decref(doc);
     if (!s)
         return MHD_NO;
-    return respond(conn, status, "application/json", s, strlen(s));
+    return send_buffer(h, conn, status, "application/json", s, strlen(s), r);
 }
 
-static enum MHD_Result respond_error(struct MHD_Connection *conn, unsigned status,
-                                     const char *code, const char *message)
+static enum MHD_Result send_error(fm_http *h, struct MHD_Connection *conn, unsigned status,
+                                  const char *code, const char *message, const api_req *r)
 {
-    return respond_json(conn, status,
-                        json_pack("{s:{s:s,s:s}}", "error", "code", code, "message", message));
+    return send_json(h, conn, status,
+                     json_pack("{s:{s:s,s:s}}", "error", "code", code, "message", message), r);
 }
+
+/* ---- small helpers for handlers ------------------------------------------- */
+
+const char *api_query(api_req *r, const char *name)
+{
+    return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+json_t *api_time(int64_t ms)
+{
+    char ts[40];
+    return ms > 0 ? json_string(fm_rfc3339(ms, ts, sizeof ts)) : json_null();
+}
+
+json_t *api_roles_array(const char *roles)
+{
+    json_t *a = json_array();
+    const char *p = roles;
+    while (a && p && *p) {
+        const char *c = strchr(p, ',');
+        size_t n = c ? (size_t)(c - p) : strlen(p);
+        json_array_append_new(a, json_stringn(p, n));
+        p = c ? c + 1 : NULL;
+    }
+    return a;
+}
+
+bool api_scope_tenant(api_req *r, const char **tenant)
+{
+    const char *t = api_query(r, "tenant");
+    *tenant = r->who.tenant;
+    if (!t || strcmp(t, r->who.tenant) == 0)
+        return true;
+    if (!(r->who.role_mask & FM_ROLE_OPERATOR)) {
+        /* Naming another tenant is not a way to learn it exists. */
+        api_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such tenant");
+        return false;
+    }
+    int ex = fm_store_tenant_exists(r->store, t);
+    if (ex < 0) {
+        api_store_error(r, ex);
+        return false;
+    }
+    if (ex == 0) {
+        api_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such tenant");
+        return false;
+    }
+    *tenant = t;
+    return true;
+}
+
+bool api_device_visible(api_req *r, const char *id, fm_device *out)
+{
+    int rc = fm_store_device_get(r->store, id, out);
+    if (rc == 0 && !fm_auth_tenant_allowed(&r->who, out->tenant))
+        rc = FM_ENOTFOUND;
+    if (rc == FM_ENOTFOUND) {
+        api_error(r, MHD_HTTP_NOT_FOUND, "not_found", "no such device");
+        return false;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return false;
+    }
+    return true;
+}
+
+bool api_page_args(api_req *r, size_t *limit, int64_t *ca, int64_t *cb, char *cs, size_t cs_len)
+{
+    *limit = API_PAGE_DEFAULT;
+    *ca = *cb = 0;
+    if (cs_len)
+        cs[0] = '\0';
+    const char *l = api_query(r, "limit");
+    if (l) {
+        char *end;
+        long v = strtol(l, &end, 10);
+        if (*l == '\0' || *end != '\0' || v < 1 || v > API_PAGE_MAX) {
+            api_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                      "limit must be an integer from 1 to %d", API_PAGE_MAX);
+            return false;
+        }
+        *limit = (size_t)v;
+    }
+    const char *c = api_query(r, "cursor");
+    if (c && fm_api_cursor_decode(c, ca, cb, cs, cs_len) != 0) {
+        api_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request", "cursor is not valid");
+        return false;
+    }
+    return true;
+}
+
+bool api_time_arg(api_req *r, const char *name, int64_t *out)
+{
+    *out = 0;
+    const char *v = api_query(r, name);
+    if (!v)
+        return true;
+    char *end;
+    long long ms = strtoll(v, &end, 10);
+    if (*v && *end == '\0' && ms >= 0) {
+        *out = ms;
+        return true;
+    }
+    int64_t t;
+    if (fm_rfc3339_parse(v, &t) == 0 && t >= 0) {
+        *out = t;
+        return true;
+    }
+    api_error(r, MHD_HTTP_BAD_REQUEST, "invalid_request",
+              "%s must be an RFC 3339 time or milliseconds since the epoch", name);
+    return false;
+}
+
+void api_page_finish(json_t *page, const char *next_cursor)
+{
+    json_object_set_new(page, "next_cursor",
+                        next_cursor && *next_cursor ? json_string(next_cursor) : json_null());
+}
+
+void api_audit(api_req *r, const char *tenant, const char *action, const char *target,
+               const char *outcome, json_t *details)
+{
+    char *dj = details ? json_dumps(details, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(details);
+    fm_audit a = {
+        .at_ms = r->now_ms,
+        .tenant = tenant ? tenant : (r->authed ? r->who.tenant : ""),
+        .actor = r->actor,
+        .action = action,
+        .target = target ? target : "",
+        .outcome = outcome,
+        .client = r->client,
+        .details_json = dj,
+    };
+    fm_errbuf err;
+    int rc = fm_store_audit_append(r->store, &a, &err);
+    fm_free(dj);
+    if (rc) {
+        atomic_fetch_add(&fm_metrics_get()->http_audit_errors, 1);
+        fm_logkv(FM_LOG_ERROR, "http", "audit entry not stored", "action", action, "error",
+                 err.msg, NULL);
+    }
+}
+
+/* ---- client address ------------------------------------------------------- */
+
+static void peer_address(const fm_http *h, struct MHD_Connection *conn, char *out, size_t len)
+{
+    out[0] = '\0';
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (ci && ci->client_addr) {
+        const struct sockaddr *sa = ci->client_addr;
+        if (sa->sa_family == AF_INET)
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
+        else if (sa->sa_family == AF_INET6)
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out,
+                      (socklen_t)len);
+    }
+    bool trusted = false;
+    for (size_t i = 0; i < h->nproxies && !trusted; i++)
+        trusted = strcmp(h->proxies[i], out) == 0;
+    if (!trusted)
+        return;
+    /* The right-most X-Forwarded-For entry is the one our proxy added. */
+    const char *xff = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Forwarded-For");
+    if (!xff)
+        return;
+    const char *last = strrchr(xff, ',');
+    last = last ? last + 1 : xff;
+    while (*last == ' ')
+        last++;
+    char cand[64];
+    size_t n = strcspn(last, " ");
+    if (n == 0 || n >= sizeof cand)
+        return;
+    memcpy(cand, last, n);
+    cand[n] = '\0';
+    unsigned char buf[16];
+    if (inet_pton(AF_INET, cand, buf) == 1 || inet_pton(AF_INET6, cand, buf) == 1)
+        snprintf(out, len, "%s", cand);
+}
+
+/* ---- built-in endpoints ---------------------------------------------------------- */
 
 /* Soak-test hook, only with FM_FAULT_INJECTION=1 at start (see fault.h):
  * POST /debug/fault?fsync=N[&file_fsync=M] makes the next N database
  * fsyncs (and M fm_fsync_fd calls) fail; GET shows what is pending. */
-static enum MHD_Result handle_fault(struct MHD_Connection *conn, const char *method)
+static enum MHD_Result handle_fault(fm_http *h, struct MHD_Connection *conn, const char *method)
 {
     if (strcmp(method, "POST") == 0) {
         const char *names[2] = {"fsync", "file_fsync"};
@@ -64,8 +376,8 @@ static enum MHD_Result handle_fault(struct MHD_Connection *conn, const char *met
             char *end;
             long n = strtol(v, &end, 10);
             if (*v == '\0' || *end != '\0' || n < 0 || n > 1000000)
-                return respond_error(conn, MHD_HTTP_BAD_REQUEST, "invalid_request",
-                                     "expected a count 0..1000000");
+                return send_error(h, conn, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                                  "expected a count 0..1000000", NULL);
             if (i == 0)
                 fm_fault_fsync_fail_next((int)n);
             else
@@ -73,12 +385,198 @@ static enum MHD_Result handle_fault(struct MHD_Connection *conn, const char *met
             fm_logkv(FM_LOG_WARN, "http", "fault injection armed", names[i], v, NULL);
         }
     } else if (strcmp(method, "GET") != 0) {
-        return respond_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
-                             "GET or POST");
+        return send_error(h, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                          "GET or POST", NULL);
     }
-    return respond_json(conn, MHD_HTTP_OK,
-                        json_pack("{s:i,s:I}", "fsync_pending", fm_fault_fsync_pending(),
-                                  "fsync_injected", (json_int_t)fm_fault_fsync_injected()));
+    return send_json(h, conn, MHD_HTTP_OK,
+                     json_pack("{s:i,s:I}", "fsync_pending", fm_fault_fsync_pending(),
+                               "fsync_injected", (json_int_t)fm_fault_fsync_injected()),
+                     NULL);
+}
+
+static enum MHD_Result handle_builtin(fm_http *h, struct MHD_Connection *conn, const char *url,
+                                      const char *method, bool has_body)
+{
+    if (h->fault && strcmp(url, "/debug/fault") == 0 && !has_body)
+        return handle_fault(h, conn, method);
+    bool known = strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0 ||
+                 strcmp(url, "/metrics") == 0;
+    if (!known)
+        return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        api_req r = {.allow = "GET, HEAD"};
+        return send_error(h, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                          "only GET is supported here", &r);
+    }
+    if (has_body)
+        return send_error(h, conn, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
+                          "this endpoint takes no request body", NULL);
+    if (strcmp(url, "/healthz") == 0) {
+        fm_health st = {0};
+        h->health(h->ud, &st);
+        return send_json(h, conn, MHD_HTTP_OK,
+                         json_pack("{s:s,s:s,s:s,s:i}", "status", "ok", "version", FM_VERSION,
+                                   "node", h->cfg.node_id, "broker_pid", st.broker_pid),
+                         NULL);
+    }
+    if (strcmp(url, "/readyz") == 0) {
+        fm_health st = {0};
+        h->health(h->ud, &st);
+        int ready = st.broker_up && st.mqtt_connected && st.store_ok && st.model_loaded;
+        return send_json(
+            h, conn, ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE,
+            json_pack("{s:b,s:{s:b,s:b,s:b,s:b},s:s}", "ready", ready, "checks", "broker",
+                      st.broker_up, "mqtt", st.mqtt_connected, "store", st.store_ok, "model",
+                      st.model_loaded, "model", st.model),
+            NULL);
+    }
+    char *text;
+    size_t len;
+    if (fm_metrics_render(fm_metrics_get(), &text, &len) != 0)
+        return MHD_NO;
+    return send_buffer(h, conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", text,
+                       len, NULL);
+}
+
+/* ---- the API dispatcher ------------------------------------------------------- */
+
+static bool is_json_type(const char *ct)
+{
+    if (!ct)
+        return false;
+    size_t n = strlen("application/json");
+    if (strncasecmp(ct, "application/json", n) != 0)
+        return false;
+    return ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ';
+}
+
+/* Only the Authorization header carries tokens: a token in a URL ends up
+ * in proxy logs, browser history and Referer headers. */
+static bool token_in_query(struct MHD_Connection *conn)
+{
+    static const char *const names[] = {"access_token", "token", "refresh_token", "jwt",
+                                        "id_token", NULL};
+    for (int i = 0; names[i]; i++)
+        if (MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, names[i]))
+            return true;
+    return false;
+}
+
+static bool authenticate(api_req *r)
+{
+    const char *hdr = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
+    const char *tok = NULL;
+    if (hdr && strncasecmp(hdr, "Bearer ", 7) == 0) {
+        tok = hdr + 7;
+        while (*tok == ' ')
+            tok++;
+    }
+    int rc = tok && *tok ? fm_auth_verify_access(r->store, r->h->jwt, tok, r->now_ms, &r->who)
+                         : FM_EPERM;
+    if (rc == 0) {
+        r->authed = true;
+        snprintf(r->actor, sizeof r->actor, "user:%s/%s", r->who.tenant, r->who.username);
+        return true;
+    }
+    r->www_authenticate = true;
+    if (rc == FM_EPERM)
+        api_error(r, MHD_HTTP_UNAUTHORIZED, "unauthorized",
+                  tok ? "the access token is invalid, expired or revoked"
+                      : "an access token is required (Authorization: Bearer <token>)");
+    else
+        api_store_error(r, rc);
+    return false;
+}
+
+static void housekeeping(api_req *r)
+{
+    int64_t due = atomic_load(&r->h->next_housekeeping_ms);
+    if (r->now_ms < due ||
+        !atomic_compare_exchange_strong(&r->h->next_housekeeping_ms, &due,
+                                        r->now_ms + HOUSEKEEPING_MS))
+        return;
+    fm_auth_housekeeping(r->store, &r->h->throttle, r->now_ms);
+}
+
+static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const char *url,
+                                const char *method, conn_state *cs)
+{
+    api_req r = {.h = h, .conn = conn, .method = method, .url = url, .now_ms = fm_wall_ms()};
+    snprintf(r.actor, sizeof r.actor, "anonymous");
+    peer_address(h, conn, r.client, sizeof r.client);
+    char allow[96];
+    bool known;
+    const api_route *rt = cs->route;
+    if (token_in_query(conn)) {
+        api_error(&r, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                  "tokens are accepted only in the Authorization header, never in the URL");
+        goto answer;
+    }
+    if (!rt) {
+        rt = api_route_find(&r, allow, sizeof allow, &known);
+        if (!rt) {
+            if (known) {
+                r.allow = allow;
+                api_error(&r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                          "%s is not supported here (allowed: %s)", method, allow);
+            } else {
+                api_error(&r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
+            }
+            goto answer;
+        }
+    } else {
+        api_route_find(&r, allow, sizeof allow, &known); /* fills the path parameters */
+    }
+    if (cs->too_large) {
+        api_error(&r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
+                  rt->body_max ? "the request body is larger than %zu bytes"
+                               : "this endpoint takes no request body (limit %zu)",
+                  rt->body_max);
+        goto answer;
+    }
+    if (rt->body_max) {
+        const char *ct = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type");
+        if (!is_json_type(ct)) {
+            api_error(&r, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
+                      "the request body must be application/json");
+            goto answer;
+        }
+        char msg[192];
+        if (fm_api_parse_body(cs->body, cs->len, &r.json, msg, sizeof msg) != 0) {
+            api_error(&r, MHD_HTTP_BAD_REQUEST, "invalid_request", "%s", msg);
+            goto answer;
+        }
+        r.body = cs->body;
+        r.body_len = cs->len;
+    }
+    r.store = pool_take(&h->pool);
+    housekeeping(&r);
+    bool pub = rt->info.action && strcmp(rt->info.action, "public") == 0;
+    if (pub || authenticate(&r)) {
+        if (!pub && rt->info.action && !fm_auth_allowed(r.who.role_mask, rt->info.action)) {
+            api_audit(&r, NULL, "access.denied", rt->info.path, "denied",
+                      json_pack("{s:s,s:s}", "method", method, "permission", rt->info.action));
+            api_error(&r, MHD_HTTP_FORBIDDEN, "forbidden",
+                      "your roles do not allow this (%s needed)", rt->info.action);
+        } else {
+            rt->fn(&r);
+        }
+    }
+    pool_give(&h->pool, r.store);
+    r.store = NULL;
+answer:
+    json_decref(r.json);
+    fm_metrics *mx = fm_metrics_get();
+    atomic_fetch_add(&mx->http_requests, 1);
+    if (r.status >= 500)
+        atomic_fetch_add(&mx->http_errors, 1);
+    if (r.text)
+        return send_buffer(h, conn, r.status, r.text_type, r.text, r.text_len, &r);
+    if (!r.out && r.status == MHD_HTTP_NO_CONTENT)
+        return send_buffer(h, conn, r.status, NULL, fm_strdup(""), 0, &r);
+    if (!r.out || !r.status)
+        api_error(&r, MHD_HTTP_INTERNAL_SERVER_ERROR, "internal", "internal error");
+    return send_json(h, conn, r.status, r.out, &r);
 }
 
 static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
@@ -86,52 +584,116 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
                               size_t *upload_size, void **con_cls)
 {
     (void)version;
-    (void)upload;
     fm_http *h = cls;
-    /* First call per request: headers only. Bodies are not accepted by any
-     * route yet, so the second call is where we answer. */
-    if (*con_cls == NULL) {
-        *con_cls = h;
+    conn_state *cs = *con_cls;
+    bool api = strncmp(url, API_PREFIX "/", strlen(API_PREFIX) + 1) == 0;
+    if (!cs) {
+        cs = fm_calloc(1, sizeof *cs);
+        if (!cs)
+            return MHD_NO;
+        *con_cls = cs;
+        if (api) {
+            api_req probe = {.url = url, .method = method};
+            char allow[96];
+            bool known;
+            cs->route = api_route_find(&probe, allow, sizeof allow, &known);
+            cs->max = cs->route ? cs->route->body_max : 0;
+        }
+        /* A declared length over the limit is refused before any of the
+         * body is read. */
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
+        if (cl && api && cs->route) {
+            char *end;
+            unsigned long long n = strtoull(cl, &end, 10);
+            if (*end == '\0' && n > cs->max) {
+                cs->too_large = true;
+                return dispatch(h, conn, url, method, cs);
+            }
+        }
         return MHD_YES;
     }
-    if (*upload_size != 0)
-        return respond_error(conn, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
-                             "this endpoint takes no request body");
-    if (h->fault && strcmp(url, "/debug/fault") == 0)
-        return handle_fault(conn, method);
-    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
-        return respond_error(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
-                             "only GET is supported here");
-    if (strcmp(url, "/healthz") == 0) {
-        fm_health st = {0};
-        h->health(h->ud, &st);
-        return respond_json(conn, MHD_HTTP_OK,
-                            json_pack("{s:s,s:s,s:s,s:i}", "status", "ok", "version", FM_VERSION,
-                                      "node", h->node, "broker_pid", st.broker_pid));
-    }
-    if (strcmp(url, "/readyz") == 0) {
-        fm_health st = {0};
-        h->health(h->ud, &st);
-        int ready = st.broker_up && st.mqtt_connected && st.store_ok && st.model_loaded;
-        return respond_json(
-            conn, ready ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE,
-            json_pack("{s:b,s:{s:b,s:b,s:b,s:b},s:s}", "ready", ready, "checks", "broker",
-                      st.broker_up, "mqtt", st.mqtt_connected, "store", st.store_ok, "model",
-                      st.model_loaded, "model", st.model));
-    }
-    if (strcmp(url, "/metrics") == 0) {
-        char *text;
-        size_t len;
-        if (fm_metrics_render(fm_metrics_get(), &text, &len) != 0)
+    if (*upload_size != 0) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (cs->too_large)
+            return MHD_YES;
+        if (!api || cs->len + n > cs->max) {
+            cs->too_large = true;
+            fm_free(cs->body);
+            cs->body = NULL;
+            cs->len = 0;
+            return MHD_YES;
+        }
+        char *nb = fm_realloc(cs->body, cs->len + n + 1);
+        if (!nb)
             return MHD_NO;
-        return respond(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", text, len);
+        memcpy(nb + cs->len, upload, n);
+        cs->body = nb;
+        cs->len += n;
+        cs->body[cs->len] = '\0';
+        return MHD_YES;
     }
-    return respond_error(conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
+    if (!api)
+        return handle_builtin(h, conn, url, method, cs->too_large || cs->len > 0);
+    return dispatch(h, conn, url, method, cs);
 }
 
-int fm_http_start(const fm_config *cfg, fm_health_fn health, void *ud, fm_http **out,
-                  fm_errbuf *err)
+static void completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                      enum MHD_RequestTerminationCode toe)
 {
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    conn_state *cs = *con_cls;
+    if (cs) {
+        fm_free(cs->body);
+        fm_free(cs);
+        *con_cls = NULL;
+    }
+}
+
+/* ---- lifecycle ------------------------------------------------------------------- */
+
+static int parse_proxies(fm_http *h, const char *list, fm_errbuf *err)
+{
+    size_t n = 0;
+    for (const char *p = list; *p; p++)
+        n += *p == ',';
+    h->proxies = fm_calloc(n + 1, sizeof *h->proxies);
+    if (!h->proxies)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    const char *p = list;
+    while (*p) {
+        size_t l = strcspn(p, ",");
+        char a[64];
+        unsigned char buf[16];
+        if (l == 0 || l >= sizeof a)
+            return fm_errf(err, FM_EINVAL, "http.trusted_proxies: empty or overlong entry");
+        memcpy(a, p, l);
+        a[l] = '\0';
+        if (inet_pton(AF_INET, a, buf) != 1 && inet_pton(AF_INET6, a, buf) != 1)
+            return fm_errf(err, FM_EINVAL, "http.trusted_proxies: '%s' is not an IP address", a);
+        memcpy(h->proxies[h->nproxies++], a, l + 1);
+        p += l;
+        if (*p == ',')
+            p++;
+    }
+    return 0;
+}
+
+static int load_model(fm_http *h, fm_errbuf *err)
+{
+    pthread_mutex_init(&h->model_mu, NULL);
+    int rc = fm_model_load(h->cfg.model_dir, &h->model, err);
+    if (rc == 0)
+        snprintf(h->model_ref, sizeof h->model_ref, "%s@%s", fm_model_name(h->model),
+                 fm_model_version(h->model));
+    return rc;
+}
+
+int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
+{
+    const fm_config *cfg = o->cfg;
     struct sockaddr_in sa = {0};
     sa.sin_family = AF_INET;
     sa.sin_port = htons((uint16_t)cfg->http_port);
@@ -140,23 +702,64 @@ int fm_http_start(const fm_config *cfg, fm_health_fn health, void *ud, fm_http *
     fm_http *h = fm_calloc(1, sizeof *h);
     if (!h)
         return fm_errf(err, FM_ENOMEM, "out of memory");
-    h->health = health;
-    h->ud = ud;
-    snprintf(h->node, sizeof h->node, "%s", cfg->node_id);
+    h->cfg = *cfg;
+    h->health = o->health;
+    h->ud = o->ud;
+    h->pipeline = o->pipeline;
+    h->throttle = FM_THROTTLE_POLICY_DEFAULT;
+    h->tokens.access_ttl_s = cfg->http_access_ttl_s;
+    h->openapi = (char *)fm_openapi_yaml;
+    h->openapi_len = (size_t)fm_openapi_yaml_len;
+    h->tls = strcmp(cfg->http_tls, "on") == 0;
+    char path[PATH_MAX];
+    int rc = parse_proxies(h, cfg->http_trusted_proxies, err);
+    if (!rc)
+        rc = fm_jwt_key_load(fm_config_path(cfg, "pki/jwt.key", path, sizeof path), &h->jwt, err);
+    if (!rc)
+        rc = pool_open(&h->pool, cfg, (size_t)cfg->http_threads, err);
+    if (!rc)
+        rc = load_model(h, err);
+    if (!rc && h->tls) {
+        size_t n;
+        if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
+            rc = fm_errf(err, FM_EINVAL, "http.tls=on but libmicrohttpd has no TLS support");
+        else if (fm_read_file(fm_config_path(cfg, "pki/broker.crt", path, sizeof path),
+                              &h->tls_cert, &n) != 0 ||
+                 fm_read_file(fm_config_path(cfg, "pki/broker.key", path, sizeof path),
+                              &h->tls_key, &n) != 0)
+            rc = fm_errf(err, FM_EINVAL, "http.tls=on: cannot read pki/broker.crt or .key");
+    }
+    if (rc) {
+        fm_http_stop(h);
+        return rc;
+    }
     h->fault = fm_fault_enabled_by_env();
     if (h->fault)
         fm_logf(FM_LOG_WARN, "http", "FM_FAULT_INJECTION=1: POST /debug/fault is enabled");
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    if (h->tls)
+        flags |= MHD_USE_TLS;
+    struct MHD_OptionItem tls_opts[] = {
+        {MHD_OPTION_HTTPS_MEM_CERT, 0, h->tls_cert},
+        {MHD_OPTION_HTTPS_MEM_KEY, 0, h->tls_key},
+        {MHD_OPTION_HTTPS_PRIORITIES, 0,
+         (void *)"SECURE256:+SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    struct MHD_OptionItem no_opts[] = {{MHD_OPTION_END, 0, NULL}};
     h->daemon = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG,
-        (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
-        (struct sockaddr *)&sa, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)512, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(64 * 1024), MHD_OPTION_END);
+        flags, (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
+        (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)15, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)(64 * 1024), MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_ARRAY,
+        h->tls ? tls_opts : no_opts, MHD_OPTION_END);
     if (!h->daemon) {
-        fm_free(h);
+        fm_http_stop(h);
         return fm_errf(err, FM_EIO, "cannot listen on %s:%d", cfg->http_bind, cfg->http_port);
     }
-    fm_logf(FM_LOG_INFO, "http", "listening on http://%s:%d", cfg->http_bind, cfg->http_port);
+    fm_logf(FM_LOG_INFO, "http", "listening on %s://%s:%d", h->tls ? "https" : "http",
+            cfg->http_bind, cfg->http_port);
     *out = h;
     return 0;
 }
@@ -165,6 +768,16 @@ void fm_http_stop(fm_http *h)
 {
     if (!h)
         return;
-    MHD_stop_daemon(h->daemon);
+    if (h->daemon)
+        MHD_stop_daemon(h->daemon);
+    pool_close(&h->pool);
+    fm_jwt_key_free(h->jwt);
+    if (h->model) {
+        fm_model_free(h->model);
+        pthread_mutex_destroy(&h->model_mu);
+    }
+    fm_free(h->proxies);
+    fm_free(h->tls_cert);
+    fm_free(h->tls_key);
     fm_free(h);
 }

@@ -52,6 +52,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <jansson.h>
 #include <openssl/asn1.h>
@@ -88,6 +90,7 @@
 #define AUTH_CONTROL_MAX ((size_t)256 << 10)
 #define AUTH_CONTROL_TOPIC "$CONTROL/fleetml/v1"
 #define AUTH_RESPONSE_TOPIC "$CONTROL/fleetml/v1/response"
+#define AUTH_PRESENCE_TOPIC "$fleetml/v1/presence"
 #define AUTH_PROP_PREFIX "fleetml-"
 #define AUTH_PROP_TEMPLATE "fleetml-claim-template"
 #define AUTH_PROP_SERIAL "fleetml-cert-serial"
@@ -264,6 +267,7 @@ struct auth_state {
     struct map devices;   /* device id -> struct principal */
     struct map templates; /* template name -> struct principal */
     struct map conns;     /* client id -> struct conn */
+    char boot[40];        /* names this broker start in presence reports */
 };
 
 static void principal_free(void *p)
@@ -485,6 +489,27 @@ static int remember(struct auth_state *st, struct mosquitto *client, enum kind k
     return MOSQ_ERR_SUCCESS;
 }
 
+/* Tells the service a device connected or disconnected (QoS 1, so a
+ * service that is briefly away gets it from its persistent session). */
+static void presence(const struct auth_state *st, const char *device, bool online)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long ms = (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    json_t *doc = json_pack("{s:s,s:b,s:I,s:s}", "device", device, "online", online, "at_ms",
+                            (json_int_t)ms, "boot", st->boot);
+    char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    if (!text)
+        return;
+    int rc = mosquitto_broker_publish_copy(NULL, AUTH_PRESENCE_TOPIC, (int)strlen(text), text, 1,
+                                           false, NULL);
+    if (rc != MOSQ_ERR_SUCCESS)
+        mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: cannot publish presence: %s",
+                             mosquitto_strerror(rc));
+    free(text);
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
     const struct mosquitto_evt_basic_auth *ed = event_data;
@@ -561,6 +586,8 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     }
     mosquitto_log_printf(MOSQ_LOG_INFO, "fleetml_auth: accepted %s '%s' (cn '%s', serial %s)",
                          what, idbuf, log_safe(cn, cnbuf, sizeof cnbuf), serial);
+    if (kind == K_DEVICE)
+        presence(st, name, true);
     return MOSQ_ERR_SUCCESS;
 }
 
@@ -880,14 +907,22 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 
     const char *id = ed->client ? mosquitto_client_id(ed->client) : NULL;
     if (id) {
-        if (conn_of(st, ed->client))
+        struct conn *c = conn_of(st, ed->client);
+        if (c) {
+            /* Only the current connection of a device reports it offline: a
+             * session taken over by a newer connection is not a disconnect. */
+            if (c->kind == K_DEVICE)
+                presence(st, c->name, false);
             map_del(&st->conns, id);
+        }
         return MOSQ_ERR_SUCCESS;
     }
     /* No id left to look up by: find the record by connection instead. */
     for (size_t i = 0; ed->client && i < st->conns.nb; i++) {
         for (struct map_node *e = st->conns.b[i]; e; e = e->next) {
             if (((struct conn *)e->val)->client == ed->client) {
+                if (((struct conn *)e->val)->kind == K_DEVICE)
+                    presence(st, ((struct conn *)e->val)->name, false);
                 map_del(&st->conns, e->key);
                 return MOSQ_ERR_SUCCESS;
             }
@@ -1314,6 +1349,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
     if (!st)
         return MOSQ_ERR_NOMEM;
     st->pid = identifier;
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(st->boot, sizeof st->boot, "%lld.%ld.%d", (long long)ts.tv_sec, ts.tv_nsec,
+                 (int)getpid());
+    }
     map_init(&st->devices, principal_free);
     map_init(&st->templates, principal_free);
     map_init(&st->conns, free);

@@ -20,6 +20,7 @@ int fm_cmd_model(int argc, char **argv);      /* train | info | predict */
 int fm_cmd_lake(int argc, char **argv);       /* flush */
 int fm_cmd_template(int argc, char **argv);
 int fm_cmd_bench(int argc, char **argv);      /* pipeline */   /* add | list | disable | enable | claim-cert */
+int fm_cmd_api(int argc, char **argv);        /* routes */
 int fm_cmd_user(int argc, char **argv);       /* add | list | disable | enable | passwd | roles */
 
 /* Shared option handling: consumes `--data DIR` and `--set section.key=V`

@@ -189,51 +189,14 @@ static int device_shadow(int argc, char **argv)
         rc = 1;
     }
     fm_shadow sh = {0};
-    /* Read-modify-write, conditional on the version read: the platform
-     * may store a reported update in between, and then we merge again. */
-    for (int attempt = 0; !rc && attempt < 10; attempt++) {
-        fm_shadow_clear(&sh);
-        if (fm_store_shadow_get(st, argv[1], &sh) != 0) {
+    if (!rc) {
+        int src = patch ? fm_shadow_set_desired(st, argv[1], patch, &sh, &err)
+                        : fm_store_shadow_get(st, argv[1], &sh);
+        if (src) {
+            fprintf(stderr, "fleetml device shadow: %s\n",
+                    patch ? err.msg : "cannot read the shadow");
             rc = 1;
-            break;
         }
-        if (!patch)
-            break;
-        json_t *des = json_loads(sh.desired, 0, NULL);
-        char *text = NULL;
-        if (des && fm_shadow_merge(des, patch) == 0)
-            text = json_dumps(des, JSON_COMPACT | JSON_SORT_KEYS);
-        json_decref(des);
-        if (!text) {
-            rc = 1;
-            break;
-        }
-        if (strlen(text) + strlen(sh.reported) > FM_SHADOW_MAX_BYTES) {
-            fprintf(stderr, "fleetml device shadow: the document would exceed %d bytes\n",
-                    FM_SHADOW_MAX_BYTES);
-            fm_free(text);
-            rc = 1;
-            break;
-        }
-        int64_t ver = 0;
-        int prc = fm_store_shadow_put(st, argv[1], text, sh.reported, sh.version, &ver, 1, &err);
-        fm_free(text);
-        if (prc == FM_EBUSY)
-            continue;
-        if (prc != 0) {
-            fprintf(stderr, "fleetml device shadow: %s\n", err.msg);
-            rc = 1;
-            break;
-        }
-        fm_shadow_clear(&sh);
-        rc = fm_store_shadow_get(st, argv[1], &sh) ? 1 : 0;
-        json_decref(patch);
-        patch = NULL;
-        break;
-    }
-    if (!rc && patch) {
-        fprintf(stderr, "fleetml device shadow: the shadow kept changing; try again\n");
-        rc = 1;
     }
     if (!rc)
         rc = print_shadow(&sh);

@@ -218,7 +218,9 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "pipeline failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    fm_registry_opts ro = {.cfg = &s.cfg, .publish = publish, .ud = &s};
+    /* A supervised broker starts empty: no device is connected yet. */
+    fm_registry_opts ro = {.cfg = &s.cfg, .publish = publish, .ud = &s,
+                           .reset_presence = strcmp(s.cfg.broker_mode, "supervised") == 0};
     if ((rc = fm_registry_start(&ro, &s.registry, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "registry failed to start", "error", err.msg, NULL);
         goto fail;
@@ -234,6 +236,7 @@ int fm_cmd_serve(int argc, char **argv)
         "$share/fleetml/fleet/+/cert/rotate",
         "$share/fleetml/fleet/+/shadow/update",
         "$share/fleetml/fleet/+/shadow/get",
+        FM_PRESENCE_TOPIC,
         NULL,
     };
     fm_mqtt_handlers mh = {.on_message = on_message, .on_connect = on_connect, .ud = &s};
@@ -242,7 +245,8 @@ int fm_cmd_serve(int argc, char **argv)
         goto fail;
     }
     atomic_store(&s.mqtt, c);
-    if ((rc = fm_http_start(&s.cfg, health, &s, &s.http, &err)) != 0) {
+    fm_http_opts ho = {.cfg = &s.cfg, .health = health, .ud = &s, .pipeline = s.pipeline};
+    if ((rc = fm_http_start(&ho, &s.http, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "HTTP failed to start", "error", err.msg, NULL);
         goto fail;
     }

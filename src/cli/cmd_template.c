@@ -2,25 +2,14 @@
 #include "cli/cli.h"
 #include "fleetml/measurement.h"
 #include "fleetml/pki.h"
+#include "fleetml/registry.h"
 #include "fleetml/store.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define CLAIM_CERT_DAYS 3650
 #define MAX_SERIALS 100000
-
-static int template_name_valid(const char *s)
-{
-    size_t n = strlen(s);
-    if (n < 2 || n > 63 || !((s[0] >= 'a' && s[0] <= 'z') || (s[0] >= '0' && s[0] <= '9')))
-        return 0;
-    for (; *s; s++)
-        if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '-'))
-            return 0;
-    return 1;
-}
 
 /* Splits text on commas/newlines/blanks in place into list (at most max). */
 static size_t split_serials(char *text, const char **list, size_t max)
@@ -65,7 +54,7 @@ static int template_add(int argc, char **argv)
     const char *rate = fm_cli_take_opt(&argc, argv, "--rate");
     t.allow_reprovision = fm_cli_take_flag(&argc, argv, "--reprovision");
     uint64_t v;
-    if (argc != 2 || !template_name_valid(argv[1])) {
+    if (argc != 2 || !fm_template_name_valid(argv[1])) {
         fprintf(stderr,
                 "usage: fleetml template add <name [a-z0-9-]{2,63}> --tenant T [--group G]\n"
                 "         [--prefix P] [--days N] [--serials a,b,c | --serials-file F]\n"
@@ -105,11 +94,9 @@ static int template_add(int argc, char **argv)
         }
         snprintf(t.hook, sizeof t.hook, "%s", hook);
     }
-    char prefix_check[80];
-    snprintf(prefix_check, sizeof prefix_check, "%s-x", t.device_prefix);
-    if (!fm_device_id_valid(prefix_check)) {
-        fprintf(stderr, "fleetml template add: prefix '%s' cannot start a device id\n",
-                t.device_prefix);
+    fm_errbuf cerr;
+    if (fm_template_check(&t, &cerr) != 0) {
+        fprintf(stderr, "fleetml template add: %s\n", cerr.msg);
         return 2;
     }
     char *text = NULL;
@@ -217,48 +204,23 @@ static int claim_cert(int argc, char **argv)
     fm_store *st;
     if ((rc = open_store(&cfg, &st, "claim-cert")) != 0)
         return rc;
-    fm_template t;
     fm_errbuf err;
-    char dir[PATH_MAX], rel[128], key[PATH_MAX + 16], crt[PATH_MAX + 16], ca_key[PATH_MAX],
-        ca_crt[PATH_MAX], cn[80], serial[64];
-    fm_ca *ca = NULL;
-    if (fm_store_template_get(st, name, &t) != 0) {
-        fprintf(stderr, "fleetml template claim-cert: template '%s' does not exist\n", name);
-        fm_store_close(st);
-        return 1;
-    }
+    char dir[PATH_MAX], rel[128], serial[64];
     if (out) {
         snprintf(dir, sizeof dir, "%s", out);
     } else {
         snprintf(rel, sizeof rel, "claims/%s", name);
         fm_config_path(&cfg, rel, dir, sizeof dir);
     }
-    snprintf(key, sizeof key, "%s/claim.key", dir);
-    snprintf(crt, sizeof crt, "%s/claim.crt", dir);
-    snprintf(cn, sizeof cn, "claim:%s", name);
-    fm_config_path(&cfg, "pki/ca.key", ca_key, sizeof ca_key);
-    fm_config_path(&cfg, "pki/ca.crt", ca_crt, sizeof ca_crt);
-    fm_cert_req req = {.common_name = cn, .usage = FM_CERT_CLIENT, .days = CLAIM_CERT_DAYS};
-    rc = fm_mkdirs(dir, 0700) ? fm_errf(&err, FM_EIO, "cannot create %s", dir) : 0;
-    if (!rc)
-        rc = fm_ca_load(ca_key, ca_crt, &ca, &err);
-    if (!rc)
-        rc = fm_ca_issue_keypair(ca, &req, key, crt, serial, &err);
-    /* Only a recorded serial is accepted by the broker, so a certificate
-     * whose registration failed is useless; remove it to avoid confusion. */
-    if (!rc && (rc = fm_store_claim_cert_add(st, name, serial, &err)) != 0) {
-        remove(key);
-        remove(crt);
-    }
-    fm_ca_free(ca);
+    rc = fm_template_claim_cert(&cfg, st, name, dir, serial, sizeof serial, &err);
     fm_store_close(st);
     if (rc) {
         fprintf(stderr, "fleetml template claim-cert: %s\n", err.msg);
         return 1;
     }
-    printf("claim certificate for template %s\n  certificate: %s\n  key:         %s\n"
-           "  client id:   prov-<device serial>\n",
-           name, crt, key);
+    printf("claim certificate for template %s\n  certificate: %s/claim.crt\n"
+           "  key:         %s/claim.key\n  serial:      %s\n  client id:   prov-<device serial>\n",
+           name, dir, dir, serial);
     return 0;
 }
 

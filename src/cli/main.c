@@ -18,6 +18,7 @@ static const struct {
     {"model", fm_cmd_model, "train --synthetic | info"},
     {"bench", fm_cmd_bench, "pipeline: the measurement pipeline in-process, one JSON line"},
     {"lake", fm_cmd_lake, "flush: export everything committed to the lake now"},
+    {"api", fm_cmd_api, "routes: list the HTTP API's routes and the permission each needs"},
 };
 
 static void usage(FILE *f)

@@ -49,6 +49,7 @@ static const char *const broker_modes[] = {"supervised", "external", NULL};
  * with a message about the build rather than about the config syntax. */
 static const char *const store_backends[] = {"sqlite", "postgres", NULL};
 static const char *const lake_backends[] = {"fs", "s3", NULL};
+static const char *const on_off[] = {"off", "on", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 
 #define FIELD_SIZE(f) sizeof(((fm_config *)0)->f)
@@ -86,6 +87,17 @@ static const key_def keys[] = {
           "by the contract regardless)."),
     K_STR("http", "bind", T_HOST, http_bind, NULL, "Address of the HTTP API."),
     K_NUM("http", "port", T_INT, http_port, 1, 65535, "Port of the HTTP API."),
+    K_STR("http", "tls", T_ENUM, http_tls, on_off,
+          "on: serve HTTPS (TLS >= 1.2) with the platform's server certificate "
+          "(pki/broker.crt); off: plain HTTP (keep http.bind on loopback or behind a "
+          "TLS-terminating proxy)."),
+    K_NUM("http", "threads", T_INT, http_threads, 1, 64,
+          "Threads answering HTTP requests (sign-ins spend ~50 ms of CPU each)."),
+    K_STR("http", "trusted_proxies", T_PATH_OPT, http_trusted_proxies, NULL,
+          "Comma-separated addresses of reverse proxies whose X-Forwarded-For is believed "
+          "(empty: the peer address is the client address)."),
+    K_NUM("http", "access_ttl_s", T_INT, http_access_ttl_s, 60, 86400,
+          "Lifetime of access tokens in seconds."),
     K_NUM("pipeline", "commit_window_us", T_INT, commit_window_us, 0, 2000,
           "How long a batch may wait for more measurements before it is committed, in "
           "microseconds (0 = commit at once)."),
@@ -222,6 +234,9 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     c->max_payload = 131072;
     copy_str(c->http_bind, sizeof c->http_bind, "127.0.0.1");
     c->http_port = 8080;
+    copy_str(c->http_tls, sizeof c->http_tls, "off");
+    c->http_threads = 4;
+    c->http_access_ttl_s = 900;
     c->commit_window_us = 1000;
     c->queue_max_bytes = 256L * 1024 * 1024;
     c->device_rate = 20;

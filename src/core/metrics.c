@@ -118,6 +118,14 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->lake_rows));
     counter(&b, "fleetml_lake_errors_total", "Lake export attempts that failed.",
             atomic_load(&m->lake_errors));
+    counter(&b, "fleetml_http_requests_total", "HTTP API requests answered.",
+            atomic_load(&m->http_requests));
+    counter(&b, "fleetml_http_errors_total", "HTTP API requests answered with a 5xx status.",
+            atomic_load(&m->http_errors));
+    counter(&b, "fleetml_audit_errors_total", "Audit entries that could not be stored.",
+            atomic_load(&m->http_audit_errors));
+    counter(&b, "fleetml_presence_events_total", "Device connect/disconnect reports received.",
+            atomic_load(&m->presence_events));
     gauge(&b, "fleetml_lake_backlog", "Committed rows not yet exported to the lake.",
           atomic_load(&m->lake_backlog));
     hist(&b, "fleetml_inference_seconds", "Model inference time per batch.",

@@ -2,14 +2,15 @@
  * Lake export: turns committed store rows into published lake objects,
  * exactly once, across crashes.
  *
- * Units of work. For each stream (raw, quarantine) the exporter keeps one
- * open *batch*: the rows after the stream's cursor, appended in seq order to
- * one gzip spool file per partition (tenant + UTC hour). A batch is the unit
- * the cursor moves by: it covers a contiguous seq range (cursor, last], so
- * "cursor = N" always means "every row <= N is in the lake". When a single
- * tenant is active (the common case) a batch is exactly one object; with
- * interleaved tenants it holds one object per partition, up to
- * LAKE_MAX_OPEN, instead of closing a tiny object at every tenant switch.
+ * Units of work. For each stream (raw, quarantine, labels, audit logs) the
+ * exporter keeps one open *batch*: the rows after the stream's cursor,
+ * appended in seq order to one gzip spool file per partition (tenant + UTC
+ * hour). A batch is the unit the cursor moves by: it covers a contiguous seq
+ * range (cursor, last], so "cursor = N" always means "every row <= N is in
+ * the lake". When a single tenant is active (the common case) a batch is
+ * exactly one object; with interleaved tenants it holds one object per
+ * partition, up to LAKE_MAX_OPEN, instead of closing a tiny object at every
+ * tenant switch.
  *
  * Publishing a batch (publish_batch):
  *   1. finish every gzip stream, fsync every spool file and the spool dir;
@@ -92,7 +93,7 @@ typedef struct lake_exporter {
     int lock_fd;
     bool recovered; /* cursors loaded, pending objects settled, spool clean */
     fm_lake_roll roll;
-    lake_stream s[2];
+    lake_stream s[FM_STREAM_COUNT];
     char *line; /* reusable NDJSON line buffer */
     size_t line_cap;
     int last_rc; /* for logging state changes only */
@@ -523,6 +524,38 @@ static int on_quarantine(void *ud, const fm_quarantine *q)
     return rc != 0;
 }
 
+/* Labels and audit entries come from the store as finished one-line JSON
+ * documents; they are copied as they are (CR/LF cannot occur in compact
+ * JSON, but are blanked like in embedded documents to be sure). */
+static int on_doc(void *ud, int64_t seq, const char *tenant, int64_t at_ms, const char *doc,
+                  size_t n)
+{
+    scan_ctx *c = ud;
+    c->seen++;
+    size_t len = 0;
+    int rc = append_json_text(c->ex, &len, doc, n);
+    rc = rc ? fm_errf(c->err, rc, "lake: cannot format seq %" PRId64, seq)
+            : batch_add(c->ex, c->s, tenant, at_ms, seq, (long)len, c->err);
+    if (rc == 1)
+        c->need_roll = true;
+    else if (rc < 0)
+        c->rc = rc;
+    return rc != 0;
+}
+
+/* One scan call of the stream's kind. */
+static int scan_stream(lake_exporter *ex, lake_stream *s, scan_ctx *c)
+{
+    switch (s->st) {
+    case FM_STREAM_RAW:
+        return fm_store_scan_records(ex->store, s->pos, LAKE_SCAN_LIMIT, on_record, c);
+    case FM_STREAM_QUARANTINE:
+        return fm_store_scan_quarantine(ex->store, s->pos, LAKE_SCAN_LIMIT, on_quarantine, c);
+    default:
+        return fm_store_scan_docs(ex->store, s->st, s->pos, LAKE_SCAN_LIMIT, on_doc, c);
+    }
+}
+
 /* Exports the rows committed after the stream's position. The batch is
  * published when the roll policy says so, or now if force is set. The store
  * is never written while a scan is running: a roll stops the scan, then the
@@ -531,10 +564,7 @@ static int export_stream(lake_exporter *ex, lake_stream *s, bool force, fm_errbu
 {
     for (;;) {
         scan_ctx c = {.ex = ex, .s = s, .err = err};
-        int rc = s->st == FM_STREAM_RAW
-                     ? fm_store_scan_records(ex->store, s->pos, LAKE_SCAN_LIMIT, on_record, &c)
-                     : fm_store_scan_quarantine(ex->store, s->pos, LAKE_SCAN_LIMIT,
-                                                on_quarantine, &c);
+        int rc = scan_stream(ex, s, &c);
         if (c.rc != 0)
             return c.rc;
         if (rc < 0 && !c.need_roll)
@@ -629,14 +659,14 @@ static int clean_spool(lake_exporter *ex)
     return 0;
 }
 
-/* Loads both cursors, settles a half-published batch, and removes stale
- * spool files. Must run before any export and again after any failure,
+/* Loads every stream's cursor, settles a half-published batch, and removes
+ * stale spool files. Must run before any export and again after any failure,
  * because a failure can leave the in-memory state behind the store's. */
 static int recover(lake_exporter *ex, fm_errbuf *err)
 {
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < FM_STREAM_COUNT; i++)
         batch_abort(&ex->s[i]);
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < FM_STREAM_COUNT; i++) {
         lake_stream *s = &ex->s[i];
         fm_lake_cursor c;
         memset(&c, 0, sizeof c);
@@ -675,10 +705,17 @@ static void ex_init(lake_exporter *ex, const fm_config *cfg)
     ex->lock_fd = -1;
     ex->roll.roll_bytes = cfg->lake_roll_bytes;
     ex->roll.roll_ms = (int64_t)cfg->lake_roll_seconds * 1000;
-    ex->s[0].st = FM_STREAM_RAW;
-    ex->s[0].area = "raw";
-    ex->s[1].st = FM_STREAM_QUARANTINE;
-    ex->s[1].area = "quarantine";
+    /* Exported in this order; each stream has its own cursor and area. */
+    static const char *const areas[FM_STREAM_COUNT] = {
+        [FM_STREAM_RAW] = "raw",
+        [FM_STREAM_QUARANTINE] = "quarantine",
+        [FM_STREAM_LABELS] = "labels",
+        [FM_STREAM_AUDIT] = "logs",
+    };
+    for (int i = 0; i < FM_STREAM_COUNT; i++) {
+        ex->s[i].st = (enum fm_lake_stream)i;
+        ex->s[i].area = areas[i];
+    }
 }
 
 /* Opens what is not open yet: store handle, backend, exclusive lock. */
@@ -711,7 +748,7 @@ static int ex_open(lake_exporter *ex, fm_errbuf *err)
 static void update_backlog(lake_exporter *ex)
 {
     int64_t backlog = 0;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < FM_STREAM_COUNT; i++) {
         int64_t max = 0;
         if (ex->store && fm_store_max_seq(ex->store, ex->s[i].st, &max) == 0 &&
             max > ex->s[i].cursor)
@@ -727,12 +764,12 @@ static int ex_run(lake_exporter *ex, bool force, fm_errbuf *err)
     int rc = ex_open(ex, err);
     if (rc == 0 && !ex->recovered)
         rc = recover(ex, err);
-    for (int i = 0; i < 2 && rc == 0; i++)
+    for (int i = 0; i < FM_STREAM_COUNT && rc == 0; i++)
         rc = export_stream(ex, &ex->s[i], force, err);
     if (rc != 0) {
         ex->recovered = false;
         if (ex->lake)
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < FM_STREAM_COUNT; i++)
                 batch_abort(&ex->s[i]);
         atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
     }
@@ -750,7 +787,7 @@ static int ex_run(lake_exporter *ex, bool force, fm_errbuf *err)
 static void ex_close(lake_exporter *ex)
 {
     if (ex->lake)
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < FM_STREAM_COUNT; i++)
             batch_abort(&ex->s[i]);
     if (ex->lock_fd >= 0)
         close(ex->lock_fd); /* releases the flock */

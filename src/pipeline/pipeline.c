@@ -127,6 +127,8 @@ void fm_inmsg_free(fm_inmsg *m)
 {
     if (!m)
         return;
+    if (m->reply) /* never answered: tell the waiter */
+        m->reply(m->reply_ud, NULL, 0);
     if (m->prep) {
         prepared *pr = m->prep;
         fm_measurement_free(&pr->m);
@@ -170,20 +172,20 @@ static double round_to(double v, int decimals)
     return round(v * f) / f;
 }
 
-static char *ok_result_json(const fm_pipeline *p, const char *mid, const float *out,
-                            int64_t recv_ms)
+char *fm_result_ok_json(const fm_model *model, const char *model_ref, const char *mid,
+                        const float *out, int64_t recv_ms)
 {
     char ts[40];
     json_t *outputs = json_object();
     if (!outputs)
         return NULL;
-    size_t n = fm_model_output_count(p->model);
+    size_t n = fm_model_output_count(model);
     for (size_t i = 0; i < n; i++) {
-        const fm_model_output *o = fm_model_output_at(p->model, i);
+        const fm_model_output *o = fm_model_output_at(model, i);
         json_object_set_new(outputs, o->name, json_real(round_to(out[i], 3)));
     }
     json_t *doc = json_pack("{s:s, s:s, s:s, s:o, s:s}", "id", mid, "status", "ok", "model",
-                            p->model_ref, "outputs", outputs, "received_at",
+                            model_ref, "outputs", outputs, "received_at",
                             fm_rfc3339(recv_ms, ts, sizeof ts));
     if (!doc)
         return NULL;
@@ -316,8 +318,14 @@ static void publish_reply(fm_pipeline *p, const item *it, const char *doc)
 {
     char topic[256];
     fm_inmsg *msg = it->msg;
-    fm_reply_topic(msg->device_id, msg->response_topic, "results", topic, sizeof topic);
-    int rc = p->opts.publish(p->opts.ud, topic, doc, strlen(doc), msg->corr, msg->corr_len);
+    int rc = 0;
+    if (msg->reply) {
+        msg->reply(msg->reply_ud, doc, strlen(doc));
+        msg->reply = NULL;
+    } else {
+        fm_reply_topic(msg->device_id, msg->response_topic, "results", topic, sizeof topic);
+        rc = p->opts.publish(p->opts.ud, topic, doc, strlen(doc), msg->corr, msg->corr_len);
+    }
     fm_metrics *mx = fm_metrics_get();
     if (rc == 0)
         atomic_fetch_add(&mx->replied, 1);
@@ -412,7 +420,8 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
             };
             continue;
         }
-        it->result = ok_result_json(p, it->m.id, pred + it->row * no, it->msg->recv_ms);
+        it->result = fm_result_ok_json(p->model, p->model_ref, it->m.id, pred + it->row * no,
+                                       it->msg->recv_ms);
         if (!it->result) {
             reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
             continue;

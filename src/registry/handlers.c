@@ -6,6 +6,7 @@
  * plugin hears of it before the device does.
  */
 #include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
 #include "registry/registry_int.h"
 
 #include <stdio.h>
@@ -394,11 +395,42 @@ out:
     fm_shadow_clear(&sh);
 }
 
+/* A connect or disconnect reported by the broker plugin. The plugin names
+ * its start ("boot"): the first report from a new boot means the broker
+ * restarted and lost every session, so everyone still marked online is
+ * set offline before this report is applied. */
+static void handle_presence(fm_registry *r, const regmsg *m)
+{
+    json_t *doc = json_loadb(m->payload, m->len, 0, NULL);
+    const char *dev = json_string_value(json_object_get(doc, "device"));
+    const char *boot = json_string_value(json_object_get(doc, "boot"));
+    json_t *online = json_object_get(doc, "online");
+    json_int_t at = json_integer_value(json_object_get(doc, "at_ms"));
+    if (!dev || !fm_device_id_valid(dev) || !json_is_boolean(online) || at <= 0 || !boot) {
+        fm_logf(FM_LOG_WARN, "registry", "ignoring a malformed presence report");
+        json_decref(doc);
+        return;
+    }
+    atomic_fetch_add(&fm_metrics_get()->presence_events, 1);
+    if (strcmp(boot, r->presence_boot) != 0) {
+        if (r->presence_boot[0])
+            fm_store_presence_reset(r->store, at);
+        snprintf(r->presence_boot, sizeof r->presence_boot, "%s", boot);
+    }
+    int rc = fm_store_presence_set(r->store, dev, json_is_true(online), at);
+    if (rc)
+        fm_logkv(FM_LOG_WARN, "registry", "cannot record presence", "device", dev, "error",
+                 fm_strerror(rc), NULL);
+    json_decref(doc);
+}
+
 void registry__handle(fm_registry *r, const regmsg *m)
 {
     const char *t = m->topic;
     size_t n = strlen(t);
-    if (strncmp(t, "fleet/provisioning/", 19) == 0)
+    if (strcmp(t, FM_PRESENCE_TOPIC) == 0)
+        handle_presence(r, m);
+    else if (strncmp(t, "fleet/provisioning/", 19) == 0)
         handle_provision(r, m);
     else if (n > 12 && strcmp(t + n - 12, "/cert/rotate") == 0)
         handle_rotate(r, m);

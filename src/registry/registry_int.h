@@ -41,6 +41,7 @@ struct fm_registry {
     int crl_dirty;
     uint64_t next_grace_ns;
     fm_ratelimit *rates; /* claim requests per template */
+    char presence_boot[40]; /* broker start named by the last presence report */
 };
 
 /* Handles one message (provisioning, rotation, shadow). */

@@ -389,6 +389,10 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
     if ((rc = fm_registry_write_snapshot(&r->cfg, r->store, err)) != 0 ||
         (rc = write_crl(r, err)) != 0)
         goto fail;
+    if (opts->reset_presence && (rc = fm_store_presence_reset(r->store, fm_wall_ms())) != 0) {
+        fm_errf(err, rc, "cannot reset device presence");
+        goto fail;
+    }
     pthread_mutex_init(&r->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -413,6 +417,8 @@ fail:
 
 int fm_registry_handles(const char *topic)
 {
+    if (strcmp(topic, FM_PRESENCE_TOPIC) == 0)
+        return 1;
     if (strncmp(topic, "fleet/", 6) != 0)
         return 0;
     const char *rest = topic + 6;

@@ -107,9 +107,28 @@ static const char *schema_users =
     "  used_ms INTEGER NOT NULL DEFAULT 0);"
     "CREATE INDEX refresh_tokens_by_family ON refresh_tokens(family);";
 
+/* Data behind the HTTP API (sqlite_api.c): device presence as the broker
+ * reports it, the current label (ground truth) of each measurement, and
+ * the audit log. labels and audit are lake streams, hence AUTOINCREMENT:
+ * their seqs only grow (see s_max_seq). */
+static const char *schema_api =
+    "CREATE TABLE device_presence ("
+    "  device_id TEXT PRIMARY KEY REFERENCES devices(id), online INTEGER NOT NULL,"
+    "  changed_ms INTEGER NOT NULL);"
+    "CREATE TABLE labels ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, tenant TEXT NOT NULL,"
+    "  measurement_id TEXT NOT NULL, outputs TEXT NOT NULL, source TEXT NOT NULL,"
+    "  labelled_by TEXT NOT NULL, at_ms INTEGER NOT NULL,"
+    "  UNIQUE (device_id, measurement_id));"
+    "CREATE TABLE audit ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, tenant TEXT NOT NULL,"
+    "  actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,"
+    "  outcome TEXT NOT NULL, client TEXT NOT NULL, details TEXT NOT NULL);"
+    "CREATE INDEX audit_by_tenant ON audit(tenant, seq);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
-                                               &schema_users};
+                                               &schema_users, &schema_api};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -658,12 +677,20 @@ static int s_max_seq(fm_store *base, enum fm_lake_stream stream, int64_t *out)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
+    const char *table;
+    switch (stream) {
+    case FM_STREAM_RAW: table = "measurements"; break;
+    case FM_STREAM_QUARANTINE: table = "quarantine"; break;
+    case FM_STREAM_LABELS: table = "labels"; break;
+    case FM_STREAM_AUDIT: table = "audit"; break;
+    default: return FM_EINVAL;
+    }
     /* sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
-     * right even when the newest quarantine rows have been pruned. */
+     * right even when the newest rows have been pruned (quarantine) or
+     * replaced (a label rewritten gets a new seq). */
     if (sql__prep(s, &st, "SELECT seq FROM sqlite_sequence WHERE name = ?", NULL))
         return FM_EDB;
-    sqlite3_bind_text(st, 1, stream == FM_STREAM_RAW ? "measurements" : "quarantine", -1,
-                      SQLITE_STATIC);
+    sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
     sqlite3_finalize(st);
@@ -801,6 +828,18 @@ static const fm_store_vtable sqlite_vt = {
     .session_active = sql__session_active,
     .refresh_prune = sql__refresh_prune,
     .tenant_exists = sql__tenant_exists,
+    /* API data: sqlite_api.c */
+    .device_page = sql__device_page,
+    .presence_set = sql__presence_set,
+    .presence_reset = sql__presence_reset,
+    .presence_get = sql__presence_get,
+    .measurement_page = sql__measurement_page,
+    .measurement_get = sql__measurement_get,
+    .label_put = sql__label_put,
+    .label_get = sql__label_get,
+    .audit_append = sql__audit_append,
+    .audit_page = sql__audit_page,
+    .scan_docs = sql__scan_docs,
 };
 
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)

@@ -90,4 +90,23 @@ int sql__shadow_put(fm_store *s, const char *dev, const char *desired, const cha
 int sql__events_after(fm_store *s, int64_t after, size_t limit, fm_event_cb cb, void *ud);
 int sql__events_max(fm_store *s, int64_t *out);
 
+/* The API-data part of the vtable (sqlite_api.c); see store.h. */
+int sql__device_page(fm_store *s, const char *tenant, const char *after_id, size_t limit,
+                     fm_device_cb cb, void *ud);
+int sql__presence_set(fm_store *s, const char *device_id, int online, int64_t at_ms);
+int sql__presence_reset(fm_store *s, int64_t at_ms);
+int sql__presence_get(fm_store *s, const char *device_id, fm_presence *out);
+int sql__measurement_page(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
+                          void *ud);
+int sql__measurement_get(fm_store *s, const char *device_id, const char *measurement_id,
+                         fm_record_cb cb, void *ud);
+int sql__label_put(fm_store *s, fm_label *l, fm_errbuf *err);
+int sql__label_get(fm_store *s, const char *device_id, const char *measurement_id,
+                   fm_label *out, char *source, size_t source_len, char *by, size_t by_len);
+int sql__audit_append(fm_store *s, fm_audit *a, fm_errbuf *err);
+int sql__audit_page(fm_store *s, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
+                    void *ud);
+int sql__scan_docs(fm_store *s, enum fm_lake_stream st, int64_t after_seq, size_t limit,
+                   fm_doc_cb cb, void *ud);
+
 #endif

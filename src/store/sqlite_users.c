@@ -255,7 +255,7 @@ static int attempt_tx(sqlite_store *s, const char *const *keys, size_t n,
         if (rc)
             return rc;
         /* A key quiet for long enough starts over. */
-        if (rows[i].failures && now_ms - rows[i].last_ms > p->forget_after_ms)
+        if (rows[i].failures && now_ms - rows[i].last_ms > p[i].forget_after_ms)
             memset(&rows[i], 0, sizeof rows[i]);
         if (rows[i].locked_until_ms > now_ms && rows[i].locked_until_ms > latest)
             latest = rows[i].locked_until_ms;
@@ -269,7 +269,7 @@ static int attempt_tx(sqlite_store *s, const char *const *keys, size_t n,
     for (size_t i = 0; i < n; i++) {
         rows[i].failures++;
         rows[i].last_ms = now_ms;
-        int64_t d = fm_throttle_delay_ms(p, rows[i].failures);
+        int64_t d = fm_throttle_delay_ms(&p[i], rows[i].failures);
         rows[i].locked_until_ms = d ? now_ms + d : 0;
         if (locks)
             locks[i] = rows[i].locked_until_ms;

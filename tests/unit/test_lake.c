@@ -86,7 +86,7 @@ static int teardown(void **state)
 /* Per-area counts of every seq found in published objects. */
 #define MAXSEQ 256
 typedef struct seen {
-    int raw[MAXSEQ], quar[MAXSEQ];
+    int raw[MAXSEQ], quar[MAXSEQ], labels[MAXSEQ], logs[MAXSEQ];
     int objects;
     int bad_name; /* object whose name seq is not its first row's seq */
     int base64;   /* quarantine rows carrying payload_base64 */
@@ -102,6 +102,8 @@ static void read_object(const char *path)
     char line[8192];
     int64_t first = -1;
     int is_raw = strstr(path, "/raw/") != NULL;
+    int is_labels = strstr(path, "/labels/") != NULL;
+    int is_logs = strstr(path, "/logs/") != NULL;
     while (gzgets(gz, line, sizeof line)) {
         json_error_t e;
         json_t *j = json_loads(line, 0, &e);
@@ -110,7 +112,15 @@ static void read_object(const char *path)
         assert_true(seq > 0 && seq < MAXSEQ);
         if (first < 0)
             first = seq;
-        if (is_raw) {
+        if (is_labels) {
+            g_seen->labels[seq]++;
+            assert_true(json_is_object(json_object_get(j, "outputs")));
+            assert_true(json_is_string(json_object_get(j, "labelled_at")));
+        } else if (is_logs) {
+            g_seen->logs[seq]++;
+            assert_true(json_is_object(json_object_get(j, "details")));
+            assert_true(json_is_string(json_object_get(j, "at")));
+        } else if (is_raw) {
             g_seen->raw[seq]++;
             if (json_is_object(json_object_get(j, "measurement")))
                 g_seen->embedded++;
@@ -677,6 +687,107 @@ static void test_writer_age_roll(void **state)
     fm_store_close(s);
 }
 
+
+/* Copies the measurement id of dev-a's first row into ud (char[32]). */
+static int first_of_dev_a(void *ud, const fm_record *r)
+{
+    if (strcmp(r->device_id, "dev-a") != 0)
+        return 0;
+    pfmt(ud, 32, "%s", r->measurement_id);
+    return 1;
+}
+
+/* Labels and audit entries are exported to labels/ and logs/, partitioned
+ * by their tenant and time, each with its own cursor; a label written again
+ * after an export is exported again (the lake keeps both versions). */
+static void test_export_labels_logs(void **state)
+{
+    fixture *f = *state;
+    fm_store *s = open_store(f);
+    fm_errbuf err = {{0}};
+    commit_rows(s, 2, 1, T_LAST_MS - 10, 1); /* dev-a (acme), dev-b (beta co) */
+    fm_label l = {.device_id = "dev-a", .tenant = "acme",
+                  .outputs_json = "{\"viscosity\":1.25}", .source = "lab", .labelled_by = "alice",
+                  .at_ms = T_LAST_MS};
+    /* commit_rows numbers measurement ids across tests: look dev-a's up. */
+    char mid[32] = "";
+    assert_int_equal(fm_store_scan_records(s, 0, 10, first_of_dev_a, mid), 0);
+    assert_true(mid[0] != '\0');
+    l.measurement_id = mid;
+    assert_int_equal(fm_store_label_put(s, &l, &err), 0);
+    fm_audit a1 = {.at_ms = T_NEXT_MS, .tenant = "acme", .actor = "user:acme/alice",
+                   .action = "label.put", .target = "measurement:dev-a", .outcome = "ok",
+                   .client = "127.0.0.1", .details_json = "{\"k\":\"v\"}"};
+    fm_audit a2 = {.at_ms = T_LAST_MS, .tenant = "", .actor = "anonymous",
+                   .action = "auth.login", .target = "", .outcome = "denied", .client = ""};
+    assert_int_equal(fm_store_audit_append(s, &a1, &err), 0);
+    assert_int_equal(fm_store_audit_append(s, &a2, &err), 0);
+
+    int rc = fm_lake_export_all(&f->cfg, &err);
+    if (rc != 0)
+        fail_msg("export: %s", err.msg);
+    seen sn;
+    scan_lake(f, &sn);
+    assert_each_once(&sn, 2, 0);
+    assert_int_equal(sn.labels[1], 1);
+    assert_int_equal(sn.logs[1], 1);
+    assert_int_equal(sn.logs[2], 1);
+    assert_int_equal(sn.bad_name, 0);
+    assert_int_equal(sn.objects, 2 + 1 + 2);
+    char p[600];
+    struct stat st;
+    pfmt(p, sizeof p, "%s/labels/tenant=acme/date=2026-11-26/hour=23/node1-000000000001.ndjson.gz",
+         f->cfg.lake_dir);
+    assert_int_equal(stat(p, &st), 0);
+    /* The object holds the store's document as one NDJSON line. */
+    gzFile gz = gzopen(p, "rb");
+    assert_non_null(gz);
+    char line[2048];
+    assert_non_null(gzgets(gz, line, sizeof line));
+    assert_null(gzgets(gz, line + 1024, 1024));
+    gzclose(gz);
+    json_t *j = json_loads(line, 0, NULL);
+    assert_non_null(j);
+    assert_string_equal(json_string_value(json_object_get(j, "device_id")), "dev-a");
+    assert_string_equal(json_string_value(json_object_get(j, "measurement_id")), mid);
+    assert_string_equal(json_string_value(json_object_get(j, "labelled_at")),
+                        "2026-11-26T23:59:59.999Z");
+    assert_true(json_real_value(json_object_get(json_object_get(j, "outputs"), "viscosity")) ==
+                1.25);
+    json_decref(j);
+    pfmt(p, sizeof p, "%s/logs/tenant=acme/date=2026-11-27/hour=00/node1-000000000001.ndjson.gz",
+         f->cfg.lake_dir);
+    assert_int_equal(stat(p, &st), 0);
+    pfmt(p, sizeof p, "%s/logs/tenant=_/date=2026-11-26/hour=23/node1-000000000002.ndjson.gz",
+         f->cfg.lake_dir);
+    assert_int_equal(stat(p, &st), 0);
+
+    fm_lake_cursor c;
+    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_LABELS, &c), 0);
+    assert_int_equal(c.last_seq, 1);
+    assert_string_equal(c.pending_key, "");
+    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_AUDIT, &c), 0);
+    assert_int_equal(c.last_seq, 2);
+    assert_int_equal(fm_metrics_get()->lake_backlog, 0);
+
+    /* Nothing new: nothing published. A correction is a new row. */
+    assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
+    scan_lake(f, &sn);
+    assert_int_equal(sn.objects, 5);
+    l.outputs_json = "{\"viscosity\":1.3}";
+    l.at_ms = T_LAST_MS - 1;
+    assert_int_equal(fm_store_label_put(s, &l, &err), 0);
+    assert_int_equal(l.seq, 2);
+    assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
+    scan_lake(f, &sn);
+    assert_int_equal(sn.objects, 6);
+    assert_int_equal(sn.labels[1], 1);
+    assert_int_equal(sn.labels[2], 1);
+    assert_int_equal(sn.logs[1] + sn.logs[2], 2);
+    assert_int_equal(spool_files(f), 0);
+    fm_store_close(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -693,6 +804,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_put_failure, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writer_thread, setup, teardown),
         cmocka_unit_test_setup_teardown(test_writer_age_roll, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_export_labels_logs, setup, teardown),
     };
     fm_log_set_level(FM_LOG_ERROR);
     return cmocka_run_group_tests(tests, NULL, NULL);

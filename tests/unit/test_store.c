@@ -14,6 +14,8 @@
 #include "fleetml/store.h"
 
 #include <ftw.h>
+#include <jansson.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -224,6 +226,677 @@ static void test_unknown_backend(void **state)
     assert_null(st);
 }
 
+
+/* ---- API data: presence, pages, labels, audit, lake documents ---------- */
+
+static void add_device(fx *f, const char *id, const char *tenant, const char *model,
+                       const char *fw)
+{
+    fm_errbuf err;
+    assert_int_equal(fm_store_tenant_ensure(f->st, tenant, &err), 0);
+    fm_device d = {.status = FM_DEVICE_ACTIVE};
+    snprintf(d.id, sizeof d.id, "%s", id);
+    snprintf(d.tenant, sizeof d.tenant, "%s", tenant);
+    snprintf(d.model, sizeof d.model, "%s", model);
+    snprintf(d.firmware, sizeof d.firmware, "%s", fw);
+    assert_int_equal(fm_store_device_add(f->st, &d, &err), 0);
+}
+
+static fm_record rec_at(const char *dev, const char *tenant, const char *mid, int64_t received)
+{
+    fm_record r = rec(mid, "{\"r\":1}");
+    r.device_id = dev;
+    r.tenant = tenant;
+    r.received_ms = received;
+    r.taken_ms = received - 7;
+    return r;
+}
+
+static void expect_presence(fx *f, const char *dev, int online, int64_t changed, int64_t seen)
+{
+    fm_presence p;
+    memset(&p, 0xff, sizeof p);
+    assert_int_equal(fm_store_presence_get(f->st, dev, &p), 0);
+    assert_int_equal(p.online, online);
+    assert_int_equal(p.changed_ms, changed);
+    assert_int_equal(p.last_seen_ms, seen);
+}
+
+static void test_presence(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    add_device(f, "dev-2", "t1", "", "");
+    add_device(f, "dev-3", "t1", "", "");
+    /* Never seen: zeros. Unknown devices are ignored, not an error. */
+    expect_presence(f, "dev-1", 0, 0, 0);
+    assert_int_equal(fm_store_presence_set(f->st, "ghost", 1, 100), 0);
+    expect_presence(f, "ghost", 0, 0, 0);
+
+    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 100), 0);
+    expect_presence(f, "dev-1", 1, 100, 100);
+    /* A measurement received later moves last_seen, not changed. */
+    fm_record r = rec_at("dev-1", "t1", "p1", 1000);
+    assert_int_equal(fm_store_commit(f->st, &r, 1, NULL, 0, &err), 0);
+    expect_presence(f, "dev-1", 1, 100, 1000);
+    /* A measurement without any presence row still counts as seen. */
+    fm_record r2 = rec_at("dev-2", "t1", "p2", 700);
+    assert_int_equal(fm_store_commit(f->st, &r2, 1, NULL, 0, &err), 0);
+    expect_presence(f, "dev-2", 0, 0, 700);
+    /* The disconnect is newer than the measurement. */
+    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 0, 2000), 0);
+    expect_presence(f, "dev-1", 0, 2000, 2000);
+
+    /* Reset: only devices online change, at the reset time. */
+    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 3000), 0);
+    assert_int_equal(fm_store_presence_set(f->st, "dev-2", 1, 3100), 0);
+    assert_int_equal(fm_store_presence_set(f->st, "dev-3", 0, 50), 0);
+    assert_int_equal(fm_store_presence_reset(f->st, 5000), 0);
+    expect_presence(f, "dev-1", 0, 5000, 5000);
+    expect_presence(f, "dev-2", 0, 5000, 5000);
+    expect_presence(f, "dev-3", 0, 50, 50);
+    /* Idempotent: nothing is online any more. */
+    assert_int_equal(fm_store_presence_reset(f->st, 6000), 0);
+    expect_presence(f, "dev-1", 0, 5000, 5000);
+}
+
+typedef struct dev_acc {
+    char ids[16][65];
+    char models[16][65];
+    char firmware[16][65];
+    int n, stop_after;
+} dev_acc;
+
+static int on_dev(void *ud, const fm_device *d)
+{
+    dev_acc *a = ud;
+    assert_true(a->n < 16);
+    snprintf(a->ids[a->n], sizeof a->ids[0], "%s", d->id);
+    snprintf(a->models[a->n], sizeof a->models[0], "%s", d->model);
+    snprintf(a->firmware[a->n], sizeof a->firmware[0], "%s", d->firmware);
+    a->n++;
+    return a->stop_after && a->n >= a->stop_after;
+}
+
+/* Pages through devices `limit` at a time; joins the ids with ','. */
+static void page_all(fx *f, const char *tenant, size_t limit, char *out, size_t len)
+{
+    out[0] = '\0';
+    char after[65] = "";
+    for (int pages = 0;; pages++) {
+        assert_true(pages < 20);
+        dev_acc a = {0};
+        assert_int_equal(fm_store_device_page(f->st, tenant, after, limit, on_dev, &a), 0);
+        assert_true((size_t)a.n <= limit);
+        for (int i = 0; i < a.n; i++) {
+            size_t used = strlen(out);
+            snprintf(out + used, len - used, "%s%s", used ? "," : "", a.ids[i]);
+        }
+        if ((size_t)a.n < limit)
+            break;
+        snprintf(after, sizeof after, "%s", a.ids[a.n - 1]);
+    }
+}
+
+static void test_device_page(void **state)
+{
+    fx *f = *state;
+    add_device(f, "c-1", "t1", "", "");
+    add_device(f, "a-1", "t1", "", "");
+    add_device(f, "d-2", "t2", "visc", "1.2.3");
+    add_device(f, "b-2", "t2", "visc", "1.0.0");
+    char ids[256];
+    page_all(f, NULL, 2, ids, sizeof ids);
+    assert_string_equal(ids, "a-1,b-2,c-1,d-2,dev-1");
+    page_all(f, NULL, 1, ids, sizeof ids);
+    assert_string_equal(ids, "a-1,b-2,c-1,d-2,dev-1");
+    page_all(f, NULL, 100, ids, sizeof ids);
+    assert_string_equal(ids, "a-1,b-2,c-1,d-2,dev-1");
+    page_all(f, "t1", 2, ids, sizeof ids);
+    assert_string_equal(ids, "a-1,c-1,dev-1");
+    page_all(f, "t2", 1, ids, sizeof ids);
+    assert_string_equal(ids, "b-2,d-2");
+    page_all(f, "nobody", 5, ids, sizeof ids);
+    assert_string_equal(ids, "");
+
+    /* after_id NULL starts at the beginning; model and firmware are read;
+     * a nonzero callback return stops the page. */
+    dev_acc a = {0};
+    assert_int_equal(fm_store_device_page(f->st, "t2", NULL, 10, on_dev, &a), 0);
+    assert_int_equal(a.n, 2);
+    assert_string_equal(a.models[1], "visc");
+    assert_string_equal(a.firmware[1], "1.2.3");
+    dev_acc b = {.stop_after = 1};
+    assert_int_equal(fm_store_device_page(f->st, NULL, "a-1", 10, on_dev, &b), 0);
+    assert_int_equal(b.n, 1);
+    assert_string_equal(b.ids[0], "b-2");
+}
+
+typedef struct rec_acc {
+    int64_t seq[64], ms[64];
+    int n;
+    int check_fields;
+} rec_acc;
+
+static int on_page_rec(void *ud, const fm_record *r)
+{
+    rec_acc *a = ud;
+    assert_true(a->n < 64);
+    a->seq[a->n] = r->seq;
+    a->ms[a->n] = r->received_ms;
+    a->n++;
+    assert_string_equal(r->device_id, "dev-1");
+    assert_string_equal(r->tenant, "t1");
+    assert_int_equal(r->taken_ms, r->received_ms - 7);
+    assert_int_equal(r->payload_len, 8);
+    assert_memory_equal(r->payload, "{\"id\":1}", 8);
+    assert_string_equal(r->result_json, "{\"r\":1}");
+    assert_string_equal(r->model, "m@1");
+    assert_non_null(r->measurement_id);
+    return 0;
+}
+
+/* Collects every page of q (limit per page) via the cursor. */
+static void page_measurements(fx *f, fm_measurement_query q, rec_acc *all)
+{
+    memset(all, 0, sizeof *all);
+    for (int pages = 0;; pages++) {
+        assert_true(pages < 64);
+        rec_acc a = {0};
+        assert_int_equal(fm_store_measurement_page(f->st, &q, on_page_rec, &a), 0);
+        assert_true((size_t)a.n <= q.limit);
+        for (int i = 0; i < a.n; i++) {
+            all->seq[all->n] = a.seq[i];
+            all->ms[all->n++] = a.ms[i];
+        }
+        if ((size_t)a.n < q.limit)
+            break;
+        q.cursor_ms = a.ms[a.n - 1];
+        q.cursor_seq = a.seq[a.n - 1];
+    }
+}
+
+static void test_measurement_page(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    add_device(f, "dev-2", "t2", "", "");
+    /* Equal received_ms on purpose, and rows committed out of time order. */
+    static const int64_t ms[10] = {200, 100, 200, 300, 200, 500, 300, 400, 500, 600};
+    fm_record r[10];
+    char mids[10][8];
+    for (int i = 0; i < 10; i++) {
+        snprintf(mids[i], sizeof mids[i], "m%d", i);
+        r[i] = rec_at("dev-1", "t1", mids[i], ms[i]);
+    }
+    assert_int_equal(fm_store_commit(f->st, r, 10, NULL, 0, &err), 0);
+    fm_record other = rec_at("dev-2", "t2", "m0", 450);
+    assert_int_equal(fm_store_commit(f->st, &other, 1, NULL, 0, &err), 0);
+
+    /* Expected: (received_ms DESC, seq DESC). */
+    int order[10];
+    for (int i = 0; i < 10; i++)
+        order[i] = i;
+    for (int i = 0; i < 10; i++)
+        for (int j = i + 1; j < 10; j++) {
+            int a = order[i], b = order[j];
+            if (r[b].received_ms > r[a].received_ms ||
+                (r[b].received_ms == r[a].received_ms && r[b].seq > r[a].seq)) {
+                order[i] = b;
+                order[j] = a;
+            }
+        }
+
+    for (size_t limit = 1; limit <= 11; limit++) {
+        rec_acc all;
+        page_measurements(f, (fm_measurement_query){.device_id = "dev-1", .limit = limit}, &all);
+        assert_int_equal(all.n, 10);
+        for (int i = 0; i < 10; i++) {
+            assert_int_equal(all.seq[i], r[order[i]].seq);
+            assert_int_equal(all.ms[i], r[order[i]].received_ms);
+        }
+    }
+
+    /* [from, to): 200 <= ms < 500, paged 2 at a time across the ties. */
+    rec_acc win;
+    page_measurements(f,
+                      (fm_measurement_query){.device_id = "dev-1", .from_ms = 200, .to_ms = 500,
+                                             .limit = 2},
+                      &win);
+    int k = 0;
+    for (int i = 0; i < 10; i++) {
+        const fm_record *x = &r[order[i]];
+        if (x->received_ms < 200 || x->received_ms >= 500)
+            continue;
+        assert_true(k < win.n);
+        assert_int_equal(win.seq[k], x->seq);
+        k++;
+    }
+    assert_int_equal(win.n, k);
+    assert_int_equal(k, 6);
+    /* Only an upper or a lower bound. */
+    rec_acc lo, hi;
+    page_measurements(f, (fm_measurement_query){.device_id = "dev-1", .from_ms = 500, .limit = 3},
+                      &lo);
+    assert_int_equal(lo.n, 3);
+    assert_int_equal(lo.ms[0], 600);
+    assert_int_equal(lo.ms[2], 500);
+    page_measurements(f, (fm_measurement_query){.device_id = "dev-1", .to_ms = 200, .limit = 3},
+                      &hi);
+    assert_int_equal(hi.n, 1);
+    assert_int_equal(hi.ms[0], 100);
+
+    /* A cursor in the middle of a tie continues within it. */
+    int64_t tie[3], nt = 0;
+    for (int i = 0; i < 10; i++)
+        if (r[order[i]].received_ms == 200)
+            tie[nt++] = r[order[i]].seq;
+    assert_int_equal(nt, 3);
+    rec_acc after_tie = {0};
+    fm_measurement_query q = {.device_id = "dev-1", .cursor_ms = 200, .cursor_seq = tie[0],
+                              .limit = 10};
+    assert_int_equal(fm_store_measurement_page(f->st, &q, on_page_rec, &after_tie), 0);
+    assert_int_equal(after_tie.n, 3);
+    assert_int_equal(after_tie.seq[0], tie[1]);
+    assert_int_equal(after_tie.seq[1], tie[2]);
+    assert_int_equal(after_tie.ms[2], 100);
+
+    /* Unknown device: an empty page. No device: invalid. */
+    rec_acc none = {0};
+    q = (fm_measurement_query){.device_id = "nope", .limit = 10};
+    assert_int_equal(fm_store_measurement_page(f->st, &q, on_page_rec, &none), 0);
+    assert_int_equal(none.n, 0);
+    q.device_id = NULL;
+    assert_int_equal(fm_store_measurement_page(f->st, &q, on_page_rec, &none), FM_EINVAL);
+}
+
+static int on_one_rec(void *ud, const fm_record *r)
+{
+    fm_record *out = ud;
+    assert_int_equal(out->seq, 0); /* called once */
+    out->seq = r->seq;
+    out->received_ms = r->received_ms;
+    assert_string_equal(r->measurement_id, "g1");
+    assert_string_equal(r->result_json, "{\"r\":1}");
+    assert_int_equal(r->payload_len, 8);
+    return 0;
+}
+
+static void test_measurement_get(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    add_device(f, "dev-2", "t1", "", "");
+    fm_record r = rec_at("dev-1", "t1", "g1", 4242);
+    assert_int_equal(fm_store_commit(f->st, &r, 1, NULL, 0, &err), 0);
+    fm_record got = {0};
+    assert_int_equal(fm_store_measurement_get(f->st, "dev-1", "g1", on_one_rec, &got), 0);
+    assert_int_equal(got.seq, r.seq);
+    assert_int_equal(got.received_ms, 4242);
+    fm_record none = {0};
+    assert_int_equal(fm_store_measurement_get(f->st, "dev-1", "g2", on_one_rec, &none),
+                     FM_ENOTFOUND);
+    assert_int_equal(fm_store_measurement_get(f->st, "dev-2", "g1", on_one_rec, &none),
+                     FM_ENOTFOUND);
+    assert_int_equal(none.seq, 0);
+}
+
+static void expect_label(fx *f, const char *dev, const char *mid, int64_t seq,
+                         const char *outputs, const char *source, const char *by, int64_t at)
+{
+    fm_label l;
+    char src[64], who[64];
+    assert_int_equal(fm_store_label_get(f->st, dev, mid, &l, src, sizeof src, who, sizeof who),
+                     0);
+    assert_int_equal(l.seq, seq);
+    assert_string_equal(l.outputs_json, outputs);
+    assert_string_equal(l.source, source);
+    assert_string_equal(l.labelled_by, by);
+    assert_int_equal(l.at_ms, at);
+    assert_null(l.device_id);
+    assert_null(l.tenant);
+    assert_null(l.measurement_id);
+    fm_free((void *)l.outputs_json);
+}
+
+typedef struct doc_acc {
+    int64_t seq[32], at[32];
+    char tenant[32][65];
+    json_t *doc[32];
+    int n, stop_after;
+} doc_acc;
+
+static int on_doc(void *ud, int64_t seq, const char *tenant, int64_t at_ms, const char *doc,
+                  size_t len)
+{
+    doc_acc *a = ud;
+    assert_true(a->n < 32);
+    assert_int_equal(strlen(doc), len); /* terminated, no NUL inside */
+    assert_null(memchr(doc, '\n', len));
+    json_error_t e;
+    json_t *j = json_loadb(doc, len, 0, &e);
+    if (!j)
+        fail_msg("invalid document %s: %s", doc, e.text);
+    assert_true(json_is_object(j));
+    assert_int_equal(json_integer_value(json_object_get(j, "seq")), seq);
+    if (a->n > 0)
+        assert_true(seq > a->seq[a->n - 1]);
+    a->seq[a->n] = seq;
+    a->at[a->n] = at_ms;
+    snprintf(a->tenant[a->n], sizeof a->tenant[0], "%s", tenant);
+    a->doc[a->n++] = j;
+    return a->stop_after && a->n >= a->stop_after;
+}
+
+static void doc_acc_free(doc_acc *a)
+{
+    for (int i = 0; i < a->n; i++)
+        json_decref(a->doc[i]);
+    a->n = 0;
+}
+
+static const char *jget(json_t *o, const char *k)
+{
+    return json_string_value(json_object_get(o, k));
+}
+
+static void test_labels(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    add_device(f, "dev-2", "t2", "", "");
+    fm_record r = rec_at("dev-1", "t1", "m1", 1000);
+    assert_int_equal(fm_store_commit(f->st, &r, 1, NULL, 0, &err), 0);
+    fm_record r2 = rec_at("dev-2", "t2", "m1", 1000);
+    assert_int_equal(fm_store_commit(f->st, &r2, 1, NULL, 0, &err), 0);
+
+    fm_label l = {.device_id = "dev-1", .tenant = "t1", .measurement_id = "m1",
+                  .outputs_json = "{\"viscosity\":1.25}", .source = "lab:capillary",
+                  .labelled_by = "alice", .at_ms = 5000};
+    assert_int_equal(fm_store_label_put(f->st, &l, &err), 0);
+    int64_t first = l.seq;
+    assert_true(first > 0);
+    expect_label(f, "dev-1", "m1", first, "{\"viscosity\":1.25}", "lab:capillary", "alice", 5000);
+
+    /* A correction replaces it with a new, larger seq. */
+    fm_label l2 = {.device_id = "dev-1", .tenant = "t1", .measurement_id = "m1",
+                   .outputs_json = "{\"viscosity\":1.5}", .source = "lab:rotational",
+                   .labelled_by = "bob", .at_ms = 6000};
+    assert_int_equal(fm_store_label_put(f->st, &l2, &err), 0);
+    assert_true(l2.seq > first);
+    expect_label(f, "dev-1", "m1", l2.seq, "{\"viscosity\":1.5}", "lab:rotational", "bob", 6000);
+    int64_t max = 0;
+    assert_int_equal(fm_store_max_seq(f->st, FM_STREAM_LABELS, &max), 0);
+    assert_int_equal(max, l2.seq);
+
+    /* No such measurement, or one of another tenant: nothing is stored. */
+    fm_label bad = l2;
+    bad.measurement_id = "nope";
+    assert_int_equal(fm_store_label_put(f->st, &bad, &err), FM_ENOTFOUND);
+    assert_int_equal(bad.seq, 0);
+    assert_non_null(strstr(err.msg, "nope"));
+    bad = l2;
+    bad.device_id = "dev-2"; /* its m1 belongs to t2 */
+    assert_int_equal(fm_store_label_put(f->st, &bad, &err), FM_ENOTFOUND);
+    bad = l2;
+    bad.outputs_json = "[1]";
+    assert_int_equal(fm_store_label_put(f->st, &bad, &err), FM_EINVAL);
+    bad.outputs_json = "{oops";
+    assert_int_equal(fm_store_label_put(f->st, &bad, &err), FM_EINVAL);
+    fm_label out;
+    char src[8], who[8];
+    assert_int_equal(fm_store_label_get(f->st, "dev-1", "nope", &out, src, sizeof src, who,
+                                        sizeof who),
+                     FM_ENOTFOUND);
+    assert_int_equal(fm_store_label_get(f->st, "dev-2", "m1", &out, src, sizeof src, who,
+                                        sizeof who),
+                     FM_ENOTFOUND);
+    assert_int_equal(fm_store_max_seq(f->st, FM_STREAM_LABELS, &max), 0);
+    assert_int_equal(max, l2.seq);
+
+    /* Without a tenant the measurement's is stored; small buffers truncate. */
+    fm_label l3 = {.device_id = "dev-2", .measurement_id = "m1", .outputs_json = "{}",
+                   .source = "a-long-source-name", .labelled_by = "carol"};
+    assert_int_equal(fm_store_label_put(f->st, &l3, &err), 0);
+    assert_true(l3.at_ms > 0); /* 0 meant now */
+    assert_int_equal(fm_store_label_get(f->st, "dev-2", "m1", &out, src, sizeof src, who,
+                                        sizeof who),
+                     0);
+    assert_string_equal(out.source, "a-long-");
+    fm_free((void *)out.outputs_json);
+    assert_int_equal(fm_store_label_get(f->st, "dev-2", "m1", &out, NULL, 0, NULL, 0), 0);
+    assert_null(out.source);
+    assert_null(out.labelled_by);
+    fm_free((void *)out.outputs_json);
+
+    /* The table holds the current label of each measurement. */
+    doc_acc a = {0};
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_LABELS, 0, 10, on_doc, &a), 0);
+    assert_int_equal(a.n, 2);
+    assert_int_equal(a.seq[0], l2.seq);
+    assert_int_equal(a.seq[1], l3.seq);
+    assert_string_equal(a.tenant[1], "t2");
+    assert_string_equal(jget(a.doc[1], "tenant"), "t2");
+    doc_acc_free(&a);
+}
+
+typedef struct audit_acc {
+    int64_t seq[16];
+    int n;
+} audit_acc;
+
+static int on_audit(void *ud, const fm_audit *e)
+{
+    audit_acc *a = ud;
+    assert_true(a->n < 16);
+    json_t *d = json_loads(e->details_json, 0, NULL);
+    assert_true(json_is_object(d));
+    json_decref(d);
+    if (strcmp(e->action, "x") == 0) { /* appended with NULL strings */
+        assert_string_equal(e->tenant, "");
+        assert_string_equal(e->target, "");
+        assert_string_equal(e->outcome, "");
+        assert_string_equal(e->client, "");
+        assert_string_equal(e->details_json, "{}");
+    } else {
+        assert_string_equal(e->target, "device:dev-1");
+        assert_string_equal(e->outcome, "ok");
+        assert_string_equal(e->client, "127.0.0.1");
+        assert_true(e->at_ms >= 1000 && e->at_ms <= 7000);
+    }
+    a->seq[a->n++] = e->seq;
+    return 0;
+}
+
+static void test_audit(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    struct {
+        const char *tenant, *actor, *action;
+        int64_t at;
+    } in[7] = {
+        {"t1", "user:t1/alice", "auth.login", 1000},
+        {"t2", "user:t2/bob", "auth.login", 2000},
+        {"t1", "user:t1/alice", "device.revoke", 3000},
+        {"", "anonymous", "auth.login", 4000},
+        {"t1", "cli", "device.revoke", 5000},
+        {"t1", "user:t1/alice", "measurement.read", 6000},
+        {"t2", "user:t2/bob", "device.revoke", 7000},
+    };
+    int64_t seq[7];
+    for (int i = 0; i < 7; i++) {
+        fm_audit a = {.at_ms = in[i].at, .tenant = in[i].tenant, .actor = in[i].actor,
+                      .action = in[i].action, .target = "device:dev-1", .outcome = "ok",
+                      .client = "127.0.0.1", .details_json = i == 0 ? NULL : "{\"i\":1}"};
+        assert_int_equal(fm_store_audit_append(f->st, &a, &err), 0);
+        seq[i] = a.seq;
+        assert_true(i == 0 || seq[i] > seq[i - 1]);
+    }
+    fm_audit bad = {.actor = "cli", .details_json = "not json"};
+    assert_int_equal(fm_store_audit_append(f->st, &bad, &err), FM_EINVAL);
+    assert_int_equal(bad.seq, 0);
+    fm_audit now = {.actor = "cli", .action = "x"}; /* NULLs stored as "" */
+    assert_int_equal(fm_store_audit_append(f->st, &now, &err), 0);
+    assert_true(now.at_ms > 7000);
+    int64_t max = 0;
+    assert_int_equal(fm_store_max_seq(f->st, FM_STREAM_AUDIT, &max), 0);
+    assert_int_equal(max, now.seq);
+
+    /* Each case pages through the filter `limit` entries at a time; want
+     * lists the entries as indices into in[] (7: the `now` entry). */
+    struct {
+        fm_audit_filter f;
+        size_t limit;
+        const char *want;
+    } cases[] = {
+        {{0}, 3, "7,6,5,4,3,2,1,0"},
+        {{.tenant = "t1"}, 2, "5,4,2,0"},
+        {{.tenant = ""}, 2, "7,3"},
+        {{.actor = "user:t2/bob"}, 1, "6,1"},
+        {{.action = "device.revoke"}, 10, "6,4,2"},
+        {{.tenant = "t1", .action = "device.revoke"}, 1, "4,2"},
+        {{.from_ms = 2000, .to_ms = 5000}, 2, "3,2,1"},
+        {{.from_ms = 6000}, 10, "7,6,5"},
+        {{.to_ms = 2001}, 10, "1,0"},
+        {{.tenant = "nobody"}, 10, ""},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        char got[64] = "";
+        fm_audit_filter flt = cases[c].f;
+        for (int pages = 0; pages < 20; pages++) {
+            audit_acc a = {0};
+            assert_int_equal(fm_store_audit_page(f->st, &flt, cases[c].limit, on_audit, &a), 0);
+            for (int i = 0; i < a.n; i++) {
+                int idx = 7;
+                for (int j = 0; j < 7; j++)
+                    if (seq[j] == a.seq[i])
+                        idx = j;
+                size_t used = strlen(got);
+                snprintf(got + used, sizeof got - used, "%s%d", used ? "," : "", idx);
+            }
+            if ((size_t)a.n < cases[c].limit)
+                break;
+            flt.before_seq = a.seq[a.n - 1];
+        }
+        if (strcmp(got, cases[c].want) != 0)
+            fail_msg("audit case %zu: got \"%s\", want \"%s\"", c, got, cases[c].want);
+    }
+    /* NULL filter: everything, newest first. */
+    audit_acc all = {0};
+    assert_int_equal(fm_store_audit_page(f->st, NULL, 100, on_audit, &all), 0);
+    assert_int_equal(all.n, 8);
+    assert_int_equal(all.seq[0], now.seq);
+}
+
+static void test_scan_docs(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    fm_record r[3] = {rec_at("dev-1", "t1", "a", 1000), rec_at("dev-1", "t1", "b", 1000),
+                      rec_at("dev-1", "t1", "c", 1000)};
+    assert_int_equal(fm_store_commit(f->st, r, 3, NULL, 0, &err), 0);
+    const char *mids[3] = {"a", "b", "c"};
+    for (int i = 0; i < 3; i++) {
+        fm_label l = {.device_id = "dev-1", .tenant = "t1", .measurement_id = mids[i],
+                      .outputs_json = "{\"viscosity\": 2.5,\n \"density\": 998}",
+                      .source = "lab \"quoted\"\nline", .labelled_by = "alice",
+                      .at_ms = 1795737599999LL + i};
+        assert_int_equal(fm_store_label_put(f->st, &l, &err), 0);
+    }
+    doc_acc a = {0};
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_LABELS, 0, 10, on_doc, &a), 0);
+    assert_int_equal(a.n, 3);
+    json_t *d = a.doc[0];
+    assert_string_equal(jget(d, "device_id"), "dev-1");
+    assert_string_equal(jget(d, "tenant"), "t1");
+    assert_string_equal(jget(d, "measurement_id"), "a");
+    assert_string_equal(jget(d, "source"), "lab \"quoted\"\nline");
+    assert_string_equal(jget(d, "labelled_by"), "alice");
+    assert_string_equal(jget(d, "labelled_at"), "2026-11-26T23:59:59.999Z");
+    assert_string_equal(jget(a.doc[1], "labelled_at"), "2026-11-27T00:00:00.000Z");
+    json_t *o = json_object_get(d, "outputs");
+    assert_true(json_is_object(o));
+    assert_true(json_real_value(json_object_get(o, "viscosity")) == 2.5);
+    assert_int_equal(json_integer_value(json_object_get(o, "density")), 998);
+    assert_int_equal(a.at[0], 1795737599999LL);
+    assert_string_equal(a.tenant[0], "t1");
+    int64_t s1 = a.seq[0], s2 = a.seq[1];
+    doc_acc_free(&a);
+    /* after and limit */
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_LABELS, s1, 1, on_doc, &a), 0);
+    assert_int_equal(a.n, 1);
+    assert_int_equal(a.seq[0], s2);
+    doc_acc_free(&a);
+    a.stop_after = 2;
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_LABELS, 0, 10, on_doc, &a), 0);
+    assert_int_equal(a.n, 2);
+    doc_acc_free(&a);
+    a.stop_after = 0;
+
+    fm_audit e1 = {.at_ms = 1000, .tenant = "t1", .actor = "user:t1/alice",
+                   .action = "label.put", .target = "measurement:dev-1/a", .outcome = "ok",
+                   .client = "10.0.0.1", .details_json = "{\"n\": [1, 2]}"};
+    fm_audit e2 = {.at_ms = 2000, .tenant = "", .actor = "anonymous", .action = "auth.login",
+                   .target = "", .outcome = "denied", .client = ""};
+    assert_int_equal(fm_store_audit_append(f->st, &e1, &err), 0);
+    assert_int_equal(fm_store_audit_append(f->st, &e2, &err), 0);
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_AUDIT, 0, 10, on_doc, &a), 0);
+    assert_int_equal(a.n, 2);
+    d = a.doc[0];
+    assert_int_equal(a.seq[0], e1.seq);
+    assert_string_equal(jget(d, "at"), "1970-01-01T00:00:01.000Z");
+    assert_string_equal(jget(d, "tenant"), "t1");
+    assert_string_equal(jget(d, "actor"), "user:t1/alice");
+    assert_string_equal(jget(d, "action"), "label.put");
+    assert_string_equal(jget(d, "target"), "measurement:dev-1/a");
+    assert_string_equal(jget(d, "outcome"), "ok");
+    assert_string_equal(jget(d, "client"), "10.0.0.1");
+    assert_int_equal(json_array_size(json_object_get(json_object_get(d, "details"), "n")), 2);
+    assert_true(json_is_object(json_object_get(a.doc[1], "details")));
+    assert_int_equal(json_object_size(json_object_get(a.doc[1], "details")), 0);
+    assert_string_equal(a.tenant[1], "");
+    assert_int_equal(a.at[1], 2000);
+    doc_acc_free(&a);
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_AUDIT, e2.seq, 10, on_doc, &a), 0);
+    assert_int_equal(a.n, 0);
+
+    /* Only the document streams. */
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_RAW, 0, 10, on_doc, &a), FM_EINVAL);
+    assert_int_equal(fm_store_scan_docs(f->st, FM_STREAM_QUARANTINE, 0, 10, on_doc, &a),
+                     FM_EINVAL);
+    assert_int_equal(a.n, 0);
+}
+
+/* A database at the previous schema version (users and sessions) gets the
+ * API tables on open, keeping its data. */
+static void test_migrate_api_tables(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    fm_record r = rec("old", "{}");
+    assert_int_equal(fm_store_commit(f->st, &r, 1, NULL, 0, &err), 0);
+    fm_store_close(f->st);
+    f->st = NULL;
+    char path[128];
+    snprintf(path, sizeof path, "%s/db/fleetml.db", f->dir);
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db,
+                                  "DROP TABLE device_presence; DROP TABLE labels;"
+                                  " DROP TABLE audit; PRAGMA user_version = 4;",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    assert_int_equal(fm_store_open(&f->cfg, &f->st, &err), 0);
+    fm_label l = {.device_id = "dev-1", .measurement_id = "old", .outputs_json = "{}"};
+    assert_int_equal(fm_store_label_put(f->st, &l, &err), 0);
+    fm_audit a = {.actor = "cli", .action = "migrate"};
+    assert_int_equal(fm_store_audit_append(f->st, &a, &err), 0);
+    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 10), 0);
+    expect_presence(f, "dev-1", 1, 10, 1000);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -234,6 +907,14 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_probe_write, setup, teardown),
         cmocka_unit_test(test_unknown_backend),
+        cmocka_unit_test_setup_teardown(test_presence, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_device_page, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_measurement_page, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_measurement_get, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_labels, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_audit, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_scan_docs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_migrate_api_tables, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

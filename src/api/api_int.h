@@ -1,0 +1,169 @@
+/* Internals of the HTTP API shared by src/api/http.c and the v1_*.c
+ * handler files. */
+#ifndef FLEETML_API_INT_H
+#define FLEETML_API_INT_H
+
+#include "fleetml/api.h"
+#include "fleetml/auth.h"
+#include "fleetml/model.h"
+#include "fleetml/store.h"
+
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#define API_PREFIX "/api/v1"
+#define API_MAX_PARAMS 3
+#define API_BODY_SMALL (16 * 1024)   /* sign-in, passwords, users */
+#define API_BODY_DEFAULT (64 * 1024)
+#define API_BODY_PREDICT (256 * 1024)
+#define API_PAGE_DEFAULT 50
+#define API_PAGE_MAX 500
+#define API_PREDICT_WAIT_MS 10000
+
+/* A pool of store handles: one per HTTP thread at most, handed out per
+ * request (SQLite handles must not be shared between threads at once). */
+typedef struct api_store_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    fm_store **free;
+    size_t nfree, cap;
+} api_store_pool;
+
+struct fm_http {
+    struct MHD_Daemon *daemon;
+    fm_config cfg;
+    fm_health_fn health;
+    void *ud;
+    struct fm_pipeline *pipeline;
+    int fault; /* FM_FAULT_INJECTION=1 at start: /debug/fault exists */
+    int tls;
+    fm_jwt_key *jwt;
+    api_store_pool pool;
+    fm_throttle_policy throttle;
+    fm_token_params tokens;
+    char (*proxies)[64]; /* trusted proxy addresses */
+    size_t nproxies;
+    char *openapi;       /* docs/openapi.yaml text, or NULL */
+    size_t openapi_len;
+    char *tls_cert, *tls_key;
+    /* predict without storing: a model of our own, one caller at a time */
+    pthread_mutex_t model_mu;
+    fm_model *model;
+    char model_ref[128];
+    _Atomic int64_t next_housekeeping_ms;
+};
+
+/* One request being answered. Handlers fill status + out (or call
+ * api_error) and may set retry_after / allow / location. */
+typedef struct api_req {
+    fm_http *h;
+    struct MHD_Connection *conn;
+    const char *method;
+    const char *url;          /* full path, e.g. /api/v1/devices/x */
+    const char *params[API_MAX_PARAMS];
+    char pbuf[API_MAX_PARAMS][160];
+    const char *body;
+    size_t body_len;
+    json_t *json;             /* parsed body (routes that take one) */
+    fm_store *store;
+    int64_t now_ms;
+    char client[64];
+    bool authed;
+    fm_principal who;
+    char actor[160];          /* "user:<tenant>/<name>" or "anonymous" */
+    /* the answer */
+    unsigned status;
+    json_t *out;
+    char *text;               /* a non-JSON body (fm_malloc'd) with text_type */
+    size_t text_len;
+    const char *text_type;
+    long retry_after;         /* > 0: Retry-After header */
+    const char *allow;        /* 405: Allow header */
+    bool www_authenticate;
+} api_req;
+
+typedef void (*api_handler)(api_req *r);
+struct api_route;
+
+typedef struct api_route {
+    fm_api_route_info info;
+    api_handler fn;
+    size_t body_max; /* 0: no body accepted */
+} api_route;
+
+/* Finds the route for r->method and r->url and copies its path parameters
+ * into r->params. NULL when none; then *path_known tells 405 from 404 and
+ * allow lists the methods the path has. */
+const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known);
+
+/* ---- answers ---- */
+void api_json(api_req *r, unsigned status, json_t *doc); /* consumes doc */
+void api_error(api_req *r, unsigned status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Answers for a store failure: 503 unavailable (busy/disk/IO) or 500. */
+void api_store_error(api_req *r, int rc);
+void api_no_content(api_req *r);
+
+/* ---- helpers ---- */
+/* The tenant a list or create acts on: the caller's, or ?tenant= for an
+ * operator (must exist). false: answered (400/404) already. */
+bool api_scope_tenant(api_req *r, const char **tenant);
+/* Reads device id from r, checks it exists and is visible to the caller
+ * (same tenant or operator). false: answered 404 (also for another
+ * tenant's device) or 5xx. */
+bool api_device_visible(api_req *r, const char *id, fm_device *out);
+/* limit (1..API_PAGE_MAX, default API_PAGE_DEFAULT) and the decoded cursor
+ * (all zero/empty when absent). false: answered 400. */
+bool api_page_args(api_req *r, size_t *limit, int64_t *ca, int64_t *cb, char *cs, size_t cs_len);
+/* Parses an optional time query parameter (RFC 3339 or integer ms).
+ * false: answered 400. */
+bool api_time_arg(api_req *r, const char *name, int64_t *out);
+/* Sets "next_cursor" of a page document. */
+void api_page_finish(json_t *page, const char *next_cursor);
+const char *api_query(api_req *r, const char *name);
+/* RFC 3339 string or JSON null for 0. */
+json_t *api_time(int64_t ms);
+/* A JSON array of role names from a comma-separated list. */
+json_t *api_roles_array(const char *roles);
+
+/* Appends an audit entry (also exported to the lake's logs/). tenant NULL:
+ * the caller's tenant. details consumed (may be NULL). Failures are logged
+ * and counted, never shown to the client. */
+void api_audit(api_req *r, const char *tenant, const char *action, const char *target,
+               const char *outcome, json_t *details);
+
+/* ---- handler groups (v1_*.c) ---- */
+void v1_login(api_req *r);
+void v1_refresh(api_req *r);
+void v1_logout(api_req *r);
+void v1_me(api_req *r);
+void v1_me_password(api_req *r);
+void v1_users_list(api_req *r);
+void v1_users_create(api_req *r);
+void v1_user_get(api_req *r);
+void v1_user_roles(api_req *r);
+void v1_user_disable(api_req *r);
+void v1_user_enable(api_req *r);
+
+void v1_devices_list(api_req *r);
+void v1_device_get(api_req *r);
+void v1_device_disable(api_req *r);
+void v1_device_enable(api_req *r);
+void v1_device_revoke(api_req *r);
+void v1_shadow_get(api_req *r);
+void v1_shadow_patch(api_req *r);
+void v1_templates_list(api_req *r);
+void v1_templates_create(api_req *r);
+void v1_template_claim_cert(api_req *r);
+
+void v1_measurements_list(api_req *r);
+void v1_measurement_get(api_req *r);
+void v1_label_put(api_req *r);
+void v1_models_list(api_req *r);
+void v1_predict(api_req *r);
+void v1_audit_list(api_req *r);
+void v1_openapi(api_req *r);
+
+#endif

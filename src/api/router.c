@@ -1,0 +1,104 @@
+/*
+ * The API v1 route table. Every route the server answers is listed here
+ * once, with the permission it needs (fleetml/auth.h) and its body limit;
+ * `fleetml api routes` prints this table and a test checks each entry is
+ * documented in docs/openapi.yaml.
+ */
+#include "api/api_int.h"
+
+#include <string.h>
+
+#define R(m, p, act, fn, body) {{m, API_PREFIX p, act}, fn, body}
+#define PUBLIC "public"
+#define SELF NULL
+
+static const api_route routes[] = {
+    R("POST", "/auth/login", PUBLIC, v1_login, API_BODY_SMALL),
+    R("POST", "/auth/refresh", PUBLIC, v1_refresh, API_BODY_SMALL),
+    R("POST", "/auth/logout", PUBLIC, v1_logout, API_BODY_SMALL),
+    R("GET", "/openapi.yaml", PUBLIC, v1_openapi, 0),
+    R("GET", "/me", SELF, v1_me, 0),
+    R("POST", "/me/password", SELF, v1_me_password, API_BODY_SMALL),
+    R("GET", "/users", "users.manage", v1_users_list, 0),
+    R("POST", "/users", "users.manage", v1_users_create, API_BODY_SMALL),
+    R("GET", "/users/{username}", "users.manage", v1_user_get, 0),
+    R("PUT", "/users/{username}/roles", "users.manage", v1_user_roles, API_BODY_SMALL),
+    R("POST", "/users/{username}/disable", "users.manage", v1_user_disable, 0),
+    R("POST", "/users/{username}/enable", "users.manage", v1_user_enable, 0),
+    R("GET", "/devices", "devices.read", v1_devices_list, 0),
+    R("GET", "/devices/{id}", "devices.read", v1_device_get, 0),
+    R("POST", "/devices/{id}/disable", "devices.manage", v1_device_disable, 0),
+    R("POST", "/devices/{id}/enable", "devices.manage", v1_device_enable, 0),
+    R("POST", "/devices/{id}/revoke", "devices.manage", v1_device_revoke, 0),
+    R("GET", "/devices/{id}/shadow", "devices.read", v1_shadow_get, 0),
+    R("PATCH", "/devices/{id}/shadow", "devices.manage", v1_shadow_patch, API_BODY_DEFAULT),
+    R("GET", "/devices/{id}/measurements", "measurements.read", v1_measurements_list, 0),
+    R("GET", "/devices/{id}/measurements/{mid}", "measurements.read", v1_measurement_get, 0),
+    R("PUT", "/devices/{id}/measurements/{mid}/label", "labels.write", v1_label_put,
+      API_BODY_DEFAULT),
+    R("GET", "/templates", "templates.manage", v1_templates_list, 0),
+    R("POST", "/templates", "templates.manage", v1_templates_create, API_BODY_DEFAULT),
+    R("POST", "/templates/{name}/claim-cert", "templates.manage", v1_template_claim_cert, 0),
+    R("GET", "/models", "models.predict", v1_models_list, 0),
+    R("POST", "/models/{name}/predict", "models.predict", v1_predict, API_BODY_PREDICT),
+    R("GET", "/audit", "audit.read", v1_audit_list, 0),
+};
+#define NROUTES (sizeof routes / sizeof routes[0])
+
+size_t fm_api_route_count(void) { return NROUTES; }
+
+const fm_api_route_info *fm_api_route_at(size_t i)
+{
+    return i < NROUTES ? &routes[i].info : NULL;
+}
+
+/* Matches path against pattern segment by segment; {x} matches one
+ * non-empty segment, copied into params. */
+static bool match(const char *pattern, const char *path, char params[][160], size_t *np)
+{
+    *np = 0;
+    while (*pattern && *path) {
+        if (*pattern != '/' || *path != '/')
+            return false;
+        pattern++, path++;
+        const char *pe = strchr(pattern, '/'), *se = strchr(path, '/');
+        size_t pl = pe ? (size_t)(pe - pattern) : strlen(pattern);
+        size_t sl = se ? (size_t)(se - path) : strlen(path);
+        if (pl > 1 && pattern[0] == '{') {
+            if (sl == 0 || sl >= 160 || *np >= API_MAX_PARAMS)
+                return false;
+            memcpy(params[*np], path, sl);
+            params[*np][sl] = '\0';
+            (*np)++;
+        } else if (pl != sl || memcmp(pattern, path, pl) != 0) {
+            return false;
+        }
+        pattern += pl, path += sl;
+    }
+    return *pattern == '\0' && *path == '\0';
+}
+
+const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known)
+{
+    const api_route *hit = NULL;
+    *path_known = false;
+    allow[0] = '\0';
+    for (size_t i = 0; i < NROUTES; i++) {
+        char params[API_MAX_PARAMS][160];
+        size_t np;
+        if (!match(routes[i].info.path, r->url, params, &np))
+            continue;
+        *path_known = true;
+        size_t used = strlen(allow);
+        snprintf(allow + used, allow_len - used, "%s%s", used ? ", " : "",
+                 routes[i].info.method);
+        if (!hit && strcmp(routes[i].info.method, r->method) == 0) {
+            hit = &routes[i];
+            for (size_t k = 0; k < np; k++) {
+                memcpy(r->pbuf[k], params[k], sizeof r->pbuf[k]);
+                r->params[k] = r->pbuf[k];
+            }
+        }
+    }
+    return hit;
+}

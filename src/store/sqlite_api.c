@@ -1,0 +1,537 @@
+/*
+ * SQLite backend: data behind the HTTP API. Device pages, presence (as the
+ * broker reports it), measurement pages, labels (ground truth entered for a
+ * measurement) and the audit log.
+ *
+ * Labels and audit entries are also lake streams: their seq comes from
+ * AUTOINCREMENT, so it only ever grows, and scan_docs hands the exporter
+ * each row as a ready-made one-line JSON document. A label is replaced in
+ * place (one current label per measurement); the replacement is a new row
+ * with a new, larger seq, so the exporter sees it as a new row.
+ */
+#include "store/sqlite_int.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+/* SQLite reads a negative LIMIT as "no limit"; a size_t above INT64_MAX
+ * would wrap to one. */
+static sqlite3_int64 lim(size_t n) { return n > (size_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)n; }
+
+static const char *nz(const char *s) { return s ? s : ""; }
+
+static const char *col(sqlite3_stmt *st, int i)
+{
+    const char *v = (const char *)sqlite3_column_text(st, i);
+    return v ? v : "";
+}
+
+/* 1 when text is a JSON object. */
+static int is_json_object(const char *text)
+{
+    json_t *j = text ? json_loads(text, 0, NULL) : NULL;
+    int ok = json_is_object(j);
+    json_decref(j);
+    return ok;
+}
+
+/* ---- devices and presence -------------------------------------------------- */
+
+int sql__device_page(fm_store *base, const char *tenant, const char *after_id, size_t limit,
+                     fm_device_cb cb, void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    /* The primary key orders by id; with a tenant the filter is applied
+     * while walking it (devices per node are at most tens of thousands). */
+    if (sql__prep(s, &st,
+                  tenant ? "SELECT id, tenant, status, cert_serial, created_ms, device_group,"
+                           " serial_number, model, firmware FROM devices"
+                           " WHERE id > ?1 AND tenant = ?3 ORDER BY id LIMIT ?2"
+                         : "SELECT id, tenant, status, cert_serial, created_ms, device_group,"
+                           " serial_number, model, firmware FROM devices"
+                           " WHERE id > ?1 ORDER BY id LIMIT ?2",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(after_id), -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, lim(limit));
+    if (tenant)
+        sqlite3_bind_text(st, 3, tenant, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_device d;
+        sql__read_device(st, &d);
+        sql__copy_col(d.model, sizeof d.model, st, 7);
+        sql__copy_col(d.firmware, sizeof d.firmware, st, 8);
+        if (cb(ud, &d)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
+int sql__presence_set(fm_store *base, const char *device_id, int online, int64_t at_ms)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    /* One statement, so it is atomic without an explicit transaction. The
+     * WHERE EXISTS drops unknown devices (and is also what lets SQLite parse
+     * an upsert after INSERT ... SELECT). */
+    if (sql__prep(s, &st,
+                  "INSERT INTO device_presence(device_id, online, changed_ms)"
+                  " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                  " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
+                  " changed_ms = excluded.changed_ms",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, online ? 1 : 0);
+    sqlite3_bind_int64(st, 3, at_ms);
+    int rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return sql__map_rc(rc);
+}
+
+int sql__presence_reset(fm_store *base, int64_t at_ms)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "UPDATE device_presence SET online = 0, changed_ms = ? WHERE online != 0",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, at_ms);
+    int rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return sql__map_rc(rc);
+}
+
+int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    memset(out, 0, sizeof *out);
+    /* One statement reads both tables in one snapshot; a missing row reads
+     * as NULL, i.e. 0. The newest measurement comes from the end of the
+     * measurements_by_device index. */
+    if (sql__prep(s, &st,
+                  "SELECT (SELECT online FROM device_presence WHERE device_id = ?1),"
+                  " (SELECT changed_ms FROM device_presence WHERE device_id = ?1),"
+                  " (SELECT max(received_ms) FROM measurements WHERE device_id = ?1)",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        out->online = sqlite3_column_int(st, 0) != 0;
+        out->changed_ms = sqlite3_column_int64(st, 1);
+        int64_t newest = sqlite3_column_int64(st, 2);
+        out->last_seen_ms = newest > out->changed_ms ? newest : out->changed_ms;
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
+}
+
+/* ---- measurements ----------------------------------------------------------- */
+
+#define RECORD_COLS                                                                                \
+    "seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload, result, model"
+
+/* Steps st and calls cb for each row. Returns 0, FM_ENOTFOUND when
+ * need_row and there was none, or the mapped SQLite error. Finalizes st. */
+static int record_rows(sqlite3_stmt *st, fm_record_cb cb, void *ud, int need_row)
+{
+    int rc, rows = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        rows++;
+        fm_record r = {
+            .seq = sqlite3_column_int64(st, 0),
+            .device_id = col(st, 1),
+            .tenant = col(st, 2),
+            .measurement_id = col(st, 3),
+            .received_ms = sqlite3_column_int64(st, 4),
+            .taken_ms = sqlite3_column_int64(st, 5),
+            .payload = col(st, 6),
+            .payload_len = (size_t)sqlite3_column_bytes(st, 6),
+            .result_json = col(st, 7),
+            .model = col(st, 8),
+        };
+        if (cb(ud, &r)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_DONE)
+        return sql__map_rc(rc);
+    return need_row && rows == 0 ? FM_ENOTFOUND : 0;
+}
+
+int sql__measurement_page(fm_store *base, const fm_measurement_query *q, fm_record_cb cb,
+                          void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    if (!q || !q->device_id)
+        return FM_EINVAL;
+    /* Every filter is a range on measurements_by_device(device_id,
+     * received_ms), whose entries end with the rowid (seq): walking it
+     * backwards gives (received_ms DESC, seq DESC) without a sort. The
+     * redundant "received_ms <= cursor" bounds the range for the planner. */
+    char sql[512];
+    int n = snprintf(sql, sizeof sql, "SELECT " RECORD_COLS " FROM measurements"
+                                      " WHERE device_id = ?1");
+    if (q->from_ms)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND received_ms >= ?2");
+    if (q->to_ms)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND received_ms < ?3");
+    if (q->cursor_seq > 0)
+        n += snprintf(sql + n, sizeof sql - (size_t)n,
+                      " AND received_ms <= ?4 AND (received_ms < ?4 OR seq < ?5)");
+    snprintf(sql + n, sizeof sql - (size_t)n, " ORDER BY received_ms DESC, seq DESC LIMIT ?6");
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, sql, NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, q->device_id, -1, SQLITE_STATIC);
+    if (q->from_ms)
+        sqlite3_bind_int64(st, 2, q->from_ms);
+    if (q->to_ms)
+        sqlite3_bind_int64(st, 3, q->to_ms);
+    if (q->cursor_seq > 0) {
+        sqlite3_bind_int64(st, 4, q->cursor_ms);
+        sqlite3_bind_int64(st, 5, q->cursor_seq);
+    }
+    sqlite3_bind_int64(st, 6, lim(q->limit));
+    return record_rows(st, cb, ud, 0);
+}
+
+int sql__measurement_get(fm_store *base, const char *device_id, const char *measurement_id,
+                         fm_record_cb cb, void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st,
+                  "SELECT " RECORD_COLS " FROM measurements"
+                  " WHERE device_id = ? AND measurement_id = ?",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, nz(measurement_id), -1, SQLITE_STATIC);
+    return record_rows(st, cb, ud, 1);
+}
+
+/* ---- labels ------------------------------------------------------------------ */
+
+int sql__label_put(fm_store *base, fm_label *l, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    l->seq = 0;
+    if (!l->device_id || !l->measurement_id)
+        return fm_errf(err, FM_EINVAL, "label: device and measurement are required");
+    /* The lake embeds the outputs as an object: only store what it can. */
+    if (!is_json_object(l->outputs_json))
+        return fm_errf(err, FM_EINVAL, "label: outputs must be a JSON object");
+    if (l->at_ms == 0)
+        l->at_ms = fm_wall_ms();
+    /* One statement, hence one transaction: the row is inserted only if the
+     * measurement exists (in the label's tenant, when one is given), so a
+     * label never points nowhere; the tenant is the measurement's. REPLACE
+     * deletes the current label of the measurement and inserts a new row,
+     * which AUTOINCREMENT numbers above every seq ever used. */
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "INSERT OR REPLACE INTO labels(device_id, tenant, measurement_id, outputs,"
+                       " source, labelled_by, at_ms)"
+                       " SELECT device_id, tenant, measurement_id, ?3, ?4, ?5, ?6 FROM measurements"
+                       " WHERE device_id = ?1 AND measurement_id = ?2"
+                       " AND (?7 IS NULL OR tenant = ?7)",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, l->device_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, l->measurement_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, l->outputs_json, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, nz(l->source), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, nz(l->labelled_by), -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 6, l->at_ms);
+    if (l->tenant && *l->tenant)
+        sqlite3_bind_text(st, 7, l->tenant, -1, SQLITE_STATIC);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "label");
+    if (sqlite3_changes(s->db) == 0)
+        return fm_errf(err, FM_ENOTFOUND, "device '%s' has no measurement '%s'", l->device_id,
+                       l->measurement_id);
+    l->seq = sqlite3_last_insert_rowid(s->db);
+    return 0;
+}
+
+int sql__label_get(fm_store *base, const char *device_id, const char *measurement_id,
+                   fm_label *out, char *source, size_t source_len, char *by, size_t by_len)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    memset(out, 0, sizeof *out);
+    if (sql__prep(s, &st,
+                  "SELECT seq, outputs, source, labelled_by, at_ms FROM labels"
+                  " WHERE device_id = ? AND measurement_id = ?",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, nz(measurement_id), -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st), ret = 0;
+    if (rc == SQLITE_ROW) {
+        char *outputs = fm_strdup(col(st, 1));
+        if (!outputs) {
+            ret = FM_ENOMEM;
+        } else {
+            out->seq = sqlite3_column_int64(st, 0);
+            out->outputs_json = outputs;
+            out->at_ms = sqlite3_column_int64(st, 4);
+            if (source && source_len) {
+                sql__copy_col(source, source_len, st, 2);
+                out->source = source;
+            }
+            if (by && by_len) {
+                sql__copy_col(by, by_len, st, 3);
+                out->labelled_by = by;
+            }
+        }
+    } else {
+        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
+    }
+    sqlite3_finalize(st);
+    return ret;
+}
+
+/* ---- audit -------------------------------------------------------------------- */
+
+int sql__audit_append(fm_store *base, fm_audit *a, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    a->seq = 0;
+    const char *details = a->details_json ? a->details_json : "{}";
+    if (!is_json_object(details))
+        return fm_errf(err, FM_EINVAL, "audit: details must be a JSON object");
+    if (a->at_ms == 0)
+        a->at_ms = fm_wall_ms();
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "INSERT INTO audit(at_ms, tenant, actor, action, target, outcome, client,"
+                       " details) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, a->at_ms);
+    sqlite3_bind_text(st, 2, nz(a->tenant), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, nz(a->actor), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, nz(a->action), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, nz(a->target), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, nz(a->outcome), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, nz(a->client), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 8, details, -1, SQLITE_STATIC);
+    /* A single INSERT in autocommit mode is its own durable transaction
+     * (synchronous=FULL). */
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "audit");
+    a->seq = sqlite3_last_insert_rowid(s->db);
+    return 0;
+}
+
+int sql__audit_page(fm_store *base, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
+                    void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    static const fm_audit_filter none;
+    if (!f)
+        f = &none;
+    /* Fixed parameter numbers; only the clauses in use are in the text. */
+    char sql[512];
+    int n = snprintf(sql, sizeof sql,
+                     "SELECT seq, at_ms, tenant, actor, action, target, outcome, client, details"
+                     " FROM audit WHERE 1");
+    if (f->tenant)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND tenant = ?1");
+    if (f->actor)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND actor = ?2");
+    if (f->action)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND action = ?3");
+    if (f->from_ms)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND at_ms >= ?4");
+    if (f->to_ms)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND at_ms < ?5");
+    if (f->before_seq > 0)
+        n += snprintf(sql + n, sizeof sql - (size_t)n, " AND seq < ?6");
+    snprintf(sql + n, sizeof sql - (size_t)n, " ORDER BY seq DESC LIMIT ?7");
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, sql, NULL))
+        return FM_EDB;
+    if (f->tenant)
+        sqlite3_bind_text(st, 1, f->tenant, -1, SQLITE_STATIC);
+    if (f->actor)
+        sqlite3_bind_text(st, 2, f->actor, -1, SQLITE_STATIC);
+    if (f->action)
+        sqlite3_bind_text(st, 3, f->action, -1, SQLITE_STATIC);
+    if (f->from_ms)
+        sqlite3_bind_int64(st, 4, f->from_ms);
+    if (f->to_ms)
+        sqlite3_bind_int64(st, 5, f->to_ms);
+    if (f->before_seq > 0)
+        sqlite3_bind_int64(st, 6, f->before_seq);
+    sqlite3_bind_int64(st, 7, lim(limit));
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_audit a = {
+            .seq = sqlite3_column_int64(st, 0),
+            .at_ms = sqlite3_column_int64(st, 1),
+            .tenant = col(st, 2),
+            .actor = col(st, 3),
+            .action = col(st, 4),
+            .target = col(st, 5),
+            .outcome = col(st, 6),
+            .client = col(st, 7),
+            .details_json = col(st, 8),
+        };
+        if (cb(ud, &a)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
+/* ---- lake documents ------------------------------------------------------------ */
+
+/* A JSON string, or null when s is not valid UTF-8: a row that cannot be
+ * represented must not stop the export forever. */
+static json_t *jstr(const char *s)
+{
+    json_t *j = s ? json_string(s) : NULL;
+    return j ? j : json_null();
+}
+
+static json_t *jtime(int64_t ms)
+{
+    char buf[40];
+    return ms > 0 ? jstr(fm_rfc3339(ms, buf, sizeof buf)) : json_null();
+}
+
+/* The stored object text (validated on write), parsed; null if it is not
+ * an object after all. */
+static json_t *jobject(sqlite3_stmt *st, int i)
+{
+    const char *text = (const char *)sqlite3_column_text(st, i);
+    json_t *j = text ? json_loadb(text, (size_t)sqlite3_column_bytes(st, i), 0, NULL) : NULL;
+    if (json_is_object(j))
+        return j;
+    json_decref(j);
+    return json_null();
+}
+
+static json_t *label_doc(sqlite3_stmt *st)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
+    json_object_set_new(o, "device_id", jstr(col(st, 1)));
+    json_object_set_new(o, "tenant", jstr(col(st, 2)));
+    json_object_set_new(o, "measurement_id", jstr(col(st, 3)));
+    json_object_set_new(o, "outputs", jobject(st, 4));
+    json_object_set_new(o, "source", jstr(col(st, 5)));
+    json_object_set_new(o, "labelled_by", jstr(col(st, 6)));
+    json_object_set_new(o, "labelled_at", jtime(sqlite3_column_int64(st, 7)));
+    return o;
+}
+
+static json_t *audit_doc(sqlite3_stmt *st)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
+    json_object_set_new(o, "at", jtime(sqlite3_column_int64(st, 1)));
+    json_object_set_new(o, "tenant", jstr(col(st, 2)));
+    json_object_set_new(o, "actor", jstr(col(st, 3)));
+    json_object_set_new(o, "action", jstr(col(st, 4)));
+    json_object_set_new(o, "target", jstr(col(st, 5)));
+    json_object_set_new(o, "outcome", jstr(col(st, 6)));
+    json_object_set_new(o, "client", jstr(col(st, 7)));
+    json_object_set_new(o, "details", jobject(st, 8));
+    return o;
+}
+
+/* Serialises o (consumed) compactly into *buf, growing it, and terminates
+ * it. Returns the length or 0 when out of memory. */
+static size_t dump(json_t *o, char **buf, size_t *cap)
+{
+    if (!o)
+        return 0;
+    size_t need = json_dumpb(o, *buf, *cap, JSON_COMPACT);
+    if (need >= *cap) {
+        char *nb = fm_realloc(*buf, need + 256);
+        if (nb) {
+            *buf = nb;
+            *cap = need + 256;
+            need = json_dumpb(o, *buf, *cap, JSON_COMPACT);
+        }
+    }
+    json_decref(o);
+    if (need == 0 || need >= *cap)
+        return 0;
+    (*buf)[need] = '\0';
+    return need;
+}
+
+int sql__scan_docs(fm_store *base, enum fm_lake_stream stream, int64_t after_seq, size_t limit,
+                   fm_doc_cb cb, void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    const char *sql;
+    int tenant_col, time_col;
+    switch (stream) {
+    case FM_STREAM_LABELS:
+        sql = "SELECT seq, device_id, tenant, measurement_id, outputs, source, labelled_by, at_ms"
+              " FROM labels WHERE seq > ? ORDER BY seq LIMIT ?";
+        tenant_col = 2;
+        time_col = 7;
+        break;
+    case FM_STREAM_AUDIT:
+        sql = "SELECT seq, at_ms, tenant, actor, action, target, outcome, client, details"
+              " FROM audit WHERE seq > ? ORDER BY seq LIMIT ?";
+        tenant_col = 2;
+        time_col = 1;
+        break;
+    default:
+        return FM_EINVAL;
+    }
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, sql, NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, after_seq);
+    sqlite3_bind_int64(st, 2, lim(limit));
+    char *buf = NULL;
+    size_t cap = 0;
+    int rc, ret = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        json_t *o = stream == FM_STREAM_LABELS ? label_doc(st) : audit_doc(st);
+        size_t len = dump(o, &buf, &cap);
+        if (len == 0) {
+            ret = FM_ENOMEM;
+            break;
+        }
+        if (cb(ud, sqlite3_column_int64(st, 0), col(st, tenant_col),
+               sqlite3_column_int64(st, time_col), buf, len))
+            break;
+    }
+    sqlite3_finalize(st);
+    fm_free(buf);
+    if (ret)
+        return ret;
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
+}
