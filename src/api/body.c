@@ -104,7 +104,7 @@ int fm_api_get_roles(const json_t *obj, const char *key, unsigned *out, char *ms
     json_array_foreach(v, i, r) {
         const char *name = json_string_value(r);
         size_t n = name ? json_string_length(r) : 0;
-        if (!name || n == 0 || n > 32 || strlen(name) != n)
+        if (!name || n == 0 || n > 32 || strlen(name) != n || strchr(name, ','))
             return fail(msg, msg_len, "field '%s' must hold role names", key);
         if (used + n + 2 > sizeof list)
             return fail(msg, msg_len, "field '%s' is too long", key);

@@ -25,7 +25,7 @@ USERS = {
     "devm": "device_manager",
     "rot": "clinician",
     "lo": "clinician",
-    "pwu": "clinician",
+    "pwuser": "clinician",
     "thr": "clinician",
     "gone": "clinician",        # disabled through the CLI before serve starts
     "newbie-src": "clinician",  # unused; keeps username ordering non-trivial
@@ -181,12 +181,20 @@ def test_refresh_reuse_revokes_family(env):
     check_error(r, 401, "invalid_token")
     check_unauthorized(me(env, s3["access_token"]))
     check_unauthorized(me(env, s1["access_token"]))
-    # The reuse is audited.
+    del other
+
+
+def test_refresh_reuse_audited_for_the_tenant(env):
+    s1 = env.users.new_session("rot")
+    assert env.api.refresh(s1["refresh_token"]).status == 200
+    check_error(env.api.refresh(s1["refresh_token"]), 401, "invalid_token")
+    # The tenant's admin sees the reuse of its user's token.
     admin = env.users.token("admin")
     a = env.api.ok("GET", "/audit?action=auth.refresh_reuse", admin)
-    assert a["items"], "no auth.refresh_reuse audit entry"
+    assert a["items"], ("no auth.refresh_reuse audit entry visible to the tenant's admin "
+                        "(GET /audit?action=auth.refresh_reuse)")
     assert all(i["action"] == "auth.refresh_reuse" for i in a["items"]), a
-    del other
+    assert any(i["tenant"] == TENANT for i in a["items"]), a
 
 
 def test_refresh_unknown_token(env):
@@ -302,15 +310,15 @@ def test_token_of_disabled_user_401_at_once(env):
 
 
 def test_change_password(env):
-    old = env.users.passwords[(TENANT, "pwu")]
-    s = env.users.new_session("pwu")
+    old = env.users.passwords[(TENANT, "pwuser")]
+    s = env.users.new_session("pwuser")
     tok = s["access_token"]
-    new = strong_password("pwu-second")
+    new = strong_password("pwuser-second")
 
     r = env.api.post("/me/password", {"current_password": "wrong-" + old,
                                       "new_password": new}, token=tok)
     check_error(r, 401, "invalid_credentials")
-    for weak in ("short-pw", "password1234", "xx-pwu-pwu-pwu-xx"):
+    for weak in ("short-pw", "password1234", "my-PwUser-pass"):
         r = env.api.post("/me/password", {"current_password": old, "new_password": weak},
                          token=tok)
         check_error(r, 422, "weak_password")
@@ -322,11 +330,11 @@ def test_change_password(env):
     assert r.status == 204, r
     check_unauthorized(me(env, tok))
     check_error(env.api.refresh(s["refresh_token"]), 401, "invalid_token")
-    check_error(Api(env.p, source="127.0.0.13").login_resp("pwu", old), 401,
+    check_error(Api(env.p, source="127.0.0.13").login_resp("pwuser", old), 401,
                 "invalid_credentials")
-    s2 = env.api.login("pwu", new)
+    s2 = env.api.login("pwuser", new)
     assert me(env, s2["access_token"]).status == 200
-    env.users.add("pwu", new)
+    env.users.add("pwuser", new)
 
 
 # --------------------------------------------------------------------------

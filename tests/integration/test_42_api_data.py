@@ -240,10 +240,18 @@ def test_label_refusals(env, connected):
         check_error(env.api.put(path, body, token=tok(env, user)), 403, "forbidden")
     check_error(env.api.put("/devices/dt-label/measurements/no-such-mid/label", body,
                             token=tok(env, "clin")), 404, "not_found")
-    check_error(env.api.put(path, {"source": "lab"}, token=tok(env, "clin")), 400,
-                "invalid_request")
     m = env.api.ok("GET", f"/devices/dt-label/measurements/{doc['id']}", tok(env, "clin"))
     assert m["label"] is None, m
+
+
+def test_label_missing_outputs_400(env, connected):
+    # A missing field is 400 invalid_request (errors table); 422 is for
+    # outputs that are present but semantically wrong.
+    d = connected(env.p, "dt-label")
+    doc, _ = send(d)
+    path = f"/devices/dt-label/measurements/{doc['id']}/label"
+    check_error(env.api.put(path, {"source": "lab"}, token=tok(env, "clin")), 400,
+                "invalid_request")
 
 
 # --------------------------------------------------------------------------

@@ -302,12 +302,20 @@ def cli_routes(env):
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
     assert lines, f"`fleetml api routes` printed nothing\n{r.stderr}"
     for ln in lines:
-        m = re.fullmatch(r"([A-Z]+) (/\S*)", ln)
+        m = re.match(r"([A-Z]+)\s+(/\S*)", ln)
         assert m and m.group(1) in METHODS, f"unexpected line from `fleetml api routes`: {ln!r}"
         method, path = m.groups()
         if path.startswith(API + "/"):
             out.add((method, path[len(API):]))
     return out
+
+
+def test_api_routes_line_format(env):
+    # The contract: one route per line, `METHOD /api/v1/path/{param}`.
+    r = env.p.run("api", "routes")
+    odd = [ln for ln in r.stdout.splitlines()
+           if ln.strip() and not re.fullmatch(r"[A-Z]+ /api/v1(/[^\s]*)?", ln.strip())]
+    assert not odd, f"lines not of the form `METHOD /api/v1/path`: {odd[:5]}"
 
 
 def shape(path):
