@@ -261,7 +261,8 @@ int fm_auth_session_start(fm_store *s, const fm_jwt_key *k, const fm_user *u, in
  * used; in the last case the whole family is revoked (someone holds a copy
  * of a token that was rotated away: either the thief or the user will now
  * have to sign in again) and *reuse_detected (if non-NULL) is set to 1 so
- * the caller can audit it. *out_user (may be NULL) gets the user. */
+ * the caller can audit it. *out_user (may be NULL) gets the user, also when
+ * reuse was detected (the owner of the revoked session). */
 int fm_auth_refresh(fm_store *s, const fm_jwt_key *k, const char *refresh_token, int64_t now_ms,
                     const fm_token_params *params, fm_token_pair *out, fm_user *out_user,
                     int *reuse_detected);
@@ -269,8 +270,10 @@ int fm_auth_refresh(fm_store *s, const fm_jwt_key *k, const char *refresh_token,
 /* Ends the session a refresh token belongs to: its family is revoked, so the
  * refresh token stops working and so do the session's access tokens (their
  * "sid"). Other sessions of the user are untouched. Returns 0 (also when
- * the token is unknown or already revoked: logout is idempotent), FM_EDB. */
-int fm_auth_logout(fm_store *s, const char *refresh_token, int64_t now_ms);
+ * the token is unknown or already revoked: logout is idempotent), FM_EDB.
+ * *out_user (may be NULL) gets the session's user when the token was known
+ * (id 0 otherwise), for the audit log. */
+int fm_auth_logout(fm_store *s, const char *refresh_token, int64_t now_ms, fm_user *out_user);
 /* Ends every session of a user: revokes all families, bumps the epoch. */
 int fm_auth_logout_all(fm_store *s, int64_t user_id, int64_t now_ms, fm_errbuf *err);
 

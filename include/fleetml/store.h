@@ -331,7 +331,7 @@ typedef struct fm_store_vtable {
                           const unsigned char *new_hash, int64_t new_expires_ms, int64_t now_ms,
                           fm_refresh_info *out, fm_errbuf *err);
     int (*refresh_revoke)(fm_store *s, const unsigned char *token_hash, int64_t now_ms,
-                          fm_errbuf *err);
+                          fm_refresh_info *out, fm_errbuf *err);
     int (*session_active)(fm_store *s, const char *family, int64_t user_id);
     int (*refresh_prune)(fm_store *s, int64_t before_ms, long *pruned);
     int (*tenant_exists)(fm_store *s, const char *name);
@@ -604,10 +604,11 @@ static inline int fm_store_refresh_rotate(fm_store *s, const unsigned char *old_
                                           const unsigned char *new_hash, int64_t new_expires_ms,
                                           int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
 { return s->vt->refresh_rotate(s, old_hash, new_hash, new_expires_ms, now_ms, out, err); }
-/* Revokes the family the token belongs to. 0, FM_ENOTFOUND, FM_EDB. */
+/* Revokes the family the token belongs to; *out (may be NULL) says whose
+ * it was. 0, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_refresh_revoke(fm_store *s, const unsigned char *token_hash,
-                                          int64_t now_ms, fm_errbuf *err)
-{ return s->vt->refresh_revoke(s, token_hash, now_ms, err); }
+                                          int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
+{ return s->vt->refresh_revoke(s, token_hash, now_ms, out, err); }
 /* 0 when family exists, belongs to user_id and is not revoked; FM_EPERM
  * otherwise; FM_EDB. */
 static inline int fm_store_session_active(fm_store *s, const char *family, int64_t user_id)

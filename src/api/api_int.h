@@ -18,6 +18,7 @@
 #define API_BODY_SMALL (16 * 1024)   /* sign-in, passwords, users */
 #define API_BODY_DEFAULT (64 * 1024)
 #define API_BODY_PREDICT (256 * 1024)
+#define API_BODY_EMPTY_MAX 64        /* routes without a body: "{}" at most */
 #define API_PAGE_DEFAULT 50
 #define API_PAGE_MAX 500
 #define API_PREDICT_WAIT_MS 10000

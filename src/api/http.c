@@ -529,10 +529,21 @@ static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const c
     }
     if (cs->too_large) {
         api_error(&r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
-                  rt->body_max ? "the request body is larger than %zu bytes"
-                               : "this endpoint takes no request body (limit %zu)",
-                  rt->body_max);
+                  "the request body is larger than %zu bytes",
+                  rt->body_max ? rt->body_max : (size_t)API_BODY_EMPTY_MAX);
         goto answer;
+    }
+    if (!rt->body_max && cs->len > 0) {
+        json_t *empty = NULL;
+        char msg[192];
+        int ok = fm_api_parse_body(cs->body, cs->len, &empty, msg, sizeof msg) == 0 &&
+                 json_object_size(empty) == 0;
+        json_decref(empty);
+        if (!ok) {
+            api_error(&r, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                      "this endpoint takes no request body (an empty JSON object at most)");
+            goto answer;
+        }
     }
     if (rt->body_max) {
         const char *ct = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Type");
@@ -597,7 +608,9 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
             char allow[96];
             bool known;
             cs->route = api_route_find(&probe, allow, sizeof allow, &known);
-            cs->max = cs->route ? cs->route->body_max : 0;
+            /* Routes without a body still accept an empty JSON object,
+             * which many clients send with every POST. */
+            cs->max = cs->route && cs->route->body_max ? cs->route->body_max : API_BODY_EMPTY_MAX;
         }
         /* A declared length over the limit is refused before any of the
          * body is read. */

@@ -598,6 +598,12 @@ int fm_auth_refresh(fm_store *s, const fm_jwt_key *k, const char *refresh_token,
             *reuse_detected = 1;
         fm_logkv(FM_LOG_WARN, "auth", "refresh token reused; session revoked", "family",
                  info.family, NULL);
+        /* Say whose session it was, so the caller can audit it. */
+        fm_user owner;
+        if (out_user && fm_store_user_get_by_id(s, info.user_id, &owner) == 0) {
+            OPENSSL_cleanse(owner.password_hash, sizeof owner.password_hash);
+            *out_user = owner;
+        }
     }
     if (rc == FM_ESTATE || rc == FM_ENOTFOUND)
         rc = FM_EPERM;
@@ -622,14 +628,19 @@ fail:
     return rc;
 }
 
-int fm_auth_logout(fm_store *s, const char *refresh_token, int64_t now_ms)
+int fm_auth_logout(fm_store *s, const char *refresh_token, int64_t now_ms, fm_user *out_user)
 {
+    if (out_user)
+        memset(out_user, 0, sizeof *out_user);
     if (!refresh_form_ok(refresh_token))
         return 0;
     unsigned char md[FM_TOKEN_HASH_LEN];
+    fm_refresh_info info = {0};
     int rc = hash_refresh(refresh_token, md);
     if (!rc)
-        rc = fm_store_refresh_revoke(s, md, now_ms, NULL);
+        rc = fm_store_refresh_revoke(s, md, now_ms, &info, NULL);
+    if (!rc && out_user && fm_store_user_get_by_id(s, info.user_id, out_user) == 0)
+        OPENSSL_cleanse(out_user->password_hash, sizeof out_user->password_hash);
     return rc == FM_ENOTFOUND ? 0 : rc;
 }
 

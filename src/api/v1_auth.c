@@ -86,7 +86,9 @@ void v1_login(api_req *r)
 static bool refresh_token_arg(api_req *r, const char **tok)
 {
     char msg[MSG];
-    if (fm_api_get_str(r->json, "refresh_token", true, 128, tok, msg, sizeof msg)) {
+    /* Any string is a token to check (an unknown one answers 401); only a
+     * missing or non-string field is a malformed request. */
+    if (fm_api_get_str(r->json, "refresh_token", true, API_BODY_SMALL, tok, msg, sizeof msg)) {
         api_error(r, 400, "invalid_request", "%s", msg);
         return false;
     }
@@ -126,12 +128,16 @@ void v1_logout(api_req *r)
     const char *tok;
     if (!refresh_token_arg(r, &tok))
         return;
-    int rc = fm_auth_logout(r->store, tok, r->now_ms);
+    fm_user u;
+    int rc = fm_auth_logout(r->store, tok, r->now_ms, &u);
     if (rc) {
         api_store_error(r, rc);
         return;
     }
-    api_audit(r, "", "auth.logout", "", "ok", NULL);
+    if (u.id) {
+        snprintf(r->actor, sizeof r->actor, "user:%s/%s", u.tenant, u.username);
+        api_audit(r, u.tenant, "auth.logout", r->actor, "ok", NULL);
+    }
     api_no_content(r);
 }
 

@@ -161,6 +161,10 @@ void v1_label_put(api_req *r)
     size_t n = fm_model_output_count(r->h->model);
     for (size_t i = 0; i < n && i < FM_OUTPUTS_MAX; i++)
         names[i] = fm_model_output_at(r->h->model, i)->name;
+    if (!json_is_object(outputs)) {
+        api_error(r, 400, "invalid_request", "field 'outputs' must be an object");
+        return;
+    }
     if (fm_api_get_str(r->json, "source", true, 128, &source, msg, sizeof msg)) {
         api_error(r, 400, "invalid_request", "%s", msg);
         return;

@@ -766,7 +766,8 @@ int sql__session_create(fm_store *s, const char *family, int64_t user_id, int64_
 int sql__refresh_rotate(fm_store *s, const unsigned char *old_hash, const unsigned char *new_hash,
                         int64_t new_expires_ms, int64_t now_ms, fm_refresh_info *out,
                         fm_errbuf *err);
-int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms, fm_errbuf *err);
+int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms,
+                        fm_refresh_info *out, fm_errbuf *err);
 int sql__session_active(fm_store *s, const char *family, int64_t user_id);
 int sql__refresh_prune(fm_store *s, int64_t before_ms, long *pruned);
 

@@ -517,17 +517,22 @@ int sql__refresh_rotate(fm_store *base, const unsigned char *old_hash, const uns
 }
 
 static int revoke_by_token_tx(sqlite_store *s, const unsigned char *hash, int64_t now_ms,
-                              fm_errbuf *err)
+                              fm_refresh_info *out, fm_errbuf *err)
 {
     token_row r;
     int rc = token_read(s, hash, &r, err);
+    if (!rc && out) {
+        out->user_id = r.user_id;
+        snprintf(out->family, sizeof out->family, "%s", r.family);
+    }
     return rc ? rc : revoke_family(s, r.family, now_ms, "logout", err);
 }
 
-int sql__refresh_revoke(fm_store *base, const unsigned char *hash, int64_t now_ms, fm_errbuf *err)
+int sql__refresh_revoke(fm_store *base, const unsigned char *hash, int64_t now_ms,
+                        fm_refresh_info *out, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    IN_TX(s, err, revoke_by_token_tx(s, hash, now_ms, err));
+    IN_TX(s, err, revoke_by_token_tx(s, hash, now_ms, out, err));
 }
 
 int sql__session_active(fm_store *base, const char *family, int64_t user_id)

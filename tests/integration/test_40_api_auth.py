@@ -200,6 +200,11 @@ def test_refresh_reuse_audited_for_the_tenant(env):
 def test_refresh_unknown_token(env):
     r = env.api.refresh(b64url(b"\0" * 32))
     check_error(r, 401, "invalid_token")
+    # An access token is not a refresh token (refused as an invalid token,
+    # or as an invalid field since it is far longer than a refresh token).
+    r = env.api.refresh(env.users.token("clin"))
+    assert r.status in (400, 401), r
+    check_error(r, r.status, "invalid_token" if r.status == 401 else "invalid_request")
     r = env.api.post("/auth/refresh", {})
     check_error(r, 400, "invalid_request")
 
@@ -591,12 +596,23 @@ def test_throttle_after_five_failures(env):
     r = Api(env.p, source="127.0.0.15").login_resp("thr", right)
     check_error(r, 429, "too_many_requests")
     assert (r.header("Retry-After") or "").strip().isdigit(), r.headers
+    assert int(ra) == 1, f"first lock is 1 s, Retry-After {ra!r}"
     # Other accounts are not affected.
     env.users.token("clin", fresh=True)
-    # The lock expires (1 s after the sixth failure): then the right
-    # password works again.  Attempts while locked are not counted.
+    # Once the lock expires a wrong password is judged (401) and locks the
+    # account again for twice as long.  Attempts while locked are not
+    # counted.
+    wait_for(lambda: api.login_resp("thr", "wrong-password-for-thr").status == 401, 10,
+             interval=0.1, msg="thr's first lock to expire")
+    r = api.login_resp("thr", "wrong-password-for-thr")
+    check_error(r, 429, "too_many_requests")
+    assert (r.header("Retry-After") or "").strip() == "2", (
+        f"second lock should be 2 s, Retry-After {r.header('Retry-After')!r}")
+    # Then the right password works again.
     wait_for(lambda: Api(env.p, source="127.0.0.15").login_resp("thr", right).status == 200,
              10, interval=0.25, msg="thr's lock to expire")
+    # ... and the success reset the account's count: one failure is a 401.
+    check_error(api.login_resp("thr", "wrong-password-for-thr"), 401, "invalid_credentials")
     # The throttled attempts are audited.
     admin = env.users.token("admin")
     a = env.api.ok("GET", "/audit?action=auth.login&limit=200", admin)

@@ -131,8 +131,16 @@ def test_device_goes_online_then_offline(env):
 
 def test_disable_enable(env):
     devm = tok(env, "devm")
-    assert try_connect(env.p, "dv-disable") == "connected", "control: connects while active"
-    d = env.api.ok("POST", "/devices/dv-disable/disable", devm)
+    live = Device(env.p, "dv-disable").connect()     # control: connects while active
+    try:
+        r = env.api.post("/devices/dv-disable/disable", token=devm)
+        t_done = time.monotonic()
+        assert r.status == 200, r
+        d = r.json()
+        lost = live.wait_lost(5)
+        assert lost - t_done < 1.0, f"live session cut {lost - t_done:.3f}s after disable"
+    finally:
+        live.close()
     check_device(d, "dv-disable")
     assert d["status"] == "disabled", d
     assert get_device(env, "dv-disable")["status"] == "disabled"

@@ -466,11 +466,52 @@ def test_audit_entries(env, connected):
     assert rel[0] == f"tenant={TENANT}", recs[0][0]
 
 
+def test_audit_covers_actions(env, connected):
+    admin = tok(env, "admin")
+    mark = newest_seq(env, admin)
+    clin_s = env.users.new_session("clin")
+    clin = clin_s["access_token"]
+    env.api.ok("POST", "/users", admin, {"username": "aud-new", "password":
+                                         "Vb8#kLm2@xQz-aud", "roles": ["clinician"]},
+               status=201)                                              # user.create
+    env.api.ok("POST", "/users/aud-new/disable", admin)                 # user.disable
+    env.api.ok("POST", "/users/aud-new/enable", admin)                  # user.enable
+    env.api.ok("POST", "/devices/dt-deny/disable", admin)               # device.disable
+    env.api.ok("POST", "/devices/dt-deny/enable", admin)                # device.enable
+    env.api.ok("PATCH", "/devices/dt-deny/shadow", admin, {"desired": {"k": 1}})
+    env.api.ok("POST", "/templates", admin, {"name": "aud-tpl"}, status=201)
+    env.api.ok("POST", "/templates/aud-tpl/claim-cert", admin, status=201)
+    env.api.ok("GET", "/devices", clin)                                 # device.list
+    env.api.ok("GET", "/devices/dt-deny/measurements", clin)            # measurement.list
+    env.api.ok("POST", "/models/viscosity/predict", clin,
+               make_measurement(unique_id("aud-pred")))                 # model.predict
+    r = env.api.refresh(clin_s["refresh_token"])                        # auth.refresh
+    assert r.status == 200, r
+    assert env.api.logout(r.json()["refresh_token"]).status == 204      # auth.logout
+    pw = env.users.passwords[(TENANT, "aud-role")]
+    s = env.users.new_session("aud-role")
+    env.api.ok("POST", "/me/password", s["access_token"],
+               {"current_password": pw, "new_password": "Zt5^pWq9!rNe-aud"},
+               status=204)                                              # user.password
+    env.users.add("aud-role", "Zt5^pWq9!rNe-aud")
+    want = ["user.create", "user.disable", "user.enable", "device.disable", "device.enable",
+            "device.shadow", "template.create", "template.claim_cert", "device.list",
+            "measurement.list", "model.predict", "auth.refresh", "auth.logout",
+            "user.password"]
+    new = audit_since(env, admin, mark)
+    seen = {i["action"] for i in new if i["outcome"] == "ok"}
+    missing = [a for a in want if a not in seen]
+    assert not missing, f"no audit entry (outcome ok) for {missing}; got {sorted(seen)}"
+
+
 def test_audit_pages_newest_first(env):
     admin = tok(env, "admin")
     pages = env.api.pages("/audit", admin, limit=2, max_pages=1000)
     seqs = [i["seq"] for pg in pages for i in pg["items"]]
     assert len(seqs) >= 4, seqs
+    default = env.api.ok("GET", "/audit", admin)
+    assert len(default["items"]) == min(50, len(seqs)), len(default["items"])
+    assert (default["next_cursor"] is not None) == (len(seqs) > 50), default["next_cursor"]
     assert all(len(pg["items"]) <= 2 for pg in pages)
     assert len(set(seqs)) == len(seqs), "duplicates across audit pages"
     assert seqs == sorted(seqs, reverse=True), f"audit not newest first: {seqs[:20]}"

@@ -838,9 +838,9 @@ static void test_logout(void **state)
     fm_token_pair phone, laptop, x;
     assert_int_equal(fm_auth_session_start(f->st, f->key, &u, T0, NULL, &phone), 0);
     assert_int_equal(fm_auth_session_start(f->st, f->key, &u, T0, NULL, &laptop), 0);
-    assert_int_equal(fm_auth_logout(f->st, phone.refresh_token, T0 + 1000), 0);
-    assert_int_equal(fm_auth_logout(f->st, phone.refresh_token, T0 + 1000), 0); /* idempotent */
-    assert_int_equal(fm_auth_logout(f->st, "garbage", T0 + 1000), 0);
+    assert_int_equal(fm_auth_logout(f->st, phone.refresh_token, T0 + 1000, NULL), 0);
+    assert_int_equal(fm_auth_logout(f->st, phone.refresh_token, T0 + 1000, NULL), 0); /* idempotent */
+    assert_int_equal(fm_auth_logout(f->st, "garbage", T0 + 1000, NULL), 0);
     assert_int_equal(fm_auth_refresh(f->st, f->key, phone.refresh_token, T0 + 2000, NULL, &x,
                                      NULL, NULL),
                      FM_EPERM);
