@@ -72,8 +72,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     check_str(doc, "password", 16384);
     check_str(doc, "source", 128);
     long long v = -1;
+    /* null reads as absent: v is only set for an integer */
     if (fm_api_get_int(doc, "cert_days", false, 1, 3650, &v, msg, sizeof msg) == 0 &&
-        json_object_get(doc, "cert_days"))
+        json_is_integer(json_object_get(doc, "cert_days")))
         FUZZ_CHECK(v >= 1 && v <= 3650);
     bool flag;
     fm_api_get_bool(doc, "allow_reprovision", false, &flag, msg, sizeof msg);
