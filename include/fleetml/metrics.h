@@ -43,6 +43,8 @@ typedef struct fm_metrics {
     _Atomic uint64_t http_errors;      /* ... with a 5xx status */
     _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
     _Atomic uint64_t presence_events;  /* device connect/disconnect reports */
+    _Atomic int64_t broker_lost_ms;    /* wall ms the supervised broker last died
+                                          (its sessions with it); 0: never */
     fm_hist inference_seconds;
     fm_hist commit_seconds;
     fm_hist commit_batch_size;

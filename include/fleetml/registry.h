@@ -20,10 +20,12 @@
 
 #define FM_SHADOW_MAX_BYTES 8192
 #define FM_CONTROL_TOPIC "$CONTROL/fleetml/v1"
-/* The broker plugin reports device connects and disconnects here
- * ({"device":id,"online":bool,"at_ms":ms,"boot":id}); only the broker itself can
- * publish on it (devices are confined to fleet/<id>/...). */
-#define FM_PRESENCE_TOPIC "$fleetml/v1/presence"
+/* The broker plugin reports device connects and disconnects on
+ * FM_PRESENCE_ROOT<device> ({"device":id,"online":bool,"at_ms":ms,"boot":id},
+ * retained); only the broker itself can publish there (devices are
+ * confined to fleet/<id>/...). The service subscribes to FM_PRESENCE_SUB. */
+#define FM_PRESENCE_ROOT "$fleetml/v1/presence/"
+#define FM_PRESENCE_SUB "$fleetml/v1/presence/+"
 
 /* ---- shadow documents (pure functions, shadow.c) ------------------------- */
 
@@ -99,7 +101,7 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
 
 /* True when topic is one the registry handles: fleet/provisioning/+/request,
  * fleet/+/cert/rotate, fleet/+/shadow/update, fleet/+/shadow/get and
- * FM_PRESENCE_TOPIC. */
+ * FM_PRESENCE_SUB. */
 int fm_registry_handles(const char *topic);
 
 /* Copies m into the registry's queue. Returns 0, FM_EBUSY (queue full) or

@@ -236,6 +236,13 @@ typedef struct fm_measurement_query {
     size_t limit;
 } fm_measurement_query;
 
+/* One connect/disconnect report (borrowed strings). */
+typedef struct fm_presence_update {
+    const char *device_id;
+    int online;
+    int64_t at_ms;
+} fm_presence_update;
+
 typedef int (*fm_doc_cb)(void *ud, int64_t seq, const char *tenant, int64_t at_ms,
                          const char *doc, size_t len);
 typedef int (*fm_audit_cb)(void *ud, const fm_audit *a);
@@ -339,7 +346,7 @@ typedef struct fm_store_vtable {
     /* ---- API data ---- */
     int (*device_page)(fm_store *s, const char *tenant, const char *after_id, size_t limit,
                        fm_device_cb cb, void *ud);
-    int (*presence_set)(fm_store *s, const char *device_id, int online, int64_t at_ms);
+    int (*presence_set)(fm_store *s, const fm_presence_update *u, size_t n);
     int (*presence_reset)(fm_store *s, int64_t at_ms);
     int (*presence_get)(fm_store *s, const char *device_id, fm_presence *out);
     int (*measurement_page)(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
@@ -629,14 +636,18 @@ static inline int fm_store_tenant_exists(fm_store *s, const char *name)
 static inline int fm_store_device_page(fm_store *s, const char *tenant, const char *after_id,
                                        size_t limit, fm_device_cb cb, void *ud)
 { return s->vt->device_page(s, tenant, after_id, limit, cb, ud); }
-/* Records that a device connected (online 1) or disconnected (0) at at_ms.
- * Unknown devices are ignored (0). Not a registry event: presence is not
- * pushed to the broker. 0 or FM_EDB. */
-static inline int fm_store_presence_set(fm_store *s, const char *device_id, int online,
-                                        int64_t at_ms)
-{ return s->vt->presence_set(s, device_id, online, at_ms); }
-/* Marks every device offline (the broker restarted: it lost all sessions),
- * setting changed_ms = at_ms for those that were online. 0 or FM_EDB. */
+/* Records n connect (online 1) / disconnect (0) reports in one transaction
+ * (a connect storm after a broker restart is thousands of them). A report
+ * older than what is stored for its device is ignored (reports may arrive
+ * twice or out of order when several nodes listen), as are unknown devices.
+ * Not a registry event: presence is not pushed to the broker. 0 or FM_EDB /
+ * FM_EBUSY / FM_EIO / FM_ENOSPC (nothing stored). */
+static inline int fm_store_presence_set(fm_store *s, const fm_presence_update *u, size_t n)
+{ return s->vt->presence_set(s, u, n); }
+/* The broker lost every session at at_ms (it restarted): marks offline, as
+ * of at_ms, every device online by a report older than at_ms. Reports
+ * stamped at or after at_ms (reconnects to the new broker) stay. 0 or
+ * FM_EDB. */
 static inline int fm_store_presence_reset(fm_store *s, int64_t at_ms)
 { return s->vt->presence_reset(s, at_ms); }
 /* Fills *out (zeros for a device never seen). 0 or FM_EDB. */

@@ -90,7 +90,7 @@
 #define AUTH_CONTROL_MAX ((size_t)256 << 10)
 #define AUTH_CONTROL_TOPIC "$CONTROL/fleetml/v1"
 #define AUTH_RESPONSE_TOPIC "$CONTROL/fleetml/v1/response"
-#define AUTH_PRESENCE_TOPIC "$fleetml/v1/presence"
+#define AUTH_PRESENCE_ROOT "$fleetml/v1/presence/"
 #define AUTH_PROP_PREFIX "fleetml-"
 #define AUTH_PROP_TEMPLATE "fleetml-claim-template"
 #define AUTH_PROP_SERIAL "fleetml-cert-serial"
@@ -489,8 +489,12 @@ static int remember(struct auth_state *st, struct mosquitto *client, enum kind k
     return MOSQ_ERR_SUCCESS;
 }
 
-/* Tells the service a device connected or disconnected (QoS 1, so a
- * service that is briefly away gets it from its persistent session). */
+/* Tells the service a device connected or disconnected, on
+ * $fleetml/v1/presence/<device>, QoS 1 and retained: a service that
+ * (re)subscribes, e.g. right after this broker restarted and before its
+ * session is back, still learns the state of every device this broker has
+ * seen. Retained messages live only as long as this broker process, which
+ * is exactly as long as its sessions do. */
 static void presence(const struct auth_state *st, const char *device, bool online)
 {
     struct timespec ts;
@@ -502,8 +506,9 @@ static void presence(const struct auth_state *st, const char *device, bool onlin
     json_decref(doc);
     if (!text)
         return;
-    int rc = mosquitto_broker_publish_copy(NULL, AUTH_PRESENCE_TOPIC, (int)strlen(text), text, 1,
-                                           false, NULL);
+    char topic[sizeof AUTH_PRESENCE_ROOT + AUTH_ID_MAX + 1];
+    snprintf(topic, sizeof topic, "%s%s", AUTH_PRESENCE_ROOT, device);
+    int rc = mosquitto_broker_publish_copy(NULL, topic, (int)strlen(text), text, 1, true, NULL);
     if (rc != MOSQ_ERR_SUCCESS)
         mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: cannot publish presence: %s",
                              mosquitto_strerror(rc));

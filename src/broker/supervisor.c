@@ -239,6 +239,8 @@ static void *supervise(void *arg)
         atomic_store(&b->pid, 0);
         pthread_mutex_lock(&b->mu);
         int stopping = b->stopping;
+        if (!stopping) /* every device session died with it */
+            atomic_store(&mx->broker_lost_ms, fm_wall_ms());
         pthread_mutex_unlock(&b->mu);
         if (stopping)
             break;

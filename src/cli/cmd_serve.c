@@ -236,7 +236,7 @@ int fm_cmd_serve(int argc, char **argv)
         "$share/fleetml/fleet/+/cert/rotate",
         "$share/fleetml/fleet/+/shadow/update",
         "$share/fleetml/fleet/+/shadow/get",
-        FM_PRESENCE_TOPIC,
+        FM_PRESENCE_SUB,
         NULL,
     };
     fm_mqtt_handlers mh = {.on_message = on_message, .on_connect = on_connect, .ud = &s};

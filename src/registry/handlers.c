@@ -395,8 +395,21 @@ out:
     fm_shadow_clear(&sh);
 }
 
-/* A connect or disconnect reported by the broker plugin. The plugin names
- * its start ("boot"): the first report from a new boot means the broker
+void registry__presence_flush(fm_registry *r)
+{
+    if (r->npresence == 0)
+        return;
+    int rc = fm_store_presence_set(r->store, r->presence, r->npresence);
+    if (rc)
+        fm_logkv(FM_LOG_WARN, "registry", "cannot record device presence", "error",
+                 fm_strerror(rc), NULL);
+    r->npresence = 0;
+}
+
+/* A connect or disconnect reported by the broker plugin. Reports are
+ * batched: a broker restart brings thousands of reconnects at once, and
+ * one transaction per report would be one fsync each. The plugin names its
+ * start ("boot"): the first report from a new boot means the broker
  * restarted and lost every session, so everyone still marked online is
  * set offline before this report is applied. */
 static void handle_presence(fm_registry *r, const regmsg *m)
@@ -406,21 +419,26 @@ static void handle_presence(fm_registry *r, const regmsg *m)
     const char *boot = json_string_value(json_object_get(doc, "boot"));
     json_t *online = json_object_get(doc, "online");
     json_int_t at = json_integer_value(json_object_get(doc, "at_ms"));
-    if (!dev || !fm_device_id_valid(dev) || !json_is_boolean(online) || at <= 0 || !boot) {
+    if (!dev || !fm_device_id_valid(dev) || !json_is_boolean(online) || at <= 0 || !boot ||
+        strcmp(m->topic + strlen(FM_PRESENCE_ROOT), dev) != 0) {
         fm_logf(FM_LOG_WARN, "registry", "ignoring a malformed presence report");
         json_decref(doc);
         return;
     }
     atomic_fetch_add(&fm_metrics_get()->presence_events, 1);
     if (strcmp(boot, r->presence_boot) != 0) {
-        if (r->presence_boot[0])
+        if (r->presence_boot[0]) {
+            registry__presence_flush(r);
             fm_store_presence_reset(r->store, at);
+        }
         snprintf(r->presence_boot, sizeof r->presence_boot, "%s", boot);
     }
-    int rc = fm_store_presence_set(r->store, dev, json_is_true(online), at);
-    if (rc)
-        fm_logkv(FM_LOG_WARN, "registry", "cannot record presence", "device", dev, "error",
-                 fm_strerror(rc), NULL);
+    if (r->npresence == REGISTRY_PRESENCE_BATCH)
+        registry__presence_flush(r);
+    size_t i = r->npresence++;
+    snprintf(r->presence_ids[i], sizeof r->presence_ids[i], "%s", dev);
+    r->presence[i] = (fm_presence_update){
+        .device_id = r->presence_ids[i], .online = json_is_true(online), .at_ms = at};
     json_decref(doc);
 }
 
@@ -428,7 +446,7 @@ void registry__handle(fm_registry *r, const regmsg *m)
 {
     const char *t = m->topic;
     size_t n = strlen(t);
-    if (strcmp(t, FM_PRESENCE_TOPIC) == 0)
+    if (strncmp(t, FM_PRESENCE_ROOT, strlen(FM_PRESENCE_ROOT)) == 0)
         handle_presence(r, m);
     else if (strncmp(t, "fleet/provisioning/", 19) == 0)
         handle_provision(r, m);

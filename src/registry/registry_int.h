@@ -10,6 +10,8 @@
 #include <pthread.h>
 
 
+#define REGISTRY_PRESENCE_BATCH 256
+
 typedef struct regmsg {
     struct regmsg *next;
     char *topic;
@@ -42,10 +44,18 @@ struct fm_registry {
     uint64_t next_grace_ns;
     fm_ratelimit *rates; /* claim requests per template */
     char presence_boot[40]; /* broker start named by the last presence report */
+    /* presence reports waiting to be stored in one transaction */
+    fm_presence_update presence[REGISTRY_PRESENCE_BATCH];
+    char presence_ids[REGISTRY_PRESENCE_BATCH][65];
+    size_t npresence;
+    int64_t broker_lost_ms; /* last broker death already applied to presence */
 };
 
-/* Handles one message (provisioning, rotation, shadow). */
+/* Handles one message (provisioning, rotation, shadow, presence). */
 void registry__handle(fm_registry *r, const regmsg *m);
+/* Stores the presence reports handled so far (called when the queue runs
+ * dry or the batch is full). */
+void registry__presence_flush(fm_registry *r);
 
 /* Publishes doc (consumed) to topic with optional correlation data. */
 void registry__publish(fm_registry *r, const char *topic, json_t *doc, const void *corr,

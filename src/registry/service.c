@@ -4,7 +4,9 @@
  */
 #include "registry/registry_int.h"
 #include "fleetml/measurement.h"
+#include "fleetml/metrics.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -282,6 +284,14 @@ static void housekeeping(fm_registry *r, int resync)
         if (fm_store_checkpoint(r->store) != 0)
             fm_logf(FM_LOG_WARN, "registry", "WAL checkpoint failed");
     }
+    /* The supervised broker died: every device it had is offline (no
+     * disconnect reports came). Reports from after the death are kept. */
+    int64_t lost = atomic_load(&fm_metrics_get()->broker_lost_ms);
+    if (lost > r->broker_lost_ms) {
+        registry__presence_flush(r);
+        if (fm_store_presence_reset(r->store, lost) == 0)
+            r->broker_lost_ms = lost;
+    }
     /* Follow the log in chunks until caught up. */
     for (;;) {
         int64_t before = r->event_seq;
@@ -349,6 +359,11 @@ static void *run(void *arg)
         if (m) {
             registry__handle(r, m);
             regmsg_free(m);
+            pthread_mutex_lock(&r->mu);
+            bool drained = r->head == NULL;
+            pthread_mutex_unlock(&r->mu);
+            if (drained)
+                registry__presence_flush(r);
         }
         if (resync || fm_mono_ns() >= next_poll) {
             housekeeping(r, resync);
@@ -357,6 +372,7 @@ static void *run(void *arg)
         pthread_mutex_lock(&r->mu);
     }
     pthread_mutex_unlock(&r->mu);
+    registry__presence_flush(r);
     return NULL;
 }
 
@@ -417,7 +433,7 @@ fail:
 
 int fm_registry_handles(const char *topic)
 {
-    if (strcmp(topic, FM_PRESENCE_TOPIC) == 0)
+    if (strncmp(topic, FM_PRESENCE_ROOT, strlen(FM_PRESENCE_ROOT)) == 0)
         return 1;
     if (strncmp(topic, "fleet/", 6) != 0)
         return 0;

@@ -73,33 +73,48 @@ int sql__device_page(fm_store *base, const char *tenant, const char *after_id, s
     return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
-int sql__presence_set(fm_store *base, const char *device_id, int online, int64_t at_ms)
+static int presence_tx(sqlite_store *s, const fm_presence_update *u, size_t n, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    /* The WHERE EXISTS drops unknown devices (and is also what lets SQLite
+     * parse an upsert after INSERT ... SELECT); the upsert's WHERE keeps a
+     * newer state against a late, older report. */
+    int rc = sql__prep(s, &st,
+                       "INSERT INTO device_presence(device_id, online, changed_ms)"
+                       " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                       " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
+                       " changed_ms = excluded.changed_ms"
+                       " WHERE excluded.changed_ms >= device_presence.changed_ms",
+                       err);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < n && !rc; i++) {
+        sqlite3_bind_text(st, 1, nz(u[i].device_id), -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 2, u[i].online ? 1 : 0);
+        sqlite3_bind_int64(st, 3, u[i].at_ms);
+        int src = sql__step_done(st);
+        if (src != SQLITE_OK)
+            rc = sql__err(s, err, src, "presence");
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+int sql__presence_set(fm_store *base, const fm_presence_update *u, size_t n)
 {
     sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    /* One statement, so it is atomic without an explicit transaction. The
-     * WHERE EXISTS drops unknown devices (and is also what lets SQLite parse
-     * an upsert after INSERT ... SELECT). */
-    if (sql__prep(s, &st,
-                  "INSERT INTO device_presence(device_id, online, changed_ms)"
-                  " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
-                  " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
-                  " changed_ms = excluded.changed_ms",
-                  NULL))
-        return FM_EDB;
-    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, online ? 1 : 0);
-    sqlite3_bind_int64(st, 3, at_ms);
-    int rc = sql__step_done(st);
-    sqlite3_finalize(st);
-    return sql__map_rc(rc);
+    if (n == 0)
+        return 0;
+    IN_TX(s, NULL, presence_tx(s, u, n, NULL));
 }
 
 int sql__presence_reset(fm_store *base, int64_t at_ms)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (sql__prep(s, &st, "UPDATE device_presence SET online = 0, changed_ms = ? WHERE online != 0",
+    if (sql__prep(s, &st,
+                  "UPDATE device_presence SET online = 0, changed_ms = ?1"
+                  " WHERE online != 0 AND changed_ms < ?1",
                   NULL))
         return FM_EDB;
     sqlite3_bind_int64(st, 1, at_ms);

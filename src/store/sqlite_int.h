@@ -93,7 +93,7 @@ int sql__events_max(fm_store *s, int64_t *out);
 /* The API-data part of the vtable (sqlite_api.c); see store.h. */
 int sql__device_page(fm_store *s, const char *tenant, const char *after_id, size_t limit,
                      fm_device_cb cb, void *ud);
-int sql__presence_set(fm_store *s, const char *device_id, int online, int64_t at_ms);
+int sql__presence_set(fm_store *s, const fm_presence_update *u, size_t n);
 int sql__presence_reset(fm_store *s, int64_t at_ms);
 int sql__presence_get(fm_store *s, const char *device_id, fm_presence *out);
 int sql__measurement_page(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,

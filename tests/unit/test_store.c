@@ -262,6 +262,12 @@ static void expect_presence(fx *f, const char *dev, int online, int64_t changed,
     assert_int_equal(p.last_seen_ms, seen);
 }
 
+static int presence1(fx *f, const char *id, int online, int64_t at)
+{
+    fm_presence_update u = {.device_id = id, .online = online, .at_ms = at};
+    return fm_store_presence_set(f->st, &u, 1);
+}
+
 static void test_presence(void **state)
 {
     fx *f = *state;
@@ -270,10 +276,10 @@ static void test_presence(void **state)
     add_device(f, "dev-3", "t1", "", "");
     /* Never seen: zeros. Unknown devices are ignored, not an error. */
     expect_presence(f, "dev-1", 0, 0, 0);
-    assert_int_equal(fm_store_presence_set(f->st, "ghost", 1, 100), 0);
+    assert_int_equal(presence1(f, "ghost", 1, 100), 0);
     expect_presence(f, "ghost", 0, 0, 0);
 
-    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 100), 0);
+    assert_int_equal(presence1(f, "dev-1", 1, 100), 0);
     expect_presence(f, "dev-1", 1, 100, 100);
     /* A measurement received later moves last_seen, not changed. */
     fm_record r = rec_at("dev-1", "t1", "p1", 1000);
@@ -284,13 +290,13 @@ static void test_presence(void **state)
     assert_int_equal(fm_store_commit(f->st, &r2, 1, NULL, 0, &err), 0);
     expect_presence(f, "dev-2", 0, 0, 700);
     /* The disconnect is newer than the measurement. */
-    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 0, 2000), 0);
+    assert_int_equal(presence1(f, "dev-1", 0, 2000), 0);
     expect_presence(f, "dev-1", 0, 2000, 2000);
 
     /* Reset: only devices online change, at the reset time. */
-    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 3000), 0);
-    assert_int_equal(fm_store_presence_set(f->st, "dev-2", 1, 3100), 0);
-    assert_int_equal(fm_store_presence_set(f->st, "dev-3", 0, 50), 0);
+    assert_int_equal(presence1(f, "dev-1", 1, 3000), 0);
+    assert_int_equal(presence1(f, "dev-2", 1, 3100), 0);
+    assert_int_equal(presence1(f, "dev-3", 0, 50), 0);
     assert_int_equal(fm_store_presence_reset(f->st, 5000), 0);
     expect_presence(f, "dev-1", 0, 5000, 5000);
     expect_presence(f, "dev-2", 0, 5000, 5000);
@@ -298,6 +304,19 @@ static void test_presence(void **state)
     /* Idempotent: nothing is online any more. */
     assert_int_equal(fm_store_presence_reset(f->st, 6000), 0);
     expect_presence(f, "dev-1", 0, 5000, 5000);
+
+    /* A batch in one call; a report older than the stored state (a late
+     * duplicate from another node) does not undo it. */
+    fm_presence_update batch[] = {
+        {.device_id = "dev-1", .online = 1, .at_ms = 7000},
+        {.device_id = "dev-2", .online = 1, .at_ms = 7000},
+        {.device_id = "ghost", .online = 1, .at_ms = 7000},
+        {.device_id = "dev-1", .online = 0, .at_ms = 6500},
+    };
+    assert_int_equal(fm_store_presence_set(f->st, batch, 4), 0);
+    expect_presence(f, "dev-1", 1, 7000, 7000);
+    expect_presence(f, "dev-2", 1, 7000, 7000);
+    assert_int_equal(fm_store_presence_set(f->st, batch, 0), 0);
 }
 
 typedef struct dev_acc {
@@ -893,7 +912,7 @@ static void test_migrate_api_tables(void **state)
     assert_int_equal(fm_store_label_put(f->st, &l, &err), 0);
     fm_audit a = {.actor = "cli", .action = "migrate"};
     assert_int_equal(fm_store_audit_append(f->st, &a, &err), 0);
-    assert_int_equal(fm_store_presence_set(f->st, "dev-1", 1, 10), 0);
+    assert_int_equal(presence1(f, "dev-1", 1, 10), 0);
     expect_presence(f, "dev-1", 1, 10, 1000);
 }
 
