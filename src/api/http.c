@@ -667,6 +667,19 @@ static void completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* ---- lifecycle ------------------------------------------------------------------- */
 
+/* libmicrohttpd's own messages (TLS handshake failures, socket errors) as
+ * structured log lines like everything else. */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    fm_logkv(FM_LOG_INFO, "http", "libmicrohttpd", "detail", msg, NULL);
+}
+
 static int parse_proxies(fm_http *h, const char *list, fm_errbuf *err)
 {
     size_t n = 0;
@@ -764,7 +777,8 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
         flags, (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)15, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
+        NULL, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)(64 * 1024), MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_ARRAY,
         h->tls ? tls_opts : no_opts, MHD_OPTION_END);
     if (!h->daemon) {

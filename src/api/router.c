@@ -92,7 +92,10 @@ const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool 
         size_t used = strlen(allow);
         snprintf(allow + used, allow_len - used, "%s%s", used ? ", " : "",
                  routes[i].info.method);
-        if (!hit && strcmp(routes[i].info.method, r->method) == 0) {
+        /* HEAD is GET without the body (libmicrohttpd drops it). */
+        bool same = strcmp(routes[i].info.method, r->method) == 0 ||
+                    (strcmp(r->method, "HEAD") == 0 && strcmp(routes[i].info.method, "GET") == 0);
+        if (!hit && same) {
             hit = &routes[i];
             for (size_t k = 0; k < np; k++) {
                 memcpy(r->pbuf[k], params[k], sizeof r->pbuf[k]);

@@ -437,10 +437,20 @@ class Platform:
 
     # -- HTTP ---------------------------------------------------------------
 
+    @property
+    def http_tls(self):
+        return self.extra_sets.get("http.tls") == "on"
+
+    def http_context(self):
+        """TLS context trusting this platform's CA (for http.tls=on)."""
+        return ssl.create_default_context(cafile=self.ca_cert)
+
     def http(self, path, timeout=3):
-        url = f"http://127.0.0.1:{self.http_port}{path}"
+        scheme = "https" if self.http_tls else "http"
+        url = f"{scheme}://127.0.0.1:{self.http_port}{path}"
+        ctx = self.http_context() if self.http_tls else None
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode(errors="replace")
