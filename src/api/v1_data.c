@@ -195,7 +195,10 @@ void v1_label_put(api_req *r)
         api_store_error(r, rc);
         return;
     }
-    api_audit(r, d.tenant, "label.write", target, "ok", json_pack("{s:s}", "source", source));
+    /* The values go into the audit entry too: the labels table keeps the
+     * current label only, the audit log keeps every correction. */
+    api_audit(r, d.tenant, "label.write", target, "ok",
+              json_pack("{s:s,s:O}", "source", source, "outputs", outputs));
     api_json(r, 200, label_json(&l));
     fm_free(text);
 }
