@@ -9,10 +9,16 @@ Each gets a closed-loop run (N devices x W in flight) and an open-loop run at ha
 of (b)'s closed-loop throughput. Then 10,000 devices connect to (b) over mTLS and
 send one measurement every 10 s each.
 
+Then the HTTP API: sign-in, a page of measurements, predict (not stored) and predict
+with ?store=true, each from several concurrent clients.
+
 Prints one JSON document (and writes it to bench/last.json when --out is given).
 """
 import argparse
+import http.client
 import json
+import statistics
+import threading
 import os
 import resource
 import shutil
@@ -278,6 +284,98 @@ def bench_many(args):
     return out
 
 
+def api_call(port, method, path, body=None, token=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    hdrs = {}
+    if body is not None or raw is not None:
+        hdrs["Content-Type"] = "application/json"
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    t0 = time.perf_counter()
+    conn.request(method, "/api/v1" + path, body=data, headers=hdrs)
+    r = conn.getresponse()
+    payload = r.read()
+    dt = time.perf_counter() - t0
+    conn.close()
+    return r.status, payload, dt
+
+
+def api_load(port, requests, clients, make):
+    """Runs `requests` calls of make(i) -> (method, path, body, token, raw)
+    from `clients` threads; returns throughput and latency percentiles."""
+    lat, bad, lock = [], [0], threading.Lock()
+    nxt = iter(range(requests))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            method, path, body, token, raw = make(i)
+            st, _, dt = api_call(port, method, path, body, token, raw)
+            with lock:
+                lat.append(dt)
+                if st >= 300:
+                    bad[0] += 1
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    dur = time.perf_counter() - t0
+    lat.sort()
+    q = lambda f: round(1000 * lat[min(len(lat) - 1, int(f * len(lat)))], 2)
+    return {"requests": requests, "clients": clients, "errors": bad[0],
+            "throughput_per_s": round(requests / dur, 1),
+            "latency_ms": {"p50": q(0.5), "p99": q(0.99), "max": round(1000 * lat[-1], 2),
+                           "mean": round(1000 * statistics.mean(lat), 2)}}
+
+
+def bench_api(args):
+    """The HTTP API on one node, with measurements already stored."""
+    node = Node(args.build, 1, prefix="api")
+    serve, _ = node.start_serve()
+    port = node.ports["http"]
+    try:
+        node.sim(1, inflight=4, duration=3, quiet=True, prefix="api")
+        pw = "load test passphrase 42"
+        subprocess.run([node.bin, "user", "add", "bench", "--tenant", "demo-hospital", "--roles",
+                        "clinician,data_scientist", "--password-stdin", "--data", node.dir],
+                       input=pw + "\n", text=True, check=True, capture_output=True)
+        login = {"tenant": "demo-hospital", "username": "bench", "password": pw}
+        st, body, _ = api_call(port, "POST", "/auth/login", login)
+        token = json.loads(body)["access_token"]
+        dev = node.devices[0]
+        st, body, _ = api_call(port, "GET", f"/devices/{dev}/measurements?limit=1", token=token)
+        mid = json.loads(body)["items"][0]["id"]
+        st, body, _ = api_call(port, "GET", f"/devices/{dev}/measurements/{mid}", token=token)
+        sample = json.loads(body)["measurement"]
+        raw = json.dumps(sample).encode()
+        cpu0 = proc_cpu_s(serve.pid)
+        res = {
+            "login": api_load(port, 40, 4, lambda i: ("POST", "/auth/login", login, None, None)),
+            "measurements_page": api_load(
+                port, 1000, 8, lambda i: ("GET", f"/devices/{dev}/measurements?limit=50", None,
+                                          token, None)),
+            "predict": api_load(port, 2000, 8, lambda i: ("POST", "/models/viscosity/predict",
+                                                          None, token, raw)),
+        }
+
+        def stored(i):
+            doc = dict(sample, id=f"api-store-{i:06d}")
+            return ("POST", f"/models/viscosity/predict?store=true&device={dev}", None, token,
+                    json.dumps(doc).encode())
+        res["predict_store"] = api_load(port, 1000, 8, stored)
+        res["serve_cpu_s"] = round(proc_cpu_s(serve.pid) - cpu0, 2)
+        res["serve_peak_rss_mb"] = round(proc_mem_kb(serve.pid, "VmHWM") / 1024, 1)
+        return res
+    finally:
+        node.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -290,7 +388,7 @@ def main():
     ap.add_argument("--connect-rate", type=float,
                     default=float(os.environ.get("FM_BENCH_CONNECT_RATE", 150)),
                     help="new connections per second for the whole fleet")
-    ap.add_argument("--only", choices=["pair", "many"])
+    ap.add_argument("--only", choices=["pair", "many", "api"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -299,6 +397,8 @@ def main():
         result["pair"] = bench_pair(args)
     if args.only in (None, "many") and args.many > 0:
         result["many_devices"] = bench_many(args)
+    if args.only in (None, "api"):
+        result["api"] = bench_api(args)
     text = json.dumps(result)
     print(text)
     if args.out:
