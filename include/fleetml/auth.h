@@ -256,7 +256,9 @@ int fm_auth_session_start(fm_store *s, const fm_jwt_key *k, const fm_user *u, in
                           const fm_token_params *params, fm_token_pair *out);
 
 /* Rotates a refresh token: the presented token is marked used and a new
- * pair in the same family is returned. Returns FM_EPERM when the token is
+ * pair in the same family is returned. Renewal does not extend the session:
+ * every refresh token of a family expires refresh_ttl after the sign-in
+ * that started it, after which the user signs in again. Returns FM_EPERM when the token is
  * unknown, expired, revoked, belongs to a disabled user, or was already
  * used; in the last case the whole family is revoked (someone holds a copy
  * of a token that was rotated away: either the thief or the user will now

@@ -604,7 +604,9 @@ static inline int fm_store_session_create(fm_store *s, const char *family, int64
                                           int64_t expires_ms, int64_t now_ms, fm_errbuf *err)
 { return s->vt->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms, err); }
 /* Consumes the refresh token old_hash and adds new_hash to its family, in
- * one transaction. Returns 0 and *out; FM_ENOTFOUND (unknown token);
+ * one transaction. The new token expires at new_expires_ms or when the old
+ * one would have, whichever is first, so a session never outlives its
+ * first token. Returns 0 and *out; FM_ENOTFOUND (unknown token);
  * FM_EPERM (family revoked, or token expired); FM_ESTATE when the token was
  * already used: the family is then revoked (committed) before returning. */
 static inline int fm_store_refresh_rotate(fm_store *s, const unsigned char *old_hash,

@@ -494,7 +494,11 @@ static int rotate_tx(sqlite_store *s, const unsigned char *old_hash, const unsig
     sqlite3_finalize(st);
     if (rc != SQLITE_OK)
         return sql__err(s, err, rc, "refresh token");
-    return insert_token(s, r.family, new_hash, new_expires_ms, now_ms, err);
+    /* A successor never outlives its predecessor: a session ends at most
+     * one refresh lifetime after its sign-in, however often it is renewed
+     * (periodic re-authentication, OWASP ASVS 3.3.2). */
+    int64_t expires = new_expires_ms < r.expires_ms ? new_expires_ms : r.expires_ms;
+    return insert_token(s, r.family, new_hash, expires, now_ms, err);
 }
 
 int sql__refresh_rotate(fm_store *base, const unsigned char *old_hash, const unsigned char *new_hash,

@@ -775,6 +775,34 @@ static void test_session_and_epoch(void **state)
     fm_token_pair_clear(&b);
 }
 
+/* Renewing does not extend a session: its last refresh token expires one
+ * refresh lifetime after the sign-in, however often it was used. */
+static void test_refresh_session_lifetime_is_absolute(void **state)
+{
+    fx *f = *state;
+    add_user(f, "t1", "alice", "clinician");
+    fm_user u = signin(f, "alice", T0);
+    fm_token_params tp = {.access_ttl_s = 900, .refresh_ttl_s = 3600};
+    fm_token_pair cur, next;
+    assert_int_equal(fm_auth_session_start(f->st, f->key, &u, T0, &tp, &cur), 0);
+    int64_t t = T0;
+    for (int i = 0; i < 5; i++) { /* renewed every 10 minutes */
+        t += 600 * 1000LL;
+        assert_int_equal(fm_auth_refresh(f->st, f->key, cur.refresh_token, t, &tp, &next, NULL,
+                                         NULL),
+                         0);
+        fm_token_pair_clear(&cur);
+        cur = next;
+    }
+    /* 50 minutes in: fine until the hour is up, not a second after. */
+    fm_token_pair late;
+    assert_int_equal(fm_auth_refresh(f->st, f->key, cur.refresh_token, T0 + 3600 * 1000LL, &tp,
+                                     &late, NULL, NULL),
+                     FM_EPERM);
+    assert_null(late.access_token);
+    fm_token_pair_clear(&cur);
+}
+
 static void test_refresh_rotation_and_reuse(void **state)
 {
     fx *f = *state;
@@ -942,6 +970,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_jwt_wrong_key, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_and_epoch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refresh_rotation_and_reuse, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refresh_session_lifetime_is_absolute, setup, teardown),
         cmocka_unit_test_setup_teardown(test_logout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_password_change_and_disable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_user_list, setup, teardown),
