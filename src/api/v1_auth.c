@@ -287,6 +287,20 @@ static void answer_user(api_req *r, const char *tenant, const char *username, un
     api_json(r, status, user_json(&u));
 }
 
+/* A user who holds the operator role is managed by operators only: a
+ * tenant admin must not be able to demote or lock out the platform
+ * operator. */
+static bool manageable(api_req *r, const fm_user *u)
+{
+    unsigned mask = 0;
+    fm_auth_roles_parse(u->roles, &mask);
+    if ((mask & FM_ROLE_OPERATOR) && !(r->who.role_mask & FM_ROLE_OPERATOR)) {
+        api_error(r, 403, "forbidden", "only an operator may change an operator's account");
+        return false;
+    }
+    return true;
+}
+
 /* Only an operator may hand out the operator role. */
 static bool roles_grantable(api_req *r, unsigned mask)
 {
@@ -353,7 +367,7 @@ void v1_user_roles(api_req *r)
     fm_user u;
     unsigned mask = 0;
     char msg[MSG], roles[128];
-    if (!path_user(r, &tenant, &u))
+    if (!path_user(r, &tenant, &u) || !manageable(r, &u))
         return;
     if (fm_api_get_roles(r->json, "roles", &mask, msg, sizeof msg)) {
         api_error(r, 400, "invalid_request", "%s", msg);
@@ -379,7 +393,7 @@ static void set_status(api_req *r, int status)
 {
     const char *tenant;
     fm_user u;
-    if (!path_user(r, &tenant, &u))
+    if (!path_user(r, &tenant, &u) || !manageable(r, &u))
         return;
     if (status == FM_USER_DISABLED && u.id == r->who.user_id) {
         api_error(r, 409, "conflict", "you cannot disable your own account");

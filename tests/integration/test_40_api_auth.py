@@ -618,3 +618,22 @@ def test_throttle_after_five_failures(env):
     a = env.api.ok("GET", "/audit?action=auth.login&limit=200", admin)
     assert any(i["outcome"] == "throttled" for i in a["items"]), (
         "no auth.login audit entry with outcome throttled")
+
+
+def test_admin_cannot_touch_operator_or_grant_it(env):
+    """A tenant admin manages its staff, not the platform operator: it can
+    neither grant the operator role nor demote or disable an operator."""
+    admin = env.users.token("admin")
+    for path, body in (("/users/op/roles", {"roles": ["clinician"]}),
+                       ("/users/op/disable", None)):
+        method = "PUT" if body else "POST"
+        check_error(env.api.request(method, path, body=body, token=admin), 403, "forbidden")
+    check_error(env.api.put("/users/clin/roles", {"roles": ["operator"]}, token=admin), 403,
+                "forbidden")
+    check_error(env.api.post("/users", {"username": "would-be-op",
+                                        "password": strong_password("would-be-op"),
+                                        "roles": ["operator"]}, token=admin), 403, "forbidden")
+    u = env.api.ok("GET", "/users/op", admin)
+    assert u["roles"] == ["operator"] and u["status"] == "active", u
+    # The operator still works.
+    assert env.api.get("/me", token=env.users.token("op")).status == 200
