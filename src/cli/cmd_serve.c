@@ -3,8 +3,9 @@
  *
  * Start order: lake writer (recovers half-published objects first),
  * pipeline (store + model), broker, MQTT client, HTTP. Stop order: MQTT
- * client first (no new work), then the pipeline drains what it holds, the
- * lake writer publishes its open objects, the broker stops, HTTP last.
+ * client and HTTP first (no new work; HTTP requests in flight finish),
+ * then the pipeline drains what it holds, the lake writer publishes its
+ * open objects, the broker stops.
  */
 #include "cli/cli.h"
 #include "fleetml/api.h"
@@ -163,6 +164,11 @@ static void shutdown_all(server *s)
 {
     fm_mqtt *c = atomic_exchange(&s->mqtt, NULL);
     fm_mqtt_stop(c);
+    /* HTTP before the pipeline: a predict?store=true request in flight
+     * waits for its answer from the still-running pipeline, and no new one
+     * can reach a pipeline that is gone. */
+    fm_http_stop(s->http);
+    s->http = NULL;
     fm_pipeline_stop(s->pipeline);
     s->pipeline = NULL;
     fm_registry_stop(s->registry);
@@ -171,8 +177,6 @@ static void shutdown_all(server *s)
     s->lake = NULL;
     fm_broker_stop(s->broker);
     s->broker = NULL;
-    fm_http_stop(s->http);
-    s->http = NULL;
     fm_ratelimit_free(s->device_rates);
     s->device_rates = NULL;
 }
