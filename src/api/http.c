@@ -774,11 +774,11 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     };
     struct MHD_OptionItem no_opts[] = {{MHD_OPTION_END, 0, NULL}};
     h->daemon = MHD_start_daemon(
-        flags, (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_SOCK_ADDR,
+        flags, (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_EXTERNAL_LOGGER,
+        mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)15, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
-        NULL, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)(64 * 1024), MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_ARRAY,
         h->tls ? tls_opts : no_opts, MHD_OPTION_END);
     if (!h->daemon) {
