@@ -637,3 +637,23 @@ def test_admin_cannot_touch_operator_or_grant_it(env):
     assert u["roles"] == ["operator"] and u["status"] == "active", u
     # The operator still works.
     assert env.api.get("/me", token=env.users.token("op")).status == 200
+
+
+def test_zz_no_secrets_in_logs(env):
+    """Runs last in this module: after every sign-in, refresh, password
+    change and forged token above, neither the service log nor the broker
+    log holds a password, an access token or a refresh token."""
+    doc = env.api.login("admin", env.p.admin_password)
+    env.api.refresh(doc["refresh_token"])
+    env.api.refresh(doc["refresh_token"])  # reuse: logged as an event
+    secrets = [env.p.admin_password, doc["refresh_token"], doc["access_token"][:40]]
+    secrets += [v for v in env.pw.values() if isinstance(v, str)]
+    logs = [open(p, errors="replace").read() for p in env.p.log_paths]
+    broker_log = env.p.data / "broker" / "mosquitto.log"
+    if broker_log.exists():
+        logs.append(broker_log.read_text(errors="replace"))
+    text = "\n".join(logs)
+    assert "refresh token reused" in text, "the reuse was not logged at all"
+    for s in secrets:
+        assert s not in text, f"a secret ({s[:6]}...) appears in a log"
+    assert "eyJ" not in text, "something JWT-like appears in a log"
