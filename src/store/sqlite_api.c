@@ -43,8 +43,7 @@ int sql__device_page(fm_store *base, const char *tenant, const char *after_id, s
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    /* The primary key orders by id; with a tenant the filter is applied
-     * while walking it (devices per node are at most tens of thousands). */
+    /* Ordered by id: the primary key, or devices_by_tenant(tenant, id). */
     if (sql__prep(s, &st,
                   tenant ? "SELECT id, tenant, status, cert_serial, created_ms, device_group,"
                            " serial_number, model, firmware FROM devices"
