@@ -573,7 +573,9 @@ static void *run(void *arg)
         if (!p->head)
             p->tail = NULL;
         last->next = NULL;
-        p->depth -= (long)n;
+        /* depth and in_depth are read without the other stage's lock (see
+         * submit_counted), so they are written atomically. */
+        __atomic_store_n(&p->depth, p->depth - (long)n, __ATOMIC_RELAXED);
         atomic_store(&mx->queue_depth, p->depth);
         pthread_mutex_unlock(&p->mu);
         process_batch(p, list, n);
@@ -651,8 +653,9 @@ static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
     else
         p->head = m;
     p->tail = m;
-    p->depth++;
-    atomic_store(&fm_metrics_get()->queue_depth, p->depth + p->in_depth);
+    __atomic_store_n(&p->depth, p->depth + 1, __ATOMIC_RELAXED);
+    atomic_store(&fm_metrics_get()->queue_depth,
+                 p->depth + __atomic_load_n(&p->in_depth, __ATOMIC_RELAXED));
     /* Wake the thread when the first message arrives or the batch is full;
      * in between it is sleeping out the commit window on purpose. */
     if (p->depth == 1 || p->depth >= p->cfg.batch_max)
@@ -680,7 +683,7 @@ static void *worker(void *arg)
         enqueue_ready(p, m);
         pthread_mutex_unlock(&p->mu);
         pthread_mutex_lock(&p->in_mu);
-        p->in_depth--;
+        __atomic_store_n(&p->in_depth, p->in_depth - 1, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&p->in_mu);
     return NULL;
@@ -730,7 +733,7 @@ static int submit_counted(fm_pipeline *p, fm_inmsg *m)
         else
             p->in_head = m;
         p->in_tail = m;
-        p->in_depth++;
+        __atomic_store_n(&p->in_depth, p->in_depth + 1, __ATOMIC_RELAXED);
         pthread_cond_signal(&p->in_cv);
     }
     pthread_mutex_unlock(&p->in_mu);
