@@ -2,7 +2,7 @@
 
 Black-box: it speaks HTTP to the port the fixture gave the platform and
 uses the command line to create users.  Nothing of fleetml is imported.
-See /work/notes/api-spec.md for the contract these helpers check.
+See docs/openapi.yaml for the contract these helpers check.
 """
 
 import base64

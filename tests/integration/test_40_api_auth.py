@@ -1,5 +1,5 @@
 """HTTP API v1: sign-in, tokens, sessions, /me, users and roles
-(/work/notes/api-spec.md: Auth, Me, Users, role table, 401/403 rules).
+(docs/openapi.yaml: Auth, Me, Users, role table, 401/403 rules).
 
 One platform for the module; users are created with `fleetml user add`
 before serve starts.  Sign-in failures that must not disturb each other use

@@ -1,6 +1,6 @@
 """HTTP API v1: devices (list, get, presence, disable/enable/revoke),
 shadow, templates and claim certificates, tenant isolation
-(/work/notes/api-spec.md: Devices, Templates, 404 for other tenants)."""
+(docs/openapi.yaml: Devices, Templates, 404 for other tenants)."""
 
 import subprocess
 import time

@@ -1,7 +1,7 @@
 """HTTP API v1: measurements (pages, cursors, time filters, one
 measurement), labels (round trip, validation, lake export), models and
 predict (same result as MQTT, not stored unless asked), audit (entries,
-filters, lake export) (/work/notes/api-spec.md)."""
+filters, lake export) (docs/openapi.yaml)."""
 
 import json
 import math

@@ -1,7 +1,7 @@
 """HTTP API v1 transport rules: body limits (413 before reading), security
 headers, tokens only in the Authorization header, 404/405/415 errors,
 pagination parameters, and the OpenAPI document against the routes the
-server registers (/work/notes/api-spec.md: Errors, Limits and headers,
+server registers (docs/openapi.yaml: Errors, Limits and headers,
 Other)."""
 
 import json
