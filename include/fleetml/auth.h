@@ -145,10 +145,17 @@ bool fm_auth_allowed(unsigned roles, const char *action);
 int fm_auth_login(fm_store *s, const char *tenant, const char *username, const char *password,
                   const char *client_addr, int64_t now_ms, fm_user *out_user,
                   int64_t *retry_after_s);
-/* The same with an explicit throttle policy. */
+/* The same with an explicit throttle policy and the second factor: otp is
+ * the user's current TOTP code (NULL or "" when none was given). For a user
+ * with a confirmed TOTP secret it returns, after a correct password:
+ *   FM_ESTATE  no code given ("a code is required"; not counted as a failure);
+ *   FM_EPERM   wrong or replayed code (counted like a wrong password);
+ *   0          the code is right; its step is used up.
+ * For a user without TOTP, otp is ignored. */
 int fm_auth_login_ex(fm_store *s, const fm_throttle_policy *policy, const char *tenant,
-                     const char *username, const char *password, const char *client_addr,
-                     int64_t now_ms, fm_user *out_user, int64_t *retry_after_s);
+                     const char *username, const char *password, const char *otp,
+                     const char *client_addr, int64_t now_ms, fm_user *out_user,
+                     int64_t *retry_after_s);
 
 /* ---- user administration ---------------------------------------------------
  * These check the policy and hash; the store functions underneath do the
@@ -308,5 +315,35 @@ bool fm_auth_tenant_allowed(const fm_principal *p, const char *tenant);
  * irrelevant and refresh tokens expired for more than a day. Run it now and
  * then (the HTTP layer: every few minutes). policy may be NULL. */
 int fm_auth_housekeeping(fm_store *s, const fm_throttle_policy *policy, int64_t now_ms);
+
+/* ---- second factor: TOTP (RFC 6238) ---------------------------------------
+ * HMAC-SHA-1 (OpenSSL), 30 s steps, 6 digits, a 160-bit secret: what every
+ * authenticator app speaks. A user with a confirmed TOTP secret must give
+ * a current code at sign-in (fm_auth_login_ex's otp); each step's code is
+ * accepted once (the store keeps the last step used), one step of clock
+ * drift either way is tolerated. */
+
+#define FM_TOTP_DIGITS 6
+#define FM_TOTP_STEP_S 30
+#define FM_TOTP_SECRET_LEN 20
+
+/* The HOTP value of key at counter step with 6..8 digits (RFC 4226 section
+ * 5.3) into *out. 0, FM_EINVAL, FM_ECRYPTO. */
+int fm_totp_code(const unsigned char *key, size_t key_len, uint64_t step, unsigned digits,
+                 uint32_t *out);
+/* Checks a 6-digit code against the steps around now_ms; only steps after
+ * after_step count (replay). 0 and *matched_step (may be NULL), or FM_EPERM
+ * for anything else (wrong, malformed, replayed). Constant work per call. */
+int fm_totp_verify(const unsigned char *key, size_t key_len, const char *code, int64_t now_ms,
+                   int64_t after_step, int64_t *matched_step);
+/* FM_TOTP_SECRET_LEN random bytes into out (len >= that). 0 or FM_ECRYPTO. */
+int fm_totp_new_secret(unsigned char *out, size_t len);
+/* RFC 4648 base32 without padding into out; returns the length, 0 when out
+ * is too small. */
+size_t fm_base32_encode(const unsigned char *in, size_t n, char *out, size_t out_len);
+/* The otpauth:// URI an authenticator app scans (issuer and account must be
+ * URI-safe, as tenant names and usernames are). 0 or FM_ERANGE. */
+int fm_totp_uri(const char *issuer, const char *account, const unsigned char *secret,
+                size_t secret_len, char *out, size_t out_len);
 
 #endif

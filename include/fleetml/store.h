@@ -243,6 +243,14 @@ typedef struct fm_presence_update {
     int64_t at_ms;
 } fm_presence_update;
 
+/* A user's TOTP second factor (see fleetml/auth.h). */
+typedef struct fm_totp {
+    unsigned char secret[32];
+    size_t secret_len;
+    int confirmed;     /* 0 while enrolling: not yet required at sign-in */
+    int64_t last_step; /* last step whose code was accepted (replay guard) */
+} fm_totp;
+
 typedef int (*fm_doc_cb)(void *ud, int64_t seq, const char *tenant, int64_t at_ms,
                          const char *doc, size_t len);
 typedef int (*fm_audit_cb)(void *ud, const fm_audit *a);
@@ -361,6 +369,11 @@ typedef struct fm_store_vtable {
                       void *ud);
     int (*scan_docs)(fm_store *s, enum fm_lake_stream st, int64_t after_seq, size_t limit,
                      fm_doc_cb cb, void *ud);
+    int (*totp_get)(fm_store *s, int64_t user_id, fm_totp *out);
+    int (*totp_set)(fm_store *s, int64_t user_id, const unsigned char *secret, size_t len,
+                    int64_t now_ms, fm_errbuf *err);
+    int (*totp_use)(fm_store *s, int64_t user_id, int64_t step, int confirm, fm_errbuf *err);
+    int (*totp_delete)(fm_store *s, int64_t user_id, fm_errbuf *err);
 } fm_store_vtable;
 
 struct fm_store {
@@ -715,5 +728,28 @@ static inline int fm_store_audit_page(fm_store *s, const fm_audit_filter *f, siz
 static inline int fm_store_scan_docs(fm_store *s, enum fm_lake_stream st, int64_t after_seq,
                                      size_t limit, fm_doc_cb cb, void *ud)
 { return s->vt->scan_docs(s, st, after_seq, limit, cb, ud); }
+
+/* ---- second factor ---------------------------------------------------------- */
+
+/* Reads a user's TOTP state. 0, FM_ENOTFOUND (none), FM_EDB. */
+static inline int fm_store_totp_get(fm_store *s, int64_t user_id, fm_totp *out)
+{ return s->vt->totp_get(s, user_id, out); }
+/* Starts an enrolment: stores secret (<= 32 bytes) unconfirmed, replacing
+ * an unconfirmed one. FM_EEXIST when a confirmed one exists (delete it
+ * first), FM_ENOTFOUND (no such user), FM_EDB. */
+static inline int fm_store_totp_set(fm_store *s, int64_t user_id, const unsigned char *secret,
+                                    size_t len, int64_t now_ms, fm_errbuf *err)
+{ return s->vt->totp_set(s, user_id, secret, len, now_ms, err); }
+/* Uses up step (a code just verified): atomically, only if step is after
+ * the last one used, and (confirm 0) only for a confirmed secret or
+ * (confirm 1) also confirming an enrolment. 0, FM_ESTATE (replayed step,
+ * or nothing to use/confirm), FM_EDB. */
+static inline int fm_store_totp_use(fm_store *s, int64_t user_id, int64_t step, int confirm,
+                                    fm_errbuf *err)
+{ return s->vt->totp_use(s, user_id, step, confirm, err); }
+/* Removes a user's TOTP (disable, or an admin's reset). 0 (also when there
+ * was none), FM_EDB. */
+static inline int fm_store_totp_delete(fm_store *s, int64_t user_id, fm_errbuf *err)
+{ return s->vt->totp_delete(s, user_id, err); }
 
 #endif

@@ -147,6 +147,10 @@ void v1_user_get(api_req *r);
 void v1_user_roles(api_req *r);
 void v1_user_disable(api_req *r);
 void v1_user_enable(api_req *r);
+void v1_mfa_totp_start(api_req *r);
+void v1_mfa_totp_confirm(api_req *r);
+void v1_mfa_totp_disable(api_req *r);
+void v1_user_mfa_reset(api_req *r);
 
 void v1_devices_list(api_req *r);
 void v1_device_get(api_req *r);

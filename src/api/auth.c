@@ -276,9 +276,34 @@ static int64_t ceil_seconds(int64_t ms)
     return ms <= 0 ? 0 : (ms + 999) / 1000;
 }
 
+/* After a correct password: 0 when the user has no confirmed TOTP or the
+ * code is right (its step is then used up), FM_ESTATE when a code is
+ * needed and none was given, FM_EPERM for a wrong or replayed code. */
+static int second_factor(fm_store *s, int64_t user_id, const char *otp, int64_t now_ms)
+{
+    fm_totp t;
+    int rc = fm_store_totp_get(s, user_id, &t);
+    if (rc == FM_ENOTFOUND || (rc == 0 && !t.confirmed)) {
+        OPENSSL_cleanse(&t, sizeof t);
+        return 0;
+    }
+    if (rc)
+        return rc;
+    int64_t step = 0;
+    if (!otp || !*otp)
+        rc = FM_ESTATE;
+    else if (fm_totp_verify(t.secret, t.secret_len, otp, now_ms, t.last_step, &step) != 0)
+        rc = FM_EPERM;
+    else
+        rc = fm_store_totp_use(s, user_id, step, 0, NULL) == 0 ? 0 : FM_EPERM;
+    OPENSSL_cleanse(&t, sizeof t);
+    return rc;
+}
+
 int fm_auth_login_ex(fm_store *s, const fm_throttle_policy *policy, const char *tenant,
-                     const char *username, const char *password, const char *client_addr,
-                     int64_t now_ms, fm_user *out_user, int64_t *retry_after_s)
+                     const char *username, const char *password, const char *otp,
+                     const char *client_addr, int64_t now_ms, fm_user *out_user,
+                     int64_t *retry_after_s)
 {
     if (retry_after_s)
         *retry_after_s = 0;
@@ -338,7 +363,23 @@ int fm_auth_login_ex(fm_store *s, const fm_throttle_policy *policy, const char *
         found = rc == 0;
     }
     int vrc = fm_password_verify(password, found ? u.password_hash : dummy_hash);
-    if (found && vrc == 0 && u.status == FM_USER_ACTIVE) {
+    int second = found && vrc == 0 && u.status == FM_USER_ACTIVE
+                     ? second_factor(s, u.id, otp, now_ms)
+                     : FM_EPERM;
+    if (second < 0 && second != FM_EPERM && second != FM_ESTATE) {
+        OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
+        return second;
+    }
+    if (second == FM_ESTATE) {
+        /* Right password, no code: not a failed guess, so the attempt is
+         * taken back, but nothing is handed out either. */
+        OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
+        rc = fm_store_throttle_release(s, NULL, acct_key, locks[0], NULL);
+        if (!rc && has_addr)
+            rc = fm_store_throttle_release(s, NULL, addr_key, locks[1], NULL);
+        return rc ? rc : FM_ESTATE;
+    }
+    if (second == 0) {
         rc = fm_store_throttle_release(s, acct_key, has_addr ? addr_key : NULL, locks[1], NULL);
         OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
         if (rc)
@@ -357,8 +398,8 @@ int fm_auth_login(fm_store *s, const char *tenant, const char *username, const c
                   const char *client_addr, int64_t now_ms, fm_user *out_user,
                   int64_t *retry_after_s)
 {
-    return fm_auth_login_ex(s, NULL, tenant, username, password, client_addr, now_ms, out_user,
-                            retry_after_s);
+    return fm_auth_login_ex(s, NULL, tenant, username, password, NULL, client_addr, now_ms,
+                            out_user, retry_after_s);
 }
 
 /* ---- user administration ----------------------------------------------------- */

@@ -20,23 +20,28 @@ static void answer_pair(api_req *r, unsigned status, fm_token_pair *p)
     fm_token_pair_clear(p);
 }
 
-static json_t *user_json(const fm_user *u)
+/* "mfa": whether the user has a confirmed second factor. */
+static json_t *user_json(fm_store *st, const fm_user *u)
 {
-    return json_pack("{s:I,s:s,s:s,s:o,s:s,s:o}", "id", (json_int_t)u->id, "tenant", u->tenant,
-                     "username", u->username, "roles", api_roles_array(u->roles), "status",
-                     u->status == FM_USER_ACTIVE ? "active" : "disabled", "created_at",
-                     api_time(u->created_ms));
+    fm_totp t;
+    bool mfa = fm_store_totp_get(st, u->id, &t) == 0 && t.confirmed;
+    OPENSSL_cleanse(&t, sizeof t);
+    return json_pack("{s:I,s:s,s:s,s:o,s:s,s:b,s:o}", "id", (json_int_t)u->id, "tenant",
+                     u->tenant, "username", u->username, "roles", api_roles_array(u->roles),
+                     "status", u->status == FM_USER_ACTIVE ? "active" : "disabled", "mfa", mfa,
+                     "created_at", api_time(u->created_ms));
 }
 
 void v1_login(api_req *r)
 {
-    const char *tenant = NULL, *username = NULL, *password = NULL;
+    const char *tenant = NULL, *username = NULL, *password = NULL, *otp = NULL;
     char msg[MSG];
     /* The password's length is checked by fm_auth_login before anything
      * else; here it only has to be a string (up to the body limit). */
     if (fm_api_get_str(r->json, "tenant", true, 64, &tenant, msg, sizeof msg) ||
         fm_api_get_str(r->json, "username", true, 64, &username, msg, sizeof msg) ||
-        fm_api_get_str(r->json, "password", true, API_BODY_SMALL, &password, msg, sizeof msg)) {
+        fm_api_get_str(r->json, "password", true, API_BODY_SMALL, &password, msg, sizeof msg) ||
+        fm_api_get_str(r->json, "otp", false, 16, &otp, msg, sizeof msg)) {
         api_error(r, 400, "invalid_request", "%s", msg);
         return;
     }
@@ -44,8 +49,8 @@ void v1_login(api_req *r)
     snprintf(target, sizeof target, "user:%s/%s", tenant, username);
     fm_user u;
     int64_t retry = 0;
-    int rc = fm_auth_login_ex(r->store, &r->h->throttle, tenant, username, password, r->client,
-                              r->now_ms, &u, &retry);
+    int rc = fm_auth_login_ex(r->store, &r->h->throttle, tenant, username, password, otp,
+                              r->client, r->now_ms, &u, &retry);
     /* Audit rows for unknown tenants are kept under "" so a probe cannot
      * create rows that look like they belong to a real tenant. */
     const char *audit_tenant = fm_store_tenant_exists(r->store, tenant) == 1 ? tenant : "";
@@ -63,9 +68,18 @@ void v1_login(api_req *r)
                   "too many failed sign-ins; try again in %ld seconds", r->retry_after);
         return;
     }
+    if (rc == FM_ESTATE) {
+        api_audit(r, audit_tenant, "auth.login", target, "denied",
+                  json_pack("{s:s}", "reason", "one-time code required"));
+        api_error(r, 401, "mfa_required",
+                  "this account has a second factor: send the current one-time code as 'otp'");
+        return;
+    }
     if (rc == FM_EPERM) {
         api_audit(r, audit_tenant, "auth.login", target, "failed", NULL);
-        api_error(r, 401, "invalid_credentials", "wrong tenant, username or password");
+        api_error(r, 401, "invalid_credentials",
+                  otp ? "wrong tenant, username, password or one-time code"
+                      : "wrong tenant, username or password");
         return;
     }
     if (rc) {
@@ -150,7 +164,7 @@ void v1_me(api_req *r)
         return;
     }
     OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
-    api_json(r, 200, user_json(&u));
+    api_json(r, 200, user_json(r->store, &u));
 }
 
 /* A password refused by policy: 422 with the policy's sentence. */
@@ -159,36 +173,51 @@ static void weak_password(api_req *r, const char *reason)
     api_error(r, 422, "weak_password", "%s", reason ? reason : "the password is not acceptable");
 }
 
-void v1_me_password(api_req *r)
+/* Checks current_password (and otp, for a user with a second factor) from
+ * the body like a sign-in, throttle included: a stolen access token must
+ * not become a password-guessing oracle, nor be enough to change how the
+ * account signs in. false: answered. */
+static bool reauthenticate(api_req *r, const char *action)
 {
-    const char *cur = NULL, *neu = NULL;
+    const char *cur = NULL, *otp = NULL;
     char msg[MSG];
     if (fm_api_get_str(r->json, "current_password", true, API_BODY_SMALL, &cur, msg, sizeof msg) ||
-        fm_api_get_str(r->json, "new_password", true, API_BODY_SMALL, &neu, msg, sizeof msg)) {
+        fm_api_get_str(r->json, "otp", false, 16, &otp, msg, sizeof msg)) {
+        api_error(r, 400, "invalid_request", "%s", msg);
+        return false;
+    }
+    fm_user u;
+    int64_t retry = 0;
+    int rc = fm_auth_login_ex(r->store, &r->h->throttle, r->who.tenant, r->who.username, cur, otp,
+                              r->client, r->now_ms, &u, &retry);
+    if (rc == 0)
+        return true;
+    if (rc == FM_EBUSY) {
+        r->retry_after = retry > 0 ? retry : 1;
+        api_audit(r, NULL, action, r->actor, "throttled", NULL);
+        api_error(r, 429, "too_many_requests", "too many failed attempts; try again later");
+    } else if (rc == FM_ESTATE) {
+        api_error(r, 401, "mfa_required", "send the current one-time code as 'otp' as well");
+    } else if (rc == FM_EPERM || rc == FM_EINVAL) {
+        api_audit(r, NULL, action, r->actor, "failed", NULL);
+        api_error(r, 401, "invalid_credentials", "the current password or code is wrong");
+    } else {
+        api_store_error(r, rc);
+    }
+    return false;
+}
+
+void v1_me_password(api_req *r)
+{
+    const char *neu = NULL;
+    char msg[MSG];
+    if (fm_api_get_str(r->json, "new_password", true, API_BODY_SMALL, &neu, msg, sizeof msg)) {
         api_error(r, 400, "invalid_request", "%s", msg);
         return;
     }
-    /* The current password is checked like a sign-in, throttle included:
-     * a stolen access token must not become a password-guessing oracle. */
-    fm_user u;
-    int64_t retry = 0;
-    int rc = fm_auth_login_ex(r->store, &r->h->throttle, r->who.tenant, r->who.username, cur,
-                              r->client, r->now_ms, &u, &retry);
-    if (rc == FM_EBUSY) {
-        r->retry_after = retry > 0 ? retry : 1;
-        api_audit(r, NULL, "user.password", r->actor, "throttled", NULL);
-        api_error(r, 429, "too_many_requests", "too many failed attempts; try again later");
+    if (!reauthenticate(r, "user.password"))
         return;
-    }
-    if (rc == FM_EPERM || rc == FM_EINVAL) {
-        api_audit(r, NULL, "user.password", r->actor, "failed", NULL);
-        api_error(r, 401, "invalid_credentials", "the current password is wrong");
-        return;
-    }
-    if (rc) {
-        api_store_error(r, rc);
-        return;
-    }
+    int rc;
     const char *reason = NULL;
     fm_errbuf err;
     rc = fm_auth_set_password(r->store, r->who.tenant, r->who.username, neu, &reason, &err);
@@ -207,6 +236,7 @@ void v1_me_password(api_req *r)
 /* ---- user administration ---- */
 
 typedef struct user_page {
+    fm_store *store;
     json_t *items;
     const char *after;
     size_t limit, n;
@@ -223,7 +253,7 @@ static int on_user(void *ud, const fm_user *u)
         p->more = true;
         return 1;
     }
-    json_array_append_new(p->items, user_json(u));
+    json_array_append_new(p->items, user_json(p->store, u));
     snprintf(p->last, sizeof p->last, "%s", u->username);
     p->n++;
     return 0;
@@ -237,7 +267,7 @@ void v1_users_list(api_req *r)
     char after[72];
     if (!api_scope_tenant(r, &tenant) || !api_page_args(r, &limit, &a, &b, after, sizeof after))
         return;
-    user_page p = {.items = json_array(), .after = after, .limit = limit};
+    user_page p = {.store = r->store, .items = json_array(), .after = after, .limit = limit};
     int rc = fm_store_user_list(r->store, tenant, on_user, &p);
     if (rc) {
         json_decref(p.items);
@@ -284,7 +314,7 @@ static void answer_user(api_req *r, const char *tenant, const char *username, un
         return;
     }
     OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
-    api_json(r, status, user_json(&u));
+    api_json(r, status, user_json(r->store, &u));
 }
 
 /* A user who holds the operator role is managed by operators only: a
@@ -358,7 +388,7 @@ void v1_user_get(api_req *r)
     const char *tenant;
     fm_user u;
     if (path_user(r, &tenant, &u))
-        api_json(r, 200, user_json(&u));
+        api_json(r, 200, user_json(r->store, &u));
 }
 
 void v1_user_roles(api_req *r)
@@ -414,3 +444,111 @@ static void set_status(api_req *r, int status)
 
 void v1_user_disable(api_req *r) { set_status(r, FM_USER_DISABLED); }
 void v1_user_enable(api_req *r) { set_status(r, FM_USER_ACTIVE); }
+
+/* ---- second factor (TOTP) ---- */
+
+/* Starts enrolment: a new secret, shown once, not required at sign-in
+ * until confirmed with a code from the app. */
+void v1_mfa_totp_start(api_req *r)
+{
+    if (!reauthenticate(r, "user.mfa"))
+        return;
+    unsigned char secret[FM_TOTP_SECRET_LEN];
+    char b32[64], uri[512];
+    fm_errbuf err;
+    int rc = fm_totp_new_secret(secret, sizeof secret);
+    if (!rc)
+        rc = fm_store_totp_set(r->store, r->who.user_id, secret, sizeof secret, r->now_ms, &err);
+    if (rc == FM_EEXIST) {
+        api_error(r, 409, "conflict", "a second factor is already active; disable it first");
+    } else if (rc) {
+        api_store_error(r, rc);
+    } else {
+        char issuer[80];
+        snprintf(issuer, sizeof issuer, "fleetml-%s", r->who.tenant);
+        fm_base32_encode(secret, sizeof secret, b32, sizeof b32);
+        if (fm_totp_uri(issuer, r->who.username, secret, sizeof secret, uri, sizeof uri) != 0)
+            uri[0] = '\0';
+        api_audit(r, NULL, "user.mfa", r->actor, "ok", json_pack("{s:s}", "step", "enrol"));
+        api_json(r, 201,
+                 json_pack("{s:s,s:s,s:b,s:i,s:i}", "secret", b32, "otpauth_uri", uri,
+                           "confirmed", 0, "digits", FM_TOTP_DIGITS, "period", FM_TOTP_STEP_S));
+    }
+    OPENSSL_cleanse(secret, sizeof secret);
+    OPENSSL_cleanse(b32, sizeof b32);
+    OPENSSL_cleanse(uri, sizeof uri);
+}
+
+void v1_mfa_totp_confirm(api_req *r)
+{
+    const char *code = NULL;
+    char msg[MSG];
+    if (fm_api_get_str(r->json, "otp", true, 16, &code, msg, sizeof msg)) {
+        api_error(r, 400, "invalid_request", "%s", msg);
+        return;
+    }
+    fm_totp t;
+    int rc = fm_store_totp_get(r->store, r->who.user_id, &t);
+    if (rc == FM_ENOTFOUND || (rc == 0 && t.confirmed)) {
+        OPENSSL_cleanse(&t, sizeof t);
+        api_error(r, 409, "conflict", "no second factor is being enrolled");
+        return;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    int64_t step = 0;
+    fm_errbuf err;
+    rc = fm_totp_verify(t.secret, t.secret_len, code, r->now_ms, t.last_step, &step);
+    OPENSSL_cleanse(&t, sizeof t);
+    if (rc == 0)
+        rc = fm_store_totp_use(r->store, r->who.user_id, step, 1, &err);
+    if (rc == FM_EPERM || rc == FM_ESTATE) {
+        api_audit(r, NULL, "user.mfa", r->actor, "failed", json_pack("{s:s}", "step", "confirm"));
+        api_error(r, 422, "validation_failed", "the code does not match; check the app's clock");
+        return;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    api_audit(r, NULL, "user.mfa", r->actor, "ok", json_pack("{s:s}", "step", "confirm"));
+    v1_me(r);
+}
+
+void v1_mfa_totp_disable(api_req *r)
+{
+    if (!reauthenticate(r, "user.mfa"))
+        return;
+    fm_errbuf err;
+    int rc = fm_store_totp_delete(r->store, r->who.user_id, &err);
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    api_audit(r, NULL, "user.mfa", r->actor, "ok", json_pack("{s:s}", "step", "disable"));
+    api_no_content(r);
+}
+
+/* An admin's answer to a lost phone: the second factor goes and so do the
+ * user's sessions (whoever holds them may hold the phone too). */
+void v1_user_mfa_reset(api_req *r)
+{
+    const char *tenant;
+    fm_user u;
+    if (!path_user(r, &tenant, &u) || !manageable(r, &u))
+        return;
+    fm_errbuf err;
+    int rc = fm_store_totp_delete(r->store, u.id, &err);
+    if (!rc)
+        rc = fm_auth_logout_all(r->store, u.id, r->now_ms, &err);
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    char target[160];
+    snprintf(target, sizeof target, "user:%s/%s", tenant, u.username);
+    api_audit(r, tenant, "user.mfa_reset", target, "ok", NULL);
+    answer_user(r, tenant, u.username, 200);
+}

@@ -126,7 +126,11 @@ static const char *schema_api =
     "  outcome TEXT NOT NULL, client TEXT NOT NULL, details TEXT NOT NULL);"
     "CREATE INDEX audit_by_tenant ON audit(tenant, seq);"
     /* Device pages of one tenant walk this instead of the whole table. */
-    "CREATE INDEX devices_by_tenant ON devices(tenant, id);";
+    "CREATE INDEX devices_by_tenant ON devices(tenant, id);"
+    /* Second factor: one TOTP secret per user, with the replay guard. */
+    "CREATE TABLE user_totp ("
+    "  user_id INTEGER PRIMARY KEY REFERENCES users(id), secret BLOB NOT NULL,"
+    "  confirmed INTEGER NOT NULL, last_step INTEGER NOT NULL, created_ms INTEGER NOT NULL);";
 
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
@@ -834,6 +838,10 @@ static const fm_store_vtable sqlite_vt = {
     /* API data: sqlite_api.c */
     .device_page = sql__device_page,
     .presence_set = sql__presence_set,
+    .totp_get = sql__totp_get,
+    .totp_set = sql__totp_set,
+    .totp_use = sql__totp_use,
+    .totp_delete = sql__totp_delete,
     .presence_reset = sql__presence_reset,
     .presence_get = sql__presence_get,
     .measurement_page = sql__measurement_page,

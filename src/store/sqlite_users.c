@@ -602,3 +602,109 @@ int sql__tenant_exists(fm_store *base, const char *name)
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 1 : rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
+
+/* ---- second factor (TOTP) ------------------------------------------------------ */
+
+int sql__totp_get(fm_store *base, int64_t user_id, fm_totp *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    memset(out, 0, sizeof *out);
+    if (sql__prep(s, &st, "SELECT secret, confirmed, last_step FROM user_totp WHERE user_id = ?",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, user_id);
+    int rc = sqlite3_step(st), ret;
+    if (rc == SQLITE_ROW) {
+        int n = sqlite3_column_bytes(st, 0);
+        const void *p = sqlite3_column_blob(st, 0);
+        if (n <= 0 || (size_t)n > sizeof out->secret || !p) {
+            ret = FM_EDB;
+        } else {
+            memcpy(out->secret, p, (size_t)n);
+            out->secret_len = (size_t)n;
+            out->confirmed = sqlite3_column_int(st, 1);
+            out->last_step = sqlite3_column_int64(st, 2);
+            ret = 0;
+        }
+    } else {
+        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
+    }
+    sqlite3_finalize(st);
+    return ret;
+}
+
+static int totp_set_tx(sqlite_store *s, int64_t user_id, const unsigned char *secret, size_t len,
+                       int64_t now_ms, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st, "SELECT confirmed FROM user_totp WHERE user_id = ?", err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, user_id);
+    rc = sqlite3_step(st);
+    int confirmed = rc == SQLITE_ROW && sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return sql__err(s, err, rc, "totp");
+    if (confirmed)
+        return fm_errf(err, FM_EEXIST, "a confirmed second factor exists");
+    if ((rc = sql__prep(s, &st,
+                        "INSERT OR REPLACE INTO user_totp(user_id, secret, confirmed, last_step,"
+                        " created_ms) SELECT id, ?2, 0, 0, ?3 FROM users WHERE id = ?1",
+                        err)) != 0)
+        return rc;
+    sqlite3_bind_int64(st, 1, user_id);
+    sqlite3_bind_blob(st, 2, secret, (int)len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now_ms);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "totp");
+    return sqlite3_changes(s->db) == 1 ? 0 : fm_errf(err, FM_ENOTFOUND, "no such user");
+}
+
+int sql__totp_set(fm_store *base, int64_t user_id, const unsigned char *secret, size_t len,
+                  int64_t now_ms, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    if (!secret || len == 0 || len > sizeof ((fm_totp *)0)->secret)
+        return fm_errf(err, FM_EINVAL, "totp: bad secret length");
+    IN_TX(s, err, totp_set_tx(s, user_id, secret, len, now_ms, err));
+}
+
+int sql__totp_use(fm_store *base, int64_t user_id, int64_t step, int confirm, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    /* One statement: the step check and its use cannot be split by a
+     * concurrent sign-in with the same code. */
+    int rc = sql__prep(s, &st,
+                       confirm ? "UPDATE user_totp SET last_step = ?2, confirmed = 1"
+                                 " WHERE user_id = ?1 AND last_step < ?2"
+                               : "UPDATE user_totp SET last_step = ?2"
+                                 " WHERE user_id = ?1 AND last_step < ?2 AND confirmed = 1",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, user_id);
+    sqlite3_bind_int64(st, 2, step);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "totp");
+    return sqlite3_changes(s->db) == 1 ? 0 : fm_errf(err, FM_ESTATE, "code already used");
+}
+
+int sql__totp_delete(fm_store *base, int64_t user_id, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st, "DELETE FROM user_totp WHERE user_id = ?", err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, user_id);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "totp");
+}

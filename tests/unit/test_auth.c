@@ -775,6 +775,120 @@ static void test_session_and_epoch(void **state)
     fm_token_pair_clear(&b);
 }
 
+
+/* ---- second factor (TOTP) ------------------------------------------------------ */
+
+/* RFC 6238 appendix B, SHA-1, 8 digits, key "12345678901234567890". */
+static void test_totp_rfc6238_vectors(void **state)
+{
+    (void)state;
+    const unsigned char key[] = "12345678901234567890";
+    const struct {
+        uint64_t t;
+        uint32_t code;
+    } v[] = {{59, 94287082},         {1111111109, 7081804}, {1111111111, 14050471},
+             {1234567890, 89005924}, {2000000000, 69279037}, {20000000000ULL, 65353130}};
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+        uint32_t got = 0;
+        assert_int_equal(fm_totp_code(key, 20, v[i].t / 30, 8, &got), 0);
+        assert_int_equal(got, v[i].code);
+    }
+    uint32_t six;
+    assert_int_equal(fm_totp_code(key, 20, 59 / 30, 6, &six), 0);
+    assert_int_equal(six, 287082);
+    assert_int_equal(fm_totp_code(key, 20, 1, 5, &six), FM_EINVAL);
+    assert_int_equal(fm_totp_code(key, 0, 1, 6, &six), FM_EINVAL);
+}
+
+static void totp_now(const unsigned char *key, int64_t ms, int delta, char out[8])
+{
+    uint32_t c;
+    assert_int_equal(fm_totp_code(key, 20, (uint64_t)(ms / 30000 + delta), 6, &c), 0);
+    snprintf(out, 8, "%06u", c);
+}
+
+static void test_totp_verify_window_and_replay(void **state)
+{
+    (void)state;
+    const unsigned char key[] = "12345678901234567890";
+    int64_t now = T0 + 12345, step = 0;
+    char code[8];
+    for (int d = -1; d <= 1; d++) {
+        totp_now(key, now, d, code);
+        assert_int_equal(fm_totp_verify(key, 20, code, now, 0, &step), 0);
+        assert_int_equal(step, now / 30000 + d);
+        /* Not again once that step is used. */
+        assert_int_equal(fm_totp_verify(key, 20, code, now, step, NULL), FM_EPERM);
+    }
+    totp_now(key, now, 2, code);
+    assert_int_equal(fm_totp_verify(key, 20, code, now, 0, NULL), FM_EPERM);
+    totp_now(key, now, -2, code);
+    assert_int_equal(fm_totp_verify(key, 20, code, now, 0, NULL), FM_EPERM);
+    const char *bad[] = {"", "12345", "1234567", "12345a", " 12345", NULL};
+    for (int i = 0; bad[i]; i++)
+        assert_int_equal(fm_totp_verify(key, 20, bad[i], now, 0, NULL), FM_EPERM);
+    assert_int_equal(fm_totp_verify(key, 20, NULL, now, 0, NULL), FM_EPERM);
+    char b32[64];
+    assert_int_equal(fm_base32_encode((const unsigned char *)"foobar", 6, b32, sizeof b32), 10);
+    assert_string_equal(b32, "MZXW6YTBOI"); /* RFC 4648 section 10, unpadded */
+    assert_int_equal(fm_base32_encode((const unsigned char *)"foobar", 6, b32, 10), 0);
+}
+
+/* Sign-in with a confirmed second factor: no code -> FM_ESTATE (and not
+ * counted), wrong or replayed code -> FM_EPERM (counted), right -> 0. An
+ * unconfirmed enrolment is not required yet. */
+static void test_login_with_totp(void **state)
+{
+    fx *f = *state;
+    add_user(f, "t1", "alice", "clinician");
+    fm_user u = signin(f, "alice", T0);
+    unsigned char secret[FM_TOTP_SECRET_LEN];
+    assert_int_equal(fm_totp_new_secret(secret, sizeof secret), 0);
+    fm_errbuf err;
+    assert_int_equal(fm_store_totp_set(f->st, u.id, secret, sizeof secret, T0, &err), 0);
+    fm_user got;
+    int64_t retry, now = T0 + 1000;
+    /* Enrolling, not confirmed: a password is still enough. */
+    assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, NULL, "", now, &got, &retry),
+                     0);
+    char code[8];
+    totp_now(secret, now, 0, code);
+    int64_t step = now / 30000;
+    assert_int_equal(fm_store_totp_use(f->st, u.id, step, 1, &err), 0); /* confirm */
+    /* A second enrolment cannot replace a confirmed one. */
+    assert_int_equal(fm_store_totp_set(f->st, u.id, secret, sizeof secret, now, &err), FM_EEXIST);
+
+    now += 30000;
+    for (int i = 0; i < 8; i++) /* no code: never counted, never locked */
+        assert_int_equal(
+            fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, NULL, "", now, &got, &retry),
+            FM_ESTATE);
+    assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW2, NULL, "", now, &got, &retry),
+                     FM_EPERM); /* wrong password stays a plain failure */
+    totp_now(secret, now, 0, code);
+    assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, code, "", now, &got, &retry),
+                     0);
+    assert_int_equal(got.id, u.id);
+    /* The same code again (replay) is a failure. */
+    assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, code, "", now, &got, &retry),
+                     FM_EPERM);
+    /* Wrong codes count: the account locks after the free failures. */
+    int locked = 0;
+    for (int i = 0; i < 8 && !locked; i++) {
+        int rc = fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, "000000", "", now, &got,
+                                  &retry);
+        assert_true(rc == FM_EPERM || rc == FM_EBUSY);
+        locked = rc == FM_EBUSY;
+    }
+    assert_true(locked);
+    /* Removing the factor: the password alone works again (after the lock). */
+    assert_int_equal(fm_store_totp_delete(f->st, u.id, &err), 0);
+    assert_int_equal(fm_store_totp_get(f->st, u.id, &(fm_totp){0}), FM_ENOTFOUND);
+    now += 3600 * 1000LL;
+    assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, NULL, "", now, &got, &retry),
+                     0);
+}
+
 /* Renewing does not extend a session: its last refresh token expires one
  * refresh lifetime after the sign-in, however often it was used. */
 static void test_refresh_session_lifetime_is_absolute(void **state)
@@ -971,6 +1085,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_session_and_epoch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refresh_rotation_and_reuse, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refresh_session_lifetime_is_absolute, setup, teardown),
+        cmocka_unit_test(test_totp_rfc6238_vectors),
+        cmocka_unit_test(test_totp_verify_window_and_replay),
+        cmocka_unit_test_setup_teardown(test_login_with_totp, setup, teardown),
         cmocka_unit_test_setup_teardown(test_logout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_password_change_and_disable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_user_list, setup, teardown),

@@ -903,7 +903,7 @@ static void test_migrate_api_tables(void **state)
     assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
     assert_int_equal(sqlite3_exec(db,
                                   "DROP TABLE device_presence; DROP TABLE labels;"
-                                  " DROP TABLE audit; DROP INDEX devices_by_tenant;"
+                                  " DROP TABLE audit; DROP INDEX devices_by_tenant; DROP TABLE user_totp;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
