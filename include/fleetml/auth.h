@@ -257,7 +257,8 @@ typedef struct fm_token_pair {
 void fm_token_pair_clear(fm_token_pair *p);
 
 /* Starts a session for an authenticated user (after fm_auth_login): a new
- * refresh-token family and a token pair. params may be NULL. Returns 0,
+ * refresh-token family and a token pair. u->second_factor (as fm_auth_login_ex
+ * set it) is kept with the session and shows in fm_principal. params may be NULL. Returns 0,
  * FM_ECRYPTO, FM_ENOMEM, FM_EDB. On failure *out is cleared. */
 int fm_auth_session_start(fm_store *s, const fm_jwt_key *k, const fm_user *u, int64_t now_ms,
                           const fm_token_params *params, fm_token_pair *out);
@@ -296,6 +297,7 @@ typedef struct fm_principal {
     char jti[32];
     char sid[32];
     int64_t exp;         /* seconds */
+    int second_factor;   /* the session's sign-in gave a TOTP code */
 } fm_principal;
 
 /* Verifies an access token (fm_jwt_verify) and then that its user exists,

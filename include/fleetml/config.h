@@ -5,7 +5,8 @@
  *   [node]      id, log_level
  *   [broker]    mode (supervised|external), mosquitto, bind, port,
  *               service_port, host (external mode), max_payload
- *   [http]      bind, port, tls, threads, trusted_proxies, access_ttl_s
+ *   [http]      bind, port, tls, threads, trusted_proxies, access_ttl_s,
+ *               mfa_roles
  *   [pipeline]  commit_window_us, batch_max, queue_max
  *   [store]     backend (sqlite)
  *   [lake]      backend (fs), dir, roll_bytes, roll_seconds
@@ -31,6 +32,7 @@
  *   http.threads            1..64                              (4)
  *   http.trusted_proxies    comma-separated addresses          ("")
  *   http.access_ttl_s       60..86400                          (900)
+ *   http.mfa_roles          comma-separated roles              ("")
  *   pipeline.commit_window_us 0..2000 (the window is part of every ack's
  *                           latency, so it is capped at 2 ms)   (1000)
  *   pipeline.batch_max      1..4096                            (256)
@@ -84,6 +86,7 @@ typedef struct fm_config {
     int http_threads;
     char http_trusted_proxies[256];
     int http_access_ttl_s;
+    char http_mfa_roles[128];
 
     int commit_window_us;
     int batch_max;

@@ -140,6 +140,7 @@ typedef struct fm_user {
     int64_t epoch;          /* revocation epoch: access tokens must carry it */
     int64_t created_ms;
     char password_hash[128]; /* PHC string; "" when the caller does not need it */
+    int second_factor;      /* set by fm_auth_login_ex: this sign-in gave a TOTP code */
 } fm_user;
 
 typedef int (*fm_user_cb)(void *ud, const fm_user *u);
@@ -341,13 +342,13 @@ typedef struct fm_store_vtable {
     int (*throttle_prune)(fm_store *s, int64_t before_ms, long *pruned);
     int (*session_create)(fm_store *s, const char *family, int64_t user_id, int64_t epoch,
                           const unsigned char *token_hash, int64_t expires_ms, int64_t now_ms,
-                          fm_errbuf *err);
+                          int second_factor, fm_errbuf *err);
     int (*refresh_rotate)(fm_store *s, const unsigned char *old_hash,
                           const unsigned char *new_hash, int64_t new_expires_ms, int64_t now_ms,
                           fm_refresh_info *out, fm_errbuf *err);
     int (*refresh_revoke)(fm_store *s, const unsigned char *token_hash, int64_t now_ms,
                           fm_refresh_info *out, fm_errbuf *err);
-    int (*session_active)(fm_store *s, const char *family, int64_t user_id);
+    int (*session_active)(fm_store *s, const char *family, int64_t user_id, int *second_factor);
     int (*refresh_prune)(fm_store *s, int64_t before_ms, long *pruned);
     int (*tenant_exists)(fm_store *s, const char *name);
 
@@ -608,14 +609,18 @@ static inline int fm_store_throttle_release(fm_store *s, const char *reset_key,
 static inline int fm_store_throttle_prune(fm_store *s, int64_t before_ms, long *pruned)
 { return s->vt->throttle_prune(s, before_ms, pruned); }
 /* Creates a refresh-token family for user_id with its first token (hash of
- * FM_TOKEN_HASH_LEN bytes), provided the user is still active and still at
+ * FM_TOKEN_HASH_LEN bytes), remembering whether the sign-in gave a second
+ * factor (second_factor 1; every token of the session inherits it),
+ * provided the user is still active and still at
  * `epoch` (the one seen when the password was checked: a password change or
  * disable in between must win). 0, FM_ENOTFOUND (no such user), FM_ESTATE
  * (disabled, or epoch moved on), FM_EEXIST, FM_EDB. */
 static inline int fm_store_session_create(fm_store *s, const char *family, int64_t user_id,
                                           int64_t epoch, const unsigned char *token_hash,
-                                          int64_t expires_ms, int64_t now_ms, fm_errbuf *err)
-{ return s->vt->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms, err); }
+                                          int64_t expires_ms, int64_t now_ms, int second_factor,
+                                          fm_errbuf *err)
+{ return s->vt->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms,
+                              second_factor, err); }
 /* Consumes the refresh token old_hash and adds new_hash to its family, in
  * one transaction. The new token expires at new_expires_ms or when the old
  * one would have, whichever is first, so a session never outlives its
@@ -631,10 +636,12 @@ static inline int fm_store_refresh_rotate(fm_store *s, const unsigned char *old_
 static inline int fm_store_refresh_revoke(fm_store *s, const unsigned char *token_hash,
                                           int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
 { return s->vt->refresh_revoke(s, token_hash, now_ms, out, err); }
-/* 0 when family exists, belongs to user_id and is not revoked; FM_EPERM
- * otherwise; FM_EDB. */
-static inline int fm_store_session_active(fm_store *s, const char *family, int64_t user_id)
-{ return s->vt->session_active(s, family, user_id); }
+/* 0 when family exists, belongs to user_id and is not revoked (then
+ * *second_factor, if non-NULL, says whether its sign-in gave a second
+ * factor); FM_EPERM otherwise; FM_EDB. */
+static inline int fm_store_session_active(fm_store *s, const char *family, int64_t user_id,
+                                          int *second_factor)
+{ return s->vt->session_active(s, family, user_id, second_factor); }
 /* Deletes refresh tokens that expired before before_ms, and families left
  * without tokens. */
 static inline int fm_store_refresh_prune(fm_store *s, int64_t before_ms, long *pruned)

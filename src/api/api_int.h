@@ -44,6 +44,7 @@ struct fm_http {
     api_store_pool pool;
     fm_throttle_policy throttle;
     fm_token_params tokens;
+    unsigned mfa_roles;  /* roles that need a second factor (http.mfa_roles) */
     char (*proxies)[64]; /* trusted proxy addresses */
     size_t nproxies;
     char *openapi;       /* docs/openapi.yaml text, or NULL */

@@ -276,8 +276,8 @@ static int64_t ceil_seconds(int64_t ms)
     return ms <= 0 ? 0 : (ms + 999) / 1000;
 }
 
-/* After a correct password: 0 when the user has no confirmed TOTP or the
- * code is right (its step is then used up), FM_ESTATE when a code is
+/* After a correct password: 0 when the user has no confirmed TOTP, 1 when
+ * the code is right (its step is then used up), FM_ESTATE when a code is
  * needed and none was given, FM_EPERM for a wrong or replayed code. */
 static int second_factor(fm_store *s, int64_t user_id, const char *otp, int64_t now_ms)
 {
@@ -285,7 +285,7 @@ static int second_factor(fm_store *s, int64_t user_id, const char *otp, int64_t 
     int rc = fm_store_totp_get(s, user_id, &t);
     if (rc == FM_ENOTFOUND || (rc == 0 && !t.confirmed)) {
         OPENSSL_cleanse(&t, sizeof t);
-        return 0;
+        return 0; /* no second factor to check */
     }
     if (rc)
         return rc;
@@ -295,7 +295,7 @@ static int second_factor(fm_store *s, int64_t user_id, const char *otp, int64_t 
     else if (fm_totp_verify(t.secret, t.secret_len, otp, now_ms, t.last_step, &step) != 0)
         rc = FM_EPERM;
     else
-        rc = fm_store_totp_use(s, user_id, step, 0, NULL) == 0 ? 0 : FM_EPERM;
+        rc = fm_store_totp_use(s, user_id, step, 0, NULL) == 0 ? 1 : FM_EPERM;
     OPENSSL_cleanse(&t, sizeof t);
     return rc;
 }
@@ -379,11 +379,12 @@ int fm_auth_login_ex(fm_store *s, const fm_throttle_policy *policy, const char *
             rc = fm_store_throttle_release(s, NULL, addr_key, locks[1], NULL);
         return rc ? rc : FM_ESTATE;
     }
-    if (second == 0) {
+    if (second >= 0) {
         rc = fm_store_throttle_release(s, acct_key, has_addr ? addr_key : NULL, locks[1], NULL);
         OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
         if (rc)
             return rc;
+        u.second_factor = second;
         *out_user = u;
         return 0;
     }

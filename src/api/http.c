@@ -564,7 +564,16 @@ static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const c
     housekeeping(&r);
     bool pub = rt->info.action && strcmp(rt->info.action, "public") == 0;
     if (pub || authenticate(&r)) {
-        if (!pub && rt->info.action && !fm_auth_allowed(r.who.role_mask, rt->info.action)) {
+        if (!pub && rt->info.action && (r.who.role_mask & h->mfa_roles) &&
+            !r.who.second_factor) {
+            /* A role that must use a second factor can still reach its own
+             * account (routes without a permission), to enrol one. */
+            api_audit(&r, NULL, "access.denied", rt->info.path, "denied",
+                      json_pack("{s:s,s:s}", "method", method, "reason", "second factor needed"));
+            api_error(&r, MHD_HTTP_FORBIDDEN, "mfa_required",
+                      "your role needs a second factor: enrol one (POST /api/v1/me/mfa/totp), "
+                      "then sign in again with a code");
+        } else if (!pub && rt->info.action && !fm_auth_allowed(r.who.role_mask, rt->info.action)) {
             api_audit(&r, NULL, "access.denied", rt->info.path, "denied",
                       json_pack("{s:s,s:s}", "method", method, "permission", rt->info.action));
             api_error(&r, MHD_HTTP_FORBIDDEN, "forbidden",
@@ -739,6 +748,9 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     h->tls = strcmp(cfg->http_tls, "on") == 0;
     char path[PATH_MAX];
     int rc = parse_proxies(h, cfg->http_trusted_proxies, err);
+    if (!rc && cfg->http_mfa_roles[0] && fm_auth_roles_parse(cfg->http_mfa_roles, &h->mfa_roles))
+        rc = fm_errf(err, FM_EINVAL, "http.mfa_roles: '%s' is not a list of roles",
+                     cfg->http_mfa_roles);
     if (!rc)
         rc = fm_jwt_key_load(fm_config_path(cfg, "pki/jwt.key", path, sizeof path), &h->jwt, err);
     if (!rc)

@@ -560,7 +560,7 @@ int fm_auth_session_start(fm_store *s, const fm_jwt_key *k, const fm_user *u, in
         rc = new_refresh(out->refresh_token, sizeof out->refresh_token, md);
     if (!rc)
         rc = fm_store_session_create(s, family, u->id, u->epoch, md,
-                                     now_ms + refresh_ttl * 1000, now_ms, NULL);
+                                     now_ms + refresh_ttl * 1000, now_ms, u->second_factor, NULL);
     if (rc == FM_ESTATE || rc == FM_ENOTFOUND)
         rc = FM_EPERM;
     if (!rc)
@@ -670,7 +670,8 @@ int fm_auth_verify_access(fm_store *s, const fm_jwt_key *k, const char *token, i
     OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
     if (u.status != FM_USER_ACTIVE || u.epoch != c.epoch || strcmp(u.tenant, c.tenant) != 0)
         return FM_EPERM;
-    rc = fm_store_session_active(s, c.sid, u.id);
+    int mfa = 0;
+    rc = fm_store_session_active(s, c.sid, u.id, &mfa);
     if (rc)
         return rc; /* FM_EPERM (revoked or unknown session) or a store error */
     unsigned mask;
@@ -684,6 +685,7 @@ int fm_auth_verify_access(fm_store *s, const fm_jwt_key *k, const char *token, i
     snprintf(out->jti, sizeof out->jti, "%s", c.jti);
     snprintf(out->sid, sizeof out->sid, "%s", c.sid);
     out->exp = c.exp;
+    out->second_factor = mfa;
     return 0;
 }
 

@@ -98,6 +98,9 @@ static const key_def keys[] = {
           "(empty: the peer address is the client address)."),
     K_NUM("http", "access_ttl_s", T_INT, http_access_ttl_s, 60, 86400,
           "Lifetime of access tokens in seconds."),
+    K_STR("http", "mfa_roles", T_PATH_OPT, http_mfa_roles, NULL,
+          "Comma-separated roles that must sign in with a second factor (TOTP) to use "
+          "anything but their own account, e.g. admin,operator (empty: none)."),
     K_NUM("pipeline", "commit_window_us", T_INT, commit_window_us, 0, 2000,
           "How long a batch may wait for more measurements before it is committed, in "
           "microseconds (0 = commit at once)."),

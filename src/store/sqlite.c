@@ -128,6 +128,7 @@ static const char *schema_api =
     /* Device pages of one tenant walk this instead of the whole table. */
     "CREATE INDEX devices_by_tenant ON devices(tenant, id);"
     /* Second factor: one TOTP secret per user, with the replay guard. */
+    "ALTER TABLE refresh_families ADD COLUMN mfa INTEGER NOT NULL DEFAULT 0;"
     "CREATE TABLE user_totp ("
     "  user_id INTEGER PRIMARY KEY REFERENCES users(id), secret BLOB NOT NULL,"
     "  confirmed INTEGER NOT NULL, last_step INTEGER NOT NULL, created_ms INTEGER NOT NULL);";
@@ -768,13 +769,13 @@ int sql__throttle_release(fm_store *s, const char *reset_key, const char *undo_k
 int sql__throttle_prune(fm_store *s, int64_t before_ms, long *pruned);
 int sql__session_create(fm_store *s, const char *family, int64_t user_id, int64_t epoch,
                         const unsigned char *hash, int64_t expires_ms, int64_t now_ms,
-                        fm_errbuf *err);
+                        int second_factor, fm_errbuf *err);
 int sql__refresh_rotate(fm_store *s, const unsigned char *old_hash, const unsigned char *new_hash,
                         int64_t new_expires_ms, int64_t now_ms, fm_refresh_info *out,
                         fm_errbuf *err);
 int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms,
                         fm_refresh_info *out, fm_errbuf *err);
-int sql__session_active(fm_store *s, const char *family, int64_t user_id);
+int sql__session_active(fm_store *s, const char *family, int64_t user_id, int *second_factor);
 int sql__refresh_prune(fm_store *s, int64_t before_ms, long *pruned);
 
 static const fm_store_vtable sqlite_vt = {

@@ -379,7 +379,7 @@ static int insert_token(sqlite_store *s, const char *family, const unsigned char
 
 static int session_create_tx(sqlite_store *s, const char *family, int64_t user_id,
                              int64_t epoch, const unsigned char *hash, int64_t expires_ms,
-                             int64_t now_ms, fm_errbuf *err)
+                             int64_t now_ms, int mfa, fm_errbuf *err)
 {
     fm_user u;
     int rc = sql__user_get_by_id(&s->base, user_id, &u);
@@ -391,12 +391,14 @@ static int session_create_tx(sqlite_store *s, const char *family, int64_t user_i
         return fm_errf(err, FM_ESTATE, "user disabled or its sessions were revoked meanwhile");
     sqlite3_stmt *st;
     if ((rc = sql__prep(s, &st,
-                        "INSERT INTO refresh_families(id, user_id, created_ms) VALUES(?, ?, ?)",
+                        "INSERT INTO refresh_families(id, user_id, created_ms, mfa)"
+                        " VALUES(?, ?, ?, ?)",
                         err)) != 0)
         return rc;
     sqlite3_bind_text(st, 1, family, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, user_id);
     sqlite3_bind_int64(st, 3, now_ms);
+    sqlite3_bind_int(st, 4, mfa ? 1 : 0);
     rc = sql__step_done(st);
     sqlite3_finalize(st);
     if (rc != SQLITE_OK)
@@ -406,10 +408,12 @@ static int session_create_tx(sqlite_store *s, const char *family, int64_t user_i
 
 int sql__session_create(fm_store *base, const char *family, int64_t user_id, int64_t epoch,
                         const unsigned char *hash, int64_t expires_ms, int64_t now_ms,
-                        fm_errbuf *err)
+                        int second_factor, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    IN_TX(s, err, session_create_tx(s, family, user_id, epoch, hash, expires_ms, now_ms, err));
+    IN_TX(s, err,
+          session_create_tx(s, family, user_id, epoch, hash, expires_ms, now_ms, second_factor,
+                            err));
 }
 
 static int revoke_family(sqlite_store *s, const char *family, int64_t now_ms, const char *reason,
@@ -539,20 +543,23 @@ int sql__refresh_revoke(fm_store *base, const unsigned char *hash, int64_t now_m
     IN_TX(s, err, revoke_by_token_tx(s, hash, now_ms, out, err));
 }
 
-int sql__session_active(fm_store *base, const char *family, int64_t user_id)
+int sql__session_active(fm_store *base, const char *family, int64_t user_id, int *mfa)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (sql__prep(s, &st, "SELECT user_id, revoked_ms FROM refresh_families WHERE id = ?", NULL))
+    if (sql__prep(s, &st, "SELECT user_id, revoked_ms, mfa FROM refresh_families WHERE id = ?",
+                  NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, family, -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
     int ret;
-    if (rc == SQLITE_ROW)
+    if (rc == SQLITE_ROW) {
         ret = sqlite3_column_int64(st, 0) == user_id && sqlite3_column_int64(st, 1) == 0
                   ? 0
                   : FM_EPERM;
-    else
+        if (mfa)
+            *mfa = ret == 0 && sqlite3_column_int(st, 2);
+    } else
         ret = rc == SQLITE_DONE ? FM_EPERM : sql__map_rc(rc);
     sqlite3_finalize(st);
     return ret;

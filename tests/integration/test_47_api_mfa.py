@@ -153,3 +153,41 @@ def test_admin_resets_a_lost_factor(env):
     actions = [i["action"] for i in
                env.api.ok("GET", "/audit?limit=200", admin)["items"]]
     assert "user.mfa_reset" in actions and "user.mfa" in actions, actions
+
+
+def test_roles_that_require_a_second_factor(module_platform):
+    """http.mfa_roles=admin: an admin who signed in without a code can reach
+    only its own account (to enrol), until it signs in with one; the
+    requirement survives token refresh. Other roles are not affected."""
+    pw = {}
+
+    def setup(p):
+        pw["clin"] = add_user(p, "req-clin", "clinician")
+
+    p = module_platform("apimfareq", sets={"http.mfa_roles": "admin"}, setup=setup)
+    api = Api(p)
+    body = {"tenant": TENANT, "username": "admin", "password": p.admin_password}
+    s1 = api.post("/auth/login", body).json()
+    tok = s1["access_token"]
+    check_error(api.get("/users", token=tok), 403, "mfa_required")
+    check_error(api.get("/devices", token=tok), 403, "mfa_required")
+    assert api.get("/me", token=tok).status == 200
+    # A clinician is not concerned.
+    clin = api.post("/auth/login", {"tenant": TENANT, "username": "req-clin",
+                                    "password": pw["clin"]}).json()["access_token"]
+    assert api.get("/devices", token=clin).status == 200
+    # Enrol from the restricted session, then sign in with a code.
+    settle()
+    r = api.post("/me/mfa/totp", {"current_password": p.admin_password}, token=tok)
+    assert r.status == 201, r
+    secret = r.json()["secret"]
+    api.ok("POST", "/me/mfa/totp/confirm", tok, body={"otp": totp(secret, -1)})
+    check_error(api.get("/users", token=tok), 403, "mfa_required")  # still the old session
+    s2 = api.post("/auth/login", dict(body, otp=totp(secret))).json()
+    assert api.get("/users", token=s2["access_token"]).status == 200
+    # Refreshing keeps the session's second factor.
+    s3 = api.refresh(s2["refresh_token"]).json()
+    assert api.get("/users", token=s3["access_token"]).status == 200
+    # Refreshing the code-less session does not gain it.
+    s4 = api.refresh(s1["refresh_token"]).json()
+    check_error(api.get("/users", token=s4["access_token"]), 403, "mfa_required")

@@ -904,6 +904,7 @@ static void test_migrate_api_tables(void **state)
     assert_int_equal(sqlite3_exec(db,
                                   "DROP TABLE device_presence; DROP TABLE labels;"
                                   " DROP TABLE audit; DROP INDEX devices_by_tenant; DROP TABLE user_totp;"
+                                  " ALTER TABLE refresh_families DROP COLUMN mfa;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
