@@ -869,6 +869,26 @@ static void test_login_with_totp(void **state)
     assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, code, "", now, &got, &retry),
                      0);
     assert_int_equal(got.id, u.id);
+    assert_int_equal(got.second_factor, 1);
+    /* The session keeps it, through a refresh too; a password-only
+     * session (from before the factor was confirmed) does not have it. */
+    fm_token_pair pair, renewed, plain;
+    fm_principal who;
+    assert_int_equal(fm_auth_session_start(f->st, f->key, &got, now, NULL, &pair), 0);
+    assert_int_equal(fm_auth_verify_access(f->st, f->key, pair.access_token, now, &who), 0);
+    assert_int_equal(who.second_factor, 1);
+    assert_int_equal(fm_auth_refresh(f->st, f->key, pair.refresh_token, now + 1000, NULL,
+                                     &renewed, NULL, NULL),
+                     0);
+    assert_int_equal(fm_auth_verify_access(f->st, f->key, renewed.access_token, now + 1000, &who),
+                     0);
+    assert_int_equal(who.second_factor, 1);
+    assert_int_equal(fm_auth_session_start(f->st, f->key, &u, now, NULL, &plain), 0);
+    assert_int_equal(fm_auth_verify_access(f->st, f->key, plain.access_token, now, &who), 0);
+    assert_int_equal(who.second_factor, 0);
+    fm_token_pair_clear(&pair);
+    fm_token_pair_clear(&renewed);
+    fm_token_pair_clear(&plain);
     /* The same code again (replay) is a failure. */
     assert_int_equal(fm_auth_login_ex(f->st, NULL, "t1", "alice", PW, code, "", now, &got, &retry),
                      FM_EPERM);
