@@ -693,11 +693,10 @@ static inline int fm_store_measurement_get(fm_store *s, const char *device_id,
  * transaction with the check that the measurement exists. l->tenant may
  * be NULL or "" (any tenant); otherwise the measurement must belong to it.
  * The stored tenant is the measurement's. l->at_ms 0 means now (l->at_ms
- * is then set). Every write is a new row with a new, larger seq (l->seq),
- * which the lake exporter writes to labels/. The table keeps only the
- * current label, so a label replaced again before the exporter read it
- * (it runs every ~200 ms; longer while the lake is failing) does not reach
- * the lake: the lake keeps the history the exporter saw. Returns 0,
+ * is then set). Every write is appended to the label log with a new,
+ * larger seq (l->seq), which the lake exporter writes to labels/, so the
+ * lake keeps every version; the current label is what fm_store_label_get
+ * reads. Returns 0,
  * FM_EINVAL (outputs_json not a JSON object, no device or measurement id),
  * FM_ENOTFOUND (no such measurement of that device and tenant), FM_EDB /
  * FM_ENOSPC / FM_EIO. */

@@ -108,15 +108,20 @@ static const char *schema_users =
     "CREATE INDEX refresh_tokens_by_family ON refresh_tokens(family);";
 
 /* Data behind the HTTP API (sqlite_api.c): device presence as the broker
- * reports it, the current label (ground truth) of each measurement, and
- * the audit log. labels and audit are lake streams, hence AUTOINCREMENT:
+ * reports it, every label (ground truth) written for a measurement
+ * (label_log) and the current one (labels, keyed by its log seq), and the
+ * audit log. label_log and audit are lake streams, hence AUTOINCREMENT:
  * their seqs only grow (see s_max_seq). */
 static const char *schema_api =
     "CREATE TABLE device_presence ("
     "  device_id TEXT PRIMARY KEY REFERENCES devices(id), online INTEGER NOT NULL,"
     "  changed_ms INTEGER NOT NULL);"
-    "CREATE TABLE labels ("
+    "CREATE TABLE label_log ("
     "  seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, tenant TEXT NOT NULL,"
+    "  measurement_id TEXT NOT NULL, outputs TEXT NOT NULL, source TEXT NOT NULL,"
+    "  labelled_by TEXT NOT NULL, at_ms INTEGER NOT NULL);"
+    "CREATE TABLE labels ("
+    "  seq INTEGER PRIMARY KEY, device_id TEXT NOT NULL, tenant TEXT NOT NULL,"
     "  measurement_id TEXT NOT NULL, outputs TEXT NOT NULL, source TEXT NOT NULL,"
     "  labelled_by TEXT NOT NULL, at_ms INTEGER NOT NULL,"
     "  UNIQUE (device_id, measurement_id));"
@@ -688,13 +693,12 @@ static int s_max_seq(fm_store *base, enum fm_lake_stream stream, int64_t *out)
     switch (stream) {
     case FM_STREAM_RAW: table = "measurements"; break;
     case FM_STREAM_QUARANTINE: table = "quarantine"; break;
-    case FM_STREAM_LABELS: table = "labels"; break;
+    case FM_STREAM_LABELS: table = "label_log"; break;
     case FM_STREAM_AUDIT: table = "audit"; break;
     default: return FM_EINVAL;
     }
     /* sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
-     * right even when the newest rows have been pruned (quarantine) or
-     * replaced (a label rewritten gets a new seq). */
+     * right even when the newest rows have been pruned (quarantine). */
     if (sql__prep(s, &st, "SELECT seq FROM sqlite_sequence WHERE name = ?", NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);

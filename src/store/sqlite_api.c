@@ -237,25 +237,16 @@ int sql__measurement_get(fm_store *base, const char *device_id, const char *meas
 
 /* ---- labels ------------------------------------------------------------------ */
 
-int sql__label_put(fm_store *base, fm_label *l, fm_errbuf *err)
+/* Every write is appended to label_log (the lake stream, so each version
+ * reaches labels/ however quickly it is corrected) and becomes the current
+ * label in `labels`, in one transaction. The log row is inserted only if
+ * the measurement exists (in the label's tenant, when one is given), so a
+ * label never points nowhere; the tenant is the measurement's. */
+static int label_put_tx(sqlite_store *s, fm_label *l, fm_errbuf *err)
 {
-    sqlite_store *s = (sqlite_store *)base;
-    l->seq = 0;
-    if (!l->device_id || !l->measurement_id)
-        return fm_errf(err, FM_EINVAL, "label: device and measurement are required");
-    /* The lake embeds the outputs as an object: only store what it can. */
-    if (!is_json_object(l->outputs_json))
-        return fm_errf(err, FM_EINVAL, "label: outputs must be a JSON object");
-    if (l->at_ms == 0)
-        l->at_ms = fm_wall_ms();
-    /* One statement, hence one transaction: the row is inserted only if the
-     * measurement exists (in the label's tenant, when one is given), so a
-     * label never points nowhere; the tenant is the measurement's. REPLACE
-     * deletes the current label of the measurement and inserts a new row,
-     * which AUTOINCREMENT numbers above every seq ever used. */
     sqlite3_stmt *st;
     int rc = sql__prep(s, &st,
-                       "INSERT OR REPLACE INTO labels(device_id, tenant, measurement_id, outputs,"
+                       "INSERT INTO label_log(device_id, tenant, measurement_id, outputs,"
                        " source, labelled_by, at_ms)"
                        " SELECT device_id, tenant, measurement_id, ?3, ?4, ?5, ?6 FROM measurements"
                        " WHERE device_id = ?1 AND measurement_id = ?2"
@@ -278,8 +269,38 @@ int sql__label_put(fm_store *base, fm_label *l, fm_errbuf *err)
     if (sqlite3_changes(s->db) == 0)
         return fm_errf(err, FM_ENOTFOUND, "device '%s' has no measurement '%s'", l->device_id,
                        l->measurement_id);
-    l->seq = sqlite3_last_insert_rowid(s->db);
+    int64_t seq = sqlite3_last_insert_rowid(s->db);
+    if ((rc = sql__prep(s, &st,
+                        "INSERT OR REPLACE INTO labels(seq, device_id, tenant, measurement_id,"
+                        " outputs, source, labelled_by, at_ms)"
+                        " SELECT seq, device_id, tenant, measurement_id, outputs, source,"
+                        " labelled_by, at_ms FROM label_log WHERE seq = ?",
+                        err)) != 0)
+        return rc;
+    sqlite3_bind_int64(st, 1, seq);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "label");
+    l->seq = seq;
     return 0;
+}
+
+int sql__label_put(fm_store *base, fm_label *l, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    l->seq = 0;
+    if (!l->device_id || !l->measurement_id)
+        return fm_errf(err, FM_EINVAL, "label: device and measurement are required");
+    /* The lake embeds the outputs as an object: only store what it can. */
+    if (!is_json_object(l->outputs_json))
+        return fm_errf(err, FM_EINVAL, "label: outputs must be a JSON object");
+    if (l->at_ms == 0)
+        l->at_ms = fm_wall_ms();
+    fm_errbuf local;
+    if (!err)
+        err = &local;
+    IN_TX(s, err, label_put_tx(s, l, err));
 }
 
 int sql__label_get(fm_store *base, const char *device_id, const char *measurement_id,
@@ -511,7 +532,7 @@ int sql__scan_docs(fm_store *base, enum fm_lake_stream stream, int64_t after_seq
     switch (stream) {
     case FM_STREAM_LABELS:
         sql = "SELECT seq, device_id, tenant, measurement_id, outputs, source, labelled_by, at_ms"
-              " FROM labels WHERE seq > ? ORDER BY seq LIMIT ?";
+              " FROM label_log WHERE seq > ? ORDER BY seq LIMIT ?";
         tenant_col = 2;
         time_col = 7;
         break;

@@ -210,12 +210,21 @@ def test_label_roundtrip_and_lake(env, connected):
     assert re.fullmatch(r"hour=\d{2}", rel[2]), p
     assert rel[3].endswith(".ndjson.gz"), p
 
-    # A second write replaces the label.
+    # Two quick corrections: the API shows the last, the lake gets both.
     lab2 = env.api.ok("PUT", path, clin, {"outputs": {"viscosity_low_mpas": 9.5},
+                                          "source": "lab"})
+    lab3 = env.api.ok("PUT", path, clin, {"outputs": {"viscosity_low_mpas": 9.75},
                                           "source": "lab"})
     assert lab2["outputs"] == {"viscosity_low_mpas": 9.5}, lab2
     got = env.api.ok("GET", f"/devices/dt-label/measurements/{mid}", clin)
-    assert got["label"] == lab2, got["label"]
+    assert got["label"] == lab3, got["label"]
+
+    def versions():
+        vals = sorted(r["outputs"].get("viscosity_low_mpas") for _, r in
+                      lake_records(env.p, "labels")
+                      if r.get("measurement_id") == mid and "viscosity_low_mpas" in r["outputs"])
+        return vals if vals == [9.5, 9.75] else None
+    wait_for(versions, 20, interval=0.2, msg=f"both corrections of {mid} in lake/labels")
 
 
 @pytest.mark.parametrize("outputs", [{}, {"no_such_output": 1.0}, {"hematocrit_pct": "high"},
