@@ -5,6 +5,7 @@
 
 #include "fleetml/api.h"
 #include "fleetml/auth.h"
+#include "fleetml/json.h"
 #include "fleetml/model.h"
 #include "fleetml/store.h"
 
@@ -122,11 +123,14 @@ bool api_page_args(api_req *r, size_t *limit, int64_t *ca, int64_t *cb, char *cs
 /* Parses an optional time query parameter (RFC 3339 or integer ms).
  * false: answered 400. */
 bool api_time_arg(api_req *r, const char *name, int64_t *out);
-/* Sets "next_cursor" of a page document. */
-void api_page_finish(json_t *page, const char *next_cursor);
+/* Lists read one row more than the page holds: when items has more than
+ * limit entries the extra one is removed and true returned (there is a
+ * next page, whose cursor is the last entry kept). */
+bool api_page_more(json_t *items, size_t limit);
+/* Answers a list: a store error when rc != 0 (items freed), else 200
+ * {"items": items, "next_cursor": next_cursor or null}. Consumes items. */
+void api_page_answer(api_req *r, int rc, json_t *items, const char *next_cursor);
 const char *api_query(api_req *r, const char *name);
-/* RFC 3339 string or JSON null for 0. */
-json_t *api_time(int64_t ms);
 /* A JSON array of role names from a comma-separated list. */
 json_t *api_roles_array(const char *roles);
 

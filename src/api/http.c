@@ -25,6 +25,9 @@ extern const unsigned long fm_openapi_yaml_len;
 /* Per-request state kept by libmicrohttpd between calls. */
 typedef struct conn_state {
     const api_route *route; /* resolved on the first call (NULL: none) */
+    char params[API_MAX_PARAMS][160]; /* its path parameters */
+    char allow[96];         /* when no route: the methods the path has */
+    bool path_known;
     char *body;
     size_t len, max;
     bool too_large;
@@ -184,12 +187,6 @@ const char *api_query(api_req *r, const char *name)
     return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
 }
 
-json_t *api_time(int64_t ms)
-{
-    char ts[40];
-    return ms > 0 ? json_string(fm_rfc3339(ms, ts, sizeof ts)) : json_null();
-}
-
 json_t *api_roles_array(const char *roles)
 {
     json_t *a = json_array();
@@ -290,10 +287,24 @@ bool api_time_arg(api_req *r, const char *name, int64_t *out)
     return false;
 }
 
-void api_page_finish(json_t *page, const char *next_cursor)
+bool api_page_more(json_t *items, size_t limit)
 {
-    json_object_set_new(page, "next_cursor",
-                        next_cursor && *next_cursor ? json_string(next_cursor) : json_null());
+    if (json_array_size(items) <= limit)
+        return false;
+    json_array_remove(items, limit);
+    return true;
+}
+
+void api_page_answer(api_req *r, int rc, json_t *items, const char *next_cursor)
+{
+    if (rc) {
+        json_decref(items);
+        api_store_error(r, rc);
+        return;
+    }
+    api_json(r, 200,
+             json_pack("{s:o,s:o}", "items", items, "next_cursor",
+                       next_cursor && *next_cursor ? json_string(next_cursor) : json_null()));
 }
 
 void api_audit(api_req *r, const char *tenant, const char *action, const char *target,
@@ -504,28 +515,25 @@ static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const c
     api_req r = {.h = h, .conn = conn, .method = method, .url = url, .now_ms = fm_wall_ms()};
     snprintf(r.actor, sizeof r.actor, "anonymous");
     peer_address(h, conn, r.client, sizeof r.client);
-    char allow[96];
-    bool known;
     const api_route *rt = cs->route;
+    for (size_t i = 0; rt && i < API_MAX_PARAMS; i++) {
+        memcpy(r.pbuf[i], cs->params[i], sizeof r.pbuf[i]);
+        r.params[i] = r.pbuf[i];
+    }
     if (token_in_query(conn)) {
         api_error(&r, MHD_HTTP_BAD_REQUEST, "invalid_request",
                   "tokens are accepted only in the Authorization header, never in the URL");
         goto answer;
     }
     if (!rt) {
-        rt = api_route_find(&r, allow, sizeof allow, &known);
-        if (!rt) {
-            if (known) {
-                r.allow = allow;
-                api_error(&r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
-                          "%s is not supported here (allowed: %s)", method, allow);
-            } else {
-                api_error(&r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
-            }
-            goto answer;
+        if (cs->path_known) {
+            r.allow = cs->allow;
+            api_error(&r, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+                      "%s is not supported here (allowed: %s)", method, cs->allow);
+        } else {
+            api_error(&r, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint");
         }
-    } else {
-        api_route_find(&r, allow, sizeof allow, &known); /* fills the path parameters */
+        goto answer;
     }
     if (cs->too_large) {
         api_error(&r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
@@ -614,9 +622,8 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char
         *con_cls = cs;
         if (api) {
             api_req probe = {.url = url, .method = method};
-            char allow[96];
-            bool known;
-            cs->route = api_route_find(&probe, allow, sizeof allow, &known);
+            cs->route = api_route_find(&probe, cs->allow, sizeof cs->allow, &cs->path_known);
+            memcpy(cs->params, probe.pbuf, sizeof cs->params);
             /* Routes without a body still accept an empty JSON object,
              * which many clients send with every POST. */
             cs->max = cs->route && cs->route->body_max ? cs->route->body_max : API_BODY_EMPTY_MAX;

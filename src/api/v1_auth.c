@@ -29,7 +29,7 @@ static json_t *user_json(fm_store *st, const fm_user *u)
     return json_pack("{s:I,s:s,s:s,s:o,s:s,s:b,s:o}", "id", (json_int_t)u->id, "tenant",
                      u->tenant, "username", u->username, "roles", api_roles_array(u->roles),
                      "status", u->status == FM_USER_ACTIVE ? "active" : "disabled", "mfa", mfa,
-                     "created_at", api_time(u->created_ms));
+                     "created_at", fm_json_time(u->created_ms));
 }
 
 void v1_login(api_req *r)
@@ -239,9 +239,7 @@ typedef struct user_page {
     fm_store *store;
     json_t *items;
     const char *after;
-    size_t limit, n;
-    char last[65];
-    bool more;
+    size_t max; /* one more than the page holds */
 } user_page;
 
 static int on_user(void *ud, const fm_user *u)
@@ -249,14 +247,8 @@ static int on_user(void *ud, const fm_user *u)
     user_page *p = ud;
     if (p->after[0] && strcmp(u->username, p->after) <= 0)
         return 0;
-    if (p->n == p->limit) {
-        p->more = true;
-        return 1;
-    }
     json_array_append_new(p->items, user_json(p->store, u));
-    snprintf(p->last, sizeof p->last, "%s", u->username);
-    p->n++;
-    return 0;
+    return json_array_size(p->items) >= p->max;
 }
 
 void v1_users_list(api_req *r)
@@ -267,19 +259,15 @@ void v1_users_list(api_req *r)
     char after[72];
     if (!api_scope_tenant(r, &tenant) || !api_page_args(r, &limit, &a, &b, after, sizeof after))
         return;
-    user_page p = {.store = r->store, .items = json_array(), .after = after, .limit = limit};
+    user_page p = {.store = r->store, .items = json_array(), .after = after, .max = limit + 1};
     int rc = fm_store_user_list(r->store, tenant, on_user, &p);
-    if (rc) {
-        json_decref(p.items);
-        api_store_error(r, rc);
-        return;
-    }
     char next[128] = "";
-    if (p.more)
-        fm_api_cursor_encode(0, 0, p.last, next, sizeof next);
-    json_t *page = json_pack("{s:o}", "items", p.items);
-    api_page_finish(page, next);
-    api_json(r, 200, page);
+    if (!rc && api_page_more(p.items, limit)) {
+        json_t *last = json_array_get(p.items, limit - 1);
+        fm_api_cursor_encode(0, 0, json_string_value(json_object_get(last, "username")), next,
+                             sizeof next);
+    }
+    api_page_answer(r, rc, p.items, next);
 }
 
 /* Loads the user named in the path within the scoped tenant. */

@@ -23,7 +23,7 @@ static json_t *parse_doc(const char *text, size_t len)
 static json_t *record_json(const fm_record *rec, bool full)
 {
     json_t *o = json_pack("{s:s,s:o,s:o,s:s}", "id", rec->measurement_id, "received_at",
-                          api_time(rec->received_ms), "taken_at", api_time(rec->taken_ms), "model",
+                          fm_json_time(rec->received_ms), "taken_at", fm_json_time(rec->taken_ms), "model",
                           rec->model);
     if (!o)
         return NULL;
@@ -38,7 +38,6 @@ static json_t *record_json(const fm_record *rec, bool full)
 
 typedef struct meas_page {
     json_t *items;
-    size_t n;
     int64_t last_ms, last_seq; /* the newest row seen */
     int64_t prev_ms, prev_seq; /* the row before it */
 } meas_page;
@@ -51,7 +50,6 @@ static int on_record(void *ud, const fm_record *rec)
     p->prev_seq = p->last_seq;
     p->last_ms = rec->received_ms;
     p->last_seq = rec->seq;
-    p->n++;
     return 0;
 }
 
@@ -73,25 +71,17 @@ void v1_measurements_list(api_req *r)
                               .cursor_ms = cms, .cursor_seq = cseq, .limit = limit + 1};
     meas_page p = {.items = json_array()};
     int rc = fm_store_measurement_page(r->store, &q, on_record, &p);
-    if (rc) {
-        json_decref(p.items);
-        api_store_error(r, rc);
-        return;
-    }
     char next[128] = "";
-    if (p.n > limit) {
-        /* The extra row only says there is more; the cursor is the last row
-         * shown, the one before it. */
-        json_array_remove(p.items, limit);
+    /* The cursor is the last row shown: the one before the extra row. */
+    if (!rc && api_page_more(p.items, limit))
         fm_api_cursor_encode(p.prev_ms, p.prev_seq, "", next, sizeof next);
+    if (!rc) {
+        char target[80];
+        snprintf(target, sizeof target, "device:%s", d.id);
+        api_audit(r, d.tenant, "measurement.list", target, "ok",
+                  json_pack("{s:I}", "count", (json_int_t)json_array_size(p.items)));
     }
-    char target[80];
-    snprintf(target, sizeof target, "device:%s", d.id);
-    api_audit(r, d.tenant, "measurement.list", target, "ok",
-              json_pack("{s:I}", "count", (json_int_t)json_array_size(p.items)));
-    json_t *page = json_pack("{s:o}", "items", p.items);
-    api_page_finish(page, next);
-    api_json(r, 200, page);
+    api_page_answer(r, rc, p.items, next);
 }
 
 typedef struct one_record {
@@ -110,7 +100,7 @@ static json_t *label_json(const fm_label *l)
     return json_pack("{s:o,s:s,s:s,s:o}", "outputs",
                      parse_doc(l->outputs_json, l->outputs_json ? strlen(l->outputs_json) : 0),
                      "source", l->source ? l->source : "", "labelled_by",
-                     l->labelled_by ? l->labelled_by : "", "labelled_at", api_time(l->at_ms));
+                     l->labelled_by ? l->labelled_by : "", "labelled_at", fm_json_time(l->at_ms));
 }
 
 void v1_measurement_get(api_req *r)
@@ -221,9 +211,7 @@ static json_t *model_json(const fm_model *m)
 
 void v1_models_list(api_req *r)
 {
-    json_t *page = json_pack("{s:[o]}", "items", model_json(r->h->model));
-    api_page_finish(page, NULL);
-    api_json(r, 200, page);
+    api_page_answer(r, 0, json_pack("[o]", model_json(r->h->model)), NULL);
 }
 
 /* Maps a result document's error to an HTTP answer. */
@@ -413,23 +401,15 @@ void v1_predict(api_req *r)
 
 /* ---- audit ---- */
 
-typedef struct audit_page {
-    json_t *items;
-    size_t n;
-    int64_t last_seq;
-} audit_page;
-
 static int on_audit(void *ud, const fm_audit *a)
 {
-    audit_page *p = ud;
+    json_t *items = ud;
     json_t *details = a->details_json ? json_loads(a->details_json, 0, NULL) : NULL;
     json_array_append_new(
-        p->items, json_pack("{s:I,s:o,s:s,s:s,s:s,s:s,s:s,s:s,s:o}", "seq", (json_int_t)a->seq,
-                            "at", api_time(a->at_ms), "tenant", a->tenant, "actor", a->actor,
+        items, json_pack("{s:I,s:o,s:s,s:s,s:s,s:s,s:s,s:s,s:o}", "seq", (json_int_t)a->seq,
+                            "at", fm_json_time(a->at_ms), "tenant", a->tenant, "actor", a->actor,
                             "action", a->action, "target", a->target, "outcome", a->outcome,
                             "client", a->client, "details", details ? details : json_object()));
-    p->last_seq = a->seq;
-    p->n++;
     return 0;
 }
 
@@ -453,23 +433,15 @@ void v1_audit_list(api_req *r)
     f.actor = api_query(r, "actor");
     f.action = api_query(r, "action");
     f.before_seq = before;
-    audit_page p = {.items = json_array()};
-    int rc = fm_store_audit_page(r->store, &f, limit + 1, on_audit, &p);
-    if (rc) {
-        json_decref(p.items);
-        api_store_error(r, rc);
-        return;
-    }
+    json_t *items = json_array();
+    int rc = fm_store_audit_page(r->store, &f, limit + 1, on_audit, items);
     char next[128] = "";
-    if (p.n > limit) {
-        json_array_remove(p.items, limit);
-        json_int_t seq = json_integer_value(
-            json_object_get(json_array_get(p.items, limit - 1), "seq"));
-        fm_api_cursor_encode(seq, 0, "", next, sizeof next);
+    if (!rc && api_page_more(items, limit)) {
+        json_t *last = json_array_get(items, limit - 1);
+        fm_api_cursor_encode(json_integer_value(json_object_get(last, "seq")), 0, "", next,
+                             sizeof next);
     }
-    json_t *page = json_pack("{s:o}", "items", p.items);
-    api_page_finish(page, next);
-    api_json(r, 200, page);
+    api_page_answer(r, rc, items, next);
 }
 
 void v1_openapi(api_req *r)

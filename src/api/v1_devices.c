@@ -26,23 +26,19 @@ static json_t *device_json(fm_store *st, const fm_device *d)
     return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:o,s:b,s:o}", "id", d->id, "tenant",
                      d->tenant, "status", device_status_name(d->status), "group", d->device_group,
                      "serial_number", d->serial_number, "model", d->model, "firmware",
-                     d->firmware, "created_at", api_time(d->created_ms), "online", pr.online,
-                     "last_seen", api_time(pr.last_seen_ms));
+                     d->firmware, "created_at", fm_json_time(d->created_ms), "online", pr.online,
+                     "last_seen", fm_json_time(pr.last_seen_ms));
 }
 
 typedef struct dev_page {
     fm_store *st;
     json_t *items;
-    size_t n;
-    char last[65];
 } dev_page;
 
 static int on_device(void *ud, const fm_device *d)
 {
     dev_page *p = ud;
     json_array_append_new(p->items, device_json(p->st, d));
-    snprintf(p->last, sizeof p->last, "%s", d->id);
-    p->n++;
     return 0;
 }
 
@@ -57,21 +53,15 @@ void v1_devices_list(api_req *r)
     dev_page p = {.st = r->store, .items = json_array()};
     /* One row more than asked tells whether there is a next page. */
     int rc = fm_store_device_page(r->store, tenant, after, limit + 1, on_device, &p);
-    if (rc) {
-        json_decref(p.items);
-        api_store_error(r, rc);
-        return;
-    }
     char next[128] = "";
-    if (p.n > limit) {
-        json_array_remove(p.items, limit);
-        const char *id = json_string_value(json_object_get(json_array_get(p.items, limit - 1), "id"));
-        fm_api_cursor_encode(0, 0, id, next, sizeof next);
+    if (!rc && api_page_more(p.items, limit)) {
+        json_t *last = json_array_get(p.items, limit - 1);
+        fm_api_cursor_encode(0, 0, json_string_value(json_object_get(last, "id")), next,
+                             sizeof next);
     }
-    api_audit(r, tenant, "device.list", "", "ok", NULL);
-    json_t *page = json_pack("{s:o}", "items", p.items);
-    api_page_finish(page, next);
-    api_json(r, 200, page);
+    if (!rc)
+        api_audit(r, tenant, "device.list", "", "ok", NULL);
+    api_page_answer(r, rc, p.items, next);
 }
 
 void v1_device_get(api_req *r)
@@ -124,7 +114,7 @@ static json_t *shadow_json(const fm_shadow *sh)
         rep = json_object();
     json_t *delta = fm_shadow_delta(des, rep);
     return json_pack("{s:o,s:o,s:I,s:o,s:o}", "desired", des, "reported", rep, "version",
-                     (json_int_t)sh->version, "updated_at", api_time(sh->updated_ms), "delta",
+                     (json_int_t)sh->version, "updated_at", fm_json_time(sh->updated_ms), "delta",
                      delta ? delta : json_object());
 }
 
@@ -191,7 +181,7 @@ static json_t *template_json(const fm_template *t)
                      "cert_days", t->cert_days, "allow_reprovision", t->allow_reprovision,
                      "rate_per_min", t->rate_per_min, "status",
                      t->status == FM_TEMPLATE_ACTIVE ? "active" : "disabled", "has_allowlist",
-                     t->has_allowlist, "hook", t->hook, "created_at", api_time(t->created_ms));
+                     t->has_allowlist, "hook", t->hook, "created_at", fm_json_time(t->created_ms));
 }
 
 typedef struct tmpl_list {
@@ -213,15 +203,7 @@ void v1_templates_list(api_req *r)
     if (!api_scope_tenant(r, &tenant))
         return;
     tmpl_list l = {.tenant = tenant, .items = json_array()};
-    int rc = fm_store_template_list(r->store, on_template, &l);
-    if (rc) {
-        json_decref(l.items);
-        api_store_error(r, rc);
-        return;
-    }
-    json_t *page = json_pack("{s:o}", "items", l.items);
-    api_page_finish(page, NULL);
-    api_json(r, 200, page);
+    api_page_answer(r, fm_store_template_list(r->store, on_template, &l), l.items, NULL);
 }
 
 /* Templates are global names: one belonging to another tenant reads as

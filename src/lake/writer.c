@@ -38,6 +38,7 @@
  * `fleetml lake flush` cannot race the service's writer thread (two
  * exporters would share the cursor and delete each other's spool files).
  */
+#include "fleetml/json.h"
 #include "fleetml/lake.h"
 #include "fleetml/metrics.h"
 #include "lake/lake_int.h"
@@ -104,21 +105,6 @@ static int64_t mono_ms(void) { return (int64_t)(fm_mono_ns() / 1000000u); }
 static int io_code(int e) { return e == ENOSPC || e == EDQUOT ? FM_ENOSPC : FM_EIO; }
 
 /* ---- row formatting ---------------------------------------------------- */
-
-/* A JSON string for s, never NULL unless out of memory: ids come from
- * validated input, but a row that cannot be represented must not stop the
- * export forever, so invalid UTF-8 degrades to null. */
-static json_t *jstr(const char *s)
-{
-    json_t *j = s ? json_string(s) : NULL;
-    return j ? j : json_null();
-}
-
-static json_t *jtime(int64_t ms)
-{
-    char buf[40];
-    return ms > 0 ? json_string(fm_rfc3339(ms, buf, sizeof buf)) : json_null();
-}
 
 static char *base64(const unsigned char *p, size_t n)
 {
@@ -207,12 +193,12 @@ static long format_record(lake_exporter *ex, const fm_record *r)
     if (!o)
         return FM_ENOMEM;
     json_object_set_new(o, "seq", json_integer(r->seq));
-    json_object_set_new(o, "device_id", jstr(r->device_id));
-    json_object_set_new(o, "tenant", jstr(r->tenant));
-    json_object_set_new(o, "measurement_id", jstr(r->measurement_id));
-    json_object_set_new(o, "received_at", jtime(r->received_ms));
-    json_object_set_new(o, "taken_at", jtime(r->taken_ms));
-    json_object_set_new(o, "model", jstr(r->model));
+    json_object_set_new(o, "device_id", fm_json_str(r->device_id));
+    json_object_set_new(o, "tenant", fm_json_str(r->tenant));
+    json_object_set_new(o, "measurement_id", fm_json_str(r->measurement_id));
+    json_object_set_new(o, "received_at", fm_json_time(r->received_ms));
+    json_object_set_new(o, "taken_at", fm_json_time(r->taken_ms));
+    json_object_set_new(o, "model", fm_json_str(r->model));
     long head = dump_line(ex, o);
     if (head < 2)
         return head < 0 ? head : FM_ENOMEM;
@@ -241,11 +227,11 @@ static long format_quarantine(lake_exporter *ex, const fm_quarantine *q)
         return FM_ENOMEM;
     }
     json_object_set_new(o, "seq", json_integer(q->seq));
-    json_object_set_new(o, "device_id", jstr(q->device_id));
-    json_object_set_new(o, "tenant", jstr(q->tenant));
-    json_object_set_new(o, "received_at", jtime(q->received_ms));
-    json_object_set_new(e, "code", jstr(q->error_code));
-    json_object_set_new(e, "message", jstr(q->error_message));
+    json_object_set_new(o, "device_id", fm_json_str(q->device_id));
+    json_object_set_new(o, "tenant", fm_json_str(q->tenant));
+    json_object_set_new(o, "received_at", fm_json_time(q->received_ms));
+    json_object_set_new(e, "code", fm_json_str(q->error_code));
+    json_object_set_new(e, "message", fm_json_str(q->error_message));
     json_object_set_new(o, "error", e);
     /* Quarantined payloads are arbitrary bytes: keep them readable when
      * they are text, and lossless (base64) when they are not. */

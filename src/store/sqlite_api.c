@@ -10,6 +10,7 @@
  * with a new, larger seq, so the exporter sees it as a new row.
  */
 #include "store/sqlite_int.h"
+#include "fleetml/json.h"
 
 #include <jansson.h>
 #include <stdio.h>
@@ -442,20 +443,6 @@ int sql__audit_page(fm_store *base, const fm_audit_filter *f, size_t limit, fm_a
 
 /* ---- lake documents ------------------------------------------------------------ */
 
-/* A JSON string, or null when s is not valid UTF-8: a row that cannot be
- * represented must not stop the export forever. */
-static json_t *jstr(const char *s)
-{
-    json_t *j = s ? json_string(s) : NULL;
-    return j ? j : json_null();
-}
-
-static json_t *jtime(int64_t ms)
-{
-    char buf[40];
-    return ms > 0 ? jstr(fm_rfc3339(ms, buf, sizeof buf)) : json_null();
-}
-
 /* The stored object text (validated on write), parsed; null if it is not
  * an object after all. */
 static json_t *jobject(sqlite3_stmt *st, int i)
@@ -474,13 +461,13 @@ static json_t *label_doc(sqlite3_stmt *st)
     if (!o)
         return NULL;
     json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
-    json_object_set_new(o, "device_id", jstr(col(st, 1)));
-    json_object_set_new(o, "tenant", jstr(col(st, 2)));
-    json_object_set_new(o, "measurement_id", jstr(col(st, 3)));
+    json_object_set_new(o, "device_id", fm_json_str(col(st, 1)));
+    json_object_set_new(o, "tenant", fm_json_str(col(st, 2)));
+    json_object_set_new(o, "measurement_id", fm_json_str(col(st, 3)));
     json_object_set_new(o, "outputs", jobject(st, 4));
-    json_object_set_new(o, "source", jstr(col(st, 5)));
-    json_object_set_new(o, "labelled_by", jstr(col(st, 6)));
-    json_object_set_new(o, "labelled_at", jtime(sqlite3_column_int64(st, 7)));
+    json_object_set_new(o, "source", fm_json_str(col(st, 5)));
+    json_object_set_new(o, "labelled_by", fm_json_str(col(st, 6)));
+    json_object_set_new(o, "labelled_at", fm_json_time(sqlite3_column_int64(st, 7)));
     return o;
 }
 
@@ -490,13 +477,13 @@ static json_t *audit_doc(sqlite3_stmt *st)
     if (!o)
         return NULL;
     json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
-    json_object_set_new(o, "at", jtime(sqlite3_column_int64(st, 1)));
-    json_object_set_new(o, "tenant", jstr(col(st, 2)));
-    json_object_set_new(o, "actor", jstr(col(st, 3)));
-    json_object_set_new(o, "action", jstr(col(st, 4)));
-    json_object_set_new(o, "target", jstr(col(st, 5)));
-    json_object_set_new(o, "outcome", jstr(col(st, 6)));
-    json_object_set_new(o, "client", jstr(col(st, 7)));
+    json_object_set_new(o, "at", fm_json_time(sqlite3_column_int64(st, 1)));
+    json_object_set_new(o, "tenant", fm_json_str(col(st, 2)));
+    json_object_set_new(o, "actor", fm_json_str(col(st, 3)));
+    json_object_set_new(o, "action", fm_json_str(col(st, 4)));
+    json_object_set_new(o, "target", fm_json_str(col(st, 5)));
+    json_object_set_new(o, "outcome", fm_json_str(col(st, 6)));
+    json_object_set_new(o, "client", fm_json_str(col(st, 7)));
     json_object_set_new(o, "details", jobject(st, 8));
     return o;
 }
