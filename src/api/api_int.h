@@ -127,6 +127,11 @@ bool api_time_arg(api_req *r, const char *name, int64_t *out);
  * limit entries the extra one is removed and true returned (there is a
  * next page, whose cursor is the last entry kept). */
 bool api_page_more(json_t *items, size_t limit);
+/* api_page_more for lists ordered by a name (device id, username): when
+ * there is a next page, next (>= 128 bytes) gets the cursor naming the
+ * last entry kept (its string member `field`), else "". */
+void api_page_more_by_name(json_t *items, size_t limit, const char *field, char *next,
+                           size_t next_len);
 /* Answers a list: a store error when rc != 0 (items freed), else 200
  * {"items": items, "next_cursor": next_cursor or null}. Consumes items. */
 void api_page_answer(api_req *r, int rc, json_t *items, const char *next_cursor);

@@ -295,6 +295,16 @@ bool api_page_more(json_t *items, size_t limit)
     return true;
 }
 
+void api_page_more_by_name(json_t *items, size_t limit, const char *field, char *next,
+                           size_t next_len)
+{
+    next[0] = '\0';
+    if (!api_page_more(items, limit))
+        return;
+    json_t *last = json_array_get(items, limit - 1);
+    fm_api_cursor_encode(0, 0, json_string_value(json_object_get(last, field)), next, next_len);
+}
+
 void api_page_answer(api_req *r, int rc, json_t *items, const char *next_cursor)
 {
     if (rc) {

@@ -262,11 +262,8 @@ void v1_users_list(api_req *r)
     user_page p = {.store = r->store, .items = json_array(), .after = after, .max = limit + 1};
     int rc = fm_store_user_list(r->store, tenant, on_user, &p);
     char next[128] = "";
-    if (!rc && api_page_more(p.items, limit)) {
-        json_t *last = json_array_get(p.items, limit - 1);
-        fm_api_cursor_encode(0, 0, json_string_value(json_object_get(last, "username")), next,
-                             sizeof next);
-    }
+    if (!rc)
+        api_page_more_by_name(p.items, limit, "username", next, sizeof next);
     api_page_answer(r, rc, p.items, next);
 }
 

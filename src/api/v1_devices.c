@@ -54,13 +54,10 @@ void v1_devices_list(api_req *r)
     /* One row more than asked tells whether there is a next page. */
     int rc = fm_store_device_page(r->store, tenant, after, limit + 1, on_device, &p);
     char next[128] = "";
-    if (!rc && api_page_more(p.items, limit)) {
-        json_t *last = json_array_get(p.items, limit - 1);
-        fm_api_cursor_encode(0, 0, json_string_value(json_object_get(last, "id")), next,
-                             sizeof next);
-    }
-    if (!rc)
+    if (!rc) {
+        api_page_more_by_name(p.items, limit, "id", next, sizeof next);
         api_audit(r, tenant, "device.list", "", "ok", NULL);
+    }
     api_page_answer(r, rc, p.items, next);
 }
 
