@@ -11,6 +11,7 @@
  */
 #include "fleetml/measurement.h"
 #include "fleetml/jsonmem.h"
+#include "pipeline/validate_int.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -417,8 +418,8 @@ static int load_error(const json_error_t *je, fm_verr *e)
 
 static int parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m, fm_verr *e);
 
-int fm_measurement_parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m,
-                            fm_verr *e)
+int validate__reference(const char *buf, size_t len, int64_t now_ms, fm_measurement *m,
+                        fm_verr *e)
 {
     /* The whole jansson document lives and dies inside this call, which is
      * what the arena needs (see fleetml/jsonmem.h). */
@@ -426,6 +427,32 @@ int fm_measurement_parse_at(const char *buf, size_t len, int64_t now_ms, fm_meas
     int rc = parse_at(buf, len, now_ms, m, e);
     fm_jsonmem_end();
     return rc;
+}
+
+bool validate__meta_fits(const char *meta, size_t len)
+{
+    fm_jsonmem_begin();
+    json_error_t je;
+    json_t *v = json_loadb(meta, len, JSON_REJECT_DUPLICATES | JSON_DECODE_INT_AS_REAL, &je);
+    size_t n = v && json_is_object(v) ? json_dumpb(v, NULL, 0, JSON_COMPACT) : 0;
+    json_decref(v);
+    fm_jsonmem_end();
+    return n > 0 && n <= FM_MEAS_META_MAX;
+}
+
+int fm_measurement_parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m,
+                            fm_verr *e)
+{
+    if (!m)
+        return fm_verrf(e, FM_VERR_INTERNAL, "payload: no output measurement given");
+    /* Valid payloads take the fast path; anything it is unsure of gets the
+     * reference validator's verdict and message (see validate_int.h). */
+    int rc = validate__fast(buf, len, now_ms, m);
+    if (rc == FM_ENOMEM)
+        return verr_nomem(e);
+    if (rc == VALIDATE_FAST_OK)
+        return 0;
+    return validate__reference(buf, len, now_ms, m, e);
 }
 
 static int parse_at(const char *buf, size_t len, int64_t now_ms, fm_measurement *m, fm_verr *e)
