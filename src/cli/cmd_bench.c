@@ -9,6 +9,7 @@
 #include "cli/cli.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
+#include "fleetml/model.h"
 #include "fleetml/pipeline.h"
 #include "fleetml/store.h"
 #include "fleetml/viscometer.h"
@@ -57,6 +58,38 @@ static double cpu_s(void)
     getrusage(RUSAGE_SELF, &ru);
     return (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
            ru.ru_stime.tv_usec / 1e6;
+}
+
+static double thread_cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* CPU µs per measurement of parse + validate and of feature extraction,
+ * over n parses of the pool (the pipeline's first stage, without queues). */
+static void stage_costs(char *const *pool, const size_t *pool_len, int npool, uint64_t n,
+                        double *parse_us, double *features_us)
+{
+    double parse = 0, feat = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        fm_measurement m;
+        fm_verr e;
+        float f[FM_FEATURES_MAX];
+        double t0 = thread_cpu_s();
+        int rc = fm_measurement_parse(pool[i % (uint64_t)npool], pool_len[i % (uint64_t)npool],
+                                      &m, &e);
+        double t1 = thread_cpu_s();
+        if (rc == 0)
+            (void)fm_features_extract(&m, f, &e);
+        double t2 = thread_cpu_s();
+        parse += t1 - t0;
+        feat += t2 - t1;
+        fm_measurement_free(&m);
+    }
+    *parse_us = parse * 1e6 / (double)n;
+    *features_us = feat * 1e6 / (double)n;
 }
 
 static int bench_pipeline(int argc, char **argv)
@@ -110,6 +143,10 @@ static int bench_pipeline(int argc, char **argv)
         id_off[i] = (size_t)((char *)memmem(pool[i], pool_len[i], tmpl, strlen(tmpl)) - pool[i]);
     }
 
+    /* Parse + validate, and feature extraction, alone on this thread. */
+    double parse_us, features_us;
+    stage_costs(pool, pool_len, POOL, n, &parse_us, &features_us);
+
     counter c = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
     fm_pipeline *p;
     fm_pipeline_opts o = {.cfg = &cfg, .publish = count_reply, .ud = &c};
@@ -145,10 +182,12 @@ static int bench_pipeline(int argc, char **argv)
     printf("{\"bench\":\"pipeline\",\"measurements\":%llu,\"ok\":%llu,\"seconds\":%.3f,"
            "\"per_s\":%.1f,\"cpu_us_per_measurement\":%.1f,\"workers\":%d,"
            "\"inference_us_per_measurement\":%.1f,\"commit_us_per_measurement\":%.1f,"
-           "\"mean_batch\":%.1f,\"payload_bytes\":%zu}\n",
+           "\"mean_batch\":%.1f,\"payload_bytes\":%zu,\"parse_validate_us\":%.2f,"
+           "\"features_us\":%.2f}\n",
            (unsigned long long)n, (unsigned long long)c.ok, secs, (double)n / secs,
            cpu * 1e6 / (double)n, cfg.pipeline_workers, infer * 1e6 / (double)n,
-           commit * 1e6 / (double)n, batches ? (double)n / (double)batches : 0.0, pool_len[0]);
+           commit * 1e6 / (double)n, batches ? (double)n / (double)batches : 0.0, pool_len[0],
+           parse_us, features_us);
     for (int i = 0; i < POOL; i++)
         fm_free(pool[i]);
     nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);

@@ -50,10 +50,12 @@
 
 namespace {
 
-/* Per-thread scratch: a padded copy of the payload and the samples of the
- * document being walked. Grown when a payload is larger than any before,
- * freed at thread exit. */
+/* Per-thread scratch: the parser, a padded copy of the payload and the
+ * samples of the document being walked. Grown when a payload is larger than
+ * any before, freed at thread exit. Reached once per call and passed down
+ * (each access to a thread_local with a constructor costs a call). */
 struct scratch {
+    simdjson::dom::parser parser;
     char *padded = nullptr;
     size_t cap = 0;
     double *samples = nullptr;
@@ -153,24 +155,24 @@ bool text_ok(unsigned bit, std::string_view s, int64_t now_ms, fm_measurement *m
 
 /* Appends x to the document's samples; false when out of memory (the
  * reference validator then reports it). */
-bool push_sample(double x)
+bool push_sample(scratch &sc, double x)
 {
-    if (tls.n_samples == tls.samples_cap) {
-        size_t cap = tls.samples_cap ? 2 * tls.samples_cap : 1024;
-        void *p = fm_realloc(tls.samples, cap * sizeof(double));
+    if (sc.n_samples == sc.samples_cap) {
+        size_t cap = sc.samples_cap ? 2 * sc.samples_cap : 1024;
+        void *p = fm_realloc(sc.samples, cap * sizeof(double));
         if (!p)
             return false;
-        tls.samples = static_cast<double *>(p);
-        tls.samples_cap = cap;
+        sc.samples = static_cast<double *>(p);
+        sc.samples_cap = cap;
     }
-    tls.samples[tls.n_samples++] = x;
+    sc.samples[sc.n_samples++] = x;
     return true;
 }
 
 /* Closes step i, whose samples start at index first. */
-bool end_step(bool both_fields, size_t i, size_t first, fm_measurement *m)
+bool end_step(const scratch &sc, bool both_fields, size_t i, size_t first, fm_measurement *m)
 {
-    size_t ns = tls.n_samples - first;
+    size_t ns = sc.n_samples - first;
     if (!both_fields || ns < FM_MEAS_MIN_SAMPLES)
         return false;
     m->steps[i].n_samples = ns;
@@ -190,13 +192,13 @@ bool get_number(element v, double lo, double hi, double *out)
 }
 
 /* One step {"shear_rate_s": r, "samples": [...]}. */
-bool get_step(element v, size_t i, fm_measurement *m)
+bool get_step(scratch &sc, element v, size_t i, fm_measurement *m)
 {
     simdjson::dom::object step;
     if (v.get_object().get(step))
         return false;
     unsigned seen = 0;
-    size_t first = tls.n_samples;
+    size_t first = sc.n_samples;
     for (auto [key, val] : step) {
         if (key == "shear_rate_s" && !(seen & 1u)) {
             seen |= 1u;
@@ -213,24 +215,24 @@ bool get_step(element v, size_t i, fm_measurement *m)
             for (element el : arr) {
                 double x;
                 if (!get_number(el, -FM_MEAS_SAMPLE_ABS_MAX, FM_MEAS_SAMPLE_ABS_MAX, &x) ||
-                    !push_sample(x))
+                    !push_sample(sc, x))
                     return false;
             }
         } else {
             return false; /* unknown or repeated key */
         }
     }
-    return end_step(seen == 3u, i, first, m);
+    return end_step(sc, seen == 3u, i, first, m);
 }
 
-bool get_sweep(element v, fm_measurement *m)
+bool get_sweep(scratch &sc, element v, fm_measurement *m)
 {
     simdjson::dom::array arr;
     if (v.get_array().get(arr))
         return false;
     size_t n = 0;
     for (element step : arr) {
-        if (n >= FM_MEAS_MAX_STEPS || !get_step(step, n, m))
+        if (n >= FM_MEAS_MAX_STEPS || !get_step(sc, step, n, m))
             return false;
         n++;
     }
@@ -239,7 +241,8 @@ bool get_sweep(element v, fm_measurement *m)
 }
 
 /* The walk over the top-level object; false = unsure. */
-bool walk(element root, int64_t now_ms, fm_measurement *m, element *meta, bool *has_meta)
+bool walk(scratch &sc, element root, int64_t now_ms, fm_measurement *m, element *meta,
+          bool *has_meta)
 {
     simdjson::dom::object obj;
     if (root.get_object().get(obj))
@@ -256,7 +259,7 @@ bool walk(element root, int64_t now_ms, fm_measurement *m, element *meta, bool *
         case F_TEMP:
             ok = get_number(val, FM_MEAS_TEMP_MIN_C, FM_MEAS_TEMP_MAX_C, &m->temperature_c);
             break;
-        case F_SWEEP: ok = get_sweep(val, m); break;
+        case F_SWEEP: ok = get_sweep(sc, val, m); break;
         case F_META:
             *meta = val;
             *has_meta = ok = val.is_object();
@@ -288,48 +291,48 @@ bool has_negative_integer_zero(const char *p, size_t len)
 
 extern "C" int validate__fast(const char *buf, size_t len, int64_t now_ms, fm_measurement *m)
 {
-    static thread_local simdjson::dom::parser parser;
+    scratch &sc = tls;
     memset(m, 0, sizeof *m);
     if (!buf || len == 0 || len > FM_MEAS_MAX_BYTES || has_negative_integer_zero(buf, len))
         return VALIDATE_FAST_UNSURE;
     /* simdjson reads up to SIMDJSON_PADDING bytes past the end; copying a
      * few kilobytes costs far less than the parse it enables. */
     size_t need = len + simdjson::SIMDJSON_PADDING;
-    if (tls.cap < need) {
+    if (sc.cap < need) {
         size_t cap = need < 8192 ? 8192 : need;
         char *p = static_cast<char *>(fm_malloc(cap));
         if (!p)
             return FM_ENOMEM;
-        fm_free(tls.padded);
-        tls.padded = p;
-        tls.cap = cap;
+        fm_free(sc.padded);
+        sc.padded = p;
+        sc.cap = cap;
     }
-    memcpy(tls.padded, buf, len);
-    memset(tls.padded + len, 0, simdjson::SIMDJSON_PADDING);
-    tls.n_samples = 0;
+    memcpy(sc.padded, buf, len);
+    memset(sc.padded + len, 0, simdjson::SIMDJSON_PADDING);
+    sc.n_samples = 0;
 
     element root, meta;
     bool has_meta = false;
-    if (parser.parse(tls.padded, len, false).get(root) ||
-        !walk(root, now_ms, m, &meta, &has_meta)) {
+    if (sc.parser.parse(sc.padded, len, false).get(root) ||
+        !walk(sc, root, now_ms, m, &meta, &has_meta)) {
         memset(m, 0, sizeof *m);
         return VALIDATE_FAST_UNSURE;
     }
     if (has_meta) {
         /* meta is optional and small: jansson judges its minified text. */
-        tls.meta = simdjson::minify(meta);
-        if (!validate__meta_fits(tls.meta.data(), tls.meta.size())) {
+        sc.meta = simdjson::minify(meta);
+        if (!validate__meta_fits(sc.meta.data(), sc.meta.size())) {
             memset(m, 0, sizeof *m);
             return VALIDATE_FAST_UNSURE;
         }
     }
-    size_t total = tls.n_samples;
+    size_t total = sc.n_samples;
     double *samples = static_cast<double *>(fm_malloc(total * sizeof(double)));
     if (!samples) {
         memset(m, 0, sizeof *m);
         return FM_ENOMEM;
     }
-    memcpy(samples, tls.samples, total * sizeof(double));
+    memcpy(samples, sc.samples, total * sizeof(double));
     size_t off = 0;
     for (size_t i = 0; i < m->n_steps; i++) {
         m->steps[i].samples = samples + off;

@@ -6,11 +6,14 @@
  * pipeline: fm_measurement_parse_at (the wall clock replaced by a fixed
  * "now" so that a crash reproduces whatever the date), fm_measurement_peek_id
  * on rejected input, and fm_features_extract on accepted input. Checks the
- * documented post-conditions on top of ASan/UBSan.
+ * documented post-conditions on top of ASan/UBSan, and the differential
+ * promise of the validator's two parsers (pipeline/validate_int.h): what
+ * the fast path accepts, the reference accepts, bit for bit the same.
  */
 #include "fleetml/measurement.h"
 #include "fleetml/model.h"
 #include "fuzz_common.h"
+#include "pipeline/validate_int.h"
 
 #include <math.h>
 
@@ -44,12 +47,41 @@ static void check_accepted(const fm_measurement *m)
     FUZZ_CHECK(total == m->n_samples_total);
 }
 
+static void check_same(const fm_measurement *a, const fm_measurement *b)
+{
+    FUZZ_CHECK(strcmp(a->id, b->id) == 0 && strcmp(a->kind, b->kind) == 0 &&
+               strcmp(a->firmware, b->firmware) == 0);
+    FUZZ_CHECK(a->taken_at_ms == b->taken_at_ms);
+    FUZZ_CHECK(memcmp(&a->temperature_c, &b->temperature_c, sizeof(double)) == 0);
+    FUZZ_CHECK(a->n_steps == b->n_steps && a->n_samples_total == b->n_samples_total);
+    for (size_t i = 0; i < a->n_steps; i++) {
+        FUZZ_CHECK(memcmp(&a->steps[i].shear_rate_s, &b->steps[i].shear_rate_s,
+                          sizeof(double)) == 0);
+        FUZZ_CHECK(a->steps[i].n_samples == b->steps[i].n_samples);
+    }
+    FUZZ_CHECK(memcmp(a->sample_buf, b->sample_buf, a->n_samples_total * sizeof(double)) == 0);
+}
+
+/* The fast path never accepts what the reference rejects. */
+static void check_differential(const char *buf, size_t size)
+{
+    fm_measurement fast, ref;
+    fm_verr e;
+    if (validate__fast(buf, size, FUZZ_NOW_MS, &fast) != VALIDATE_FAST_OK)
+        return;
+    FUZZ_CHECK(validate__reference(buf, size, FUZZ_NOW_MS, &ref, &e) == 0);
+    check_same(&fast, &ref);
+    fm_measurement_free(&fast);
+    fm_measurement_free(&ref);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *buf = fuzz_bytes(data, size);
     fm_measurement m;
     fm_verr e;
     memset(&e, 0, sizeof e);
+    check_differential(buf, size);
     int rc = fm_measurement_parse_at(buf, size, FUZZ_NOW_MS, &m, &e);
     if (rc == 0) {
         check_accepted(&m);
