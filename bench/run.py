@@ -97,7 +97,8 @@ class Node:
                   "--set", f"broker.port={self.ports['mqtt']}",
                   "--set", f"broker.service_port={self.ports['svc']}",
                   "--set", f"http.port={self.ports['http']}",
-                  "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0"])
+                  "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0",
+                  "--set", "pipeline.device_bytes_rate=0"])
         self.devices = [f"{prefix}-{i:04d}" for i in range(1, devices + 1)]
         for d in self.devices:
             self.run([self.bin, "device", "add", d, "--data", self.dir])

@@ -95,6 +95,9 @@ typedef struct fm_config {
     long queue_max_bytes; /* payload bytes waiting in the pipeline at most */
     int device_rate;      /* measurements per second per device (0 = no limit) */
     int device_burst;     /* ... with this many at once */
+    int device_bytes_rate;  /* payload bytes per second per device, enforced by the
+                               broker plugin (0 = no limit) */
+    int device_bytes_burst; /* ... with this many at once */
 
     char store_backend[16];
     char lake_backend[16];

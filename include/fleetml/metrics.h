@@ -15,7 +15,24 @@ typedef struct fm_hist {
     _Atomic uint64_t counts[FM_HIST_BUCKETS + 1]; /* last = +Inf */
     _Atomic uint64_t count;
     _Atomic uint64_t sum_micro; /* sum in millionths of the unit */
+    _Atomic uint64_t max_micro; /* largest observation, so a stall is seen */
 } fm_hist;
+
+/* Where a measurement's time goes inside the service, one histogram each
+ * (fleetml_stage_seconds{stage=...}); inference and commit have their own
+ * histograms. Per message: queue (receipt -> a worker starts on it),
+ * prepare (parse, validate, features), handoff (prepared -> the commit
+ * thread takes its batch: the wait for the commit before). Per batch:
+ * admit (device checks and dedupe), publish (handing the replies to the
+ * MQTT client). */
+enum fm_stage {
+    FM_STAGE_QUEUE = 0,
+    FM_STAGE_PREPARE,
+    FM_STAGE_HANDOFF,
+    FM_STAGE_ADMIT,
+    FM_STAGE_PUBLISH,
+    FM_STAGE__COUNT
+};
 
 enum fm_reject_reason {
     FM_REJ_MALFORMED_JSON = 0, FM_REJ_TOO_LARGE, FM_REJ_MISSING_FIELD,
@@ -43,12 +60,15 @@ typedef struct fm_metrics {
     _Atomic uint64_t http_errors;      /* ... with a 5xx status */
     _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
     _Atomic uint64_t presence_events;  /* device connect/disconnect reports */
+    _Atomic uint64_t broker_refused_msgs;  /* publishes the broker refused (over rate) */
+    _Atomic uint64_t broker_refused_bytes; /* ... and their payload bytes */
     _Atomic int64_t broker_lost_ms;    /* wall ms the supervised broker last died
                                           (its sessions with it); 0: never */
     fm_hist inference_seconds;
     fm_hist commit_seconds;
     fm_hist commit_batch_size;
     fm_hist reply_seconds; /* receive -> reply published */
+    fm_hist stage_seconds[FM_STAGE__COUNT];
 } fm_metrics;
 
 /* The process's metrics (zero-initialised, buckets set on first use). */
@@ -59,6 +79,10 @@ enum fm_reject_reason fm_reject_reason_from_code(const char *code);
 const char *fm_reject_reason_name(enum fm_reject_reason r);
 
 void fm_hist_observe(fm_hist *h, double v);
+/* Observes the nanoseconds from start_ns to now (fm_mono_ns) on stage s. */
+void fm_stage_observe(enum fm_stage s, uint64_t start_ns);
+/* The stage's label value ("queue", ...); "" when out of range. */
+const char *fm_stage_name(enum fm_stage s);
 
 /* Renders all metrics as Prometheus text; caller frees *out with fm_free.
  * Returns 0 or FM_ENOMEM. */

@@ -34,6 +34,7 @@ typedef struct fm_inmsg {
     void *corr;             /* fm_malloc'd or NULL (MQTT 5 Correlation Data) */
     size_t corr_len;
     uint64_t recv_ns;       /* fm_mono_ns() at receipt */
+    uint64_t prepared_ns;   /* pipeline-internal: fm_mono_ns() once prepared */
     int64_t recv_ms;        /* wall clock at receipt */
     void *prep;             /* pipeline-internal: parse and feature results */
     fm_reply_fn reply;      /* NULL: reply over MQTT (publish callback) */

@@ -26,6 +26,10 @@
  * confined to fleet/<id>/...). The service subscribes to FM_PRESENCE_SUB. */
 #define FM_PRESENCE_ROOT "$fleetml/v1/presence/"
 #define FM_PRESENCE_SUB "$fleetml/v1/presence/+"
+/* The broker plugin reports the publishes it refused to over-rate devices
+ * here, at most once a second, as deltas:
+ * {"refused_messages":n,"refused_bytes":b} (QoS 0). */
+#define FM_ADMISSION_TOPIC "$fleetml/v1/admission"
 
 /* ---- shadow documents (pure functions, shadow.c) ------------------------- */
 

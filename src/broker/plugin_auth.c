@@ -47,6 +47,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +92,8 @@
 #define AUTH_CONTROL_TOPIC "$CONTROL/fleetml/v1"
 #define AUTH_RESPONSE_TOPIC "$CONTROL/fleetml/v1/response"
 #define AUTH_PRESENCE_ROOT "$fleetml/v1/presence/"
+/* Admission reports to the service (FM_ADMISSION_TOPIC in registry.h). */
+#define AUTH_ADMISSION_TOPIC "$fleetml/v1/admission"
 #define AUTH_PROP_PREFIX "fleetml-"
 #define AUTH_PROP_TEMPLATE "fleetml-claim-template"
 #define AUTH_PROP_SERIAL "fleetml-cert-serial"
@@ -257,6 +260,20 @@ struct conn {
     enum kind kind;
     char name[AUTH_ID_MAX + 1]; /* device id or template name */
     char serial[AUTH_SERIAL_MAX + 1];
+    /* Admission (token buckets, devices and claims only): messages and
+     * bytes this connection may still publish now; refilled at the
+     * configured rates, capped at the bursts. */
+    double msg_tokens, byte_tokens;
+    long long refill_ns; /* CLOCK_MONOTONIC of the last refill */
+    long long told_ns;   /* last time the device was told it is limited */
+};
+
+/* Per-device publish limits (plugin_opt_device_*; 0 = unlimited). */
+struct admission {
+    double msg_rate, msg_burst;   /* messages per second, at once */
+    double byte_rate, byte_burst; /* payload bytes per second, at once */
+    unsigned long long refused_msgs, refused_bytes; /* not yet reported */
+    long long reported_ns;
 };
 
 struct auth_state {
@@ -268,7 +285,15 @@ struct auth_state {
     struct map templates; /* template name -> struct principal */
     struct map conns;     /* client id -> struct conn */
     char boot[40];        /* names this broker start in presence reports */
+    struct admission adm;
 };
+
+static long long mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static void principal_free(void *p)
 {
@@ -480,6 +505,9 @@ static int remember(struct auth_state *st, struct mosquitto *client, enum kind k
         return MOSQ_ERR_NOMEM;
     c->client = client;
     c->kind = kind;
+    c->msg_tokens = st->adm.msg_burst;
+    c->byte_tokens = st->adm.byte_burst;
+    c->refill_ns = mono_ns();
     memcpy(c->name, name, nlen + 1);
     memcpy(c->serial, serial, slen + 1);
     if (!map_put(&st->conns, mosquitto_client_id(client), c)) {
@@ -487,6 +515,62 @@ static int remember(struct auth_state *st, struct mosquitto *client, enum kind k
         return MOSQ_ERR_NOMEM;
     }
     return MOSQ_ERR_SUCCESS;
+}
+
+/* Takes one message of len payload bytes from c's buckets; false when the
+ * device is over its rate (nothing is taken then). */
+static bool admit(struct admission *adm, struct conn *c, size_t len, long long now)
+{
+    double dt = (double)(now - c->refill_ns) / 1e9;
+    c->refill_ns = now;
+    if (adm->msg_rate > 0) {
+        c->msg_tokens += dt * adm->msg_rate;
+        if (c->msg_tokens > adm->msg_burst)
+            c->msg_tokens = adm->msg_burst;
+    }
+    if (adm->byte_rate > 0) {
+        c->byte_tokens += dt * adm->byte_rate;
+        if (c->byte_tokens > adm->byte_burst)
+            c->byte_tokens = adm->byte_burst;
+    }
+    bool ok = (adm->msg_rate <= 0 || c->msg_tokens >= 1.0) &&
+              (adm->byte_rate <= 0 || c->byte_tokens >= (double)len);
+    if (ok) {
+        c->msg_tokens -= adm->msg_rate > 0 ? 1.0 : 0.0;
+        c->byte_tokens -= adm->byte_rate > 0 ? (double)len : 0.0;
+    }
+    return ok;
+}
+
+/* Tells a limited device why, at most once a second, in the reply format
+ * of docs/protocol.md (QoS 0: a device over its rate gets no backlog). */
+static void tell_limited(struct conn *c, long long now)
+{
+    if (c->kind != K_DEVICE || now - c->told_ns < 1000000000LL)
+        return;
+    c->told_ns = now;
+    static const char doc[] =
+        "{\"id\":\"\",\"status\":\"error\",\"error\":{\"code\":\"rate_limited\","
+        "\"message\":\"this device publishes faster than its limit; messages are refused "
+        "by the broker, retry later\"}}";
+    char topic[sizeof AUTH_TOPIC_ROOT + AUTH_ID_MAX + sizeof "/results"];
+    snprintf(topic, sizeof topic, "%s%s/results", AUTH_TOPIC_ROOT, c->name);
+    mosquitto_broker_publish_copy(NULL, topic, (int)strlen(doc), doc, 0, false, NULL);
+}
+
+/* Reports refusals to the service, at most once a second (QoS 0, the
+ * counts are deltas: a lost report only under-counts). */
+static void admission_report(struct admission *adm, long long now)
+{
+    if (adm->refused_msgs == 0 || now - adm->reported_ns < 1000000000LL)
+        return;
+    adm->reported_ns = now;
+    char text[128];
+    int n = snprintf(text, sizeof text, "{\"refused_messages\":%llu,\"refused_bytes\":%llu}",
+                     adm->refused_msgs, adm->refused_bytes);
+    if (mosquitto_broker_publish_copy(NULL, AUTH_ADMISSION_TOPIC, n, text, 0, false, NULL) ==
+        MOSQ_ERR_SUCCESS)
+        adm->refused_msgs = adm->refused_bytes = 0;
 }
 
 /* Tells the service a device connected or disconnected, on
@@ -836,6 +920,21 @@ static int on_message(int event, void *event_data, void *userdata)
     if (c ? c->kind == K_SERVICE : is_service(st, ed->client))
         return MOSQ_ERR_SUCCESS;
 
+    /* Admission: a device over its rate is refused here, before its
+     * message is queued for anyone, so a flood never reaches the service's
+     * connection ahead of other devices' measurements (PUBACK 0x87 for
+     * QoS 1, and a rate_limited notice once a second). */
+    if (c) {
+        long long now = mono_ns();
+        if (!admit(&st->adm, (struct conn *)c, ed->payloadlen, now)) {
+            st->adm.refused_msgs++;
+            st->adm.refused_bytes += ed->payloadlen;
+            tell_limited((struct conn *)c, now);
+            admission_report(&st->adm, now);
+            return MOSQ_ERR_ACL_DENIED;
+        }
+    }
+
     /* MQTT 5 allows any number of user properties, but rebuilding or
      * appending to a long list costs time in the broker's only thread:
      * devices get a generous fixed budget, and a message over it is
@@ -903,6 +1002,15 @@ static int on_message(int event, void *event_data, void *userdata)
 
 /* ------------------------------------------------------------------------
  * DISCONNECT */
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+    struct auth_state *st = userdata;
+    (void)event;
+    (void)event_data;
+    admission_report(&st->adm, mono_ns());
+    return MOSQ_ERR_SUCCESS;
+}
 
 static int on_disconnect(int event, void *event_data, void *userdata)
 {
@@ -1331,6 +1439,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                           struct mosquitto_opt *options, int option_count)
 {
     const char *service_id = AUTH_DEFAULT_SERVICE_ID, *registry = NULL;
+    struct admission adm = {0};
+    static const struct {
+        const char *key;
+        size_t off;
+    } limits[] = {
+        {"device_rate", offsetof(struct admission, msg_rate)},
+        {"device_burst", offsetof(struct admission, msg_burst)},
+        {"device_bytes_rate", offsetof(struct admission, byte_rate)},
+        {"device_bytes_burst", offsetof(struct admission, byte_burst)},
+    };
     for (int i = 0; i < option_count; i++) {
         if (!options[i].key || !options[i].value)
             continue;
@@ -1338,7 +1456,25 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
             service_id = options[i].value;
         else if (strcmp(options[i].key, "registry") == 0)
             registry = options[i].value;
+        for (size_t k = 0; k < sizeof limits / sizeof *limits; k++) {
+            if (strcmp(options[i].key, limits[k].key) != 0)
+                continue;
+            char *end;
+            double v = strtod(options[i].value, &end);
+            if (end == options[i].value || *end || !(v >= 0 && v <= 1e12)) {
+                mosquitto_log_printf(MOSQ_LOG_ERR, "fleetml_auth: invalid plugin_opt_%s",
+                                     limits[k].key);
+                return MOSQ_ERR_INVAL;
+            }
+            *(double *)((char *)&adm + limits[k].off) = v;
+        }
     }
+    /* A burst below one message (or below the largest payload the broker
+     * accepts) would refuse everything: at least one of each. */
+    if (adm.msg_burst < 1)
+        adm.msg_burst = adm.msg_rate > 1 ? adm.msg_rate : 1;
+    if (adm.byte_burst < adm.byte_rate)
+        adm.byte_burst = adm.byte_rate;
     /* The service id becomes a client id compared against CNs; a value with
      * topic special characters or an empty one is a configuration mistake. */
     if (!*service_id || strlen(service_id) > AUTH_ID_MAX || strpbrk(service_id, "/+#$")) {
@@ -1354,6 +1490,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
     if (!st)
         return MOSQ_ERR_NOMEM;
     st->pid = identifier;
+    st->adm = adm;
     {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
@@ -1397,6 +1534,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
         {MOSQ_EVT_ACL_CHECK, on_acl_check, NULL},
         {MOSQ_EVT_MESSAGE, on_message, NULL},
         {MOSQ_EVT_DISCONNECT, on_disconnect, NULL},
+        {MOSQ_EVT_TICK, on_tick, NULL},
         {MOSQ_EVT_CONTROL, on_control, AUTH_CONTROL_TOPIC},
     };
     for (size_t i = 0; i < sizeof regs / sizeof regs[0]; i++) {

@@ -82,6 +82,13 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
     fm_strbuf_printf(&b, "plugin %s\nplugin_opt_service_id fleetml-service\n", plugin_path);
     fm_strbuf_printf(&b, "plugin_opt_registry %s\n",
                      fm_config_path(cfg, "broker/registry.json", registry, sizeof registry));
+    /* Admission at the edge: a device over its rate is refused by the
+     * broker before its messages reach the service's connection. */
+    fm_strbuf_printf(&b,
+                     "plugin_opt_device_rate %d\nplugin_opt_device_burst %d\n"
+                     "plugin_opt_device_bytes_rate %d\nplugin_opt_device_bytes_burst %d\n",
+                     cfg->device_rate, cfg->device_burst, cfg->device_bytes_rate,
+                     cfg->device_bytes_burst);
     fm_strbuf_printf(&b, "\n# Devices: mutual TLS.\nlistener %d %s\nmax_connections %d\n",
                      cfg->broker_port, cfg->broker_bind, cfg->max_connections);
     tls_block(&b, cfg);

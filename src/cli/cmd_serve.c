@@ -102,11 +102,31 @@ static void on_measurement(server *s, const char *device, const fm_mqtt_msg *mm)
     }
 }
 
+/* The broker plugin's admission report (FM_ADMISSION_TOPIC): counts. */
+static void on_admission(const fm_mqtt_msg *mm)
+{
+    unsigned long long msgs = 0, bytes = 0;
+    char text[128];
+    if (mm->len >= sizeof text)
+        return;
+    memcpy(text, mm->payload, mm->len);
+    text[mm->len] = '\0';
+    if (sscanf(text, "{\"refused_messages\":%llu,\"refused_bytes\":%llu}", &msgs, &bytes) != 2)
+        return;
+    fm_metrics *mx = fm_metrics_get();
+    atomic_fetch_add(&mx->broker_refused_msgs, msgs);
+    atomic_fetch_add(&mx->broker_refused_bytes, bytes);
+}
+
 /* Runs on the MQTT network thread: route, copy and queue, nothing more. */
 static void on_message(void *ud, const fm_mqtt_msg *mm)
 {
     server *s = ud;
     char device[FM_DEVICE_ID_MAX + 1];
+    if (strcmp(mm->topic, FM_ADMISSION_TOPIC) == 0) {
+        on_admission(mm);
+        return;
+    }
     if (measurement_device(mm->topic, device, sizeof device)) {
         on_measurement(s, device, mm);
         return;
@@ -241,6 +261,7 @@ int fm_cmd_serve(int argc, char **argv)
         "$share/fleetml/fleet/+/shadow/update",
         "$share/fleetml/fleet/+/shadow/get",
         FM_PRESENCE_SUB,
+        FM_ADMISSION_TOPIC,
         NULL,
     };
     fm_mqtt_handlers mh = {.on_message = on_message, .on_connect = on_connect, .ud = &s};

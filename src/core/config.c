@@ -119,6 +119,11 @@ static const key_def keys[] = {
           "'rate_limited' so one device cannot crowd out the others."),
     K_NUM("pipeline", "device_burst", T_INT, device_burst, 1, 1000000,
           "How many measurements a device may send at once above its rate."),
+    K_NUM("pipeline", "device_bytes_rate", T_INT, device_bytes_rate, 0, 1 << 30,
+          "Payload bytes per second one device may publish, enforced by the broker plugin "
+          "(0 = no limit); beyond it the broker refuses its messages."),
+    K_NUM("pipeline", "device_bytes_burst", T_INT, device_bytes_burst, 1, 1 << 30,
+          "How many payload bytes a device may publish at once above its byte rate."),
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
           "Database backend (postgres is accepted here but not built yet)."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
@@ -240,10 +245,12 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->http_tls, sizeof c->http_tls, "off");
     c->http_threads = 4;
     c->http_access_ttl_s = 900;
-    c->commit_window_us = 1000;
+    c->commit_window_us = 0;
     c->queue_max_bytes = 256L * 1024 * 1024;
     c->device_rate = 20;
     c->device_burst = 100;
+    c->device_bytes_rate = 512 * 1024;
+    c->device_bytes_burst = 1024 * 1024;
     c->max_connections = 50000;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     c->pipeline_workers = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (int)ncpu;

@@ -22,6 +22,26 @@ static void init_metrics(void)
     metrics.commit_seconds.bounds = latency_bounds;
     metrics.reply_seconds.bounds = latency_bounds;
     metrics.commit_batch_size.bounds = batch_bounds;
+    for (int i = 0; i < FM_STAGE__COUNT; i++)
+        metrics.stage_seconds[i].bounds = latency_bounds;
+}
+
+static const char *const stage_names[FM_STAGE__COUNT] = {
+    [FM_STAGE_QUEUE] = "queue",     [FM_STAGE_PREPARE] = "prepare",
+    [FM_STAGE_HANDOFF] = "handoff", [FM_STAGE_ADMIT] = "admit",
+    [FM_STAGE_PUBLISH] = "publish",
+};
+
+const char *fm_stage_name(enum fm_stage s)
+{
+    return s >= 0 && s < FM_STAGE__COUNT ? stage_names[s] : "";
+}
+
+void fm_stage_observe(enum fm_stage s, uint64_t start_ns)
+{
+    uint64_t now = fm_mono_ns();
+    fm_hist_observe(&fm_metrics_get()->stage_seconds[s],
+                    now > start_ns ? (double)(now - start_ns) / 1e9 : 0.0);
 }
 
 fm_metrics *fm_metrics_get(void)
@@ -57,7 +77,13 @@ void fm_hist_observe(fm_hist *h, double v)
         i++;
     atomic_fetch_add_explicit(&h->counts[i], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&h->sum_micro, (uint64_t)(v * 1e6 + 0.5), memory_order_relaxed);
+    uint64_t micro = (uint64_t)(v * 1e6 + 0.5);
+    atomic_fetch_add_explicit(&h->sum_micro, micro, memory_order_relaxed);
+    uint64_t max = atomic_load_explicit(&h->max_micro, memory_order_relaxed);
+    while (micro > max && !atomic_compare_exchange_weak_explicit(&h->max_micro, &max, micro,
+                                                                 memory_order_relaxed,
+                                                                 memory_order_relaxed))
+        ;
 }
 
 static void counter(fm_strbuf *b, const char *name, const char *help, uint64_t v)
@@ -71,18 +97,31 @@ static void gauge(fm_strbuf *b, const char *name, const char *help, int64_t v)
     fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, (long long)v);
 }
 
-static void hist(fm_strbuf *b, const char *name, const char *help, const fm_hist *h)
+/* The series of one histogram; label is "" or `key="value",`. */
+static void hist_series(fm_strbuf *b, const char *name, const char *label, const fm_hist *h)
 {
-    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     uint64_t cum = 0;
     for (int i = 0; i < FM_HIST_BUCKETS; i++) {
         cum += atomic_load(&h->counts[i]);
-        fm_strbuf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+        fm_strbuf_printf(b, "%s_bucket{%sle=\"%g\"} %llu\n", name, label, h->bounds[i],
+                         (unsigned long long)cum);
     }
     cum += atomic_load(&h->counts[FM_HIST_BUCKETS]);
-    fm_strbuf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
-    fm_strbuf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_micro) / 1e6, name,
-        (unsigned long long)atomic_load(&h->count));
+    fm_strbuf_printf(b, "%s_bucket{%sle=\"+Inf\"} %llu\n", name, label, (unsigned long long)cum);
+    size_t ll = strlen(label);
+    /* The label without its trailing comma, in braces, or nothing. */
+    char sel[128] = "";
+    if (ll > 1 && ll < sizeof sel - 2)
+        snprintf(sel, sizeof sel, "{%.*s}", (int)(ll - 1), label);
+    fm_strbuf_printf(b, "%s_sum%s %.6f\n%s_count%s %llu\n", name, sel,
+                     (double)atomic_load(&h->sum_micro) / 1e6, name, sel,
+                     (unsigned long long)atomic_load(&h->count));
+}
+
+static void hist(fm_strbuf *b, const char *name, const char *help, const fm_hist *h)
+{
+    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    hist_series(b, name, "", h);
 }
 
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
@@ -126,6 +165,12 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->http_audit_errors));
     counter(&b, "fleetml_presence_events_total", "Device connect/disconnect reports received.",
             atomic_load(&m->presence_events));
+    counter(&b, "fleetml_broker_refused_messages_total",
+            "Device publishes the broker refused because the device was over its rate.",
+            atomic_load(&m->broker_refused_msgs));
+    counter(&b, "fleetml_broker_refused_bytes_total",
+            "Payload bytes of the publishes the broker refused (over rate).",
+            atomic_load(&m->broker_refused_bytes));
     gauge(&b, "fleetml_lake_backlog", "Committed rows not yet exported to the lake.",
           atomic_load(&m->lake_backlog));
     hist(&b, "fleetml_inference_seconds", "Model inference time per batch.",
@@ -136,5 +181,30 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
          &m->commit_batch_size);
     hist(&b, "fleetml_reply_seconds", "Time from receipt to reply publication.",
          &m->reply_seconds);
+    fm_strbuf_printf(&b, "# HELP fleetml_stage_seconds Time spent in each pipeline stage "
+                         "(docs/operations.md).\n# TYPE fleetml_stage_seconds histogram\n");
+    for (int i = 0; i < FM_STAGE__COUNT; i++) {
+        char label[64];
+        snprintf(label, sizeof label, "stage=\"%s\",", stage_names[i]);
+        hist_series(&b, "fleetml_stage_seconds", label, &m->stage_seconds[i]);
+    }
+    /* The slowest observation since start, per histogram: a stall shows
+     * here even when it is one in a million. */
+    fm_strbuf_printf(&b, "# HELP fleetml_slowest_seconds Largest observation since start, by "
+                         "histogram.\n# TYPE fleetml_slowest_seconds gauge\n");
+    const struct {
+        const char *name;
+        const fm_hist *h;
+    } slow[] = {{"reply", &m->reply_seconds},
+                {"commit", &m->commit_seconds},
+                {"inference", &m->inference_seconds},
+                {"queue", &m->stage_seconds[FM_STAGE_QUEUE]},
+                {"prepare", &m->stage_seconds[FM_STAGE_PREPARE]},
+                {"handoff", &m->stage_seconds[FM_STAGE_HANDOFF]},
+                {"admit", &m->stage_seconds[FM_STAGE_ADMIT]},
+                {"publish", &m->stage_seconds[FM_STAGE_PUBLISH]}};
+    for (size_t i = 0; i < sizeof slow / sizeof *slow; i++)
+        fm_strbuf_printf(&b, "fleetml_slowest_seconds{of=\"%s\"} %.6f\n", slow[i].name,
+                         (double)atomic_load(&slow[i].h->max_micro) / 1e6);
     return fm_strbuf_take(&b, out, len);
 }

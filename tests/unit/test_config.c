@@ -73,7 +73,7 @@ static void test_defaults(void **state)
     assert_int_equal(c.max_payload, 131072);
     assert_string_equal(c.http_bind, "127.0.0.1");
     assert_int_equal(c.http_port, 8080);
-    assert_int_equal(c.commit_window_us, 1000);
+    assert_int_equal(c.commit_window_us, 0);
     assert_int_equal(c.batch_max, 256);
     assert_int_equal(c.queue_max, 65536);
     assert_string_equal(c.store_backend, "sqlite");
