@@ -120,14 +120,19 @@ class Node:
         broker = http_json(self.ports["http"], "/healthz")["broker_pid"]
         return p, broker
 
-    def start_baseline(self):
+    def start_baseline(self, broker=None, durable=False):
         # The broker config, its certificate copies and the registry snapshot
         # are what `fleetml serve` generates; take them from one short run.
-        serve, _ = self.start_serve()
-        self.stop(serve)
-        conf = os.path.join(self.dir, "broker", "mosquitto.conf")
-        broker = self.spawn(["/usr/sbin/mosquitto", "-c", conf], "baseline-broker.log")
-        echo = self.spawn([self.echo, "--data", self.dir], "echo.log")
+        if broker is None:
+            serve, _ = self.start_serve()
+            self.stop(serve)
+            self.procs.remove(serve)
+            conf = os.path.join(self.dir, "broker", "mosquitto.conf")
+            broker = self.spawn(["/usr/sbin/mosquitto", "-c", conf], "baseline-broker.log")
+        argv = [self.echo, "--data", self.dir]
+        if durable:
+            argv += ["--durable", os.path.join(self.dir, "durable-echo.log")]
+        echo = self.spawn(argv, "echo.log")
         # Ready when one device gets an answer.
         wait_for(lambda: self.sim(1, inflight=1, duration=1, quiet=True)["ok"] > 0, 60,
                  "the baseline to answer")
@@ -225,6 +230,135 @@ def bench_pair(args):
     finally:
         node.close()
     return out
+
+
+def percentiles_ms(lat):
+    lat = sorted(lat)
+    q = lambda f: round(1000 * lat[min(len(lat) - 1, int(f * len(lat)))], 3)
+    return {"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": round(1000 * lat[-1], 3),
+            "n": len(lat)}
+
+
+def fsync_probe(directory, n=2000):
+    """The disk's own tail: n x (append 4 KiB + fdatasync), like a commit."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    buf, lat = b"x" * 4096, []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(fd, buf)
+            os.fdatasync(fd)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return percentiles_ms(lat)
+
+
+def stage_summary(m0, m1):
+    """Mean per stage over a run, and the slowest observation since start."""
+    out = {}
+    names = {"queue": "fleetml_stage_seconds{stage=\"queue\"}",
+             "prepare": "fleetml_stage_seconds{stage=\"prepare\"}",
+             "handoff": "fleetml_stage_seconds{stage=\"handoff\"}",
+             "admit": "fleetml_stage_seconds{stage=\"admit\"}",
+             "inference": "fleetml_inference_seconds",
+             "commit": "fleetml_commit_seconds",
+             "publish": "fleetml_stage_seconds{stage=\"publish\"}",
+             "reply": "fleetml_reply_seconds"}
+    for k, base in names.items():
+        if base.endswith("}"):
+            cnt, sm = base.replace("{", "_count{"), base.replace("{", "_sum{")
+        else:
+            cnt, sm = base + "_count", base + "_sum"
+        n = m1.get(cnt, 0) - m0.get(cnt, 0)
+        s = m1.get(sm, 0) - m0.get(sm, 0)
+        out[k] = {"count": int(n), "mean_ms": round(1000 * s / n, 3) if n else None,
+                  "slowest_ms": round(1000 * m1.get(f'fleetml_slowest_seconds{{of="{k}"}}', 0), 3)}
+    return out
+
+
+def latency_runs(node, pids, closed_rate_hint, args, http_port=None):
+    """Closed loop, then open loop at 10/s, 500/s, 1000/s (20 devices) and at
+    half of closed_rate_hint (or of this system's own closed loop)."""
+    res = {}
+    closed = measured(node, pids, lambda: node.sim(args.devices, inflight=args.inflight,
+                                                   duration=args.duration))
+    res["closed_loop"] = summary(closed)
+    half = (closed_rate_hint or closed["throughput_per_s"]) / 2
+    plan = [("10", 20, 10.0), ("500", 20, 500.0), ("1000", 20, 1000.0),
+            ("half_max", args.devices, half)]
+    for name, devices, total in plan:
+        m0 = metrics(http_port) if http_port else None
+        r = measured(node, pids, lambda: node.sim(devices, rate=total / devices,
+                                                  duration=args.latency_duration))
+        res[f"open_{name}"] = dict(summary(r), rate_per_s=round(total, 1), devices=devices)
+        if http_port:
+            res[f"open_{name}"]["stages"] = stage_summary(m0, metrics(http_port))
+    return res
+
+
+def bench_latency(args):
+    """The reply path against the broker's speed and the disk's: fleetml, the
+    do-nothing echo and the durable echo, same broker, mTLS and load."""
+    node = Node(args.build, args.devices)
+    out = {"devices": args.devices, "inflight": args.inflight,
+           "closed_duration_s": args.duration, "open_duration_s": args.latency_duration}
+    try:
+        out["disk_fsync_ms"] = fsync_probe(node.dir)
+        serve, broker = node.start_serve()
+        out["fleetml"] = latency_runs(node, {"fleetml": serve.pid, "mosquitto": broker}, None,
+                                      args, node.ports["http"])
+        fl_max = out["fleetml"]["closed_loop"]["throughput_per_s"]
+        node.stop(serve)
+        node.procs.remove(serve)
+        broker_a, echo = node.start_baseline()
+        out["echo"] = latency_runs(node, {"echo": echo.pid, "mosquitto": broker_a.pid}, fl_max,
+                                   args)
+        node.stop(echo)
+        node.procs.remove(echo)
+        _, decho = node.start_baseline(broker=broker_a, durable=True)
+        out["durable_echo"] = latency_runs(node, {"echo": decho.pid,
+                                                  "mosquitto": broker_a.pid}, fl_max, args)
+        out["disk_fsync_ms_after"] = fsync_probe(node.dir)
+    finally:
+        node.close()
+    out["targets"] = latency_targets(out)
+    return out
+
+
+def latency_targets(out):
+    fl, echo, dur = out["fleetml"], out["echo"], out["durable_echo"]
+    t = {"no_stalls": {}}
+    for run in ("open_half_max", "open_500", "open_1000"):
+        lat = fl[run]["latency_ms"]
+        t["no_stalls"][run] = {
+            "fleetml": {k: lat[k] for k in ("p50", "p99", "p999", "max")},
+            "durable_echo": {k: dur[run]["latency_ms"][k] for k in ("p50", "p99", "p999", "max")},
+            "p99_max_ms": 3.0, "p999_max_ms": 10.0, "max_ms": 50.0,
+            "met": lat["p99"] <= 3.0 and lat["p999"] <= 10.0 and lat["max"] <= 50.0,
+            "answered_all": fl[run]["errors"] == 0 and fl[run]["timeouts"] == 0}
+    p50 = fl["open_10"]["latency_ms"]["p50"]
+    e50 = echo["open_10"]["latency_ms"]["p50"]
+    t["no_fixed_waits"] = {"fleetml_p50_ms": p50, "echo_p50_ms": e50,
+                           "durable_echo_p50_ms": dur["open_10"]["latency_ms"]["p50"],
+                           "max_gap_ms": 1.0, "met": p50 - e50 <= 1.0}
+    ratio = fl["closed_loop"]["throughput_per_s"] / echo["closed_loop"]["throughput_per_s"]
+    t["throughput"] = {"fleetml_per_s": fl["closed_loop"]["throughput_per_s"],
+                       "echo_per_s": echo["closed_loop"]["throughput_per_s"],
+                       "ratio": round(ratio, 3), "ratio_min": 0.8, "met": ratio >= 0.8}
+    return t
+
+
+def bench_pipeline_cpu(args):
+    out = subprocess.run([os.path.join(args.build, "fleetml"), "bench", "pipeline", "--n",
+                          "20000"], capture_output=True, text=True, check=True)
+    res = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+    res["targets"] = {"cpu_us_max": 25.0, "cpu_met": res["cpu_us_per_measurement"] <= 25.0,
+                      "parse_validate_us_max": 5.0,
+                      "parse_validate_met": res["parse_validate_us"] <= 5.0}
+    return res
 
 
 def bench_many(args):
@@ -389,12 +523,19 @@ def main():
     ap.add_argument("--connect-rate", type=float,
                     default=float(os.environ.get("FM_BENCH_CONNECT_RATE", 150)),
                     help="new connections per second for the whole fleet")
-    ap.add_argument("--only", choices=["pair", "many", "api"])
+    ap.add_argument("--latency-duration", type=float,
+                    default=float(os.environ.get("FM_BENCH_LATENCY_DURATION", 60)),
+                    help="seconds per open-loop run of the latency section")
+    ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
     result = {"bench": "fleetml", "cpus": os.cpu_count()}
-    if args.only in (None, "pair"):
+    if args.only in (None, "pipeline"):
+        result["pipeline"] = bench_pipeline_cpu(args)
+    if args.only in (None, "latency"):
+        result["latency"] = bench_latency(args)
+    if args.only == "pair":
         result["pair"] = bench_pair(args)
     if args.only in (None, "many") and args.many > 0:
         result["many_devices"] = bench_many(args)

@@ -229,6 +229,39 @@ static void test_newtonian_fluid(void **state)
     fm_measurement_free(&m);
 }
 
+/* Medians (of the steady half of each step, and of the noise over steps)
+ * on even counts and in every order: the steady samples are the torque
+ * times {0.9, 1.0, 1.1, 1.2} shuffled differently per step, so the median
+ * is 1.05 times the torque and the scaled MAD is 0.1 * 1.4826 / 1.05. */
+static void test_median_exact(void **state)
+{
+    (void)state;
+    const double rates[] = {1, 3, 10, 30, 100, 300};
+    static const double perm[6][4] = {{0.9, 1.0, 1.1, 1.2}, {1.2, 1.1, 1.0, 0.9},
+                                      {1.1, 0.9, 1.2, 1.0}, {1.0, 1.2, 0.9, 1.1},
+                                      {1.2, 0.9, 1.0, 1.1}, {0.9, 1.2, 1.1, 1.0}};
+    double buf[6 * 8];
+    fm_measurement m;
+    memset(&m, 0, sizeof m);
+    snprintf(m.id, sizeof m.id, "median");
+    m.temperature_c = 37.0;
+    m.n_steps = 6;
+    for (size_t i = 0; i < 6; i++) {
+        double t = newtonian_torque(4.0, rates[i]);
+        for (size_t j = 0; j < 4; j++) {
+            buf[i * 8 + j] = t * 3.0; /* start-up transient: ignored */
+            buf[i * 8 + 4 + j] = t * perm[i][j];
+        }
+        m.steps[i] = (fm_sweep_step){rates[i], buf + i * 8, 8};
+    }
+    fm_verr ve;
+    float f[FM_FEATURES_MAX];
+    assert_int_equal(fm_features_extract(&m, f, &ve), 0);
+    for (int i = 1; i <= 6; i++)
+        assert_float_equal(f[i], log(4.0 * 1.05), 1e-5);
+    assert_float_equal(f[feature_index("noise_rel")], 0.1 * 1.4826 / 1.05, 1e-5);
+}
+
 /* Fills m by hand (bypassing the validator, which insists on strictly
  * increasing rates) so the extractor's own handling of any order can be
  * checked; samples live in buf. */
@@ -375,6 +408,7 @@ int main(void)
         cmocka_unit_test(test_newtonian_fluid),
         cmocka_unit_test(test_order_and_duplicates),
         cmocka_unit_test(test_robust_to_spikes),
+        cmocka_unit_test(test_median_exact),
         cmocka_unit_test(test_out_of_range_coverage),
         cmocka_unit_test(test_out_of_range_few_rates),
         cmocka_unit_test(test_out_of_range_torque),
