@@ -24,27 +24,24 @@ struct fm_model;
  * an answer (fm_inmsg_free of an unanswered message). */
 typedef void (*fm_reply_fn)(void *ud, const char *doc, size_t len);
 
-/* A received message, owned by the pipeline once submitted. */
-typedef struct fm_inmsg {
-    struct fm_inmsg *next;
-    char device_id[65];     /* from the topic fleet/<device>/measurements */
-    char *payload;          /* fm_malloc'd, not NUL-terminated */
-    size_t len;
-    char *response_topic;   /* fm_malloc'd or NULL (MQTT 5 Response Topic) */
-    void *corr;             /* fm_malloc'd or NULL (MQTT 5 Correlation Data) */
-    size_t corr_len;
-    uint64_t recv_ns;       /* fm_mono_ns() at receipt */
-    uint64_t prepared_ns;   /* pipeline-internal: fm_mono_ns() once prepared */
-    int64_t recv_ms;        /* wall clock at receipt */
-    void *prep;             /* pipeline-internal: parse and feature results */
-    fm_reply_fn reply;      /* NULL: reply over MQTT (publish callback) */
-    void *reply_ud;
-} fm_inmsg;
+/* A received message (opaque), owned by the pipeline once submitted. */
+typedef struct fm_inmsg fm_inmsg;
 
-/* Allocates a message holding copies of the given buffers. Returns NULL on
+/* Allocates a message holding copies of the given buffers (device_id from
+ * the topic fleet/<device>/measurements; response_topic and corr may be
+ * NULL), stamped with the current time as its receipt. Returns NULL on
  * allocation failure. Free with fm_inmsg_free (if not submitted). */
 fm_inmsg *fm_inmsg_new(const char *device_id, const void *payload, size_t len,
                        const char *response_topic, const void *corr, size_t corr_len);
+/* Sends the answer to fn instead of publishing it over MQTT. Once the
+ * message is submitted, fn is called exactly once, on the pipeline thread:
+ * with the reply document, or with doc NULL when the pipeline drops the
+ * message without an answer. If the submit fails, fn is never called. */
+void fm_inmsg_set_reply(fm_inmsg *m, fm_reply_fn fn, void *ud);
+/* Overrides the receipt time (fm_mono_ns, wall ms) set by fm_inmsg_new. */
+void fm_inmsg_set_received(fm_inmsg *m, uint64_t mono_ns, int64_t wall_ms);
+/* Frees a message that was not submitted (or whose submit failed); never
+ * calls its reply hook. NULL is a no-op. */
 void fm_inmsg_free(fm_inmsg *m);
 
 /* Publishes a reply (QoS 1). Returns 0 or a negative FM_E* code. Called
@@ -70,7 +67,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
 
 /* Hands m to the pipeline (ownership moves on success). Returns 0, or
  * FM_EBUSY when the queue is full / FM_ESTATE when stopping; the caller
- * keeps m on failure. Thread-safe. */
+ * keeps m on failure, and its reply hook is not called. Thread-safe. */
 int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m);
 
 /* True once the model is loaded and the last commit (if any) succeeded. */

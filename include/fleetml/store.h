@@ -44,6 +44,8 @@ typedef struct fm_record {
     size_t payload_len;
     const char *result_json;  /* the reply document sent to the device */
     const char *model;        /* "name@version" */
+    int existed;              /* set by the store on commit: (device, id) was
+                                 already stored, nothing was written, seq is 0 */
 } fm_record;
 
 /* A rejected payload kept for the lake's quarantine area. */
@@ -414,10 +416,10 @@ static inline int fm_store_result_lookup(fm_store *s, const char *device_id,
                                          const char *measurement_id, char **result_json)
 { return s->vt->result_lookup(s, device_id, measurement_id, result_json); }
 /* Durably commits records and quarantined payloads in one transaction
- * (synchronous=FULL). On success each recs[i].seq is set. On failure nothing
- * is stored and FM_EDB / FM_ENOSPC / FM_EIO is returned; a record whose
- * (device, id) already exists makes the whole call fail with FM_EEXIST, so
- * callers dedupe first. */
+ * (synchronous=FULL). Dedupe is by key: a record whose (device, id) is
+ * already stored is skipped (insert-or-ignore) and marked existed, the
+ * others are written and get their seq. On failure nothing is stored and
+ * FM_EDB / FM_ENOSPC / FM_EIO is returned. */
 static inline int fm_store_commit(fm_store *s, fm_record *recs, size_t n, fm_quarantine *q,
                                   size_t nq, fm_errbuf *err)
 { return s->vt->commit(s, recs, n, q, nq, err); }

@@ -297,12 +297,12 @@ static void predict_store(api_req *r, const char *device)
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     w->refs = 2;
-    m->reply = on_reply;
-    m->reply_ud = w;
-    m->recv_ns = fm_mono_ns();
-    m->recv_ms = r->now_ms;
+    fm_inmsg_set_reply(m, on_reply, w);
+    fm_inmsg_set_received(m, fm_mono_ns(), r->now_ms);
     if (fm_pipeline_submit(r->h->pipeline, m) != 0) {
-        fm_inmsg_free(m); /* calls on_reply(NULL): drops the pipeline's reference */
+        /* on_reply will never run: drop the pipeline's reference too. */
+        fm_inmsg_free(m);
+        waiter_release(w);
         waiter_release(w);
         r->retry_after = 1;
         api_error(r, 503, "unavailable", "platform overloaded, retry later");

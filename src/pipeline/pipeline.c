@@ -16,6 +16,7 @@
  */
 #include "fleetml/pipeline.h"
 #include "fleetml/jsonmem.h"
+#include "pipeline/batch.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
@@ -31,7 +32,6 @@
 #include <time.h>
 
 #define MAX_WORKERS 16
-#define QUARANTINE_MAX (16 * 1024)
 
 /* Device rows cached by the commit thread: a registry read per
  * measurement costs more than the rest of the dedupe step. Entries live
@@ -46,21 +46,14 @@ typedef struct cached_device {
     uint64_t fetched_ns; /* 0 = empty */
 } cached_device;
 
-/* What a worker computed for one message, owned by the message. */
-typedef struct prepared {
-    int parse_rc;      /* 0, or FM_EINVAL/FM_ENOMEM with verr set */
-    int feat_rc;       /* 0, or non-zero with verr set (only when parse_rc == 0) */
-    fm_measurement m;
-    fm_verr verr;
-    float feat[FM_FEATURES_MAX];
-} prepared;
-
 struct fm_pipeline {
     fm_pipeline_opts opts;
     fm_config cfg;
     fm_store *store;
     fm_model *model;
     char model_ref[128];
+    batch_scorer scorer;
+    batch_env env;
 
     pthread_t thread;
     pthread_mutex_t mu;
@@ -81,20 +74,6 @@ struct fm_pipeline {
     long in_depth;
     int in_stopping;
 };
-
-/* Per-message working state for one batch. */
-typedef struct item {
-    fm_inmsg *msg;
-    fm_measurement m;
-    fm_device dev;
-    fm_verr verr;
-    int rejected;     /* error reply, quarantined */
-    int duplicate;    /* already stored: reply with stored result */
-    int follower;     /* same id as an earlier item in this batch */
-    size_t leader;    /* index of that earlier item */
-    size_t row;       /* row in the feature matrix */
-    char *result;     /* reply document (fm_free) */
-} item;
 
 fm_inmsg *fm_inmsg_new(const char *device_id, const void *payload, size_t len,
                        const char *response_topic, const void *corr, size_t corr_len)
@@ -126,16 +105,25 @@ fail:
     return NULL;
 }
 
+void fm_inmsg_set_reply(fm_inmsg *m, fm_reply_fn fn, void *ud)
+{
+    m->reply = fn;
+    m->reply_ud = ud;
+}
+
+void fm_inmsg_set_received(fm_inmsg *m, uint64_t mono_ns, int64_t wall_ms)
+{
+    m->recv_ns = mono_ns;
+    m->recv_ms = wall_ms;
+}
+
 void fm_inmsg_free(fm_inmsg *m)
 {
     if (!m)
         return;
-    if (m->reply) /* never answered: tell the waiter */
-        m->reply(m->reply_ud, NULL, 0);
     if (m->prep) {
-        prepared *pr = m->prep;
-        fm_measurement_free(&pr->m);
-        fm_free(pr);
+        fm_measurement_free(&m->prep->m);
+        fm_free(m->prep);
     }
     fm_free(m->payload);
     fm_free(m->response_topic);
@@ -197,46 +185,6 @@ char *fm_result_ok_json(const fm_model *model, const char *model_ref, const char
     return s;
 }
 
-static void reject(item *it, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void reject(item *it, const char *code, const char *fmt, ...)
-{
-    it->rejected = 1;
-    snprintf(it->verr.code, sizeof it->verr.code, "%s", code);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(it->verr.message, sizeof it->verr.message, fmt, ap);
-    va_end(ap);
-}
-
-/* The CPU-heavy part of a message's processing, done by a worker (or by
- * the commit thread when there are no workers): size check, parse and
- * validation, feature extraction. Never touches the store or the model.
- * Returns 0 or FM_ENOMEM (the message is then answered "internal"). */
-static int prepare(const fm_pipeline *p, fm_inmsg *msg)
-{
-    if (msg->prep)
-        return 0;
-    uint64_t t0 = fm_mono_ns();
-    fm_stage_observe(FM_STAGE_QUEUE, msg->recv_ns);
-    prepared *pr = fm_calloc(1, sizeof *pr);
-    if (!pr)
-        return FM_ENOMEM;
-    if ((int64_t)msg->len > p->cfg.max_payload) {
-        pr->parse_rc = fm_verrf(&pr->verr, FM_VERR_TOO_LARGE,
-                                "payload is %zu bytes, the limit is %d bytes", msg->len,
-                                p->cfg.max_payload);
-    } else {
-        pr->parse_rc = fm_measurement_parse(msg->payload, msg->len, &pr->m, &pr->verr);
-        if (pr->parse_rc == 0)
-            pr->feat_rc = fm_features_extract(&pr->m, pr->feat, &pr->verr);
-    }
-    msg->prep = pr;
-    fm_stage_observe(FM_STAGE_PREPARE, t0);
-    msg->prepared_ns = fm_mono_ns();
-    return 0;
-}
-
 static uint32_t id_hash(const char *s)
 {
     uint32_t h = 2166136261u;
@@ -264,208 +212,58 @@ static int device_lookup(fm_pipeline *p, const char *id, fm_device *out)
     return rc;
 }
 
-/* Validation, device check and dedupe for one message. */
-static void admit(fm_pipeline *p, item *items, size_t i)
+/* batch_env's device lookup: the cache in front of the store. */
+static int lookup_device(void *ud, const char *id, fm_device *out)
 {
-    item *it = &items[i];
-    fm_inmsg *msg = it->msg;
-    int rc = device_lookup(p, msg->device_id, &it->dev);
-    if (rc == FM_ENOTFOUND) {
-        reject(it, FM_VERR_UNKNOWN_DEVICE, "device '%s' is not registered", msg->device_id);
-        return;
-    }
-    if (rc != 0) {
-        reject(it, FM_VERR_UNAVAILABLE, "device registry unavailable, retry later");
-        return;
-    }
-    if (it->dev.status != FM_DEVICE_ACTIVE) {
-        reject(it, FM_VERR_DEVICE_INACTIVE, "device '%s' is %s", msg->device_id,
-               it->dev.status == FM_DEVICE_REVOKED ? "revoked" : "disabled");
-        return;
-    }
-    prepared *pr = msg->prep;
-    if (pr->parse_rc != 0) {
-        it->verr = pr->verr;
-        it->rejected = 1;
-        return;
-    }
-    /* The measurement now belongs to the batch item. */
-    it->m = pr->m;
-    memset(&pr->m, 0, sizeof pr->m);
-    /* An id already stored is answered with its original result. */
-    char *stored = NULL;
-    rc = fm_store_result_lookup(p->store, msg->device_id, it->m.id, &stored);
-    if (rc == 0) {
-        it->duplicate = 1;
-        it->result = stored;
-        return;
-    }
-    if (rc != FM_ENOTFOUND) {
-        reject(it, FM_VERR_UNAVAILABLE, "store unavailable, retry later");
-        return;
-    }
-    for (size_t j = 0; j < i; j++) {
-        item *o = &items[j];
-        if (!o->rejected && !o->duplicate && !o->follower &&
-            strcmp(o->msg->device_id, msg->device_id) == 0 && strcmp(o->m.id, it->m.id) == 0) {
-            it->follower = 1;
-            it->leader = j;
-            return;
-        }
-    }
+    return device_lookup(ud, id, out);
 }
 
-static void count_reject(const item *it)
+static int scorer_predict(void *ud, const float *feat, size_t rows, float *out, fm_errbuf *err)
 {
-    fm_metrics *mx = fm_metrics_get();
-    atomic_fetch_add(&mx->rejected[fm_reject_reason_from_code(it->verr.code)], 1);
+    fm_pipeline *p = ud;
+    return fm_model_predict(p->model, feat, rows, out, err);
 }
 
-static void publish_reply(fm_pipeline *p, const item *it, const char *doc)
+static char *scorer_ok_doc(void *ud, const char *mid, const float *out, int64_t recv_ms)
 {
-    char topic[256];
-    fm_inmsg *msg = it->msg;
-    int rc = 0;
-    if (msg->reply) {
-        msg->reply(msg->reply_ud, doc, strlen(doc));
-        msg->reply = NULL;
-    } else {
-        fm_reply_topic(msg->device_id, msg->response_topic, "results", topic, sizeof topic);
-        rc = p->opts.publish(p->opts.ud, topic, doc, strlen(doc), msg->corr, msg->corr_len);
+    fm_pipeline *p = ud;
+    return fm_result_ok_json(p->model, p->model_ref, mid, out, recv_ms);
+}
+
+/* Drops messages the pipeline cannot process at all (out of memory). */
+static void drop_list(fm_pipeline *p, fm_inmsg *list)
+{
+    while (list) {
+        fm_inmsg *next = list->next;
+        atomic_fetch_sub(&p->bytes, (long)list->len);
+        if (list->reply) /* never answered: tell the waiter */
+            list->reply(list->reply_ud, NULL, 0);
+        fm_inmsg_free(list);
+        list = next;
     }
-    fm_metrics *mx = fm_metrics_get();
-    if (rc == 0)
-        atomic_fetch_add(&mx->replied, 1);
-    fm_hist_observe(&mx->reply_seconds, (double)(fm_mono_ns() - msg->recv_ns) / 1e9);
 }
 
 static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
 {
     fm_metrics *mx = fm_metrics_get();
-    size_t nf = fm_feature_count(), no = fm_model_output_count(p->model);
-    item *items = fm_calloc(n, sizeof *items);
-    float *feat = fm_malloc(n * nf * sizeof(float));
-    float *pred = fm_malloc(n * no * sizeof(float));
-    fm_record *recs = fm_calloc(n, sizeof *recs);
-    fm_quarantine *quar = fm_calloc(n, sizeof *quar);
-    if (!items || !feat || !pred || !recs || !quar) {
+    batch b;
+    if (batch__init(&b, list, n, p->scorer.n_outputs) != 0) {
         /* Out of memory: nothing can be stored; devices will retry. */
         fm_logf(FM_LOG_ERROR, "pipeline", "out of memory processing a batch of %zu", n);
-        while (list) {
-            fm_inmsg *next = list->next;
-            atomic_fetch_sub(&p->bytes, (long)list->len);
-            fm_inmsg_free(list);
-            list = next;
-        }
-        fm_free(items);
-        fm_free(feat);
-        fm_free(pred);
-        fm_free(recs);
-        fm_free(quar);
+        drop_list(p, list);
         return;
     }
-
-    size_t i = 0, rows = 0;
-    uint64_t t_admit = fm_mono_ns();
-    for (fm_inmsg *m = list; m; m = m->next, i++) {
-        items[i].msg = m;
-        atomic_fetch_add(&mx->received, 1);
-        if (m->prep)
-            fm_stage_observe(FM_STAGE_HANDOFF, m->prepared_ns);
-        if (prepare(p, m) != 0) {
-            reject(&items[i], FM_VERR_INTERNAL, "out of memory, retry later");
-            continue;
-        }
-        admit(p, items, i);
-        if (items[i].rejected || items[i].duplicate || items[i].follower)
-            continue;
-        prepared *pr = m->prep;
-        if (pr->feat_rc != 0) {
-            items[i].verr = pr->verr;
-            items[i].rejected = 1;
-            continue;
-        }
-        memcpy(feat + rows * nf, pr->feat, nf * sizeof(float));
-        items[i].row = rows++;
-    }
-    fm_stage_observe(FM_STAGE_ADMIT, t_admit);
-
-    int model_ok = 1;
-    if (rows > 0) {
-        fm_errbuf err;
-        uint64_t t0 = fm_mono_ns();
-        if (fm_model_predict(p->model, feat, rows, pred, &err) != 0) {
-            fm_logf(FM_LOG_ERROR, "pipeline", "inference failed: %s", err.msg);
-            model_ok = 0;
-        }
-        fm_hist_observe(&mx->inference_seconds, (double)(fm_mono_ns() - t0) / 1e9);
-    }
-
-    /* Build the rows to commit. */
-    size_t nr = 0, nq = 0;
-    for (i = 0; i < n; i++) {
-        item *it = &items[i];
-        if (it->duplicate || it->follower)
-            continue;
-        if (!it->rejected && !model_ok)
-            reject(it, FM_VERR_INTERNAL, "model inference failed, retry later");
-        if (it->rejected) {
-            if (strcmp(it->verr.code, FM_VERR_UNAVAILABLE) == 0 ||
-                strcmp(it->verr.code, FM_VERR_INTERNAL) == 0)
-                continue; /* our fault, not the payload's: nothing to quarantine */
-            /* Quarantine keeps evidence, not whole floods: at most the
-             * first QUARANTINE_MAX bytes of a payload are kept. */
-            if (it->msg->len > QUARANTINE_MAX) {
-                size_t ml = strlen(it->verr.message);
-                snprintf(it->verr.message + ml, sizeof it->verr.message - ml,
-                         " [quarantined: first %d of %zu bytes]", QUARANTINE_MAX, it->msg->len);
-            }
-            quar[nq++] = (fm_quarantine){
-                .device_id = it->msg->device_id,
-                .tenant = it->dev.tenant,
-                .received_ms = it->msg->recv_ms,
-                .payload = it->msg->payload,
-                .payload_len = it->msg->len > QUARANTINE_MAX ? QUARANTINE_MAX : it->msg->len,
-                .error_code = it->verr.code,
-                .error_message = it->verr.message,
-            };
-            continue;
-        }
-        it->result = fm_result_ok_json(p->model, p->model_ref, it->m.id, pred + it->row * no,
-                                       it->msg->recv_ms);
-        if (!it->result) {
-            reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
-            continue;
-        }
-        recs[nr++] = (fm_record){
-            .device_id = it->msg->device_id,
-            .tenant = it->dev.tenant,
-            .measurement_id = it->m.id,
-            .received_ms = it->msg->recv_ms,
-            .taken_ms = it->m.taken_at_ms,
-            .payload = it->msg->payload,
-            .payload_len = it->msg->len,
-            .result_json = it->result,
-            .model = p->model_ref,
-        };
-    }
-
-    int committed = 1;
-    if (nr + nq > 0) {
-        fm_errbuf err;
-        uint64_t t0 = fm_mono_ns();
-        int rc = fm_store_commit(p->store, recs, nr, quar, nq, &err);
-        fm_hist_observe(&mx->commit_seconds, (double)(fm_mono_ns() - t0) / 1e9);
-        if (rc != 0) {
-            committed = 0;
+    batch__admit(&b, &p->env);
+    batch__infer(&b, &p->env);
+    batch__build_rows(&b, &p->env);
+    if (b.nr + b.nq > 0) {
+        if (!batch__commit(&b, &p->env)) {
             atomic_fetch_add(&mx->commit_failures, 1);
             if (atomic_exchange(&p->healthy, 0))
                 fm_logkv(FM_LOG_ERROR, "pipeline", "commit failed; replying unavailable",
-                         "error", err.msg, NULL);
+                         "error", b.commit_err.msg, NULL);
             atomic_store(&mx->store_unavailable, 1);
         } else {
-            fm_hist_observe(&mx->commit_batch_size, (double)nr);
-            atomic_fetch_add(&mx->stored, nr);
             if (!atomic_exchange(&p->healthy, 1))
                 fm_logf(FM_LOG_INFO, "pipeline", "commits succeed again");
             atomic_store(&mx->store_unavailable, 0);
@@ -473,61 +271,9 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
                 p->opts.committed(p->opts.ud);
         }
     }
-
     /* Replies go out only now that the batch is durable. */
-    uint64_t t_publish = fm_mono_ns();
-    for (i = 0; i < n; i++) {
-        item *it = &items[i];
-        const char *doc = NULL;
-        char *owned = NULL;
-        if (it->follower) {
-            item *lead = &items[it->leader];
-            if (committed && !lead->rejected) {
-                doc = lead->result;
-                atomic_fetch_add(&mx->duplicates, 1);
-            } else {
-                it->verr = lead->verr;
-                if (!committed)
-                    snprintf(it->verr.code, sizeof it->verr.code, "%s", FM_VERR_UNAVAILABLE);
-                it->rejected = 1;
-            }
-        } else if (it->duplicate) {
-            doc = it->result;
-            atomic_fetch_add(&mx->duplicates, 1);
-        } else if (!it->rejected && !committed) {
-            reject(it, FM_VERR_UNAVAILABLE, "measurement could not be stored, retry later");
-        } else if (!it->rejected) {
-            doc = it->result;
-        }
-        if (it->rejected) {
-            char mid[FM_MEAS_ID_MAX + 1];
-            if (it->m.id[0])
-                snprintf(mid, sizeof mid, "%s", it->m.id);
-            else
-                fm_measurement_peek_id(it->msg->payload, it->msg->len, mid);
-            count_reject(it);
-            owned = fm_error_result_json(mid, it->verr.code, it->verr.message);
-            doc = owned;
-        }
-        if (doc)
-            publish_reply(p, it, doc);
-        fm_free(owned);
-    }
-    fm_stage_observe(FM_STAGE_PUBLISH, t_publish);
-
-    long released = 0;
-    for (i = 0; i < n; i++) {
-        released += (long)items[i].msg->len;
-        fm_measurement_free(&items[i].m);
-        fm_free(items[i].result);
-        fm_inmsg_free(items[i].msg);
-    }
-    atomic_fetch_sub(&p->bytes, released);
-    fm_free(items);
-    fm_free(feat);
-    fm_free(pred);
-    fm_free(recs);
-    fm_free(quar);
+    batch__reply(&b, &p->env);
+    atomic_fetch_sub(&p->bytes, batch__release(&b));
 }
 
 static void *worker(void *arg);
@@ -621,6 +367,18 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
         goto fail;
     snprintf(p->model_ref, sizeof p->model_ref, "%s@%s", fm_model_name(p->model),
              fm_model_version(p->model));
+    p->scorer = (batch_scorer){.n_outputs = fm_model_output_count(p->model),
+                               .model_ref = p->model_ref,
+                               .predict = scorer_predict,
+                               .ok_doc = scorer_ok_doc,
+                               .ud = p};
+    p->env = (batch_env){.store = p->store,
+                         .device_lookup = lookup_device,
+                         .device_ud = p,
+                         .scorer = &p->scorer,
+                         .publish = p->opts.publish,
+                         .publish_ud = p->opts.ud,
+                         .max_payload = p->cfg.max_payload};
     pthread_mutex_init(&p->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -691,7 +449,7 @@ static void *worker(void *arg)
         pthread_mutex_unlock(&p->in_mu);
         /* A failed allocation leaves the message unprepared; the commit
          * thread tries again and answers "internal" if it fails too. */
-        (void)prepare(p, m);
+        (void)batch__prepare(m, p->cfg.max_payload);
         pthread_mutex_lock(&p->mu);
         enqueue_ready(p, m);
         pthread_mutex_unlock(&p->mu);

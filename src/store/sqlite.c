@@ -559,8 +559,9 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
         sqlite3_bind_text(st, 7, r->result_json, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 8, r->model, -1, SQLITE_STATIC);
         rc = sql__step_done(st);
-        if (rc == SQLITE_OK)
-            r->seq = sqlite3_last_insert_rowid(s->db);
+        /* ON CONFLICT DO NOTHING: no change means the key was stored. */
+        r->existed = rc == SQLITE_OK && sqlite3_changes(s->db) == 0;
+        r->seq = rc == SQLITE_OK && !r->existed ? sqlite3_last_insert_rowid(s->db) : 0;
     }
     for (size_t i = 0; i < nq && rc == SQLITE_OK; i++) {
         sqlite3_stmt *st = s->ins_quar;
@@ -584,8 +585,10 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
     int code = sql__err(s, err, rc, "commit");
     if (!sqlite3_get_autocommit(s->db))
         sql__step_done(s->rollback);
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         recs[i].seq = 0;
+        recs[i].existed = 0;
+    }
     return code;
 }
 
@@ -888,7 +891,8 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
         goto fail;
     if ((rc = sql__prep(s, &s->ins_meas,
                    "INSERT INTO measurements(device_id, tenant, measurement_id, received_ms,"
-                   " taken_ms, payload, result, model) VALUES(?,?,?,?,?,?,?,?)",
+                   " taken_ms, payload, result, model) VALUES(?,?,?,?,?,?,?,?)"
+                   " ON CONFLICT(device_id, measurement_id) DO NOTHING",
                    err)) ||
         (rc = sql__prep(s, &s->ins_quar,
                    "INSERT INTO quarantine(device_id, tenant, received_ms, payload, error_code,"

@@ -118,27 +118,30 @@ static void test_commit_and_lookup(void **state)
     assert_int_equal(max, q.seq);
 }
 
-/* A batch holding one id that is already stored fails as a whole: nothing
- * of it is half-stored. */
-static void test_commit_is_atomic(void **state)
+/* Dedupe by key: a record whose (device, id) is already stored is skipped
+ * and marked existed, its stored result untouched; the others are written. */
+static void test_commit_skips_stored_keys(void **state)
 {
     fx *f = *state;
     fm_errbuf err;
-    fm_record first = rec("x", "{}");
+    fm_record first = rec("x", "{\"first\":1}");
     assert_int_equal(fm_store_commit(f->st, &first, 1, NULL, 0, &err), 0);
-    fm_record batch[3] = {rec("y", "{}"), rec("z", "{}"), rec("x", "{}")};
-    assert_int_equal(fm_store_commit(f->st, batch, 3, NULL, 0, &err), FM_EEXIST);
-    assert_int_equal(batch[0].seq, 0);
+    assert_false(first.existed);
+    assert_true(first.seq > 0);
+    fm_record batch[3] = {rec("y", "{}"), rec("x", "{\"second\":2}"), rec("z", "{}")};
+    assert_int_equal(fm_store_commit(f->st, batch, 3, NULL, 0, &err), 0);
+    assert_false(batch[0].existed);
+    assert_true(batch[1].existed);
+    assert_int_equal(batch[1].seq, 0);
+    assert_false(batch[2].existed);
+    assert_true(batch[0].seq > first.seq && batch[2].seq > batch[0].seq);
     long n;
     assert_int_equal(fm_store_count_measurements(f->st, "dev-1", &n), 0);
-    assert_int_equal(n, 1);
-    char *res = NULL;
-    assert_int_equal(fm_store_result_lookup(f->st, "dev-1", "y", &res), FM_ENOTFOUND);
-    /* the handle is usable again after the failed transaction */
-    fm_record again[2] = {rec("y", "{}"), rec("z", "{}")};
-    assert_int_equal(fm_store_commit(f->st, again, 2, NULL, 0, &err), 0);
-    assert_int_equal(fm_store_count_measurements(f->st, "dev-1", &n), 0);
     assert_int_equal(n, 3);
+    char *res = NULL;
+    assert_int_equal(fm_store_result_lookup(f->st, "dev-1", "x", &res), 0);
+    assert_string_equal(res, "{\"first\":1}");
+    fm_free(res);
 }
 
 typedef struct scan_acc {
@@ -927,7 +930,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_catalogue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commit_and_lookup, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_commit_is_atomic, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_commit_skips_stored_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_and_cursor, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_probe_write, setup, teardown),

@@ -1,0 +1,408 @@
+/*
+ * The group commit's phases (src/pipeline/batch.c), each on its own, with a
+ * fake store (device rows, insert-or-ignore by key, failures on demand) and
+ * a fake model (one output: the first feature, the temperature). Checks
+ * the order of decisions: device before payload, verdicts and repeats,
+ * quarantine only for the payload's own faults, a stored result read only
+ * when the key already existed, and nothing published before the commit.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "fleetml/viscometer.h"
+#include "pipeline/batch.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- fakes ------------------------------------------------------------------ */
+
+#define STORED_MAX 32
+
+typedef struct fake_store {
+    fm_store base;
+    int fail_commit;
+    int commits, lookups;
+    size_t nstored;
+    char stored_ids[STORED_MAX][FM_MEAS_ID_MAX + 1];
+    char stored_docs[STORED_MAX][256];
+    size_t last_nq;
+    char last_quar_codes[8][32];
+} fake_store;
+
+static int f_device_get(fm_store *s, const char *id, fm_device *out)
+{
+    (void)s;
+    memset(out, 0, sizeof *out);
+    if (strcmp(id, "dev-a") == 0 || strcmp(id, "dev-off") == 0) {
+        snprintf(out->id, sizeof out->id, "%s", id);
+        snprintf(out->tenant, sizeof out->tenant, "t1");
+        out->status = strcmp(id, "dev-a") == 0 ? FM_DEVICE_ACTIVE : FM_DEVICE_DISABLED;
+        return 0;
+    }
+    if (strcmp(id, "dev-broken") == 0)
+        return FM_EDB;
+    return FM_ENOTFOUND;
+}
+
+static int find_stored(fake_store *f, const char *mid)
+{
+    for (size_t i = 0; i < f->nstored; i++)
+        if (strcmp(f->stored_ids[i], mid) == 0)
+            return (int)i;
+    return -1;
+}
+
+static int f_result_lookup(fm_store *s, const char *dev, const char *mid, char **result)
+{
+    fake_store *f = (fake_store *)s;
+    (void)dev;
+    f->lookups++;
+    int i = find_stored(f, mid);
+    if (i < 0)
+        return FM_ENOTFOUND;
+    *result = fm_strdup(f->stored_docs[i]);
+    return *result ? 0 : FM_ENOMEM;
+}
+
+static int f_commit(fm_store *s, fm_record *recs, size_t n, fm_quarantine *q, size_t nq,
+                    fm_errbuf *err)
+{
+    fake_store *f = (fake_store *)s;
+    f->commits++;
+    if (f->fail_commit)
+        return fm_errf(err, FM_EIO, "injected failure");
+    for (size_t i = 0; i < n; i++) {
+        recs[i].existed = find_stored(f, recs[i].measurement_id) >= 0;
+        if (recs[i].existed)
+            continue;
+        assert_true(f->nstored < STORED_MAX);
+        snprintf(f->stored_ids[f->nstored], sizeof f->stored_ids[0], "%s",
+                 recs[i].measurement_id);
+        snprintf(f->stored_docs[f->nstored], sizeof f->stored_docs[0], "%s",
+                 recs[i].result_json);
+        recs[i].seq = (int64_t)++f->nstored;
+    }
+    f->last_nq = nq;
+    for (size_t i = 0; i < nq && i < 8; i++)
+        snprintf(f->last_quar_codes[i], sizeof f->last_quar_codes[0], "%s", q[i].error_code);
+    return 0;
+}
+
+static const fm_store_vtable fake_vt = {
+    .name = "fake",
+    .device_get = f_device_get,
+    .result_lookup = f_result_lookup,
+    .commit = f_commit,
+};
+
+typedef struct fake_model {
+    int fail;
+    int calls;
+    size_t rows;
+} fake_model;
+
+static int m_predict(void *ud, const float *feat, size_t rows, float *out, fm_errbuf *err)
+{
+    fake_model *m = ud;
+    m->calls++;
+    m->rows = rows;
+    if (m->fail)
+        return fm_errf(err, FM_EINVAL, "injected failure");
+    for (size_t i = 0; i < rows; i++)
+        out[i] = feat[i * fm_feature_count()];
+    return 0;
+}
+
+static char *m_ok_doc(void *ud, const char *mid, const float *out, int64_t recv_ms)
+{
+    (void)ud;
+    (void)recv_ms;
+    char buf[160];
+    snprintf(buf, sizeof buf, "{\"id\":\"%s\",\"status\":\"ok\",\"t\":%.2f}", mid, out[0]);
+    return fm_strdup(buf);
+}
+
+#define REPLIES_MAX 16
+
+typedef struct published {
+    int n;
+    char docs[REPLIES_MAX][512];
+} published;
+
+static int p_publish(void *ud, const char *topic, const void *payload, size_t len,
+                     const void *corr, size_t corr_len)
+{
+    (void)topic, (void)corr, (void)corr_len;
+    published *p = ud;
+    assert_true(p->n < REPLIES_MAX);
+    snprintf(p->docs[p->n++], sizeof p->docs[0], "%.*s", (int)len, (const char *)payload);
+    return 0;
+}
+
+static int d_lookup(void *ud, const char *id, fm_device *out)
+{
+    return fm_store_device_get(ud, id, out);
+}
+
+typedef struct fx {
+    fake_store store;
+    fake_model model;
+    batch_scorer scorer;
+    published pub;
+    batch_env env;
+    fm_rng rng;
+} fx;
+
+static int setup(void **state)
+{
+    fx *f = calloc(1, sizeof *f);
+    f->store.base.vt = &fake_vt;
+    f->scorer = (batch_scorer){.n_outputs = 1, .model_ref = "fake@1", .predict = m_predict,
+                               .ok_doc = m_ok_doc, .ud = &f->model};
+    f->env = (batch_env){.store = &f->store.base, .device_lookup = d_lookup,
+                         .device_ud = &f->store.base, .scorer = &f->scorer,
+                         .publish = p_publish, .publish_ud = &f->pub,
+                         .max_payload = FM_MEAS_MAX_BYTES};
+    fm_rng_seed(&f->rng, 7);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    free(*state);
+    return 0;
+}
+
+/* A valid simulator sweep with id mid at 37.00 degC... as drawn. */
+static fm_inmsg *valid(fx *f, const char *dev, const char *mid)
+{
+    fm_visc_truth t;
+    fm_visc_draw_truth(&f->rng, &t);
+    char *doc;
+    size_t len;
+    assert_int_equal(fm_visc_measurement_json(&f->rng, &t, mid, "fw-1", fm_wall_ms(), &doc, &len),
+                     0);
+    fm_inmsg *m = fm_inmsg_new(dev, doc, len, NULL, NULL, 0);
+    fm_free(doc);
+    assert_non_null(m);
+    return m;
+}
+
+static fm_inmsg *raw(const char *dev, const char *payload)
+{
+    fm_inmsg *m = fm_inmsg_new(dev, payload, strlen(payload), NULL, NULL, 0);
+    assert_non_null(m);
+    return m;
+}
+
+/* Links msgs into a list and starts a batch over it. */
+static void start(batch *b, fm_inmsg **msgs, size_t n)
+{
+    for (size_t i = 0; i + 1 < n; i++)
+        msgs[i]->next = msgs[i + 1];
+    msgs[n - 1]->next = NULL;
+    assert_int_equal(batch__init(b, msgs[0], n, 1), 0);
+}
+
+static void run_all(batch *b, const batch_env *env)
+{
+    batch__admit(b, env);
+    batch__infer(b, env);
+    batch__build_rows(b, env);
+    batch__commit(b, env);
+    batch__reply(b, env);
+}
+
+static bool has(const char *doc, const char *needle) { return strstr(doc, needle) != NULL; }
+
+/* ---- tests ------------------------------------------------------------------- */
+
+static void test_admit_verdicts_in_order(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *msgs[] = {
+        valid(f, "dev-a", "m-1"),
+        valid(f, "dev-nobody", "m-2"),      /* unknown device, before the payload */
+        raw("dev-off", "{not json"),        /* disabled: the device is judged first */
+        raw("dev-a", "{\"id\":\"m-3\"}"),   /* missing fields */
+        valid(f, "dev-broken", "m-4"),      /* registry unavailable */
+        valid(f, "dev-a", "m-1"),           /* repeat inside the batch */
+    };
+    batch b;
+    start(&b, msgs, 6);
+    batch__admit(&b, &f->env);
+    assert_false(b.items[0].rejected);
+    assert_string_equal(b.items[1].verr.code, FM_VERR_UNKNOWN_DEVICE);
+    assert_string_equal(b.items[2].verr.code, FM_VERR_DEVICE_INACTIVE);
+    assert_string_equal(b.items[3].verr.code, FM_VERR_MISSING_FIELD);
+    assert_string_equal(b.items[4].verr.code, FM_VERR_UNAVAILABLE);
+    assert_true(b.items[5].follower);
+    assert_int_equal(b.items[5].leader, 0);
+    assert_int_equal(b.rows, 1); /* only the first m-1 is scored */
+    assert_int_equal(f->store.lookups, 0);
+    assert_int_equal(f->pub.n, 0);
+    batch__release(&b);
+}
+
+static void test_rows_and_quarantine(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *msgs[] = {valid(f, "dev-a", "m-1"), raw("dev-a", "[1,2]"),
+                        valid(f, "dev-broken", "m-4")};
+    batch b;
+    start(&b, msgs, 3);
+    batch__admit(&b, &f->env);
+    batch__infer(&b, &f->env);
+    assert_int_equal(f->model.calls, 1);
+    assert_int_equal(f->model.rows, 1);
+    batch__build_rows(&b, &f->env);
+    assert_int_equal(b.nr, 1);
+    assert_string_equal(b.recs[0].measurement_id, "m-1");
+    assert_string_equal(b.recs[0].model, "fake@1");
+    /* The payload's fault is quarantined; the registry's is not. */
+    assert_int_equal(b.nq, 1);
+    assert_string_equal(b.quar[0].error_code, FM_VERR_INVALID_TYPE);
+    assert_int_equal(f->pub.n, 0); /* nothing is published before the commit */
+    assert_true(batch__commit(&b, &f->env));
+    assert_int_equal(f->store.commits, 1);
+    assert_int_equal(f->store.last_nq, 1);
+    assert_int_equal(b.stored, 1);
+    batch__reply(&b, &f->env);
+    assert_int_equal(f->pub.n, 3);
+    assert_true(has(f->pub.docs[0], "\"id\":\"m-1\",\"status\":\"ok\""));
+    assert_true(has(f->pub.docs[1], FM_VERR_INVALID_TYPE));
+    assert_true(has(f->pub.docs[2], FM_VERR_UNAVAILABLE) && has(f->pub.docs[2], "m-4"));
+    batch__release(&b);
+}
+
+/* Dedupe by key: fresh ids cost no read; a stored id is found by the
+ * commit and answered with the stored document, byte for byte. */
+static void test_dedupe_by_key(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *first[] = {valid(f, "dev-a", "m-1"), valid(f, "dev-a", "m-2")};
+    batch b;
+    start(&b, first, 2);
+    run_all(&b, &f->env);
+    batch__release(&b);
+    assert_int_equal(f->store.lookups, 0);
+    assert_int_equal(f->store.nstored, 2);
+    char original[512];
+    snprintf(original, sizeof original, "%s", f->pub.docs[0]);
+
+    f->pub.n = 0;
+    fm_inmsg *again[] = {valid(f, "dev-a", "m-1"), valid(f, "dev-a", "m-3"),
+                         valid(f, "dev-a", "m-1")};
+    start(&b, again, 3);
+    run_all(&b, &f->env);
+    assert_true(b.items[0].existed);
+    assert_true(b.items[2].follower);
+    assert_int_equal(b.stored, 1);
+    batch__release(&b);
+    assert_int_equal(f->store.lookups, 1); /* only the existing key is read */
+    assert_int_equal(f->store.nstored, 3);
+    assert_int_equal(f->pub.n, 3);
+    assert_string_equal(f->pub.docs[0], original);
+    assert_string_equal(f->pub.docs[2], original);
+    assert_true(has(f->pub.docs[1], "\"id\":\"m-3\""));
+}
+
+static void test_commit_failure_answers_unavailable(void **state)
+{
+    fx *f = *state;
+    f->store.fail_commit = 1;
+    fm_inmsg *msgs[] = {valid(f, "dev-a", "m-1"), valid(f, "dev-a", "m-1"),
+                        raw("dev-a", "{")};
+    batch b;
+    start(&b, msgs, 3);
+    batch__admit(&b, &f->env);
+    batch__infer(&b, &f->env);
+    batch__build_rows(&b, &f->env);
+    assert_false(batch__commit(&b, &f->env));
+    assert_string_equal(b.commit_err.msg, "injected failure");
+    batch__reply(&b, &f->env);
+    batch__release(&b);
+    assert_int_equal(f->pub.n, 3);
+    for (int i = 0; i < 2; i++)
+        assert_true(has(f->pub.docs[i], FM_VERR_UNAVAILABLE));
+    /* A malformed payload keeps its own verdict. */
+    assert_true(has(f->pub.docs[2], FM_VERR_MALFORMED_JSON));
+    assert_int_equal(f->store.nstored, 0);
+}
+
+static void test_inference_failure_is_internal(void **state)
+{
+    fx *f = *state;
+    f->model.fail = 1;
+    fm_inmsg *msgs[] = {valid(f, "dev-a", "m-1")};
+    batch b;
+    start(&b, msgs, 1);
+    run_all(&b, &f->env);
+    assert_false(b.model_ok);
+    /* Not the payload's fault: nothing stored, nothing quarantined. */
+    assert_int_equal(b.nr + b.nq, 0);
+    assert_int_equal(f->store.commits, 0);
+    batch__release(&b);
+    assert_int_equal(f->pub.n, 1);
+    assert_true(has(f->pub.docs[0], FM_VERR_INTERNAL));
+}
+
+static int hook_calls;
+static char hook_doc[512];
+
+static void hook(void *ud, const char *doc, size_t len)
+{
+    (void)ud;
+    hook_calls++;
+    snprintf(hook_doc, sizeof hook_doc, "%.*s", doc ? (int)len : 4, doc ? doc : "NULL");
+}
+
+/* A message with a reply hook is answered through it once; released
+ * unanswered, it is told so with NULL; freed unsubmitted, never. */
+static void test_reply_hook(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *m = valid(f, "dev-a", "m-9");
+    fm_inmsg_set_reply(m, hook, NULL);
+    batch b;
+    start(&b, &m, 1);
+    run_all(&b, &f->env);
+    batch__release(&b);
+    assert_int_equal(hook_calls, 1);
+    assert_true(has(hook_doc, "\"id\":\"m-9\""));
+    assert_int_equal(f->pub.n, 0);
+
+    hook_calls = 0;
+    m = valid(f, "dev-a", "m-10");
+    fm_inmsg_set_reply(m, hook, NULL);
+    start(&b, &m, 1);
+    batch__release(&b); /* dropped before any phase */
+    assert_int_equal(hook_calls, 1);
+    assert_string_equal(hook_doc, "NULL");
+
+    hook_calls = 0;
+    m = valid(f, "dev-a", "m-11");
+    fm_inmsg_set_reply(m, hook, NULL);
+    fm_inmsg_free(m);
+    assert_int_equal(hook_calls, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_admit_verdicts_in_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rows_and_quarantine, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dedupe_by_key, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_commit_failure_answers_unavailable, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_inference_failure_is_internal, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reply_hook, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
