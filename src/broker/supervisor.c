@@ -15,6 +15,7 @@
  * killed fleetml is stopped before a new one starts.
  */
 #include "fleetml/broker.h"
+#include "fleetml/thread.h"
 #include "fleetml/metrics.h"
 
 #include <errno.h>
@@ -39,10 +40,7 @@ struct fm_broker {
     char conf_path[PATH_MAX];
     char pid_path[PATH_MAX];
     char log_path[PATH_MAX];
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int stopping;
+    fm_thread thread; /* supervision: waits for the broker, restarts it */
     _Atomic pid_t pid;
 };
 
@@ -244,11 +242,11 @@ static void *supervise(void *arg)
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
             ;
         atomic_store(&b->pid, 0);
-        pthread_mutex_lock(&b->mu);
-        int stopping = b->stopping;
+        fm_thread_lock(&b->thread);
+        bool stopping = fm_thread_should_stop(&b->thread);
         if (!stopping) /* every device session died with it */
             atomic_store(&mx->broker_lost_ms, fm_wall_ms());
-        pthread_mutex_unlock(&b->mu);
+        fm_thread_unlock(&b->thread);
         if (stopping)
             break;
         char how[64];
@@ -261,13 +259,13 @@ static void *supervise(void *arg)
             backoff_ms = 100;
         fm_logkv(FM_LOG_ERROR, "broker", "broker died; restarting", "how", how, "log",
                  b->log_path, NULL);
-        pthread_mutex_lock(&b->mu);
-        struct timespec ts;
-        fm_deadline_ns(&ts, CLOCK_REALTIME, (int64_t)backoff_ms * 1000000LL);
-        while (!b->stopping && pthread_cond_timedwait(&b->cv, &b->mu, &ts) != ETIMEDOUT)
+        fm_thread_lock(&b->thread);
+        uint64_t deadline = fm_mono_ns() + (uint64_t)backoff_ms * 1000000ull;
+        while (!fm_thread_should_stop(&b->thread) &&
+               !fm_thread_wait_ns(&b->thread, (int64_t)(deadline - fm_mono_ns())))
             ;
-        stopping = b->stopping;
-        pthread_mutex_unlock(&b->mu);
+        stopping = fm_thread_should_stop(&b->thread);
+        fm_thread_unlock(&b->thread);
         if (stopping)
             break;
         backoff_ms = backoff_ms * 2 > 5000 ? 5000 : backoff_ms * 2;
@@ -359,27 +357,23 @@ int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err)
         goto fail;
     }
     stop_stale(b);
-    pthread_mutex_init(&b->mu, NULL);
-    pthread_cond_init(&b->cv, NULL);
     pid_t pid = spawn(b);
     if (pid < 0) {
         rc = fm_errf(err, FM_EIO, "fork: %s", strerror(errno));
-        goto fail_sync;
+        goto fail;
     }
     atomic_store(&b->pid, pid);
-    if (pthread_create(&b->thread, NULL, supervise, b) != 0) {
+    if (fm_thread_start(&b->thread, supervise, b) != 0) {
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
+        atomic_store(&b->pid, 0);
         rc = fm_errf(err, FM_ENOMEM, "cannot start supervision thread");
-        goto fail_sync;
+        goto fail;
     }
     fm_logkv(FM_LOG_INFO, "broker", "broker started", "config", b->conf_path, "user", user,
              NULL);
     *out = b;
     return 0;
-fail_sync:
-    pthread_cond_destroy(&b->cv);
-    pthread_mutex_destroy(&b->mu);
 fail:
     fm_free(b);
     return rc;
@@ -391,10 +385,8 @@ void fm_broker_stop(fm_broker *b)
 {
     if (!b)
         return;
-    pthread_mutex_lock(&b->mu);
-    b->stopping = 1;
-    pthread_cond_signal(&b->cv);
-    pthread_mutex_unlock(&b->mu);
+    /* Stop first, so the supervisor does not restart the broker we end. */
+    fm_thread_request_stop(&b->thread);
     pid_t pid = atomic_load(&b->pid);
     if (pid > 0) {
         kill(pid, SIGTERM);
@@ -405,10 +397,8 @@ void fm_broker_stop(fm_broker *b)
         if (atomic_load(&b->pid) == pid)
             kill(pid, SIGKILL);
     }
-    pthread_join(b->thread, NULL);
+    fm_thread_stop(&b->thread);
     unlink(b->pid_path);
-    pthread_cond_destroy(&b->cv);
-    pthread_mutex_destroy(&b->mu);
     fm_free(b);
     fm_logf(FM_LOG_INFO, "broker", "broker stopped");
 }

@@ -41,6 +41,7 @@
 #include "fleetml/json.h"
 #include "fleetml/lake.h"
 #include "fleetml/metrics.h"
+#include "fleetml/thread.h"
 #include "lake/lake_int.h"
 
 #include <dirent.h>
@@ -802,11 +803,8 @@ int fm_lake_export_all(const fm_config *cfg, fm_errbuf *err)
 
 struct fm_lake_writer {
     lake_exporter ex;
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t wake; /* the thread waits here */
+    fm_thread thread;    /* its lock guards the fields below; it waits on its cv */
     pthread_cond_t done; /* flush callers wait here */
-    bool stop;
     bool notified;
     uint64_t flush_req, flush_done;
     int flush_rc;
@@ -821,24 +819,18 @@ static void *writer_main(void *arg)
     if (setpriority(PRIO_PROCESS, (id_t)gettid(), LAKE_NICE) != 0)
         fm_logf(FM_LOG_DEBUG, LAKE_COMPONENT, "cannot lower the lake writer's priority");
     int64_t backoff = 0, next_try = 0;
-    pthread_mutex_lock(&w->mu);
+    fm_thread_lock(&w->thread);
     for (;;) {
         /* Runs at most once a tick (or at once for a flush or stop): a
          * run per commit would spend more on waking up, preparing the scan
          * and starting gzip blocks than on exporting rows. */
-        if (!w->stop && w->flush_req == w->flush_done) {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_nsec += LAKE_TICK_MS * 1000000L;
-            ts.tv_sec += ts.tv_nsec / 1000000000L;
-            ts.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&w->wake, &w->mu, &ts);
-        }
-        bool stop = w->stop;
+        if (!fm_thread_should_stop(&w->thread) && w->flush_req == w->flush_done)
+            fm_thread_wait_ns(&w->thread, LAKE_TICK_MS * 1000000LL);
+        bool stop = fm_thread_should_stop(&w->thread);
         uint64_t req = w->flush_req;
         bool force = stop || req != w->flush_done;
         w->notified = false;
-        pthread_mutex_unlock(&w->mu);
+        fm_thread_unlock(&w->thread);
 
         /* While backing off after an error only explicit flushes (and the
          * final one at stop) try again: retrying at every commit would turn
@@ -859,7 +851,7 @@ static void *writer_main(void *arg)
             }
         }
 
-        pthread_mutex_lock(&w->mu);
+        fm_thread_lock(&w->thread);
         if (force && req != w->flush_done) {
             w->flush_done = req;
             w->flush_rc = rc;
@@ -868,7 +860,7 @@ static void *writer_main(void *arg)
         if (stop)
             break;
     }
-    pthread_mutex_unlock(&w->mu);
+    fm_thread_unlock(&w->thread);
     return NULL;
 }
 
@@ -895,17 +887,9 @@ int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *
         w->ex.last_rc = rc;
         atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
     }
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->wake, &ca);
     pthread_cond_init(&w->done, NULL);
-    pthread_condattr_destroy(&ca);
-    if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
+    if (fm_thread_start(&w->thread, writer_main, w) != 0) {
         pthread_cond_destroy(&w->done);
-        pthread_cond_destroy(&w->wake);
-        pthread_mutex_destroy(&w->mu);
         ex_close(&w->ex);
         fm_free(w);
         return fm_errf(err, FM_ENOMEM, "lake: cannot start the writer thread");
@@ -920,22 +904,22 @@ void fm_lake_writer_notify(fm_lake_writer *w)
         return;
     /* Only records that there is work; the thread picks it up at its next
      * tick (see writer_main). */
-    pthread_mutex_lock(&w->mu);
+    fm_thread_lock(&w->thread);
     w->notified = true;
-    pthread_mutex_unlock(&w->mu);
+    fm_thread_unlock(&w->thread);
 }
 
 int fm_lake_writer_flush(fm_lake_writer *w)
 {
     if (!w)
         return FM_EINVAL;
-    pthread_mutex_lock(&w->mu);
+    fm_thread_lock(&w->thread);
     uint64_t my = ++w->flush_req;
-    pthread_cond_signal(&w->wake);
+    fm_thread_wake(&w->thread);
     while (w->flush_done < my)
-        pthread_cond_wait(&w->done, &w->mu);
+        pthread_cond_wait(&w->done, &w->thread.mu);
     int rc = w->flush_rc;
-    pthread_mutex_unlock(&w->mu);
+    fm_thread_unlock(&w->thread);
     return rc;
 }
 
@@ -943,14 +927,8 @@ void fm_lake_writer_stop(fm_lake_writer *w)
 {
     if (!w)
         return;
-    pthread_mutex_lock(&w->mu);
-    w->stop = true;
-    pthread_cond_signal(&w->wake);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->thread, NULL); /* the last pass runs with force: a flush */
+    fm_thread_stop(&w->thread); /* the last pass runs with force: a flush */
     pthread_cond_destroy(&w->done);
-    pthread_cond_destroy(&w->wake);
-    pthread_mutex_destroy(&w->mu);
     ex_close(&w->ex);
     fm_free(w);
 }

@@ -9,6 +9,7 @@
  * writes them.
  */
 #include "fleetml/mqtt.h"
+#include "fleetml/thread.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 
@@ -35,10 +36,7 @@ struct fm_mqtt {
     char host[256];
     int port;
     mosquitto_property *connect_props;
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int stopping;
+    fm_thread thread; /* the network thread */
     _Atomic int connected;
     _Atomic int subscribed;
 };
@@ -157,21 +155,21 @@ static void on_log(struct mosquitto *mosq, void *obj, int level, const char *str
 /* Waits up to ms or until stop is requested. Returns 1 when stopping. */
 static int wait_or_stop(fm_mqtt *c, int ms)
 {
-    struct timespec ts;
-    fm_deadline_ns(&ts, CLOCK_MONOTONIC, (int64_t)ms * 1000000LL);
-    pthread_mutex_lock(&c->mu);
-    while (!c->stopping && pthread_cond_timedwait(&c->cv, &c->mu, &ts) == 0)
+    uint64_t deadline = fm_mono_ns() + (uint64_t)ms * 1000000ull;
+    fm_thread_lock(&c->thread);
+    while (!fm_thread_should_stop(&c->thread) &&
+           !fm_thread_wait_ns(&c->thread, (int64_t)(deadline - fm_mono_ns())))
         ;
-    int stop = c->stopping;
-    pthread_mutex_unlock(&c->mu);
+    int stop = fm_thread_should_stop(&c->thread);
+    fm_thread_unlock(&c->thread);
     return stop;
 }
 
 static int stopping(fm_mqtt *c)
 {
-    pthread_mutex_lock(&c->mu);
-    int stop = c->stopping;
-    pthread_mutex_unlock(&c->mu);
+    fm_thread_lock(&c->thread);
+    int stop = fm_thread_should_stop(&c->thread);
+    fm_thread_unlock(&c->thread);
     return stop;
 }
 
@@ -270,15 +268,7 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto fail;
     }
-    pthread_mutex_init(&c->mu, NULL);
-    pthread_condattr_t ca_attr;
-    pthread_condattr_init(&ca_attr);
-    pthread_condattr_setclock(&ca_attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&c->cv, &ca_attr);
-    pthread_condattr_destroy(&ca_attr);
-    if (pthread_create(&c->thread, NULL, net_thread, c) != 0) {
-        pthread_cond_destroy(&c->cv);
-        pthread_mutex_destroy(&c->mu);
+    if (fm_thread_start(&c->thread, net_thread, c) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start MQTT thread");
         goto fail;
     }
@@ -318,11 +308,7 @@ void fm_mqtt_stop(fm_mqtt *c)
 {
     if (!c)
         return;
-    pthread_mutex_lock(&c->mu);
-    c->stopping = 1;
-    pthread_cond_signal(&c->cv);
-    pthread_mutex_unlock(&c->mu);
-    pthread_join(c->thread, NULL);
+    fm_thread_stop(&c->thread);
     /* The network thread is gone: send DISCONNECT (keeping the session)
      * and flush it from this thread. */
     if (atomic_load(&c->connected)) {
@@ -333,8 +319,6 @@ void fm_mqtt_stop(fm_mqtt *c)
     mark_down(c);
     mosquitto_property_free_all(&c->connect_props);
     mosquitto_destroy(c->mosq);
-    pthread_cond_destroy(&c->cv);
-    pthread_mutex_destroy(&c->mu);
     for (int i = 0; i < c->nsubs; i++)
         fm_free(c->subs[i]);
     fm_free(c);

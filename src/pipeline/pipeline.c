@@ -16,13 +16,13 @@
  */
 #include "fleetml/pipeline.h"
 #include "fleetml/jsonmem.h"
+#include "fleetml/thread.h"
 #include "pipeline/batch.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
 #include "fleetml/store.h"
 
-#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <pthread.h>
@@ -55,12 +55,9 @@ struct fm_pipeline {
     batch_scorer scorer;
     batch_env env;
 
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
+    fm_thread commit;      /* the commit thread; its lock guards head, tail, depth */
     fm_inmsg *head, *tail; /* prepared, waiting for the commit thread */
     long depth;
-    int stopping;
     _Atomic int healthy;
     _Atomic long bytes; /* payload bytes held by both stages */
     cached_device *devices; /* DEVICE_CACHE slots, commit thread only */
@@ -131,29 +128,12 @@ void fm_inmsg_free(fm_inmsg *m)
     fm_free(m);
 }
 
-char *fm_reply_topic(const char *device_id, const char *rt, const char *default_leaf, char *buf,
-                     size_t len)
-{
-    char prefix[80];
-    int n = snprintf(prefix, sizeof prefix, "fleet/%s/", device_id);
-    if (rt && strncmp(rt, prefix, (size_t)n) == 0 && rt[n] != '\0' && !strpbrk(rt, "+#") &&
-        strlen(rt) < len) {
-        snprintf(buf, len, "%s", rt);
-        return buf;
-    }
-    snprintf(buf, len, "fleet/%s/%s", device_id, default_leaf);
-    return buf;
-}
-
 char *fm_error_result_json(const char *mid, const char *code, const char *message)
 {
-    json_t *doc = json_pack("{s:s, s:s, s:{s:s, s:s}}", "id", mid ? mid : "", "status", "error",
-                            "error", "code", code, "message", message);
-    if (!doc)
-        return NULL;
-    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    json_decref(doc);
-    return s;
+    /* Messages are at most 255 printable bytes and ids 64: even with every
+     * byte escaped the document fits. */
+    char buf[2048];
+    return fm_error_doc(buf, sizeof buf, mid, code, message) ? fm_strdup(buf) : NULL;
 }
 
 /* Rounds to a fixed number of decimals so results are stable and compact. */
@@ -284,43 +264,37 @@ static void *run(void *arg)
     fm_metrics *mx = fm_metrics_get();
     const long batch_max = p->cfg.batch_max;
     const uint64_t window_ns = (uint64_t)p->cfg.commit_window_us * 1000ull;
-    pthread_mutex_lock(&p->mu);
+    fm_thread *t = &p->commit;
+    fm_thread_lock(t);
     for (;;) {
-        while (!p->head && !p->stopping) {
+        while (!p->head && !fm_thread_should_stop(t)) {
             if (atomic_load(&p->healthy)) {
-                pthread_cond_wait(&p->cv, &p->mu);
+                fm_thread_wait(t);
                 continue;
             }
             /* After a failed commit, probe the store every second so
              * readiness recovers on its own even when no device sends
              * (a load balancer will not send traffic to a 503 node). */
-            struct timespec ts;
-            fm_deadline_ns(&ts, CLOCK_MONOTONIC, 1000000000LL);
-            if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT && !p->head) {
-                pthread_mutex_unlock(&p->mu);
+            if (fm_thread_wait_ns(t, 1000000000LL) && !p->head) {
+                fm_thread_unlock(t);
                 fm_errbuf err;
                 if (fm_store_probe_write(p->store, &err) == 0) {
                     atomic_store(&p->healthy, 1);
                     atomic_store(&mx->store_unavailable, 0);
                     fm_logf(FM_LOG_INFO, "pipeline", "store accepts commits again");
                 }
-                pthread_mutex_lock(&p->mu);
+                fm_thread_lock(t);
             }
         }
-        if (!p->head && p->stopping)
+        if (!p->head && fm_thread_should_stop(t))
             break;
         /* Wait for the batch to fill, but never past the window counted
          * from the oldest queued message's arrival. */
-        if (window_ns > 0 && p->depth < batch_max && !p->stopping) {
-            uint64_t age = fm_mono_ns() - p->head->recv_ns;
-            if (age < window_ns) {
-                struct timespec ts;
-                fm_deadline_ns(&ts, CLOCK_MONOTONIC, (int64_t)(window_ns - age));
-                while (p->depth < batch_max && !p->stopping) {
-                    if (pthread_cond_timedwait(&p->cv, &p->mu, &ts) == ETIMEDOUT)
-                        break;
-                }
-            }
+        if (window_ns > 0) {
+            uint64_t deadline = p->head->recv_ns + window_ns;
+            while (p->depth < batch_max && !fm_thread_should_stop(t) &&
+                   !fm_thread_wait_ns(t, (int64_t)(deadline - fm_mono_ns())))
+                ;
         }
         fm_inmsg *list = p->head, *last = p->head;
         size_t n = 1;
@@ -336,11 +310,11 @@ static void *run(void *arg)
          * submit_counted), so they are written atomically. */
         __atomic_store_n(&p->depth, p->depth - (long)n, __ATOMIC_RELAXED);
         atomic_store(&mx->queue_depth, p->depth);
-        pthread_mutex_unlock(&p->mu);
+        fm_thread_unlock(t);
         process_batch(p, list, n);
-        pthread_mutex_lock(&p->mu);
+        fm_thread_lock(t);
     }
-    pthread_mutex_unlock(&p->mu);
+    fm_thread_unlock(t);
     return NULL;
 }
 
@@ -379,19 +353,11 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
                          .publish = p->opts.publish,
                          .publish_ud = p->opts.ud,
                          .max_payload = p->cfg.max_payload};
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->cv, &ca);
-    pthread_condattr_destroy(&ca);
     atomic_store(&p->healthy, 1);
     pthread_mutex_init(&p->in_mu, NULL);
     pthread_cond_init(&p->in_cv, NULL);
-    if (pthread_create(&p->thread, NULL, run, p) != 0) {
+    if (fm_thread_start(&p->commit, run, p) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start pipeline thread");
-        pthread_cond_destroy(&p->cv);
-        pthread_mutex_destroy(&p->mu);
         pthread_cond_destroy(&p->in_cv);
         pthread_mutex_destroy(&p->in_mu);
         goto fail;
@@ -415,7 +381,7 @@ fail:
 
 static int submit_counted(fm_pipeline *p, fm_inmsg *m);
 
-/* Appends a message to the commit thread's queue. Called with p->mu held. */
+/* Appends a message to the commit thread's queue. Called with its lock held. */
 static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
 {
     m->next = NULL;
@@ -430,7 +396,7 @@ static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
     /* Wake the thread when the first message arrives or the batch is full;
      * in between it is sleeping out the commit window on purpose. */
     if (p->depth == 1 || p->depth >= p->cfg.batch_max)
-        pthread_cond_signal(&p->cv);
+        fm_thread_wake(&p->commit);
 }
 
 static void *worker(void *arg)
@@ -450,9 +416,9 @@ static void *worker(void *arg)
         /* A failed allocation leaves the message unprepared; the commit
          * thread tries again and answers "internal" if it fails too. */
         (void)batch__prepare(m, p->cfg.max_payload);
-        pthread_mutex_lock(&p->mu);
+        fm_thread_lock(&p->commit);
         enqueue_ready(p, m);
-        pthread_mutex_unlock(&p->mu);
+        fm_thread_unlock(&p->commit);
         pthread_mutex_lock(&p->in_mu);
         __atomic_store_n(&p->in_depth, p->in_depth - 1, __ATOMIC_RELAXED);
     }
@@ -485,15 +451,17 @@ int fm_pipeline_submit(fm_pipeline *p, fm_inmsg *m)
 static int submit_counted(fm_pipeline *p, fm_inmsg *m)
 {
     if (p->nworkers == 0) {
-        pthread_mutex_lock(&p->mu);
-        int rc = p->stopping ? FM_ESTATE : p->depth >= p->cfg.queue_max ? FM_EBUSY : 0;
+        fm_thread_lock(&p->commit);
+        int rc = fm_thread_should_stop(&p->commit) ? FM_ESTATE
+                 : p->depth >= p->cfg.queue_max   ? FM_EBUSY
+                                                  : 0;
         if (rc == 0)
             enqueue_ready(p, m);
-        pthread_mutex_unlock(&p->mu);
+        fm_thread_unlock(&p->commit);
         return rc;
     }
     pthread_mutex_lock(&p->in_mu);
-    /* Both stages count against the limit; reading depth without p->mu is
+    /* Both stages count against the limit; reading depth without its lock is
      * a benign race that can only be off by the messages in flight. */
     long total = p->in_depth + __atomic_load_n(&p->depth, __ATOMIC_RELAXED);
     int rc = p->in_stopping ? FM_ESTATE : total >= p->cfg.queue_max ? FM_EBUSY : 0;
@@ -528,13 +496,7 @@ void fm_pipeline_stop(fm_pipeline *p)
         pthread_join(p->workers[i], NULL);
     pthread_cond_destroy(&p->in_cv);
     pthread_mutex_destroy(&p->in_mu);
-    pthread_mutex_lock(&p->mu);
-    p->stopping = 1;
-    pthread_cond_signal(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    pthread_join(p->thread, NULL);
-    pthread_cond_destroy(&p->cv);
-    pthread_mutex_destroy(&p->mu);
+    fm_thread_stop(&p->commit); /* it drains its queue first */
     fm_model_free(p->model);
     fm_store_close(p->store);
     fm_free(p->devices);

@@ -5,6 +5,7 @@
 #include "fleetml/pki.h"
 #include "fleetml/ratelimit.h"
 #include "fleetml/registry.h"
+#include "fleetml/thread.h"
 
 #include <jansson.h>
 #include <pthread.h>
@@ -30,12 +31,9 @@ struct fm_registry {
     fm_store *store;
     fm_ca *ca;
 
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
+    fm_thread thread; /* its lock guards head, tail, depth, resync */
     regmsg *head, *tail;
     long depth;
-    int stopping;
     int resync;
 
     int64_t event_seq;

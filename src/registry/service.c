@@ -337,14 +337,12 @@ static void *run(void *arg)
 {
     fm_registry *r = arg;
     uint64_t next_poll = 0;
-    pthread_mutex_lock(&r->mu);
+    fm_thread_lock(&r->thread);
     for (;;) {
-        while (!r->head && !r->stopping && !r->resync && fm_mono_ns() < next_poll) {
-            struct timespec ts;
-            fm_deadline_ns(&ts, CLOCK_MONOTONIC, (int64_t)(next_poll - fm_mono_ns()));
-            pthread_cond_timedwait(&r->cv, &r->mu, &ts);
-        }
-        if (r->stopping)
+        while (!r->head && !fm_thread_should_stop(&r->thread) && !r->resync &&
+               fm_mono_ns() < next_poll)
+            fm_thread_wait_ns(&r->thread, (int64_t)(next_poll - fm_mono_ns()));
+        if (fm_thread_should_stop(&r->thread))
             break;
         regmsg *m = r->head;
         if (m) {
@@ -355,13 +353,13 @@ static void *run(void *arg)
         }
         int resync = r->resync;
         r->resync = 0;
-        pthread_mutex_unlock(&r->mu);
+        fm_thread_unlock(&r->thread);
         if (m) {
             registry__handle(r, m);
             regmsg_free(m);
-            pthread_mutex_lock(&r->mu);
+            fm_thread_lock(&r->thread);
             bool drained = r->head == NULL;
-            pthread_mutex_unlock(&r->mu);
+            fm_thread_unlock(&r->thread);
             if (drained)
                 registry__presence_flush(r);
         }
@@ -369,9 +367,9 @@ static void *run(void *arg)
             housekeeping(r, resync);
             next_poll = fm_mono_ns() + EVENT_POLL_NS;
         }
-        pthread_mutex_lock(&r->mu);
+        fm_thread_lock(&r->thread);
     }
-    pthread_mutex_unlock(&r->mu);
+    fm_thread_unlock(&r->thread);
     registry__presence_flush(r);
     return NULL;
 }
@@ -409,15 +407,7 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
         fm_errf(err, rc, "cannot reset device presence");
         goto fail;
     }
-    pthread_mutex_init(&r->mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&r->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    if (pthread_create(&r->thread, NULL, run, r) != 0) {
-        pthread_cond_destroy(&r->cv);
-        pthread_mutex_destroy(&r->mu);
+    if (fm_thread_start(&r->thread, run, r) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start registry thread");
         goto fail;
     }
@@ -477,9 +467,9 @@ int fm_registry_submit(fm_registry *r, const fm_regmsg_in *in)
         memcpy(m->payload, in->payload, in->len);
     m->payload[in->len] = '\0';
     m->len = in->len;
-    pthread_mutex_lock(&r->mu);
-    if (r->depth >= QUEUE_MAX || r->stopping) {
-        pthread_mutex_unlock(&r->mu);
+    fm_thread_lock(&r->thread);
+    if (r->depth >= QUEUE_MAX || fm_thread_should_stop(&r->thread)) {
+        fm_thread_unlock(&r->thread);
         regmsg_free(m);
         return FM_EBUSY;
     }
@@ -489,35 +479,29 @@ int fm_registry_submit(fm_registry *r, const fm_regmsg_in *in)
         r->head = m;
     r->tail = m;
     r->depth++;
-    pthread_cond_signal(&r->cv);
-    pthread_mutex_unlock(&r->mu);
+    fm_thread_wake(&r->thread);
+    fm_thread_unlock(&r->thread);
     return 0;
 }
 
 void fm_registry_resync(fm_registry *r)
 {
-    pthread_mutex_lock(&r->mu);
+    fm_thread_lock(&r->thread);
     r->resync = 1;
-    pthread_cond_signal(&r->cv);
-    pthread_mutex_unlock(&r->mu);
+    fm_thread_wake(&r->thread);
+    fm_thread_unlock(&r->thread);
 }
 
 void fm_registry_stop(fm_registry *r)
 {
     if (!r)
         return;
-    pthread_mutex_lock(&r->mu);
-    r->stopping = 1;
-    pthread_cond_signal(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-    pthread_join(r->thread, NULL);
+    fm_thread_stop(&r->thread);
     while (r->head) {
         regmsg *m = r->head;
         r->head = m->next;
         regmsg_free(m);
     }
-    pthread_cond_destroy(&r->cv);
-    pthread_mutex_destroy(&r->mu);
     fm_ca_free(r->ca);
     fm_store_close(r->store);
     fm_ratelimit_free(r->rates);
