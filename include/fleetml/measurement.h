@@ -7,12 +7,12 @@
 #ifndef FLEETML_MEASUREMENT_H
 #define FLEETML_MEASUREMENT_H
 
+#include "fleetml/contract.h"
 #include "fleetml/core.h"
 #include <stdbool.h>
 
 #define FM_MEAS_KIND_V1 "viscosity.sweep.v1"
 #define FM_MEAS_MAX_BYTES (128 * 1024)
-#define FM_MEAS_ID_MAX 64
 #define FM_MEAS_FIRMWARE_MAX 64
 #define FM_MEAS_META_MAX 4096
 #define FM_MEAS_MIN_STEPS 2
@@ -29,23 +29,8 @@
  * lie; device clocks drift, but a day ahead means a broken clock. */
 #define FM_MEAS_FUTURE_MAX_MS (24LL * 3600 * 1000)
 
-#define FM_DEVICE_ID_MIN 3
-#define FM_DEVICE_ID_MAX 64
 
-/* Error codes sent to devices in `error.code` (stable, documented). */
-#define FM_VERR_MALFORMED_JSON "malformed_json"
-#define FM_VERR_TOO_LARGE "payload_too_large"
-#define FM_VERR_MISSING_FIELD "missing_field"
-#define FM_VERR_INVALID_TYPE "invalid_type"
-#define FM_VERR_INVALID_VALUE "invalid_value"
-#define FM_VERR_UNKNOWN_FIELD "unknown_field"
-#define FM_VERR_UNKNOWN_KIND "unknown_kind"
-#define FM_VERR_OUT_OF_RANGE "out_of_range"
-#define FM_VERR_UNKNOWN_DEVICE "unknown_device"
-#define FM_VERR_DEVICE_INACTIVE "device_inactive"
-#define FM_VERR_UNAVAILABLE "unavailable"
-#define FM_VERR_RATE_LIMITED "rate_limited"
-#define FM_VERR_INTERNAL "internal"
+/* Error codes (FM_VERR_*) and id grammars: fleetml/contract.h. */
 
 /* Structured validation error: code is one of FM_VERR_*, message names the
  * field path (e.g. "sweep[2].samples[7]: expected a finite number"). The
@@ -92,9 +77,6 @@ int fm_measurement_parse_at(const char *buf, size_t len, int64_t now_ms, fm_meas
 
 /* Releases what fm_measurement_parse allocated; safe on a zeroed struct. */
 void fm_measurement_free(fm_measurement *m);
-
-/* True when s is a valid device id: [a-z0-9][a-z0-9-]{2,63}. */
-bool fm_device_id_valid(const char *s);
 
 /* Best-effort extraction of the "id" string from a payload that failed
  * validation, so the error reply can still name the measurement. Copies at

@@ -13,6 +13,7 @@
 #define FLEETML_PIPELINE_H
 
 #include "fleetml/config.h"
+#include "fleetml/contract.h"
 #include "fleetml/core.h"
 
 struct fm_model;
@@ -77,13 +78,6 @@ const char *fm_pipeline_model(const fm_pipeline *p);
 
 /* Processes what is queued, stops the thread and frees everything. */
 void fm_pipeline_stop(fm_pipeline *p);
-
-/* Chooses a reply topic: the MQTT 5 Response Topic when it lies inside
- * the device's own namespace (fleet/<device>/...) and has no wildcards,
- * otherwise fleet/<device>/<default_leaf> (e.g. "results"). Writes into
- * buf; returns buf. */
-char *fm_reply_topic(const char *device_id, const char *response_topic, const char *default_leaf,
-                     char *buf, size_t len);
 
 /* Builds the JSON error result document for a measurement id (may be "").
  * Caller frees with fm_free. NULL on allocation

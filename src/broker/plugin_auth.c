@@ -61,6 +61,8 @@
 #include <openssl/bn.h>
 #include <openssl/x509.h>
 
+#include "fleetml/contract.h"
+
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mqtt_protocol.h>
@@ -352,11 +354,7 @@ static bool valid_name(const char *s, size_t min_len, size_t max_len)
  * of MQTT special characters (`/`, `+`, `#`, `$`) by construction. The
  * reserved names matter for topics: a device called "provisioning" would own
  * fleet/provisioning/# and read other clients' claim responses. */
-static bool valid_device_id(const char *s)
-{
-    return valid_name(s, 3, AUTH_ID_MAX) && strncmp(s, "fleetml-", 8) != 0 &&
-           strcmp(s, "provisioning") != 0;
-}
+
 
 static bool valid_template(const char *s)
 {
@@ -549,13 +547,12 @@ static void tell_limited(struct conn *c, long long now)
     if (c->kind != K_DEVICE || now - c->told_ns < 1000000000LL)
         return;
     c->told_ns = now;
-    static const char doc[] =
-        "{\"id\":\"\",\"status\":\"error\",\"error\":{\"code\":\"rate_limited\","
-        "\"message\":\"this device publishes faster than its limit; messages are refused "
-        "by the broker, retry later\"}}";
-    char topic[sizeof AUTH_TOPIC_ROOT + AUTH_ID_MAX + sizeof "/results"];
-    snprintf(topic, sizeof topic, "%s%s/results", AUTH_TOPIC_ROOT, c->name);
-    mosquitto_broker_publish_copy(NULL, topic, (int)strlen(doc), doc, 0, false, NULL);
+    char doc[512], topic[FM_TOPIC_MAX];
+    size_t n = fm_error_doc(doc, sizeof doc, "", FM_VERR_RATE_LIMITED,
+                            "this device publishes faster than its limit; messages are "
+                            "refused by the broker, retry later");
+    if (n && fm_topic_build(topic, sizeof topic, c->name, FM_LEAF_RESULTS))
+        mosquitto_broker_publish_copy(NULL, topic, (int)n, doc, 0, false, NULL);
 }
 
 /* Reports refusals to the service, at most once a second (QoS 0, the
@@ -643,7 +640,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
             why = NULL;
     } else {
         const struct principal *d = map_get(&st->devices, cn);
-        if (!valid_device_id(cn))
+        if (!fm_device_id_valid(cn))
             why = "certificate CN is neither the service, a claim nor a valid device id";
         else if (strcmp(id, cn) != 0)
             why = "client id does not match certificate CN";
@@ -769,7 +766,7 @@ static const char *acl_decide(const struct auth_state *st, struct mosquitto *cli
          * certificate nor a record; mosquitto still checks READ when it
          * queues messages for it. Queueing a device's own topics is safe:
          * they are delivered only after the device passes CONNECT again. */
-        if (!have_cert && access == MOSQ_ACL_READ && valid_device_id(id)) {
+        if (!have_cert && access == MOSQ_ACL_READ && fm_device_id_valid(id)) {
             const struct principal *d = map_get(&st->devices, id);
             if (st->view_ok && d && d->status == ST_ACTIVE && device_may(id, topic, access))
                 return NULL;
@@ -1186,7 +1183,7 @@ static bool load_snapshot(const char *path, struct map *devices, struct map *tem
         json_object_foreach((json_t *)obj, key, val) {
             const char *why = NULL;
             struct principal *pr = NULL;
-            if (pass == 0 ? !valid_device_id(key) : !valid_template(key))
+            if (pass == 0 ? !fm_device_id_valid(key) : !valid_template(key))
                 why = "invalid name";
             else if (!(pr = parse_principal(val, pass == 1, &why)))
                 ;
@@ -1307,7 +1304,7 @@ static const char *op_upsert(struct auth_state *st, const json_t *req, bool temp
 {
     const char *name = json_string_value(json_object_get(req, template ? "name" : "id"));
     const char *why = NULL;
-    if (!name || (template ? !valid_template(name) : !valid_device_id(name)))
+    if (!name || (template ? !valid_template(name) : !fm_device_id_valid(name)))
         return template ? "invalid template name" : "invalid device id";
     struct principal *pr = parse_principal(req, template, &why);
     if (!pr)
@@ -1326,7 +1323,7 @@ static const char *op_upsert(struct auth_state *st, const json_t *req, bool temp
 static const char *op_device_remove(struct auth_state *st, const json_t *req)
 {
     const char *id = json_string_value(json_object_get(req, "id"));
-    if (!id || !valid_device_id(id))
+    if (!id || !fm_device_id_valid(id))
         return "invalid device id";
     map_del(&st->devices, id);
     kick_device(st, id);

@@ -11,11 +11,10 @@
 #include "fleetml/api.h"
 #include "fleetml/broker.h"
 #include "fleetml/lake.h"
-#include "fleetml/measurement.h"
+#include "fleetml/ingest.h"
 #include "fleetml/metrics.h"
 #include "fleetml/mqtt.h"
 #include "fleetml/pipeline.h"
-#include "fleetml/ratelimit.h"
 #include "fleetml/registry.h"
 
 #include <signal.h>
@@ -31,7 +30,7 @@ typedef struct server {
     fm_registry *registry;
     fm_lake_writer *lake;
     fm_http *http;
-    fm_ratelimit *device_rates; /* used by the MQTT thread only */
+    fm_ingest *ingest;
     _Atomic(fm_mqtt *) mqtt;
 } server;
 
@@ -50,99 +49,11 @@ static void committed(void *ud)
         fm_lake_writer_notify(s->lake);
 }
 
-/* fleet/<device>/measurements -> device id; anything else -> 0. */
-static int measurement_device(const char *topic, char *out, size_t len)
-{
-    const char *prefix = "fleet/", *suffix = "/measurements";
-    size_t pl = strlen(prefix), sl = strlen(suffix), tl = strlen(topic);
-    if (tl <= pl + sl || strncmp(topic, prefix, pl) != 0 || strcmp(topic + tl - sl, suffix) != 0)
-        return 0;
-    size_t idl = tl - pl - sl;
-    if (idl >= len)
-        return 0;
-    memcpy(out, topic + pl, idl);
-    out[idl] = '\0';
-    return fm_device_id_valid(out);
-}
-
-static void on_measurement(server *s, const char *device, const fm_mqtt_msg *mm)
-{
-    int rc;
-    const char *code = FM_VERR_UNAVAILABLE;
-    /* A device over its rate is answered at once, before anything is
-     * copied or queued: one flooding device cannot crowd out the rest. */
-    if (s->cfg.device_rate > 0 && s->device_rates &&
-        !fm_ratelimit_take(s->device_rates, device, s->cfg.device_rate, s->cfg.device_burst,
-                           fm_mono_ns())) {
-        rc = FM_EPERM;
-        code = FM_VERR_RATE_LIMITED;
-    } else {
-        fm_inmsg *m = fm_inmsg_new(device, mm->payload, mm->len, mm->response_topic, mm->corr,
-                                   mm->corr_len);
-        rc = m ? fm_pipeline_submit(s->pipeline, m) : FM_ENOMEM;
-        if (rc == 0)
-            return;
-        fm_inmsg_free(m);
-    }
-    /* Overloaded, over rate or stopping: tell the device now so it retries
-     * later, rather than holding a message we cannot promise to store. */
-    fm_metrics *mx = fm_metrics_get();
-    atomic_fetch_add(&mx->received, 1);
-    atomic_fetch_add(&mx->rejected[fm_reject_reason_from_code(code)], 1);
-    char mid[FM_MEAS_ID_MAX + 1], topic[256];
-    fm_measurement_peek_id(mm->payload, mm->len, mid);
-    char *doc = fm_error_result_json(mid, code,
-                                     rc == FM_EPERM  ? "this device sends too fast, retry later"
-                                     : rc == FM_EBUSY ? "platform overloaded, retry later"
-                                                      : "platform unavailable, retry later");
-    if (doc) {
-        fm_reply_topic(device, mm->response_topic, "results", topic, sizeof topic);
-        publish(s, topic, doc, strlen(doc), mm->corr, mm->corr_len);
-        fm_free(doc);
-    }
-}
-
-/* The broker plugin's admission report (FM_ADMISSION_TOPIC): counts. */
-static void on_admission(const fm_mqtt_msg *mm)
-{
-    unsigned long long msgs = 0, bytes = 0;
-    char text[128];
-    if (mm->len >= sizeof text)
-        return;
-    memcpy(text, mm->payload, mm->len);
-    text[mm->len] = '\0';
-    if (sscanf(text, "{\"refused_messages\":%llu,\"refused_bytes\":%llu}", &msgs, &bytes) != 2)
-        return;
-    fm_metrics *mx = fm_metrics_get();
-    atomic_fetch_add(&mx->broker_refused_msgs, msgs);
-    atomic_fetch_add(&mx->broker_refused_bytes, bytes);
-}
-
-/* Runs on the MQTT network thread: route, copy and queue, nothing more. */
-static void on_message(void *ud, const fm_mqtt_msg *mm)
+/* Each message goes to the ingest router (on the MQTT network thread). */
+static void on_message(void *ud, const fm_mqtt_msg *m)
 {
     server *s = ud;
-    char device[FM_DEVICE_ID_MAX + 1];
-    if (strcmp(mm->topic, FM_ADMISSION_TOPIC) == 0) {
-        on_admission(mm);
-        return;
-    }
-    if (measurement_device(mm->topic, device, sizeof device)) {
-        on_measurement(s, device, mm);
-        return;
-    }
-    if (s->registry && fm_registry_handles(mm->topic)) {
-        fm_regmsg_in in = {.topic = mm->topic, .payload = mm->payload, .len = mm->len,
-                           .response_topic = mm->response_topic, .corr = mm->corr,
-                           .corr_len = mm->corr_len, .claim_template = mm->claim_template,
-                           .cert_serial = mm->cert_serial};
-        if (fm_registry_submit(s->registry, &in) != 0)
-            fm_logkv(FM_LOG_WARN, "serve", "registry queue full; message dropped", "topic",
-                     mm->topic, NULL);
-        return;
-    }
-    fm_logkv(FM_LOG_WARN, "serve", "ignoring message on unexpected topic", "topic", mm->topic,
-             NULL);
+    fm_ingest_on_message(s->ingest, m);
 }
 
 static void on_connect(void *ud)
@@ -197,8 +108,8 @@ static void shutdown_all(server *s)
     s->lake = NULL;
     fm_broker_stop(s->broker);
     s->broker = NULL;
-    fm_ratelimit_free(s->device_rates);
-    s->device_rates = NULL;
+    fm_ingest_free(s->ingest);
+    s->ingest = NULL;
 }
 
 int fm_cmd_serve(int argc, char **argv)
@@ -231,8 +142,6 @@ int fm_cmd_serve(int argc, char **argv)
 
     fm_errbuf err;
     fm_mqtt *c = NULL;
-    if ((rc = fm_ratelimit_new(&s.device_rates)) != 0)
-        goto fail;
     if ((rc = fm_lake_writer_start(&s.cfg, &s.lake, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "lake writer failed to start", "error", err.msg, NULL);
         goto fail;
@@ -254,18 +163,14 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "broker failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    static const char *const subs[] = {
-        "$share/fleetml/fleet/+/measurements",
-        "$share/fleetml/fleet/provisioning/+/request",
-        "$share/fleetml/fleet/+/cert/rotate",
-        "$share/fleetml/fleet/+/shadow/update",
-        "$share/fleetml/fleet/+/shadow/get",
-        FM_PRESENCE_SUB,
-        FM_ADMISSION_TOPIC,
-        NULL,
-    };
+    fm_ingest_opts io = {.cfg = &s.cfg, .pipeline = s.pipeline, .registry = s.registry,
+                         .publish = publish, .ud = &s};
+    if ((rc = fm_ingest_new(&io, &s.ingest)) != 0) {
+        fm_logf(FM_LOG_ERROR, "serve", "out of memory");
+        goto fail;
+    }
     fm_mqtt_handlers mh = {.on_message = on_message, .on_connect = on_connect, .ud = &s};
-    if ((rc = fm_mqtt_start(&s.cfg, subs, &mh, &c, &err)) != 0) {
+    if ((rc = fm_mqtt_start(&s.cfg, fm_ingest_subscriptions(), &mh, &c, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "MQTT client failed to start", "error", err.msg, NULL);
         goto fail;
     }

@@ -81,42 +81,6 @@ static const char *jtype(const json_t *v)
 
 /* ---- identifiers ------------------------------------------------------------ */
 
-static bool meas_id_char(unsigned char c)
-{
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == ':' || c == '-';
-}
-
-/* Measurement ids: 1..FM_MEAS_ID_MAX bytes of [A-Za-z0-9._:-]. */
-static bool meas_id_valid(const char *s, size_t len)
-{
-    if (len < 1 || len > FM_MEAS_ID_MAX)
-        return false;
-    for (size_t i = 0; i < len; i++)
-        if (!meas_id_char((unsigned char)s[i]))
-            return false;
-    return true;
-}
-
-bool fm_device_id_valid(const char *s)
-{
-    if (!s)
-        return false;
-    size_t n = strnlen(s, FM_DEVICE_ID_MAX + 1);
-    if (n < FM_DEVICE_ID_MIN || n > FM_DEVICE_ID_MAX)
-        return false;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-        /* The first character may not be '-' so an id can never be
-         * mistaken for a command-line option or an MQTT wildcard-adjacent
-         * oddity in a topic. */
-        if (!alnum && (i == 0 || c != '-'))
-            return false;
-    }
-    return true;
-}
-
 /* ---- field helpers ---------------------------------------------------------- */
 
 /* Checks that every key of obj is in allowed. The contract is strict: an
@@ -186,7 +150,7 @@ static int check_id(json_t *root, fm_measurement *m, fm_verr *e)
         return fm_verrf(e, FM_VERR_INVALID_VALUE, "id: length %zu is outside 1..%d", len,
                         FM_MEAS_ID_MAX);
     for (size_t i = 0; i < len; i++)
-        if (!meas_id_char((unsigned char)s[i]))
+        if (!fm_measurement_id_char((unsigned char)s[i]))
             return fm_verrf(e, FM_VERR_INVALID_VALUE,
                             "id: character at offset %zu is not allowed (use [A-Za-z0-9._:-])",
                             i);
@@ -519,7 +483,7 @@ void fm_measurement_free(fm_measurement *m)
 
 static void copy_if_valid(const char *s, size_t len, char *out)
 {
-    if (meas_id_valid(s, len)) {
+    if (fm_measurement_id_valid(s, len)) {
         memcpy(out, s, len);
         out[len] = '\0';
     }

@@ -97,12 +97,6 @@ unsigned field_bit(std::string_view key)
 
 bool number_ok(double d, double lo, double hi) { return std::isfinite(d) && d >= lo && d <= hi; }
 
-bool meas_id_char(unsigned char c)
-{
-    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == ':' || c == '-';
-}
-
 bool printable(std::string_view s)
 {
     for (unsigned char c : s)
@@ -116,11 +110,8 @@ bool text_ok(unsigned bit, std::string_view s, int64_t now_ms, fm_measurement *m
 {
     switch (bit) {
     case F_ID:
-        if (s.size() < 1 || s.size() > FM_MEAS_ID_MAX)
+        if (!fm_measurement_id_valid(s.data(), s.size()))
             return false;
-        for (unsigned char c : s)
-            if (!meas_id_char(c))
-                return false;
         memcpy(m->id, s.data(), s.size());
         m->id[s.size()] = '\0';
         return true;

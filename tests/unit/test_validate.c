@@ -819,6 +819,11 @@ static void test_device_id(void **state)
         {"ab#", false},
         {"abc\n", false},
         {"d\xc3\xa9v", false},
+        /* Reserved: fleet/provisioning/# and the platform's own clients. */
+        {"provisioning", false},
+        {"fleetml-service", false},
+        {"provisioning-2", true},
+        {"fleetml", true},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         if (fm_device_id_valid(cases[i].id) != cases[i].ok)
