@@ -26,9 +26,11 @@ typedef struct fm_thread {
 } fm_thread;
 
 /* Initialises t's lock and condition variable and starts fn(arg) on a new
- * thread. Returns 0, or FM_ENOMEM with nothing left to clean up (t may be
- * passed to fm_thread_stop, which then does nothing). */
-int fm_thread_start(fm_thread *t, void *(*fn)(void *), void *arg);
+ * thread named name (at most 15 characters, shown by top -H and
+ * /proc/<pid>/task/<tid>/comm). Returns 0, or FM_ENOMEM with nothing left
+ * to clean up (t may be passed to fm_thread_stop, which then does
+ * nothing). */
+int fm_thread_start(fm_thread *t, const char *name, void *(*fn)(void *), void *arg);
 
 /* Sets the stop flag and wakes the thread, without waiting for it (for
  * owners that must do more, e.g. end a child process the thread waits

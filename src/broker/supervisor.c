@@ -363,7 +363,7 @@ int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err)
         goto fail;
     }
     atomic_store(&b->pid, pid);
-    if (fm_thread_start(&b->thread, supervise, b) != 0) {
+    if (fm_thread_start(&b->thread, "fm-broker", supervise, b) != 0) {
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
         atomic_store(&b->pid, 0);

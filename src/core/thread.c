@@ -4,7 +4,7 @@
 #include <string.h>
 #include <time.h>
 
-int fm_thread_start(fm_thread *t, void *(*fn)(void *), void *arg)
+int fm_thread_start(fm_thread *t, const char *name, void *(*fn)(void *), void *arg)
 {
     memset(t, 0, sizeof *t);
     pthread_condattr_t ca;
@@ -24,6 +24,7 @@ int fm_thread_start(fm_thread *t, void *(*fn)(void *), void *arg)
         pthread_cond_destroy(&t->cv);
         return FM_ENOMEM;
     }
+    pthread_setname_np(t->tid, name); /* diagnostics only: failure is harmless */
     t->running = true;
     return 0;
 }

@@ -58,7 +58,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <zlib.h>
+#include <libdeflate.h>
 
 #define LAKE_MAX_OPEN 16     /* partitions (objects) per batch */
 #define LAKE_SCAN_LIMIT 256  /* rows per store scan call */
@@ -68,12 +68,20 @@
 #define LAKE_LOCK_NAME ".lock"
 #define LAKE_COMPONENT "lake"
 
+/* Spool files are gzip, written as a series of gzip members of at most
+ * LAKE_MEMBER_BYTES of NDJSON each, compressed whole by libdeflate (about
+ * twice zlib's speed at its fastest level, for the same ratio). A
+ * multi-member file is one gzip file to every reader (RFC 1952 2.2; gzip,
+ * zcat, zlib's gzread, Python's gzip, pandas). */
+#define LAKE_MEMBER_BYTES (256 * 1024)
+
 typedef struct lake_obj {
     char partition[400];
     char key[512];
     char spool[PATH_MAX];
-    int fd;    /* kept open past gzclose so the file can be fsynced */
-    gzFile gz; /* writes to a dup of fd */
+    int fd;
+    char *pending; /* NDJSON not yet compressed (fm_malloc'd) */
+    size_t pending_len, pending_cap;
     long bytes; /* uncompressed, for the roll policy */
     uint64_t rows;
 } lake_obj;
@@ -98,6 +106,9 @@ typedef struct lake_exporter {
     lake_stream s[FM_STREAM_COUNT];
     char *line; /* reusable NDJSON line buffer */
     size_t line_cap;
+    struct libdeflate_compressor *deflate; /* level 1 */
+    char *member;                          /* one compressed member */
+    size_t member_cap;
     int last_rc; /* for logging state changes only */
 } lake_exporter;
 
@@ -182,9 +193,12 @@ static int append_json_text(lake_exporter *ex, size_t *len, const char *text, si
     int rc = line_append(ex, len, text, n);
     if (rc)
         return rc;
-    for (size_t i = start; i < *len; i++)
-        if (ex->line[i] == '\n' || ex->line[i] == '\r')
-            ex->line[i] = ' ';
+    /* memchr is vectorised; valid payloads rarely hold a line break. */
+    for (int c = '\n'; c; c = c == '\n' ? '\r' : 0) {
+        char *p = ex->line + start, *end = ex->line + *len;
+        while ((p = memchr(p, c, (size_t)(end - p))))
+            *p++ = ' ';
+    }
     return 0;
 }
 
@@ -255,13 +269,44 @@ static long format_quarantine(lake_exporter *ex, const fm_quarantine *q)
 
 static void obj_abort(lake_obj *o)
 {
-    if (o->gz)
-        gzclose(o->gz);
     if (o->fd >= 0)
         close(o->fd);
-    o->gz = NULL;
     o->fd = -1;
+    fm_free(o->pending);
+    o->pending = NULL;
+    o->pending_len = o->pending_cap = 0;
     unlink(o->spool);
+}
+
+/* Compresses what is pending into one gzip member and appends it to the
+ * spool file. */
+static int obj_flush(lake_exporter *ex, lake_obj *o, fm_errbuf *err)
+{
+    if (o->pending_len == 0)
+        return 0;
+    size_t bound = libdeflate_gzip_compress_bound(ex->deflate, o->pending_len);
+    if (bound > ex->member_cap) {
+        char *p = fm_realloc(ex->member, bound);
+        if (!p)
+            return fm_errf(err, FM_ENOMEM, "lake: out of memory compressing %s", o->spool);
+        ex->member = p;
+        ex->member_cap = bound;
+    }
+    size_t n = libdeflate_gzip_compress(ex->deflate, o->pending, o->pending_len, ex->member,
+                                        ex->member_cap);
+    if (n == 0)
+        return fm_errf(err, FM_EIO, "lake: compressing %s failed", o->spool);
+    for (size_t off = 0; off < n;) {
+        ssize_t w = write(o->fd, ex->member + off, n - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return fm_errf(err, w < 0 ? io_code(errno) : FM_EIO, "lake: writing %s: %s",
+                           o->spool, w < 0 ? strerror(errno) : "short write");
+        off += (size_t)w;
+    }
+    o->pending_len = 0;
+    return 0;
 }
 
 /* Drops the open batch: its spool files are partial and unpublished, and
@@ -274,19 +319,19 @@ static void batch_abort(lake_stream *s)
     s->pos = s->cursor;
 }
 
-/* Finishes the gzip stream and makes the spool file durable. */
-static int obj_seal(lake_obj *o, fm_errbuf *err)
+/* Writes the last gzip member and makes the spool file durable. */
+static int obj_seal(lake_exporter *ex, lake_obj *o, fm_errbuf *err)
 {
-    int zrc = gzclose(o->gz);
-    int e = errno;
-    o->gz = NULL;
-    if (zrc != Z_OK) {
+    int rc = obj_flush(ex, o, err);
+    fm_free(o->pending);
+    o->pending = NULL;
+    o->pending_len = o->pending_cap = 0;
+    if (rc != 0) {
         close(o->fd);
         o->fd = -1;
-        return fm_errf(err, zrc == Z_ERRNO ? io_code(e) : FM_EIO, "lake: writing %s: %s",
-                       o->spool, zrc == Z_ERRNO ? strerror(e) : "zlib error");
+        return rc;
     }
-    int rc = fm_fsync_fd(o->fd);
+    rc = fm_fsync_fd(o->fd);
     if (close(o->fd) != 0 && rc == 0)
         rc = io_code(errno);
     o->fd = -1;
@@ -314,32 +359,27 @@ static int obj_open(lake_exporter *ex, lake_stream *s, lake_obj *o, const char *
     if (o->fd < 0)
         return fm_errf(err, io_code(errno), "lake: cannot create %s: %s", o->spool,
                        strerror(errno));
-    int dfd = dup(o->fd);
-    /* Level 1: the lake is written beside the hot path on the same cores;
-     * the fastest level still shrinks sweep JSON several times. */
-    o->gz = dfd >= 0 ? gzdopen(dfd, "wb1") : NULL;
-    if (!o->gz) {
-        if (dfd >= 0)
-            close(dfd);
-        obj_abort(o);
-        return fm_errf(err, FM_ENOMEM, "lake: cannot start gzip stream");
-    }
     return 0;
 }
 
-static int obj_append(lake_obj *o, const char *line, long len, fm_errbuf *err)
+static int obj_append(lake_exporter *ex, lake_obj *o, const char *line, long len,
+                      fm_errbuf *err)
 {
-    /* gzwrite reports 0 for an error; the zlib state then holds Z_ERRNO
-     * and errno tells ENOSPC from other I/O errors. */
-    errno = 0;
-    if (gzwrite(o->gz, line, (unsigned)len) != (int)len || gzwrite(o->gz, "\n", 1) != 1) {
-        int e = errno;
-        return fm_errf(err, e ? io_code(e) : FM_EIO, "lake: writing %s: %s", o->spool,
-                       e ? strerror(e) : "zlib error");
+    size_t need = o->pending_len + (size_t)len + 1;
+    if (need > o->pending_cap) {
+        size_t cap = need > LAKE_MEMBER_BYTES ? need : LAKE_MEMBER_BYTES;
+        char *p = fm_realloc(o->pending, cap);
+        if (!p)
+            return fm_errf(err, FM_ENOMEM, "lake: out of memory writing %s", o->spool);
+        o->pending = p;
+        o->pending_cap = cap;
     }
+    memcpy(o->pending + o->pending_len, line, (size_t)len);
+    o->pending[o->pending_len + (size_t)len] = '\n';
+    o->pending_len = need;
     o->bytes += len + 1;
     o->rows++;
-    return 0;
+    return o->pending_len >= LAKE_MEMBER_BYTES ? obj_flush(ex, o, err) : 0;
 }
 
 static bool batch_should_roll(const lake_exporter *ex, const lake_stream *s,
@@ -391,7 +431,7 @@ static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
     char manifest[PATH_MAX] = "";
 
     for (int i = 0; i < s->nobj && rc == 0; i++)
-        rc = obj_seal(&s->obj[i], err);
+        rc = obj_seal(ex, &s->obj[i], err);
     if (rc == 0 && (rc = fm_fsync_dir(ex->lake->spool_dir)) != 0)
         fm_errf(err, rc, "lake: fsync %s failed", ex->lake->spool_dir);
     if (rc == 0 && s->nobj > 1)
@@ -468,7 +508,7 @@ static int batch_add(lake_exporter *ex, lake_stream *s, const char *tenant, int6
         if (s->nobj++ == 0)
             s->opened_ms = now;
     }
-    int rc = obj_append(o, ex->line, len, err);
+    int rc = obj_append(ex, o, ex->line, len, err);
     if (rc == 0)
         s->pos = seq;
     return rc;
@@ -713,6 +753,10 @@ static int ex_open(lake_exporter *ex, fm_errbuf *err)
         return rc;
     if (!ex->lake && (rc = fm_lake_open(&ex->cfg, &ex->lake, err)) != 0)
         return rc;
+    /* Level 1: the lake is written beside the hot path on the same cores;
+     * the fastest level still shrinks sweep JSON several times. */
+    if (!ex->deflate && !(ex->deflate = libdeflate_alloc_compressor(1)))
+        return fm_errf(err, FM_ENOMEM, "lake: cannot allocate the gzip compressor");
     if (ex->lock_fd < 0) {
         char path[PATH_MAX];
         if (snprintf(path, sizeof path, "%s/%s", ex->lake->spool_dir, LAKE_LOCK_NAME) >=
@@ -781,6 +825,11 @@ static void ex_close(lake_exporter *ex)
     fm_lake_close(ex->lake);
     fm_store_close(ex->store);
     fm_free(ex->line);
+    fm_free(ex->member);
+    libdeflate_free_compressor(ex->deflate);
+    ex->deflate = NULL;
+    ex->member = NULL;
+    ex->member_cap = 0;
     ex->lock_fd = -1;
     ex->lake = NULL;
     ex->store = NULL;
@@ -888,7 +937,7 @@ int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *
         atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
     }
     pthread_cond_init(&w->done, NULL);
-    if (fm_thread_start(&w->thread, writer_main, w) != 0) {
+    if (fm_thread_start(&w->thread, "fm-lake", writer_main, w) != 0) {
         pthread_cond_destroy(&w->done);
         ex_close(&w->ex);
         fm_free(w);

@@ -268,7 +268,7 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto fail;
     }
-    if (fm_thread_start(&c->thread, net_thread, c) != 0) {
+    if (fm_thread_start(&c->thread, "fm-mqtt", net_thread, c) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start MQTT thread");
         goto fail;
     }

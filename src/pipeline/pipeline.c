@@ -356,7 +356,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     atomic_store(&p->healthy, 1);
     pthread_mutex_init(&p->in_mu, NULL);
     pthread_cond_init(&p->in_cv, NULL);
-    if (fm_thread_start(&p->commit, run, p) != 0) {
+    if (fm_thread_start(&p->commit, "fm-commit", run, p) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start pipeline thread");
         pthread_cond_destroy(&p->in_cv);
         pthread_mutex_destroy(&p->in_mu);
@@ -366,6 +366,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     for (int i = 0; i < want; i++) {
         if (pthread_create(&p->workers[i], NULL, worker, p) != 0)
             break; /* fewer workers is still a working pipeline */
+        pthread_setname_np(p->workers[i], "fm-worker");
         p->nworkers++;
     }
     fm_logkv(FM_LOG_INFO, "pipeline", "started", "model", p->model_ref, NULL);

@@ -407,7 +407,7 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
         fm_errf(err, rc, "cannot reset device presence");
         goto fail;
     }
-    if (fm_thread_start(&r->thread, run, r) != 0) {
+    if (fm_thread_start(&r->thread, "fm-registry", run, r) != 0) {
         rc = fm_errf(err, FM_ENOMEM, "cannot start registry thread");
         goto fail;
     }
