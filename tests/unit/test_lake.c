@@ -435,6 +435,41 @@ static void test_export_e2e(void **state)
     fm_store_close(s);
 }
 
+/* A raw object bigger than one gzip member (256 KiB of NDJSON) is written
+ * as several members that read back as one gzip stream, and payloads with
+ * line breaks between their tokens still give one line per row. */
+static void test_export_members_and_line_breaks(void **state)
+{
+    fixture *f = *state;
+    fm_store *s = open_store(f);
+    fm_errbuf err = {{0}};
+    enum { ROWS = 120 };
+    static char payload[3300];
+    size_t n = 0;
+    n += (size_t)snprintf(payload + n, sizeof payload - n, "{\n\"pad\":[");
+    while (n < sizeof payload - 40)
+        n += (size_t)snprintf(payload + n, sizeof payload - n, "1.25,\r\n");
+    n += (size_t)snprintf(payload + n, sizeof payload - n, "0],\r\n\"v\":1}");
+    for (int i = 0; i < ROWS; i++) {
+        char mid[32];
+        pfmt(mid, sizeof mid, "big-%d", i);
+        fm_record r = {.device_id = "dev-a", .tenant = "acme", .measurement_id = mid,
+                       .received_ms = T_LAST_MS - 100, .taken_ms = T_LAST_MS - 200,
+                       .payload = payload, .payload_len = n, .result_json = "{\"ok\":true}",
+                       .model = "visc@1"};
+        assert_int_equal(fm_store_commit(s, &r, 1, NULL, 0, &err), 0);
+    }
+    assert_true((size_t)ROWS * n > 256 * 1024);
+    if (fm_lake_export_all(&f->cfg, &err) != 0)
+        fail_msg("export: %s", err.msg);
+    seen sn;
+    scan_lake(f, &sn); /* every line must parse as one JSON row */
+    assert_each_once(&sn, ROWS, 0);
+    assert_int_equal(sn.embedded, ROWS);
+    assert_int_equal(sn.objects, 1);
+    fm_store_close(s);
+}
+
 static void test_export_roll_size(void **state)
 {
     fixture *f = *state;
@@ -797,6 +832,7 @@ int main(void)
         cmocka_unit_test(test_roll),
         cmocka_unit_test_setup_teardown(test_fs_put, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_e2e, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_export_members_and_line_breaks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_roll_size, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recover_pending_spool, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recover_manifest, setup, teardown),
