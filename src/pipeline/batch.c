@@ -51,6 +51,17 @@ int batch__prepare(fm_inmsg *msg, int max_payload)
     return 0;
 }
 
+/* Frees the batch's own arrays (not the messages) and zeroes it. */
+static void free_arrays(batch *b)
+{
+    fm_free(b->items);
+    fm_free(b->feat);
+    fm_free(b->pred);
+    fm_free(b->recs);
+    fm_free(b->quar);
+    memset(b, 0, sizeof *b);
+}
+
 int batch__init(batch *b, fm_inmsg *list, size_t n, size_t n_outputs)
 {
     memset(b, 0, sizeof *b);
@@ -62,12 +73,7 @@ int batch__init(batch *b, fm_inmsg *list, size_t n, size_t n_outputs)
     b->recs = fm_calloc(n, sizeof *b->recs);
     b->quar = fm_calloc(n, sizeof *b->quar);
     if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar) {
-        fm_free(b->items);
-        fm_free(b->feat);
-        fm_free(b->pred);
-        fm_free(b->recs);
-        fm_free(b->quar);
-        memset(b, 0, sizeof *b);
+        free_arrays(b);
         return FM_ENOMEM;
     }
     size_t i = 0;
@@ -328,11 +334,6 @@ long batch__release(batch *b)
             msg->reply(msg->reply_ud, NULL, 0);
         fm_inmsg_free(msg);
     }
-    fm_free(b->items);
-    fm_free(b->feat);
-    fm_free(b->pred);
-    fm_free(b->recs);
-    fm_free(b->quar);
-    memset(b, 0, sizeof *b);
+    free_arrays(b);
     return released;
 }
