@@ -975,11 +975,12 @@ def test_no_certificate_hammering(plat, guard):
 # --------------------------------------------------------------------------
 # 7b. A flood of large payloads (last in the module: it leaves a backlog).
 #
-# Each payload is just under the 128 KiB limit, so fleetml parses it and
-# quarantines its raw bytes.  fleetml's MQTT thread takes messages off the
-# broker as fast as they come and queues them for the single pipeline
-# thread (pipeline.queue_max counts messages, 65536 by default, not bytes),
-# so the broker's own limits (max_queued_messages) never push back.
+# Each payload is just under the 128 KiB limit.  The broker plugin admits
+# a device's publishes up to pipeline.device_rate messages and
+# pipeline.device_bytes_rate bytes per second (with bursts) and refuses the
+# rest itself, so the flood never queues on the service's connection ahead
+# of the good device's measurement; what it admits, fleetml parses and
+# quarantines.
 
 BIG_FLOOD, BIG_SIZE = 1500, 131000
 
