@@ -3,7 +3,7 @@
  * pipeline, the registry, the API, the CLI, the device SDK and the broker
  * plugin (which compiles src/core/contract.c into itself and links nothing
  * else of fleetml). Topics, the device-id and measurement-id grammars, the
- * error codes devices receive, and the error reply document. docs/protocol.md
+ * error codes devices receive, and the reply documents (ok and error). docs/protocol.md
  * is the prose of the same contract.
  *
  * Depends on libc and jansson only (no fm_* allocation, no logging), so it
@@ -79,6 +79,17 @@ char *fm_reply_topic(const char *device_id, const char *response_topic, const ch
  * mid may be NULL or "" (no usable id). */
 size_t fm_error_doc(char *buf, size_t len, const char *mid, const char *code,
                     const char *message);
+
+/* ---- ok replies ---------------------------------------------------------------- */
+
+/* Builds the "ok" reply a device gets for measurement mid:
+ * {"id":mid,"status":"ok","model":model_ref,"outputs":{names[i]: values[i]
+ * rounded to 3 decimals, in this order},"received_at":received_at}.
+ * received_at is an RFC 3339 time the caller formats. Returns a
+ * NUL-terminated string the caller frees with free() (fm_free is the same
+ * allocator), or NULL when memory ran out or an argument is NULL. */
+char *fm_ok_doc(const char *mid, const char *model_ref, const char *const *names,
+                const float *values, size_t n, const char *received_at);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,7 @@
 #include "fleetml/contract.h"
 
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -90,4 +91,29 @@ size_t fm_error_doc(char *buf, size_t len, const char *mid, const char *code,
         return 0;
     buf[n] = '\0';
     return n;
+}
+
+char *fm_ok_doc(const char *mid, const char *model_ref, const char *const *names,
+                const float *values, size_t n, const char *received_at)
+{
+    if (!mid || !model_ref || !received_at || (n && (!names || !values)))
+        return NULL;
+    json_t *outputs = json_object();
+    if (!outputs)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        /* Three decimals keep results stable and compact. */
+        double v = round((double)values[i] * 1000.0) / 1000.0;
+        if (!names[i] || json_object_set_new(outputs, names[i], json_real(v)) != 0) {
+            json_decref(outputs);
+            return NULL;
+        }
+    }
+    json_t *doc = json_pack("{s:s, s:s, s:s, s:o, s:s}", "id", mid, "status", "ok", "model",
+                            model_ref, "outputs", outputs, "received_at", received_at);
+    if (!doc)
+        return NULL;
+    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    json_decref(doc);
+    return s;
 }

@@ -136,33 +136,17 @@ char *fm_error_result_json(const char *mid, const char *code, const char *messag
     return fm_error_doc(buf, sizeof buf, mid, code, message) ? fm_strdup(buf) : NULL;
 }
 
-/* Rounds to a fixed number of decimals so results are stable and compact. */
-static double round_to(double v, int decimals)
-{
-    double f = pow(10.0, decimals);
-    return round(v * f) / f;
-}
-
 char *fm_result_ok_json(const fm_model *model, const char *model_ref, const char *mid,
                         const float *out, int64_t recv_ms)
 {
     char ts[40];
-    json_t *outputs = json_object();
-    if (!outputs)
-        return NULL;
+    const char *names[FM_OUTPUTS_MAX];
     size_t n = fm_model_output_count(model);
-    for (size_t i = 0; i < n; i++) {
-        const fm_model_output *o = fm_model_output_at(model, i);
-        json_object_set_new(outputs, o->name, json_real(round_to(out[i], 3)));
-    }
-    json_t *doc = json_pack("{s:s, s:s, s:s, s:o, s:s}", "id", mid, "status", "ok", "model",
-                            model_ref, "outputs", outputs, "received_at",
-                            fm_rfc3339(recv_ms, ts, sizeof ts));
-    if (!doc)
+    if (n > FM_OUTPUTS_MAX)
         return NULL;
-    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
-    json_decref(doc);
-    return s;
+    for (size_t i = 0; i < n; i++)
+        names[i] = fm_model_output_at(model, i)->name;
+    return fm_ok_doc(mid, model_ref, names, out, n, fm_rfc3339(recv_ms, ts, sizeof ts));
 }
 
 static uint32_t id_hash(const char *s)

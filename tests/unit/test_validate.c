@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include "fleetml/contract.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -841,6 +842,24 @@ static void test_verrf(void **state)
     assert_int_equal(fm_verrf(NULL, FM_VERR_INTERNAL, "ignored"), FM_EINVAL);
 }
 
+/* The ok reply from the contract module: order, rounding, refusals. */
+static void test_ok_doc(void **state)
+{
+    (void)state;
+    const char *names[] = {"hematocrit", "viscosity_ratio"};
+    const float values[] = {42.12345f, -0.0004f};
+    char *s = fm_ok_doc("m-1", "viscosity@3", names, values, 2, "2026-12-03T10:00:00.000Z");
+    assert_non_null(s);
+    assert_string_equal(s, "{\"id\":\"m-1\",\"status\":\"ok\",\"model\":\"viscosity@3\","
+                           "\"outputs\":{\"hematocrit\":42.123,\"viscosity_ratio\":-0.0},"
+                           "\"received_at\":\"2026-12-03T10:00:00.000Z\"}");
+    fm_free(s);
+    assert_null(fm_ok_doc(NULL, "m@1", names, values, 2, "t"));
+    assert_null(fm_ok_doc("m", "m@1", NULL, values, 2, "t"));
+    const char *bad[] = {"a", NULL};
+    assert_null(fm_ok_doc("m", "m@1", bad, values, 2, "t"));
+}
+
 int main(void)
 {
     /* Route jansson through the project allocator so allocation-failure
@@ -866,6 +885,7 @@ int main(void)
         cmocka_unit_test(test_peek_id),
         cmocka_unit_test(test_device_id),
         cmocka_unit_test(test_verrf),
+        cmocka_unit_test(test_ok_doc),
     };
     return cmocka_run_group_tests(tests, setup_clock, NULL);
 }
