@@ -91,12 +91,13 @@ class Node:
         self.bin = os.path.join(build, "fleetml")
         self.echo = os.path.join(build, "fleetml-echo")
         self.dir = tempfile.mkdtemp(prefix="fleetml-bench-")
-        self.ports = dict(mqtt=free_port(), svc=free_port(), http=free_port())
+        self.ports = dict(mqtt=free_port(), svc=free_port(), http=free_port(), ops=free_port())
         self.run([self.bin, "init", "--data", self.dir,
                   "--set", "broker.bind=127.0.0.1",
                   "--set", f"broker.port={self.ports['mqtt']}",
                   "--set", f"broker.service_port={self.ports['svc']}",
                   "--set", f"http.port={self.ports['http']}",
+                  "--set", f"ops.port={self.ports['ops']}",
                   "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0",
                   "--set", "pipeline.device_bytes_rate=0"])
         self.devices = [f"{prefix}-{i:04d}" for i in range(1, devices + 1)]
@@ -115,9 +116,9 @@ class Node:
 
     def start_serve(self, env=None):
         p = self.spawn([self.bin, "serve", "--data", self.dir], "serve.log")
-        wait_for(lambda: (http_json(self.ports["http"], "/readyz") or {}).get("ready"), 60,
+        wait_for(lambda: (http_json(self.ports["ops"], "/readyz") or {}).get("ready"), 60,
                  "fleetml serve to be ready")
-        broker = http_json(self.ports["http"], "/healthz")["broker_pid"]
+        broker = http_json(self.ports["ops"], "/healthz")["broker_pid"]
         return p, broker
 
     def start_baseline(self, broker=None, durable=False):
@@ -197,11 +198,11 @@ def bench_pair(args):
     out = {"devices": args.devices, "inflight": args.inflight, "duration_s": args.duration}
     try:
         serve, broker = node.start_serve()
-        m0 = metrics(node.ports["http"])
+        m0 = metrics(node.ports["ops"])
         closed_b = measured(node, {"fleetml": serve.pid, "mosquitto": broker},
                             lambda: node.sim(args.devices, inflight=args.inflight,
                                              duration=args.duration))
-        m1 = metrics(node.ports["http"])
+        m1 = metrics(node.ports["ops"])
         n = m1["fleetml_commit_batch_size_count"] - m0["fleetml_commit_batch_size_count"]
         s = m1["fleetml_commit_batch_size_sum"] - m0["fleetml_commit_batch_size_sum"]
         closed_b["commit_batch_mean"] = round(s / n, 2) if n else None
@@ -309,7 +310,7 @@ def bench_latency(args):
         out["disk_fsync_ms"] = fsync_probe(node.dir)
         serve, broker = node.start_serve()
         out["fleetml"] = latency_runs(node, {"fleetml": serve.pid, "mosquitto": broker}, None,
-                                      args, node.ports["http"])
+                                      args, node.ports["ops"])
         fl_max = out["fleetml"]["closed_loop"]["throughput_per_s"]
         node.stop(serve)
         node.procs.remove(serve)

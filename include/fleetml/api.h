@@ -71,6 +71,47 @@ typedef struct fm_api_route_info {
 size_t fm_api_route_count(void);
 const fm_api_route_info *fm_api_route_at(size_t i);
 
+/* ---- the request edge ------------------------------------------------------
+ * Checks fleetml makes on every request before routing (docs/operations.md,
+ * "The HTTP edge"), exposed for the fuzzer. */
+
+/* What the framing check needs from a request head. Zero-initialise, set
+ * http10, then feed every header line through fm_http_head_add. */
+typedef struct fm_http_head {
+    bool http10;                 /* the request line said HTTP/1.0 */
+    unsigned n_length, n_coding, n_host;
+    bool bad_name, bad_value;    /* a name is not a token / a value holds a CTL */
+    bool length_ok;              /* the first Content-Length is 1..18 digits */
+    bool length_conflict;        /* a later Content-Length differs from the first */
+    bool coding_chunked;         /* the (last) Transfer-Encoding is exactly chunked */
+    unsigned long long length;   /* the first Content-Length when length_ok */
+    char length_text[24];
+    size_t length_text_len;
+} fm_http_head;
+
+/* Records one header field (name and value as received; not NUL-terminated,
+ * may hold any byte). */
+void fm_http_head_add(fm_http_head *h, const char *name, size_t nlen, const char *value,
+                      size_t vlen);
+/* NULL when the head frames a request unambiguously (RFC 9112 6.1-6.3:
+ * Content-Length xor chunked, one Host on HTTP/1.1, clean field bytes);
+ * otherwise why not, in a static string. Such a request is answered 400
+ * and its connection closed. */
+const char *fm_http_head_check(const fm_http_head *h);
+
+/* Copies the path of an origin-form request target (as sent, before any
+ * percent-decoding; the query is left out) into path. Returns 0, FM_EINVAL
+ * when the target does not start with '/', holds a byte outside visible
+ * ASCII, a '#' or a malformed %-escape, or FM_ERANGE when the path does not
+ * fit in len bytes. */
+int fm_http_target_path(const char *target, char *path, size_t len);
+
+/* Percent-decodes one path segment seg[0..n) (a route parameter) into out
+ * (NUL-terminated). Returns 0, FM_EINVAL for an empty result, ".", "..", a
+ * malformed escape or a decoded '/', '\\', NUL or other control byte, or
+ * FM_ERANGE when it does not fit in len bytes. */
+int fm_http_param_decode(const char *seg, size_t n, char *out, size_t len);
+
 /* ---- request bodies ----------------------------------------------------
  * Bodies are untrusted: fm_api_parse_body accepts exactly one JSON object
  * (UTF-8, no duplicate keys, nothing after it) of at most len bytes and

@@ -87,6 +87,12 @@ typedef struct fm_config {
     char http_trusted_proxies[256];
     int http_access_ttl_s;
     char http_mfa_roles[128];
+    int http_per_address_limit; /* connections per client address (0 = none) */
+    int http_header_timeout_s;  /* time to send a whole request head */
+    int http_body_min_rate;     /* bytes/s a request body must average (0 = none) */
+
+    char ops_bind[64];          /* health, readiness, metrics, OpenAPI */
+    int ops_port;
 
     int commit_window_us;
     int batch_max;

@@ -59,6 +59,11 @@ typedef struct fm_metrics {
     _Atomic uint64_t http_requests;    /* API requests answered */
     _Atomic uint64_t http_errors;      /* ... with a 5xx status */
     _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
+    /* requests/connections the HTTP edge refused or cut, by reason */
+    _Atomic uint64_t http_refused_framing;  /* 400: ambiguous framing or header bytes */
+    _Atomic uint64_t http_refused_target;   /* 400/414: request target or path parameter */
+    _Atomic uint64_t http_refused_address;  /* 429: per-address cap (behind a proxy) */
+    _Atomic uint64_t http_cut_slow;         /* connections closed for sending too slowly */
     _Atomic uint64_t presence_events;  /* device connect/disconnect reports */
     _Atomic uint64_t broker_refused_msgs;  /* publishes the broker refused (over rate) */
     _Atomic uint64_t broker_refused_bytes; /* ... and their payload bytes */

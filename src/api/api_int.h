@@ -8,6 +8,7 @@
 #include "fleetml/json.h"
 #include "fleetml/model.h"
 #include "fleetml/store.h"
+#include "fleetml/thread.h"
 
 #include <jansson.h>
 #include <microhttpd.h>
@@ -33,8 +34,18 @@ typedef struct api_store_pool {
     size_t nfree, cap;
 } api_store_pool;
 
+struct conn_track;
+struct addr_count;
+
 struct fm_http {
-    struct MHD_Daemon *daemon;
+    struct MHD_Daemon *daemon; /* the API listener */
+    struct MHD_Daemon *ops;    /* the operations listener */
+    /* The edge thread cuts slow connections; its lock guards conns and
+     * inflight. */
+    fm_thread edge;
+    struct conn_track *conns;
+    struct addr_count *inflight;
+    size_t ninflight, inflight_cap;
     fm_config cfg;
     fm_health_fn health;
     void *ud;
@@ -64,7 +75,7 @@ typedef struct api_req {
     fm_http *h;
     struct MHD_Connection *conn;
     const char *method;
-    const char *url;          /* full path, e.g. /api/v1/devices/x */
+    const char *url;          /* the path as sent, e.g. /api/v1/devices/x */
     const char *params[API_MAX_PARAMS];
     char pbuf[API_MAX_PARAMS][160];
     const char *body;
@@ -85,6 +96,7 @@ typedef struct api_req {
     long retry_after;         /* > 0: Retry-After header */
     const char *allow;        /* 405: Allow header */
     bool www_authenticate;
+    bool close;               /* Connection: close (nothing more is read) */
 } api_req;
 
 typedef void (*api_handler)(api_req *r);
@@ -96,10 +108,13 @@ typedef struct api_route {
     size_t body_max; /* 0: no body accepted */
 } api_route;
 
-/* Finds the route for r->method and r->url and copies its path parameters
- * into r->params. NULL when none; then *path_known tells 405 from 404 and
- * allow lists the methods the path has. */
-const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known);
+/* Finds the route for r->method and r->url (the path as sent) and copies
+ * its percent-decoded path parameters into r->params. NULL when none; then
+ * *path_known tells 405 from 404 and allow lists the methods the path has.
+ * *bad_param: the route matched but a parameter decodes to a forbidden
+ * byte (answer 400; r->params are not set). */
+const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known,
+                                bool *bad_param);
 
 /* ---- answers ---- */
 void api_json(api_req *r, unsigned status, json_t *doc); /* consumes doc */

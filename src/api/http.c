@@ -1,9 +1,20 @@
 /*
- * The HTTP listener: libmicrohttpd with a thread pool, request bodies
+ * The HTTP listeners: libmicrohttpd with a thread pool, request bodies
  * bounded per route, one store handle per request from a pool, bearer
  * token checks and the central permission check, then the route's handler
- * (v1_*.c). Built-in endpoints outside /api/v1: /healthz, /readyz,
- * /metrics and, only with FM_FAULT_INJECTION=1, /debug/fault.
+ * (v1_*.c).
+ *
+ * The edge (docs/operations.md, "The HTTP edge"): every request head is
+ * checked for unambiguous framing and a clean target before routing
+ * (edge.c), routes match the path as sent, a connection that sends its
+ * head or body too slowly is cut by the edge thread, and the per-address
+ * cap counts connections, or requests per forwarded address behind a
+ * trusted proxy.
+ *
+ * Two listeners: the API (http.bind:port: /api/v1/... and a bare /healthz
+ * for load balancers) and operations (ops.bind:port, loopback by default:
+ * /healthz with details, /readyz, /metrics, /openapi.yaml and, only with
+ * FM_FAULT_INJECTION=1, /debug/fault).
  */
 #include "api/api_int.h"
 #include "fleetml/fault.h"
@@ -11,6 +22,7 @@
 
 #include <arpa/inet.h>
 #include <stdarg.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,17 +33,45 @@ extern const unsigned long fm_openapi_yaml_len;
 
 
 #define HOUSEKEEPING_MS (5 * 60 * 1000)
+#define PATH_MAX_SENT 1024       /* longer request paths: 414 */
+#define BODY_GRACE_NS (5ull * 1000000000ull)
+#define EDGE_TICK_NS (250ll * 1000000ll)
 
-/* Per-request state kept by libmicrohttpd between calls. */
+/* Per-request state kept by libmicrohttpd between calls; created when the
+ * request line arrives (uri_seen), freed by completed(). */
 typedef struct conn_state {
+    char path[PATH_MAX_SENT]; /* the path as sent (no query) */
+    int target_rc;          /* fm_http_target_path's verdict */
+    bool started;           /* the first handler call (head complete) happened */
     const api_route *route; /* resolved on the first call (NULL: none) */
     char params[API_MAX_PARAMS][160]; /* its path parameters */
     char allow[96];         /* when no route: the methods the path has */
-    bool path_known;
+    bool path_known, bad_param;
     char *body;
     size_t len, max;
     bool too_large;
+    char counted[64];       /* behind a proxy: the forwarded address counted in flight */
 } conn_state;
+
+/* What a connection is waiting for, for the edge thread's deadlines. */
+enum { PHASE_HEAD, PHASE_BODY, PHASE_ANSWER };
+
+/* One open connection (libmicrohttpd's socket context), listed under
+ * h->edge's lock. */
+typedef struct conn_track {
+    struct conn_track *prev, *next;
+    int fd;
+    int phase;
+    uint64_t since_ns; /* start of the phase */
+    uint64_t body_got; /* body bytes received in PHASE_BODY */
+    bool cut;          /* shut down by the edge thread */
+} conn_track;
+
+/* Requests in flight from one forwarded client address (behind a proxy). */
+typedef struct addr_count {
+    char addr[64];
+    unsigned n;
+} addr_count;
 
 /* ---- store pool ---------------------------------------------------------- */
 
@@ -134,6 +174,8 @@ static void add_security_headers(const fm_http *h, struct MHD_Response *resp)
 static enum MHD_Result send_buffer(fm_http *h, struct MHD_Connection *conn, unsigned status,
                                    const char *type, char *body, size_t len, const api_req *r)
 {
+    if (!body)
+        return MHD_NO;
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     if (!resp) {
@@ -153,6 +195,8 @@ static enum MHD_Result send_buffer(fm_http *h, struct MHD_Connection *conn, unsi
             MHD_add_response_header(resp, "Allow", r->allow);
         if (r->www_authenticate)
             MHD_add_response_header(resp, "WWW-Authenticate", "Bearer realm=\"fleetml\"");
+        if (r->close)
+            MHD_add_response_header(resp, "Connection", "close");
     }
     enum MHD_Result ret = MHD_queue_response(conn, status, resp);
     MHD_destroy_response(resp);
@@ -415,32 +459,56 @@ static enum MHD_Result handle_fault(fm_http *h, struct MHD_Connection *conn, con
                      NULL);
 }
 
-static enum MHD_Result handle_builtin(fm_http *h, struct MHD_Connection *conn, const char *url,
-                                      const char *method, bool has_body)
+static enum MHD_Result send_health(fm_http *h, struct MHD_Connection *conn, bool details)
 {
-    if (h->fault && strcmp(url, "/debug/fault") == 0 && !has_body)
-        return handle_fault(h, conn, method);
-    bool known = strcmp(url, "/healthz") == 0 || strcmp(url, "/readyz") == 0 ||
-                 strcmp(url, "/metrics") == 0;
-    if (!known)
-        return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
+    fm_health st = {0};
+    h->health(h->ud, &st);
+    /* The API listener's /healthz is for load balancers and may be public:
+     * it names no host, node or process. */
+    json_t *doc = details ? json_pack("{s:s,s:s,s:s,s:i}", "status", "ok", "version", FM_VERSION,
+                                      "node", h->cfg.node_id, "broker_pid", st.broker_pid)
+                          : json_pack("{s:s}", "status", "ok");
+    return send_json(h, conn, MHD_HTTP_OK, doc, NULL);
+}
+
+/* GET/HEAD only, no body: answers 405/413 and returns true when not so. */
+static bool refuse_non_get(fm_http *h, struct MHD_Connection *conn, const char *method,
+                           bool has_body, enum MHD_Result *ret)
+{
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
         api_req r = {.allow = "GET, HEAD"};
-        return send_error(h, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
+        *ret = send_error(h, conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method_not_allowed",
                           "only GET is supported here", &r);
+        return true;
     }
-    if (has_body)
-        return send_error(h, conn, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
-                          "this endpoint takes no request body", NULL);
-    if (strcmp(url, "/healthz") == 0) {
-        fm_health st = {0};
-        h->health(h->ud, &st);
-        return send_json(h, conn, MHD_HTTP_OK,
-                         json_pack("{s:s,s:s,s:s,s:i}", "status", "ok", "version", FM_VERSION,
-                                   "node", h->cfg.node_id, "broker_pid", st.broker_pid),
-                         NULL);
+    if (has_body) {
+        api_req r = {.close = true};
+        *ret = send_error(h, conn, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
+                          "this endpoint takes no request body", &r);
+        return true;
     }
-    if (strcmp(url, "/readyz") == 0) {
+    return false;
+}
+
+/* The operations listener's endpoints (ops.bind:ops.port). */
+static enum MHD_Result handle_ops_path(fm_http *h, struct MHD_Connection *conn,
+                                       const char *path, const char *method, bool has_body)
+{
+    if (h->fault && strcmp(path, "/debug/fault") == 0 && !has_body)
+        return handle_fault(h, conn, method);
+    bool known = strcmp(path, "/healthz") == 0 || strcmp(path, "/readyz") == 0 ||
+                 strcmp(path, "/metrics") == 0 || strcmp(path, "/openapi.yaml") == 0;
+    if (!known)
+        return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
+    enum MHD_Result ret;
+    if (refuse_non_get(h, conn, method, has_body, &ret))
+        return ret;
+    if (strcmp(path, "/healthz") == 0)
+        return send_health(h, conn, true);
+    if (strcmp(path, "/openapi.yaml") == 0)
+        return send_buffer(h, conn, MHD_HTTP_OK, "application/yaml",
+                           fm_strndup(h->openapi, h->openapi_len), h->openapi_len, NULL);
+    if (strcmp(path, "/readyz") == 0) {
         fm_health st = {0};
         h->health(h->ud, &st);
         int ready = st.broker_up && st.mqtt_connected && st.store_ok && st.model_loaded;
@@ -457,6 +525,18 @@ static enum MHD_Result handle_builtin(fm_http *h, struct MHD_Connection *conn, c
         return MHD_NO;
     return send_buffer(h, conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", text,
                        len, NULL);
+}
+
+/* The API listener's paths outside /api/v1: only the bare /healthz. */
+static enum MHD_Result handle_api_other(fm_http *h, struct MHD_Connection *conn,
+                                        const char *path, const char *method, bool has_body)
+{
+    if (strcmp(path, "/healthz") != 0)
+        return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
+    enum MHD_Result ret;
+    if (refuse_non_get(h, conn, method, has_body, &ret))
+        return ret;
+    return send_health(h, conn, false);
 }
 
 /* ---- the API dispatcher ------------------------------------------------------- */
@@ -519,10 +599,10 @@ static void housekeeping(api_req *r)
     fm_auth_housekeeping(r->store, &r->h->throttle, r->now_ms);
 }
 
-static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const char *url,
-                                const char *method, conn_state *cs)
+static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const char *method,
+                                conn_state *cs)
 {
-    api_req r = {.h = h, .conn = conn, .method = method, .url = url, .now_ms = fm_wall_ms()};
+    api_req r = {.h = h, .conn = conn, .method = method, .url = cs->path, .now_ms = fm_wall_ms()};
     snprintf(r.actor, sizeof r.actor, "anonymous");
     peer_address(h, conn, r.client, sizeof r.client);
     const api_route *rt = cs->route;
@@ -545,7 +625,15 @@ static enum MHD_Result dispatch(fm_http *h, struct MHD_Connection *conn, const c
         }
         goto answer;
     }
+    if (cs->bad_param) {
+        atomic_fetch_add(&fm_metrics_get()->http_refused_target, 1);
+        api_error(&r, MHD_HTTP_BAD_REQUEST, "invalid_request",
+                  "a path parameter holds an encoded '/', '\\', '.', '..' or control "
+                  "character");
+        goto answer;
+    }
     if (cs->too_large) {
+        r.close = true;
         api_error(&r, MHD_HTTP_CONTENT_TOO_LARGE, "payload_too_large",
                   "the request body is larger than %zu bytes",
                   rt->body_max ? rt->body_max : (size_t)API_BODY_EMPTY_MAX);
@@ -617,78 +705,321 @@ answer:
     return send_json(h, conn, r.status, r.out, &r);
 }
 
-static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
-                              const char *method, const char *version, const char *upload,
-                              size_t *upload_size, void **con_cls)
+/* ---- the edge: framing, targets, slow clients, per-address cap ----------- */
+
+static conn_track *track_of(struct MHD_Connection *conn)
 {
-    (void)version;
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+static void track_phase(fm_http *h, struct MHD_Connection *conn, int phase)
+{
+    conn_track *t = track_of(conn);
+    if (!t)
+        return;
+    fm_thread_lock(&h->edge);
+    t->phase = phase;
+    t->since_ns = fm_mono_ns();
+    t->body_got = 0;
+    fm_thread_unlock(&h->edge);
+}
+
+static void track_body(fm_http *h, struct MHD_Connection *conn, size_t n)
+{
+    conn_track *t = track_of(conn);
+    if (!t)
+        return;
+    fm_thread_lock(&h->edge);
+    t->body_got += n;
+    fm_thread_unlock(&h->edge);
+}
+
+/* libmicrohttpd reports every connection's start and end; the socket is
+ * closed only after the end is reported, so under the edge lock a listed
+ * fd is always the connection's own. */
+static void conn_notify(void *cls, struct MHD_Connection *conn, void **socket_context,
+                        enum MHD_ConnectionNotificationCode code)
+{
     fm_http *h = cls;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        conn_track *t = fm_calloc(1, sizeof *t);
+        if (!t)
+            return; /* untracked: only the idle timeout applies */
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        t->fd = ci ? ci->connect_fd : -1;
+        t->phase = PHASE_HEAD;
+        t->since_ns = fm_mono_ns();
+        fm_thread_lock(&h->edge);
+        t->next = h->conns;
+        if (h->conns)
+            h->conns->prev = t;
+        h->conns = t;
+        fm_thread_unlock(&h->edge);
+        *socket_context = t;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+        conn_track *t = *socket_context;
+        fm_thread_lock(&h->edge);
+        if (t->prev)
+            t->prev->next = t->next;
+        else
+            h->conns = t->next;
+        if (t->next)
+            t->next->prev = t->prev;
+        fm_thread_unlock(&h->edge);
+        fm_free(t);
+        *socket_context = NULL;
+    }
+}
+
+/* With the edge lock held: shuts down connections past their deadline. A
+ * request head must be whole within http.header_timeout_s (an idle
+ * keep-alive connection waits for one); a body must average
+ * http.body_min_rate bytes/s after BODY_GRACE_NS. */
+static void edge_reap(fm_http *h, uint64_t now)
+{
+    uint64_t head_ns = (uint64_t)h->cfg.http_header_timeout_s * 1000000000ull;
+    double rate = h->cfg.http_body_min_rate;
+    for (conn_track *t = h->conns; t; t = t->next) {
+        if (t->cut || t->fd < 0 || now < t->since_ns)
+            continue;
+        uint64_t el = now - t->since_ns;
+        bool slow = false;
+        if (t->phase == PHASE_HEAD)
+            slow = el > head_ns;
+        else if (t->phase == PHASE_BODY && rate > 0 && el > BODY_GRACE_NS)
+            slow = (double)t->body_got < rate * (double)(el - BODY_GRACE_NS) / 1e9;
+        if (slow) {
+            /* libmicrohttpd sees the end of the stream and closes it. */
+            shutdown(t->fd, SHUT_RDWR);
+            t->cut = true;
+            atomic_fetch_add(&fm_metrics_get()->http_cut_slow, 1);
+        }
+    }
+}
+
+static void *edge_main(void *arg)
+{
+    fm_http *h = arg;
+    fm_thread_lock(&h->edge);
+    while (!fm_thread_should_stop(&h->edge)) {
+        edge_reap(h, fm_mono_ns());
+        fm_thread_wait_ns(&h->edge, EDGE_TICK_NS);
+    }
+    fm_thread_unlock(&h->edge);
+    return NULL;
+}
+
+/* Behind a trusted proxy: counts a request in flight for addr; false when
+ * addr already has http.per_address_limit of them. */
+static bool inflight_enter(fm_http *h, const char *addr)
+{
+    bool ok = false;
+    fm_thread_lock(&h->edge);
+    addr_count *free_slot = NULL, *slot = NULL;
+    for (size_t i = 0; i < h->ninflight && !slot; i++) {
+        if (h->inflight[i].n == 0 && !free_slot)
+            free_slot = &h->inflight[i];
+        else if (h->inflight[i].n && strcmp(h->inflight[i].addr, addr) == 0)
+            slot = &h->inflight[i];
+    }
+    if (!slot && !free_slot && h->ninflight < h->inflight_cap)
+        free_slot = &h->inflight[h->ninflight++];
+    if (!slot && free_slot) {
+        slot = free_slot;
+        snprintf(slot->addr, sizeof slot->addr, "%s", addr);
+        slot->n = 0;
+    }
+    if (slot && slot->n < (unsigned)h->cfg.http_per_address_limit) {
+        slot->n++;
+        ok = true;
+    }
+    fm_thread_unlock(&h->edge);
+    return ok;
+}
+
+static void inflight_leave(fm_http *h, const char *addr)
+{
+    fm_thread_lock(&h->edge);
+    for (size_t i = 0; i < h->ninflight; i++)
+        if (h->inflight[i].n && strcmp(h->inflight[i].addr, addr) == 0) {
+            h->inflight[i].n--;
+            break;
+        }
+    fm_thread_unlock(&h->edge);
+}
+
+static enum MHD_Result head_field(void *cls, enum MHD_ValueKind kind, const char *key,
+                                  size_t key_size, const char *value, size_t value_size)
+{
+    (void)kind;
+    fm_http_head_add(cls, key, key_size, value ? value : "", value ? value_size : 0);
+    return MHD_YES;
+}
+
+/* The request line arrived: keep the target as sent, before libmicrohttpd
+ * decodes it. The result is the request's conn_state. */
+static void *uri_seen(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    (void)cls;
+    (void)conn;
+    conn_state *cs = fm_calloc(1, sizeof *cs);
+    if (cs)
+        cs->target_rc = fm_http_target_path(uri, cs->path, sizeof cs->path);
+    return cs;
+}
+
+/* The head is complete: checks framing and the target. true when the
+ * request was refused (answered, and the connection will close). */
+static bool edge_refuses(fm_http *h, struct MHD_Connection *conn, const char *version,
+                         conn_state *cs, bool *has_body, enum MHD_Result *ret)
+{
+    fm_http_head head = {.http10 = strcmp(version, MHD_HTTP_VERSION_1_0) == 0};
+    MHD_get_connection_values_n(conn, MHD_HEADER_KIND, head_field, &head);
+    const char *why = fm_http_head_check(&head);
+    api_req r = {.close = true};
+    if (why) {
+        atomic_fetch_add(&fm_metrics_get()->http_refused_framing, 1);
+        *ret = send_error(h, conn, MHD_HTTP_BAD_REQUEST, "bad_request", why, &r);
+        return true;
+    }
+    if (cs->target_rc == FM_ERANGE) {
+        atomic_fetch_add(&fm_metrics_get()->http_refused_target, 1);
+        *ret = send_error(h, conn, MHD_HTTP_URI_TOO_LONG, "uri_too_long",
+                          "the request path is too long", &r);
+        return true;
+    }
+    if (cs->target_rc != 0) {
+        atomic_fetch_add(&fm_metrics_get()->http_refused_target, 1);
+        *ret = send_error(h, conn, MHD_HTTP_BAD_REQUEST, "bad_request",
+                          "the request target must be a path of visible ASCII characters "
+                          "with well-formed %-escapes",
+                          &r);
+        return true;
+    }
+    *has_body = head.n_coding || (head.n_length && head.length > 0);
+    return false;
+}
+
+/* Receives a request body chunk into cs (bounded by cs->max). */
+static enum MHD_Result take_body(conn_state *cs, bool api, const char *upload, size_t n)
+{
+    if (cs->too_large)
+        return MHD_YES;
+    if (!api || cs->len + n > cs->max) {
+        cs->too_large = true;
+        fm_free(cs->body);
+        cs->body = NULL;
+        cs->len = 0;
+        return MHD_YES;
+    }
+    char *nb = fm_realloc(cs->body, cs->len + n + 1);
+    if (!nb)
+        return MHD_NO;
+    memcpy(nb + cs->len, upload, n);
+    cs->body = nb;
+    cs->len += n;
+    cs->body[cs->len] = '\0';
+    return MHD_YES;
+}
+
+/* The calls both listeners share: the edge checks on the first call, the
+ * body, then answer(). */
+static enum MHD_Result handle_common(fm_http *h, bool ops, struct MHD_Connection *conn,
+                                     const char *method, const char *version,
+                                     const char *upload, size_t *upload_size, void **con_cls)
+{
     conn_state *cs = *con_cls;
-    bool api = strncmp(url, API_PREFIX "/", strlen(API_PREFIX) + 1) == 0;
-    if (!cs) {
-        cs = fm_calloc(1, sizeof *cs);
-        if (!cs)
-            return MHD_NO;
-        *con_cls = cs;
+    if (!cs)
+        return MHD_NO; /* out of memory when the request line arrived */
+    bool api = !ops && strncmp(cs->path, API_PREFIX "/", strlen(API_PREFIX) + 1) == 0;
+    if (!cs->started) {
+        cs->started = true;
+        bool has_body = false;
+        enum MHD_Result ret;
+        if (edge_refuses(h, conn, version, cs, &has_body, &ret))
+            return ret;
+        track_phase(h, conn, has_body ? PHASE_BODY : PHASE_ANSWER);
+        if (api && h->nproxies && h->cfg.http_per_address_limit > 0) {
+            /* Behind a proxy every connection comes from it: the cap
+             * counts requests in flight per forwarded client address. */
+            char addr[64];
+            peer_address(h, conn, addr, sizeof addr);
+            if (!inflight_enter(h, addr)) {
+                atomic_fetch_add(&fm_metrics_get()->http_refused_address, 1);
+                api_req r = {.close = true, .retry_after = 1};
+                return send_error(h, conn, MHD_HTTP_TOO_MANY_REQUESTS, "too_many_requests",
+                                  "too many requests in flight from your address; retry later",
+                                  &r);
+            }
+            snprintf(cs->counted, sizeof cs->counted, "%s", addr);
+        }
         if (api) {
-            api_req probe = {.url = url, .method = method};
-            cs->route = api_route_find(&probe, cs->allow, sizeof cs->allow, &cs->path_known);
+            api_req probe = {.url = cs->path, .method = method};
+            cs->route = api_route_find(&probe, cs->allow, sizeof cs->allow, &cs->path_known,
+                                       &cs->bad_param);
             memcpy(cs->params, probe.pbuf, sizeof cs->params);
             /* Routes without a body still accept an empty JSON object,
              * which many clients send with every POST. */
             cs->max = cs->route && cs->route->body_max ? cs->route->body_max : API_BODY_EMPTY_MAX;
         }
         /* A declared length over the limit is refused before any of the
-         * body is read. */
+         * body is read (the connection then closes). */
         const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Content-Length");
-        if (cl && api && cs->route) {
-            char *end;
-            unsigned long long n = strtoull(cl, &end, 10);
-            if (*end == '\0' && n > cs->max) {
-                cs->too_large = true;
-                return dispatch(h, conn, url, method, cs);
-            }
+        if (cl && api && cs->route && strtoull(cl, NULL, 10) > cs->max) {
+            cs->too_large = true;
+            return dispatch(h, conn, method, cs);
         }
         return MHD_YES;
     }
     if (*upload_size != 0) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (cs->too_large)
-            return MHD_YES;
-        if (!api || cs->len + n > cs->max) {
-            cs->too_large = true;
-            fm_free(cs->body);
-            cs->body = NULL;
-            cs->len = 0;
-            return MHD_YES;
-        }
-        char *nb = fm_realloc(cs->body, cs->len + n + 1);
-        if (!nb)
-            return MHD_NO;
-        memcpy(nb + cs->len, upload, n);
-        cs->body = nb;
-        cs->len += n;
-        cs->body[cs->len] = '\0';
-        return MHD_YES;
+        track_body(h, conn, n);
+        return take_body(cs, api, upload, n);
     }
+    track_phase(h, conn, PHASE_ANSWER);
+    bool has_body = cs->too_large || cs->len > 0;
+    if (ops)
+        return handle_ops_path(h, conn, cs->path, method, has_body);
     if (!api)
-        return handle_builtin(h, conn, url, method, cs->too_large || cs->len > 0);
-    return dispatch(h, conn, url, method, cs);
+        return handle_api_other(h, conn, cs->path, method, has_body);
+    return dispatch(h, conn, method, cs);
+}
+
+static enum MHD_Result handle_api(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    (void)url; /* decoded by libmicrohttpd: routing uses the path as sent */
+    return handle_common(cls, false, conn, method, version, upload, upload_size, con_cls);
+}
+
+static enum MHD_Result handle_ops(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    (void)url;
+    return handle_common(cls, true, conn, method, version, upload, upload_size, con_cls);
 }
 
 static void completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                       enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
-    (void)conn;
+    fm_http *h = cls;
     (void)toe;
     conn_state *cs = *con_cls;
     if (cs) {
+        if (cs->counted[0])
+            inflight_leave(h, cs->counted);
         fm_free(cs->body);
         fm_free(cs);
         *con_cls = NULL;
     }
+    /* The connection now waits for its next request head. */
+    track_phase(h, conn, PHASE_HEAD);
 }
 
 /* ---- lifecycle ------------------------------------------------------------------- */
@@ -751,6 +1082,14 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     sa.sin_port = htons((uint16_t)cfg->http_port);
     if (inet_pton(AF_INET, cfg->http_bind, &sa.sin_addr) != 1)
         return fm_errf(err, FM_EINVAL, "http.bind '%s' is not an IPv4 address", cfg->http_bind);
+    struct sockaddr_in ops_sa = {0};
+    ops_sa.sin_family = AF_INET;
+    ops_sa.sin_port = htons((uint16_t)cfg->ops_port);
+    if (inet_pton(AF_INET, cfg->ops_bind, &ops_sa.sin_addr) != 1)
+        return fm_errf(err, FM_EINVAL, "ops.bind '%s' is not an IPv4 address", cfg->ops_bind);
+    if (cfg->ops_port == cfg->http_port)
+        return fm_errf(err, FM_EINVAL, "ops.port and http.port must differ (both %d)",
+                       cfg->ops_port);
     fm_http *h = fm_calloc(1, sizeof *h);
     if (!h)
         return fm_errf(err, FM_ENOMEM, "out of memory");
@@ -791,9 +1130,13 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     h->fault = fm_fault_enabled_by_env();
     if (h->fault)
         fm_logf(FM_LOG_WARN, "http", "FM_FAULT_INJECTION=1: POST /debug/fault is enabled");
+    h->inflight_cap = 1024;
+    h->inflight = fm_calloc(h->inflight_cap, sizeof *h->inflight);
+    if (!h->inflight || fm_thread_start(&h->edge, "fm-http-edge", edge_main, h) != 0) {
+        fm_http_stop(h);
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
-    if (h->tls)
-        flags |= MHD_USE_TLS;
     struct MHD_OptionItem tls_opts[] = {
         {MHD_OPTION_HTTPS_MEM_CERT, 0, h->tls_cert},
         {MHD_OPTION_HTTPS_MEM_KEY, 0, h->tls_key},
@@ -802,20 +1145,43 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
         {MHD_OPTION_END, 0, NULL},
     };
     struct MHD_OptionItem no_opts[] = {{MHD_OPTION_END, 0, NULL}};
+    /* libmicrohttpd's own timeout is an idle one (any byte resets it); the
+     * edge thread enforces the head deadline and the body rate. */
+    unsigned idle_s = (unsigned)(h->cfg.http_header_timeout_s + 5 > 15
+                                     ? h->cfg.http_header_timeout_s + 5
+                                     : 15);
+    /* Without a proxy, the per-address cap counts connections; behind one,
+     * every connection is the proxy's and the cap counts requests in
+     * flight per forwarded address instead (handle_common). */
+    unsigned per_ip = h->nproxies ? 0u : (unsigned)cfg->http_per_address_limit;
     h->daemon = MHD_start_daemon(
-        flags, (uint16_t)cfg->http_port, NULL, NULL, handle, h, MHD_OPTION_EXTERNAL_LOGGER,
-        mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
-        (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)15, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(64 * 1024), MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_ARRAY,
+        flags | (h->tls ? MHD_USE_TLS : 0), (uint16_t)cfg->http_port, NULL, NULL, handle_api, h,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT,
+        idle_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+        per_ip, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 * 1024),
+        MHD_OPTION_URI_LOG_CALLBACK, uri_seen, h, MHD_OPTION_NOTIFY_CONNECTION, conn_notify, h,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, h, MHD_OPTION_ARRAY,
         h->tls ? tls_opts : no_opts, MHD_OPTION_END);
     if (!h->daemon) {
         fm_http_stop(h);
         return fm_errf(err, FM_EIO, "cannot listen on %s:%d", cfg->http_bind, cfg->http_port);
     }
-    fm_logf(FM_LOG_INFO, "http", "listening on %s://%s:%d", h->tls ? "https" : "http",
-            cfg->http_bind, cfg->http_port);
+    h->ops = MHD_start_daemon(
+        flags, (uint16_t)cfg->ops_port, NULL, NULL, handle_ops, h, MHD_OPTION_EXTERNAL_LOGGER,
+        mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ops_sa,
+        MHD_OPTION_CONNECTION_TIMEOUT, idle_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024), MHD_OPTION_URI_LOG_CALLBACK,
+        uri_seen, h, MHD_OPTION_NOTIFY_CONNECTION, conn_notify, h, MHD_OPTION_NOTIFY_COMPLETED,
+        completed, h, MHD_OPTION_END);
+    if (!h->ops) {
+        fm_http_stop(h);
+        return fm_errf(err, FM_EIO, "cannot listen on %s:%d (ops.bind, ops.port)", cfg->ops_bind,
+                       cfg->ops_port);
+    }
+    fm_logf(FM_LOG_INFO, "http", "listening on %s://%s:%d, operations on http://%s:%d",
+            h->tls ? "https" : "http", cfg->http_bind, cfg->http_port, cfg->ops_bind,
+            cfg->ops_port);
     *out = h;
     return 0;
 }
@@ -824,8 +1190,12 @@ void fm_http_stop(fm_http *h)
 {
     if (!h)
         return;
+    if (h->ops)
+        MHD_stop_daemon(h->ops);
     if (h->daemon)
         MHD_stop_daemon(h->daemon);
+    fm_thread_stop(&h->edge);
+    fm_free(h->inflight);
     pool_close(&h->pool);
     fm_jwt_key_free(h->jwt);
     if (h->model) {

@@ -6,6 +6,7 @@
  */
 #include "api/api_int.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #define R(m, p, act, fn, body) {{m, API_PREFIX p, act}, fn, body}
@@ -16,7 +17,7 @@ static const api_route routes[] = {
     R("POST", "/auth/login", PUBLIC, v1_login, API_BODY_SMALL),
     R("POST", "/auth/refresh", PUBLIC, v1_refresh, API_BODY_SMALL),
     R("POST", "/auth/logout", PUBLIC, v1_logout, API_BODY_SMALL),
-    R("GET", "/openapi.yaml", PUBLIC, v1_openapi, 0),
+    R("GET", "/openapi.yaml", SELF, v1_openapi, 0),
     R("GET", "/me", SELF, v1_me, 0),
     R("POST", "/me/password", SELF, v1_me_password, API_BODY_SMALL),
     R("POST", "/me/mfa/totp", SELF, v1_mfa_totp_start, API_BODY_SMALL),
@@ -56,41 +57,50 @@ const fm_api_route_info *fm_api_route_at(size_t i)
     return i < NROUTES ? &routes[i].info : NULL;
 }
 
-/* Matches path against pattern segment by segment; {x} matches one
- * non-empty segment, copied into params. */
-static bool match(const char *pattern, const char *path, char params[][160], size_t *np)
+/* Matches the path as sent against pattern segment by segment: literal
+ * segments compare byte for byte (so an escaped '/' never joins two),
+ * {x} matches one non-empty segment, percent-decoded into params.
+ * Returns 1 on a match, 0 when the path is another one, -1 when it
+ * matches but a parameter decodes to something no parameter may hold. */
+static int match(const char *pattern, const char *path, char params[][160], size_t *np)
 {
     *np = 0;
+    int bad = 0;
     while (*pattern && *path) {
         if (*pattern != '/' || *path != '/')
-            return false;
+            return 0;
         pattern++, path++;
         const char *pe = strchr(pattern, '/'), *se = strchr(path, '/');
         size_t pl = pe ? (size_t)(pe - pattern) : strlen(pattern);
         size_t sl = se ? (size_t)(se - path) : strlen(path);
         if (pl > 1 && pattern[0] == '{') {
-            if (sl == 0 || sl >= 160 || *np >= API_MAX_PARAMS)
-                return false;
-            memcpy(params[*np], path, sl);
-            params[*np][sl] = '\0';
+            if (sl == 0 || *np >= API_MAX_PARAMS)
+                return 0;
+            if (fm_http_param_decode(path, sl, params[*np], 160) != 0)
+                bad = 1;
             (*np)++;
         } else if (pl != sl || memcmp(pattern, path, pl) != 0) {
-            return false;
+            return 0;
         }
         pattern += pl, path += sl;
     }
-    return *pattern == '\0' && *path == '\0';
+    if (*pattern != '\0' || *path != '\0')
+        return 0;
+    return bad ? -1 : 1;
 }
 
-const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known)
+const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool *path_known,
+                                bool *bad_param)
 {
     const api_route *hit = NULL;
     *path_known = false;
+    *bad_param = false;
     allow[0] = '\0';
     for (size_t i = 0; i < NROUTES; i++) {
         char params[API_MAX_PARAMS][160];
         size_t np;
-        if (!match(routes[i].info.path, r->url, params, &np))
+        int m = match(routes[i].info.path, r->url, params, &np);
+        if (m == 0)
             continue;
         *path_known = true;
         size_t used = strlen(allow);
@@ -101,7 +111,8 @@ const api_route *api_route_find(api_req *r, char *allow, size_t allow_len, bool 
                     (strcmp(r->method, "HEAD") == 0 && strcmp(routes[i].info.method, "GET") == 0);
         if (!hit && same) {
             hit = &routes[i];
-            for (size_t k = 0; k < np; k++) {
+            *bad_param = m < 0;
+            for (size_t k = 0; k < np && m > 0; k++) {
                 memcpy(r->pbuf[k], params[k], sizeof r->pbuf[k]);
                 r->params[k] = r->pbuf[k];
             }

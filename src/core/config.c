@@ -101,6 +101,20 @@ static const key_def keys[] = {
     K_STR("http", "mfa_roles", T_PATH_OPT, http_mfa_roles, NULL,
           "Comma-separated roles that must sign in with a second factor (TOTP) to use "
           "anything but their own account, e.g. admin,operator (empty: none)."),
+    K_NUM("http", "per_address_limit", T_INT, http_per_address_limit, 0, 100000,
+          "Most simultaneous connections from one client address (0 = no limit). Off when "
+          "http.trusted_proxies is set: then it caps requests in flight per forwarded "
+          "client address (429 beyond it)."),
+    K_NUM("http", "header_timeout_s", T_INT, http_header_timeout_s, 1, 300,
+          "Seconds a client has to send a whole request head; an idle keep-alive "
+          "connection counts as waiting for one and is closed after it."),
+    K_NUM("http", "body_min_rate", T_INT, http_body_min_rate, 0, 1 << 30,
+          "Least average rate, in bytes per second after a 5 s grace, at which a request "
+          "body must arrive, or the connection is closed (0 = no minimum)."),
+    K_STR("ops", "bind", T_HOST, ops_bind, NULL,
+          "Address of the operations listener (/healthz, /readyz, /metrics, /openapi.yaml; "
+          "plain HTTP, no token): keep it on loopback or a management network."),
+    K_NUM("ops", "port", T_INT, ops_port, 1, 65535, "Port of the operations listener."),
     K_NUM("pipeline", "commit_window_us", T_INT, commit_window_us, 0, 2000,
           "How long a batch may wait for more measurements before it is committed, in "
           "microseconds (0 = commit at once)."),
@@ -245,6 +259,11 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->http_tls, sizeof c->http_tls, "off");
     c->http_threads = 4;
     c->http_access_ttl_s = 900;
+    c->http_per_address_limit = 64;
+    c->http_header_timeout_s = 10;
+    c->http_body_min_rate = 1024;
+    copy_str(c->ops_bind, sizeof c->ops_bind, "127.0.0.1");
+    c->ops_port = 9180;
     c->commit_window_us = 0;
     c->queue_max_bytes = 256L * 1024 * 1024;
     c->device_rate = 20;

@@ -161,6 +161,18 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->http_requests));
     counter(&b, "fleetml_http_errors_total", "HTTP API requests answered with a 5xx status.",
             atomic_load(&m->http_errors));
+    fm_strbuf_printf(&b,
+                     "# HELP fleetml_http_refused_total HTTP requests refused at the edge, by "
+                     "reason.\n# TYPE fleetml_http_refused_total counter\n"
+                     "fleetml_http_refused_total{reason=\"framing\"} %llu\n"
+                     "fleetml_http_refused_total{reason=\"target\"} %llu\n"
+                     "fleetml_http_refused_total{reason=\"per_address\"} %llu\n",
+                     (unsigned long long)atomic_load(&m->http_refused_framing),
+                     (unsigned long long)atomic_load(&m->http_refused_target),
+                     (unsigned long long)atomic_load(&m->http_refused_address));
+    counter(&b, "fleetml_http_slow_closed_total",
+            "HTTP connections closed because a request head or body arrived too slowly.",
+            atomic_load(&m->http_cut_slow));
     counter(&b, "fleetml_audit_errors_total", "Audit entries that could not be stored.",
             atomic_load(&m->http_audit_errors));
     counter(&b, "fleetml_presence_events_total", "Device connect/disconnect reports received.",

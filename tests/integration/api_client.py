@@ -420,6 +420,10 @@ def contains_value(doc, want):
 
 
 def wait_api(api, timeout=30):
-    """Waits until /api/v1/openapi.yaml answers (the API is up)."""
-    return wait_for(lambda: api.get("/openapi.yaml").status == 200, timeout, interval=0.1,
-                    msg="the API to answer GET /api/v1/openapi.yaml")
+    """Waits until the API listener answers its bare GET /healthz."""
+    def up():
+        try:
+            return api.platform.api_http("/healthz")[0] == 200
+        except OSError:
+            return False
+    return wait_for(up, timeout, interval=0.1, msg="the API listener to answer GET /healthz")

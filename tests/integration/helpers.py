@@ -266,7 +266,7 @@ class Platform:
         self.workdir = Path(workdir)
         self.data = self.workdir / "data"
         self.node_id = node_id
-        self.broker_port, self.service_port, self.http_port = free_ports(3)
+        self.broker_port, self.service_port, self.http_port, self.ops_port = free_ports(4)
         self.proc = None
         self.log_paths = []
         self.broker_pids = set()
@@ -283,6 +283,7 @@ class Platform:
             "broker.port": str(self.broker_port),
             "broker.service_port": str(self.service_port),
             "http.port": str(self.http_port),
+            "ops.port": str(self.ops_port),
             "lake.roll_seconds": "1",
             "node.id": self.node_id,
             "model.dir": model_dir(),
@@ -446,9 +447,20 @@ class Platform:
         return ssl.create_default_context(cafile=self.ca_cert)
 
     def http(self, path, timeout=3):
+        """GET path: /api/... and /healthz-on-the-API go to the API listener
+        (api_http), everything else (health, readiness, metrics, OpenAPI)
+        to the operations listener (plain HTTP on loopback)."""
+        if path.startswith("/api/"):
+            return self.api_http(path, timeout)
+        return self._get(f"http://127.0.0.1:{self.ops_port}{path}", None, timeout)
+
+    def api_http(self, path, timeout=3):
         scheme = "https" if self.http_tls else "http"
-        url = f"{scheme}://127.0.0.1:{self.http_port}{path}"
         ctx = self.http_context() if self.http_tls else None
+        return self._get(f"{scheme}://127.0.0.1:{self.http_port}{path}", ctx, timeout)
+
+    @staticmethod
+    def _get(url, ctx, timeout):
         try:
             with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
                 return r.status, r.read().decode()

@@ -83,7 +83,7 @@ def test_security_headers_on_api_responses(env):
     responses = {
         "200 /me": env.api.get("/me", token=t),
         "200 login": env.api.login_resp("clin", env.users.passwords[(TENANT, "clin")]),
-        "200 openapi": env.api.get("/openapi.yaml"),
+        "200 openapi": env.api.get("/openapi.yaml", token=t),
         "401": env.api.get("/me"),
         "403": env.api.get("/users", token=t),
         "404": env.api.get("/no-such-route", token=t),
@@ -290,7 +290,7 @@ def test_overlong_password_refused_quickly(env):
 
 
 def served_openapi(env):
-    r = env.api.get("/openapi.yaml")
+    r = env.api.get("/openapi.yaml", token=tok(env, "clin"))
     assert r.status == 200, r
     return r, yaml.safe_load(r.body)
 
@@ -332,8 +332,15 @@ def shape(path):
     return re.sub(r"\{[^}/]+\}", "{}", path)
 
 
-def test_openapi_served_without_auth(env):
+def test_openapi_needs_a_token_on_the_api_and_none_on_ops(env):
+    # On the API listener the document is for signed-in users only (no
+    # token: 401); the operations listener serves it to anyone who can
+    # reach it, byte for byte the same.
+    assert env.api.get("/openapi.yaml").status == 401
+    st, ops_text = env.p.http("/openapi.yaml")
+    assert st == 200, st
     r, doc = served_openapi(env)
+    assert yaml.safe_load(ops_text) == doc
     ctype = (r.header("Content-Type") or "").split(";")[0].strip()
     assert ctype == "application/yaml", f"Content-Type {ctype!r}"
     check_security_headers(r)
@@ -400,14 +407,14 @@ def test_routes_answer_as_routed(env):
 
 
 def test_unauthenticated_routes(env):
-    # Everything but auth and the OpenAPI document requires a token.  A
+    # Everything but auth requires a token.  A
     # JSON body is sent where the OpenAPI document declares one.
     _, doc = served_openapi(env)
     takes_body = {(m.upper(), p) for p, ops in doc["paths"].items() for m, op in ops.items()
                   if m.upper() in METHODS and isinstance(op, dict) and "requestBody" in op}
     wrong = []
     for method, path in sorted(cli_routes(env)):
-        if path.startswith("/auth/") or path == "/openapi.yaml":
+        if path.startswith("/auth/"):
             continue
         concrete = re.sub(r"\{[^}/]+\}", "zz-none", path)
         body = {} if (method, path) in takes_body else None

@@ -458,7 +458,7 @@ class Probe:
 
 
 def http(p, path, method="GET", timeout=3):
-    req = urllib.request.Request(f"http://127.0.0.1:{p.http_port}{path}", method=method)
+    req = urllib.request.Request(f"http://127.0.0.1:{p.ops_port}{path}", method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode()
