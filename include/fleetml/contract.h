@@ -80,6 +80,19 @@ char *fm_reply_topic(const char *device_id, const char *response_topic, const ch
 size_t fm_error_doc(char *buf, size_t len, const char *mid, const char *code,
                     const char *message);
 
+/* ---- free-form JSON ------------------------------------------------------------ */
+
+/* Deepest nesting accepted in free-form JSON from devices and users
+ * (measurement meta, shadow states): {} and [] are one level. Deeper
+ * documents are refused, so every stored document can be read back by
+ * common JSON readers (many stop at 32-512 levels, some recurse). */
+#define FM_JSON_DEPTH_MAX 16
+
+struct json_t;
+/* True when v nests objects and arrays more than max levels deep. The
+ * walk stops as soon as it knows, so it recurses at most max + 1 deep. */
+bool fm_json_too_deep(const struct json_t *v, int max);
+
 /* ---- ok replies ---------------------------------------------------------------- */
 
 /* Builds the "ok" reply a device gets for measurement mid:

@@ -87,6 +87,12 @@ int fm_ca_sign_csr(fm_ca *ca, const fm_csr *csr, const char *common_name,
  * that lost an answer ask again and get the same certificate. */
 int fm_csr_matches_cert_pem(const fm_csr *csr, const char *cert_pem);
 
+/* The CSR's key identity: SHA-256 of its DER SubjectPublicKeyInfo as 64
+ * lower-case hex digits into hex (>= FM_KEY_ID_LEN + 1 bytes). Returns 0,
+ * or FM_EINVAL / FM_ECRYPTO. Used to refuse one key for two devices. */
+#define FM_KEY_ID_LEN 64
+int fm_csr_key_id(const fm_csr *csr, char *hex, size_t len);
+
 /* The CA certificate as PEM (borrowed, valid while ca lives). */
 const char *fm_ca_cert_pem(const fm_ca *ca);
 

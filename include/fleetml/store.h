@@ -112,6 +112,7 @@ typedef struct fm_provision {
     const char *cert_pem;
     int64_t not_after_ms;
     int reprovision;           /* revoke the device's earlier certificates */
+    const char *key_id;        /* fm_csr_key_id of the certificate's key ("" unknown) */
 } fm_provision;
 
 /* A registry change to propagate (to the broker plugin, to devices). */
@@ -316,8 +317,9 @@ typedef struct fm_store_vtable {
                             size_t id_len, char **cert_pem);
     int (*provision_commit)(fm_store *s, const fm_provision *p, fm_errbuf *err);
     int (*rotate_commit)(fm_store *s, const char *device_id, const char *new_serial,
-                         const char *pem, int64_t not_after_ms, const char *old_serial,
-                         int64_t grace_until_ms, fm_errbuf *err);
+                         const char *pem, const char *key_id, int64_t not_after_ms,
+                         const char *old_serial, int64_t grace_until_ms, fm_errbuf *err);
+    int (*key_owner)(fm_store *s, const char *key_id, char *device_id, size_t id_len);
 
     int (*shadow_get)(fm_store *s, const char *device_id, fm_shadow *out);
     int (*shadow_put)(fm_store *s, const char *device_id, const char *desired,
@@ -522,14 +524,22 @@ static inline int fm_store_provision_lookup(fm_store *s, const char *serial_numb
  * device id belongs to another serial. */
 static inline int fm_store_provision_commit(fm_store *s, const fm_provision *p, fm_errbuf *err)
 { return s->vt->provision_commit(s, p, err); }
-/* Adds a new active certificate and puts old_serial into its grace period
- * (until grace_until_ms), in one transaction. */
+/* Adds a new active certificate (its key identity key_id, "" unknown) and
+ * puts old_serial into its grace period (until grace_until_ms), in one
+ * transaction. */
 static inline int fm_store_rotate_commit(fm_store *s, const char *device_id,
                                          const char *new_serial, const char *pem,
-                                         int64_t not_after_ms, const char *old_serial,
-                                         int64_t grace_until_ms, fm_errbuf *err)
-{ return s->vt->rotate_commit(s, device_id, new_serial, pem, not_after_ms, old_serial,
+                                         const char *key_id, int64_t not_after_ms,
+                                         const char *old_serial, int64_t grace_until_ms,
+                                         fm_errbuf *err)
+{ return s->vt->rotate_commit(s, device_id, new_serial, pem, key_id, not_after_ms, old_serial,
                              grace_until_ms, err); }
+/* Which device holds a certificate (active or in its rotation grace) for
+ * the key identity key_id (fm_csr_key_id): 0 with its id copied into
+ * device_id, FM_ENOTFOUND, or FM_EDB. Revoked certificates do not count. */
+static inline int fm_store_key_owner(fm_store *s, const char *key_id, char *device_id,
+                                     size_t id_len)
+{ return s->vt->key_owner(s, key_id, device_id, id_len); }
 /* Reads a device's shadow; a missing shadow reads as version 0 with "{}"
  * documents. Free the strings with fm_free. */
 static inline int fm_store_shadow_get(fm_store *s, const char *device_id, fm_shadow *out)

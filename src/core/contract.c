@@ -117,3 +117,24 @@ char *fm_ok_doc(const char *mid, const char *model_ref, const char *const *names
     json_decref(doc);
     return s;
 }
+
+bool fm_json_too_deep(const json_t *v, int max)
+{
+    if (!json_is_object(v) && !json_is_array(v))
+        return false;
+    if (max <= 0)
+        return true;
+    if (json_is_array(v)) {
+        for (size_t i = 0; i < json_array_size(v); i++)
+            if (fm_json_too_deep(json_array_get(v, i), max - 1))
+                return true;
+        return false;
+    }
+    const char *k;
+    json_t *c;
+    json_object_foreach((json_t *)v, k, c) {
+        if (fm_json_too_deep(c, max - 1))
+            return true;
+    }
+    return false;
+}

@@ -9,6 +9,7 @@
  * speaking a future contract version hears "unknown_kind" rather than a
  * confusing complaint about a field that version introduced.
  */
+#include "fleetml/contract.h"
 #include "fleetml/measurement.h"
 #include "fleetml/jsonmem.h"
 #include "pipeline/validate_int.h"
@@ -236,6 +237,10 @@ static int check_meta(json_t *root, fm_verr *e)
         return 0;
     if (!json_is_object(v))
         return fm_verrf(e, FM_VERR_INVALID_TYPE, "meta: expected an object, got %s", jtype(v));
+    if (fm_json_too_deep(v, FM_JSON_DEPTH_MAX))
+        return fm_verrf(e, FM_VERR_OUT_OF_RANGE,
+                        "meta: nested more than %d levels deep (objects and arrays)",
+                        FM_JSON_DEPTH_MAX);
     /* Measuring with a NULL buffer makes jansson count the bytes without
      * building the string, so an oversized meta costs no allocation. */
     size_t n = json_dumpb(v, NULL, 0, JSON_COMPACT);
@@ -398,7 +403,9 @@ bool validate__meta_fits(const char *meta, size_t len)
     fm_jsonmem_begin();
     json_error_t je;
     json_t *v = json_loadb(meta, len, JSON_REJECT_DUPLICATES | JSON_DECODE_INT_AS_REAL, &je);
-    size_t n = v && json_is_object(v) ? json_dumpb(v, NULL, 0, JSON_COMPACT) : 0;
+    size_t n = v && json_is_object(v) && !fm_json_too_deep(v, FM_JSON_DEPTH_MAX)
+                   ? json_dumpb(v, NULL, 0, JSON_COMPACT)
+                   : 0;
     json_decref(v);
     fm_jsonmem_end();
     return n > 0 && n <= FM_MEAS_META_MAX;

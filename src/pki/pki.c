@@ -1188,6 +1188,26 @@ int fm_csr_matches_cert_pem(const fm_csr *csr, const char *cert_pem)
     return same;
 }
 
+int fm_csr_key_id(const fm_csr *csr, char *hex, size_t len)
+{
+    if (!csr || !hex || len < FM_KEY_ID_LEN + 1)
+        return FM_EINVAL;
+    EVP_PKEY *k = X509_REQ_get0_pubkey(csr->req);
+    unsigned char *der = NULL;
+    int n = k ? i2d_PUBKEY(k, &der) : -1;
+    unsigned char md[32];
+    unsigned int mdlen = 0;
+    int ok = n > 0 && EVP_Digest(der, (size_t)n, md, &mdlen, EVP_sha256(), NULL) == 1 &&
+             mdlen == sizeof md;
+    OPENSSL_free(der);
+    ERR_clear_error();
+    if (!ok)
+        return FM_ECRYPTO;
+    for (unsigned i = 0; i < sizeof md; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    return 0;
+}
+
 /* ---- device side ------------------------------------------------------------ */
 
 int fm_key_ensure(const char *key_path, fm_errbuf *err)

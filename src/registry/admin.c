@@ -3,6 +3,7 @@
  * validation, claim-certificate issuance and desired-shadow updates. Each
  * is one function so both front ends enforce exactly the same rules.
  */
+#include "fleetml/contract.h"
 #include "fleetml/measurement.h"
 #include "fleetml/pki.h"
 #include "fleetml/registry.h"
@@ -82,6 +83,9 @@ int fm_shadow_set_desired(fm_store *st, const char *device_id, json_t *patch, fm
                           fm_errbuf *err)
 {
     memset(out, 0, sizeof *out);
+    if (fm_json_too_deep(patch, FM_JSON_DEPTH_MAX))
+        return fm_errf(err, FM_ERANGE, "the desired state is nested more than %d levels deep",
+                       FM_JSON_DEPTH_MAX);
     /* Read-modify-write, conditional on the version read: the platform may
      * store a reported update in between, and then we merge again. */
     for (int attempt = 0; attempt < 10; attempt++) {

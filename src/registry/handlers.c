@@ -5,6 +5,7 @@
  * commit is the single point where a change becomes real, and the broker
  * plugin hears of it before the device does.
  */
+#include "fleetml/contract.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "registry/registry_int.h"
@@ -171,6 +172,25 @@ static void handle_provision(fm_registry *r, const regmsg *m)
         goto out_csr;
     }
 
+    /* One key, one device: a second device presenting a key another device
+     * holds is a clone (or a copied key), not a new device. */
+    char key_id[FM_KEY_ID_LEN + 1], owner[65];
+    if (fm_csr_key_id(csr, key_id, sizeof key_id) != 0) {
+        prov_reject(r, client, "invalid_csr", "csr: cannot read its public key");
+        goto out_csr;
+    }
+    rc = fm_store_key_owner(r->store, key_id, owner, sizeof owner);
+    if (rc == 0 && strcmp(owner, device_id) != 0) {
+        prov_reject(r, client, "key_reused", "this public key already belongs to another device");
+        fm_logkv(FM_LOG_WARN, "registry", "provisioning refused: key already bound", "serial",
+                 serial, "owner", owner, NULL);
+        goto out_csr;
+    }
+    if (rc != 0 && rc != FM_ENOTFOUND) {
+        prov_reject(r, client, "unavailable", "registry unavailable, retry later");
+        goto out_csr;
+    }
+
     if (t.hook[0]) {
         char reason[300];
         if (!ask_hook(&t, client, serial, model, firmware, device_id, sizeof device_id, group,
@@ -191,7 +211,8 @@ static void handle_provision(fm_registry *r, const regmsg *m)
     fm_provision p = {.template_name = t.name, .serial_number = serial, .device_id = device_id,
                       .tenant = t.tenant, .device_group = group, .model = model,
                       .firmware = firmware, .cert_serial = cert_serial, .cert_pem = cert_pem,
-                      .not_after_ms = not_after, .reprovision = reprovision};
+                      .not_after_ms = not_after, .reprovision = reprovision,
+                      .key_id = key_id};
     /* The certificate becomes usable only with this commit: a crash before
      * it leaves a signed certificate that no broker accepts, and the
      * device simply asks again. */
@@ -260,6 +281,20 @@ static void handle_rotate(fm_registry *r, const regmsg *m)
         cert_reject(r, dev, code[0] ? code : "invalid_csr", err.msg);
         goto out;
     }
+    char key_id[FM_KEY_ID_LEN + 1], owner[65];
+    if (fm_csr_key_id(csr, key_id, sizeof key_id) != 0) {
+        cert_reject(r, dev, "invalid_csr", "csr: cannot read its public key");
+        goto out;
+    }
+    int krc = fm_store_key_owner(r->store, key_id, owner, sizeof owner);
+    if (krc == 0 && strcmp(owner, dev) != 0) {
+        cert_reject(r, dev, "key_reused", "this public key already belongs to another device");
+        goto out;
+    }
+    if (krc != 0 && krc != FM_ENOTFOUND) {
+        cert_reject(r, dev, "unavailable", "registry unavailable, retry later");
+        goto out;
+    }
     char *pem = NULL, serial[64];
     int64_t not_after = 0;
     if (fm_ca_sign_csr(r->ca, csr, dev, FM_CERT_CLIENT, r->cfg.device_cert_days, &pem, serial,
@@ -271,7 +306,8 @@ static void handle_rotate(fm_registry *r, const regmsg *m)
     /* The serial of the certificate this connection uses, stamped by the
      * broker plugin (devices cannot forge it). */
     const char *old = m->cert_serial ? m->cert_serial : "";
-    if (fm_store_rotate_commit(r->store, dev, serial, pem, not_after, old, grace_until, &err) != 0) {
+    if (fm_store_rotate_commit(r->store, dev, serial, pem, key_id, not_after, old, grace_until,
+                               &err) != 0) {
         cert_reject(r, dev, "unavailable", "could not store the new certificate, retry later");
     } else {
         registry__push_device(r, dev);
@@ -344,6 +380,11 @@ static void handle_shadow(fm_registry *r, const regmsg *m, int update)
         if (!json_is_object(doc) || !json_is_object(patch)) {
             shadow_reject(r, m, dev, "invalid_request",
                           "expected {\"reported\": {...}} with a JSON object");
+            goto out;
+        }
+        if (fm_json_too_deep(patch, FM_JSON_DEPTH_MAX)) {
+            shadow_reject(r, m, dev, "invalid_request",
+                          "reported: nested more than 16 levels deep (objects and arrays)");
             goto out;
         }
         if (fm_shadow_merge(rep, patch) != 0) {

@@ -138,9 +138,16 @@ static const char *schema_api =
     "  user_id INTEGER PRIMARY KEY REFERENCES users(id), secret BLOB NOT NULL,"
     "  confirmed INTEGER NOT NULL, last_step INTEGER NOT NULL, created_ms INTEGER NOT NULL);";
 
+/* Key identities (SHA-256 of the SubjectPublicKeyInfo) of certificates,
+ * so one key cannot be bound to two devices. Certificates issued before
+ * this step have none recorded and are not compared. */
+static const char *schema_keys =
+    "ALTER TABLE certs ADD COLUMN key_id TEXT NOT NULL DEFAULT '';"
+    "CREATE INDEX certs_by_key ON certs(key_id) WHERE key_id != '';";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
-                                               &schema_users, &schema_api};
+                                               &schema_users, &schema_api, &schema_keys};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -411,17 +418,17 @@ int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err)
     if (rc != SQLITE_OK)
         return sql__err(s, err, rc, "device");
     if (d->cert_serial[0])
-        return sql__insert_cert(s, d->id, d->cert_serial, "", 0, err);
+        return sql__insert_cert(s, d->id, d->cert_serial, "", "", 0, err);
     return 0;
 }
 
 int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
-                     const char *pem, int64_t not_after_ms, fm_errbuf *err)
+                     const char *pem, const char *key_id, int64_t not_after_ms, fm_errbuf *err)
 {
     sqlite3_stmt *st;
     int rc = sql__prep(s, &st,
-                       "INSERT INTO certs(serial, device_id, status, pem, not_after_ms, created_ms)"
-                       " VALUES(?, ?, 0, ?, ?, ?)",
+                       "INSERT INTO certs(serial, device_id, status, pem, not_after_ms, created_ms,"
+                       " key_id) VALUES(?, ?, 0, ?, ?, ?, ?)",
                        err);
     if (rc)
         return rc;
@@ -430,6 +437,7 @@ int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
     sqlite3_bind_text(st, 3, pem, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, not_after_ms);
     sqlite3_bind_int64(st, 5, fm_wall_ms());
+    sqlite3_bind_text(st, 6, key_id ? key_id : "", -1, SQLITE_STATIC);
     rc = sql__step_done(st);
     sqlite3_finalize(st);
     if (rc != SQLITE_OK)
@@ -822,6 +830,7 @@ static const fm_store_vtable sqlite_vt = {
     .provision_lookup = sql__provision_lookup,
     .provision_commit = sql__provision_commit,
     .rotate_commit = sql__rotate_commit,
+    .key_owner = sql__key_owner,
     .shadow_get = sql__shadow_get,
     .shadow_put = sql__shadow_put,
     .events_after = sql__events_after,

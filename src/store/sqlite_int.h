@@ -57,8 +57,9 @@ int sql__event(sqlite_store *s, int kind, const char *subject, fm_errbuf *err);
 int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err);
 /* Inserts an active certificate + a device event inside the caller's
  * transaction. */
+int sql__key_owner(fm_store *s, const char *key_id, char *device_id, size_t id_len);
 int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
-                     const char *pem, int64_t not_after_ms, fm_errbuf *err);
+                     const char *pem, const char *key_id, int64_t not_after_ms, fm_errbuf *err);
 /* Reads the columns id, tenant, status, cert_serial, created_ms,
  * device_group, serial_number (in that order) of a row. */
 void sql__read_device(sqlite3_stmt *st, fm_device *out);
@@ -83,7 +84,8 @@ int sql__provision_lookup(fm_store *s, const char *serial_number, char *device_i
                           size_t id_len, char **cert_pem);
 int sql__provision_commit(fm_store *s, const fm_provision *p, fm_errbuf *err);
 int sql__rotate_commit(fm_store *s, const char *dev, const char *serial, const char *pem,
-                       int64_t not_after, const char *old, int64_t grace_until, fm_errbuf *err);
+                       const char *key_id, int64_t not_after, const char *old,
+                       int64_t grace_until, fm_errbuf *err);
 int sql__shadow_get(fm_store *s, const char *device_id, fm_shadow *out);
 int sql__shadow_put(fm_store *s, const char *dev, const char *desired, const char *reported,
                     int64_t expected, int64_t *new_version, int notify, fm_errbuf *err);

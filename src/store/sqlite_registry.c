@@ -218,7 +218,7 @@ int sql__cert_add(fm_store *base, const char *device_id, const char *serial, con
                   int64_t not_after_ms, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    IN_TX(s, err, sql__insert_cert(s, device_id, serial, pem, not_after_ms, err));
+    IN_TX(s, err, sql__insert_cert(s, device_id, serial, pem, "", not_after_ms, err));
 }
 
 int sql__device_certs(fm_store *base, const char *device_id, fm_serial_cb cb, void *ud)
@@ -398,7 +398,8 @@ static int provision(sqlite_store *s, const fm_provision *p, fm_errbuf *err)
         return fm_errf(err, rc, "device lookup failed");
     }
     if (!rc)
-        rc = sql__insert_cert(s, p->device_id, p->cert_serial, p->cert_pem, p->not_after_ms, err);
+        rc = sql__insert_cert(s, p->device_id, p->cert_serial, p->cert_pem, p->key_id,
+                              p->not_after_ms, err);
     if (!rc)
         rc = run(s, err, NULL,
                  "INSERT OR REPLACE INTO provisioned(serial_number, template, device_id, at_ms)"
@@ -414,9 +415,10 @@ int sql__provision_commit(fm_store *base, const fm_provision *p, fm_errbuf *err)
 }
 
 static int rotate(sqlite_store *s, const char *dev, const char *serial, const char *pem,
-                  int64_t not_after, const char *old, int64_t grace_until, fm_errbuf *err)
+                  const char *key_id, int64_t not_after, const char *old, int64_t grace_until,
+                  fm_errbuf *err)
 {
-    int rc = sql__insert_cert(s, dev, serial, pem, not_after, err);
+    int rc = sql__insert_cert(s, dev, serial, pem, key_id, not_after, err);
     if (rc || !old || !*old)
         return rc;
     char g[24];
@@ -428,10 +430,30 @@ static int rotate(sqlite_store *s, const char *dev, const char *serial, const ch
 }
 
 int sql__rotate_commit(fm_store *base, const char *dev, const char *serial, const char *pem,
-                       int64_t not_after, const char *old, int64_t grace_until, fm_errbuf *err)
+                       const char *key_id, int64_t not_after, const char *old,
+                       int64_t grace_until, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    IN_TX(s, err, rotate(s, dev, serial, pem, not_after, old, grace_until, err));
+    IN_TX(s, err, rotate(s, dev, serial, pem, key_id, not_after, old, grace_until, err));
+}
+
+int sql__key_owner(fm_store *base, const char *key_id, char *device_id, size_t id_len)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (!key_id || !*key_id)
+        return FM_ENOTFOUND;
+    if (sql__prep(s, &st,
+                  "SELECT device_id FROM certs WHERE key_id = ? AND status != 2"
+                  " ORDER BY created_ms DESC LIMIT 1",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, key_id, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        sql__copy_col(device_id, id_len, st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
 }
 
 int sql__shadow_get(fm_store *base, const char *device_id, fm_shadow *out)

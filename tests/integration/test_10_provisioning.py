@@ -392,6 +392,22 @@ def test_lost_answer_retry_gets_same_certificate(prov, devices, tmp_path):
     assert cert_info(again["certificate_pem"]) == cert_info(first["certificate_pem"])
 
 
+def test_one_key_one_device(prov, devices, tmp_path):
+    # A second serial presenting a key another device holds is refused
+    # (key_reused): a cloned device or a copied key gets no second identity.
+    keyfile, csr = make_csr(tmp_path, "shared")
+    kind, first = request(prov, devices, "open-tpl", "SN-KEY-1", csr)
+    assert kind == "accepted", first
+    kind, doc = request(prov, devices, "open-tpl", "SN-KEY-2", csr)
+    assert_rejected(kind, doc, "key_reused")
+    # Nothing was registered for the second serial.
+    assert prov.query("SELECT COUNT(*) FROM devices WHERE serial_number = ?", "SN-KEY-2") == \
+        [(0,)]
+    # The first device asking again with its own key still gets its identity.
+    kind, again = request(prov, devices, "open-tpl", "SN-KEY-1", csr)
+    assert kind == "accepted" and again["device_id"] == first["device_id"], again
+
+
 # --------------------------------------------------------------------------
 # The published contract (no platform needed)
 

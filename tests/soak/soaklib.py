@@ -613,6 +613,10 @@ class Run:
             self.mounts.tmpfs(self.p.data, data_tmpfs)
         if fault:
             self.p.env["FM_FAULT_INJECTION"] = "1"
+        # Fault runs push devices well past the per-device admission limits
+        # (a rate-limited publish is refused, not lost, but it is not what
+        # these runs measure): switch them off here.
+        self.p.extra_sets.update({"pipeline.device_rate": "0", "pipeline.device_bytes_rate": "0"})
         if extra_sets:
             self.p.extra_sets.update(extra_sets)
         self.p.init()

@@ -277,7 +277,7 @@ static void test_rotation_and_revocation(void **state)
     fm_errbuf err;
     fm_device d = {.id = "dev-1", .tenant = "t1", .cert_serial = "old1"};
     assert_int_equal(fm_store_device_add(f->st, &d, &err), 0);
-    assert_int_equal(fm_store_rotate_commit(f->st, "dev-1", "new1", "P", 5, "old1", 1000, &err), 0);
+    assert_int_equal(fm_store_rotate_commit(f->st, "dev-1", "new1", "P", "k-new1", 5, "old1", 1000, &err), 0);
     acc a = {0};
     assert_int_equal(fm_store_device_certs(f->st, "dev-1", acc_serial, &a), 0);
     assert_int_equal(a.n, 2); /* both valid during the grace period */

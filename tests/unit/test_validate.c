@@ -186,7 +186,8 @@ static void test_valid_variants(void **state)
         {"id", "\"A\""},
         {"id", "\"0123456789012345678901234567890123456789012345678901234567890123\""},
         {"firmware", "\"~ !\""},
-        {"meta", "{\"a\":[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]}"},
+        /* meta itself and 15 arrays: 16 levels, the most FM_JSON_DEPTH_MAX allows */
+        {"meta", "{\"a\":[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]}"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         json_t *doc = load_json(VALID);
@@ -338,6 +339,10 @@ static const struct field_case field_cases[] = {
     {"meta", "[]", FM_VERR_INVALID_TYPE, "meta: expected an object, got array"},
     {"meta", "null", FM_VERR_INVALID_TYPE, "meta: expected an object, got null"},
     {"meta", "\"x\"", FM_VERR_INVALID_TYPE, "meta: expected an object, got string"},
+    {"meta", "{\"a\":[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}", FM_VERR_OUT_OF_RANGE,
+     "meta: nested more than 16 levels deep"},
+    {"meta", "{\"a\":{\"b\":[{},[[[[[[[[[[[[[{\"c\":1}]]]]]]]]]]]]]]}}", FM_VERR_OUT_OF_RANGE,
+     "meta: nested more than 16 levels deep"},
 };
 
 static void test_field_errors(void **state)
