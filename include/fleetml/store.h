@@ -431,7 +431,8 @@ static inline int fm_store_commit(fm_store *s, fm_record *recs, size_t n, fm_qua
 static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
 { return s->vt->probe_write(s, err); }
 /* Marks the handle as the latency-critical writer (the pipeline): the
- * backend keeps housekeeping such as WAL checkpoints off it. */
+ * backend keeps housekeeping such as WAL checkpoints off it, except as a
+ * bound on the log's size (SQLite: 16 MiB of WAL). */
 static inline int fm_store_hot_path(fm_store *s) { return s->vt->hot_path(s); }
 /* Moves committed data from the write-ahead log into the database without
  * blocking anyone (called periodically off the hot path). */

@@ -227,10 +227,13 @@ static int on_busy(void *ud, int count)
 static int s_hot_path(fm_store *base)
 {
     /* Checkpoints copy the WAL into the database and fsync it; on the
-     * commit path that is a latency spike of milliseconds. The other
-     * handles (lake writer, registry) commit often enough to run them. */
+     * commit path that is a latency spike of milliseconds. The registry
+     * thread runs one every second; the commit path checkpoints only when
+     * the WAL passes 4096 pages (16 MiB), which a burst of tiny commits
+     * (cheap fsyncs, a replay after an outage) can reach within a second
+     * and which would otherwise grow without bound on a nearly full disk. */
     sqlite_store *s = (sqlite_store *)base;
-    return sqlite3_wal_autocheckpoint(s->db, 0) == SQLITE_OK ? 0 : FM_EDB;
+    return sqlite3_wal_autocheckpoint(s->db, 4096) == SQLITE_OK ? 0 : FM_EDB;
 }
 
 static int s_checkpoint(fm_store *base)
@@ -892,8 +895,11 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     }
     sqlite3_busy_handler(s->db, on_busy, NULL);
     sqlite3_extended_result_codes(s->db, 1);
+    /* journal_size_limit: once a checkpoint has caught up, the WAL file
+     * shrinks back to 16 MiB, so a burst (a device fleet replaying its
+     * outboxes after an outage) does not keep its peak size on disk. */
     if ((rc = sql__exec(s, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
-                      " PRAGMA foreign_keys=ON;",
+                      " PRAGMA foreign_keys=ON; PRAGMA journal_size_limit=16777216;",
                    err)) != 0)
         goto fail;
     if ((rc = s_migrate(&s->base, err)) != 0)
