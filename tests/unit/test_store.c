@@ -912,6 +912,7 @@ static void test_migrate_api_tables(void **state)
                                   "DROP TABLE device_presence; DROP TABLE labels; DROP TABLE label_log;"
                                   " DROP TABLE audit; DROP INDEX devices_by_tenant; DROP TABLE user_totp;"
                                   " ALTER TABLE refresh_families DROP COLUMN mfa;"
+                                  " DROP INDEX certs_by_key; ALTER TABLE certs DROP COLUMN key_id;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
