@@ -243,8 +243,13 @@ static void test_provisioning(void **state)
     fx *f = *state;
     fm_errbuf err;
     fm_provision p = prov("SN1", "tp-sn1", "c1", 0);
-    assert_int_equal(fm_store_provision_commit(f->st, &p, &err), 0);
+    p.key_id = "key-a";
     char id[65];
+    assert_int_equal(fm_store_key_owner(f->st, "key-a", id, sizeof id), FM_ENOTFOUND);
+    assert_int_equal(fm_store_provision_commit(f->st, &p, &err), 0);
+    assert_int_equal(fm_store_key_owner(f->st, "key-a", id, sizeof id), 0);
+    assert_string_equal(id, "tp-sn1");
+    assert_int_equal(fm_store_key_owner(f->st, "", id, sizeof id), FM_ENOTFOUND);
     char *pem = NULL;
     assert_int_equal(fm_store_provision_lookup(f->st, "SN1", id, sizeof id, &pem), 0);
     assert_string_equal(id, "tp-sn1");
@@ -265,6 +270,8 @@ static void test_provisioning(void **state)
     assert_int_equal(fm_store_revoked_certs(f->st, acc_serial, &r), 0);
     assert_int_equal(r.n, 1);
     assert_string_equal(r.items[0], "c1");
+    /* a revoked certificate no longer binds its key */
+    assert_int_equal(fm_store_key_owner(f->st, "key-a", id, sizeof id), FM_ENOTFOUND);
     fm_device d;
     assert_int_equal(fm_store_device_get(f->st, "tp-sn1", &d), 0);
     assert_string_equal(d.serial_number, "SN1");
