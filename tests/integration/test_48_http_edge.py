@@ -5,15 +5,19 @@ processed), routing on the path as sent, slow clients cut without locking
 others out, and the operations endpoints on their own listener."""
 
 import json
+import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
 from api_client import Api, Users
-from helpers import metric_value, wait_for
+from helpers import free_ports, metric_value, wait_for
 
 DEVICE = "edge-dev"
 
@@ -255,3 +259,80 @@ def test_behind_a_proxy_the_cap_is_per_forwarded_address(module_platform):
     finally:
         stop.set()
         t.join(5)
+
+
+# --------------------------------------------------------------------------
+# Behind HAProxy, as docs/operations.md deploys it: what libmicrohttpd 0.9.75
+# cannot refuse (bare LF line ends) or answers clumsily (a malformed
+# Content-Length) never reaches fleetml in an ambiguous form.
+
+HAPROXY_CFG = """
+global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 10s
+frontend api
+    bind 127.0.0.1:{front}
+    option forwardfor
+    http-request deny if {{ path_reg [^[:graph:]] }}
+    default_backend fleetml
+backend fleetml
+    server n1 127.0.0.1:{back}
+"""
+
+
+@pytest.fixture(scope="module")
+def haproxy(module_platform, tmp_path_factory):
+    exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    assert os.path.exists(exe), "haproxy is missing: scripts/install-deps installs it"
+    p = module_platform("edgehap", sets={"http.trusted_proxies": "127.0.0.1"})
+    (front,) = free_ports(1)
+    cfg = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(front=front, back=p.http_port))
+    proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+    def up():
+        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+        try:
+            socket.create_connection(("127.0.0.1", front), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, 15, interval=0.05, msg="haproxy to listen")
+    yield p, front
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.parametrize("value", [b"1e20", b"-1", b"+2", b"99999999999999999999999"])
+def test_behind_haproxy_malformed_length_gets_one_clean_answer(haproxy, value):
+    p, front = haproxy
+    buf, closed = exchange(front, LOGIN + b"Content-Length: " + value + b"\r\n\r\n" + SMUGGLED)
+    assert status_lines(buf) == [b"400"], buf[:400]
+    assert b"unauthorized" not in buf and closed
+
+
+def test_behind_haproxy_length_and_chunked_never_smuggle(haproxy):
+    p, front = haproxy
+    buf, closed = exchange(front, FRAMING["content-length and chunked"] + SMUGGLED)
+    # HAProxy keeps chunked, drops the length, answers once and closes.
+    assert len(status_lines(buf)) == 1 and b"unauthorized" not in buf and closed, buf[:600]
+
+
+def test_behind_haproxy_bare_lf_reaches_fleetml_as_crlf(haproxy):
+    p, front = haproxy
+    before = metric_value(p.metrics(), "fleetml_http_refused_total", reason="framing") or 0
+    buf, _ = exchange(front, b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n")
+    assert status_lines(buf) == [b"200"], buf[:300]
+    status, _, body = head_of(buf)
+    assert json.loads(body) == {"status": "ok"}
+    after = metric_value(p.metrics(), "fleetml_http_refused_total", reason="framing") or 0
+    assert after == before
