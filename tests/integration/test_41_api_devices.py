@@ -298,6 +298,12 @@ def test_shadow_patch_refusals(env):
         check_error(r, 400, "invalid_request")
     check_error(env.api.patch("/devices/no-such-device/shadow", {"desired": {"x": 1}},
                               token=tok(env, "devm")), 404, "not_found")
+    # Free-form states nest at most 16 levels (desired itself is the first).
+    deep = {"x": 1}
+    for _ in range(16):
+        deep = {"d": deep}
+    check_error(env.api.patch("/devices/dv-shadow/shadow", {"desired": deep},
+                              token=tok(env, "devm")), 422, "validation_failed")
     after = env.api.ok("GET", "/devices/dv-shadow/shadow", tok(env, "admin"))
     assert after["version"] == before["version"] and after["desired"] == before["desired"]
 
