@@ -43,6 +43,18 @@ typedef struct fm_model_output {
  * fm_model_free), or FM_ENOTFOUND / FM_EINVAL / FM_EMODEL with err set. */
 int fm_model_load(const char *dir, fm_model **out, fm_errbuf *err);
 void fm_model_free(fm_model *m);
+/* The same from memory: the manifest text and the XGBoost model file
+ * (JSON or UBJSON) as uploaded. Besides the manifest checks, the model
+ * must take fm_feature_count() features, give as many outputs as the
+ * manifest lists, and answer finite numbers on an all-missing row and on
+ * realistic measurements. 0 and *out, or FM_EINVAL (manifest) / FM_EMODEL
+ * (model file) / FM_ENOMEM with err set. Nothing is kept of the buffers. */
+int fm_model_load_mem(const char *manifest, size_t mlen, const void *file, size_t flen,
+                      fm_model **out, fm_errbuf *err);
+/* Writes rows realistic feature vectors (the simulator's measurements,
+ * fixed seed: the same rows every time) into x (rows * fm_feature_count()
+ * floats). 0 or FM_ENOMEM / FM_EMODEL with err set. */
+int fm_model_probe_rows(float *x, size_t rows, fm_errbuf *err);
 
 const char *fm_model_name(const fm_model *m);
 const char *fm_model_version(const fm_model *m);

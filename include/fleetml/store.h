@@ -381,8 +381,80 @@ typedef struct fm_store_vtable {
     int (*totp_delete)(fm_store *s, int64_t user_id, fm_errbuf *err);
 } fm_store_vtable;
 
+/* ---- the model registry: a concern of its own (s->models) --------------- */
+
+enum fm_model_status { FM_MODEL_PENDING = 0, FM_MODEL_APPROVED = 1, FM_MODEL_REJECTED = 2 };
+
+/* One registered model version. On write the manifest is borrowed; on read
+ * (version_get) manifest_json is fm_malloc'd (free with
+ * fm_model_rec_clear). */
+typedef struct fm_model_rec {
+    char name[65];
+    char version[33];
+    char owner_tenant[65]; /* the uploader's tenant; "" = the platform (CLI) */
+    int status;            /* enum fm_model_status */
+    char format[8];        /* "json" or "ubj": the XGBoost model file */
+    char sha256[65];       /* of the model file, hex */
+    int64_t size;          /* bytes of the model file */
+    char created_by[160];
+    int64_t created_ms;
+    char decided_by[160];  /* who approved or rejected ("" while pending) */
+    int64_t decided_ms;
+    char note[256];        /* the decision's reason */
+    char *manifest_json;
+} fm_model_rec;
+
+static inline void fm_model_rec_clear(fm_model_rec *v)
+{
+    fm_free(v->manifest_json);
+    v->manifest_json = NULL;
+}
+
+/* A deployment alias: in tenant, alias of model name points at version. */
+typedef struct fm_model_alias {
+    char tenant[65];
+    char name[65];
+    char alias[33];
+    char version[33];
+    int share_pct;       /* canary share of devices in 1..100 (100: everyone) */
+    char updated_by[160];
+    int64_t updated_ms;
+} fm_model_alias;
+
+typedef int (*fm_model_rec_cb)(void *ud, const fm_model_rec *v);
+typedef int (*fm_model_alias_cb)(void *ud, const fm_model_alias *a);
+
+typedef struct fm_store_models_vt {
+    /* Registers a pending version with its model file (copied). 0,
+     * FM_EEXIST (name@version exists), FM_EDB. */
+    int (*version_add)(fm_store *s, const fm_model_rec *v, const void *file, size_t len,
+                       fm_errbuf *err);
+    /* 0 with *out (manifest_json fm_malloc'd), FM_ENOTFOUND, FM_EDB. */
+    int (*version_get)(fm_store *s, const char *name, const char *version, fm_model_rec *out);
+    /* The model file: 0 with *file (fm_malloc'd) and *len, FM_ENOTFOUND, FM_EDB. */
+    int (*version_file)(fm_store *s, const char *name, const char *version, void **file,
+                        size_t *len);
+    /* Every version of name (NULL: of every model), newest first; the
+     * manifest is not read (NULL). cb returning non-zero stops the walk. */
+    int (*version_list)(fm_store *s, const char *name, fm_model_rec_cb cb, void *ud);
+    /* pending -> approved or rejected, with who, why and when. 0,
+     * FM_ENOTFOUND, FM_ESTATE (not pending), FM_EDB. */
+    int (*version_decide)(fm_store *s, const char *name, const char *version, int status,
+                          const char *by, const char *note, int64_t at_ms, fm_errbuf *err);
+    /* Points an alias at an approved version (a->version "" removes the
+     * alias), in one transaction with a history row. 0, FM_ENOTFOUND (no
+     * such version), FM_ESTATE (not approved), FM_EDB. */
+    int (*alias_set)(fm_store *s, const fm_model_alias *a, fm_errbuf *err);
+    /* Aliases of tenant (NULL: of every tenant). */
+    int (*alias_list)(fm_store *s, const char *tenant, fm_model_alias_cb cb, void *ud);
+    /* A number that grows with every alias change (for servers to notice
+     * a deployment, on any node). */
+    int (*deploy_seq)(fm_store *s, int64_t *out);
+} fm_store_models_vt;
+
 struct fm_store {
     const fm_store_vtable *vt;
+    const fm_store_models_vt *models;
 };
 
 /* Opens the store configured in cfg (creating the database if needed; the

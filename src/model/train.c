@@ -94,6 +94,19 @@ static int simulate(fm_rng *rng, size_t rows, const char *prefix, float *x, floa
     return 0;
 }
 
+int fm_model_probe_rows(float *x, size_t rows, fm_errbuf *err)
+{
+    fm_rng rng;
+    fm_rng_seed(&rng, 0x70726f6265ull);
+    float *y = fm_malloc((rows * N_LABELS + 1) * sizeof *y);
+    if (!y)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    size_t rejected = 0;
+    int rc = simulate(&rng, rows, "probe", x, y, &rejected, err);
+    fm_free(y);
+    return rc;
+}
+
 static int xgb_fail(fm_errbuf *err, const char *what)
 {
     return fm_errf(err, FM_EMODEL, "xgboost %s: %s", what, XGBGetLastError());

@@ -111,74 +111,91 @@ out:
     return rc;
 }
 
-int fm_model_load(const char *dir, fm_model **out, fm_errbuf *err)
-{
-    char path[4096];
-    char *text = NULL;
-    size_t len = 0;
-    int rc;
-    *out = NULL;
+/* Rows of realistic features (the simulator's, fixed seed) every model
+ * must score to finite numbers before it is served. */
+#define PROBE_ROWS 16
 
+int fm_model_load_mem(const char *manifest, size_t mlen, const void *file, size_t flen,
+                      fm_model **out, fm_errbuf *err)
+{
+    *out = NULL;
+    if (!manifest || !file || flen == 0)
+        return fm_errf(err, FM_EINVAL, "model: empty manifest or model file");
+    if (flen > (size_t)INT64_MAX)
+        return fm_errf(err, FM_EINVAL, "model: file too large");
     fm_model *m = fm_calloc(1, sizeof *m);
     if (!m)
         return fm_errf(err, FM_ENOMEM, "out of memory");
-    if ((size_t)snprintf(path, sizeof path, "%s/manifest.json", dir) >= sizeof path) {
-        rc = fm_errf(err, FM_EINVAL, "%s: model directory path too long", dir);
-        goto err;
-    }
-    rc = fm_read_file(path, &text, &len);
-    if (rc == FM_ENOTFOUND) {
-        fm_errf(err, rc, "%s: no such file (is %s a model directory?)", path, dir);
-        goto err;
-    }
-    if (rc) {
-        fm_errf(err, rc, "%s: %s", path, fm_strerror(rc));
-        goto err;
-    }
-    rc = parse_manifest(m, text, len, err);
+    int rc = parse_manifest(m, manifest, mlen, err);
     if (rc)
         goto err;
-
-    snprintf(path, sizeof path, "%s/model.json", dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        rc = fm_errf(err, FM_ENOTFOUND, "%s: no such file", path);
-        goto err;
-    }
-    fclose(f);
     if (XGBoosterCreate(NULL, 0, &m->booster) != 0) {
         rc = fm_errf(err, FM_EMODEL, "xgboost: %s", XGBGetLastError());
         goto err;
     }
     /* One inference thread per service: letting OpenMP fan out inside
      * every small batch would oversubscribe the cores the broker and the
-     * HTTP server share. */
-    if (XGBoosterLoadModel(m->booster, path) != 0 ||
+     * HTTP server share. XGBoost reads JSON and UBJSON model files here. */
+    if (XGBoosterLoadModelFromBuffer(m->booster, file, (bst_ulong)flen) != 0 ||
         XGBoosterSetParam(m->booster, "nthread", "1") != 0) {
-        rc = fm_errf(err, FM_EMODEL, "%s: %s", path, XGBGetLastError());
+        rc = fm_errf(err, FM_EMODEL, "model file: %s", XGBGetLastError());
         goto err;
     }
     bst_ulong nf = 0;
     if (XGBoosterGetNumFeature(m->booster, &nf) != 0 || nf != m->n_features) {
-        rc = fm_errf(err, FM_EMODEL, "%s: booster expects %" PRIu64 " features, manifest lists %zu",
-                     path, (uint64_t)nf, m->n_features);
+        rc = fm_errf(err, FM_EMODEL, "model file: booster expects %" PRIu64
+                     " features, manifest lists %zu", (uint64_t)nf, m->n_features);
         goto err;
     }
-    /* A dry run on one all-missing row checks that the booster's output
-     * width agrees with the manifest, so a mismatch fails here and not on
-     * the first device request. */
-    float probe_in[FM_FEATURES_MAX], probe_out[FM_OUTPUTS_MAX];
-    for (size_t i = 0; i < FM_FEATURES_MAX; i++)
+    /* A dry run checks that the booster's output width agrees with the
+     * manifest and that it answers finite numbers, on an all-missing row and
+     * on realistic ones, so a broken model fails here and not on the first
+     * device request. */
+    float probe_in[(PROBE_ROWS + 1) * FM_FEATURES_MAX], probe_out[(PROBE_ROWS + 1) * FM_OUTPUTS_MAX];
+    for (size_t i = 0; i < m->n_features; i++)
         probe_in[i] = NAN;
-    rc = fm_model_predict(m, probe_in, 1, probe_out, err);
-    if (rc)
+    if ((rc = fm_model_probe_rows(probe_in + m->n_features, PROBE_ROWS, err)) != 0 ||
+        (rc = fm_model_predict(m, probe_in, PROBE_ROWS + 1, probe_out, err)) != 0)
         goto err;
-    fm_free(text);
+    for (size_t i = 0; i < (PROBE_ROWS + 1) * m->n_outputs; i++)
+        if (!isfinite(probe_out[i])) {
+            rc = fm_errf(err, FM_EMODEL, "model file: output '%s' is not a finite number on "
+                         "the probe measurements", m->outputs[i % m->n_outputs].name);
+            goto err;
+        }
     *out = m;
     return 0;
 err:
-    fm_free(text);
     fm_model_free(m);
+    return rc;
+}
+
+/* Reads dir/name into *text (fm_free). */
+static int read_in(const char *dir, const char *name, char **text, size_t *len, fm_errbuf *err)
+{
+    char path[4096];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, name) >= sizeof path)
+        return fm_errf(err, FM_EINVAL, "%s: model directory path too long", dir);
+    int rc = fm_read_file(path, text, len);
+    if (rc == FM_ENOTFOUND)
+        return fm_errf(err, rc, "%s: no such file (is %s a model directory?)", path, dir);
+    if (rc)
+        return fm_errf(err, rc, "%s: %s", path, fm_strerror(rc));
+    return 0;
+}
+
+int fm_model_load(const char *dir, fm_model **out, fm_errbuf *err)
+{
+    char *manifest = NULL, *file = NULL;
+    size_t mlen = 0, flen = 0;
+    *out = NULL;
+    int rc = read_in(dir, "manifest.json", &manifest, &mlen, err);
+    if (!rc)
+        rc = read_in(dir, "model.json", &file, &flen, err);
+    if (!rc)
+        rc = fm_model_load_mem(manifest, mlen, file, flen, out, err);
+    fm_free(manifest);
+    fm_free(file);
     return rc;
 }
 

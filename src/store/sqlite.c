@@ -145,9 +145,29 @@ static const char *schema_keys =
     "ALTER TABLE certs ADD COLUMN key_id TEXT NOT NULL DEFAULT '';"
     "CREATE INDEX certs_by_key ON certs(key_id) WHERE key_id != '';";
 
+/* The model registry (sqlite_models.c): versions with their manifest and
+ * model file, approval, and deployment aliases with their history. */
+static const char *schema_models =
+    "CREATE TABLE model_versions ("
+    "  name TEXT NOT NULL, version TEXT NOT NULL, owner_tenant TEXT NOT NULL,"
+    "  status INTEGER NOT NULL, format TEXT NOT NULL, sha256 TEXT NOT NULL,"
+    "  size INTEGER NOT NULL, created_by TEXT NOT NULL, created_ms INTEGER NOT NULL,"
+    "  decided_by TEXT NOT NULL DEFAULT '', decided_ms INTEGER NOT NULL DEFAULT 0,"
+    "  note TEXT NOT NULL DEFAULT '', manifest TEXT NOT NULL, file BLOB NOT NULL,"
+    "  PRIMARY KEY (name, version));"
+    "CREATE TABLE model_aliases ("
+    "  tenant TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL, version TEXT NOT NULL,"
+    "  share_pct INTEGER NOT NULL, updated_by TEXT NOT NULL, updated_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY (tenant, name, alias));"
+    "CREATE TABLE model_alias_log ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, name TEXT NOT NULL,"
+    "  alias TEXT NOT NULL, version TEXT NOT NULL, share_pct INTEGER NOT NULL,"
+    "  updated_by TEXT NOT NULL, updated_ms INTEGER NOT NULL);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
-                                               &schema_users, &schema_api, &schema_keys};
+                                               &schema_users, &schema_api, &schema_keys,
+                                               &schema_models};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -885,6 +905,7 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     if (!s)
         return fm_errf(err, FM_ENOMEM, "out of memory");
     s->base.vt = &sqlite_vt;
+    s->base.models = &sql__models_vt;
     int rc = sqlite3_open_v2(path, &s->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
                              fm_sqlite_vfs_name()); /* pass-through VFS, fault injection */

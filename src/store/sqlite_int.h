@@ -12,6 +12,9 @@ typedef struct sqlite_store {
     sqlite3_stmt *ins_meas, *ins_quar, *lookup, *dev_get, *begin, *commit, *rollback;
 } sqlite_store;
 
+/* The model registry's part (sqlite_models.c). */
+extern const fm_store_models_vt sql__models_vt;
+
 /* Maps an SQLite result code to an FM_E* code (0 for OK/DONE/ROW). */
 int sql__map_rc(int rc);
 /* Fills err with "what: <sqlite message>" and returns the mapped code. */

@@ -913,6 +913,8 @@ static void test_migrate_api_tables(void **state)
                                   " DROP TABLE audit; DROP INDEX devices_by_tenant; DROP TABLE user_totp;"
                                   " ALTER TABLE refresh_families DROP COLUMN mfa;"
                                   " DROP INDEX certs_by_key; ALTER TABLE certs DROP COLUMN key_id;"
+                                  " DROP TABLE model_versions; DROP TABLE model_aliases;"
+                                  " DROP TABLE model_alias_log;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
