@@ -76,6 +76,17 @@ int fm_pipeline_healthy(const fm_pipeline *p);
 /* "name@version" of the loaded model (static for the pipeline's life). */
 const char *fm_pipeline_model(const fm_pipeline *p);
 
+struct fm_serving;
+/* Hands the pipeline a new serving table (fleetml/modelreg.h; ownership
+ * moves). The commit thread adopts it before its next batch; a table not
+ * adopted yet is replaced. Thread-safe. */
+void fm_pipeline_set_serving(fm_pipeline *p, struct fm_serving *s);
+/* The generation of the serving table the commit thread scores with (0:
+ * the initial, bundled-only one). Thread-safe. */
+uint64_t fm_pipeline_serving_in_use(fm_pipeline *p);
+/* The bundled model (slot 0 of every table; owned by the pipeline). */
+struct fm_model *fm_pipeline_base_model(fm_pipeline *p);
+
 /* Processes what is queued, stops the thread and frees everything. */
 void fm_pipeline_stop(fm_pipeline *p);
 

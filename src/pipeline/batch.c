@@ -57,19 +57,22 @@ static void free_arrays(batch *b)
     fm_free(b->items);
     fm_free(b->feat);
     fm_free(b->pred);
+    fm_free(b->gfeat);
+    fm_free(b->gpred);
+    fm_free(b->grow);
     fm_free(b->recs);
     fm_free(b->quar);
     memset(b, 0, sizeof *b);
 }
 
-int batch__init(batch *b, fm_inmsg *list, size_t n, size_t n_outputs)
+int batch__init(batch *b, fm_inmsg *list, size_t n)
 {
     memset(b, 0, sizeof *b);
     size_t nf = fm_feature_count();
     b->items = fm_calloc(n, sizeof *b->items);
     /* + 1: never a zero-sized allocation. */
     b->feat = fm_malloc((n * nf + 1) * sizeof(float));
-    b->pred = fm_malloc((n * n_outputs + 1) * sizeof(float));
+    b->pred = fm_malloc((n * FM_OUTPUTS_MAX + 1) * sizeof(float));
     b->recs = fm_calloc(n, sizeof *b->recs);
     b->quar = fm_calloc(n, sizeof *b->quar);
     if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar) {
@@ -133,6 +136,7 @@ static void admit_one(batch *b, size_t i, const batch_env *env)
     }
     size_t nf = fm_feature_count();
     memcpy(b->feat + b->rows * nf, pr->feat, nf * sizeof(float));
+    it->slot = env->scorer->pick ? env->scorer->pick(env->scorer->ud, &it->dev) : 0;
     it->row = b->rows++;
 }
 
@@ -149,13 +153,72 @@ void batch__admit(batch *b, const batch_env *env)
     fm_stage_observe(FM_STAGE_ADMIT, t0);
 }
 
+/* Scores the rows of every slot but the first's in one call per slot:
+ * their features are gathered, scored, and the outputs put back. */
+static int infer_mixed(batch *b, const batch_env *env, size_t first, fm_errbuf *err)
+{
+    const batch_scorer *sc = env->scorer;
+    size_t nf = fm_feature_count();
+    if (!b->gfeat) {
+        b->gfeat = fm_malloc((b->rows * nf + 1) * sizeof(float));
+        b->gpred = fm_malloc((b->rows * FM_OUTPUTS_MAX + 1) * sizeof(float));
+        b->grow = fm_malloc((b->rows + 1) * sizeof(size_t));
+        if (!b->gfeat || !b->gpred || !b->grow)
+            return fm_errf(err, FM_ENOMEM, "out of memory");
+    }
+    bool *done = fm_calloc(b->n + 1, sizeof *done);
+    if (!done)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    int rc = 0;
+    for (size_t i = 0; i < b->n && !rc; i++) {
+        batch_item *lead = &b->items[i];
+        if (done[i] || lead->rejected || lead->follower)
+            continue;
+        size_t slot = lead->slot, k = 0;
+        for (size_t j = i; j < b->n; j++) {
+            batch_item *it = &b->items[j];
+            if (done[j] || it->rejected || it->follower || it->slot != slot)
+                continue;
+            done[j] = true;
+            memcpy(b->gfeat + k * nf, b->feat + it->row * nf, nf * sizeof(float));
+            b->grow[k++] = it->row;
+        }
+        if (slot == first)
+            continue; /* scored with the whole matrix */
+        rc = sc->predict(sc->ud, slot, b->gfeat, k, b->gpred, err);
+        for (size_t r = 0; r < k && !rc; r++)
+            memcpy(b->pred + b->grow[r] * FM_OUTPUTS_MAX, b->gpred + r * FM_OUTPUTS_MAX,
+                   FM_OUTPUTS_MAX * sizeof(float));
+    }
+    fm_free(done);
+    return rc;
+}
+
 void batch__infer(batch *b, const batch_env *env)
 {
     if (b->rows == 0)
         return;
+    const batch_scorer *sc = env->scorer;
     fm_errbuf err;
     uint64_t t0 = fm_mono_ns();
-    if (env->scorer->predict(env->scorer->ud, b->feat, b->rows, b->pred, &err) != 0) {
+    /* The common case, one model for the whole batch, is one call over the
+     * matrix as it is; other slots' rows are then re-scored by their own
+     * model (a few rows a batch, while a canary runs). */
+    size_t first = SIZE_MAX;
+    bool mixed = false;
+    for (size_t i = 0; i < b->n; i++) {
+        batch_item *it = &b->items[i];
+        if (it->rejected || it->follower)
+            continue;
+        if (first == SIZE_MAX)
+            first = it->slot;
+        else if (it->slot != first)
+            mixed = true;
+    }
+    int rc = sc->predict(sc->ud, first, b->feat, b->rows, b->pred, &err);
+    if (!rc && mixed)
+        rc = infer_mixed(b, env, first, &err);
+    if (rc != 0) {
         fm_logf(FM_LOG_ERROR, "pipeline", "inference failed: %s", err.msg);
         b->model_ok = false;
     }
@@ -197,7 +260,7 @@ void batch__build_rows(batch *b, const batch_env *env)
             };
             continue;
         }
-        it->result = sc->ok_doc(sc->ud, it->m.id, b->pred + it->row * sc->n_outputs,
+        it->result = sc->ok_doc(sc->ud, it->slot, it->m.id, b->pred + it->row * FM_OUTPUTS_MAX,
                                 it->msg->recv_ms);
         if (!it->result) {
             reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
@@ -214,7 +277,7 @@ void batch__build_rows(batch *b, const batch_env *env)
             .payload = it->msg->payload,
             .payload_len = it->msg->len,
             .result_json = it->result,
-            .model = sc->model_ref,
+            .model = sc->model_ref(sc->ud, it->slot),
         };
     }
 }

@@ -52,14 +52,21 @@ typedef struct prepared {
     float feat[FM_FEATURES_MAX];
 } prepared;
 
-/* The model as the batch sees it: a seam for tests. */
+/* The models as the batch sees them: a seam for tests. Each measurement is
+ * scored by one model slot, chosen per device (its tenant's deployment,
+ * its canary bucket); a batch may use several. Slots stay valid for the
+ * whole batch. */
 typedef struct batch_scorer {
-    size_t n_outputs;
-    const char *model_ref; /* "name@version", stored with each row */
-    /* Scores rows x fm_feature_count() features into rows x n_outputs. */
-    int (*predict)(void *ud, const float *feat, size_t rows, float *out, fm_errbuf *err);
+    /* The slot scoring a device (NULL: always slot 0). */
+    size_t (*pick)(void *ud, const fm_device *dev);
+    /* Scores rows x fm_feature_count() features into rows x FM_OUTPUTS_MAX
+     * (row stride FM_OUTPUTS_MAX) with the model of slot. */
+    int (*predict)(void *ud, size_t slot, const float *feat, size_t rows, float *out,
+                   fm_errbuf *err);
     /* The "ok" reply document (fm_result_ok_json); fm_free'd by the batch. */
-    char *(*ok_doc)(void *ud, const char *mid, const float *out, int64_t recv_ms);
+    char *(*ok_doc)(void *ud, size_t slot, const char *mid, const float *out, int64_t recv_ms);
+    /* "name@version" of slot, stored with each row (valid for the batch). */
+    const char *(*model_ref)(void *ud, size_t slot);
     void *ud;
 } batch_scorer;
 
@@ -86,6 +93,7 @@ typedef struct batch_item {
     bool existed;   /* already stored before this batch: answered with stored */
     size_t leader;  /* index of that earlier item */
     size_t row;     /* row in the feature matrix */
+    size_t slot;    /* the model slot scoring it */
     size_t rec;     /* index in recs, when it has a record */
     bool has_rec;
     char *result;   /* reply document (fm_free) */
@@ -95,6 +103,8 @@ typedef struct batch {
     size_t n;
     batch_item *items;
     float *feat, *pred;
+    float *gfeat, *gpred; /* scratch for scoring one slot's rows together */
+    size_t *grow;
     size_t rows;
     fm_record *recs;
     size_t nr;
@@ -113,7 +123,7 @@ int batch__prepare(fm_inmsg *msg, int max_payload);
 
 /* Takes ownership of the n messages of list (linked by next). Returns 0,
  * or FM_ENOMEM with the list untouched (the caller drops it). */
-int batch__init(batch *b, fm_inmsg *list, size_t n, size_t n_outputs);
+int batch__init(batch *b, fm_inmsg *list, size_t n);
 /* Device checks, verdicts of preparation, repeats within the batch; fills
  * the feature matrix. */
 void batch__admit(batch *b, const batch_env *env);

@@ -21,6 +21,7 @@
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
+#include "fleetml/modelreg.h"
 #include "fleetml/store.h"
 
 #include <jansson.h>
@@ -50,8 +51,11 @@ struct fm_pipeline {
     fm_pipeline_opts opts;
     fm_config cfg;
     fm_store *store;
-    fm_model *model;
+    fm_model *model;       /* the bundled model (model.dir): slot 0 of every table */
     char model_ref[128];
+    fm_serving *serving;   /* the table in use (commit thread only) */
+    _Atomic(fm_serving *) next; /* the newest table from the deployer, not taken yet */
+    _Atomic uint64_t serving_gen; /* generation of the table in use */
     batch_scorer scorer;
     batch_env env;
 
@@ -182,17 +186,68 @@ static int lookup_device(void *ud, const char *id, fm_device *out)
     return device_lookup(ud, id, out);
 }
 
-static int scorer_predict(void *ud, const float *feat, size_t rows, float *out, fm_errbuf *err)
+static const fm_serving_slot *slot_of(const fm_pipeline *p, size_t slot)
 {
-    fm_pipeline *p = ud;
-    return fm_model_predict(p->model, feat, rows, out, err);
+    static const fm_serving_slot none = {0};
+    return slot < p->serving->nslots ? &p->serving->slots[slot] : &none;
 }
 
-static char *scorer_ok_doc(void *ud, const char *mid, const float *out, int64_t recv_ms)
+static size_t scorer_pick(void *ud, const fm_device *dev)
 {
     fm_pipeline *p = ud;
-    return fm_result_ok_json(p->model, p->model_ref, mid, out, recv_ms);
+    return fm_serving_pick(p->serving, dev->tenant, dev->id);
 }
+
+static int scorer_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
+                          fm_errbuf *err)
+{
+    fm_pipeline *p = ud;
+    fm_model *m = slot_of(p, slot)->model;
+    if (!m)
+        return fm_errf(err, FM_EMODEL, "no model in slot %zu", slot);
+    int rc = fm_model_predict(m, feat, rows, out, err);
+    if (rc)
+        return rc;
+    /* Rows come back packed (n outputs each); the batch reads them with a
+     * stride of FM_OUTPUTS_MAX. Spread in place from the last row down. */
+    size_t no = fm_model_output_count(m);
+    for (size_t r = rows; r-- > 0 && no < FM_OUTPUTS_MAX;)
+        memmove(out + r * FM_OUTPUTS_MAX, out + r * no, no * sizeof *out);
+    return 0;
+}
+
+static char *scorer_ok_doc(void *ud, size_t slot, const char *mid, const float *out,
+                           int64_t recv_ms)
+{
+    fm_pipeline *p = ud;
+    const fm_serving_slot *s = slot_of(p, slot);
+    return s->model ? fm_result_ok_json(s->model, s->ref, mid, out, recv_ms) : NULL;
+}
+
+static const char *scorer_model_ref(void *ud, size_t slot)
+{
+    return slot_of(ud, slot)->ref;
+}
+
+/* Between batches: takes the deployer's newest table, if any. The batch
+ * that ran before finished on the old one. */
+static void adopt_serving(fm_pipeline *p)
+{
+    fm_serving *n = atomic_exchange(&p->next, NULL);
+    if (!n)
+        return;
+    fm_serving_free(p->serving);
+    p->serving = n;
+    atomic_store(&p->serving_gen, n->generation);
+}
+
+void fm_pipeline_set_serving(fm_pipeline *p, fm_serving *s)
+{
+    /* A table the commit thread has not taken yet is simply replaced. */
+    fm_serving_free(atomic_exchange(&p->next, s));
+}
+
+uint64_t fm_pipeline_serving_in_use(fm_pipeline *p) { return atomic_load(&p->serving_gen); }
 
 /* Drops messages the pipeline cannot process at all (out of memory). */
 static void drop_list(fm_pipeline *p, fm_inmsg *list)
@@ -211,7 +266,8 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
 {
     fm_metrics *mx = fm_metrics_get();
     batch b;
-    if (batch__init(&b, list, n, p->scorer.n_outputs) != 0) {
+    adopt_serving(p);
+    if (batch__init(&b, list, n) != 0) {
         /* Out of memory: nothing can be stored; devices will retry. */
         fm_logf(FM_LOG_ERROR, "pipeline", "out of memory processing a batch of %zu", n);
         drop_list(p, list);
@@ -325,10 +381,21 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
         goto fail;
     snprintf(p->model_ref, sizeof p->model_ref, "%s@%s", fm_model_name(p->model),
              fm_model_version(p->model));
-    p->scorer = (batch_scorer){.n_outputs = fm_model_output_count(p->model),
-                               .model_ref = p->model_ref,
+    /* Until the deployer publishes a table: the bundled model for all. */
+    p->serving = fm_calloc(1, sizeof *p->serving);
+    if (p->serving)
+        p->serving->slots = fm_calloc(1, sizeof *p->serving->slots);
+    if (!p->serving || !p->serving->slots) {
+        rc = fm_errf(err, FM_ENOMEM, "out of memory");
+        goto fail;
+    }
+    p->serving->nslots = 1;
+    p->serving->slots[0].model = p->model;
+    snprintf(p->serving->slots[0].ref, sizeof p->serving->slots[0].ref, "%s", p->model_ref);
+    p->scorer = (batch_scorer){.pick = scorer_pick,
                                .predict = scorer_predict,
                                .ok_doc = scorer_ok_doc,
+                               .model_ref = scorer_model_ref,
                                .ud = p};
     p->env = (batch_env){.store = p->store,
                          .device_lookup = lookup_device,
@@ -357,6 +424,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     *out = p;
     return 0;
 fail:
+    fm_serving_free(p->serving);
     fm_model_free(p->model);
     fm_store_close(p->store);
     fm_free(p->devices);
@@ -467,6 +535,7 @@ static int submit_counted(fm_pipeline *p, fm_inmsg *m)
 int fm_pipeline_healthy(const fm_pipeline *p) { return atomic_load(&p->healthy); }
 
 const char *fm_pipeline_model(const fm_pipeline *p) { return p->model_ref; }
+fm_model *fm_pipeline_base_model(fm_pipeline *p) { return p->model; }
 
 void fm_pipeline_stop(fm_pipeline *p)
 {
@@ -482,6 +551,8 @@ void fm_pipeline_stop(fm_pipeline *p)
     pthread_cond_destroy(&p->in_cv);
     pthread_mutex_destroy(&p->in_mu);
     fm_thread_stop(&p->commit); /* it drains its queue first */
+    fm_serving_free(p->serving);
+    fm_serving_free(atomic_exchange(&p->next, NULL));
     fm_model_free(p->model);
     fm_store_close(p->store);
     fm_free(p->devices);

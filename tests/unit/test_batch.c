@@ -39,10 +39,10 @@ static int f_device_get(fm_store *s, const char *id, fm_device *out)
 {
     (void)s;
     memset(out, 0, sizeof *out);
-    if (strcmp(id, "dev-a") == 0 || strcmp(id, "dev-off") == 0) {
+    if (strcmp(id, "dev-a") == 0 || strcmp(id, "dev-off") == 0 || strcmp(id, "dev-c") == 0) {
         snprintf(out->id, sizeof out->id, "%s", id);
         snprintf(out->tenant, sizeof out->tenant, "t1");
-        out->status = strcmp(id, "dev-a") == 0 ? FM_DEVICE_ACTIVE : FM_DEVICE_DISABLED;
+        out->status = strcmp(id, "dev-off") != 0 ? FM_DEVICE_ACTIVE : FM_DEVICE_DISABLED;
         return 0;
     }
     if (strcmp(id, "dev-broken") == 0)
@@ -101,13 +101,22 @@ static const fm_store_vtable fake_vt = {
     .commit = f_commit,
 };
 
+/* Two fake models: slot 0 answers the first feature, slot 1 that plus
+ * 1000; devices named dev-c are scored by slot 1 (a canary). */
 typedef struct fake_model {
     int fail;
     int calls;
     size_t rows;
 } fake_model;
 
-static int m_predict(void *ud, const float *feat, size_t rows, float *out, fm_errbuf *err)
+static size_t m_pick(void *ud, const fm_device *dev)
+{
+    (void)ud;
+    return strcmp(dev->id, "dev-c") == 0 ? 1 : 0;
+}
+
+static int m_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
+                     fm_errbuf *err)
 {
     fake_model *m = ud;
     m->calls++;
@@ -115,16 +124,22 @@ static int m_predict(void *ud, const float *feat, size_t rows, float *out, fm_er
     if (m->fail)
         return fm_errf(err, FM_EINVAL, "injected failure");
     for (size_t i = 0; i < rows; i++)
-        out[i] = feat[i * fm_feature_count()];
+        out[i * FM_OUTPUTS_MAX] = feat[i * fm_feature_count()] + (slot ? 1000.0f : 0.0f);
     return 0;
 }
 
-static char *m_ok_doc(void *ud, const char *mid, const float *out, int64_t recv_ms)
+static const char *m_ref(void *ud, size_t slot)
 {
     (void)ud;
+    return slot ? "fake@2" : "fake@1";
+}
+
+static char *m_ok_doc(void *ud, size_t slot, const char *mid, const float *out, int64_t recv_ms)
+{
     (void)recv_ms;
     char buf[160];
-    snprintf(buf, sizeof buf, "{\"id\":\"%s\",\"status\":\"ok\",\"t\":%.2f}", mid, out[0]);
+    snprintf(buf, sizeof buf, "{\"id\":\"%s\",\"status\":\"ok\",\"model\":\"%s\",\"t\":%.2f}",
+             mid, m_ref(ud, slot), out[0]);
     return fm_strdup(buf);
 }
 
@@ -163,8 +178,8 @@ static int setup(void **state)
 {
     fx *f = calloc(1, sizeof *f);
     f->store.base.vt = &fake_vt;
-    f->scorer = (batch_scorer){.n_outputs = 1, .model_ref = "fake@1", .predict = m_predict,
-                               .ok_doc = m_ok_doc, .ud = &f->model};
+    f->scorer = (batch_scorer){.pick = m_pick, .predict = m_predict, .ok_doc = m_ok_doc,
+                               .model_ref = m_ref, .ud = &f->model};
     f->env = (batch_env){.store = &f->store.base, .device_lookup = d_lookup,
                          .device_ud = &f->store.base, .scorer = &f->scorer,
                          .publish = p_publish, .publish_ud = &f->pub,
@@ -208,7 +223,7 @@ static void start(batch *b, fm_inmsg **msgs, size_t n)
     for (size_t i = 0; i + 1 < n; i++)
         msgs[i]->next = msgs[i + 1];
     msgs[n - 1]->next = NULL;
-    assert_int_equal(batch__init(b, msgs[0], n, 1), 0);
+    assert_int_equal(batch__init(b, msgs[0], n), 0);
 }
 
 static void run_all(batch *b, const batch_env *env)
@@ -279,6 +294,35 @@ static void test_rows_and_quarantine(void **state)
     assert_true(has(f->pub.docs[0], "\"id\":\"m-1\",\"status\":\"ok\""));
     assert_true(has(f->pub.docs[1], FM_VERR_INVALID_TYPE));
     assert_true(has(f->pub.docs[2], FM_VERR_UNAVAILABLE) && has(f->pub.docs[2], "m-4"));
+    batch__release(&b);
+}
+
+/* One batch, two models: each row is scored, answered and stored by the
+ * version its device is deployed to (a canary beside production). */
+static void test_rows_scored_by_their_slot(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *msgs[] = {valid(f, "dev-a", "m-1"), valid(f, "dev-c", "m-2"),
+                        valid(f, "dev-a", "m-3")};
+    batch b;
+    start(&b, msgs, 3);
+    batch__admit(&b, &f->env);
+    batch__infer(&b, &f->env);
+    assert_int_equal(f->model.calls, 2); /* the whole matrix, then slot 1's row */
+    batch__build_rows(&b, &f->env);
+    assert_int_equal(b.nr, 3);
+    assert_string_equal(b.recs[0].model, "fake@1");
+    assert_string_equal(b.recs[1].model, "fake@2");
+    assert_string_equal(b.recs[2].model, "fake@1");
+    float t0 = b.pred[b.items[0].row * FM_OUTPUTS_MAX], t1 = b.pred[b.items[1].row * FM_OUTPUTS_MAX];
+    float f1 = b.feat[b.items[1].row * fm_feature_count()];
+    assert_true(t0 < 1000.0f);
+    assert_true(t1 == f1 + 1000.0f);
+    assert_true(batch__commit(&b, &f->env));
+    batch__reply(&b, &f->env);
+    assert_int_equal(f->pub.n, 3);
+    assert_true(has(f->pub.docs[1], "\"model\":\"fake@2\""));
+    assert_true(has(f->pub.docs[2], "\"model\":\"fake@1\""));
     batch__release(&b);
 }
 
@@ -399,6 +443,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_admit_verdicts_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rows_and_quarantine, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_rows_scored_by_their_slot, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedupe_by_key, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commit_failure_answers_unavailable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_inference_failure_is_internal, setup, teardown),

@@ -1,0 +1,117 @@
+/*
+ * The model registry and deployment (docs/model.md, "Registry and
+ * deployment").
+ *
+ * A model name has versions; a version is an XGBoost model file (JSON or
+ * UBJSON) plus its manifest (fleetml/model.h). Upload validates everything
+ * (the features this build computes, the outputs against the booster, finite
+ * answers on realistic measurements), stores the version as `pending` in the
+ * catalogue with its file, and copies both into the lake under
+ * models/<name>/<version>/. A data scientist or admin approves or rejects
+ * it. Per tenant, the alias `production` of the served model family points
+ * at an approved version, and `canary` (with a share of devices, chosen by
+ * a stable hash of the device id) at another; moving an alias is a hot swap
+ * on every node (fm_serving): measurements in flight finish on the old
+ * version, new ones use the new one, and nothing waits for a model to load.
+ */
+#ifndef FLEETML_MODELREG_H
+#define FLEETML_MODELREG_H
+
+#include "fleetml/config.h"
+#include "fleetml/model.h"
+#include "fleetml/store.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#define FM_ALIAS_PRODUCTION "production"
+#define FM_ALIAS_CANARY "canary"
+/* Largest model file accepted. */
+#define FM_MODEL_FILE_MAX (64u * 1024 * 1024)
+
+/* [a-z0-9][a-z0-9_-]{0,63} */
+bool fm_modelreg_name_valid(const char *s);
+/* [A-Za-z0-9][A-Za-z0-9._-]{0,31} */
+bool fm_modelreg_version_valid(const char *s);
+/* "production" or "canary" */
+bool fm_modelreg_alias_valid(const char *s);
+
+typedef struct fm_model_upload {
+    const char *name;         /* must equal the manifest's name */
+    const char *manifest;     /* manifest.json text */
+    size_t manifest_len;
+    const void *file;         /* the XGBoost model file */
+    size_t file_len;
+    const char *owner_tenant; /* "" for the platform */
+    const char *actor;        /* for created_by */
+    int64_t now_ms;
+} fm_model_upload;
+
+/* Validates an upload and registers it as a pending version (the version
+ * is the manifest's), then copies manifest and model file into the lake
+ * (models/<name>/<version>/). Returns 0 with *out filled (manifest not
+ * kept), FM_EINVAL (bad name, manifest or size) / FM_EMODEL (the model
+ * file is unusable) with err saying why, FM_EEXIST (that version exists),
+ * or a store/lake error. Nothing is registered on failure. */
+int fm_modelreg_push(fm_store *st, const fm_config *cfg, const fm_model_upload *u,
+                     fm_model_rec *out, fm_errbuf *err);
+
+/* ---- serving --------------------------------------------------------------- */
+
+/* What the pipeline scores with: an immutable table built by the deployer
+ * (slot 0 is the bundled model from model.dir; the others are registered
+ * versions), handed to the pipeline, which picks it up between batches. */
+typedef struct fm_serving_slot {
+    fm_model *model;    /* borrowed: owned by the deployer's cache or the pipeline */
+    char ref[128];      /* "name@version" */
+} fm_serving_slot;
+
+typedef struct fm_serving_tenant {
+    char tenant[65];
+    size_t production;  /* slot */
+    size_t canary;      /* slot, when canary_pct > 0 */
+    int canary_pct;     /* 0..100 */
+} fm_serving_tenant;
+
+typedef struct fm_serving {
+    uint64_t generation;
+    size_t nslots, ntenants;
+    fm_serving_slot *slots;
+    fm_serving_tenant *tenants;
+} fm_serving;
+
+/* The slot that scores a device of tenant: the tenant's canary for the
+ * devices whose stable hash falls in its share, else its production
+ * version, else slot 0. */
+size_t fm_serving_pick(const fm_serving *s, const char *tenant, const char *device_id);
+/* Frees the table (never the models). NULL is ignored. */
+void fm_serving_free(fm_serving *s);
+/* The stable 0..99 bucket of a device id for canary shares. */
+int fm_serving_bucket(const char *device_id);
+
+/* Where the deployer delivers tables, and learns which one is in use. */
+typedef struct fm_serving_sink {
+    /* Takes ownership of s (called on the deployer thread). */
+    void (*publish)(void *ud, fm_serving *s);
+    /* The generation of the table the pipeline scores with now. */
+    uint64_t (*in_use)(void *ud);
+    void *ud;
+} fm_serving_sink;
+
+typedef struct fm_deployer fm_deployer;
+
+/* Starts the deployer thread: it follows the store's deployment log
+ * (deploy_seq, every 500 ms, so an alias moved on any node reaches this
+ * one), loads the versions the aliases of family name point at (from the
+ * catalogue), and publishes a new table. base (slot 0) stays owned by the
+ * caller. Returns 0 and *out, or an FM_E* code with err set. */
+int fm_deployer_start(const fm_config *cfg, const char *family, fm_model *base,
+                      const char *base_ref, const fm_serving_sink *sink, fm_deployer **out,
+                      fm_errbuf *err);
+/* Checks the log now instead of at the next tick. */
+void fm_deployer_wake(fm_deployer *d);
+/* Stops the thread and frees the loaded models (call after the pipeline
+ * stopped scoring). NULL is ignored. */
+void fm_deployer_stop(fm_deployer *d);
+
+#endif
