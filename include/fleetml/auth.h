@@ -79,6 +79,9 @@ int fm_username_normalize(const char *in, char *out, size_t out_len);
  *   labels.write                  x
  *   models.predict                x           x                           x
  *   models.manage                             x                           x
+ *   models.read            x      x           x                           x
+ *   models.approve         x                  x                           x
+ *   models.deploy          x                  x                           x
  *   data.export                               x                           x
  *   audit.read             x                                              x
  *

@@ -110,8 +110,11 @@ int fm_deployer_start(const fm_config *cfg, const char *family, fm_model *base,
                       fm_errbuf *err);
 /* Checks the log now instead of at the next tick. */
 void fm_deployer_wake(fm_deployer *d);
-/* Stops the thread and frees the loaded models (call after the pipeline
- * stopped scoring). NULL is ignored. */
+/* Stops the thread (no table is published after it returns); the loaded
+ * models stay, for the pipeline to finish with. NULL is ignored. */
+void fm_deployer_halt(fm_deployer *d);
+/* Halts the deployer if needed and frees it and its models (call after the
+ * pipeline stopped scoring). NULL is ignored. */
 void fm_deployer_stop(fm_deployer *d);
 
 #endif

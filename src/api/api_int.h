@@ -20,6 +20,7 @@
 #define API_BODY_SMALL (16 * 1024)   /* sign-in, passwords, users */
 #define API_BODY_DEFAULT (64 * 1024)
 #define API_BODY_PREDICT (256 * 1024)
+#define API_BODY_MODEL (48 * 1024 * 1024) /* a model file, base64 in JSON */
 #define API_BODY_EMPTY_MAX 64        /* routes without a body: "{}" at most */
 #define API_PAGE_DEFAULT 50
 #define API_PAGE_MAX 500
@@ -194,6 +195,13 @@ void v1_label_put(api_req *r);
 void v1_models_list(api_req *r);
 void v1_predict(api_req *r);
 void v1_audit_list(api_req *r);
+void v1_model_push(api_req *r);
+void v1_model_versions(api_req *r);
+void v1_model_version_get(api_req *r);
+void v1_model_approve(api_req *r);
+void v1_model_reject(api_req *r);
+void v1_model_aliases(api_req *r);
+void v1_model_alias_put(api_req *r);
 void v1_openapi(api_req *r);
 
 #endif

@@ -179,6 +179,9 @@ static const struct {
     {"labels.write", FM_ROLE_CLINICIAN},
     {"models.predict", FM_ROLE_CLINICIAN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
     {"models.manage", FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
+    {"models.read", FM_ROLE_ADMIN | FM_ROLE_CLINICIAN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
+    {"models.approve", FM_ROLE_ADMIN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
+    {"models.deploy", FM_ROLE_ADMIN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
     {"data.export", FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
     {"audit.read", FM_ROLE_ADMIN | FM_ROLE_OPERATOR},
 };

@@ -46,6 +46,16 @@ static const api_route routes[] = {
     R("POST", "/templates/{name}/claim-cert", "templates.manage", v1_template_claim_cert, 0),
     R("GET", "/models", "models.predict", v1_models_list, 0),
     R("POST", "/models/{name}/predict", "models.predict", v1_predict, API_BODY_PREDICT),
+    R("POST", "/models/{name}/versions", "models.manage", v1_model_push, API_BODY_MODEL),
+    R("GET", "/models/{name}/versions", "models.read", v1_model_versions, 0),
+    R("GET", "/models/{name}/versions/{version}", "models.read", v1_model_version_get, 0),
+    R("POST", "/models/{name}/versions/{version}/approve", "models.approve", v1_model_approve,
+      API_BODY_SMALL),
+    R("POST", "/models/{name}/versions/{version}/reject", "models.approve", v1_model_reject,
+      API_BODY_SMALL),
+    R("GET", "/models/{name}/aliases", "models.read", v1_model_aliases, 0),
+    R("PUT", "/models/{name}/aliases/{alias}", "models.deploy", v1_model_alias_put,
+      API_BODY_SMALL),
     R("GET", "/audit", "audit.read", v1_audit_list, 0),
 };
 #define NROUTES (sizeof routes / sizeof routes[0])

@@ -29,6 +29,12 @@ int fm_cmd_user(int argc, char **argv);       /* add | list | disable | enable |
  * (usage/config error, already reported on stderr). */
 int fm_cli_config(int *argc, char **argv, fm_config *cfg);
 
+/* `fleetml model` registry subcommands (cmd_model_reg.c). */
+int fm_cmd_model_push(int argc, char **argv);
+int fm_cmd_model_versions(int argc, char **argv);
+int fm_cmd_model_decide(int argc, char **argv, int status);
+int fm_cmd_model_deploy(int argc, char **argv);
+
 /* Finds `--name VALUE` in argv, removes both and returns VALUE (or NULL). */
 const char *fm_cli_take_opt(int *argc, char **argv, const char *name);
 /* Finds `--name` in argv, removes it and returns 1 (0 if absent). */

@@ -4,6 +4,7 @@
  */
 #include "cli/cli.h"
 #include "fleetml/model.h"
+#include "fleetml/store.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -21,6 +22,12 @@ static void usage(FILE *f)
     fprintf(f, "usage: fleetml model train --synthetic [--out DIR] [--seed N] [--rows N] "
                "[--holdout N]\n"
                "       fleetml model info [--dir DIR]\n"
+               "       fleetml model push DIR              register a version (pending)\n"
+               "       fleetml model versions [NAME]       versions and deployments\n"
+               "       fleetml model approve|reject NAME VERSION [--note TEXT]\n"
+               "       fleetml model deploy NAME VERSION --tenant T [--alias production|canary]"
+               " [--share PCT]\n"
+               "       (push, versions, approve, reject and deploy take --data DIR)\n"
                "defaults: DIR %s, seed %" PRIu64 ", rows %d, holdout rows/5\n",
             DEFAULT_DIR, DEFAULT_SEED, DEFAULT_ROWS);
 }
@@ -158,6 +165,16 @@ int fm_cmd_model(int argc, char **argv)
         return cmd_train(argc - 1, argv + 1);
     if (strcmp(argv[1], "info") == 0)
         return cmd_info(argc - 1, argv + 1);
+    if (strcmp(argv[1], "push") == 0)
+        return fm_cmd_model_push(argc - 1, argv + 1);
+    if (strcmp(argv[1], "versions") == 0)
+        return fm_cmd_model_versions(argc - 1, argv + 1);
+    if (strcmp(argv[1], "approve") == 0)
+        return fm_cmd_model_decide(argc - 1, argv + 1, FM_MODEL_APPROVED);
+    if (strcmp(argv[1], "reject") == 0)
+        return fm_cmd_model_decide(argc - 1, argv + 1, FM_MODEL_REJECTED);
+    if (strcmp(argv[1], "deploy") == 0)
+        return fm_cmd_model_deploy(argc - 1, argv + 1);
     fprintf(stderr, "fleetml model: unknown subcommand '%s'\n", argv[1]);
     usage(stderr);
     return 2;

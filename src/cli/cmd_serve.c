@@ -15,6 +15,7 @@
 #include "fleetml/metrics.h"
 #include "fleetml/mqtt.h"
 #include "fleetml/pipeline.h"
+#include "fleetml/modelreg.h"
 #include "fleetml/registry.h"
 
 #include <signal.h>
@@ -30,6 +31,7 @@ typedef struct server {
     fm_registry *registry;
     fm_lake_writer *lake;
     fm_http *http;
+    fm_deployer *deployer;
     fm_ingest *ingest;
     _Atomic(fm_mqtt *) mqtt;
 } server;
@@ -40,6 +42,17 @@ static int publish(void *ud, const char *topic, const void *payload, size_t len,
     server *s = ud;
     fm_mqtt *c = atomic_load(&s->mqtt);
     return c ? fm_mqtt_publish(c, topic, payload, len, corr, corr_len) : FM_EUNAVAIL;
+}
+
+/* The deployer's tables go to the pipeline. */
+static void serving_publish(void *ud, fm_serving *t)
+{
+    fm_pipeline_set_serving(((server *)ud)->pipeline, t);
+}
+
+static uint64_t serving_in_use(void *ud)
+{
+    return fm_pipeline_serving_in_use(((server *)ud)->pipeline);
 }
 
 static void committed(void *ud)
@@ -100,8 +113,14 @@ static void shutdown_all(server *s)
      * can reach a pipeline that is gone. */
     fm_http_stop(s->http);
     s->http = NULL;
+    /* The deployer delivers to the pipeline: stop it first; its models
+     * are freed once the pipeline no longer scores (after its stop). */
+    fm_deployer *d = s->deployer;
+    s->deployer = NULL;
+    fm_deployer_halt(d);
     fm_pipeline_stop(s->pipeline);
     s->pipeline = NULL;
+    fm_deployer_stop(d);
     fm_registry_stop(s->registry);
     s->registry = NULL;
     fm_lake_writer_stop(s->lake);
@@ -149,6 +168,13 @@ int fm_cmd_serve(int argc, char **argv)
     fm_pipeline_opts po = {.cfg = &s.cfg, .publish = publish, .committed = committed, .ud = &s};
     if ((rc = fm_pipeline_start(&po, &s.pipeline, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "pipeline failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    fm_model *base = fm_pipeline_base_model(s.pipeline);
+    fm_serving_sink sink = {.publish = serving_publish, .in_use = serving_in_use, .ud = &s};
+    if ((rc = fm_deployer_start(&s.cfg, fm_model_name(base), base, fm_pipeline_model(s.pipeline),
+                                &sink, &s.deployer, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "model deployer failed to start", "error", err.msg, NULL);
         goto fail;
     }
     /* A supervised broker starts empty: no device is connected yet. */

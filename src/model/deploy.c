@@ -313,11 +313,17 @@ void fm_deployer_wake(fm_deployer *d)
     fm_thread_unlock(&d->thread);
 }
 
+void fm_deployer_halt(fm_deployer *d)
+{
+    if (d)
+        fm_thread_stop(&d->thread); /* a no-op the second time */
+}
+
 void fm_deployer_stop(fm_deployer *d)
 {
     if (!d)
         return;
-    fm_thread_stop(&d->thread);
+    fm_deployer_halt(d);
     for (size_t i = 0; i < d->ncache; i++)
         fm_model_free(d->cache[i].model);
     fm_free(d->cache);

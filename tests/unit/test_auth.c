@@ -390,6 +390,8 @@ static void test_roles(void **state)
         {"measurements.read", ".CD.O"}, {"labels.write", ".C..."},
         {"models.predict", ".CD.O"},    {"models.manage", "..D.O"},
         {"data.export", "..D.O"},       {"audit.read", "A...O"},
+        {"models.read", "ACD.O"},       {"models.approve", "A.D.O"},
+        {"models.deploy", "A.D.O"},
     };
     const unsigned roles[] = {FM_ROLE_ADMIN, FM_ROLE_CLINICIAN, FM_ROLE_DATA_SCIENTIST,
                               FM_ROLE_DEVICE_MANAGER, FM_ROLE_OPERATOR};

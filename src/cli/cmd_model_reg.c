@@ -1,0 +1,234 @@
+/*
+ * `fleetml model push | versions | approve | reject | deploy`: the model
+ * registry from the command line, on a node's data directory (the
+ * platform's own versions: no tenant owns them). Wiring only: the rules are
+ * in src/model/registry.c and the store.
+ */
+#include "cli/cli.h"
+#include "fleetml/modelreg.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+#define ACTOR "cli"
+
+static void audit(fm_store *st, const char *tenant, const char *action, const char *target,
+                  const char *details)
+{
+    fm_audit a = {.at_ms = fm_wall_ms(), .tenant = tenant, .actor = ACTOR, .action = action,
+                  .target = target, .outcome = "ok", .client = "", .details_json = details};
+    fm_errbuf err;
+    if (fm_store_audit_append(st, &a, &err) != 0)
+        fprintf(stderr, "fleetml model: audit entry not stored: %s\n", err.msg);
+}
+
+static int open_store(int *argc, char **argv, fm_config *cfg, fm_store **st)
+{
+    int rc = fm_cli_config(argc, argv, cfg);
+    if (rc)
+        return rc;
+    fm_errbuf err;
+    if (fm_store_open(cfg, st, &err) != 0) {
+        fprintf(stderr, "fleetml model: %s\n", err.msg);
+        return 1;
+    }
+    return 0;
+}
+
+static const char *status_name(int s)
+{
+    return s == FM_MODEL_APPROVED ? "approved" : s == FM_MODEL_REJECTED ? "rejected" : "pending";
+}
+
+int fm_cmd_model_push(int argc, char **argv)
+{
+    fm_config cfg;
+    fm_store *st = NULL;
+    int rc = open_store(&argc, argv, &cfg, &st);
+    if (rc)
+        return rc;
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml model push DIR [--data DIR]\n"
+                        "  DIR holds manifest.json and model.json (or model.ubj)\n");
+        fm_store_close(st);
+        return 2;
+    }
+    char path[4096];
+    char *manifest = NULL, *file = NULL;
+    size_t mlen = 0, flen = 0;
+    snprintf(path, sizeof path, "%s/manifest.json", argv[1]);
+    rc = fm_read_file(path, &manifest, &mlen);
+    if (!rc) {
+        snprintf(path, sizeof path, "%s/model.json", argv[1]);
+        rc = fm_read_file(path, &file, &flen);
+        if (rc == FM_ENOTFOUND) {
+            snprintf(path, sizeof path, "%s/model.ubj", argv[1]);
+            rc = fm_read_file(path, &file, &flen);
+        }
+    }
+    if (rc) {
+        fprintf(stderr, "fleetml model push: %s: %s\n", path, fm_strerror(rc));
+        fm_free(manifest);
+        fm_store_close(st);
+        return 1;
+    }
+    /* The name comes from the manifest; push validates that it is one. */
+    json_t *man = json_loadb(manifest, mlen, 0, NULL);
+    char name[65] = "";
+    const char *n = json_string_value(json_object_get(man, "name"));
+    snprintf(name, sizeof name, "%s", n ? n : "");
+    json_decref(man);
+    fm_model_upload u = {.name = name, .manifest = manifest, .manifest_len = mlen,
+                         .file = file, .file_len = flen, .owner_tenant = "", .actor = ACTOR,
+                         .now_ms = fm_wall_ms()};
+    fm_model_rec v;
+    fm_errbuf err;
+    rc = fm_modelreg_push(st, &cfg, &u, &v, &err);
+    fm_free(manifest);
+    fm_free(file);
+    if (rc) {
+        fprintf(stderr, "fleetml model push: %s\n", err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    char details[160];
+    snprintf(details, sizeof details, "{\"version\":\"%s\",\"sha256\":\"%s\"}", v.version,
+             v.sha256);
+    audit(st, "", "model.upload", v.name, details);
+    printf("%s@%s pending (%s, %lld bytes, sha256 %s)\n", v.name, v.version, v.format,
+           (long long)v.size, v.sha256);
+    fm_store_close(st);
+    return 0;
+}
+
+static int print_version(void *ud, const fm_model_rec *v)
+{
+    (void)ud;
+    char at[40];
+    printf("%-16s %-12s %-9s %-4s %10lld  %s  %s\n", v->name, v->version, status_name(v->status),
+           v->format, (long long)v->size, fm_rfc3339(v->created_ms, at, sizeof at),
+           v->owner_tenant[0] ? v->owner_tenant : "(platform)");
+    return 0;
+}
+
+static int print_alias(void *ud, const fm_model_alias *a)
+{
+    const char *name = ud;
+    if (name && strcmp(a->name, name) != 0)
+        return 0;
+    printf("%-20s %-16s %-10s -> %s", a->tenant, a->name, a->alias, a->version);
+    if (strcmp(a->alias, FM_ALIAS_CANARY) == 0)
+        printf(" (%d%% of devices)", a->share_pct);
+    printf("\n");
+    return 0;
+}
+
+int fm_cmd_model_versions(int argc, char **argv)
+{
+    fm_config cfg;
+    fm_store *st = NULL;
+    int rc = open_store(&argc, argv, &cfg, &st);
+    if (rc)
+        return rc;
+    if (argc > 2) {
+        fprintf(stderr, "usage: fleetml model versions [NAME] [--data DIR]\n");
+        fm_store_close(st);
+        return 2;
+    }
+    const char *name = argc == 2 ? argv[1] : NULL;
+    rc = st->models->version_list(st, name, print_version, NULL);
+    if (!rc) {
+        printf("deployments:\n");
+        rc = st->models->alias_list(st, NULL, print_alias, (void *)name);
+    }
+    fm_store_close(st);
+    if (rc)
+        fprintf(stderr, "fleetml model versions: %s\n", fm_strerror(rc));
+    return rc ? 1 : 0;
+}
+
+int fm_cmd_model_decide(int argc, char **argv, int status)
+{
+    fm_config cfg;
+    fm_store *st = NULL;
+    const char *what = status == FM_MODEL_APPROVED ? "approve" : "reject";
+    const char *note = fm_cli_take_opt(&argc, argv, "--note");
+    int rc = open_store(&argc, argv, &cfg, &st);
+    if (rc)
+        return rc;
+    if (argc != 3) {
+        fprintf(stderr, "usage: fleetml model %s NAME VERSION [--note TEXT] [--data DIR]\n", what);
+        fm_store_close(st);
+        return 2;
+    }
+    fm_errbuf err;
+    rc = st->models->version_decide(st, argv[1], argv[2], status, ACTOR, note ? note : "",
+                                    fm_wall_ms(), &err);
+    if (rc) {
+        fprintf(stderr, "fleetml model %s: %s\n", what, err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    char details[96];
+    snprintf(details, sizeof details, "{\"version\":\"%s\"}", argv[2]);
+    audit(st, "", status == FM_MODEL_APPROVED ? "model.approve" : "model.reject", argv[1],
+          details);
+    printf("%s@%s %s\n", argv[1], argv[2], status_name(status));
+    fm_store_close(st);
+    return 0;
+}
+
+int fm_cmd_model_deploy(int argc, char **argv)
+{
+    fm_config cfg;
+    fm_store *st = NULL;
+    const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    const char *alias = fm_cli_take_opt(&argc, argv, "--alias");
+    const char *share_s = fm_cli_take_opt(&argc, argv, "--share");
+    int remove = fm_cli_take_flag(&argc, argv, "--remove");
+    int rc = open_store(&argc, argv, &cfg, &st);
+    if (rc)
+        return rc;
+    if (!alias)
+        alias = FM_ALIAS_PRODUCTION;
+    uint64_t share = 100;
+    bool canary = strcmp(alias, FM_ALIAS_CANARY) == 0;
+    if (argc != (remove ? 2 : 3) || !tenant || !fm_modelreg_alias_valid(alias) ||
+        (share_s && (!canary || fm_cli_parse_u64(share_s, 100, &share) != 0 || share == 0))) {
+        fprintf(stderr, "usage: fleetml model deploy NAME VERSION --tenant T "
+                        "[--alias production|canary] [--share 1..100] [--data DIR]\n"
+                        "       fleetml model deploy NAME --remove --tenant T [--alias A]\n");
+        fm_store_close(st);
+        return 2;
+    }
+    fm_model_alias a = {.share_pct = canary ? (int)share : 100, .updated_ms = fm_wall_ms()};
+    snprintf(a.tenant, sizeof a.tenant, "%s", tenant);
+    snprintf(a.name, sizeof a.name, "%s", argv[1]);
+    snprintf(a.alias, sizeof a.alias, "%s", alias);
+    snprintf(a.version, sizeof a.version, "%s", remove ? "" : argv[2]);
+    snprintf(a.updated_by, sizeof a.updated_by, "%s", ACTOR);
+    fm_errbuf err;
+    if (!remove && canary && !share_s) {
+        fprintf(stderr, "fleetml model deploy: a canary needs --share (percent of devices)\n");
+        fm_store_close(st);
+        return 2;
+    }
+    rc = st->models->alias_set(st, &a, &err);
+    if (rc) {
+        fprintf(stderr, "fleetml model deploy: %s\n", err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    char details[160];
+    snprintf(details, sizeof details, "{\"alias\":\"%s\",\"version\":\"%s\",\"share_pct\":%d}",
+             a.alias, a.version, a.share_pct);
+    audit(st, tenant, "model.deploy", a.name, details);
+    if (remove)
+        printf("%s: %s %s removed\n", tenant, a.name, a.alias);
+    else
+        printf("%s: %s %s -> %s%s\n", tenant, a.name, a.alias, a.version,
+               canary ? " (canary)" : "");
+    fm_store_close(st);
+    return 0;
+}

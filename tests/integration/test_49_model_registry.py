@@ -1,0 +1,233 @@
+"""The model registry and deployment (docs/model.md, "Registry and
+deployment"): upload validated, pending -> approved by a data scientist or
+admin, per-tenant production alias moved while devices measure (their
+results name the version that produced them), rollback, a canary share
+split by a stable hash of the device id, and bad uploads refused with
+nothing deployed."""
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from api_client import Api, Users, add_user, raw_exchange
+from helpers import TENANT, make_measurement, model_dir, unique_id, wait_for
+
+NAME = "viscosity"
+DEVICES = ["mr-dev-1", "mr-dev-2", "mr-dev-3", "mr-dev-4", "mr-dev-5", "mr-dev-6"]
+
+
+def bucket(device_id):
+    """fm_serving_bucket: FNV-1a of the id, modulo 100."""
+    h = 2166136261
+    for b in device_id.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h % 100
+
+
+@pytest.fixture(scope="module")
+def env(module_platform, tmp_path_factory):
+    pw = {}
+
+    def setup(p):
+        pw["sci"] = add_user(p, "sci", "data_scientist")
+        pw["clin"] = add_user(p, "clin", "clinician")
+
+    p = module_platform("models", devices=DEVICES, setup=setup)
+    users = Users(Api(p))
+    users.add("admin", p.admin_password)
+    for n, v in pw.items():
+        users.add(n, v)
+    work = tmp_path_factory.mktemp("models")
+    # The bundled model, registered as it is, and a second one trained on
+    # other simulated patients (other trees, other answers).
+    v1 = work / "v1"
+    shutil.copytree(model_dir(), v1)
+    v2 = work / "v2"
+    p.run("model", "train", "--synthetic", "--out", str(v2), "--seed", "7", "--rows", "1500",
+          timeout=300)
+    man = json.loads((v2 / "manifest.json").read_text())
+    man["version"] = "2.0.0"
+    (v2 / "manifest.json").write_text(json.dumps(man))
+    return p, Api(p), users, v1, v2
+
+
+def tok(env, user):
+    return env[2].token(user)
+
+
+def upload_body(d, manifest=None, model=None):
+    man = manifest if manifest is not None else json.loads((d / "manifest.json").read_text())
+    raw = model if model is not None else (d / "model.json").read_bytes()
+    return {"manifest": man, "model": base64.b64encode(raw).decode()}
+
+
+@pytest.fixture
+def measure(env, connected):
+    """measure(device_id) -> (model of the ok reply, outputs); the stored row
+    names the same model. One connection per device for the test."""
+    p = env[0]
+    conns = {}
+    sweep = make_measurement("template")
+
+    def run(device_id):
+        d = conns.get(device_id) or conns.setdefault(device_id, connected(p, device_id))
+        mid = unique_id("mr")
+        reply, _ = d.measure(dict(sweep, id=mid), timeout=10)
+        doc = reply.json()
+        assert doc["status"] == "ok", doc
+        stored = p.query("SELECT model FROM measurements WHERE device_id = ? AND "
+                         "measurement_id = ?", device_id, mid)
+        assert stored == [(doc["model"],)], (stored, doc)
+        return doc["model"], doc["outputs"]
+    return run
+
+
+def test_push_approve_deploy_rollback(env, measure):
+    p, api, users, v1, v2 = env
+    sci, clin, admin = tok(env, "sci"), tok(env, "clin"), tok(env, "admin")
+    # Who may do what.
+    assert api.post(f"/models/{NAME}/versions", upload_body(v2), token=clin).status == 403
+    r = api.post(f"/models/{NAME}/versions", upload_body(v2), token=sci)
+    assert r.status == 201, r
+    v = r.json()
+    assert v["version"] == "2.0.0" and v["status"] == "pending" and len(v["sha256"]) == 64
+    assert api.post(f"/models/{NAME}/versions", upload_body(v2), token=sci).status == 409
+    # The files are in the lake, byte for byte.
+    lake = p.data / "lake" / "models" / NAME / "2.0.0"
+    assert (lake / "model.json").read_bytes() == (v2 / "model.json").read_bytes()
+    # Pending versions are not deployed.
+    r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "2.0.0"},
+                    token=admin)
+    assert r.status == 409, r
+    assert api.post(f"/models/{NAME}/versions/2.0.0/approve", {}, token=clin).status == 403
+    r = api.post(f"/models/{NAME}/versions/2.0.0/approve", {"note": "holdout ok"}, token=sci)
+    assert r.status == 200 and r.json()["status"] == "approved", r
+    assert r.json()["decision"]["note"] == "holdout ok"
+    assert api.post(f"/models/{NAME}/versions/2.0.0/reject", {}, token=sci).status == 409
+
+    before, out_before = measure(DEVICES[0])
+    assert before == f"{NAME}@1.0.0"
+    r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "2.0.0"},
+                    token=admin)
+    assert r.status == 200, r
+    # Every node's deployer notices within a tick; results then name 2.0.0.
+    wait_for(lambda: measure(DEVICES[0])[0] == f"{NAME}@2.0.0", 20,
+             interval=0.2, msg="results from version 2.0.0")
+    _, out_after = measure(DEVICES[0])
+    assert out_after != out_before, "the new version answered exactly like the old one"
+    got = api.ok("GET", f"/models/{NAME}/aliases", admin)["items"]
+    assert [(a["alias"], a["version"]) for a in got] == [("production", "2.0.0")], got
+
+    # Rollback: register the bundled model too and move the alias back.
+    assert api.post(f"/models/{NAME}/versions", upload_body(v1), token=sci).status == 201
+    assert api.post(f"/models/{NAME}/versions/1.0.0/approve", {}, token=admin).status == 200
+    r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "1.0.0"},
+                    token=sci)
+    assert r.status == 200, r
+    wait_for(lambda: measure(DEVICES[0])[0] == f"{NAME}@1.0.0", 20,
+             interval=0.2, msg="results from version 1.0.0 again")
+    _, out_back = measure(DEVICES[0])
+    assert out_back == out_before
+    audit = api.ok("GET", "/audit?limit=200", admin)["items"]
+    actions = {a["action"] for a in audit}
+    assert {"model.upload", "model.approve", "model.deploy"} <= actions, actions
+
+
+def test_canary_splits_devices_by_stable_hash(env, measure):
+    p, api, users, v1, v2 = env
+    admin = tok(env, "admin")
+    # (Depends on the versions the test above registered and approved.)
+    r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "1.0.0"},
+                    token=admin)
+    assert r.status == 200, r
+    r = api.request("PUT", f"/models/{NAME}/aliases/canary",
+                    body={"version": "2.0.0", "share_pct": 50}, token=admin)
+    assert r.status == 200 and r.json()["share_pct"] == 50, r
+    expect = {d: f"{NAME}@2.0.0" if bucket(d) < 50 else f"{NAME}@1.0.0" for d in DEVICES}
+    assert len(set(expect.values())) == 2, f"pick device ids on both sides: {expect}"
+
+    def split_applied():
+        return all(measure(d)[0] == want for d, want in expect.items())
+    wait_for(split_applied, 20, interval=0.2, msg="the canary split")
+    # Stable: the same devices again, the same versions.
+    for d, want in expect.items():
+        assert measure(d)[0] == want
+    # Removing the canary sends everyone to production.
+    r = api.request("PUT", f"/models/{NAME}/aliases/canary", body={"version": None},
+                    token=admin)
+    assert r.status == 200, r
+    wait_for(lambda: all(measure(d)[0] == f"{NAME}@1.0.0" for d in DEVICES),
+             20, interval=0.2, msg="canary removed")
+
+
+def overflowing_model(v1):
+    """The bundled trees with every leaf at 3e38: their sum is not a finite
+    float32 for any input."""
+    doc = json.loads((v1 / "model.json").read_text())
+    for tree in doc["learner"]["gradient_booster"]["model"]["trees"]:
+        for i, left in enumerate(tree["left_children"]):
+            if left == -1:
+                tree["split_conditions"][i] = 3.0e38
+                tree["base_weights"][i] = 3.0e38
+    return json.dumps(doc).encode()
+
+
+def test_bad_uploads_refused_nothing_deployed(env):
+    p, api, users, v1, v2 = env
+    sci, admin = tok(env, "sci"), tok(env, "admin")
+    man = json.loads((v1 / "manifest.json").read_text())
+    cases = {}
+    bad = dict(man, version="9.0.1")
+    cases["corrupt model file"] = upload_body(v1, manifest=bad, model=b"{\"not\": \"a model\"}")
+    unknown = dict(man, version="9.0.2", features=man["features"][:-1] + ["bogus_feature"])
+    cases["unknown feature"] = upload_body(v1, manifest=unknown)
+    fewer = dict(man, version="9.0.3", outputs=man["outputs"][:2])
+    cases["outputs disagree"] = upload_body(v1, manifest=fewer)
+    cases["non-finite outputs"] = upload_body(v1, manifest=dict(man, version="9.0.4"),
+                                              model=overflowing_model(v1))
+    cases["name differs"] = upload_body(v1, manifest=dict(man, name="other", version="9.0.5"))
+    for what, body in cases.items():
+        r = api.post(f"/models/{NAME}/versions", body, token=sci)
+        assert r.status == 422, (what, r)
+        assert r.json()["error"]["code"] == "validation_failed", (what, r)
+    r = api.post(f"/models/{NAME}/versions", {"manifest": man, "model": "not base64!"}, token=sci)
+    assert r.status == 400, r
+    # Oversize: refused from its declared length, before the body is read.
+    head = (f"POST /api/v1/models/{NAME}/versions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {sci}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {64 * 1024 * 1024}\r\n\r\n").encode()
+    status, _, body, _ = raw_exchange(p.http_port, head, b"{", timeout=10)
+    assert status == 413, (status, body[:200])
+    versions = {v["version"] for v in api.ok("GET", f"/models/{NAME}/versions", sci)["items"]}
+    assert not any(v.startswith("9.0.") for v in versions), versions
+    for ver in ("9.0.1", "9.0.4"):
+        assert api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": ver},
+                           token=admin).status == 404
+    assert not (p.data / "lake" / "models" / NAME / "9.0.1").exists()
+
+
+def test_cli_push_approve_deploy(env):
+    p, api, users, v1, v2 = env
+    v3 = Path(str(v2) + "-cli")
+    shutil.copytree(v2, v3)
+    man = json.loads((v3 / "manifest.json").read_text())
+    man["version"] = "2.0.1"
+    (v3 / "manifest.json").write_text(json.dumps(man))
+    out = p.cli("model", "push", str(v3)).stdout
+    assert "viscosity@2.0.1 pending" in out, out
+    r = p.cli("model", "deploy", NAME, "2.0.1", "--tenant", TENANT, check=False)
+    assert r.returncode == 1 and "not approved" in r.stderr, r.stderr
+    p.cli("model", "approve", NAME, "2.0.1", "--note", "cli")
+    p.cli("model", "deploy", NAME, "2.0.1", "--tenant", TENANT)
+    listing = p.cli("model", "versions", NAME).stdout
+    assert "2.0.1" in listing and "production -> 2.0.1" in listing, listing
+    admin = tok(env, "admin")
+    v = api.ok("GET", f"/models/{NAME}/versions/2.0.1", admin)
+    assert v["status"] == "approved" and v["manifest"]["version"] == "2.0.1"
+    assert v.get("owner_tenant") is None  # the platform's
+    r = subprocess.run([p.bin, "model", "deploy"], capture_output=True, text=True)
+    assert r.returncode == 2
