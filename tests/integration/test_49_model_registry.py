@@ -8,6 +8,7 @@ nothing deployed."""
 import base64
 import json
 import shutil
+import time
 import subprocess
 from pathlib import Path
 
@@ -231,3 +232,40 @@ def test_cli_push_approve_deploy(env):
     assert v.get("owner_tenant") is None  # the platform's
     r = subprocess.run([p.bin, "model", "deploy"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_hot_swap_under_load_fails_no_reply(env):
+    # Devices measure continuously while the production alias moves back and
+    # forth: no reply fails or times out, and both versions answered.
+    p, api, users, v1, v2 = env
+    admin = tok(env, "admin")
+    for ver in ("1.0.0", "2.0.0"):
+        r = api.get(f"/models/{NAME}/versions/{ver}", token=admin)
+        assert r.status == 200 and r.json()["status"] == "approved", r
+    sim = subprocess.Popen(
+        [p.bin, "sim", "--data", str(p.data), "--devices", "6", "--prefix", "hs", "--rate", "15",
+         "--duration", "8", "--json", "--provision", "--drain", "10", "--timeout", "10"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=p.workdir, env=p.env)
+    moves = 0
+    try:
+        deadline = time.monotonic() + 8
+        ver = "2.0.0"
+        while time.monotonic() < deadline and sim.poll() is None:
+            r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": ver},
+                            token=admin)
+            assert r.status == 200, r
+            moves += 1
+            ver = "1.0.0" if ver == "2.0.0" else "2.0.0"
+            time.sleep(0.7)
+        out, err = sim.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    stats = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+    assert moves >= 6, moves
+    assert stats["sent"] >= 300 and stats["ok"] == stats["sent"], stats
+    assert stats["errors"] == 0 and stats["timeouts"] == 0, stats
+    models = {m for (m,) in p.query("SELECT DISTINCT model FROM measurements "
+                                    "WHERE device_id LIKE 'hs%'")}
+    # (Before the first move took effect, what an earlier test deployed.)
+    assert {f"{NAME}@1.0.0", f"{NAME}@2.0.0"} <= models, models
