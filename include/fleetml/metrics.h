@@ -57,6 +57,7 @@ typedef struct fm_metrics {
     _Atomic int64_t lake_backlog;     /* gauge: committed rows not yet in lake */
     _Atomic int64_t store_unavailable; /* gauge 0/1 (e.g. disk full) */
     _Atomic uint64_t http_requests;    /* API requests answered */
+    _Atomic uint64_t shadow_failures;  /* batches whose shadow scoring failed */
     _Atomic uint64_t http_errors;      /* ... with a 5xx status */
     _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
     /* requests/connections the HTTP edge refused or cut, by reason */

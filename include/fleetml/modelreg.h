@@ -10,7 +10,9 @@
  * models/<name>/<version>/. A data scientist or admin approves or rejects
  * it. Per tenant, the alias `production` of the served model family points
  * at an approved version, and `canary` (with a share of devices, chosen by
- * a stable hash of the device id) at another; moving an alias is a hot swap
+ * a stable hash of the device id) at another, and `shadow` at a version
+ * that scores every measurement beside the live one (stored, never sent);
+ * moving an alias is a hot swap
  * on every node (fm_serving): measurements in flight finish on the old
  * version, new ones use the new one, and nothing waits for a model to load.
  */
@@ -26,6 +28,7 @@
 
 #define FM_ALIAS_PRODUCTION "production"
 #define FM_ALIAS_CANARY "canary"
+#define FM_ALIAS_SHADOW "shadow"
 /* Largest model file accepted. */
 #define FM_MODEL_FILE_MAX (64u * 1024 * 1024)
 
@@ -33,7 +36,7 @@
 bool fm_modelreg_name_valid(const char *s);
 /* [A-Za-z0-9][A-Za-z0-9._-]{0,31} */
 bool fm_modelreg_version_valid(const char *s);
-/* "production" or "canary" */
+/* "production", "canary" or "shadow" */
 bool fm_modelreg_alias_valid(const char *s);
 
 typedef struct fm_model_upload {
@@ -71,7 +74,10 @@ typedef struct fm_serving_tenant {
     size_t production;  /* slot */
     size_t canary;      /* slot, when canary_pct > 0 */
     int canary_pct;     /* 0..100 */
+    size_t shadow;      /* slot scoring beside the live one, or FM_SERVING_NONE */
 } fm_serving_tenant;
+
+#define FM_SERVING_NONE ((size_t)-1)
 
 typedef struct fm_serving {
     uint64_t generation;
@@ -84,6 +90,10 @@ typedef struct fm_serving {
  * devices whose stable hash falls in its share, else its production
  * version, else slot 0. */
 size_t fm_serving_pick(const fm_serving *s, const char *tenant, const char *device_id);
+/* The shadow slot of tenant's devices: a version scoring every measurement
+ * beside the live one, its answer stored but never sent; FM_SERVING_NONE
+ * when the tenant has none. */
+size_t fm_serving_shadow(const fm_serving *s, const char *tenant);
 /* Frees the table (never the models). NULL is ignored. */
 void fm_serving_free(fm_serving *s);
 /* The stable 0..99 bucket of a device id for canary shares. */

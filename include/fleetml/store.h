@@ -44,6 +44,8 @@ typedef struct fm_record {
     size_t payload_len;
     const char *result_json;  /* the reply document sent to the device */
     const char *model;        /* "name@version" */
+    const char *shadow_json;  /* a shadow version's result document (never sent
+                                 to the device), or NULL */
     int existed;              /* set by the store on commit: (device, id) was
                                  already stored, nothing was written, seq is 0 */
 } fm_record;

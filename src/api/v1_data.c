@@ -33,6 +33,8 @@ static json_t *record_json(const fm_record *rec, bool full)
     }
     json_object_set_new(o, "result",
                         parse_doc(rec->result_json, rec->result_json ? strlen(rec->result_json) : 0));
+    if (rec->shadow_json)
+        json_object_set_new(o, "shadow", parse_doc(rec->shadow_json, strlen(rec->shadow_json)));
     return o;
 }
 

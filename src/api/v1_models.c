@@ -235,8 +235,8 @@ void v1_model_alias_put(api_req *r)
         return;
     const char *alias = r->params[1];
     if (!fm_modelreg_alias_valid(alias)) {
-        api_error(r, 404, "not_found", "aliases are '%s' and '%s'", FM_ALIAS_PRODUCTION,
-                  FM_ALIAS_CANARY);
+        api_error(r, 404, "not_found", "aliases are '%s', '%s' and '%s'", FM_ALIAS_PRODUCTION,
+                  FM_ALIAS_CANARY, FM_ALIAS_SHADOW);
         return;
     }
     const char *version = NULL;

@@ -157,6 +157,9 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->lake_rows));
     counter(&b, "fleetml_lake_errors_total", "Lake export attempts that failed.",
             atomic_load(&m->lake_errors));
+    counter(&b, "fleetml_shadow_failures_total",
+            "Batches whose shadow version could not score (live replies unaffected).",
+            atomic_load(&m->shadow_failures));
     counter(&b, "fleetml_http_requests_total", "HTTP API requests answered.",
             atomic_load(&m->http_requests));
     counter(&b, "fleetml_http_errors_total", "HTTP API requests answered with a 5xx status.",

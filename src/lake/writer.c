@@ -228,6 +228,11 @@ static long format_record(lake_exporter *ex, const fm_record *r)
     if (!rc)
         rc = append_json_text(ex, &len, r->result_json,
                               r->result_json ? strlen(r->result_json) : 0);
+    if (!rc && r->shadow_json) {
+        rc = line_append(ex, &len, ",\"shadow\":", 10);
+        if (!rc)
+            rc = append_json_text(ex, &len, r->shadow_json, strlen(r->shadow_json));
+    }
     if (!rc)
         rc = line_append(ex, &len, "}", 1);
     return rc ? rc : (long)len;

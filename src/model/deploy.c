@@ -68,6 +68,14 @@ size_t fm_serving_pick(const fm_serving *s, const char *tenant, const char *devi
     return 0;
 }
 
+size_t fm_serving_shadow(const fm_serving *s, const char *tenant)
+{
+    for (size_t i = 0; s && i < s->ntenants; i++)
+        if (strcmp(s->tenants[i].tenant, tenant) == 0)
+            return s->tenants[i].shadow;
+    return FM_SERVING_NONE;
+}
+
 void fm_serving_free(fm_serving *s)
 {
     if (!s)
@@ -191,6 +199,7 @@ static fm_serving_tenant *tenant_entry(build *b, const char *tenant)
     }
     fm_serving_tenant *t = &b->s->tenants[b->s->ntenants++];
     memset(t, 0, sizeof *t);
+    t->shadow = FM_SERVING_NONE;
     snprintf(t->tenant, sizeof t->tenant, "%s", tenant);
     return t;
 }
@@ -218,6 +227,8 @@ static int on_alias(void *ud, const fm_model_alias *a)
     } else if (strcmp(a->alias, FM_ALIAS_CANARY) == 0) {
         t->canary = slot;
         t->canary_pct = a->share_pct < 0 ? 0 : a->share_pct > 100 ? 100 : a->share_pct;
+    } else if (strcmp(a->alias, FM_ALIAS_SHADOW) == 0) {
+        t->shadow = slot;
     }
     return 0;
 }

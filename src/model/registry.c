@@ -45,7 +45,8 @@ bool fm_modelreg_version_valid(const char *s)
 
 bool fm_modelreg_alias_valid(const char *s)
 {
-    return s && (strcmp(s, FM_ALIAS_PRODUCTION) == 0 || strcmp(s, FM_ALIAS_CANARY) == 0);
+    return s && (strcmp(s, FM_ALIAS_PRODUCTION) == 0 || strcmp(s, FM_ALIAS_CANARY) == 0 ||
+                 strcmp(s, FM_ALIAS_SHADOW) == 0);
 }
 
 static int sha256_hex(const void *data, size_t len, char out[65])

@@ -57,6 +57,7 @@ static void free_arrays(batch *b)
     fm_free(b->items);
     fm_free(b->feat);
     fm_free(b->pred);
+    fm_free(b->spred);
     fm_free(b->gfeat);
     fm_free(b->gpred);
     fm_free(b->grow);
@@ -80,8 +81,10 @@ int batch__init(batch *b, fm_inmsg *list, size_t n)
         return FM_ENOMEM;
     }
     size_t i = 0;
-    for (fm_inmsg *m = list; m && i < n; m = m->next)
+    for (fm_inmsg *m = list; m && i < n; m = m->next) {
+        b->items[i].shadow = FM_SERVING_NONE;
         b->items[i++].msg = m;
+    }
     b->n = i;
     b->model_ok = true;
     b->committed = true;
@@ -137,6 +140,8 @@ static void admit_one(batch *b, size_t i, const batch_env *env)
     size_t nf = fm_feature_count();
     memcpy(b->feat + b->rows * nf, pr->feat, nf * sizeof(float));
     it->slot = env->scorer->pick ? env->scorer->pick(env->scorer->ud, &it->dev) : 0;
+    it->shadow = env->scorer->shadow_pick ? env->scorer->shadow_pick(env->scorer->ud, &it->dev)
+                                          : FM_SERVING_NONE;
     it->row = b->rows++;
 }
 
@@ -153,9 +158,11 @@ void batch__admit(batch *b, const batch_env *env)
     fm_stage_observe(FM_STAGE_ADMIT, t0);
 }
 
-/* Scores the rows of every slot but the first's in one call per slot:
- * their features are gathered, scored, and the outputs put back. */
-static int infer_mixed(batch *b, const batch_env *env, size_t first, fm_errbuf *err)
+/* Scores rows grouped by a slot chosen per item (slot_of), one call per
+ * slot: the features are gathered, scored, and the outputs put back into
+ * out at each item's row. Items whose slot is skip are left alone. */
+static int infer_grouped(batch *b, const batch_env *env, size_t (*slot_of)(const batch_item *),
+                         size_t skip, float *out, fm_errbuf *err)
 {
     const batch_scorer *sc = env->scorer;
     size_t nf = fm_feature_count();
@@ -172,26 +179,51 @@ static int infer_mixed(batch *b, const batch_env *env, size_t first, fm_errbuf *
     int rc = 0;
     for (size_t i = 0; i < b->n && !rc; i++) {
         batch_item *lead = &b->items[i];
-        if (done[i] || lead->rejected || lead->follower)
+        if (done[i] || lead->rejected || lead->follower || slot_of(lead) == FM_SERVING_NONE)
             continue;
-        size_t slot = lead->slot, k = 0;
+        size_t slot = slot_of(lead), k = 0;
         for (size_t j = i; j < b->n; j++) {
             batch_item *it = &b->items[j];
-            if (done[j] || it->rejected || it->follower || it->slot != slot)
+            if (done[j] || it->rejected || it->follower || slot_of(it) != slot)
                 continue;
             done[j] = true;
             memcpy(b->gfeat + k * nf, b->feat + it->row * nf, nf * sizeof(float));
             b->grow[k++] = it->row;
         }
-        if (slot == first)
-            continue; /* scored with the whole matrix */
+        if (slot == skip)
+            continue; /* already scored with the whole matrix */
         rc = sc->predict(sc->ud, slot, b->gfeat, k, b->gpred, err);
         for (size_t r = 0; r < k && !rc; r++)
-            memcpy(b->pred + b->grow[r] * FM_OUTPUTS_MAX, b->gpred + r * FM_OUTPUTS_MAX,
+            memcpy(out + b->grow[r] * FM_OUTPUTS_MAX, b->gpred + r * FM_OUTPUTS_MAX,
                    FM_OUTPUTS_MAX * sizeof(float));
     }
     fm_free(done);
     return rc;
+}
+
+static size_t live_slot(const batch_item *it) { return it->slot; }
+static size_t shadow_slot(const batch_item *it) { return it->shadow; }
+
+/* Shadow versions score their tenants' rows too; a failure there costs
+ * the shadow answers of this batch, never a live reply. */
+static void infer_shadow(batch *b, const batch_env *env)
+{
+    bool any = false;
+    for (size_t i = 0; i < b->n && !any; i++)
+        any = !b->items[i].rejected && !b->items[i].follower &&
+              b->items[i].shadow != FM_SERVING_NONE;
+    if (!any)
+        return;
+    fm_errbuf err;
+    b->spred = fm_malloc((b->rows * FM_OUTPUTS_MAX + 1) * sizeof(float));
+    int rc = b->spred ? infer_grouped(b, env, shadow_slot, FM_SERVING_NONE, b->spred, &err)
+                      : fm_errf(&err, FM_ENOMEM, "out of memory");
+    if (rc) {
+        fm_logf(FM_LOG_WARN, "pipeline", "shadow inference failed: %s", err.msg);
+        atomic_fetch_add(&fm_metrics_get()->shadow_failures, 1);
+        fm_free(b->spred);
+        b->spred = NULL;
+    }
 }
 
 void batch__infer(batch *b, const batch_env *env)
@@ -217,11 +249,13 @@ void batch__infer(batch *b, const batch_env *env)
     }
     int rc = sc->predict(sc->ud, first, b->feat, b->rows, b->pred, &err);
     if (!rc && mixed)
-        rc = infer_mixed(b, env, first, &err);
+        rc = infer_grouped(b, env, live_slot, first, b->pred, &err);
     if (rc != 0) {
         fm_logf(FM_LOG_ERROR, "pipeline", "inference failed: %s", err.msg);
         b->model_ok = false;
     }
+    if (rc == 0)
+        infer_shadow(b, env);
     fm_hist_observe(&fm_metrics_get()->inference_seconds, (double)(fm_mono_ns() - t0) / 1e9);
 }
 
@@ -266,6 +300,10 @@ void batch__build_rows(batch *b, const batch_env *env)
             reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
             continue;
         }
+        if (b->spred && it->shadow != FM_SERVING_NONE)
+            it->shadow_result = sc->ok_doc(sc->ud, it->shadow, it->m.id,
+                                           b->spred + it->row * FM_OUTPUTS_MAX,
+                                           it->msg->recv_ms);
         it->rec = b->nr;
         it->has_rec = true;
         b->recs[b->nr++] = (fm_record){
@@ -278,6 +316,7 @@ void batch__build_rows(batch *b, const batch_env *env)
             .payload_len = it->msg->len,
             .result_json = it->result,
             .model = sc->model_ref(sc->ud, it->slot),
+            .shadow_json = it->shadow_result,
         };
     }
 }
@@ -393,6 +432,7 @@ long batch__release(batch *b)
         released += (long)msg->len;
         fm_measurement_free(&b->items[i].m);
         fm_free(b->items[i].result);
+        fm_free(b->items[i].shadow_result);
         if (msg->reply) /* never answered: tell the waiter */
             msg->reply(msg->reply_ud, NULL, 0);
         fm_inmsg_free(msg);

@@ -21,6 +21,7 @@
 
 #include "fleetml/measurement.h"
 #include "fleetml/model.h"
+#include "fleetml/modelreg.h"
 #include "fleetml/pipeline.h"
 #include "fleetml/store.h"
 
@@ -59,6 +60,9 @@ typedef struct prepared {
 typedef struct batch_scorer {
     /* The slot scoring a device (NULL: always slot 0). */
     size_t (*pick)(void *ud, const fm_device *dev);
+    /* The slot scoring it in shadow (answer stored, never sent), or
+     * FM_SERVING_NONE (NULL: never). */
+    size_t (*shadow_pick)(void *ud, const fm_device *dev);
     /* Scores rows x fm_feature_count() features into rows x FM_OUTPUTS_MAX
      * (row stride FM_OUTPUTS_MAX) with the model of slot. */
     int (*predict)(void *ud, size_t slot, const float *feat, size_t rows, float *out,
@@ -94,6 +98,8 @@ typedef struct batch_item {
     size_t leader;  /* index of that earlier item */
     size_t row;     /* row in the feature matrix */
     size_t slot;    /* the model slot scoring it */
+    size_t shadow;  /* the shadow slot, or FM_SERVING_NONE */
+    char *shadow_result; /* the shadow's answer (fm_free), stored only */
     size_t rec;     /* index in recs, when it has a record */
     bool has_rec;
     char *result;   /* reply document (fm_free) */
@@ -103,6 +109,7 @@ typedef struct batch {
     size_t n;
     batch_item *items;
     float *feat, *pred;
+    float *spred;         /* shadow outputs (stride FM_OUTPUTS_MAX), when any */
     float *gfeat, *gpred; /* scratch for scoring one slot's rows together */
     size_t *grow;
     size_t rows;

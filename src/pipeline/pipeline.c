@@ -198,6 +198,12 @@ static size_t scorer_pick(void *ud, const fm_device *dev)
     return fm_serving_pick(p->serving, dev->tenant, dev->id);
 }
 
+static size_t scorer_shadow_pick(void *ud, const fm_device *dev)
+{
+    fm_pipeline *p = ud;
+    return fm_serving_shadow(p->serving, dev->tenant);
+}
+
 static int scorer_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
                           fm_errbuf *err)
 {
@@ -393,6 +399,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
     p->serving->slots[0].model = p->model;
     snprintf(p->serving->slots[0].ref, sizeof p->serving->slots[0].ref, "%s", p->model_ref);
     p->scorer = (batch_scorer){.pick = scorer_pick,
+                               .shadow_pick = scorer_shadow_pick,
                                .predict = scorer_predict,
                                .ok_doc = scorer_ok_doc,
                                .model_ref = scorer_model_ref,

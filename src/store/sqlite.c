@@ -164,10 +164,13 @@ static const char *schema_models =
     "  alias TEXT NOT NULL, version TEXT NOT NULL, share_pct INTEGER NOT NULL,"
     "  updated_by TEXT NOT NULL, updated_ms INTEGER NOT NULL);";
 
+/* What a shadow version answered for a measurement (never sent). */
+static const char *schema_shadow = "ALTER TABLE measurements ADD COLUMN shadow TEXT;";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
                                                &schema_users, &schema_api, &schema_keys,
-                                               &schema_models};
+                                               &schema_models, &schema_shadow};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -589,6 +592,10 @@ static int s_commit(fm_store *base, fm_record *recs, size_t n, fm_quarantine *q,
         sqlite3_bind_text(st, 6, r->payload, (int)r->payload_len, SQLITE_STATIC);
         sqlite3_bind_text(st, 7, r->result_json, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 8, r->model, -1, SQLITE_STATIC);
+        if (r->shadow_json)
+            sqlite3_bind_text(st, 9, r->shadow_json, -1, SQLITE_STATIC);
+        else
+            sqlite3_bind_null(st, 9);
         rc = sql__step_done(st);
         /* ON CONFLICT DO NOTHING: no change means the key was stored. */
         r->existed = rc == SQLITE_OK && sqlite3_changes(s->db) == 0;
@@ -656,7 +663,7 @@ static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record
     sqlite3_stmt *st;
     if (sql__prep(s, &st,
              "SELECT seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload,"
-             " result, model FROM measurements WHERE seq > ? ORDER BY seq LIMIT ?",
+             " result, model, shadow FROM measurements WHERE seq > ? ORDER BY seq LIMIT ?",
              NULL))
         return FM_EDB;
     sqlite3_bind_int64(st, 1, after);
@@ -674,6 +681,7 @@ static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record
             .payload_len = (size_t)sqlite3_column_bytes(st, 6),
             .result_json = (const char *)sqlite3_column_text(st, 7),
             .model = (const char *)sqlite3_column_text(st, 8),
+            .shadow_json = (const char *)sqlite3_column_text(st, 9),
         };
         if (cb(ud, &r)) {
             rc = SQLITE_DONE;
@@ -927,7 +935,7 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
         goto fail;
     if ((rc = sql__prep(s, &s->ins_meas,
                    "INSERT INTO measurements(device_id, tenant, measurement_id, received_ms,"
-                   " taken_ms, payload, result, model) VALUES(?,?,?,?,?,?,?,?)"
+                   " taken_ms, payload, result, model, shadow) VALUES(?,?,?,?,?,?,?,?,?)"
                    " ON CONFLICT(device_id, measurement_id) DO NOTHING",
                    err)) ||
         (rc = sql__prep(s, &s->ins_quar,

@@ -152,7 +152,7 @@ int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
 /* ---- measurements ----------------------------------------------------------- */
 
 #define RECORD_COLS                                                                                \
-    "seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload, result, model"
+    "seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload, result, model, shadow"
 
 /* Steps st and calls cb for each row. Returns 0, FM_ENOTFOUND when
  * need_row and there was none, or the mapped SQLite error. Finalizes st. */
@@ -172,6 +172,7 @@ static int record_rows(sqlite3_stmt *st, fm_record_cb cb, void *ud, int need_row
             .payload_len = (size_t)sqlite3_column_bytes(st, 6),
             .result_json = col(st, 7),
             .model = col(st, 8),
+            .shadow_json = (const char *)sqlite3_column_text(st, 9),
         };
         if (cb(ud, &r)) {
             rc = SQLITE_DONE;

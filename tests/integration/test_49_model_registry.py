@@ -165,6 +165,38 @@ def test_canary_splits_devices_by_stable_hash(env, measure):
              20, interval=0.2, msg="canary removed")
 
 
+def test_shadow_scored_and_stored_never_sent(env, measure):
+    p, api, users, v1, v2 = env
+    admin, clin = tok(env, "admin"), tok(env, "clin")
+    for alias, ver in (("production", "1.0.0"), ("shadow", "2.0.0")):
+        r = api.request("PUT", f"/models/{NAME}/aliases/{alias}", body={"version": ver},
+                        token=admin)
+        assert r.status == 200, r
+    dev = DEVICES[1]
+
+    def shadowed():
+        model, _ = measure(dev)
+        rows = p.query("SELECT measurement_id, shadow FROM measurements WHERE device_id = ? "
+                       "ORDER BY seq DESC LIMIT 1", dev)
+        return model == f"{NAME}@1.0.0" and rows[0][1] is not None and rows[0]
+    mid, shadow = wait_for(shadowed, 20, interval=0.2, msg="a shadow answer stored")
+    doc = json.loads(shadow)
+    assert doc["model"] == f"{NAME}@2.0.0" and doc["id"] == mid and doc["status"] == "ok", doc
+    # The API shows it beside the live result; the device never saw it.
+    got = api.ok("GET", f"/devices/{dev}/measurements/{mid}", clin)
+    assert got["result"]["model"] == f"{NAME}@1.0.0"
+    assert got["shadow"]["model"] == f"{NAME}@2.0.0"
+    assert got["shadow"]["outputs"] != got["result"]["outputs"]
+    # ...and the lake keeps it with the row, for checking the candidate later.
+    def exported():
+        recs = [x for _, x in p.lake_records("raw") if x.get("measurement_id") == mid]
+        return recs and recs[0]
+    rec = wait_for(exported, 20, interval=0.2, msg="the row in the lake")
+    assert rec["shadow"]["model"] == f"{NAME}@2.0.0" and rec["result"]["model"] == f"{NAME}@1.0.0"
+    r = api.request("PUT", f"/models/{NAME}/aliases/shadow", body={"version": None}, token=admin)
+    assert r.status == 200, r
+
+
 def overflowing_model(v1):
     """The bundled trees with every leaf at 3e38: their sum is not a finite
     float32 for any input."""
@@ -230,8 +262,9 @@ def test_cli_push_approve_deploy(env):
     v = api.ok("GET", f"/models/{NAME}/versions/2.0.1", admin)
     assert v["status"] == "approved" and v["manifest"]["version"] == "2.0.1"
     assert v.get("owner_tenant") is None  # the platform's
-    r = subprocess.run([p.bin, "model", "deploy"], capture_output=True, text=True)
-    assert r.returncode == 2
+    r = subprocess.run([p.bin, "model", "deploy", "--data", str(p.data)], capture_output=True,
+                       text=True, cwd=p.workdir)
+    assert r.returncode == 2, r.stderr
 
 
 def test_hot_swap_under_load_fails_no_reply(env):

@@ -39,7 +39,8 @@ static int f_device_get(fm_store *s, const char *id, fm_device *out)
 {
     (void)s;
     memset(out, 0, sizeof *out);
-    if (strcmp(id, "dev-a") == 0 || strcmp(id, "dev-off") == 0 || strcmp(id, "dev-c") == 0) {
+    if (strcmp(id, "dev-a") == 0 || strcmp(id, "dev-off") == 0 || strcmp(id, "dev-c") == 0 ||
+        strcmp(id, "dev-s") == 0) {
         snprintf(out->id, sizeof out->id, "%s", id);
         snprintf(out->tenant, sizeof out->tenant, "t1");
         out->status = strcmp(id, "dev-off") != 0 ? FM_DEVICE_ACTIVE : FM_DEVICE_DISABLED;
@@ -115,6 +116,13 @@ static size_t m_pick(void *ud, const fm_device *dev)
     return strcmp(dev->id, "dev-c") == 0 ? 1 : 0;
 }
 
+/* Tenant t1's shadow is slot 1 for devices named dev-s. */
+static size_t m_shadow(void *ud, const fm_device *dev)
+{
+    (void)ud;
+    return strcmp(dev->id, "dev-s") == 0 ? 1 : FM_SERVING_NONE;
+}
+
 static int m_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
                      fm_errbuf *err)
 {
@@ -178,7 +186,7 @@ static int setup(void **state)
 {
     fx *f = calloc(1, sizeof *f);
     f->store.base.vt = &fake_vt;
-    f->scorer = (batch_scorer){.pick = m_pick, .predict = m_predict, .ok_doc = m_ok_doc,
+    f->scorer = (batch_scorer){.pick = m_pick, .shadow_pick = m_shadow, .predict = m_predict, .ok_doc = m_ok_doc,
                                .model_ref = m_ref, .ud = &f->model};
     f->env = (batch_env){.store = &f->store.base, .device_lookup = d_lookup,
                          .device_ud = &f->store.base, .scorer = &f->scorer,
@@ -326,6 +334,26 @@ static void test_rows_scored_by_their_slot(void **state)
     batch__release(&b);
 }
 
+/* A shadow version scores beside the live one: its answer is stored with
+ * the row and never published; a failing shadow costs only its answers. */
+static void test_shadow_stored_not_sent(void **state)
+{
+    fx *f = *state;
+    fm_inmsg *msgs[] = {valid(f, "dev-s", "m-1"), valid(f, "dev-a", "m-2")};
+    batch b;
+    start(&b, msgs, 2);
+    run_all(&b, &f->env);
+    assert_int_equal(b.nr, 2);
+    assert_non_null(b.recs[0].shadow_json);
+    assert_true(has(b.recs[0].shadow_json, "\"model\":\"fake@2\""));
+    assert_string_equal(b.recs[0].model, "fake@1");
+    assert_null(b.recs[1].shadow_json);
+    assert_int_equal(f->pub.n, 2);
+    for (int i = 0; i < 2; i++)
+        assert_false(has(f->pub.docs[i], "fake@2"));
+    batch__release(&b);
+}
+
 /* Dedupe by key: fresh ids cost no read; a stored id is found by the
  * commit and answered with the stored document, byte for byte. */
 static void test_dedupe_by_key(void **state)
@@ -444,6 +472,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_admit_verdicts_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rows_and_quarantine, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rows_scored_by_their_slot, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_shadow_stored_not_sent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedupe_by_key, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commit_failure_answers_unavailable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_inference_failure_is_internal, setup, teardown),
