@@ -21,6 +21,7 @@
 #define API_BODY_DEFAULT (64 * 1024)
 #define API_BODY_PREDICT (256 * 1024)
 #define API_BODY_MODEL (48 * 1024 * 1024) /* a model file, base64 in JSON */
+#define API_BODY_INVOCATIONS (4 * 1024 * 1024) /* MLflow scoring: up to 10,000 rows */
 #define API_BODY_EMPTY_MAX 64        /* routes without a body: "{}" at most */
 #define API_PAGE_DEFAULT 50
 #define API_PAGE_MAX 500
@@ -37,6 +38,16 @@ typedef struct api_store_pool {
 
 struct conn_track;
 struct addr_count;
+
+/* A model the HTTP threads score with (predict, invocations): the bundled
+ * one, or a registered version loaded on first use and kept until the
+ * listener stops. XGBoost boosters take one caller at a time: mu. */
+typedef struct api_model {
+    fm_model *model;
+    char ref[128];   /* name@version */
+    bool owned;      /* loaded here (the bundled one is h->model) */
+    pthread_mutex_t mu;
+} api_model;
 
 struct fm_http {
     struct MHD_Daemon *daemon; /* the API listener */
@@ -67,6 +78,10 @@ struct fm_http {
     pthread_mutex_t model_mu;
     fm_model *model;
     char model_ref[128];
+    /* registered versions loaded for predict and invocations (models_mu) */
+    pthread_mutex_t models_mu;
+    api_model **models;
+    size_t nmodels;
     _Atomic int64_t next_housekeeping_ms;
 };
 
@@ -161,6 +176,15 @@ json_t *api_roles_array(const char *roles);
 void api_audit(api_req *r, const char *tenant, const char *action, const char *target,
                const char *outcome, json_t *details);
 
+/* The model that scores for r on model name: version (any the caller may
+ * see, pending too: for checking a candidate), else the caller's tenant's
+ * production version of name, else the bundled model when name is its
+ * name. NULL when answered already (404 no such model / version, 422 the
+ * version cannot be loaded, 5xx). Lock e->mu around predictions. */
+api_model *api_model_for(api_req *r, const char *name, const char *version);
+/* Frees the loaded versions (at listener stop). */
+void api_models_free(fm_http *h);
+
 /* ---- handler groups (v1_*.c) ---- */
 void v1_login(api_req *r);
 void v1_refresh(api_req *r);
@@ -202,6 +226,7 @@ void v1_model_approve(api_req *r);
 void v1_model_reject(api_req *r);
 void v1_model_aliases(api_req *r);
 void v1_model_alias_put(api_req *r);
+void v1_model_invocations(api_req *r);
 void v1_openapi(api_req *r);
 
 #endif

@@ -1067,11 +1067,23 @@ static int parse_proxies(fm_http *h, const char *list, fm_errbuf *err)
 static int load_model(fm_http *h, fm_errbuf *err)
 {
     pthread_mutex_init(&h->model_mu, NULL);
+    pthread_mutex_init(&h->models_mu, NULL);
     int rc = fm_model_load(h->cfg.model_dir, &h->model, err);
-    if (rc == 0)
-        snprintf(h->model_ref, sizeof h->model_ref, "%s@%s", fm_model_name(h->model),
-                 fm_model_version(h->model));
-    return rc;
+    if (rc)
+        return rc;
+    snprintf(h->model_ref, sizeof h->model_ref, "%s@%s", fm_model_name(h->model),
+             fm_model_version(h->model));
+    /* The bundled model is the first entry of the predict cache. */
+    h->models = fm_calloc(1, sizeof *h->models);
+    api_model *e = h->models ? fm_calloc(1, sizeof *e) : NULL;
+    if (!e)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    e->model = h->model;
+    snprintf(e->ref, sizeof e->ref, "%s", h->model_ref);
+    pthread_mutex_init(&e->mu, NULL);
+    h->models[0] = e;
+    h->nmodels = 1;
+    return 0;
 }
 
 int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
@@ -1199,6 +1211,7 @@ void fm_http_stop(fm_http *h)
     pool_close(&h->pool);
     fm_jwt_key_free(h->jwt);
     if (h->model) {
+        api_models_free(h);
         fm_model_free(h->model);
         pthread_mutex_destroy(&h->model_mu);
     }

@@ -46,6 +46,8 @@ static const api_route routes[] = {
     R("POST", "/templates/{name}/claim-cert", "templates.manage", v1_template_claim_cert, 0),
     R("GET", "/models", "models.predict", v1_models_list, 0),
     R("POST", "/models/{name}/predict", "models.predict", v1_predict, API_BODY_PREDICT),
+    R("POST", "/models/{name}/invocations", "models.predict", v1_model_invocations,
+      API_BODY_INVOCATIONS),
     R("POST", "/models/{name}/versions", "models.manage", v1_model_push, API_BODY_MODEL),
     R("GET", "/models/{name}/versions", "models.read", v1_model_versions, 0),
     R("GET", "/models/{name}/versions/{version}", "models.read", v1_model_version_get, 0),

@@ -347,10 +347,6 @@ static void predict_store(api_req *r, const char *device)
 void v1_predict(api_req *r)
 {
     fm_http *h = r->h;
-    if (strcmp(r->params[0], fm_model_name(h->model)) != 0) {
-        api_error(r, 404, "not_found", "no such model");
-        return;
-    }
     if ((long)r->body_len > h->cfg.max_payload) {
         api_error(r, 413, FM_VERR_TOO_LARGE, "the measurement is %zu bytes, the limit is %d",
                   r->body_len, h->cfg.max_payload);
@@ -367,9 +363,21 @@ void v1_predict(api_req *r)
             api_error(r, 400, "invalid_request", "store=true needs device=<id>");
             return;
         }
+        if (api_query(r, "version")) {
+            api_error(r, 400, "invalid_request",
+                      "store=true scores with the device's deployment; version is not allowed");
+            return;
+        }
+        if (strcmp(r->params[0], fm_model_name(h->model)) != 0) {
+            api_error(r, 404, "not_found", "no such model");
+            return;
+        }
         predict_store(r, device);
         return;
     }
+    api_model *am = api_model_for(r, r->params[0], api_query(r, "version"));
+    if (!am)
+        return;
     fm_measurement m;
     fm_verr e;
     float feat[FM_FEATURES_MAX], out[FM_OUTPUTS_MAX];
@@ -385,10 +393,10 @@ void v1_predict(api_req *r)
         return;
     }
     fm_errbuf err;
-    pthread_mutex_lock(&h->model_mu);
-    rc = fm_model_predict(h->model, feat, 1, out, &err);
-    pthread_mutex_unlock(&h->model_mu);
-    char *doc = rc ? NULL : fm_result_ok_json(h->model, h->model_ref, m.id, out, r->now_ms);
+    pthread_mutex_lock(&am->mu);
+    rc = fm_model_predict(am->model, feat, 1, out, &err);
+    pthread_mutex_unlock(&am->mu);
+    char *doc = rc ? NULL : fm_result_ok_json(am->model, am->ref, m.id, out, r->now_ms);
     fm_measurement_free(&m);
     if (!doc) {
         api_error(r, 500, "internal", "inference failed");

@@ -15,7 +15,9 @@
 #include "api/api_int.h"
 #include "fleetml/modelreg.h"
 
+#include <math.h>
 #include <openssl/evp.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -305,4 +307,351 @@ void v1_model_alias_put(api_req *r)
     if (o && canary)
         json_object_set_new(o, "share_pct", json_integer(a.share_pct));
     api_json(r, 200, o);
+}
+
+/* ---- models the HTTP threads score with ---------------------------------------- */
+
+void api_models_free(fm_http *h)
+{
+    for (size_t i = 0; i < h->nmodels; i++) {
+        if (h->models[i]->owned)
+            fm_model_free(h->models[i]->model);
+        pthread_mutex_destroy(&h->models[i]->mu);
+        fm_free(h->models[i]);
+    }
+    fm_free(h->models);
+    h->models = NULL;
+    h->nmodels = 0;
+    pthread_mutex_destroy(&h->models_mu);
+}
+
+typedef struct prod_ctx {
+    const char *name;
+    char version[33];
+} prod_ctx;
+
+static int on_prod(void *ud, const fm_model_alias *a)
+{
+    prod_ctx *c = ud;
+    if (strcmp(a->name, c->name) == 0 && strcmp(a->alias, FM_ALIAS_PRODUCTION) == 0)
+        snprintf(c->version, sizeof c->version, "%s", a->version);
+    return 0;
+}
+
+/* The cached entry for name@version, loading it from the catalogue. Called
+ * with models_mu held. */
+static api_model *load_entry(api_req *r, const char *name, const char *version)
+{
+    fm_http *h = r->h;
+    char ref[128];
+    snprintf(ref, sizeof ref, "%s@%s", name, version);
+    for (size_t i = 0; i < h->nmodels; i++)
+        if (strcmp(h->models[i]->ref, ref) == 0)
+            return h->models[i];
+    fm_model_rec v;
+    void *file = NULL;
+    size_t len = 0;
+    int rc = r->store->models->version_get(r->store, name, version, &v);
+    if (!rc)
+        rc = r->store->models->version_file(r->store, name, version, &file, &len);
+    fm_model *m = NULL;
+    fm_errbuf err;
+    if (!rc)
+        rc = fm_model_load_mem(v.manifest_json, strlen(v.manifest_json), file, len, &m, &err);
+    fm_model_rec_clear(&v);
+    fm_free(file);
+    if (rc == FM_ENOTFOUND) {
+        api_error(r, 404, "not_found", "no such model version");
+        return NULL;
+    }
+    if (rc == FM_EINVAL || rc == FM_EMODEL) {
+        api_error(r, 422, "validation_failed", "%s", err.msg);
+        return NULL;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return NULL;
+    }
+    api_model **nm = fm_realloc(h->models, (h->nmodels + 1) * sizeof *nm);
+    api_model *e = nm ? fm_calloc(1, sizeof *e) : NULL;
+    if (nm)
+        h->models = nm;
+    if (!e) {
+        fm_model_free(m);
+        api_error(r, 500, "internal", "out of memory");
+        return NULL;
+    }
+    e->model = m;
+    e->owned = true;
+    snprintf(e->ref, sizeof e->ref, "%s", ref);
+    pthread_mutex_init(&e->mu, NULL);
+    h->models[h->nmodels++] = e;
+    return e;
+}
+
+api_model *api_model_for(api_req *r, const char *name, const char *version)
+{
+    fm_http *h = r->h;
+    prod_ctx c = {.name = name};
+    if (version) {
+        fm_model_rec v;
+        int rc = r->store->models->version_get(r->store, name, version, &v);
+        if (rc == 0 && !visible(r, &v))
+            rc = FM_ENOTFOUND;
+        fm_model_rec_clear(&v);
+        if (rc == FM_ENOTFOUND) {
+            api_error(r, 404, "not_found", "no such model version");
+            return NULL;
+        }
+        if (rc) {
+            api_store_error(r, rc);
+            return NULL;
+        }
+    } else {
+        int rc = r->store->models->alias_list(r->store, r->who.tenant, on_prod, &c);
+        if (rc) {
+            api_store_error(r, rc);
+            return NULL;
+        }
+        if (c.version[0]) {
+            version = c.version;
+        } else if (strcmp(name, fm_model_name(h->model)) == 0) {
+            return h->models[0];
+        } else {
+            api_error(r, 404, "not_found", "no such model");
+            return NULL;
+        }
+    }
+    pthread_mutex_lock(&h->models_mu);
+    api_model *e = load_entry(r, name, version);
+    pthread_mutex_unlock(&h->models_mu);
+    return e;
+}
+
+/* ---- MLflow's scoring protocol ------------------------------------------------------ */
+
+#define INVOCATION_ROWS_MAX 10000
+
+/* Answers in MLflow's error shape ({"error_code", "message"}), which its
+ * scoring clients read. */
+static void mlflow_error(api_req *r, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void mlflow_error(api_req *r, unsigned status, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    api_json(r, status, json_pack("{s:s,s:s}", "error_code",
+                                  status == 400 ? "BAD_REQUEST" : "INTERNAL_ERROR", "message",
+                                  msg));
+}
+
+/* One value of the input: a number, or null for a missing value. */
+static bool cell(json_t *v, float *out)
+{
+    if (json_is_null(v)) {
+        *out = NAN;
+        return true;
+    }
+    if (!json_is_number(v))
+        return false;
+    double d = json_number_value(v);
+    if (!isfinite(d))
+        return false;
+    *out = (float)d;
+    return true;
+}
+
+/* Index of column name among the features, or -1. */
+static int feature_index(const char *name)
+{
+    for (size_t i = 0; name && i < fm_feature_count(); i++)
+        if (strcmp(fm_feature_name(i), name) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* Fills row from an object {feature: value}; every feature must be there
+ * and nothing else. */
+static bool record_row(json_t *rec, float *row, char *why, size_t len)
+{
+    if (!json_is_object(rec)) {
+        snprintf(why, len, "a record must be an object of feature columns");
+        return false;
+    }
+    size_t nf = fm_feature_count();
+    if (json_object_size(rec) != nf) {
+        snprintf(why, len, "a record must have exactly the %zu feature columns", nf);
+        return false;
+    }
+    const char *k;
+    json_t *v;
+    json_object_foreach(rec, k, v) {
+        int i = feature_index(k);
+        if (i < 0) {
+            snprintf(why, len, "unknown column '%.64s'", k);
+            return false;
+        }
+        if (!cell(v, &row[i])) {
+            snprintf(why, len, "column '%.64s' must be a finite number or null", k);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Fills row from a list in feature order (cols maps position -> feature;
+ * NULL: the features' own order). */
+static bool list_row(json_t *list, const int *cols, float *row, char *why, size_t len)
+{
+    size_t nf = fm_feature_count();
+    if (!json_is_array(list) || json_array_size(list) != nf) {
+        snprintf(why, len, "a row must be an array of the %zu features", nf);
+        return false;
+    }
+    for (size_t j = 0; j < nf; j++)
+        if (!cell(json_array_get(list, j), &row[cols ? (size_t)cols[j] : j])) {
+            snprintf(why, len, "row values must be finite numbers or null");
+            return false;
+        }
+    return true;
+}
+
+/* Reads the request into a rows x features matrix (fm_malloc'd). */
+static float *read_frame(json_t *body, size_t *rows, char *why, size_t len)
+{
+    size_t nf = fm_feature_count();
+    json_t *split = json_object_get(body, "dataframe_split");
+    json_t *records = json_object_get(body, "dataframe_records");
+    json_t *inst = json_object_get(body, "instances");
+    json_t *inputs = json_object_get(body, "inputs");
+    int given = !!split + !!records + !!inst + !!inputs;
+    if (given != 1 || json_object_size(body) != 1) {
+        snprintf(why, len, "the body must have exactly one of dataframe_split, "
+                           "dataframe_records, instances, inputs");
+        return NULL;
+    }
+    json_t *data = NULL, *columns = NULL, *colmap = NULL;
+    if (split) {
+        columns = json_object_get(split, "columns");
+        data = json_object_get(split, "data");
+    } else if (records) {
+        data = records;
+    } else {
+        data = inst ? inst : inputs;
+        if (json_is_object(data)) /* {"feature": [values...]}: columns */
+            colmap = data;
+    }
+    size_t n = 0;
+    if (colmap) {
+        json_t *first = json_object_get(colmap, fm_feature_name(0));
+        n = json_array_size(first);
+    } else if (json_is_array(data)) {
+        n = json_array_size(data);
+    } else {
+        snprintf(why, len, "the rows must be an array");
+        return NULL;
+    }
+    if (n == 0 || n > INVOCATION_ROWS_MAX) {
+        snprintf(why, len, "between 1 and %d rows per request", INVOCATION_ROWS_MAX);
+        return NULL;
+    }
+    int cols[FM_FEATURES_MAX];
+    if (split) {
+        if (!json_is_array(columns) || json_array_size(columns) != nf) {
+            snprintf(why, len, "dataframe_split.columns must name the %zu features", nf);
+            return NULL;
+        }
+        bool seen[FM_FEATURES_MAX] = {false};
+        for (size_t j = 0; j < nf; j++) {
+            int i = feature_index(json_string_value(json_array_get(columns, j)));
+            if (i < 0 || seen[i]) {
+                snprintf(why, len, "dataframe_split.columns[%zu] is not a feature (or repeats)",
+                         j);
+                return NULL;
+            }
+            seen[i] = true;
+            cols[j] = i;
+        }
+    }
+    float *x = fm_malloc(n * nf * sizeof *x);
+    if (!x) {
+        snprintf(why, len, "out of memory");
+        return NULL;
+    }
+    bool ok = true;
+    if (colmap) {
+        ok = json_object_size(colmap) == nf;
+        for (size_t i = 0; ok && i < nf; i++) {
+            json_t *col = json_object_get(colmap, fm_feature_name(i));
+            ok = json_is_array(col) && json_array_size(col) == n;
+            for (size_t r = 0; ok && r < n; r++)
+                ok = cell(json_array_get(col, r), &x[r * nf + i]);
+        }
+        if (!ok)
+            snprintf(why, len, "inputs as columns: every feature, each an array of %zu finite "
+                               "numbers or nulls, and nothing else", n);
+    } else {
+        for (size_t r = 0; ok && r < n; r++) {
+            json_t *row = json_array_get(data, r);
+            ok = json_is_object(row) ? record_row(row, x + r * nf, why, len)
+                                     : list_row(row, split ? cols : NULL, x + r * nf, why, len);
+        }
+    }
+    if (!ok) {
+        fm_free(x);
+        return NULL;
+    }
+    *rows = n;
+    return x;
+}
+
+void v1_model_invocations(api_req *r)
+{
+    char why[256] = "";
+    size_t rows = 0;
+    float *x = read_frame(r->json, &rows, why, sizeof why);
+    if (!x) {
+        mlflow_error(r, 400, "%s", why);
+        return;
+    }
+    api_model *am = api_model_for(r, r->params[0], api_query(r, "version"));
+    if (!am) {
+        fm_free(x);
+        return;
+    }
+    size_t no = fm_model_output_count(am->model);
+    float *y = fm_malloc(rows * no * sizeof *y);
+    fm_errbuf err;
+    int rc = FM_ENOMEM;
+    if (y) {
+        pthread_mutex_lock(&am->mu);
+        rc = fm_model_predict(am->model, x, rows, y, &err);
+        pthread_mutex_unlock(&am->mu);
+    }
+    fm_free(x);
+    if (rc) {
+        fm_free(y);
+        mlflow_error(r, 500, "inference failed");
+        return;
+    }
+    /* As `mlflow models serve` answers a multi-output regressor: one list of
+     * outputs per row (a bare number per row for a single output). */
+    json_t *pred = json_array();
+    for (size_t i = 0; pred && i < rows; i++) {
+        if (no == 1) {
+            json_array_append_new(pred, json_real(y[i]));
+            continue;
+        }
+        json_t *row = json_array();
+        for (size_t k = 0; k < no; k++)
+            json_array_append_new(row, json_real(y[i * no + k]));
+        json_array_append_new(pred, row);
+    }
+    fm_free(y);
+    api_audit(r, NULL, "model.invocations", am->ref, "ok", json_pack("{s:I}", "rows",
+                                                                      (json_int_t)rows));
+    api_json(r, 200, json_pack("{s:o}", "predictions", pred));
 }

@@ -34,6 +34,7 @@ SPEC_ROUTES = {
     ("GET", "/devices/{}/measurements"), ("GET", "/devices/{}/measurements/{}"),
     ("PUT", "/devices/{}/measurements/{}/label"),
     ("GET", "/models"), ("POST", "/models/{}/predict"),
+    ("POST", "/models/{}/invocations"),
     ("POST", "/models/{}/versions"), ("GET", "/models/{}/versions"),
     ("GET", "/models/{}/versions/{}"), ("POST", "/models/{}/versions/{}/approve"),
     ("POST", "/models/{}/versions/{}/reject"), ("GET", "/models/{}/aliases"),

@@ -302,3 +302,57 @@ def test_hot_swap_under_load_fails_no_reply(env):
                                     "WHERE device_id LIKE 'hs%'")}
     # (Before the first move took effect, what an earlier test deployed.)
     assert {f"{NAME}@1.0.0", f"{NAME}@2.0.0"} <= models, models
+
+
+def features_of(p, doc):
+    """`fleetml features` on one measurement: {feature: value}."""
+    r = subprocess.run([p.bin, "features"], input=json.dumps(doc) + "\n", capture_output=True,
+                       text=True, timeout=60, cwd=p.workdir)
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.strip().splitlines()[:2]
+    names, values = header.split(",")[1:], row.split(",")[1:]
+    return {n: float(v) for n, v in zip(names, values)}
+
+
+def test_mlflow_scoring_protocol(env):
+    p, api, users, v1, v2 = env
+    clin, admin = tok(env, "clin"), tok(env, "admin")
+    r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "1.0.0"},
+                    token=admin)
+    assert r.status == 200, r
+    docs = [make_measurement(unique_id("ml")) for _ in range(3)]
+    feats = [features_of(p, d) for d in docs]
+    names = list(feats[0])
+    expected = []
+    for d in docs:
+        r = api.request("POST", f"/models/{NAME}/predict", raw=json.dumps(d).encode(), token=clin)
+        assert r.status == 200, r
+        expected.append([r.json()["outputs"][k] for k in
+                         ("viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct")])
+    shuffled = list(reversed(names))
+    bodies = {
+        "dataframe_split": {"dataframe_split": {"columns": shuffled,
+                                                "data": [[f[n] for n in shuffled] for f in feats]}},
+        "dataframe_records": {"dataframe_records": feats},
+        "instances": {"instances": [[f[n] for n in names] for f in feats]},
+        "inputs as columns": {"inputs": {n: [f[n] for f in feats] for n in names}},
+    }
+    for what, body in bodies.items():
+        r = api.post(f"/models/{NAME}/invocations", body, token=clin)
+        assert r.status == 200, (what, r)
+        pred = r.json()["predictions"]
+        assert len(pred) == 3 and all(len(row) == 3 for row in pred), (what, pred)
+        for got, want in zip(pred, expected):
+            # predict rounds to 3 decimals; the features CSV carries 9 digits.
+            assert all(abs(g - w) < 2e-3 for g, w in zip(got, want)), (what, got, want)
+    # Another version on request; MLflow's error shape for bad input.
+    r = api.post(f"/models/{NAME}/invocations?version=2.0.0", bodies["instances"], token=clin)
+    assert r.status == 200 and r.json()["predictions"] != expected, r
+    bad = {"dataframe_records": [dict(feats[0], bogus=1.0)]}
+    r = api.post(f"/models/{NAME}/invocations", bad, token=clin)
+    assert r.status == 400 and r.json()["error_code"] == "BAD_REQUEST", r
+    r = api.post(f"/models/{NAME}/invocations", {"instances": [[1.0, 2.0]]}, token=clin)
+    assert r.status == 400, r
+    r = api.post(f"/models/{NAME}/invocations", {"instances": [], "inputs": []}, token=clin)
+    assert r.status == 400, r
+    assert api.post("/models/nosuch/invocations", bodies["instances"], token=clin).status == 404
