@@ -59,6 +59,32 @@ typedef struct fm_model_upload {
 int fm_modelreg_push(fm_store *st, const fm_config *cfg, const fm_model_upload *u,
                      fm_model_rec *out, fm_errbuf *err);
 
+/* ---- MLflow model directories ----------------------------------------------------- */
+
+/* What fleetml needs from an MLflow model's `MLmodel` file (YAML): the
+ * xgboost flavour's model file and the signature's input column names. */
+typedef struct fm_mlflow_model {
+    char data[256];       /* flavors.xgboost.data: the model file, relative */
+    char run_id[64];      /* "" when absent */
+    char model_uuid[64];  /* "" when absent */
+    size_t ninputs;       /* signature inputs (0: no signature) */
+    char inputs[FM_FEATURES_MAX][64];
+} fm_mlflow_model;
+
+/* Reads MLmodel text (len bytes) with libyaml. Returns 0 with *out, or
+ * FM_EINVAL with err naming what is missing or wrong (no xgboost flavour,
+ * a data path that leaves the directory, a signature that is not a list of
+ * named columns, more than FM_FEATURES_MAX of them). */
+int fm_mlflow_parse(const char *text, size_t len, fm_mlflow_model *out, fm_errbuf *err);
+
+/* Joins an MLflow model's MLmodel to a fleetml manifest: the signature's
+ * columns (when there is one) must be the manifest's features in order, and
+ * the manifest's training section gets {"mlflow": {run_id, model_uuid}}.
+ * *manifest (fm_malloc'd text, *mlen bytes) is replaced by the new text.
+ * Returns 0, FM_EINVAL with err set, or FM_ENOMEM. */
+int fm_mlflow_join(const char *mlmodel, size_t len, char **manifest, size_t *mlen,
+                   fm_errbuf *err);
+
 /* ---- serving --------------------------------------------------------------- */
 
 /* What the pipeline scores with: an immutable table built by the deployer

@@ -96,13 +96,21 @@ void v1_model_push(api_req *r)
         return;
     }
     char *mtext = json_dumps(man, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    fm_model_upload u = {.name = name, .manifest = mtext, .manifest_len = mtext ? strlen(mtext) : 0,
+    size_t mlen = mtext ? strlen(mtext) : 0;
+    fm_errbuf err;
+    int rc = mtext ? 0 : fm_errf(&err, FM_ENOMEM, "out of memory");
+    /* An MLflow model: its MLmodel text beside the manifest. */
+    json_t *mlm = json_object_get(r->json, "mlmodel");
+    if (!rc && mlm && !json_is_string(mlm))
+        rc = fm_errf(&err, FM_EINVAL, "field 'mlmodel' must be the text of an MLmodel file");
+    else if (!rc && mlm)
+        rc = fm_mlflow_join(json_string_value(mlm), json_string_length(mlm), &mtext, &mlen, &err);
+    fm_model_upload u = {.name = name, .manifest = mtext, .manifest_len = mlen,
                          .file = file, .file_len = flen, .owner_tenant = r->who.tenant,
                          .actor = r->actor, .now_ms = r->now_ms};
     fm_model_rec v;
-    fm_errbuf err;
-    int rc = mtext ? fm_modelreg_push(r->store, &r->h->cfg, &u, &v, &err)
-                   : fm_errf(&err, FM_ENOMEM, "out of memory");
+    if (!rc)
+        rc = fm_modelreg_push(r->store, &r->h->cfg, &u, &v, &err);
     fm_free(file);
     fm_free(mtext);
     if (rc == 0) {

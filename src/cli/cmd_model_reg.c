@@ -45,21 +45,41 @@ int fm_cmd_model_push(int argc, char **argv)
 {
     fm_config cfg;
     fm_store *st = NULL;
+    const char *manifest_path = fm_cli_take_opt(&argc, argv, "--manifest");
     int rc = open_store(&argc, argv, &cfg, &st);
     if (rc)
         return rc;
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml model push DIR [--data DIR]\n"
-                        "  DIR holds manifest.json and model.json (or model.ubj)\n");
+        fprintf(stderr, "usage: fleetml model push DIR [--manifest FILE] [--data DIR]\n"
+                        "  DIR holds manifest.json and model.json (or model.ubj), or is an\n"
+                        "  MLflow model directory (MLmodel with the xgboost flavour; the\n"
+                        "  manifest from DIR/manifest.json or --manifest)\n");
         fm_store_close(st);
         return 2;
     }
     char path[4096];
-    char *manifest = NULL, *file = NULL;
-    size_t mlen = 0, flen = 0;
-    snprintf(path, sizeof path, "%s/manifest.json", argv[1]);
+    char *manifest = NULL, *file = NULL, *mlmodel = NULL;
+    size_t mlen = 0, flen = 0, mmlen = 0;
+    fm_errbuf err;
+    snprintf(path, sizeof path, "%s/MLmodel", argv[1]);
+    rc = fm_read_file(path, &mlmodel, &mmlen);
+    bool mlflow = rc == 0;
+    fm_mlflow_model mm;
+    if (mlflow && fm_mlflow_parse(mlmodel, mmlen, &mm, &err) != 0) {
+        fprintf(stderr, "fleetml model push: %s\n", err.msg);
+        fm_free(mlmodel);
+        fm_store_close(st);
+        return 1;
+    }
+    if (manifest_path)
+        snprintf(path, sizeof path, "%s", manifest_path);
+    else
+        snprintf(path, sizeof path, "%s/manifest.json", argv[1]);
     rc = fm_read_file(path, &manifest, &mlen);
-    if (!rc) {
+    if (!rc && mlflow) {
+        snprintf(path, sizeof path, "%s/%s", argv[1], mm.data);
+        rc = fm_read_file(path, &file, &flen);
+    } else if (!rc) {
         snprintf(path, sizeof path, "%s/model.json", argv[1]);
         rc = fm_read_file(path, &file, &flen);
         if (rc == FM_ENOTFOUND) {
@@ -70,9 +90,19 @@ int fm_cmd_model_push(int argc, char **argv)
     if (rc) {
         fprintf(stderr, "fleetml model push: %s: %s\n", path, fm_strerror(rc));
         fm_free(manifest);
+        fm_free(mlmodel);
         fm_store_close(st);
         return 1;
     }
+    if (mlflow && fm_mlflow_join(mlmodel, mmlen, &manifest, &mlen, &err) != 0) {
+        fprintf(stderr, "fleetml model push: %s\n", err.msg);
+        fm_free(manifest);
+        fm_free(mlmodel);
+        fm_free(file);
+        fm_store_close(st);
+        return 1;
+    }
+    fm_free(mlmodel);
     /* The name comes from the manifest; push validates that it is one. */
     json_t *man = json_loadb(manifest, mlen, 0, NULL);
     char name[65] = "";
@@ -83,7 +113,6 @@ int fm_cmd_model_push(int argc, char **argv)
                          .file = file, .file_len = flen, .owner_tenant = "", .actor = ACTOR,
                          .now_ms = fm_wall_ms()};
     fm_model_rec v;
-    fm_errbuf err;
     rc = fm_modelreg_push(st, &cfg, &u, &v, &err);
     fm_free(manifest);
     fm_free(file);

@@ -356,3 +356,101 @@ def test_mlflow_scoring_protocol(env):
     r = api.post(f"/models/{NAME}/invocations", {"instances": [], "inputs": []}, token=clin)
     assert r.status == 400, r
     assert api.post("/models/nosuch/invocations", bodies["instances"], token=clin).status == 404
+
+
+# --------------------------------------------------------------------------
+# Python interoperability: a model trained with Debian's python3-xgboost on
+# `fleetml features` output scores in fleetml exactly as in Python, pushed
+# as a plain directory (API) or as an MLflow model directory (CLI).
+
+MLMODEL = """artifact_path: model
+flavors:
+  python_function:
+    data: {data}
+    env:
+      conda: conda.yaml
+      virtualenv: python_env.yaml
+    loader_module: mlflow.xgboost
+    python_version: 3.11.2
+  xgboost:
+    code: null
+    data: {data}
+    model_class: xgboost.core.Booster
+    model_format: xgb
+    xgb_version: 1.7.4
+mlflow_version: 2.9.2
+model_uuid: 6f1c2a9e0b5d4c3e8a7f1e2d3c4b5a69
+run_id: 3d2f8a1c9b7e4f6a8c0d1e2f3a4b5c6d
+signature:
+  inputs: '{inputs}'
+  outputs: '[{{"type": "tensor", "tensor-spec": {{"dtype": "float32", "shape": [-1, 3]}}}}]'
+utc_time_created: '2026-12-01 09:30:00.000000'
+"""
+
+
+def python_model(p, work, n=300):
+    import numpy as np
+    import xgboost as xgb
+    docs = [make_measurement(f"py-{i}", temperature_c=35.0 + (i % 5)) for i in range(n)]
+    r = subprocess.run([p.bin, "features"], input="".join(json.dumps(d) + "\n" for d in docs),
+                       capture_output=True, text=True, timeout=120, cwd=p.workdir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    names = lines[0].split(",")[1:]
+    x = np.array([[float(v) for v in ln.split(",")[1:]] for ln in lines[1:]], dtype=np.float32)
+    # Labels the trees can learn from the features (the values do not
+    # matter here: only that fleetml and Python agree on the answers).
+    y = np.stack([2.0 + x[:, 1], 3.0 - x[:, 2], 40.0 + 10.0 * x[:, 8]], axis=1)
+    booster = xgb.train({"tree_method": "hist", "max_depth": 4, "eta": 0.3, "nthread": 1},
+                        xgb.DMatrix(x, label=y, feature_names=names), num_boost_round=20)
+    manifest = {
+        "name": NAME, "version": "py-1", "kind": "viscosity.sweep.v1", "features": names,
+        "outputs": [{"name": "viscosity_high_mpas", "unit": "mPa*s", "min": 1.5, "max": 12.0},
+                    {"name": "viscosity_low_mpas", "unit": "mPa*s", "min": 2.5, "max": 80.0},
+                    {"name": "hematocrit_pct", "unit": "%", "min": 15.0, "max": 70.0}],
+        "training": {"source": "python3-xgboost", "rows": n},
+    }
+    want = booster.predict(xgb.DMatrix(x, feature_names=names))
+    return booster, manifest, names, x, want
+
+
+def test_python_and_mlflow_models_score_as_in_python(env):
+    p, api, users, v1, v2 = env
+    sci, clin = tok(env, "sci"), tok(env, "clin")
+    work = p.workdir / "py"
+    work.mkdir()
+    booster, manifest, names, x, want = python_model(p, work)
+    # A plain directory through the API (JSON model file).
+    booster.save_model(str(work / "model.json"))
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    r = api.post(f"/models/{NAME}/versions", upload_body(work), token=sci)
+    assert r.status == 201, r
+    assert api.post(f"/models/{NAME}/versions/py-1/approve", {}, token=sci).status == 200
+    # An MLflow model directory through the CLI (legacy binary `model.xgb`).
+    ml = p.workdir / "mlflow-model"
+    ml.mkdir()
+    booster.save_model(str(ml / "model.xgb"))
+    cols = json.dumps([{"name": n, "type": "float"} for n in names])
+    (ml / "MLmodel").write_text(MLMODEL.format(data="model.xgb", inputs=cols))
+    (ml / "manifest.json").write_text(json.dumps(dict(manifest, version="py-mlflow-1")))
+    out = p.cli("model", "push", str(ml)).stdout
+    assert "viscosity@py-mlflow-1 pending" in out, out
+    p.cli("model", "approve", NAME, "py-mlflow-1")
+    got = api.ok("GET", f"/models/{NAME}/versions/py-mlflow-1", sci)
+    assert got["manifest"]["training"]["mlflow"]["run_id"] == "3d2f8a1c9b7e4f6a8c0d1e2f3a4b5c6d"
+    body = {"dataframe_split": {"columns": names, "data": x.tolist()}}
+    for version in ("py-1", "py-mlflow-1"):
+        r = api.post(f"/models/{NAME}/invocations?version={version}", body, token=clin)
+        assert r.status == 200, r
+        pred = r.json()["predictions"]
+        worst = max(abs(g - float(w)) for row_g, row_w in zip(pred, want)
+                    for g, w in zip(row_g, row_w))
+        assert worst <= 1e-6, f"{version}: largest difference from Python {worst}"
+    # A signature whose columns are not the features is refused.
+    bad = p.workdir / "mlflow-bad"
+    shutil.copytree(ml, bad)
+    cols_bad = json.dumps([{"name": n, "type": "float"} for n in reversed(names)])
+    (bad / "MLmodel").write_text(MLMODEL.format(data="model.xgb", inputs=cols_bad))
+    (bad / "manifest.json").write_text(json.dumps(dict(manifest, version="py-mlflow-2")))
+    r = p.cli("model", "push", str(bad), check=False)
+    assert r.returncode == 1 and "signature column 0" in r.stderr, r.stderr
