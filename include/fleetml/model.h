@@ -68,6 +68,14 @@ const fm_model_output *fm_model_output_at(const fm_model *m, size_t i);
 int fm_model_predict(fm_model *m, const float *features, size_t rows, float *out,
                      fm_errbuf *err);
 
+/* Each feature's contribution to each output for one feature vector
+ * (XGBoost's exact TreeSHAP): out receives fm_model_output_count() rows of
+ * fm_feature_count() + 1 floats, the last of each row being the bias; each
+ * row sums to that output's prediction. Off the reply path (it builds a
+ * DMatrix). Not thread-safe for the same model. Returns 0 or FM_EMODEL with
+ * err set. */
+int fm_model_contributions(fm_model *m, const float *features, float *out, fm_errbuf *err);
+
 /* Trains a model from synthetic viscometer data (fixed seed => same model
  * bytes) and writes manifest.json + model.json into out_dir. n_train rows
  * for training and n_holdout for holdout metrics. Returns 0 or an FM_E*

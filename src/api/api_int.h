@@ -182,6 +182,12 @@ void api_audit(api_req *r, const char *tenant, const char *action, const char *t
  * name. NULL when answered already (404 no such model / version, 422 the
  * version cannot be loaded, 5xx). Lock e->mu around predictions. */
 api_model *api_model_for(api_req *r, const char *name, const char *version);
+/* For a prediction's lineage: *out = {"version_info": the version behind
+ * model ref "name@version" (registration, approval, training lineage),
+ * "explanation": each feature's contribution to each output for the
+ * measurement document, or null when that version cannot be loaded}.
+ * false when answered already (5xx). */
+bool api_lineage_model(api_req *r, const char *ref, json_t *measurement, json_t **out);
 /* Frees the loaded versions (at listener stop). */
 void api_models_free(fm_http *h);
 
@@ -227,6 +233,7 @@ void v1_model_reject(api_req *r);
 void v1_model_aliases(api_req *r);
 void v1_model_alias_put(api_req *r);
 void v1_model_invocations(api_req *r);
+void v1_lineage(api_req *r);
 void v1_openapi(api_req *r);
 
 #endif

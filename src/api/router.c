@@ -41,6 +41,7 @@ static const api_route routes[] = {
     R("GET", "/devices/{id}/measurements/{mid}", "measurements.read", v1_measurement_get, 0),
     R("PUT", "/devices/{id}/measurements/{mid}/label", "labels.write", v1_label_put,
       API_BODY_DEFAULT),
+    R("GET", "/devices/{id}/measurements/{mid}/lineage", "measurements.read", v1_lineage, 0),
     R("GET", "/templates", "templates.manage", v1_templates_list, 0),
     R("POST", "/templates", "templates.manage", v1_templates_create, API_BODY_DEFAULT),
     R("POST", "/templates/{name}/claim-cert", "templates.manage", v1_template_claim_cert, 0),

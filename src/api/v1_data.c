@@ -105,25 +105,26 @@ static json_t *label_json(const fm_label *l)
                      l->labelled_by ? l->labelled_by : "", "labelled_at", fm_json_time(l->at_ms));
 }
 
-void v1_measurement_get(api_req *r)
+/* The measurement of the path with its result, shadow and label, for a
+ * device the caller may see. NULL when answered already (404, 5xx). */
+static json_t *measurement_doc(api_req *r, fm_device *d)
 {
-    fm_device d;
-    if (!api_device_visible(r, r->params[0], &d))
-        return;
+    if (!api_device_visible(r, r->params[0], d))
+        return NULL;
     one_record o = {0};
-    int rc = fm_store_measurement_get(r->store, d.id, r->params[1], on_one, &o);
+    int rc = fm_store_measurement_get(r->store, d->id, r->params[1], on_one, &o);
     if (rc == FM_ENOTFOUND || (rc == 0 && !o.doc)) {
         api_error(r, 404, "not_found", "no such measurement");
-        return;
+        return NULL;
     }
     if (rc) {
         json_decref(o.doc);
         api_store_error(r, rc);
-        return;
+        return NULL;
     }
     fm_label l;
     char source[160], by[80];
-    rc = fm_store_label_get(r->store, d.id, r->params[1], &l, source, sizeof source, by,
+    rc = fm_store_label_get(r->store, d->id, r->params[1], &l, source, sizeof source, by,
                             sizeof by);
     if (rc == 0) {
         json_object_set_new(o.doc, "label", label_json(&l));
@@ -133,12 +134,51 @@ void v1_measurement_get(api_req *r)
     } else {
         json_decref(o.doc);
         api_store_error(r, rc);
-        return;
+        return NULL;
     }
+    return o.doc;
+}
+
+void v1_measurement_get(api_req *r)
+{
+    fm_device d;
+    json_t *doc = measurement_doc(r, &d);
+    if (!doc)
+        return;
     char target[240];
     snprintf(target, sizeof target, "measurement:%s/%s", d.id, r->params[1]);
     api_audit(r, d.tenant, "measurement.read", target, "ok", NULL);
-    api_json(r, 200, o.doc);
+    api_json(r, 200, doc);
+}
+
+/* Lineage of a prediction: the measurement, its device, the result and
+ * the exact model version (with its approval and training lineage), the
+ * shadow answer and the label if any, and why the model answered what it
+ * did (each feature's contribution to each output, computed now, off the
+ * reply path). */
+void v1_lineage(api_req *r)
+{
+    fm_device d;
+    json_t *doc = measurement_doc(r, &d);
+    if (!doc)
+        return;
+    json_object_set_new(doc, "device",
+                        json_pack("{s:s,s:s,s:s,s:s,s:s}", "id", d.id, "tenant", d.tenant, "group",
+                                  d.device_group, "serial_number", d.serial_number, "model",
+                                  d.model));
+    const char *ref = json_string_value(json_object_get(doc, "model"));
+    json_t *mj = NULL;
+    if (!api_lineage_model(r, ref ? ref : "", json_object_get(doc, "measurement"), &mj)) {
+        json_decref(doc);
+        return;
+    }
+    json_object_set(doc, "model_version", json_object_get(mj, "version_info"));
+    json_object_set(doc, "explanation", json_object_get(mj, "explanation"));
+    json_decref(mj);
+    char target[240];
+    snprintf(target, sizeof target, "measurement:%s/%s", d.id, r->params[1]);
+    api_audit(r, d.tenant, "measurement.lineage", target, "ok", NULL);
+    api_json(r, 200, doc);
 }
 
 void v1_label_put(api_req *r)

@@ -663,3 +663,104 @@ void v1_model_invocations(api_req *r)
                                                                       (json_int_t)rows));
     api_json(r, 200, json_pack("{s:o}", "predictions", pred));
 }
+
+/* ---- lineage of a prediction ------------------------------------------------------ */
+
+/* The manifest's training section of the bundled model (model.dir). */
+static json_t *bundled_training(const fm_http *h)
+{
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/manifest.json", h->cfg.model_dir);
+    json_t *man = json_load_file(path, 0, NULL);
+    json_t *tr = json_incref(json_object_get(man, "training"));
+    json_decref(man);
+    return tr ? tr : json_null();
+}
+
+/* {"features": {name: value}, "contributions": {output: {feature: c,
+ * "bias": b}}} for the measurement under model e. NULL on failure. */
+static json_t *explain(api_model *e, json_t *measurement)
+{
+    char *text = json_dumps(measurement, JSON_COMPACT);
+    if (!text)
+        return NULL;
+    fm_measurement m;
+    fm_verr ve;
+    float feat[FM_FEATURES_MAX], c[FM_OUTPUTS_MAX * (FM_FEATURES_MAX + 1)];
+    int rc = fm_measurement_parse(text, strlen(text), &m, &ve);
+    fm_free(text);
+    if (rc)
+        return NULL;
+    rc = fm_features_extract(&m, feat, &ve);
+    fm_measurement_free(&m);
+    if (rc)
+        return NULL;
+    fm_errbuf err;
+    pthread_mutex_lock(&e->mu);
+    rc = fm_model_contributions(e->model, feat, c, &err);
+    pthread_mutex_unlock(&e->mu);
+    if (rc)
+        return NULL;
+    size_t nf = fm_feature_count(), no = fm_model_output_count(e->model);
+    json_t *features = json_object(), *contrib = json_object();
+    for (size_t f = 0; f < nf; f++)
+        json_object_set_new(features, fm_feature_name(f),
+                            isfinite(feat[f]) ? json_real(feat[f]) : json_null());
+    for (size_t o = 0; o < no; o++) {
+        json_t *row = json_object();
+        for (size_t f = 0; f < nf; f++)
+            json_object_set_new(row, fm_feature_name(f), json_real(c[o * (nf + 1) + f]));
+        json_object_set_new(row, "bias", json_real(c[o * (nf + 1) + nf]));
+        json_object_set_new(contrib, fm_model_output_at(e->model, o)->name, row);
+    }
+    return json_pack("{s:s,s:o,s:o,s:s}", "model", e->ref, "features", features,
+                     "contributions", contrib, "method", "TreeSHAP (XGBoost pred_contribs)");
+}
+
+bool api_lineage_model(api_req *r, const char *ref, json_t *measurement, json_t **out)
+{
+    fm_http *h = r->h;
+    char name[65] = "", version[33] = "";
+    const char *at = strchr(ref, '@');
+    if (at && (size_t)(at - ref) < sizeof name && strlen(at + 1) < sizeof version) {
+        memcpy(name, ref, (size_t)(at - ref));
+        snprintf(version, sizeof version, "%s", at + 1);
+    }
+    json_t *info = NULL;
+    api_model *e = NULL;
+    fm_model_rec v;
+    int rc = name[0] ? r->store->models->version_get(r->store, name, version, &v) : FM_ENOTFOUND;
+    if (rc == 0 && visible(r, &v)) {
+        info = version_json(&v, false);
+        json_t *man = json_loads(v.manifest_json, 0, NULL);
+        json_object_set_new(info, "registered", json_true());
+        json_object_set(info, "training", json_object_get(man, "training"));
+        json_decref(man);
+        fm_model_rec_clear(&v);
+        pthread_mutex_lock(&h->models_mu);
+        e = load_entry(r, name, version);
+        pthread_mutex_unlock(&h->models_mu);
+        if (!e) { /* answered by load_entry; lineage still stands without it */
+            json_decref(r->out);
+            r->out = NULL;
+            r->status = 0;
+        }
+    } else if (rc == 0 || rc == FM_ENOTFOUND) {
+        if (rc == 0)
+            fm_model_rec_clear(&v);
+        bool bundled = strcmp(ref, h->model_ref) == 0;
+        info = json_pack("{s:s,s:s,s:b,s:s?}", "name", name, "version", version, "registered", 0,
+                         "source", bundled ? "bundled (model.dir)" : NULL);
+        if (bundled) {
+            json_object_set_new(info, "training", bundled_training(h));
+            e = h->models[0];
+        }
+    } else {
+        api_store_error(r, rc);
+        return false;
+    }
+    json_t *ex = e ? explain(e, measurement) : NULL;
+    *out = json_pack("{s:o,s:o}", "version_info", info ? info : json_null(), "explanation",
+                     ex ? ex : json_null());
+    return true;
+}

@@ -217,6 +217,29 @@ const fm_model_output *fm_model_output_at(const fm_model *m, size_t i)
     return i < m->n_outputs ? &m->outputs[i] : NULL;
 }
 
+int fm_model_contributions(fm_model *m, const float *features, float *out, fm_errbuf *err)
+{
+    DMatrixHandle dm = NULL;
+    if (XGDMatrixCreateFromMat(features, 1, (bst_ulong)m->n_features, NAN, &dm) != 0)
+        return fm_errf(err, FM_EMODEL, "xgboost: %s", XGBGetLastError());
+    static const char config[] = "{\"type\":2,\"training\":false,\"iteration_begin\":0,"
+                                 "\"iteration_end\":0,\"strict_shape\":true}";
+    const bst_ulong *shape = NULL;
+    bst_ulong dim = 0;
+    const float *res = NULL;
+    int rc = 0;
+    if (XGBoosterPredictFromDMatrix(m->booster, dm, config, &shape, &dim, &res) != 0)
+        rc = fm_errf(err, FM_EMODEL, "xgboost contributions: %s", XGBGetLastError());
+    /* strict shape: (rows, outputs, features + 1) */
+    else if (dim != 3 || shape[0] != 1 || shape[1] != m->n_outputs ||
+             shape[2] != m->n_features + 1)
+        rc = fm_errf(err, FM_EMODEL, "xgboost contributions: unexpected shape");
+    else
+        memcpy(out, res, m->n_outputs * (m->n_features + 1) * sizeof *out);
+    XGDMatrixFree(dm);
+    return rc;
+}
+
 int fm_model_predict(fm_model *m, const float *features, size_t rows, float *out,
                      fm_errbuf *err)
 {

@@ -33,6 +33,7 @@ SPEC_ROUTES = {
     ("GET", "/templates"), ("POST", "/templates"), ("POST", "/templates/{}/claim-cert"),
     ("GET", "/devices/{}/measurements"), ("GET", "/devices/{}/measurements/{}"),
     ("PUT", "/devices/{}/measurements/{}/label"),
+    ("GET", "/devices/{}/measurements/{}/lineage"),
     ("GET", "/models"), ("POST", "/models/{}/predict"),
     ("POST", "/models/{}/invocations"),
     ("POST", "/models/{}/versions"), ("GET", "/models/{}/versions"),

@@ -454,3 +454,45 @@ def test_python_and_mlflow_models_score_as_in_python(env):
     (bad / "manifest.json").write_text(json.dumps(dict(manifest, version="py-mlflow-2")))
     r = p.cli("model", "push", str(bad), check=False)
     assert r.returncode == 1 and "signature column 0" in r.stderr, r.stderr
+
+
+def test_lineage_of_a_prediction(env, measure):
+    p, api, users, v1, v2 = env
+    admin, clin = tok(env, "admin"), tok(env, "clin")
+    for alias, ver in (("production", "2.0.0"), ("shadow", "1.0.0")):
+        r = api.request("PUT", f"/models/{NAME}/aliases/{alias}", body={"version": ver},
+                        token=admin)
+        assert r.status == 200, r
+    dev = DEVICES[2]
+    wait_for(lambda: measure(dev)[0] == f"{NAME}@2.0.0", 20, interval=0.2,
+             msg="results from 2.0.0")
+
+    def with_shadow():
+        measure(dev)
+        rows = p.query("SELECT measurement_id, shadow FROM measurements WHERE device_id = ? "
+                       "ORDER BY seq DESC LIMIT 1", dev)
+        return rows[0][1] is not None and rows[0][0]
+    mid = wait_for(with_shadow, 20, interval=0.2, msg="a measurement with a shadow answer")
+    r = api.request("PUT", f"/devices/{dev}/measurements/{mid}/label",
+                    body={"outputs": {"hematocrit_pct": 43.5}, "source": "lab:centrifuge"},
+                    token=clin)
+    assert r.status in (200, 201), r
+    lin = api.ok("GET", f"/devices/{dev}/measurements/{mid}/lineage", clin)
+    assert lin["measurement"]["id"] == mid and lin["device"]["id"] == dev
+    assert lin["device"]["tenant"] == TENANT
+    assert lin["result"]["model"] == f"{NAME}@2.0.0"
+    assert lin["shadow"]["model"] == f"{NAME}@1.0.0"
+    assert lin["label"]["outputs"] == {"hematocrit_pct": 43.5}
+    mv = lin["model_version"]
+    assert mv["registered"] and mv["version"] == "2.0.0" and mv["status"] == "approved", mv
+    assert mv["decision"]["by"] and mv["training"]["seed"] == 7, mv
+    ex = lin["explanation"]
+    assert ex["model"] == f"{NAME}@2.0.0" and len(ex["features"]) == 14
+    for out, value in lin["result"]["outputs"].items():
+        contrib = ex["contributions"][out]
+        total = sum(contrib.values())
+        assert "bias" in contrib and abs(total - value) < 2e-3, (out, total, value)
+    # Another tenant's clinician, or a role without measurements.read, sees nothing.
+    assert api.get(f"/devices/{dev}/measurements/{mid}/lineage", token=admin).status == 403
+    for alias in ("shadow",):
+        api.request("PUT", f"/models/{NAME}/aliases/{alias}", body={"version": None}, token=admin)

@@ -84,6 +84,37 @@ static void test_load_bundled(void **state)
     fm_model_free(m);
 }
 
+/* Contributions plus the bias add up to the prediction, for every output
+ * of realistic rows; and loading from memory refuses what it must. */
+static void test_contributions_add_up(void **state)
+{
+    (void)state;
+    fm_model *m = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_model_load(bundled, &m, &err), 0);
+    size_t nf = fm_feature_count(), no = fm_model_output_count(m);
+    float x[8 * FM_FEATURES_MAX], y[8 * FM_OUTPUTS_MAX], c[FM_OUTPUTS_MAX * (FM_FEATURES_MAX + 1)];
+    assert_int_equal(fm_model_probe_rows(x, 8, &err), 0);
+    assert_int_equal(fm_model_predict(m, x, 8, y, &err), 0);
+    for (size_t r = 0; r < 8; r++) {
+        if (fm_model_contributions(m, x + r * nf, c, &err) != 0)
+            fail_msg("contributions: %s", err.msg);
+        for (size_t o = 0; o < no; o++) {
+            double sum = 0;
+            bool some = false;
+            for (size_t f = 0; f <= nf; f++) {
+                sum += c[o * (nf + 1) + f];
+                some |= f < nf && c[o * (nf + 1) + f] != 0.0f;
+            }
+            assert_true(some);
+            if (fabs(sum - y[r * no + o]) > 1e-3 * (1 + fabs(y[r * no + o])))
+                fail_msg("row %zu output %zu: contributions sum %g, prediction %g", r, o, sum,
+                         (double)y[r * no + o]);
+        }
+    }
+    fm_model_free(m);
+}
+
 static void test_predict_fresh_samples(void **state)
 {
     enum { N = 300 };
@@ -318,6 +349,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_load_bundled),
         cmocka_unit_test(test_predict_fresh_samples),
+        cmocka_unit_test(test_contributions_add_up),
         cmocka_unit_test(test_load_missing_dir),
         cmocka_unit_test(test_load_feature_mismatch),
         cmocka_unit_test(test_load_bad_model_file),
