@@ -470,6 +470,74 @@ def api_load(port, requests, clients, make):
                            "mean": round(1000 * statistics.mean(lat), 2)}}
 
 
+def bench_hotswap(args):
+    """Open loop at a few hundred measurements/s while the tenant's
+    production version moves every second (issue: hot swap without a
+    pause), against the same load with no move; the same node, one after
+    the other."""
+    node = Node(args.build, 20, prefix="hs")
+    out = {"devices": 20, "rate_per_s": 300, "duration_s": args.hotswap_duration}
+    try:
+        serve, _ = node.start_serve()
+        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                           "viscosity")
+        for ver in ("1.0.0", "1.0.1"):
+            d = os.path.join(node.dir, f"model-{ver}")
+            shutil.copytree(src, d)
+            man = json.load(open(os.path.join(d, "manifest.json")))
+            man["version"] = ver
+            json.dump(man, open(os.path.join(d, "manifest.json"), "w"))
+            node.run([node.bin, "model", "push", d, "--data", node.dir])
+            node.run([node.bin, "model", "approve", "viscosity", ver, "--data", node.dir])
+        # Moves go through the API, as a data scientist would make them (a CLI
+        # process a second would measure process start-up on 2 cores).
+        pw = "hot swap passphrase 42"
+        subprocess.run([node.bin, "user", "add", "swapper", "--tenant", "demo-hospital",
+                        "--roles", "data_scientist", "--password-stdin", "--data", node.dir],
+                       input=pw + "\n", text=True, check=True, capture_output=True)
+        st, body, _ = api_call(node.ports["http"], "POST", "/auth/login",
+                               {"tenant": "demo-hospital", "username": "swapper", "password": pw})
+        token = json.loads(body)["access_token"]
+
+        def deploy(ver):
+            st, body, _ = api_call(node.ports["http"], "PUT", "/models/viscosity/aliases/production",
+                                   {"version": ver}, token)
+            if st != 200:
+                raise RuntimeError(f"deploy {ver}: {st} {body[:200]}")
+        deploy("1.0.0")
+        time.sleep(1.5)
+        rate = 300 / 20
+        quiet = node.sim(20, rate=rate, duration=args.hotswap_duration, prefix="hs")
+        moves = [0]
+        stop = threading.Event()
+
+        def mover():
+            ver = "1.0.1"
+            while not stop.wait(1.0):
+                deploy(ver)
+                moves[0] += 1
+                ver = "1.0.0" if ver == "1.0.1" else "1.0.1"
+        t = threading.Thread(target=mover, daemon=True)
+        t.start()
+        try:
+            swapping = node.sim(20, rate=rate, duration=args.hotswap_duration, prefix="hs")
+        finally:
+            stop.set()
+            t.join(10)
+        for name, res in (("no_moves", quiet), ("moving", swapping)):
+            out[name] = {"sent": res["sent"], "ok": res["ok"], "errors": res["errors"],
+                         "timeouts": res["timeouts"], "latency_ms": res["latency_ms"]}
+        out["moves"] = moves[0]
+        failed = swapping["errors"] + swapping["timeouts"] + (swapping["sent"] - swapping["ok"])
+        out["targets"] = {"failed_replies_max": 0, "failed_replies": failed,
+                          "failed_replies_met": failed == 0,
+                          "p99_ms_no_moves": quiet["latency_ms"]["p99"],
+                          "p99_ms_moving": swapping["latency_ms"]["p99"]}
+    finally:
+        node.close()
+    return out
+
+
 def bench_api(args):
     """The HTTP API on one node, with measurements already stored."""
     node = Node(args.build, 1, prefix="api")
@@ -527,7 +595,9 @@ def main():
     ap.add_argument("--latency-duration", type=float,
                     default=float(os.environ.get("FM_BENCH_LATENCY_DURATION", 60)),
                     help="seconds per open-loop run of the latency section")
-    ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api"])
+    ap.add_argument("--hotswap-duration", type=float,
+                    default=float(os.environ.get("FM_BENCH_HOTSWAP_DURATION", 20)))
+    ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -542,6 +612,8 @@ def main():
         result["many_devices"] = bench_many(args)
     if args.only in (None, "api"):
         result["api"] = bench_api(args)
+    if args.only in (None, "hotswap"):
+        result["hotswap"] = bench_hotswap(args)
     text = json.dumps(result)
     print(text)
     if args.out:

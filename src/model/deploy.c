@@ -25,7 +25,13 @@ typedef struct cached {
     fm_model *model;
     char ref[128];    /* name@version */
     uint64_t last_gen; /* newest table generation that names it */
+    uint64_t idle_since_ns; /* when no table in use named it any more (0: in use) */
 } cached;
+
+/* A version no table names any more stays loaded this long (a rollback,
+ * or the next move back, then costs no load), within CACHE_IDLE_MAX. */
+#define CACHE_IDLE_NS (120ull * 1000000000ull)
+#define CACHE_IDLE_MAX 4
 
 struct fm_deployer {
     fm_thread thread;
@@ -136,17 +142,42 @@ static cached *cache_get(fm_deployer *d, const char *name, const char *version, 
     return slot;
 }
 
-/* Frees cached models no table in use can name any more. */
+/* Frees cached models no table in use can name any more, once they have
+ * been idle CACHE_IDLE_NS, or at once beyond CACHE_IDLE_MAX idle ones
+ * (oldest first). */
 static void cache_evict(fm_deployer *d)
 {
-    uint64_t in_use = d->sink.in_use(d->sink.ud);
+    uint64_t in_use = d->sink.in_use(d->sink.ud), now = fm_mono_ns();
+    size_t idle = 0;
     for (size_t i = 0; i < d->ncache; i++) {
         cached *c = &d->cache[i];
-        if (c->model && c->last_gen < in_use && c->last_gen < d->generation) {
-            fm_logkv(FM_LOG_INFO, "model", "version unloaded", "model", c->ref, NULL);
-            fm_model_free(c->model);
-            c->model = NULL;
+        bool unused = c->model && c->last_gen < in_use && c->last_gen < d->generation;
+        if (!unused) {
+            c->idle_since_ns = 0;
+            continue;
         }
+        if (!c->idle_since_ns)
+            c->idle_since_ns = now;
+        idle++;
+    }
+    for (;;) {
+        cached *victim = NULL;
+        for (size_t i = 0; i < d->ncache; i++) {
+            cached *c = &d->cache[i];
+            if (!c->model || !c->idle_since_ns)
+                continue;
+            bool expired = now - c->idle_since_ns > CACHE_IDLE_NS;
+            if ((expired || idle > CACHE_IDLE_MAX) &&
+                (!victim || c->idle_since_ns < victim->idle_since_ns))
+                victim = c;
+        }
+        if (!victim)
+            break;
+        fm_logkv(FM_LOG_INFO, "model", "version unloaded", "model", victim->ref, NULL);
+        fm_model_free(victim->model);
+        victim->model = NULL;
+        victim->idle_since_ns = 0;
+        idle--;
     }
 }
 
