@@ -112,6 +112,8 @@ typedef struct fm_config {
     int lake_roll_seconds;
 
     char model_dir[PATH_MAX];
+    int drift_psi_pct;      /* PSI alert threshold x 100 (25 = 0.25) */
+    int drift_min_count;    /* measurements a day before drift is judged */
 
     int device_cert_days;  /* certificates issued without a template */
     int rotation_grace_s;  /* old certificate validity after a rotation */

@@ -58,6 +58,8 @@ typedef struct fm_metrics {
     _Atomic int64_t store_unavailable; /* gauge 0/1 (e.g. disk full) */
     _Atomic uint64_t http_requests;    /* API requests answered */
     _Atomic uint64_t shadow_failures;  /* batches whose shadow scoring failed */
+    _Atomic uint64_t drift_alerts;     /* drift alerts raised */
+    _Atomic uint64_t drift_psi_max_micro; /* largest PSI of today's last check, x 1e6 */
     _Atomic uint64_t http_errors;      /* ... with a 5xx status */
     _Atomic uint64_t http_audit_errors; /* audit entries that could not be stored */
     /* requests/connections the HTTP edge refused or cut, by reason */

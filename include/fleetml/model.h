@@ -18,6 +18,8 @@
 
 #define FM_FEATURES_MAX 32
 #define FM_OUTPUTS_MAX 8
+/* Quantile bins of a version's training features (drift baseline). */
+#define FM_DRIFT_BINS 10
 
 /* Number of features produced by fm_features_extract (fixed by the code). */
 size_t fm_feature_count(void);
@@ -67,6 +69,17 @@ const fm_model_output *fm_model_output_at(const fm_model *m, size_t i);
  * FM_EMODEL with err set. */
 int fm_model_predict(fm_model *m, const float *features, size_t rows, float *out,
                      fm_errbuf *err);
+
+/* The drift baseline of the manifest ("feature_baseline": {"edges":
+ * {feature: [FM_DRIFT_BINS - 1 increasing numbers]}, "fractions": {feature:
+ * [FM_DRIFT_BINS numbers summing to 1]}}, every feature): false when the
+ * version has none. */
+bool fm_model_has_baseline(const fm_model *m);
+/* The bin (0..FM_DRIFT_BINS-1) of value for feature f; a missing value
+ * (NaN) is bin 0. Only with a baseline. */
+int fm_model_bin(const fm_model *m, size_t f, float value);
+/* The training fraction of bin b of feature f. Only with a baseline. */
+double fm_model_baseline_fraction(const fm_model *m, size_t f, int b);
 
 /* Each feature's contribution to each output for one feature vector
  * (XGBoost's exact TreeSHAP): out receives fm_model_output_count() rows of

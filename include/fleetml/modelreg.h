@@ -22,6 +22,7 @@
 #include "fleetml/config.h"
 #include "fleetml/model.h"
 #include "fleetml/store.h"
+#include "fleetml/drift.h"
 
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -131,12 +132,21 @@ typedef struct fm_serving_sink {
     void (*publish)(void *ud, fm_serving *s);
     /* The generation of the table the pipeline scores with now. */
     uint64_t (*in_use)(void *ud);
+    /* Live feature counts since the last call (fm_pipeline_drift_take);
+     * NULL: no drift monitoring. */
+    size_t (*take_drift)(void *ud, struct fm_drift_counts **out);
     void *ud;
 } fm_serving_sink;
 
 typedef struct fm_deployer fm_deployer;
 
-/* Starts the deployer thread: it follows the store's deployment log
+/* Starts the deployer thread: it also adds the pipeline's live feature
+ * counts to the store every 10 s and checks today's drift of each tenant
+ * against the serving versions' baselines (docs/model.md, "Drift"): past
+ * model.drift_psi_pct on any feature with model.drift_min_count
+ * measurements, it raises an alert once per tenant, version and day (a log
+ * line, an audit entry `drift.alert`, fleetml_drift_alerts_total). And it
+ * follows the store's deployment log
  * (deploy_seq, every 500 ms, so an alias moved on any node reaches this
  * one), loads the versions the aliases of family name point at (from the
  * catalogue), and publishes a new table. base (slot 0) stays owned by the

@@ -84,6 +84,11 @@ void fm_pipeline_set_serving(fm_pipeline *p, struct fm_serving *s);
 /* The generation of the serving table the commit thread scores with (0:
  * the initial, bundled-only one). Thread-safe. */
 uint64_t fm_pipeline_serving_in_use(fm_pipeline *p);
+struct fm_drift_counts;
+/* Takes the live feature counts gathered since the last call (drift,
+ * fleetml/drift.h): *out is an fm_malloc'd array the caller frees (NULL
+ * when empty); returns its length. Thread-safe. */
+size_t fm_pipeline_drift_take(fm_pipeline *p, struct fm_drift_counts **out);
 /* The bundled model (slot 0 of every table; owned by the pipeline). */
 struct fm_model *fm_pipeline_base_model(fm_pipeline *p);
 

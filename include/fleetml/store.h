@@ -424,6 +424,7 @@ typedef struct fm_model_alias {
 } fm_model_alias;
 
 typedef int (*fm_model_rec_cb)(void *ud, const fm_model_rec *v);
+struct fm_drift_counts;
 typedef int (*fm_model_alias_cb)(void *ud, const fm_model_alias *a);
 
 typedef struct fm_store_models_vt {
@@ -452,6 +453,13 @@ typedef struct fm_store_models_vt {
     /* A number that grows with every alias change (for servers to notice
      * a deployment, on any node). */
     int (*deploy_seq)(fm_store *s, int64_t *out);
+    /* Adds live feature counts (struct fm_drift_counts, fleetml/drift.h)
+     * to the stored ones of the same tenant, day and model (several nodes
+     * add to one row). 0 or FM_EDB. */
+    int (*drift_add)(fm_store *s, const struct fm_drift_counts *c, fm_errbuf *err);
+    /* Calls cb for each model's counts of tenant on day. */
+    int (*drift_get)(fm_store *s, const char *tenant, int64_t day,
+                     int (*cb)(void *ud, const struct fm_drift_counts *c), void *ud);
 } fm_store_models_vt;
 
 struct fm_store {

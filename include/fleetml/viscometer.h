@@ -40,6 +40,9 @@ double fm_visc_true_viscosity(const fm_visc_truth *t, double shear_rate_s, doubl
 
 /* Draws a random sample's truth (population of hospital patients). */
 void fm_visc_draw_truth(fm_rng *r, fm_visc_truth *out);
+/* The same population with every hematocrit moved by hct_shift points
+ * (clipped to 20..65 %): a drifting patient mix, for drift checks. */
+void fm_visc_draw_truth_shifted(fm_rng *r, double hct_shift, fm_visc_truth *out);
 
 /* Produces a viscosity.sweep.v1 measurement JSON document (NUL-terminated,
  * caller frees with fm_free) for the given truth: standard sweep of shear

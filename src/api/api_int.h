@@ -234,6 +234,7 @@ void v1_model_aliases(api_req *r);
 void v1_model_alias_put(api_req *r);
 void v1_model_invocations(api_req *r);
 void v1_lineage(api_req *r);
+void v1_model_drift(api_req *r);
 void v1_openapi(api_req *r);
 
 #endif

@@ -57,6 +57,7 @@ static const api_route routes[] = {
     R("POST", "/models/{name}/versions/{version}/reject", "models.approve", v1_model_reject,
       API_BODY_SMALL),
     R("GET", "/models/{name}/aliases", "models.read", v1_model_aliases, 0),
+    R("GET", "/models/{name}/drift", "models.read", v1_model_drift, 0),
     R("PUT", "/models/{name}/aliases/{alias}", "models.deploy", v1_model_alias_put,
       API_BODY_SMALL),
     R("GET", "/audit", "audit.read", v1_audit_list, 0),

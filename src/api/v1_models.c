@@ -14,6 +14,7 @@
  */
 #include "api/api_int.h"
 #include "fleetml/modelreg.h"
+#include "fleetml/drift.h"
 
 #include <math.h>
 #include <openssl/evp.h>
@@ -763,4 +764,101 @@ bool api_lineage_model(api_req *r, const char *ref, json_t *measurement, json_t 
     *out = json_pack("{s:o,s:o}", "version_info", info ? info : json_null(), "explanation",
                      ex ? ex : json_null());
     return true;
+}
+
+/* ---- drift --------------------------------------------------------------------------- */
+
+typedef struct drift_ctx {
+    api_req *r;
+    const char *name;
+    json_t *items;
+    int rc;
+} drift_ctx;
+
+/* The model behind ref for drift: the bundled one or a registered version
+ * (loaded when needed); NULL when it cannot be had. */
+static api_model *model_of_ref(api_req *r, const char *ref)
+{
+    fm_http *h = r->h;
+    if (strcmp(ref, h->model_ref) == 0)
+        return h->models[0];
+    char name[65], version[33];
+    const char *at = strchr(ref, '@');
+    if (!at || (size_t)(at - ref) >= sizeof name || strlen(at + 1) >= sizeof version)
+        return NULL;
+    memcpy(name, ref, (size_t)(at - ref));
+    name[at - ref] = '\0';
+    snprintf(version, sizeof version, "%s", at + 1);
+    pthread_mutex_lock(&h->models_mu);
+    api_model *e = load_entry(r, name, version);
+    pthread_mutex_unlock(&h->models_mu);
+    if (!e) { /* load_entry answered; drift reports the version without PSI */
+        json_decref(r->out);
+        r->out = NULL;
+        r->status = 0;
+    }
+    return e;
+}
+
+static int on_drift(void *ud, const fm_drift_counts *c)
+{
+    drift_ctx *k = ud;
+    size_t nl = strlen(k->name);
+    if (strncmp(c->model, k->name, nl) != 0 || c->model[nl] != '@')
+        return 0;
+    api_model *e = model_of_ref(k->r, c->model);
+    json_t *o = json_pack("{s:s,s:I}", "model", c->model, "measurements", (json_int_t)c->n);
+    if (!e || !fm_model_has_baseline(e->model)) {
+        json_object_set_new(o, "psi", json_null());
+        json_object_set_new(o, "note", json_string("this version has no feature baseline"));
+    } else {
+        double psi[FM_FEATURES_MAX];
+        size_t worst;
+        double max = fm_drift_psi_all(e->model, c, psi, &worst);
+        json_t *pf = json_object();
+        for (size_t f = 0; f < fm_feature_count(); f++)
+            json_object_set_new(pf, fm_feature_name(f), json_real(psi[f]));
+        const fm_config *cfg = &k->r->h->cfg;
+        json_object_set_new(o, "psi_max", json_real(max));
+        json_object_set_new(o, "worst_feature", json_string(fm_feature_name(worst)));
+        json_object_set_new(o, "psi", pf);
+        json_object_set_new(o, "alert", json_boolean(max * 100.0 >= cfg->drift_psi_pct &&
+                                                     c->n >= (uint64_t)cfg->drift_min_count));
+    }
+    json_array_append_new(k->items, o);
+    return 0;
+}
+
+void v1_model_drift(api_req *r)
+{
+    const char *tenant;
+    if (!api_scope_tenant(r, &tenant))
+        return;
+    int64_t day = r->now_ms / 86400000;
+    const char *ds = api_query(r, "day");
+    if (ds) {
+        char buf[40];
+        int64_t ms;
+        snprintf(buf, sizeof buf, "%.10sT00:00:00Z", ds);
+        if (strlen(ds) != 10 || fm_rfc3339_parse(buf, &ms) != 0) {
+            api_error(r, 400, "invalid_request", "day must be YYYY-MM-DD (UTC)");
+            return;
+        }
+        day = ms / 86400000;
+    }
+    drift_ctx k = {.r = r, .name = r->params[0], .items = json_array()};
+    int rc = k.items ? r->store->models->drift_get(r->store, tenant, day, on_drift, &k)
+                     : FM_ENOMEM;
+    if (rc) {
+        json_decref(k.items);
+        api_store_error(r, rc);
+        return;
+    }
+    char dbuf[40];
+    fm_rfc3339(day * 86400000, dbuf, sizeof dbuf);
+    dbuf[10] = '\0';
+    api_json(r, 200,
+             json_pack("{s:s,s:s,s:f,s:i,s:o}", "tenant", tenant, "day", dbuf, "threshold",
+                       r->h->cfg.drift_psi_pct / 100.0, "min_measurements",
+                       r->h->cfg.drift_min_count, "items", k.items));
 }

@@ -55,6 +55,11 @@ static uint64_t serving_in_use(void *ud)
     return fm_pipeline_serving_in_use(((server *)ud)->pipeline);
 }
 
+static size_t serving_take_drift(void *ud, fm_drift_counts **out)
+{
+    return fm_pipeline_drift_take(((server *)ud)->pipeline, out);
+}
+
 static void committed(void *ud)
 {
     server *s = ud;
@@ -171,7 +176,8 @@ int fm_cmd_serve(int argc, char **argv)
         goto fail;
     }
     fm_model *base = fm_pipeline_base_model(s.pipeline);
-    fm_serving_sink sink = {.publish = serving_publish, .in_use = serving_in_use, .ud = &s};
+    fm_serving_sink sink = {.publish = serving_publish, .in_use = serving_in_use,
+                            .take_drift = serving_take_drift, .ud = &s};
     if ((rc = fm_deployer_start(&s.cfg, fm_model_name(base), base, fm_pipeline_model(s.pipeline),
                                 &sink, &s.deployer, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "model deployer failed to start", "error", err.msg, NULL);

@@ -117,6 +117,7 @@ struct sim {
     const char *claim; /* template, or NULL */
     const char *prefix;
     uint64_t seed;
+    double hct_shift; /* --hct-shift: a drifting patient mix */
 
     int ep;
     struct simdev *devs;
@@ -152,6 +153,7 @@ static void usage(void)
             "usage: fleetml sim --devices N (--rate R | --inflight W) [--prefix sim]\n"
             "                   [--duration SECONDS] [--data DIR] [--set k=v] [--json]\n"
             "                   [--provision] [--seed S] [--timeout SECONDS] [--drain SECONDS]\n"
+            "                   [--hct-shift POINTS]\n"
             "  --rate R       measurements per second per device (e.g. 0.1)\n"
             "  --inflight W   closed loop: keep W requests in flight per device\n"
             "  --provision    run `fleetml device add` for devices without credentials\n"
@@ -181,6 +183,12 @@ static int parse_args(int *argc, char **argv, struct sim *s)
     const char *v_timeout = fm_cli_take_opt(argc, argv, "--timeout");
     const char *v_drain = fm_cli_take_opt(argc, argv, "--drain");
     const char *v_crate = fm_cli_take_opt(argc, argv, "--connect-rate");
+    const char *v_shift = fm_cli_take_opt(argc, argv, "--hct-shift");
+    if (v_shift && (fm_cli_parse_double(v_shift, &s->hct_shift) != 0 || s->hct_shift < -45 ||
+                    s->hct_shift > 45)) {
+        fprintf(stderr, "fleetml sim: --hct-shift expects -45..45 (hematocrit points)\n");
+        return 2;
+    }
     s->claim = fm_cli_take_opt(argc, argv, "--claim");
     s->json = fm_cli_take_flag(argc, argv, "--json");
     s->provision = fm_cli_take_flag(argc, argv, "--provision");
@@ -353,7 +361,7 @@ static int build_pool(struct sim *s)
     snprintf(mid, sizeof mid, "s-%s-%0*d", s->run_prefix, SEQ_DIGITS, 0);
     for (unsigned i = 0; i < s->pool_n; i++) {
         fm_visc_truth truth;
-        fm_visc_draw_truth(&s->rng, &truth);
+        fm_visc_draw_truth_shifted(&s->rng, s->hct_shift, &truth);
         int rc = fm_visc_measurement_json(&s->rng, &truth, mid, FIRMWARE, fm_wall_ms(),
                                           &s->pool[i], &s->pool_len[i]);
         if (rc)
@@ -392,7 +400,7 @@ static int send_one(struct simdev *d)
         rc = fm_devclient_publish_measurement(d->c, s->pool[i], s->pool_len[i], mid);
     } else {
         fm_visc_truth truth;
-        fm_visc_draw_truth(&s->rng, &truth);
+        fm_visc_draw_truth_shifted(&s->rng, s->hct_shift, &truth);
         rc = fm_visc_measurement_json(&s->rng, &truth, mid, FIRMWARE, fm_wall_ms(), &doc, &len);
         if (rc == 0)
             rc = fm_devclient_publish_measurement(d->c, doc, len, mid);

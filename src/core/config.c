@@ -155,6 +155,11 @@ static const key_def keys[] = {
     K_STR("model", "dir", T_PATH, model_dir, NULL,
           "Directory of the viscosity model (relative paths are resolved against the "
           "working directory)."),
+    K_NUM("model", "drift_psi_pct", T_INT, drift_psi_pct, 1, 10000,
+          "Drift alert threshold: population stability index x 100 of any feature of a "
+          "tenant's day against the version's training baseline (25 = 0.25)."),
+    K_NUM("model", "drift_min_count", T_INT, drift_min_count, 1, 100000000,
+          "Measurements of a tenant's day before its drift is judged."),
 };
 #define N_KEYS (sizeof keys / sizeof keys[0])
 
@@ -282,6 +287,8 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     c->lake_roll_bytes = 8L * 1024 * 1024;
     c->lake_roll_seconds = 60;
     const char *md = getenv("FM_MODEL_DIR");
+    c->drift_psi_pct = 25;
+    c->drift_min_count = 200;
     copy_str(c->model_dir, sizeof c->model_dir,
              md && *md && strlen(md) < sizeof c->model_dir ? md : "models/viscosity");
     return 0;

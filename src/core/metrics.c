@@ -157,6 +157,14 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->lake_rows));
     counter(&b, "fleetml_lake_errors_total", "Lake export attempts that failed.",
             atomic_load(&m->lake_errors));
+    counter(&b, "fleetml_drift_alerts_total",
+            "Drift alerts raised (a tenant's day crossed model.drift_psi_pct on a feature).",
+            atomic_load(&m->drift_alerts));
+    fm_strbuf_printf(&b,
+                     "# HELP fleetml_drift_psi_max Largest population stability index of any "
+                     "feature, tenant and served version today (last check).\n"
+                     "# TYPE fleetml_drift_psi_max gauge\nfleetml_drift_psi_max %g\n",
+                     (double)atomic_load(&m->drift_psi_max_micro) / 1e6);
     counter(&b, "fleetml_shadow_failures_total",
             "Batches whose shadow version could not score (live replies unaffected).",
             atomic_load(&m->shadow_failures));

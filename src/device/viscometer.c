@@ -137,6 +137,11 @@ double fm_visc_true_viscosity(const fm_visc_truth *t, double shear_rate_s, doubl
 
 void fm_visc_draw_truth(fm_rng *r, fm_visc_truth *out)
 {
+    fm_visc_draw_truth_shifted(r, 0.0, out);
+}
+
+void fm_visc_draw_truth_shifted(fm_rng *r, double hct_shift, fm_visc_truth *out)
+{
     /* Hospital population: most patients are within 35..50 % hematocrit,
      * but anaemic and polycythaemic patients are exactly the ones a
      * viscosity test is ordered for, so one draw in six comes from the
@@ -146,6 +151,7 @@ void fm_visc_draw_truth(fm_rng *r, fm_visc_truth *out)
         hct = 20.0 + 45.0 * fm_rng_uniform(r);
     else
         hct = clampd(fm_rng_normal(r, 42.0, 5.0), 20.0, 65.0);
+    hct = clampd(hct + hct_shift, 20.0, 65.0);
     double eta_p = clampd(fm_rng_normal(r, 1.22, 0.06), 1.10, 1.35);
     /* Aggregation (fibrinogen, acute-phase proteins) raises the rest-state
      * packing k0; deformability (membrane stiffness) moves kinf. Both are

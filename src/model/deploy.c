@@ -15,11 +15,13 @@
  */
 #include "fleetml/modelreg.h"
 #include "fleetml/thread.h"
+#include "fleetml/metrics.h"
 
 #include <stdio.h>
 #include <string.h>
 
 #define TICK_NS (500ll * 1000000ll)
+#define DRIFT_FLUSH_NS (10ull * 1000000000ull)
 
 typedef struct cached {
     fm_model *model;
@@ -46,6 +48,10 @@ struct fm_deployer {
     int64_t seen_seq; /* -1: nothing published yet */
     uint64_t generation;
     bool wake;
+    uint64_t next_drift_ns;
+    /* (tenant, version, day) already alerted, so an alert is raised once */
+    char (*alerted)[200];
+    size_t nalerted;
 };
 
 /* ---- the table --------------------------------------------------------------- */
@@ -292,6 +298,91 @@ static int rebuild(fm_deployer *d, fm_errbuf *err)
     return 0;
 }
 
+/* The model version behind ref, if this node has it loaded. */
+static fm_model *loaded(fm_deployer *d, const char *ref)
+{
+    if (strcmp(ref, d->base_ref) == 0)
+        return d->base;
+    for (size_t i = 0; i < d->ncache; i++)
+        if (d->cache[i].model && strcmp(d->cache[i].ref, ref) == 0)
+            return d->cache[i].model;
+    return NULL;
+}
+
+typedef struct drift_check {
+    fm_deployer *d;
+    double max;
+} drift_check;
+
+static int check_one(void *ud, const fm_drift_counts *c)
+{
+    drift_check *k = ud;
+    fm_deployer *d = k->d;
+    fm_model *m = loaded(d, c->model);
+    if (!m || !fm_model_has_baseline(m) || c->n < (uint64_t)d->cfg.drift_min_count)
+        return 0;
+    double psi[FM_FEATURES_MAX];
+    size_t worst;
+    double max = fm_drift_psi_all(m, c, psi, &worst);
+    if (max > k->max)
+        k->max = max;
+    if (max * 100.0 < d->cfg.drift_psi_pct)
+        return 0;
+    char key[200];
+    snprintf(key, sizeof key, "%s|%s|%lld", c->tenant, c->model, (long long)c->day);
+    for (size_t i = 0; i < d->nalerted; i++)
+        if (strcmp(d->alerted[i], key) == 0)
+            return 0;
+    char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
+    if (!na)
+        return 0;
+    d->alerted = na;
+    snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
+    char psis[32], ns[32];
+    snprintf(psis, sizeof psis, "%.3f", max);
+    snprintf(ns, sizeof ns, "%llu", (unsigned long long)c->n);
+    fm_logkv(FM_LOG_WARN, "model", "drift alert", "tenant", c->tenant, "model", c->model,
+             "feature", fm_feature_name(worst), "psi", psis, "measurements", ns, NULL);
+    char details[256];
+    snprintf(details, sizeof details,
+             "{\"psi\":%.4f,\"feature\":\"%s\",\"measurements\":%llu,\"threshold\":%.2f}", max,
+             fm_feature_name(worst), (unsigned long long)c->n, d->cfg.drift_psi_pct / 100.0);
+    fm_audit a = {.at_ms = fm_wall_ms(), .tenant = c->tenant, .actor = "fleetml",
+                  .action = "drift.alert", .target = c->model, .outcome = "ok", .client = "",
+                  .details_json = details};
+    fm_errbuf err;
+    if (fm_store_audit_append(d->store, &a, &err) != 0)
+        fm_logkv(FM_LOG_ERROR, "model", "drift alert not audited", "error", err.msg, NULL);
+    atomic_fetch_add(&fm_metrics_get()->drift_alerts, 1);
+    return 0;
+}
+
+/* Adds the pipeline's counts to the store, then judges today's drift of
+ * every tenant that measured. */
+static void drift_tick(fm_deployer *d)
+{
+    if (!d->sink.take_drift)
+        return;
+    fm_drift_counts *c = NULL;
+    size_t n = d->sink.take_drift(d->sink.ud, &c);
+    fm_errbuf err;
+    for (size_t i = 0; i < n; i++)
+        if (d->store->models->drift_add(d->store, &c[i], &err) != 0)
+            fm_logkv(FM_LOG_WARN, "model", "drift counts not stored", "error", err.msg, NULL);
+    drift_check k = {.d = d};
+    int64_t today = fm_wall_ms() / 86400000;
+    for (size_t i = 0; i < n; i++) {
+        bool seen = false;
+        for (size_t j = 0; j < i && !seen; j++)
+            seen = strcmp(c[j].tenant, c[i].tenant) == 0;
+        if (!seen && c[i].day == today)
+            d->store->models->drift_get(d->store, c[i].tenant, today, check_one, &k);
+    }
+    if (n)
+        atomic_store(&fm_metrics_get()->drift_psi_max_micro, (uint64_t)(k.max * 1e6));
+    fm_free(c);
+}
+
 static void *deployer_main(void *arg)
 {
     fm_deployer *d = arg;
@@ -312,6 +403,11 @@ static void *deployer_main(void *arg)
             }
         }
         cache_evict(d);
+        uint64_t now = fm_mono_ns();
+        if (now >= d->next_drift_ns) {
+            drift_tick(d);
+            d->next_drift_ns = now + DRIFT_FLUSH_NS;
+        }
         fm_thread_lock(&d->thread);
         if (!d->wake && !fm_thread_should_stop(&d->thread))
             fm_thread_wait_ns(&d->thread, TICK_NS);
@@ -357,8 +453,10 @@ void fm_deployer_wake(fm_deployer *d)
 
 void fm_deployer_halt(fm_deployer *d)
 {
-    if (d)
-        fm_thread_stop(&d->thread); /* a no-op the second time */
+    if (!d || !d->thread.running)
+        return;
+    fm_thread_stop(&d->thread);
+    drift_tick(d); /* what the pipeline counted since the last tick */
 }
 
 void fm_deployer_stop(fm_deployer *d)
@@ -366,6 +464,7 @@ void fm_deployer_stop(fm_deployer *d)
     if (!d)
         return;
     fm_deployer_halt(d);
+    fm_free(d->alerted);
     for (size_t i = 0; i < d->ncache; i++)
         fm_model_free(d->cache[i].model);
     fm_free(d->cache);

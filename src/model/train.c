@@ -9,6 +9,7 @@
  */
 #include "fleetml/measurement.h"
 #include "fleetml/model.h"
+#include "fleetml/drift.h"
 #include "fleetml/viscometer.h"
 
 #include <inttypes.h>
@@ -163,7 +164,7 @@ out:
 /* Builds manifest.json; metrics is NULL for the provisional manifest that
  * lets fm_model_load read the freshly written model back. */
 static json_t *build_manifest(uint64_t seed, size_t n_train, const double (*metrics)[3],
-                              size_t n_holdout)
+                              size_t n_holdout, json_t *baseline)
 {
     json_t *root = json_object(), *feats = json_array(), *outs = json_array();
     json_t *training = json_object(), *ps = json_object();
@@ -200,11 +201,13 @@ static json_t *build_manifest(uint64_t seed, size_t n_train, const double (*metr
         json_object_set_new(hold, "metrics", mm);
         json_object_set_new(root, "holdout", hold);
     }
+    if (baseline)
+        json_object_set(root, "feature_baseline", baseline);
     json_object_set_new(root, "created_by", json_string("fleetml model train --synthetic"));
     /* Every builder above returns NULL on allocation failure, which the
      * setters turn into a missing key; checking the finished document's
      * shape once is simpler than checking each call. */
-    size_t want = metrics ? 8 : 7;
+    size_t want = (metrics ? 8 : 7) + (baseline ? 1 : 0);
     if (json_object_size(root) != want || json_array_size(feats) != fm_feature_count() ||
         json_array_size(outs) != N_LABELS)
         goto err;
@@ -303,7 +306,7 @@ int fm_model_train_synthetic(const char *out_dir, uint64_t seed, size_t n_train,
     /* Holdout metrics are computed through fm_model_load/fm_model_predict
      * on the files just written, so they describe the artefact that will be
      * served, not the in-memory booster. */
-    man = build_manifest(seed, n_train, NULL, 0);
+    man = build_manifest(seed, n_train, NULL, 0, NULL);
     if (!man) {
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto out;
@@ -336,7 +339,12 @@ int fm_model_train_synthetic(const char *out_dir, uint64_t seed, size_t n_train,
         metrics[k][1] = ae / nh;
         metrics[k][2] = var > 0 ? 1.0 - se / var : 0.0;
     }
-    man = build_manifest(seed, n_train, (const double (*)[3])metrics, n_holdout);
+    /* The drift baseline: quantile bins of the training features. */
+    json_t *baseline = fm_drift_baseline_json(x, n_train);
+    man = baseline ? build_manifest(seed, n_train, (const double (*)[3])metrics, n_holdout,
+                                    baseline)
+                   : NULL;
+    json_decref(baseline);
     if (!man) {
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto out;

@@ -21,7 +21,52 @@ struct fm_model {
     size_t n_features;
     size_t n_outputs;
     fm_model_output outputs[FM_OUTPUTS_MAX];
+    bool has_baseline;
+    float edges[FM_FEATURES_MAX][FM_DRIFT_BINS - 1];
+    double fractions[FM_FEATURES_MAX][FM_DRIFT_BINS];
 };
+
+/* Reads the optional drift baseline (see fm_model_has_baseline). */
+static int parse_baseline(fm_model *m, json_t *root, fm_errbuf *err)
+{
+    json_t *b = json_object_get(root, "feature_baseline");
+    if (!b)
+        return 0;
+    json_t *edges = json_object_get(b, "edges"), *fr = json_object_get(b, "fractions");
+    if (!json_is_object(edges) || !json_is_object(fr))
+        return fm_errf(err, FM_EINVAL, "manifest.json: feature_baseline needs edges and fractions");
+    for (size_t f = 0; f < m->n_features; f++) {
+        const char *name = fm_feature_name(f);
+        json_t *e = json_object_get(edges, name), *p = json_object_get(fr, name);
+        if (json_array_size(e) != FM_DRIFT_BINS - 1 || json_array_size(p) != FM_DRIFT_BINS)
+            return fm_errf(err, FM_EINVAL,
+                           "manifest.json: feature_baseline: '%s' needs %d edges and %d fractions",
+                           name, FM_DRIFT_BINS - 1, FM_DRIFT_BINS);
+        double sum = 0;
+        for (size_t i = 0; i < FM_DRIFT_BINS; i++) {
+            json_t *pv = json_array_get(p, i);
+            double v = json_number_value(pv);
+            if (!json_is_number(pv) || !(v >= 0 && v <= 1))
+                return fm_errf(err, FM_EINVAL, "manifest.json: feature_baseline: '%s': fractions "
+                               "must be numbers in 0..1", name);
+            m->fractions[f][i] = v;
+            sum += v;
+            if (i + 1 == FM_DRIFT_BINS)
+                continue;
+            json_t *ev = json_array_get(e, i);
+            double x = json_number_value(ev);
+            if (!json_is_number(ev) || !isfinite(x) || (i && !(x >= m->edges[f][i - 1])))
+                return fm_errf(err, FM_EINVAL, "manifest.json: feature_baseline: '%s': edges must "
+                               "be finite and non-decreasing", name);
+            m->edges[f][i] = (float)x;
+        }
+        if (fabs(sum - 1.0) > 0.01)
+            return fm_errf(err, FM_EINVAL, "manifest.json: feature_baseline: '%s': fractions sum "
+                           "to %g, not 1", name, sum);
+    }
+    m->has_baseline = true;
+    return 0;
+}
 
 /* Prediction options, the same for every call. "missing" is NaN so a
  * feature a future extractor cannot compute goes down the trees' default
@@ -105,7 +150,7 @@ static int parse_manifest(fm_model *m, const char *text, size_t len, fm_errbuf *
         dst->max = json_number_value(mx);
     }
     m->n_outputs = no;
-    rc = 0;
+    rc = parse_baseline(m, root, err);
 out:
     json_decref(root);
     return rc;
@@ -206,6 +251,23 @@ void fm_model_free(fm_model *m)
     if (m->booster)
         XGBoosterFree(m->booster);
     fm_free(m);
+}
+
+bool fm_model_has_baseline(const fm_model *m) { return m->has_baseline; }
+
+int fm_model_bin(const fm_model *m, size_t f, float value)
+{
+    if (!isfinite(value))
+        return 0;
+    int b = 0;
+    while (b < FM_DRIFT_BINS - 1 && value > m->edges[f][b])
+        b++;
+    return b;
+}
+
+double fm_model_baseline_fraction(const fm_model *m, size_t f, int b)
+{
+    return m->fractions[f][b];
 }
 
 const char *fm_model_name(const fm_model *m) { return m->name; }

@@ -22,6 +22,7 @@
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
 #include "fleetml/modelreg.h"
+#include "fleetml/drift.h"
 #include "fleetml/store.h"
 
 #include <jansson.h>
@@ -56,6 +57,11 @@ struct fm_pipeline {
     fm_serving *serving;   /* the table in use (commit thread only) */
     _Atomic(fm_serving *) next; /* the newest table from the deployer, not taken yet */
     _Atomic uint64_t serving_gen; /* generation of the table in use */
+    /* Live feature counts for drift, per tenant, version and day, taken by
+     * the deployer (drift_mu). */
+    pthread_mutex_t drift_mu;
+    fm_drift_counts *drift;
+    size_t ndrift, drift_cap;
     batch_scorer scorer;
     batch_env env;
 
@@ -235,6 +241,68 @@ static const char *scorer_model_ref(void *ud, size_t slot)
     return slot_of(ud, slot)->ref;
 }
 
+/* The counts entry of (tenant, model, day), created when needed; NULL
+ * when memory ran out. With drift_mu held. */
+static fm_drift_counts *drift_entry(fm_pipeline *p, const char *tenant, const char *model,
+                                    int64_t day)
+{
+    for (size_t i = 0; i < p->ndrift; i++) {
+        fm_drift_counts *c = &p->drift[i];
+        if (c->day == day && strcmp(c->tenant, tenant) == 0 && strcmp(c->model, model) == 0)
+            return c;
+    }
+    if (p->ndrift == p->drift_cap) {
+        size_t cap = p->drift_cap ? p->drift_cap * 2 : 8;
+        fm_drift_counts *n = fm_realloc(p->drift, cap * sizeof *n);
+        if (!n)
+            return NULL;
+        p->drift = n;
+        p->drift_cap = cap;
+    }
+    fm_drift_counts *c = &p->drift[p->ndrift++];
+    memset(c, 0, sizeof *c);
+    snprintf(c->tenant, sizeof c->tenant, "%s", tenant);
+    snprintf(c->model, sizeof c->model, "%s", model);
+    c->day = day;
+    return c;
+}
+
+/* Counts the features of the batch's scored measurements into the bins of
+ * the version that scored them (versions with a drift baseline only). */
+static void count_drift(fm_pipeline *p, const batch *b)
+{
+    size_t nf = fm_feature_count();
+    pthread_mutex_lock(&p->drift_mu);
+    for (size_t i = 0; i < b->n; i++) {
+        const batch_item *it = &b->items[i];
+        if (!it->has_rec)
+            continue;
+        const fm_serving_slot *s = slot_of(p, it->slot);
+        if (!s->model || !fm_model_has_baseline(s->model))
+            continue;
+        fm_drift_counts *c = drift_entry(p, it->dev.tenant, s->ref,
+                                         it->msg->recv_ms / 86400000);
+        if (!c)
+            break;
+        const float *x = b->feat + it->row * nf;
+        for (size_t f = 0; f < nf; f++)
+            c->counts[f][fm_model_bin(s->model, f, x[f])]++;
+        c->n++;
+    }
+    pthread_mutex_unlock(&p->drift_mu);
+}
+
+size_t fm_pipeline_drift_take(fm_pipeline *p, fm_drift_counts **out)
+{
+    pthread_mutex_lock(&p->drift_mu);
+    *out = p->drift;
+    size_t n = p->ndrift;
+    p->drift = NULL;
+    p->ndrift = p->drift_cap = 0;
+    pthread_mutex_unlock(&p->drift_mu);
+    return n;
+}
+
 /* Between batches: takes the deployer's newest table, if any. The batch
  * that ran before finished on the old one. */
 static void adopt_serving(fm_pipeline *p)
@@ -282,6 +350,7 @@ static void process_batch(fm_pipeline *p, fm_inmsg *list, size_t n)
     batch__admit(&b, &p->env);
     batch__infer(&b, &p->env);
     batch__build_rows(&b, &p->env);
+    count_drift(p, &b);
     if (b.nr + b.nq > 0) {
         if (!batch__commit(&b, &p->env)) {
             atomic_fetch_add(&mx->commit_failures, 1);
@@ -412,6 +481,7 @@ int fm_pipeline_start(const fm_pipeline_opts *opts, fm_pipeline **out, fm_errbuf
                          .publish_ud = p->opts.ud,
                          .max_payload = p->cfg.max_payload};
     atomic_store(&p->healthy, 1);
+    pthread_mutex_init(&p->drift_mu, NULL);
     pthread_mutex_init(&p->in_mu, NULL);
     pthread_cond_init(&p->in_cv, NULL);
     if (fm_thread_start(&p->commit, "fm-commit", run, p) != 0) {
@@ -560,6 +630,8 @@ void fm_pipeline_stop(fm_pipeline *p)
     fm_thread_stop(&p->commit); /* it drains its queue first */
     fm_serving_free(p->serving);
     fm_serving_free(atomic_exchange(&p->next, NULL));
+    fm_free(p->drift);
+    pthread_mutex_destroy(&p->drift_mu);
     fm_model_free(p->model);
     fm_store_close(p->store);
     fm_free(p->devices);

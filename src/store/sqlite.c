@@ -164,8 +164,13 @@ static const char *schema_models =
     "  alias TEXT NOT NULL, version TEXT NOT NULL, share_pct INTEGER NOT NULL,"
     "  updated_by TEXT NOT NULL, updated_ms INTEGER NOT NULL);";
 
-/* What a shadow version answered for a measurement (never sent). */
-static const char *schema_shadow = "ALTER TABLE measurements ADD COLUMN shadow TEXT;";
+/* What a shadow version answered for a measurement (never sent), and live
+ * feature counts for drift. */
+static const char *schema_shadow =
+    "ALTER TABLE measurements ADD COLUMN shadow TEXT;"
+    "CREATE TABLE drift_counts ("
+    "  tenant TEXT NOT NULL, day INTEGER NOT NULL, model TEXT NOT NULL, n INTEGER NOT NULL,"
+    "  counts TEXT NOT NULL, PRIMARY KEY (tenant, day, model));";
 
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,

@@ -5,6 +5,9 @@
  * history row, which every node polls to notice a deployment).
  */
 #include "store/sqlite_int.h"
+#include "fleetml/drift.h"
+
+#include <jansson.h>
 
 #include <stdio.h>
 #include <string.h>
@@ -302,6 +305,104 @@ static int deploy_seq(fm_store *base, int64_t *out)
     return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
 }
 
+/* counts as a JSON array of features x bins integers */
+static char *counts_text(const fm_drift_counts *c)
+{
+    json_t *a = json_array();
+    for (size_t f = 0; a && f < fm_feature_count(); f++)
+        for (int b = 0; b < FM_DRIFT_BINS; b++)
+            json_array_append_new(a, json_integer((json_int_t)c->counts[f][b]));
+    char *t = a ? json_dumps(a, JSON_COMPACT) : NULL;
+    json_decref(a);
+    return t;
+}
+
+static void counts_read(const char *text, fm_drift_counts *c)
+{
+    json_t *a = json_loads(text ? text : "[]", 0, NULL);
+    size_t nf = fm_feature_count();
+    for (size_t i = 0; i < json_array_size(a) && i < nf * FM_DRIFT_BINS; i++)
+        c->counts[i / FM_DRIFT_BINS][i % FM_DRIFT_BINS] =
+            (uint64_t)json_integer_value(json_array_get(a, i));
+    json_decref(a);
+}
+
+static int drift_merge(sqlite_store *s, const fm_drift_counts *c, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    fm_drift_counts sum = *c;
+    if (sql__prep(s, &st, "SELECT n, counts FROM drift_counts WHERE tenant = ? AND day = ? AND"
+                          " model = ?", err))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, c->tenant, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, c->day);
+    sqlite3_bind_text(st, 3, c->model, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        fm_drift_counts old;
+        memset(&old, 0, sizeof old);
+        counts_read((const char *)sqlite3_column_text(st, 1), &old);
+        sum.n += (uint64_t)sqlite3_column_int64(st, 0);
+        for (size_t f = 0; f < FM_FEATURES_MAX; f++)
+            for (int b = 0; b < FM_DRIFT_BINS; b++)
+                sum.counts[f][b] += old.counts[f][b];
+    }
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return sql__err(s, err, rc, "drift");
+    char *text = counts_text(&sum);
+    if (!text)
+        return fm_errf(err, FM_ENOMEM, "out of memory");
+    rc = sql__prep(s, &st, "INSERT OR REPLACE INTO drift_counts(tenant, day, model, n, counts)"
+                           " VALUES(?, ?, ?, ?, ?)", err);
+    if (!rc) {
+        sqlite3_bind_text(st, 1, c->tenant, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, c->day);
+        sqlite3_bind_text(st, 3, c->model, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, (sqlite3_int64)sum.n);
+        sqlite3_bind_text(st, 5, text, -1, SQLITE_STATIC);
+        rc = sql__step_done(st);
+        sqlite3_finalize(st);
+        rc = rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "drift");
+    }
+    fm_free(text);
+    return rc;
+}
+
+static int drift_add(fm_store *base, const fm_drift_counts *c, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    IN_TX(s, err, drift_merge(s, c, err));
+}
+
+static int drift_get(fm_store *base, const char *tenant, int64_t day,
+                     int (*cb)(void *ud, const fm_drift_counts *c), void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "SELECT model, n, counts FROM drift_counts WHERE tenant = ? AND day = ?"
+                          " ORDER BY model", NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, day);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_drift_counts c;
+        memset(&c, 0, sizeof c);
+        snprintf(c.tenant, sizeof c.tenant, "%s", tenant);
+        sql__copy_col(c.model, sizeof c.model, st, 0);
+        c.day = day;
+        c.n = (uint64_t)sqlite3_column_int64(st, 1);
+        counts_read((const char *)sqlite3_column_text(st, 2), &c);
+        if (cb(ud, &c) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
 const fm_store_models_vt sql__models_vt = {
     .version_add = version_add,
     .version_get = version_get,
@@ -311,4 +412,6 @@ const fm_store_models_vt sql__models_vt = {
     .alias_set = alias_set,
     .alias_list = alias_list,
     .deploy_seq = deploy_seq,
+    .drift_add = drift_add,
+    .drift_get = drift_get,
 };
