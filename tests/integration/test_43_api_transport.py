@@ -39,6 +39,7 @@ SPEC_ROUTES = {
     ("POST", "/models/{}/versions"), ("GET", "/models/{}/versions"),
     ("GET", "/models/{}/versions/{}"), ("POST", "/models/{}/versions/{}/approve"),
     ("POST", "/models/{}/versions/{}/reject"), ("GET", "/models/{}/aliases"),
+    ("GET", "/models/{}/drift"),
     ("PUT", "/models/{}/aliases/{}"),
     ("GET", "/audit"), ("GET", "/openapi.yaml"),
 }

@@ -11,6 +11,7 @@
 
 #include "fleetml/measurement.h"
 #include "fleetml/model.h"
+#include "fleetml/drift.h"
 #include "fleetml/viscometer.h"
 
 #include <math.h>
@@ -112,6 +113,41 @@ static void test_contributions_add_up(void **state)
                          (double)y[r * no + o]);
         }
     }
+    fm_model_free(m);
+}
+
+/* The bundled model carries a baseline; the simulator's population scores
+ * a low PSI against it and a shifted one a high PSI. */
+static void test_drift_psi(void **state)
+{
+    (void)state;
+    fm_model *m = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_model_load(bundled, &m, &err), 0);
+    assert_true(fm_model_has_baseline(m));
+    size_t nf = fm_feature_count();
+    enum { N = 400 };
+    float *x = malloc(N * nf * sizeof *x);
+    assert_int_equal(fm_model_probe_rows(x, N, &err), 0);
+    fm_drift_counts c;
+    memset(&c, 0, sizeof c);
+    for (size_t r = 0; r < N; r++, c.n++)
+        for (size_t f = 0; f < nf; f++)
+            c.counts[f][fm_model_bin(m, f, x[r * nf + f])]++;
+    double psi[FM_FEATURES_MAX];
+    size_t worst;
+    double same = fm_drift_psi_all(m, &c, psi, &worst);
+    assert_true(same < 0.1);
+    /* Everything in one bin: far from a 10-bin baseline. */
+    uint64_t one[FM_DRIFT_BINS] = {[3] = 100};
+    double e[FM_DRIFT_BINS];
+    for (int b = 0; b < FM_DRIFT_BINS; b++)
+        e[b] = 0.1;
+    assert_true(fm_drift_psi(e, one, 100) > 1.0);
+    uint64_t flat[FM_DRIFT_BINS] = {10, 10, 10, 10, 10, 10, 10, 10, 10, 10};
+    assert_true(fm_drift_psi(e, flat, 100) < 1e-9);
+    assert_true(fm_drift_psi(e, flat, 0) == 0.0);
+    free(x);
     fm_model_free(m);
 }
 
@@ -350,6 +386,7 @@ int main(void)
         cmocka_unit_test(test_load_bundled),
         cmocka_unit_test(test_predict_fresh_samples),
         cmocka_unit_test(test_contributions_add_up),
+        cmocka_unit_test(test_drift_psi),
         cmocka_unit_test(test_load_missing_dir),
         cmocka_unit_test(test_load_feature_mismatch),
         cmocka_unit_test(test_load_bad_model_file),
