@@ -51,6 +51,16 @@ struct fm_lake {
     char spool_dir[PATH_MAX]; /* where objects are built */
 };
 
+/* Reading the lake back (training): calls cb(ud, key, line, len) for every
+ * line of every object of area ("raw", "labels", ...; only tenant's when
+ * tenant is not NULL), objects in key order. The line is NUL-terminated and
+ * borrowed for the call; cb returning non-zero stops the walk with that
+ * code. *objects counts the objects read. Returns 0, FM_EUNAVAIL (a
+ * backend other than fs), FM_EIO (an unreadable object) or cb's code. */
+typedef int (*fm_lake_line_cb)(void *ud, const char *key, const char *line, size_t len);
+int fm_lake_read_area(const fm_config *cfg, const char *area, const char *tenant,
+                      fm_lake_line_cb cb, void *ud, size_t *objects, fm_errbuf *err);
+
 /* Opens the configured lake backend (creating directories as needed).
  * Returns 0 and *out (close with fm_lake_close), FM_EIO, FM_EINVAL (unknown
  * backend, path too long) or FM_EUNAVAIL (backend not built in: s3). */

@@ -60,6 +60,44 @@ typedef struct fm_model_upload {
 int fm_modelreg_push(fm_store *st, const fm_config *cfg, const fm_model_upload *u,
                      fm_model_rec *out, fm_errbuf *err);
 
+/* ---- training from the lake ------------------------------------------------------ */
+
+typedef struct fm_lake_train_opts {
+    const char *name;         /* the served family (the bundled model's name) */
+    const char *version;      /* of the new version */
+    const char *tenant;       /* NULL: every tenant's data */
+    int64_t from_ms, to_ms;   /* received_at window, 0: open */
+    const char *owner_tenant; /* "" for the platform */
+    const char *actor;
+    void (*progress)(void *ud, const char *phase, int percent); /* may be NULL */
+    void *progress_ud;
+} fm_lake_train_opts;
+
+typedef struct fm_lake_train_report {
+    size_t raw_objects, label_objects, raw_rows, labelled, train_rows, val_rows, devices;
+    int best_round;
+    double mae[3], rmse[3];           /* the new version, validation rows */
+    double prod_mae[3], prod_rmse[3]; /* production on the same rows */
+    double const_mae[3];              /* the training mean as a predictor */
+    char prod_ref[128];
+    fm_model_rec version;             /* the registered (pending) version */
+} fm_lake_train_report;
+
+/* Trains a version of the served family from the lake: the raw/
+ * measurements (of tenant, in the window) that have a label with every
+ * output (the newest correction of each), features by the serving code,
+ * split by device (20 % of devices, by stable hash, validate), XGBoost with
+ * early stopping on the validation RMSE (at most 300 rounds, patience 20),
+ * then MAE/RMSE per output next to the production version's (the tenant's,
+ * else the bundled model) and a constant predictor's on the same rows. The
+ * version is registered pending (fm_modelreg_push) with a manifest naming
+ * its dataset (objects, labels, their SHA-256), its metrics and a drift
+ * baseline. Returns 0 with *rep, FM_EINVAL (too few labelled measurements,
+ * bad version; err says why), FM_EUNAVAIL (lake not readable), or another
+ * error; nothing is registered on failure. */
+int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_opts *o,
+                        fm_lake_train_report *rep, fm_errbuf *err);
+
 /* ---- MLflow model directories ----------------------------------------------------- */
 
 /* What fleetml needs from an MLflow model's `MLmodel` file (YAML): the

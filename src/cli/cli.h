@@ -34,6 +34,7 @@ int fm_cmd_model_push(int argc, char **argv);
 int fm_cmd_model_versions(int argc, char **argv);
 int fm_cmd_model_decide(int argc, char **argv, int status);
 int fm_cmd_model_deploy(int argc, char **argv);
+int fm_cmd_model_train_lake(int argc, char **argv);
 
 /* Finds `--name VALUE` in argv, removes both and returns VALUE (or NULL). */
 const char *fm_cli_take_opt(int *argc, char **argv, const char *name);

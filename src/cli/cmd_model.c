@@ -21,6 +21,9 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: fleetml model train --synthetic [--out DIR] [--seed N] [--rows N] "
                "[--holdout N]\n"
+               "       fleetml model train --from-lake --version V [--tenant T] [--from TIME]"
+               " [--to TIME]\n"
+               "                           register a version trained on labelled measurements\n"
                "       fleetml model info [--dir DIR]\n"
                "       fleetml model push DIR              register a version (pending)\n"
                "       fleetml model versions [NAME]       versions and deployments\n"
@@ -43,6 +46,8 @@ static int parse_u64(const char *opt, const char *s, uint64_t *out)
 
 static int cmd_train(int argc, char **argv)
 {
+    if (fm_cli_take_flag(&argc, argv, "--from-lake"))
+        return fm_cmd_model_train_lake(argc, argv);
     int synthetic = fm_cli_take_flag(&argc, argv, "--synthetic");
     const char *dir = fm_cli_take_opt(&argc, argv, "--out");
     const char *seed_s = fm_cli_take_opt(&argc, argv, "--seed");
@@ -54,9 +59,9 @@ static int cmd_train(int argc, char **argv)
         return 2;
     }
     if (!synthetic) {
-        /* Training from lake data joined with lab labels is a later
-         * feature; say so rather than guess at a data source. */
-        fprintf(stderr, "fleetml model train: only --synthetic training is available\n");
+        fprintf(stderr, "fleetml model train: say where the data comes from: --synthetic or "
+                        "--from-lake\n");
+        usage(stderr);
         return 2;
     }
     uint64_t seed = DEFAULT_SEED, rows = DEFAULT_ROWS, hold;

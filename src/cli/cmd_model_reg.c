@@ -261,3 +261,68 @@ int fm_cmd_model_deploy(int argc, char **argv)
     fm_store_close(st);
     return 0;
 }
+
+static void show_progress(void *ud, const char *phase, int pct)
+{
+    (void)ud;
+    int bar = pct / 5;
+    fprintf(stderr, "\r[%.*s%*s] %3d%% %-24s", bar, "####################", 20 - bar, "", pct,
+            phase);
+    if (pct >= 100)
+        fprintf(stderr, "\n");
+    fflush(stderr);
+}
+
+int fm_cmd_model_train_lake(int argc, char **argv)
+{
+    fm_config cfg;
+    fm_store *st = NULL;
+    const char *version = fm_cli_take_opt(&argc, argv, "--version");
+    const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    const char *from = fm_cli_take_opt(&argc, argv, "--from");
+    const char *to = fm_cli_take_opt(&argc, argv, "--to");
+    int rc = open_store(&argc, argv, &cfg, &st);
+    if (rc)
+        return rc;
+    fm_lake_train_opts o = {.version = version, .tenant = tenant, .owner_tenant = "",
+                            .actor = ACTOR, .progress = show_progress};
+    if (argc != 1 || !version || (from && fm_rfc3339_parse(from, &o.from_ms) != 0) ||
+        (to && fm_rfc3339_parse(to, &o.to_ms) != 0)) {
+        fprintf(stderr, "usage: fleetml model train --from-lake --version V [--tenant T] "
+                        "[--from RFC3339] [--to RFC3339] [--data DIR]\n");
+        fm_store_close(st);
+        return 2;
+    }
+    fm_model *base = NULL;
+    fm_errbuf err;
+    if (fm_model_load(cfg.model_dir, &base, &err) != 0) {
+        fprintf(stderr, "fleetml model train: %s\n", err.msg);
+        fm_store_close(st);
+        return 1;
+    }
+    char name[65];
+    snprintf(name, sizeof name, "%s", fm_model_name(base));
+    o.name = name;
+    fm_lake_train_report r;
+    rc = fm_model_train_lake(&cfg, st, &o, &r, &err);
+    if (rc) {
+        fprintf(stderr, "\nfleetml model train: %s\n", err.msg);
+        fm_model_free(base);
+        fm_store_close(st);
+        return 1;
+    }
+    char details[200];
+    snprintf(details, sizeof details, "{\"version\":\"%s\",\"source\":\"lake\"}", version);
+    audit(st, "", "model.upload", name, details);
+    printf("%s@%s pending: %zu labelled measurements of %zu (%zu devices; %zu train, %zu "
+           "validation), best round %d\n",
+           name, r.version.version, r.labelled, r.raw_rows, r.devices, r.train_rows, r.val_rows,
+           r.best_round + 1);
+    printf("%-22s %12s %12s %14s\n", "validation MAE", "new", r.prod_ref, "constant");
+    for (size_t k = 0; k < 3; k++)
+        printf("%-22s %12.4f %12.4f %14.4f\n", fm_model_output_at(base, k)->name, r.mae[k],
+               r.prod_mae[k], r.const_mae[k]);
+    fm_model_free(base);
+    fm_store_close(st);
+    return 0;
+}

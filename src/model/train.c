@@ -113,15 +113,12 @@ static int xgb_fail(fm_errbuf *err, const char *what)
     return fm_errf(err, FM_EMODEL, "xgboost %s: %s", what, XGBGetLastError());
 }
 
-static int train_booster(const float *x, const float *y, size_t rows, BoosterHandle *out,
-                         fm_errbuf *err)
+/* A DMatrix of rows x features with a 2-D label (rows x N_LABELS). */
+static int labelled_matrix(const float *x, const float *y, size_t rows, DMatrixHandle *d,
+                           fm_errbuf *err)
 {
-    DMatrixHandle d = NULL;
-    BoosterHandle h = NULL;
-    int rc;
     size_t nf = fm_feature_count();
-    *out = NULL;
-    if (XGDMatrixCreateFromMat(x, (bst_ulong)rows, (bst_ulong)nf, NAN, &d) != 0)
+    if (XGDMatrixCreateFromMat(x, (bst_ulong)rows, (bst_ulong)nf, NAN, d) != 0)
         return xgb_fail(err, "DMatrix");
     /* A 2-D label (rows x outputs) makes XGBoost 1.7 train a multi-target
      * regression: one tree per output per round, one model file. The
@@ -131,10 +128,103 @@ static int train_booster(const float *x, const float *y, size_t rows, BoosterHan
     snprintf(iface, sizeof iface,
              "{\"data\":[%" PRIuPTR ",true],\"shape\":[%zu,%d],\"typestr\":\"<f4\",\"version\":3}",
              (uintptr_t)y, rows, N_LABELS);
-    if (XGDMatrixSetInfoFromInterface(d, "label", iface) != 0) {
-        rc = xgb_fail(err, "label");
+    if (XGDMatrixSetInfoFromInterface(*d, "label", iface) != 0) {
+        XGDMatrixFree(*d);
+        *d = NULL;
+        return xgb_fail(err, "label");
+    }
+    return 0;
+}
+
+/* The validation RMSE XGBoost reports after a round ("[i]\tval-rmse:x"). */
+static int eval_rmse(BoosterHandle h, int it, DMatrixHandle v, double *out, fm_errbuf *err)
+{
+    const char *names[] = {"val"};
+    const char *res = NULL;
+    if (XGBoosterEvalOneIter(h, it, &v, names, 1, &res) != 0)
+        return xgb_fail(err, "eval");
+    const char *p = res ? strstr(res, "val-rmse:") : NULL;
+    if (!p)
+        return fm_errf(err, FM_EMODEL, "xgboost eval: no val-rmse in '%s'", res ? res : "");
+    *out = strtod(p + strlen("val-rmse:"), NULL);
+    return 0;
+}
+
+int fm_model__train(const float *x, const float *y, size_t rows, const float *xv,
+                    const float *yv, size_t vrows, int max_rounds, int patience,
+                    void **booster, int *best_round, fm_errbuf *err)
+{
+    DMatrixHandle d = NULL, v = NULL;
+    BoosterHandle h = NULL;
+    int rc;
+    *booster = NULL;
+    if ((rc = labelled_matrix(x, y, rows, &d, err)) != 0)
+        return rc;
+    if (vrows && (rc = labelled_matrix(xv, yv, vrows, &v, err)) != 0)
+        goto out;
+    if (XGBoosterCreate(&d, 1, &h) != 0) {
+        rc = xgb_fail(err, "booster");
         goto out;
     }
+    for (size_t i = 0; i < N_PARAMS; i++) {
+        if (XGBoosterSetParam(h, params[i][0], params[i][1]) != 0) {
+            rc = xgb_fail(err, params[i][0]);
+            goto out;
+        }
+    }
+    /* Early stopping: the round with the best validation RMSE, stopping
+     * after `patience` rounds without a better one; the trees after it are
+     * cut off. */
+    double best = INFINITY;
+    int best_it = max_rounds - 1;
+    for (int it = 0; it < max_rounds; it++) {
+        if (XGBoosterUpdateOneIter(h, it, d) != 0) {
+            rc = xgb_fail(err, "update");
+            goto out;
+        }
+        if (!v)
+            continue;
+        double r = INFINITY;
+        if ((rc = eval_rmse(h, it, v, &r, err)) != 0)
+            goto out;
+        if (r < best) {
+            best = r;
+            best_it = it;
+        } else if (it - best_it >= patience) {
+            break;
+        }
+    }
+    if (v) {
+        BoosterHandle cut = NULL;
+        if (XGBoosterSlice(h, 0, best_it + 1, 1, &cut) != 0) {
+            rc = xgb_fail(err, "slice");
+            goto out;
+        }
+        XGBoosterFree(h);
+        h = cut;
+    }
+    *best_round = best_it;
+    *booster = h;
+    h = NULL;
+    rc = 0;
+out:
+    if (h)
+        XGBoosterFree(h);
+    XGDMatrixFree(d);
+    if (v)
+        XGDMatrixFree(v);
+    return rc;
+}
+
+static int train_booster(const float *x, const float *y, size_t rows, BoosterHandle *out,
+                         fm_errbuf *err)
+{
+    DMatrixHandle d = NULL;
+    BoosterHandle h = NULL;
+    int rc;
+    *out = NULL;
+    if ((rc = labelled_matrix(x, y, rows, &d, err)) != 0)
+        return rc;
     if (XGBoosterCreate(&d, 1, &h) != 0) {
         rc = xgb_fail(err, "booster");
         goto out;
