@@ -425,6 +425,22 @@ typedef struct fm_model_alias {
 
 typedef int (*fm_model_rec_cb)(void *ud, const fm_model_rec *v);
 struct fm_drift_counts;
+
+/* A training job (POST /api/v1/training-jobs). */
+typedef struct fm_train_job {
+    int64_t id;            /* assigned by job_add */
+    char tenant[65];
+    char node[65];         /* the node running it */
+    char status[12];       /* queued, running, done, failed */
+    char phase[32];
+    int percent;
+    char version[33];      /* the version it registers */
+    int64_t from_ms, to_ms;
+    char requested_by[160];
+    char error[256];
+    int64_t rows;          /* labelled measurements used */
+    int64_t created_ms, updated_ms;
+} fm_train_job;
 typedef int (*fm_model_alias_cb)(void *ud, const fm_model_alias *a);
 
 typedef struct fm_store_models_vt {
@@ -460,6 +476,15 @@ typedef struct fm_store_models_vt {
     /* Calls cb for each model's counts of tenant on day. */
     int (*drift_get)(fm_store *s, const char *tenant, int64_t day,
                      int (*cb)(void *ud, const struct fm_drift_counts *c), void *ud);
+    /* Training jobs: add (sets j->id), write back status/phase/percent/
+     * error/rows, read one, take the oldest queued job of node (marking it
+     * running; FM_ENOTFOUND when none), and fail node's running jobs (after
+     * a restart). 0, FM_ENOTFOUND or FM_EDB. */
+    int (*job_add)(fm_store *s, fm_train_job *j, fm_errbuf *err);
+    int (*job_update)(fm_store *s, const fm_train_job *j, fm_errbuf *err);
+    int (*job_get)(fm_store *s, int64_t id, fm_train_job *out);
+    int (*job_take)(fm_store *s, const char *node, int64_t now_ms, fm_train_job *out);
+    int (*job_fail_running)(fm_store *s, const char *node, int64_t now_ms, fm_errbuf *err);
 } fm_store_models_vt;
 
 struct fm_store {

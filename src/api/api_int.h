@@ -78,6 +78,8 @@ struct fm_http {
     pthread_mutex_t model_mu;
     fm_model *model;
     char model_ref[128];
+    /* training jobs of this node, one at a time, at the lowest priority */
+    fm_thread trainer;
     /* registered versions loaded for predict and invocations (models_mu) */
     pthread_mutex_t models_mu;
     api_model **models;
@@ -235,6 +237,11 @@ void v1_model_alias_put(api_req *r);
 void v1_model_invocations(api_req *r);
 void v1_lineage(api_req *r);
 void v1_model_drift(api_req *r);
+void v1_training_job_create(api_req *r);
+void v1_training_job_get(api_req *r);
+/* Starts / stops the training-job thread (v1_models.c). */
+int api_trainer_start(fm_http *h, fm_errbuf *err);
+void api_trainer_stop(fm_http *h);
 void v1_openapi(api_req *r);
 
 #endif

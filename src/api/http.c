@@ -1191,6 +1191,10 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
         return fm_errf(err, FM_EIO, "cannot listen on %s:%d (ops.bind, ops.port)", cfg->ops_bind,
                        cfg->ops_port);
     }
+    if ((rc = api_trainer_start(h, err)) != 0) {
+        fm_http_stop(h);
+        return rc;
+    }
     fm_logf(FM_LOG_INFO, "http", "listening on %s://%s:%d, operations on http://%s:%d",
             h->tls ? "https" : "http", cfg->http_bind, cfg->http_port, cfg->ops_bind,
             cfg->ops_port);
@@ -1202,6 +1206,7 @@ void fm_http_stop(fm_http *h)
 {
     if (!h)
         return;
+    api_trainer_stop(h);
     if (h->ops)
         MHD_stop_daemon(h->ops);
     if (h->daemon)

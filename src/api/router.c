@@ -61,6 +61,8 @@ static const api_route routes[] = {
     R("PUT", "/models/{name}/aliases/{alias}", "models.deploy", v1_model_alias_put,
       API_BODY_SMALL),
     R("GET", "/audit", "audit.read", v1_audit_list, 0),
+    R("POST", "/training-jobs", "models.manage", v1_training_job_create, API_BODY_SMALL),
+    R("GET", "/training-jobs/{id}", "models.read", v1_training_job_get, 0),
 };
 #define NROUTES (sizeof routes / sizeof routes[0])
 

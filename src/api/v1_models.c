@@ -17,6 +17,9 @@
 #include "fleetml/drift.h"
 
 #include <math.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -862,3 +865,162 @@ void v1_model_drift(api_req *r)
                        r->h->cfg.drift_psi_pct / 100.0, "min_measurements",
                        r->h->cfg.drift_min_count, "items", k.items));
 }
+
+/* ---- training jobs -------------------------------------------------------------------- */
+
+static json_t *job_json(const fm_train_job *j, const char *family)
+{
+    char c[40], u[40], ref[128];
+    snprintf(ref, sizeof ref, "%s@%s", family, j->version);
+    json_t *o = json_pack("{s:I,s:s,s:s,s:s,s:i,s:s,s:I,s:s,s:s,s:s,s:s}", "id", (json_int_t)j->id,
+                          "tenant", j->tenant, "status", j->status, "phase", j->phase, "percent",
+                          j->percent, "version", j->version, "rows", (json_int_t)j->rows, "node",
+                          j->node, "requested_by", j->requested_by, "created_at",
+                          fm_rfc3339(j->created_ms, c, sizeof c), "updated_at",
+                          fm_rfc3339(j->updated_ms, u, sizeof u));
+    if (o && j->error[0])
+        json_object_set_new(o, "error", json_string(j->error));
+    if (o && strcmp(j->status, "done") == 0)
+        json_object_set_new(o, "model", json_string(ref));
+    return o;
+}
+
+void v1_training_job_create(api_req *r)
+{
+    const char *tenant;
+    if (!api_scope_tenant(r, &tenant))
+        return;
+    const char *version = NULL, *from = NULL, *to = NULL;
+    char msg[MSG];
+    fm_train_job j = {.created_ms = r->now_ms};
+    if (fm_api_get_str(r->json, "version", true, 32, &version, msg, sizeof msg) ||
+        fm_api_get_str(r->json, "from", false, 40, &from, msg, sizeof msg) ||
+        fm_api_get_str(r->json, "to", false, 40, &to, msg, sizeof msg)) {
+        api_error(r, 400, "invalid_request", "%s", msg);
+        return;
+    }
+    if (!fm_modelreg_version_valid(version) || (from && fm_rfc3339_parse(from, &j.from_ms)) ||
+        (to && fm_rfc3339_parse(to, &j.to_ms))) {
+        api_error(r, 400, "invalid_request",
+                  "version must be [A-Za-z0-9][A-Za-z0-9._-]{0,31}; from and to RFC 3339 times");
+        return;
+    }
+    snprintf(j.tenant, sizeof j.tenant, "%s", tenant);
+    snprintf(j.node, sizeof j.node, "%s", r->h->cfg.node_id);
+    snprintf(j.version, sizeof j.version, "%s", version);
+    snprintf(j.requested_by, sizeof j.requested_by, "%s", r->actor);
+    fm_errbuf err;
+    int rc = r->store->models->job_add(r->store, &j, &err);
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    snprintf(j.phase, sizeof j.phase, "queued");
+    j.updated_ms = j.created_ms;
+    fm_thread_lock(&r->h->trainer);
+    fm_thread_wake(&r->h->trainer);
+    fm_thread_unlock(&r->h->trainer);
+    api_audit(r, tenant, "training.start", version, "ok", json_pack("{s:I}", "job",
+                                                                     (json_int_t)j.id));
+    api_json(r, 202, job_json(&j, fm_model_name(r->h->model)));
+}
+
+void v1_training_job_get(api_req *r)
+{
+    char *end;
+    long long id = strtoll(r->params[0], &end, 10);
+    fm_train_job j;
+    int rc = *end || id <= 0 ? FM_ENOTFOUND : r->store->models->job_get(r->store, id, &j);
+    if (rc == 0 && !fm_auth_tenant_allowed(&r->who, j.tenant))
+        rc = FM_ENOTFOUND;
+    if (rc == FM_ENOTFOUND) {
+        api_error(r, 404, "not_found", "no such training job");
+        return;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    api_json(r, 200, job_json(&j, fm_model_name(r->h->model)));
+}
+
+typedef struct progress_ctx {
+    fm_store *st;
+    fm_train_job *job;
+} progress_ctx;
+
+static void job_progress(void *ud, const char *phase, int percent)
+{
+    progress_ctx *c = ud;
+    snprintf(c->job->phase, sizeof c->job->phase, "%s", phase);
+    c->job->percent = percent;
+    c->job->updated_ms = fm_wall_ms();
+    fm_errbuf err;
+    c->st->models->job_update(c->st, c->job, &err);
+}
+
+static void run_job(fm_http *h, fm_store *st, fm_train_job *j)
+{
+    fm_lake_train_opts o = {.name = fm_model_name(h->model), .version = j->version,
+                            .tenant = j->tenant, .from_ms = j->from_ms, .to_ms = j->to_ms,
+                            .owner_tenant = j->tenant, .actor = j->requested_by};
+    progress_ctx pc = {.st = st, .job = j};
+    o.progress = job_progress;
+    o.progress_ud = &pc;
+    fm_lake_train_report rep;
+    fm_errbuf err;
+    int rc = fm_model_train_lake(&h->cfg, st, &o, &rep, &err);
+    j->rows = (int64_t)rep.labelled;
+    j->updated_ms = fm_wall_ms();
+    if (rc == 0) {
+        snprintf(j->status, sizeof j->status, "done");
+        snprintf(j->phase, sizeof j->phase, "done");
+        j->percent = 100;
+    } else {
+        snprintf(j->status, sizeof j->status, "failed");
+        snprintf(j->error, sizeof j->error, "%.255s", err.msg);
+    }
+    st->models->job_update(st, j, &err);
+    fm_logkv(rc ? FM_LOG_WARN : FM_LOG_INFO, "model", rc ? "training job failed" : "training job done",
+             "version", j->version, "tenant", j->tenant, rc ? "error" : NULL, j->error, NULL);
+}
+
+static void *trainer_main(void *arg)
+{
+    fm_http *h = arg;
+    /* Training never competes with ingestion: this thread runs at the
+     * lowest priority, one job at a time, XGBoost on one thread. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19);
+    fm_store *st = NULL;
+    fm_errbuf err;
+    if (fm_store_open(&h->cfg, &st, &err) != 0) {
+        fm_logkv(FM_LOG_ERROR, "model", "training jobs unavailable", "error", err.msg, NULL);
+        return NULL;
+    }
+    /* A job that was running when this node stopped registered nothing
+     * (registration is its last, single step): say so. */
+    st->models->job_fail_running(st, h->cfg.node_id, fm_wall_ms(), &err);
+    fm_thread_lock(&h->trainer);
+    while (!fm_thread_should_stop(&h->trainer)) {
+        fm_thread_unlock(&h->trainer);
+        fm_train_job j;
+        bool ran = st->models->job_take(st, h->cfg.node_id, fm_wall_ms(), &j) == 0;
+        if (ran)
+            run_job(h, st, &j);
+        fm_thread_lock(&h->trainer);
+        if (!ran && !fm_thread_should_stop(&h->trainer))
+            fm_thread_wait_ns(&h->trainer, 1000ll * 1000000ll);
+    }
+    fm_thread_unlock(&h->trainer);
+    fm_store_close(st);
+    return NULL;
+}
+
+int api_trainer_start(fm_http *h, fm_errbuf *err)
+{
+    if (fm_thread_start(&h->trainer, "fm-train", trainer_main, h) != 0)
+        return fm_errf(err, FM_ENOMEM, "cannot start the training thread");
+    return 0;
+}
+
+void api_trainer_stop(fm_http *h) { fm_thread_stop(&h->trainer); }

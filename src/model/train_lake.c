@@ -39,6 +39,7 @@ typedef struct label {
     int64_t seq;
     float y[NOUT];
     bool full; /* every output of the family labelled */
+    bool used; /* its measurement is a row already (the export is at least once) */
 } label;
 
 typedef struct job {
@@ -60,6 +61,27 @@ static int cmp_label(const void *a, const void *b)
     const label *x = a, *y = b;
     int c = strcmp(x->device, y->device);
     return c ? c : strcmp(x->mid, y->mid);
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Distinct devices among the rows (sorted pointers: n log n). */
+static size_t count_devices(char (*dev)[65], size_t rows)
+{
+    const char **p = fm_malloc((rows + 1) * sizeof *p);
+    if (!p)
+        return 0;
+    for (size_t i = 0; i < rows; i++)
+        p[i] = dev[i];
+    qsort(p, rows, sizeof *p, cmp_str);
+    size_t n = 0;
+    for (size_t i = 0; i < rows; i++)
+        n += i == 0 || strcmp(p[i - 1], p[i]) != 0;
+    fm_free(p);
+    return n;
 }
 
 static int on_label(void *ud, const char *key, const char *line, size_t len)
@@ -137,7 +159,7 @@ static int on_raw(void *ud, const char *key, const char *line, size_t len)
     snprintf(probe.device, sizeof probe.device, "%s", dev);
     snprintf(probe.mid, sizeof probe.mid, "%s", mid);
     label *l = j->nlabels ? bsearch(&probe, j->labels, j->nlabels, sizeof *l, cmp_label) : NULL;
-    if (!l || !l->full)
+    if (!l || !l->full || l->used)
         goto out;
     char *text = json_dumps(json_object_get(o, "measurement"), JSON_COMPACT);
     fm_measurement m;
@@ -172,6 +194,7 @@ static int on_raw(void *ud, const char *key, const char *line, size_t len)
     memcpy(j->y + j->rows * NOUT, l->y, NOUT * sizeof *l->y);
     snprintf(j->dev[j->rows], sizeof j->dev[0], "%s", dev);
     j->rows++;
+    l->used = true;
     /* The dataset snapshot: every object used, every label (and which
      * correction of it) used. */
     if (strcmp(j->last_raw_key, key) != 0) {
@@ -327,12 +350,7 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
         else
             rep->train_rows++;
     }
-    for (size_t i = 0; i < j.rows; i++) {
-        bool seen = false;
-        for (size_t k = 0; k < i && !seen; k++)
-            seen = strcmp(j.dev[k], j.dev[i]) == 0;
-        rep->devices += !seen;
-    }
+    rep->devices = count_devices(j.dev, j.rows);
     if (rep->train_rows < 20 || rep->val_rows < 5) {
         rc = fm_errf(err, FM_EINVAL,
                      "not enough labelled measurements: %zu for training and %zu for validation "

@@ -170,7 +170,13 @@ static const char *schema_shadow =
     "ALTER TABLE measurements ADD COLUMN shadow TEXT;"
     "CREATE TABLE drift_counts ("
     "  tenant TEXT NOT NULL, day INTEGER NOT NULL, model TEXT NOT NULL, n INTEGER NOT NULL,"
-    "  counts TEXT NOT NULL, PRIMARY KEY (tenant, day, model));";
+    "  counts TEXT NOT NULL, PRIMARY KEY (tenant, day, model));"
+    "CREATE TABLE training_jobs ("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, node TEXT NOT NULL,"
+    "  status TEXT NOT NULL, phase TEXT NOT NULL, percent INTEGER NOT NULL,"
+    "  version TEXT NOT NULL, from_ms INTEGER NOT NULL, to_ms INTEGER NOT NULL,"
+    "  requested_by TEXT NOT NULL, error TEXT NOT NULL, rows INTEGER NOT NULL,"
+    "  created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);";
 
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,

@@ -403,6 +403,138 @@ static int drift_get(fm_store *base, const char *tenant, int64_t day,
     return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
+/* ---- training jobs ---- */
+
+#define JOB_COLS                                                                                   \
+    "id, tenant, node, status, phase, percent, version, from_ms, to_ms, requested_by, error,"   \
+    " rows, created_ms, updated_ms"
+
+static void read_job(sqlite3_stmt *st, fm_train_job *j)
+{
+    memset(j, 0, sizeof *j);
+    j->id = sqlite3_column_int64(st, 0);
+    sql__copy_col(j->tenant, sizeof j->tenant, st, 1);
+    sql__copy_col(j->node, sizeof j->node, st, 2);
+    sql__copy_col(j->status, sizeof j->status, st, 3);
+    sql__copy_col(j->phase, sizeof j->phase, st, 4);
+    j->percent = sqlite3_column_int(st, 5);
+    sql__copy_col(j->version, sizeof j->version, st, 6);
+    j->from_ms = sqlite3_column_int64(st, 7);
+    j->to_ms = sqlite3_column_int64(st, 8);
+    sql__copy_col(j->requested_by, sizeof j->requested_by, st, 9);
+    sql__copy_col(j->error, sizeof j->error, st, 10);
+    j->rows = sqlite3_column_int64(st, 11);
+    j->created_ms = sqlite3_column_int64(st, 12);
+    j->updated_ms = sqlite3_column_int64(st, 13);
+}
+
+static int job_add(fm_store *base, fm_train_job *j, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "INSERT INTO training_jobs(tenant, node, status, phase, percent, version,"
+                       " from_ms, to_ms, requested_by, error, rows, created_ms, updated_ms)"
+                       " VALUES(?, ?, 'queued', 'queued', 0, ?, ?, ?, ?, '', 0, ?, ?)",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, j->tenant, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, j->node, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, j->version, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, j->from_ms);
+    sqlite3_bind_int64(st, 5, j->to_ms);
+    sqlite3_bind_text(st, 6, j->requested_by, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 7, j->created_ms);
+    sqlite3_bind_int64(st, 8, j->created_ms);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "training job");
+    j->id = sqlite3_last_insert_rowid(s->db);
+    snprintf(j->status, sizeof j->status, "queued");
+    return 0;
+}
+
+static int job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "UPDATE training_jobs SET status = ?, phase = ?, percent = ?, error = ?,"
+                       " rows = ?, updated_ms = ? WHERE id = ?",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, j->status, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, j->phase, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 3, j->percent);
+    sqlite3_bind_text(st, 4, j->error, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, j->rows);
+    sqlite3_bind_int64(st, 6, j->updated_ms);
+    sqlite3_bind_int64(st, 7, j->id);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "training job");
+}
+
+static int job_get(fm_store *base, int64_t id, fm_train_job *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "SELECT " JOB_COLS " FROM training_jobs WHERE id = ?", NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, id);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        read_job(st, out);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
+}
+
+static int take(sqlite_store *s, const char *node, int64_t now_ms, fm_train_job *out)
+{
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "SELECT " JOB_COLS " FROM training_jobs WHERE node = ? AND"
+                          " status = 'queued' ORDER BY id LIMIT 1", NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, node, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        read_job(st, out);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW)
+        return rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
+    snprintf(out->status, sizeof out->status, "running");
+    snprintf(out->phase, sizeof out->phase, "starting");
+    out->updated_ms = now_ms;
+    return job_update(&s->base, out, NULL);
+}
+
+static int job_take(fm_store *base, const char *node, int64_t now_ms, fm_train_job *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    IN_TX(s, NULL, take(s, node, now_ms, out));
+}
+
+static int job_fail_running(fm_store *base, const char *node, int64_t now_ms, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                       "UPDATE training_jobs SET status = 'failed', error = 'interrupted: the "
+                       "node restarted (nothing was registered); submit it again', updated_ms = ?"
+                       " WHERE node = ? AND status = 'running'",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_int64(st, 1, now_ms);
+    sqlite3_bind_text(st, 2, node, -1, SQLITE_STATIC);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "training job");
+}
+
 const fm_store_models_vt sql__models_vt = {
     .version_add = version_add,
     .version_get = version_get,
@@ -414,4 +546,9 @@ const fm_store_models_vt sql__models_vt = {
     .deploy_seq = deploy_seq,
     .drift_add = drift_add,
     .drift_get = drift_get,
+    .job_add = job_add,
+    .job_update = job_update,
+    .job_get = job_get,
+    .job_take = job_take,
+    .job_fail_running = job_fail_running,
 };

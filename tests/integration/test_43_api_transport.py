@@ -39,7 +39,7 @@ SPEC_ROUTES = {
     ("POST", "/models/{}/versions"), ("GET", "/models/{}/versions"),
     ("GET", "/models/{}/versions/{}"), ("POST", "/models/{}/versions/{}/approve"),
     ("POST", "/models/{}/versions/{}/reject"), ("GET", "/models/{}/aliases"),
-    ("GET", "/models/{}/drift"),
+    ("GET", "/models/{}/drift"), ("POST", "/training-jobs"), ("GET", "/training-jobs/{}"),
     ("PUT", "/models/{}/aliases/{}"),
     ("GET", "/audit"), ("GET", "/openapi.yaml"),
 }

@@ -90,3 +90,40 @@ def test_train_from_lake_beats_constant_and_names_its_dataset(env):
     dev, mid = wait_for(scored, 30, interval=0.5, msg="a result from lake-1")
     lin = api.ok("GET", f"/devices/{dev}/measurements/{mid}/lineage", clin)
     assert lin["model_version"]["training"]["dataset"]["sha256"] == ds["sha256"]
+
+
+def test_training_job_through_the_api(env):
+    """The same training as a background job: 202 with a job id, progress
+    while it runs, the pending version when it is done; a job that cannot
+    train fails with the reason and registers nothing."""
+    p, api, users = env
+    sci, clin = users.token("sci"), users.token("clin")
+    # Clinicians may read models but not train them.
+    r = api.request("POST", "/training-jobs", body={"version": "job-1"}, token=clin)
+    assert r.status == 403, r
+    r = api.request("POST", "/training-jobs", body={"version": "../x"}, token=sci)
+    assert r.status == 400 and r.json()["error"]["code"] == "invalid_request", r
+    if lake_count(p, "labels") < 200:
+        pytest.skip("needs the labels of the previous test")
+    r = api.request("POST", "/training-jobs", body={"version": "job-1"}, token=sci)
+    assert r.status == 202, r
+    job = r.json()
+    assert job["status"] == "queued" and job["version"] == "job-1" and job["tenant"] == TENANT
+
+    def finished(jid):
+        j = api.ok("GET", f"/training-jobs/{jid}", sci)
+        assert j["status"] in ("queued", "running", "done", "failed"), j
+        return j if j["status"] in ("done", "failed") else None
+    done = wait_for(lambda: finished(job["id"]), 600, interval=0.5, msg="training job done")
+    assert done["status"] == "done" and done["percent"] == 100, done
+    assert done["model"] == f"{NAME}@job-1" and done["rows"] >= 200, done
+    v = api.ok("GET", f"/models/{NAME}/versions/job-1", sci)
+    assert v["status"] == "pending" and v["manifest"]["training"]["dataset"]["source"] == "lake"
+    # A window with no labelled measurements: the job fails, nothing is registered.
+    r = api.request("POST", "/training-jobs", body={"version": "job-2",
+                    "from": "2001-01-01T00:00:00Z", "to": "2001-01-02T00:00:00Z"}, token=sci)
+    assert r.status == 202, r
+    failed = wait_for(lambda: finished(r.json()["id"]), 120, interval=0.5, msg="job-2 finished")
+    assert failed["status"] == "failed" and "not enough labelled" in failed["error"], failed
+    assert api.request("GET", f"/models/{NAME}/versions/job-2", token=sci).status == 404
+    assert api.request("GET", "/training-jobs/999999", token=sci).status == 404

@@ -915,7 +915,7 @@ static void test_migrate_api_tables(void **state)
                                   " DROP INDEX certs_by_key; ALTER TABLE certs DROP COLUMN key_id;"
                                   " DROP TABLE model_versions; DROP TABLE model_aliases;"
                                   " DROP TABLE model_alias_log; ALTER TABLE measurements DROP COLUMN shadow;"
-                                  " DROP TABLE drift_counts;"
+                                  " DROP TABLE drift_counts; DROP TABLE training_jobs;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
