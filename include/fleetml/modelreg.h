@@ -69,6 +69,7 @@ typedef struct fm_lake_train_opts {
     int64_t from_ms, to_ms;   /* received_at window, 0: open */
     const char *owner_tenant; /* "" for the platform */
     const char *actor;
+    int64_t job_id;           /* the API training job, 0 from the command line */
     void (*progress)(void *ud, const char *phase, int percent); /* may be NULL */
     void *progress_ud;
 } fm_lake_train_opts;
@@ -89,7 +90,8 @@ typedef struct fm_lake_train_report {
  * split by device (20 % of devices, by stable hash, validate), XGBoost with
  * early stopping on the validation RMSE (at most 300 rounds, patience 20),
  * then MAE/RMSE per output next to the production version's (the tenant's,
- * else the bundled model) and a constant predictor's on the same rows. The
+ * else the bundled model) and a constant predictor's on the same rows,
+ * overall and per tenant (manifest validation.per_tenant). The
  * version is registered pending (fm_modelreg_push) with a manifest naming
  * its dataset (objects, labels, their SHA-256), its metrics and a drift
  * baseline. Returns 0 with *rep, FM_EINVAL (too few labelled measurements,

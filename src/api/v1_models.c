@@ -963,7 +963,8 @@ static void run_job(fm_http *h, fm_store *st, fm_train_job *j)
 {
     fm_lake_train_opts o = {.name = fm_model_name(h->model), .version = j->version,
                             .tenant = j->tenant, .from_ms = j->from_ms, .to_ms = j->to_ms,
-                            .owner_tenant = j->tenant, .actor = j->requested_by};
+                            .owner_tenant = j->tenant, .actor = j->requested_by,
+                            .job_id = j->id};
     progress_ctx pc = {.st = st, .job = j};
     o.progress = job_progress;
     o.progress_ud = &pc;

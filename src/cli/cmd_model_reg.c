@@ -322,6 +322,29 @@ int fm_cmd_model_train_lake(int argc, char **argv)
     for (size_t k = 0; k < 3; k++)
         printf("%-22s %12.4f %12.4f %14.4f\n", fm_model_output_at(base, k)->name, r.mae[k],
                r.prod_mae[k], r.const_mae[k]);
+    /* Per tenant, from the manifest (the one place the figures live). */
+    fm_model_rec v = {0};
+    json_t *man = st->models->version_get(st, name, r.version.version, &v) == 0
+                      ? json_loads(v.manifest_json, 0, NULL)
+                      : NULL;
+    fm_model_rec_clear(&v);
+    const char *tn;
+    json_t *t;
+    json_object_foreach(json_object_get(json_object_get(man, "validation"), "per_tenant"), tn, t)
+    {
+        printf("tenant %s (%lld validation rows), MAE new / production:", tn,
+               (long long)json_integer_value(json_object_get(t, "rows")));
+        for (size_t k = 0; k < 3; k++) {
+            const char *on = fm_model_output_at(base, k)->name;
+            printf(" %s %.4f / %.4f", on,
+                   json_number_value(json_object_get(
+                       json_object_get(json_object_get(t, "metrics"), on), "mae")),
+                   json_number_value(json_object_get(
+                       json_object_get(json_object_get(t, "production"), on), "mae")));
+        }
+        printf("\n");
+    }
+    json_decref(man);
     fm_model_free(base);
     fm_store_close(st);
     return 0;

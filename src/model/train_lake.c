@@ -48,7 +48,7 @@ typedef struct job {
     label *labels;
     size_t nlabels, labels_cap;
     float *x, *y;
-    char (*dev)[65];
+    char (*dev)[65], (*ten)[65]; /* per row */
     size_t rows, cap, raw_rows;
     EVP_MD_CTX *hash;
     const char *last_key;
@@ -150,9 +150,11 @@ static int on_raw(void *ud, const char *key, const char *line, size_t len)
     const char *dev = json_string_value(json_object_get(o, "device_id"));
     const char *mid = json_string_value(json_object_get(o, "measurement_id"));
     const char *recv = json_string_value(json_object_get(o, "received_at"));
+    const char *tenant = json_string_value(json_object_get(o, "tenant"));
     int64_t at = 0;
     int rc = 0;
-    if (!dev || !mid || strlen(dev) > 64 || strlen(mid) > 64 || !recv ||
+    if (!dev || !mid || !tenant || strlen(dev) > 64 || strlen(mid) > 64 || strlen(tenant) > 64 ||
+        !recv ||
         fm_rfc3339_parse(recv, &at) != 0 || (j->o->from_ms && at < j->o->from_ms) ||
         (j->o->to_ms && at >= j->o->to_ms))
         goto out;
@@ -183,16 +185,20 @@ static int on_raw(void *ud, const char *key, const char *line, size_t len)
         if (ny)
             j->y = ny;
         char(*nd)[65] = ny ? fm_realloc(j->dev, cap * sizeof *nd) : NULL;
-        if (!nd) {
+        if (nd)
+            j->dev = nd;
+        char(*nt)[65] = nd ? fm_realloc(j->ten, cap * sizeof *nt) : NULL;
+        if (!nt) {
             rc = FM_ENOMEM;
             goto out;
         }
-        j->dev = nd;
+        j->ten = nt;
         j->cap = cap;
     }
     memcpy(j->x + j->rows * nf, feat, nf * sizeof *feat);
     memcpy(j->y + j->rows * NOUT, l->y, NOUT * sizeof *l->y);
     snprintf(j->dev[j->rows], sizeof j->dev[0], "%s", dev);
+    snprintf(j->ten[j->rows], sizeof j->ten[0], "%s", tenant);
     j->rows++;
     l->used = true;
     /* The dataset snapshot: every object used, every label (and which
@@ -285,12 +291,59 @@ static int production(fm_store *st, const fm_config *cfg, const char *name, cons
     return rc;
 }
 
+/* The new version and production on each tenant's validation rows:
+ * *res = {tenant: {"rows", "metrics", "production"}}. Returns 0 or an
+ * error (err says which). */
+static int tenant_metrics(const fm_model *base, fm_model *cand, fm_model *prod, const float *xv,
+                          const float *yv, char (*vten)[65], size_t vrows, json_t **res,
+                          fm_errbuf *err)
+{
+    int rc = 0;
+    size_t nf = fm_feature_count();
+    json_t *out = json_object();
+    float *x = fm_malloc((vrows * nf + 1) * sizeof *x);
+    float *y = fm_malloc((vrows * NOUT + 1) * sizeof *y);
+    bool *done = fm_calloc(vrows + 1, sizeof *done);
+    if (!out || !x || !y || !done)
+        rc = fm_errf(err, FM_ENOMEM, "out of memory");
+    for (size_t i = 0; !rc && i < vrows; i++) {
+        if (done[i])
+            continue;
+        size_t n = 0;
+        for (size_t k = i; k < vrows; k++) {
+            if (done[k] || strcmp(vten[k], vten[i]) != 0)
+                continue;
+            done[k] = true;
+            memcpy(x + n * nf, xv + k * nf, nf * sizeof *x);
+            memcpy(y + n * NOUT, yv + k * NOUT, NOUT * sizeof *y);
+            n++;
+        }
+        double mae[NOUT], rmse[NOUT], pmae[NOUT], prmse[NOUT];
+        if (!(rc = evaluate(cand, x, y, n, mae, rmse, err)) &&
+            !(rc = evaluate(prod, x, y, n, pmae, prmse, err)))
+            json_object_set_new(out, vten[i],
+                                json_pack("{s:I,s:o,s:o}", "rows", (json_int_t)n, "metrics",
+                                          metrics_json(base, mae, rmse), "production",
+                                          metrics_json(base, pmae, prmse)));
+    }
+    fm_free(x);
+    fm_free(y);
+    fm_free(done);
+    if (rc) {
+        json_decref(out);
+        return rc;
+    }
+    *res = out;
+    return 0;
+}
+
 static void job_free(job *j)
 {
     fm_free(j->labels);
     fm_free(j->x);
     fm_free(j->y);
     fm_free(j->dev);
+    fm_free(j->ten);
     if (j->hash)
         EVP_MD_CTX_free(j->hash);
 }
@@ -315,6 +368,7 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
     json_t *man = NULL;
     char *text = NULL, *mtext = NULL;
     float *xt = NULL, *yt = NULL, *xv = NULL, *yv = NULL;
+    char(*vten)[65] = NULL;
     if (!j.hash || EVP_DigestInit_ex(j.hash, EVP_sha256(), NULL) != 1) {
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto out;
@@ -335,7 +389,8 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
     yt = fm_malloc((j.rows * NOUT + 1) * sizeof *yt);
     xv = fm_malloc((j.rows * nf + 1) * sizeof *xv);
     yv = fm_malloc((j.rows * NOUT + 1) * sizeof *yv);
-    if (!xt || !yt || !xv || !yv) {
+    vten = fm_malloc((j.rows + 1) * sizeof *vten);
+    if (!xt || !yt || !xv || !yv || !vten) {
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto out;
     }
@@ -346,7 +401,7 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
         memcpy(dx, j.x + i * nf, nf * sizeof *dx);
         memcpy(dy, j.y + i * NOUT, NOUT * sizeof *dy);
         if (val)
-            rep->val_rows++;
+            memcpy(vten[rep->val_rows++], j.ten[i], sizeof vten[0]);
         else
             rep->train_rows++;
     }
@@ -408,6 +463,8 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
                                   (json_int_t)rep->train_rows, "validation_rows",
                                   (json_int_t)rep->val_rows, "best_round", rep->best_round,
                                   "max_rounds", MAX_ROUNDS));
+    if (o->job_id)
+        json_object_set_new(json_object_get(man, "training"), "job", json_integer(o->job_id));
     if (baseline)
         json_object_set_new(man, "feature_baseline", baseline);
     json_object_set_new(man, "created_by", json_string("fleetml model train --from-lake"));
@@ -436,12 +493,18 @@ int fm_model_train_lake(const fm_config *cfg, fm_store *st, const fm_lake_train_
     for (int k = 0; k < NOUT; k++)
         json_object_set_new(cmae, fm_model_output_at(base, (size_t)k)->name,
                             json_real(rep->const_mae[k]));
+    json_t *per_tenant = NULL;
+    if ((rc = tenant_metrics(base, cand, prod, xv, yv, vten, rep->val_rows, &per_tenant, err))) {
+        json_decref(cmae);
+        goto out;
+    }
     json_object_set_new(man, "validation",
-                        json_pack("{s:I,s:o,s:{s:s,s:o},s:o}", "rows", (json_int_t)rep->val_rows,
-                                  "metrics", metrics_json(base, rep->mae, rep->rmse),
-                                  "production", "model", rep->prod_ref, "metrics",
+                        json_pack("{s:I,s:o,s:{s:s,s:o},s:o,s:o}", "rows",
+                                  (json_int_t)rep->val_rows, "metrics",
+                                  metrics_json(base, rep->mae, rep->rmse), "production", "model",
+                                  rep->prod_ref, "metrics",
                                   metrics_json(base, rep->prod_mae, rep->prod_rmse),
-                                  "constant_mae", cmae));
+                                  "constant_mae", cmae, "per_tenant", per_tenant));
     fm_free(mtext);
     mtext = json_dumps(man, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (!mtext) {
@@ -464,6 +527,7 @@ out:
     fm_free(yt);
     fm_free(xv);
     fm_free(yv);
+    fm_free(vten);
     if (booster)
         XGBoosterFree(booster);
     fm_model_free(cand);

@@ -73,6 +73,14 @@ def test_train_from_lake_beats_constant_and_names_its_dataset(env):
     assert val["production"]["model"] == f"{NAME}@1.0.0"
     for k in OUTS:
         assert val["metrics"][k]["mae"] < val["constant_mae"][k], (k, val)
+    # Per tenant too: here one tenant, so its figures are the overall ones.
+    assert list(val["per_tenant"]) == [TENANT], val["per_tenant"]
+    pt = val["per_tenant"][TENANT]
+    assert pt["rows"] == val["rows"]
+    for k in OUTS:
+        assert abs(pt["metrics"][k]["mae"] - val["metrics"][k]["mae"]) < 1e-6
+        assert abs(pt["production"][k]["mae"] - val["production"]["metrics"][k]["mae"]) < 1e-6
+    assert f"tenant {TENANT} (" in r.stdout, r.stdout
     assert "feature_baseline" in man
     # Approved and deployed, its predictions' lineage reaches the dataset.
     assert api.post(f"/models/{NAME}/versions/lake-1/approve", {}, token=sci).status == 200
@@ -119,6 +127,7 @@ def test_training_job_through_the_api(env):
     assert done["model"] == f"{NAME}@job-1" and done["rows"] >= 200, done
     v = api.ok("GET", f"/models/{NAME}/versions/job-1", sci)
     assert v["status"] == "pending" and v["manifest"]["training"]["dataset"]["source"] == "lake"
+    assert v["manifest"]["training"]["job"] == job["id"]
     # A window with no labelled measurements: the job fails, nothing is registered.
     r = api.request("POST", "/training-jobs", body={"version": "job-2",
                     "from": "2001-01-01T00:00:00Z", "to": "2001-01-02T00:00:00Z"}, token=sci)
