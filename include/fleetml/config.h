@@ -110,6 +110,17 @@ typedef struct fm_config {
     char lake_dir[PATH_MAX];
     long lake_roll_bytes;
     int lake_roll_seconds;
+    /* lake.backend = s3 (src/lake/s3.c); empty strings take the standard
+     * AWS environment variables, then the defaults the backend documents. */
+    char lake_s3_bucket[64];
+    char lake_s3_endpoint[256];   /* scheme://host[:port]; "" = AWS for the region */
+    char lake_s3_region[32];
+    char lake_s3_prefix[128];     /* prepended to every key, e.g. "fleetml/" */
+    char lake_s3_addressing[16];  /* auto | path | virtual */
+    char lake_s3_access_key_id[128];
+    char lake_s3_secret_access_key[128];
+    long lake_s3_part_bytes;      /* objects above this go up in parts of this size */
+    int lake_s3_timeout_s;        /* per request */
 
     char model_dir[PATH_MAX];
     int drift_psi_pct;      /* PSI alert threshold x 100 (25 = 0.25) */

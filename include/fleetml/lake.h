@@ -15,8 +15,9 @@
  * are partitioned by the time the payload was received, labels by the
  * time the label was written, logs by the time of the audited action (an
  * action concerning no tenant goes to tenant=_). Objects are built in a local
- * spool file and handed to a backend (fs.c now, s3.c later) that makes them
- * visible atomically: a reader never sees a partial object.
+ * spool file and handed to a backend (fs.c: a directory; s3.c: any
+ * S3-compatible store) that makes them visible atomically: a reader never
+ * sees a partial object.
  *
  * The writer resumes from the store, not from memory: its cursor (last
  * exported seq) lives in the database and is advanced together with the
@@ -33,7 +34,12 @@
 #include "fleetml/core.h"
 #include "fleetml/store.h"
 
+#include <stdio.h>
+
 typedef struct fm_lake fm_lake;
+
+/* Called with each key of a listing; non-zero stops it with that code. */
+typedef int (*fm_lake_key_cb)(void *ud, const char *key);
 
 typedef struct fm_lake_vtable {
     const char *name;
@@ -43,6 +49,15 @@ typedef struct fm_lake_vtable {
     int (*put)(fm_lake *l, const char *key, const char *spool_path, fm_errbuf *err);
     /* True (1) if key exists, 0 if not, negative FM_E* on error. */
     int (*exists)(fm_lake *l, const char *key);
+    /* Calls cb for every object whose key starts with prefix, in byte
+     * order of the keys. Returns 0, FM_EIO/FM_EPROTO with err, or cb's
+     * code. */
+    int (*list)(fm_lake *l, const char *prefix, fm_lake_key_cb cb, void *ud, fm_errbuf *err);
+    /* Opens object key for reading: *out is at its first byte and is the
+     * caller's to fclose. Returns 0, FM_ENOTFOUND or FM_EIO with err. */
+    int (*open_read)(fm_lake *l, const char *key, FILE **out, fm_errbuf *err);
+    /* Deletes key; an absent key is not an error. Returns 0 or FM_EIO. */
+    int (*remove)(fm_lake *l, const char *key, fm_errbuf *err);
     void (*close)(fm_lake *l);
 } fm_lake_vtable;
 
@@ -55,19 +70,35 @@ struct fm_lake {
  * line of every object of area ("raw", "labels", ...; only tenant's when
  * tenant is not NULL), objects in key order. The line is NUL-terminated and
  * borrowed for the call; cb returning non-zero stops the walk with that
- * code. *objects counts the objects read. Returns 0, FM_EUNAVAIL (a
- * backend other than fs), FM_EIO (an unreadable object) or cb's code. */
+ * code. *objects counts the objects read. Works on every backend. Returns
+ * 0, FM_EIO/FM_EPROTO (an unreadable object or listing; err says which),
+ * FM_EINVAL (configuration) or cb's code. */
 typedef int (*fm_lake_line_cb)(void *ud, const char *key, const char *line, size_t len);
 int fm_lake_read_area(const fm_config *cfg, const char *area, const char *tenant,
                       fm_lake_line_cb cb, void *ud, size_t *objects, fm_errbuf *err);
 
 /* Opens the configured lake backend (creating directories as needed).
  * Returns 0 and *out (close with fm_lake_close), FM_EIO, FM_EINVAL (unknown
- * backend, path too long) or FM_EUNAVAIL (backend not built in: s3). */
+ * backend, path too long, an S3 setting that cannot work, no S3
+ * credentials). Opening S3 sends no request. */
 int fm_lake_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
 static inline void fm_lake_close(fm_lake *l) { if (l) l->vt->close(l); }
 static inline int fm_lake_put(fm_lake *l, const char *key, const char *spool, fm_errbuf *err)
 { return l->vt->put(l, key, spool, err); }
+
+/* A round trip through the configured backend (`fleetml lake check`): an
+ * object of bytes random bytes under _check/<node>-<ms>.bin is put (on S3,
+ * in parts when larger than lake.s3_part_bytes), found by name and in the
+ * listing, read back and compared (SHA-256), then deleted. Returns 0 with
+ * *rep, or the first failure with err naming the step. */
+typedef struct fm_lake_check_report {
+    char backend[8];
+    char key[160];
+    size_t bytes;
+    int64_t put_ms, get_ms;
+} fm_lake_check_report;
+int fm_lake_check(const fm_config *cfg, size_t bytes, fm_lake_check_report *rep,
+                  fm_errbuf *err);
 
 /* Builds an object key into buf:
  *   <area>/tenant=<tenant>/date=YYYY-MM-DD/hour=HH/<node>-<seq 12 digits>.ndjson.gz

@@ -17,7 +17,7 @@ int fm_cmd_device_run(int argc, char **argv); /* `fleetml device run <id>` */
 int fm_cmd_sim(int argc, char **argv);
 int fm_cmd_features(int argc, char **argv);
 int fm_cmd_model(int argc, char **argv);      /* train | info | predict */
-int fm_cmd_lake(int argc, char **argv);       /* flush */
+int fm_cmd_lake(int argc, char **argv);       /* flush, check */
 int fm_cmd_template(int argc, char **argv);
 int fm_cmd_bench(int argc, char **argv);      /* pipeline */   /* add | list | disable | enable | claim-cert */
 int fm_cmd_api(int argc, char **argv);        /* routes */

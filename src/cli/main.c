@@ -17,7 +17,7 @@ static const struct {
     {"features", fm_cmd_features, "measurements (NDJSON on stdin) -> feature CSV on stdout"},
     {"model", fm_cmd_model, "train --synthetic | info"},
     {"bench", fm_cmd_bench, "pipeline: the measurement pipeline in-process, one JSON line"},
-    {"lake", fm_cmd_lake, "flush: export everything committed to the lake now"},
+    {"lake", fm_cmd_lake, "flush: export everything committed now; check: a round trip to the lake"},
     {"api", fm_cmd_api, "routes: list the HTTP API's routes and the permission each needs"},
 };
 

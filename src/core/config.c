@@ -50,6 +50,7 @@ static const char *const broker_modes[] = {"supervised", "external", NULL};
 static const char *const store_backends[] = {"sqlite", "postgres", NULL};
 static const char *const lake_backends[] = {"fs", "s3", NULL};
 static const char *const on_off[] = {"off", "on", NULL};
+static const char *const s3_addressing[] = {"auto", "path", "virtual", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 
 #define FIELD_SIZE(f) sizeof(((fm_config *)0)->f)
@@ -141,13 +142,33 @@ static const key_def keys[] = {
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
           "Database backend (postgres is accepted here but not built yet)."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
-          "Data lake backend (s3 is accepted here but not built yet)."),
+          "Data lake backend: fs (a directory) or s3 (any S3-compatible store)."),
     K_STR("lake", "dir", T_PATH_OPT, lake_dir, NULL,
           "Root of the file-system lake (empty = <data>/lake)."),
     K_NUM("lake", "roll_bytes", T_LONG, lake_roll_bytes, 4096, 1024L * 1024 * 1024,
           "Close a lake object once it holds this many bytes."),
     K_NUM("lake", "roll_seconds", T_INT, lake_roll_seconds, 1, 3600,
           "Close a lake object once it is this many seconds old."),
+    K_STR("lake", "s3_bucket", T_PATH_OPT, lake_s3_bucket, NULL,
+          "S3 bucket of the lake (lake.backend = s3)."),
+    K_STR("lake", "s3_endpoint", T_PATH_OPT, lake_s3_endpoint, NULL,
+          "S3 endpoint, scheme://host[:port] (empty = AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, "
+          "else https://s3.<region>.amazonaws.com)."),
+    K_STR("lake", "s3_region", T_PATH_OPT, lake_s3_region, NULL,
+          "S3 region for signing (empty = AWS_REGION, AWS_DEFAULT_REGION, else us-east-1)."),
+    K_STR("lake", "s3_prefix", T_PATH_OPT, lake_s3_prefix, NULL,
+          "Prefix of every lake key in the bucket (e.g. fleetml/)."),
+    K_STR("lake", "s3_addressing", T_ENUM, lake_s3_addressing, s3_addressing,
+          "Bucket in the host name (virtual) or the path (path); auto: virtual on AWS, "
+          "path elsewhere."),
+    K_STR("lake", "s3_access_key_id", T_PATH_OPT, lake_s3_access_key_id, NULL,
+          "S3 access key id (empty = AWS_ACCESS_KEY_ID)."),
+    K_STR("lake", "s3_secret_access_key", T_PATH_OPT, lake_s3_secret_access_key, NULL,
+          "S3 secret key (empty = AWS_SECRET_ACCESS_KEY; prefer the environment)."),
+    K_NUM("lake", "s3_part_bytes", T_LONG, lake_s3_part_bytes, 5L * 1024 * 1024,
+          1024L * 1024 * 1024, "Objects larger than this are uploaded in parts of this size."),
+    K_NUM("lake", "s3_timeout_s", T_INT, lake_s3_timeout_s, 1, 3600,
+          "Time limit of one S3 request, in seconds."),
     K_NUM("pki", "device_cert_days", T_INT, device_cert_days, 1, 3650,
           "Lifetime of device certificates issued without a template (rotation, device add)."),
     K_NUM("pki", "rotation_grace_s", T_INT, rotation_grace_s, 0, 90 * 86400,
@@ -286,6 +307,9 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
         c->lake_dir[0] = '\0'; /* too long: the lake falls back on its own */
     c->lake_roll_bytes = 8L * 1024 * 1024;
     c->lake_roll_seconds = 60;
+    copy_str(c->lake_s3_addressing, sizeof c->lake_s3_addressing, "auto");
+    c->lake_s3_part_bytes = 16L * 1024 * 1024;
+    c->lake_s3_timeout_s = 30;
     const char *md = getenv("FM_MODEL_DIR");
     c->drift_psi_pct = 25;
     c->drift_min_count = 200;

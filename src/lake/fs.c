@@ -12,7 +12,9 @@
  */
 #include "lake/lake_int.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -103,12 +105,126 @@ static int fs_exists(fm_lake *l, const char *key)
     return errno == ENOENT || errno == ENOTDIR ? 0 : FM_EIO;
 }
 
+typedef struct keys {
+    char **v;
+    size_t n, cap;
+} keys;
+
+static int keys_add(keys *k, const char *s)
+{
+    if (k->n == k->cap) {
+        size_t cap = k->cap ? k->cap * 2 : 64;
+        char **nv = fm_realloc(k->v, cap * sizeof *nv);
+        if (!nv)
+            return FM_ENOMEM;
+        k->v = nv;
+        k->cap = cap;
+    }
+    return (k->v[k->n] = fm_strdup(s)) ? (k->n++, 0) : FM_ENOMEM;
+}
+
+/* Collects the keys of regular files below dir (keys relative to root),
+ * leaving out the spool directory. */
+static int walk(const char *root, const char *dir, keys *out)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0; /* a prefix nobody wrote to yet */
+    struct dirent *e;
+    int rc = 0;
+    size_t rl = strlen(root);
+    while (!rc && (e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0 ||
+            strcmp(e->d_name, LAKE__SPOOL_NAME) == 0)
+            continue;
+        char p[PATH_MAX];
+        if ((size_t)snprintf(p, sizeof p, "%s/%s", dir, e->d_name) >= sizeof p)
+            continue;
+        struct stat st;
+        if (lstat(p, &st) != 0)
+            continue;
+        if (S_ISDIR(st.st_mode))
+            rc = walk(root, p, out);
+        else if (S_ISREG(st.st_mode))
+            rc = keys_add(out, p + rl + 1);
+    }
+    closedir(d);
+    return rc;
+}
+
+static int cmp_key(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int fs_list(fm_lake *l, const char *prefix, fm_lake_key_cb cb, void *ud, fm_errbuf *err)
+{
+    lake_fs *fs = (lake_fs *)l;
+    char dir[PATH_MAX];
+    /* Walk from the deepest directory the prefix names, filter on the rest. */
+    const char *slash = strrchr(prefix, '/');
+    int n = slash ? snprintf(dir, sizeof dir, "%s/%.*s", fs->root, (int)(slash - prefix), prefix)
+                  : snprintf(dir, sizeof dir, "%s", fs->root);
+    if (n < 0 || (size_t)n >= sizeof dir)
+        return fm_errf(err, FM_EINVAL, "lake: prefix too long");
+    keys k = {0};
+    int rc = walk(fs->root, dir, &k);
+    if (rc)
+        fm_errf(err, rc, "out of memory");
+    if (k.n)
+        qsort(k.v, k.n, sizeof *k.v, cmp_key);
+    size_t pl = strlen(prefix);
+    for (size_t i = 0; !rc && i < k.n; i++)
+        if (strncmp(k.v[i], prefix, pl) == 0)
+            rc = cb(ud, k.v[i]);
+    for (size_t i = 0; i < k.n; i++)
+        fm_free(k.v[i]);
+    fm_free(k.v);
+    return rc;
+}
+
+static int fs_open_read(fm_lake *l, const char *key, FILE **out, fm_errbuf *err)
+{
+    lake_fs *fs = (lake_fs *)l;
+    char path[PATH_MAX];
+    *out = NULL;
+    if (!key_ok(key))
+        return fm_errf(err, FM_EINVAL, "lake: invalid object key '%s'", key);
+    int n = snprintf(path, sizeof path, "%s/%s", fs->root, key);
+    if (n < 0 || (size_t)n >= sizeof path)
+        return fm_errf(err, FM_EINVAL, "lake: object path too long");
+    *out = fopen(path, "rb");
+    if (!*out)
+        return fm_errf(err, errno == ENOENT ? FM_ENOTFOUND : FM_EIO, "lake: %s: %s", key,
+                       strerror(errno));
+    return 0;
+}
+
+static int fs_remove(fm_lake *l, const char *key, fm_errbuf *err)
+{
+    lake_fs *fs = (lake_fs *)l;
+    char path[PATH_MAX];
+    if (!key_ok(key))
+        return fm_errf(err, FM_EINVAL, "lake: invalid object key '%s'", key);
+    int n = snprintf(path, sizeof path, "%s/%s", fs->root, key);
+    if (n < 0 || (size_t)n >= sizeof path)
+        return fm_errf(err, FM_EINVAL, "lake: object path too long");
+    if (unlink(path) != 0 && errno != ENOENT)
+        return fm_errf(err, FM_EIO, "lake: remove %s: %s", key, strerror(errno));
+    *strrchr(path, '/') = '\0';
+    fm_fsync_dir(path);
+    return 0;
+}
+
 static void fs_close(fm_lake *l) { fm_free(l); }
 
 static const fm_lake_vtable fs_vtable = {
     .name = "fs",
     .put = fs_put,
     .exists = fs_exists,
+    .list = fs_list,
+    .open_read = fs_open_read,
+    .remove = fs_remove,
     .close = fs_close,
 };
 

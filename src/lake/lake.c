@@ -14,14 +14,12 @@ int fm_lake_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err)
 {
     *out = NULL;
     /* Callers never branch on the backend: they get an fm_lake whose vtable
-     * does the work. s3 will be added here next to fs. */
+     * does the work. */
     if (strcmp(cfg->lake_backend, "fs") == 0)
         return lake__fs_open(cfg, out, err);
-    /* The configuration already accepts s3 so config files written for a
-     * later build stay valid; like the store's postgres, say it plainly. */
     if (strcmp(cfg->lake_backend, "s3") == 0)
-        return fm_errf(err, FM_EUNAVAIL, "lake backend 's3' is not available in this build");
-    return fm_errf(err, FM_EINVAL, "lake.backend: unknown backend '%s' (expected fs)",
+        return lake__s3_open(cfg, out, err);
+    return fm_errf(err, FM_EINVAL, "lake.backend: unknown backend '%s' (expected fs or s3)",
                    cfg->lake_backend);
 }
 

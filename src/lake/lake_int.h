@@ -14,6 +14,11 @@
 /* Opens the local-directory backend rooted at cfg->lake_dir. */
 int lake__fs_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
 
+/* Opens the S3 backend (lake.s3_*, else the AWS environment variables);
+ * sends no request. Returns 0, FM_EINVAL (settings, credentials), FM_EIO
+ * (spool directory) or FM_ENOMEM. */
+int lake__s3_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
+
 /* Builds the partition prefix "<area>/tenant=<t>/date=YYYY-MM-DD/hour=HH"
  * for the UTC hour containing ms. Returns 0 or FM_EINVAL if it does not
  * fit. */

@@ -680,9 +680,14 @@ static int clean_spool(lake_exporter *ex)
         return FM_EIO;
     struct dirent *de;
     while ((de = readdir(d)) != NULL) {
-        if (de->d_name[0] == '.' &&
-            (de->d_name[1] == '\0' || strcmp(de->d_name, "..") == 0 ||
-             strcmp(de->d_name, LAKE_LOCK_NAME) == 0))
+        /* Only the exporter's own files (<area>-<seq>…): others (a model
+         * upload, `fleetml lake check`) may be in flight in the same dir. */
+        bool mine = false;
+        for (int i = 0; i < FM_STREAM_COUNT && !mine; i++) {
+            size_t al = strlen(ex->s[i].area);
+            mine = strncmp(de->d_name, ex->s[i].area, al) == 0 && de->d_name[al] == '-';
+        }
+        if (!mine)
             continue;
         if (unlinkat(dirfd(d), de->d_name, 0) == 0)
             fm_logf(FM_LOG_DEBUG, LAKE_COMPONENT, "removed stale spool file %s", de->d_name);

@@ -364,12 +364,124 @@ static void test_fs_put(void **state)
     pfmt(bad.lake_backend, sizeof bad.lake_backend, "ftp");
     assert_int_equal(fm_lake_open(&bad, &l, &err), FM_EINVAL);
     assert_null(l);
+    /* s3 without a bucket cannot work: refused when opened. */
     pfmt(bad.lake_backend, sizeof bad.lake_backend, "s3");
-    assert_int_equal(fm_lake_open(&bad, &l, &err), FM_EUNAVAIL);
+    assert_int_equal(fm_lake_open(&bad, &l, &err), FM_EINVAL);
+    assert_non_null(strstr(err.msg, "lake.s3_bucket"));
     /* A start-up with an invalid lake configuration fails. */
     fm_lake_writer *w = NULL;
-    assert_int_equal(fm_lake_writer_start(&bad, &w, &err), FM_EUNAVAIL);
+    assert_int_equal(fm_lake_writer_start(&bad, &w, &err), FM_EINVAL);
     assert_null(w);
+}
+
+typedef struct listed {
+    char keys[8][200];
+    int n;
+} listed;
+
+static int on_listed(void *ud, const char *key)
+{
+    listed *l = ud;
+    if (l->n < 8)
+        pfmt(l->keys[l->n], sizeof l->keys[0], "%s", key);
+    l->n++;
+    return 0;
+}
+
+/* The reading half of the fs backend: listing by prefix in key order (the
+ * spool is never listed), reading, removing. */
+static void test_fs_list_read_remove(void **state)
+{
+    fixture *f = *state;
+    fm_lake *l = NULL;
+    fm_errbuf err = {{0}};
+    assert_int_equal(fm_lake_open(&f->cfg, &l, &err), 0);
+    const char *keys[] = {"raw/tenant=b/date=2026-11-26/hour=01/n-000000000002.ndjson.gz",
+                          "raw/tenant=a/date=2026-11-26/hour=23/n-000000000001.ndjson.gz",
+                          "raw/tenant=ab/date=2026-11-26/hour=23/n-000000000003.ndjson.gz",
+                          "labels/tenant=a/date=2026-11-26/hour=23/n-000000000001.ndjson.gz"};
+    char spool[600];
+    for (size_t i = 0; i < 4; i++) {
+        pfmt(spool, sizeof spool, "%s/s%zu", l->spool_dir, i);
+        write_spool(spool, keys[i]);
+        assert_int_equal(fm_lake_put(l, keys[i], spool, &err), 0);
+    }
+    pfmt(spool, sizeof spool, "%s/in-flight", l->spool_dir);
+    write_spool(spool, "x");
+    listed got = {0};
+    assert_int_equal(l->vt->list(l, "raw/", on_listed, &got, &err), 0);
+    assert_int_equal(got.n, 3);
+    assert_string_equal(got.keys[0], keys[1]); /* byte order: "a/" < "ab" < "b/" */
+    assert_string_equal(got.keys[1], keys[2]);
+    assert_string_equal(got.keys[2], keys[0]);
+    /* A prefix ending inside a name filters on the name. */
+    memset(&got, 0, sizeof got);
+    assert_int_equal(l->vt->list(l, "raw/tenant=a", on_listed, &got, &err), 0);
+    assert_int_equal(got.n, 2);
+    memset(&got, 0, sizeof got);
+    assert_int_equal(l->vt->list(l, "raw/tenant=a/", on_listed, &got, &err), 0);
+    assert_int_equal(got.n, 1);
+    memset(&got, 0, sizeof got);
+    assert_int_equal(l->vt->list(l, "", on_listed, &got, &err), 0);
+    assert_int_equal(got.n, 4); /* not the spool's file */
+    memset(&got, 0, sizeof got);
+    assert_int_equal(l->vt->list(l, "nothing/", on_listed, &got, &err), 0);
+    assert_int_equal(got.n, 0);
+    FILE *in = NULL;
+    assert_int_equal(l->vt->open_read(l, keys[3], &in, &err), 0);
+    char text[200] = "";
+    assert_non_null(fgets(text, sizeof text, in));
+    fclose(in);
+    assert_string_equal(text, keys[3]);
+    assert_int_equal(l->vt->open_read(l, "raw/none.gz", &in, &err), FM_ENOTFOUND);
+    assert_int_equal(l->vt->open_read(l, "../x", &in, &err), FM_EINVAL);
+    assert_int_equal(l->vt->remove(l, keys[3], &err), 0);
+    assert_int_equal(l->vt->exists(l, keys[3]), 0);
+    assert_int_equal(l->vt->remove(l, keys[3], &err), 0); /* absent: fine */
+    fm_lake_close(l);
+}
+
+/* S3 settings that cannot work are refused when the lake opens, before
+ * any request: bucket names, endpoints, credentials. */
+static void test_s3_open_settings(void **state)
+{
+    fixture *f = *state;
+    fm_config c = f->cfg;
+    fm_lake *l = NULL;
+    fm_errbuf err = {{0}};
+    unsetenv("AWS_ACCESS_KEY_ID");
+    unsetenv("AWS_SECRET_ACCESS_KEY");
+    pfmt(c.lake_backend, sizeof c.lake_backend, "s3");
+    pfmt(c.lake_s3_endpoint, sizeof c.lake_s3_endpoint, "http://127.0.0.1:9");
+    const char *bad_buckets[] = {"ab", "Upper", "-dash", "dot.", "under_score"};
+    for (size_t i = 0; i < 5; i++) {
+        pfmt(c.lake_s3_bucket, sizeof c.lake_s3_bucket, "%s", bad_buckets[i]);
+        assert_int_equal(fm_lake_open(&c, &l, &err), FM_EINVAL);
+    }
+    pfmt(c.lake_s3_bucket, sizeof c.lake_s3_bucket, "lake");
+    assert_int_equal(fm_lake_open(&c, &l, &err), FM_EINVAL); /* no credentials */
+    assert_non_null(strstr(err.msg, "credentials"));
+    setenv("AWS_ACCESS_KEY_ID", "AK", 1);
+    setenv("AWS_SECRET_ACCESS_KEY", "SK", 1);
+    assert_int_equal(fm_lake_open(&c, &l, &err), 0); /* from the environment */
+    assert_string_equal(l->vt->name, "s3");
+    fm_lake_close(l);
+    const char *bad_eps[] = {"ftp://h", "http://", "http://h/path", "h:9000", "http://u@h"};
+    for (size_t i = 0; i < 5; i++) {
+        pfmt(c.lake_s3_endpoint, sizeof c.lake_s3_endpoint, "%s", bad_eps[i]);
+        assert_int_equal(fm_lake_open(&c, &l, &err), FM_EINVAL);
+        assert_non_null(strstr(err.msg, "lake.s3_endpoint"));
+    }
+    /* Dotted buckets cannot be host names under TLS. */
+    pfmt(c.lake_s3_endpoint, sizeof c.lake_s3_endpoint, "https://s3.example");
+    pfmt(c.lake_s3_bucket, sizeof c.lake_s3_bucket, "a.b.c");
+    pfmt(c.lake_s3_addressing, sizeof c.lake_s3_addressing, "virtual");
+    assert_int_equal(fm_lake_open(&c, &l, &err), FM_EINVAL);
+    pfmt(c.lake_s3_addressing, sizeof c.lake_s3_addressing, "path");
+    assert_int_equal(fm_lake_open(&c, &l, &err), 0);
+    fm_lake_close(l);
+    unsetenv("AWS_ACCESS_KEY_ID");
+    unsetenv("AWS_SECRET_ACCESS_KEY");
 }
 
 /* ---- end to end -------------------------------------------------------------- */
@@ -831,6 +943,8 @@ int main(void)
         cmocka_unit_test(test_key_errors),
         cmocka_unit_test(test_roll),
         cmocka_unit_test_setup_teardown(test_fs_put, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fs_list_read_remove, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_s3_open_settings, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_e2e, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_members_and_line_breaks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_roll_size, setup, teardown),
