@@ -1,8 +1,9 @@
 /*
  * Store: the catalogue (tenants, users, devices, certificates) and the
  * records (measurements with their results, quarantined payloads), behind
- * one table of function pointers so callers never branch on the backend.
- * Backends: sqlite.c (embedded default); postgres.c comes later.
+ * tables of function pointers, one per concern (see struct fm_store), so
+ * callers never branch on the backend. Backends: sqlite*.c (embedded
+ * default); postgres comes next, one concern at a time.
  *
  * One fm_store handle is used by one thread at a time; threads that need
  * the store concurrently open their own handles (SQLite in WAL mode lets
@@ -257,28 +258,36 @@ typedef struct fm_totp {
     int64_t last_step; /* last step whose code was accepted (replay guard) */
 } fm_totp;
 
-typedef int (*fm_doc_cb)(void *ud, int64_t seq, const char *tenant, int64_t at_ms,
-                         const char *doc, size_t len);
 typedef int (*fm_audit_cb)(void *ud, const fm_audit *a);
+typedef int (*fm_label_cb)(void *ud, const fm_label *l);
 
 /* Called for each row of a scan; return nonzero to stop early. */
 typedef int (*fm_record_cb)(void *ud, const fm_record *r);
 typedef int (*fm_quarantine_cb)(void *ud, const fm_quarantine *q);
 
+/* The store is one handle with an interface per concern, each implemented
+ * by one file of a backend, so a backend lands (and a test double is
+ * written) one concern at a time:
+ *   vt        lifecycle and tenants                 sqlite.c
+ *   records   the pipeline's writes: group commit   sqlite.c
+ *   lake      the export streams and their cursors  sqlite_lake.c
+ *   registry  devices, templates, certificates,     sqlite_registry.c
+ *             provisioning, shadows, the event log
+ *   users     users, sessions, sign-in throttling,  sqlite_users.c
+ *             second factors
+ *   api       presence, pages, labels, audit        sqlite_api.c
+ *   models    the model registry, deployments,      sqlite_models.c
+ *             drift, training jobs
+ * The lake's document formats live in src/lake/, never in a backend. */
 typedef struct fm_store_vtable {
     const char *name;
     int (*migrate)(fm_store *s, fm_errbuf *err);
     void (*close)(fm_store *s);
-
     int (*tenant_ensure)(fm_store *s, const char *name, fm_errbuf *err);
-    int (*user_create)(fm_store *s, const char *tenant, const char *username,
-                       const char *password_hash, const char *roles, fm_errbuf *err);
-    int (*user_count)(fm_store *s, const char *tenant, long *out);
+    int (*tenant_exists)(fm_store *s, const char *name);
+} fm_store_vtable;
 
-    int (*device_add)(fm_store *s, const fm_device *d, fm_errbuf *err);
-    int (*device_get)(fm_store *s, const char *id, fm_device *out);
-    int (*device_set_status)(fm_store *s, const char *id, int status, fm_errbuf *err);
-
+typedef struct fm_store_records_vt {
     int (*result_lookup)(fm_store *s, const char *device_id, const char *measurement_id,
                          char **result_json);
     int (*commit)(fm_store *s, fm_record *recs, size_t n, fm_quarantine *quar, size_t nq,
@@ -287,7 +296,9 @@ typedef struct fm_store_vtable {
     int (*probe_write)(fm_store *s, fm_errbuf *err);
     int (*hot_path)(fm_store *s);
     int (*checkpoint)(fm_store *s);
+} fm_store_records_vt;
 
+typedef struct fm_store_lake_vt {
     int (*scan_records)(fm_store *s, int64_t after_seq, size_t limit, fm_record_cb cb,
                         void *ud);
     int (*scan_quarantine)(fm_store *s, int64_t after_seq, size_t limit, fm_quarantine_cb cb,
@@ -297,7 +308,14 @@ typedef struct fm_store_vtable {
                            fm_lake_cursor *out);
     int (*lake_cursor_set)(fm_store *s, const char *node, enum fm_lake_stream st,
                            const fm_lake_cursor *c, fm_errbuf *err);
+    int (*scan_labels)(fm_store *s, int64_t after_seq, size_t limit, fm_label_cb cb, void *ud);
+    int (*scan_audit)(fm_store *s, int64_t after_seq, size_t limit, fm_audit_cb cb, void *ud);
+} fm_store_lake_vt;
 
+typedef struct fm_store_registry_vt {
+    int (*device_add)(fm_store *s, const fm_device *d, fm_errbuf *err);
+    int (*device_get)(fm_store *s, const char *id, fm_device *out);
+    int (*device_set_status)(fm_store *s, const char *id, int status, fm_errbuf *err);
     int (*template_add)(fm_store *s, const fm_template *t, const char *const *serials,
                         size_t nserials, fm_errbuf *err);
     int (*template_get)(fm_store *s, const char *name, fm_template *out);
@@ -306,7 +324,6 @@ typedef struct fm_store_vtable {
     int (*template_serial_allowed)(fm_store *s, const char *name, const char *serial);
     int (*claim_cert_add)(fm_store *s, const char *tmpl, const char *serial_hex, fm_errbuf *err);
     int (*claim_certs)(fm_store *s, const char *tmpl, fm_serial_cb cb, void *ud);
-
     int (*cert_add)(fm_store *s, const char *device_id, const char *serial_hex,
                     const char *pem, int64_t not_after_ms, fm_errbuf *err);
     int (*device_certs)(fm_store *s, const char *device_id, fm_serial_cb cb, void *ud);
@@ -314,7 +331,6 @@ typedef struct fm_store_vtable {
     int (*device_list)(fm_store *s, fm_device_cb cb, void *ud);
     int (*revoked_certs)(fm_store *s, fm_serial_cb cb, void *ud);
     int (*expire_grace)(fm_store *s, int64_t now_ms, long *expired, fm_errbuf *err);
-
     int (*provision_lookup)(fm_store *s, const char *serial_number, char *device_id,
                             size_t id_len, char **cert_pem);
     int (*provision_commit)(fm_store *s, const fm_provision *p, fm_errbuf *err);
@@ -322,16 +338,18 @@ typedef struct fm_store_vtable {
                          const char *pem, const char *key_id, int64_t not_after_ms,
                          const char *old_serial, int64_t grace_until_ms, fm_errbuf *err);
     int (*key_owner)(fm_store *s, const char *key_id, char *device_id, size_t id_len);
-
     int (*shadow_get)(fm_store *s, const char *device_id, fm_shadow *out);
     int (*shadow_put)(fm_store *s, const char *device_id, const char *desired,
                       const char *reported, int64_t expected_version, int64_t *new_version,
                       int notify, fm_errbuf *err);
-
     int (*events_after)(fm_store *s, int64_t after_seq, size_t limit, fm_event_cb cb, void *ud);
     int (*events_max)(fm_store *s, int64_t *out);
+} fm_store_registry_vt;
 
-    /* ---- users and sessions ---- */
+typedef struct fm_store_users_vt {
+    int (*user_create)(fm_store *s, const char *tenant, const char *username,
+                       const char *password_hash, const char *roles, fm_errbuf *err);
+    int (*user_count)(fm_store *s, const char *tenant, long *out);
     int (*user_get)(fm_store *s, const char *tenant, const char *username, fm_user *out);
     int (*user_get_by_id)(fm_store *s, int64_t id, fm_user *out);
     int (*user_list)(fm_store *s, const char *tenant, fm_user_cb cb, void *ud);
@@ -356,9 +374,14 @@ typedef struct fm_store_vtable {
                           fm_refresh_info *out, fm_errbuf *err);
     int (*session_active)(fm_store *s, const char *family, int64_t user_id, int *second_factor);
     int (*refresh_prune)(fm_store *s, int64_t before_ms, long *pruned);
-    int (*tenant_exists)(fm_store *s, const char *name);
+    int (*totp_get)(fm_store *s, int64_t user_id, fm_totp *out);
+    int (*totp_set)(fm_store *s, int64_t user_id, const unsigned char *secret, size_t len,
+                    int64_t now_ms, fm_errbuf *err);
+    int (*totp_use)(fm_store *s, int64_t user_id, int64_t step, int confirm, fm_errbuf *err);
+    int (*totp_delete)(fm_store *s, int64_t user_id, fm_errbuf *err);
+} fm_store_users_vt;
 
-    /* ---- API data ---- */
+typedef struct fm_store_api_vt {
     int (*device_page)(fm_store *s, const char *tenant, const char *after_id, size_t limit,
                        fm_device_cb cb, void *ud);
     int (*presence_set)(fm_store *s, const fm_presence_update *u, size_t n);
@@ -374,14 +397,7 @@ typedef struct fm_store_vtable {
     int (*audit_append)(fm_store *s, fm_audit *a, fm_errbuf *err);
     int (*audit_page)(fm_store *s, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
                       void *ud);
-    int (*scan_docs)(fm_store *s, enum fm_lake_stream st, int64_t after_seq, size_t limit,
-                     fm_doc_cb cb, void *ud);
-    int (*totp_get)(fm_store *s, int64_t user_id, fm_totp *out);
-    int (*totp_set)(fm_store *s, int64_t user_id, const unsigned char *secret, size_t len,
-                    int64_t now_ms, fm_errbuf *err);
-    int (*totp_use)(fm_store *s, int64_t user_id, int64_t step, int confirm, fm_errbuf *err);
-    int (*totp_delete)(fm_store *s, int64_t user_id, fm_errbuf *err);
-} fm_store_vtable;
+} fm_store_api_vt;
 
 /* ---- the model registry: a concern of its own (s->models) --------------- */
 
@@ -489,6 +505,11 @@ typedef struct fm_store_models_vt {
 
 struct fm_store {
     const fm_store_vtable *vt;
+    const fm_store_records_vt *records;
+    const fm_store_lake_vt *lake;
+    const fm_store_registry_vt *registry;
+    const fm_store_users_vt *users;
+    const fm_store_api_vt *api;
     const fm_store_models_vt *models;
 };
 
@@ -506,24 +527,24 @@ static inline int fm_store_tenant_ensure(fm_store *s, const char *name, fm_errbu
 static inline int fm_store_user_create(fm_store *s, const char *tenant, const char *username,
                                        const char *password_hash, const char *roles,
                                        fm_errbuf *err)
-{ return s->vt->user_create(s, tenant, username, password_hash, roles, err); }
+{ return s->users->user_create(s, tenant, username, password_hash, roles, err); }
 static inline int fm_store_user_count(fm_store *s, const char *tenant, long *out)
-{ return s->vt->user_count(s, tenant, out); }
+{ return s->users->user_count(s, tenant, out); }
 /* Registers a device; FM_EEXIST if the id is taken, FM_ENOTFOUND if the
  * tenant does not exist. */
 static inline int fm_store_device_add(fm_store *s, const fm_device *d, fm_errbuf *err)
-{ return s->vt->device_add(s, d, err); }
+{ return s->registry->device_add(s, d, err); }
 /* Returns 0 and fills *out, or FM_ENOTFOUND / FM_EDB. */
 static inline int fm_store_device_get(fm_store *s, const char *id, fm_device *out)
-{ return s->vt->device_get(s, id, out); }
+{ return s->registry->device_get(s, id, out); }
 static inline int fm_store_device_set_status(fm_store *s, const char *id, int status,
                                              fm_errbuf *err)
-{ return s->vt->device_set_status(s, id, status, err); }
+{ return s->registry->device_set_status(s, id, status, err); }
 /* Looks up the stored result of (device, measurement id). Returns 0 and
  * *result_json (caller frees with fm_free), FM_ENOTFOUND or FM_EDB. */
 static inline int fm_store_result_lookup(fm_store *s, const char *device_id,
                                          const char *measurement_id, char **result_json)
-{ return s->vt->result_lookup(s, device_id, measurement_id, result_json); }
+{ return s->records->result_lookup(s, device_id, measurement_id, result_json); }
 /* Durably commits records and quarantined payloads in one transaction
  * (synchronous=FULL). Dedupe is by key: a record whose (device, id) is
  * already stored is skipped (insert-or-ignore) and marked existed, the
@@ -531,42 +552,42 @@ static inline int fm_store_result_lookup(fm_store *s, const char *device_id,
  * FM_EDB / FM_ENOSPC / FM_EIO is returned. */
 static inline int fm_store_commit(fm_store *s, fm_record *recs, size_t n, fm_quarantine *q,
                                   size_t nq, fm_errbuf *err)
-{ return s->vt->commit(s, recs, n, q, nq, err); }
+{ return s->records->commit(s, recs, n, q, nq, err); }
 /* Commits a tiny durable write, to learn whether the store can take
  * commits again after a failure (disk full, I/O error). Returns 0 or the
  * error a real commit would get. */
 static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
-{ return s->vt->probe_write(s, err); }
+{ return s->records->probe_write(s, err); }
 /* Marks the handle as the latency-critical writer (the pipeline): the
  * backend keeps housekeeping such as WAL checkpoints off it, except as a
  * bound on the log's size (SQLite: 16 MiB of WAL). */
-static inline int fm_store_hot_path(fm_store *s) { return s->vt->hot_path(s); }
+static inline int fm_store_hot_path(fm_store *s) { return s->records->hot_path(s); }
 /* Moves committed data from the write-ahead log into the database without
  * blocking anyone (called periodically off the hot path). */
-static inline int fm_store_checkpoint(fm_store *s) { return s->vt->checkpoint(s); }
+static inline int fm_store_checkpoint(fm_store *s) { return s->records->checkpoint(s); }
 static inline int fm_store_count_measurements(fm_store *s, const char *device_id, long *out)
-{ return s->vt->count_measurements(s, device_id, out); }
+{ return s->records->count_measurements(s, device_id, out); }
 /* Calls cb for committed records with seq > after_seq in seq order, at most
  * limit rows. Borrowed pointers are valid only during the callback.
  * Returns 0 or FM_EDB. */
 static inline int fm_store_scan_records(fm_store *s, int64_t after_seq, size_t limit,
                                         fm_record_cb cb, void *ud)
-{ return s->vt->scan_records(s, after_seq, limit, cb, ud); }
+{ return s->lake->scan_records(s, after_seq, limit, cb, ud); }
 static inline int fm_store_scan_quarantine(fm_store *s, int64_t after_seq, size_t limit,
                                            fm_quarantine_cb cb, void *ud)
-{ return s->vt->scan_quarantine(s, after_seq, limit, cb, ud); }
+{ return s->lake->scan_quarantine(s, after_seq, limit, cb, ud); }
 /* Highest seq in a stream (0 when empty). */
 static inline int fm_store_max_seq(fm_store *s, enum fm_lake_stream st, int64_t *out)
-{ return s->vt->max_seq(s, st, out); }
+{ return s->lake->max_seq(s, st, out); }
 /* Reads the lake cursor of (node, stream); a missing cursor reads as zeros. */
 static inline int fm_store_lake_cursor_get(fm_store *s, const char *node,
                                            enum fm_lake_stream st, fm_lake_cursor *out)
-{ return s->vt->lake_cursor_get(s, node, st, out); }
+{ return s->lake->lake_cursor_get(s, node, st, out); }
 /* Durably writes the lake cursor of (node, stream). */
 static inline int fm_store_lake_cursor_set(fm_store *s, const char *node,
                                            enum fm_lake_stream st, const fm_lake_cursor *c,
                                            fm_errbuf *err)
-{ return s->vt->lake_cursor_set(s, node, st, c, err); }
+{ return s->lake->lake_cursor_set(s, node, st, c, err); }
 
 /* ---- registry wrappers ----------------------------------------------------
  * Every change below that the broker must learn about also appends a
@@ -578,60 +599,60 @@ static inline int fm_store_lake_cursor_set(fm_store *s, const char *node,
 static inline int fm_store_template_add(fm_store *s, const fm_template *t,
                                         const char *const *serials, size_t nserials,
                                         fm_errbuf *err)
-{ return s->vt->template_add(s, t, serials, nserials, err); }
+{ return s->registry->template_add(s, t, serials, nserials, err); }
 /* 0 and *out, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_template_get(fm_store *s, const char *name, fm_template *out)
-{ return s->vt->template_get(s, name, out); }
+{ return s->registry->template_get(s, name, out); }
 static inline int fm_store_template_set_status(fm_store *s, const char *name, int status,
                                                fm_errbuf *err)
-{ return s->vt->template_set_status(s, name, status, err); }
+{ return s->registry->template_set_status(s, name, status, err); }
 static inline int fm_store_template_list(fm_store *s, fm_template_cb cb, void *ud)
-{ return s->vt->template_list(s, cb, ud); }
+{ return s->registry->template_list(s, cb, ud); }
 /* 1 when the template allows the serial (no allow-list, or listed), 0 when
  * not, negative FM_E* on error. */
 static inline int fm_store_template_serial_allowed(fm_store *s, const char *name,
                                                    const char *serial)
-{ return s->vt->template_serial_allowed(s, name, serial); }
+{ return s->registry->template_serial_allowed(s, name, serial); }
 /* Records a claim certificate serial for a template (it becomes usable). */
 static inline int fm_store_claim_cert_add(fm_store *s, const char *tmpl, const char *serial_hex,
                                           fm_errbuf *err)
-{ return s->vt->claim_cert_add(s, tmpl, serial_hex, err); }
+{ return s->registry->claim_cert_add(s, tmpl, serial_hex, err); }
 /* Calls cb for each claim certificate serial of a template. */
 static inline int fm_store_claim_certs(fm_store *s, const char *tmpl, fm_serial_cb cb, void *ud)
-{ return s->vt->claim_certs(s, tmpl, cb, ud); }
+{ return s->registry->claim_certs(s, tmpl, cb, ud); }
 /* Records an active certificate of a device (direct issue). */
 static inline int fm_store_cert_add(fm_store *s, const char *device_id, const char *serial_hex,
                                     const char *pem, int64_t not_after_ms, fm_errbuf *err)
-{ return s->vt->cert_add(s, device_id, serial_hex, pem, not_after_ms, err); }
+{ return s->registry->cert_add(s, device_id, serial_hex, pem, not_after_ms, err); }
 /* Calls cb for each certificate of the device that may connect (active or
  * in its rotation grace period); when is the grace end (0 if active). */
 static inline int fm_store_device_certs(fm_store *s, const char *device_id, fm_serial_cb cb,
                                         void *ud)
-{ return s->vt->device_certs(s, device_id, cb, ud); }
+{ return s->registry->device_certs(s, device_id, cb, ud); }
 /* Irreversibly revokes a device and all its certificates. FM_ENOTFOUND. */
 static inline int fm_store_device_revoke(fm_store *s, const char *device_id, fm_errbuf *err)
-{ return s->vt->device_revoke(s, device_id, err); }
+{ return s->registry->device_revoke(s, device_id, err); }
 static inline int fm_store_device_list(fm_store *s, fm_device_cb cb, void *ud)
-{ return s->vt->device_list(s, cb, ud); }
+{ return s->registry->device_list(s, cb, ud); }
 /* Calls cb for every revoked certificate (for the CRL); when = revocation. */
 static inline int fm_store_revoked_certs(fm_store *s, fm_serial_cb cb, void *ud)
-{ return s->vt->revoked_certs(s, cb, ud); }
+{ return s->registry->revoked_certs(s, cb, ud); }
 /* Revokes certificates whose rotation grace ended before now_ms. */
 static inline int fm_store_expire_grace(fm_store *s, int64_t now_ms, long *expired,
                                         fm_errbuf *err)
-{ return s->vt->expire_grace(s, now_ms, expired, err); }
+{ return s->registry->expire_grace(s, now_ms, expired, err); }
 /* Finds the device provisioned for a hardware serial: 0 with device_id and
  * its newest active certificate PEM (*cert_pem, fm_free; may be NULL when
  * none is active), FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_provision_lookup(fm_store *s, const char *serial_number,
                                             char *device_id, size_t id_len, char **cert_pem)
-{ return s->vt->provision_lookup(s, serial_number, device_id, id_len, cert_pem); }
+{ return s->registry->provision_lookup(s, serial_number, device_id, id_len, cert_pem); }
 /* Registers (or re-activates, when p->reprovision) the device, revokes its
  * older certificates if reprovisioning, records the new active certificate
  * and the serial -> device mapping, in one transaction. FM_EEXIST when the
  * device id belongs to another serial. */
 static inline int fm_store_provision_commit(fm_store *s, const fm_provision *p, fm_errbuf *err)
-{ return s->vt->provision_commit(s, p, err); }
+{ return s->registry->provision_commit(s, p, err); }
 /* Adds a new active certificate (its key identity key_id, "" unknown) and
  * puts old_serial into its grace period (until grace_until_ms), in one
  * transaction. */
@@ -640,32 +661,32 @@ static inline int fm_store_rotate_commit(fm_store *s, const char *device_id,
                                          const char *key_id, int64_t not_after_ms,
                                          const char *old_serial, int64_t grace_until_ms,
                                          fm_errbuf *err)
-{ return s->vt->rotate_commit(s, device_id, new_serial, pem, key_id, not_after_ms, old_serial,
+{ return s->registry->rotate_commit(s, device_id, new_serial, pem, key_id, not_after_ms, old_serial,
                              grace_until_ms, err); }
 /* Which device holds a certificate (active or in its rotation grace) for
  * the key identity key_id (fm_csr_key_id): 0 with its id copied into
  * device_id, FM_ENOTFOUND, or FM_EDB. Revoked certificates do not count. */
 static inline int fm_store_key_owner(fm_store *s, const char *key_id, char *device_id,
                                      size_t id_len)
-{ return s->vt->key_owner(s, key_id, device_id, id_len); }
+{ return s->registry->key_owner(s, key_id, device_id, id_len); }
 /* Reads a device's shadow; a missing shadow reads as version 0 with "{}"
  * documents. Free the strings with fm_free. */
 static inline int fm_store_shadow_get(fm_store *s, const char *device_id, fm_shadow *out)
-{ return s->vt->shadow_get(s, device_id, out); }
+{ return s->registry->shadow_get(s, device_id, out); }
 /* Writes both documents and bumps the version. expected_version >= 0 makes
  * it conditional (FM_EBUSY when the stored version differs). notify adds a
  * shadow event (so every node pushes the delta). */
 static inline int fm_store_shadow_put(fm_store *s, const char *device_id, const char *desired,
                                       const char *reported, int64_t expected_version,
                                       int64_t *new_version, int notify, fm_errbuf *err)
-{ return s->vt->shadow_put(s, device_id, desired, reported, expected_version, new_version,
+{ return s->registry->shadow_put(s, device_id, desired, reported, expected_version, new_version,
                           notify, err); }
 /* Calls cb for registry events with seq > after_seq, in order. */
 static inline int fm_store_events_after(fm_store *s, int64_t after_seq, size_t limit,
                                         fm_event_cb cb, void *ud)
-{ return s->vt->events_after(s, after_seq, limit, cb, ud); }
+{ return s->registry->events_after(s, after_seq, limit, cb, ud); }
 static inline int fm_store_events_max(fm_store *s, int64_t *out)
-{ return s->vt->events_max(s, out); }
+{ return s->registry->events_max(s, out); }
 /* Frees the strings of a shadow read with fm_store_shadow_get. */
 static inline void fm_shadow_clear(fm_shadow *sh)
 { fm_free(sh->desired); fm_free(sh->reported); sh->desired = sh->reported = NULL; }
@@ -680,31 +701,31 @@ static inline void fm_shadow_clear(fm_shadow *sh)
  * FM_EDB. */
 static inline int fm_store_user_get(fm_store *s, const char *tenant, const char *username,
                                     fm_user *out)
-{ return s->vt->user_get(s, tenant, username, out); }
+{ return s->users->user_get(s, tenant, username, out); }
 static inline int fm_store_user_get_by_id(fm_store *s, int64_t id, fm_user *out)
-{ return s->vt->user_get_by_id(s, id, out); }
+{ return s->users->user_get_by_id(s, id, out); }
 /* Calls cb for each user of tenant (every tenant when tenant is NULL), by
  * tenant then username; password_hash is left empty. 0 or FM_EDB. */
 static inline int fm_store_user_list(fm_store *s, const char *tenant, fm_user_cb cb, void *ud)
-{ return s->vt->user_list(s, tenant, cb, ud); }
+{ return s->users->user_list(s, tenant, cb, ud); }
 /* Stores a new password hash, bumps the epoch, revokes all families.
  * 0, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_user_set_password(fm_store *s, int64_t id, const char *password_hash,
                                              int64_t now_ms, fm_errbuf *err)
-{ return s->vt->user_set_password(s, id, password_hash, now_ms, err); }
+{ return s->users->user_set_password(s, id, password_hash, now_ms, err); }
 /* Sets the status; FM_USER_DISABLED also bumps the epoch and revokes all
  * families. 0, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_user_set_status(fm_store *s, int64_t id, int status, int64_t now_ms,
                                            fm_errbuf *err)
-{ return s->vt->user_set_status(s, id, status, now_ms, err); }
+{ return s->users->user_set_status(s, id, status, now_ms, err); }
 /* Replaces the roles and bumps the epoch (families stay). */
 static inline int fm_store_user_set_roles(fm_store *s, int64_t id, const char *roles,
                                           fm_errbuf *err)
-{ return s->vt->user_set_roles(s, id, roles, err); }
+{ return s->users->user_set_roles(s, id, roles, err); }
 /* Bumps the epoch and revokes every family of the user. */
 static inline int fm_store_user_revoke_sessions(fm_store *s, int64_t id, int64_t now_ms,
                                                 fm_errbuf *err)
-{ return s->vt->user_revoke_sessions(s, id, now_ms, err); }
+{ return s->users->user_revoke_sessions(s, id, now_ms, err); }
 /* Counts one sign-in attempt against each of keys[0..n-1] (n <= 4), key i
  * under policy p[i] (p is an array of n policies), atomically:
  * when any key is locked at now_ms nothing is counted, *locked_until_ms is
@@ -716,7 +737,7 @@ static inline int fm_store_throttle_attempt(fm_store *s, const char *const *keys
                                             const fm_throttle_policy *p, int64_t now_ms,
                                             int64_t *locks, int64_t *locked_until_ms,
                                             fm_errbuf *err)
-{ return s->vt->throttle_attempt(s, keys, n, p, now_ms, locks, locked_until_ms, err); }
+{ return s->users->throttle_attempt(s, keys, n, p, now_ms, locks, locked_until_ms, err); }
 /* After a successful sign-in: forgets reset_key entirely, and takes back the
  * attempt counted against undo_key (one failure less; its lock is lifted
  * only if it is still undo_lock_ms, the one that attempt set). Either key
@@ -724,10 +745,10 @@ static inline int fm_store_throttle_attempt(fm_store *s, const char *const *keys
 static inline int fm_store_throttle_release(fm_store *s, const char *reset_key,
                                             const char *undo_key, int64_t undo_lock_ms,
                                             fm_errbuf *err)
-{ return s->vt->throttle_release(s, reset_key, undo_key, undo_lock_ms, err); }
+{ return s->users->throttle_release(s, reset_key, undo_key, undo_lock_ms, err); }
 /* Deletes throttle entries whose last failure is older than before_ms. */
 static inline int fm_store_throttle_prune(fm_store *s, int64_t before_ms, long *pruned)
-{ return s->vt->throttle_prune(s, before_ms, pruned); }
+{ return s->users->throttle_prune(s, before_ms, pruned); }
 /* Creates a refresh-token family for user_id with its first token (hash of
  * FM_TOKEN_HASH_LEN bytes), remembering whether the sign-in gave a second
  * factor (second_factor 1; every token of the session inherits it),
@@ -739,7 +760,7 @@ static inline int fm_store_session_create(fm_store *s, const char *family, int64
                                           int64_t epoch, const unsigned char *token_hash,
                                           int64_t expires_ms, int64_t now_ms, int second_factor,
                                           fm_errbuf *err)
-{ return s->vt->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms,
+{ return s->users->session_create(s, family, user_id, epoch, token_hash, expires_ms, now_ms,
                               second_factor, err); }
 /* Consumes the refresh token old_hash and adds new_hash to its family, in
  * one transaction. The new token expires at new_expires_ms or when the old
@@ -750,22 +771,22 @@ static inline int fm_store_session_create(fm_store *s, const char *family, int64
 static inline int fm_store_refresh_rotate(fm_store *s, const unsigned char *old_hash,
                                           const unsigned char *new_hash, int64_t new_expires_ms,
                                           int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
-{ return s->vt->refresh_rotate(s, old_hash, new_hash, new_expires_ms, now_ms, out, err); }
+{ return s->users->refresh_rotate(s, old_hash, new_hash, new_expires_ms, now_ms, out, err); }
 /* Revokes the family the token belongs to; *out (may be NULL) says whose
  * it was. 0, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_refresh_revoke(fm_store *s, const unsigned char *token_hash,
                                           int64_t now_ms, fm_refresh_info *out, fm_errbuf *err)
-{ return s->vt->refresh_revoke(s, token_hash, now_ms, out, err); }
+{ return s->users->refresh_revoke(s, token_hash, now_ms, out, err); }
 /* 0 when family exists, belongs to user_id and is not revoked (then
  * *second_factor, if non-NULL, says whether its sign-in gave a second
  * factor); FM_EPERM otherwise; FM_EDB. */
 static inline int fm_store_session_active(fm_store *s, const char *family, int64_t user_id,
                                           int *second_factor)
-{ return s->vt->session_active(s, family, user_id, second_factor); }
+{ return s->users->session_active(s, family, user_id, second_factor); }
 /* Deletes refresh tokens that expired before before_ms, and families left
  * without tokens. */
 static inline int fm_store_refresh_prune(fm_store *s, int64_t before_ms, long *pruned)
-{ return s->vt->refresh_prune(s, before_ms, pruned); }
+{ return s->users->refresh_prune(s, before_ms, pruned); }
 /* 1 when the tenant exists, 0 when not, FM_EDB. */
 static inline int fm_store_tenant_exists(fm_store *s, const char *name)
 { return s->vt->tenant_exists(s, name); }
@@ -777,7 +798,7 @@ static inline int fm_store_tenant_exists(fm_store *s, const char *name)
  * 0 or FM_EDB. */
 static inline int fm_store_device_page(fm_store *s, const char *tenant, const char *after_id,
                                        size_t limit, fm_device_cb cb, void *ud)
-{ return s->vt->device_page(s, tenant, after_id, limit, cb, ud); }
+{ return s->api->device_page(s, tenant, after_id, limit, cb, ud); }
 /* Records n connect (online 1) / disconnect (0) reports in one transaction
  * (a connect storm after a broker restart is thousands of them). A report
  * older than what is stored for its device is ignored (reports may arrive
@@ -785,16 +806,16 @@ static inline int fm_store_device_page(fm_store *s, const char *tenant, const ch
  * Not a registry event: presence is not pushed to the broker. 0 or FM_EDB /
  * FM_EBUSY / FM_EIO / FM_ENOSPC (nothing stored). */
 static inline int fm_store_presence_set(fm_store *s, const fm_presence_update *u, size_t n)
-{ return s->vt->presence_set(s, u, n); }
+{ return s->api->presence_set(s, u, n); }
 /* The broker lost every session at at_ms (it restarted): marks offline, as
  * of at_ms, every device online by a report older than at_ms. Reports
  * stamped at or after at_ms (reconnects to the new broker) stay. 0 or
  * FM_EDB. */
 static inline int fm_store_presence_reset(fm_store *s, int64_t at_ms)
-{ return s->vt->presence_reset(s, at_ms); }
+{ return s->api->presence_reset(s, at_ms); }
 /* Fills *out (zeros for a device never seen). 0 or FM_EDB. */
 static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
-{ return s->vt->presence_get(s, device_id, out); }
+{ return s->api->presence_get(s, device_id, out); }
 /* Calls cb for up to q->limit measurements of q->device_id (see
  * fm_measurement_query), with payload, result and model. Borrowed pointers
  * live during the callback only. To continue, pass the last row's
@@ -803,12 +824,12 @@ static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_p
  * FM_EDB. */
 static inline int fm_store_measurement_page(fm_store *s, const fm_measurement_query *q,
                                             fm_record_cb cb, void *ud)
-{ return s->vt->measurement_page(s, q, cb, ud); }
+{ return s->api->measurement_page(s, q, cb, ud); }
 /* Calls cb once with the measurement (device, id). 0, FM_ENOTFOUND, FM_EDB. */
 static inline int fm_store_measurement_get(fm_store *s, const char *device_id,
                                            const char *measurement_id, fm_record_cb cb,
                                            void *ud)
-{ return s->vt->measurement_get(s, device_id, measurement_id, cb, ud); }
+{ return s->api->measurement_get(s, device_id, measurement_id, cb, ud); }
 /* Stores the label of a measurement (replacing an earlier one), in one
  * transaction with the check that the measurement exists. l->tenant may
  * be NULL or "" (any tenant); otherwise the measurement must belong to it.
@@ -821,7 +842,7 @@ static inline int fm_store_measurement_get(fm_store *s, const char *device_id,
  * FM_ENOTFOUND (no such measurement of that device and tenant), FM_EDB /
  * FM_ENOSPC / FM_EIO. */
 static inline int fm_store_label_put(fm_store *s, fm_label *l, fm_errbuf *err)
-{ return s->vt->label_put(s, l, err); }
+{ return s->api->label_put(s, l, err); }
 /* Reads the current label: *out's device_id/tenant/measurement_id are NULL,
  * outputs_json is fm_malloc'd (caller frees with fm_free((void *)...)),
  * source and labelled_by point into the caller's buffers (truncated to
@@ -830,52 +851,51 @@ static inline int fm_store_label_put(fm_store *s, fm_label *l, fm_errbuf *err)
 static inline int fm_store_label_get(fm_store *s, const char *device_id,
                                      const char *measurement_id, fm_label *out, char *source,
                                      size_t source_len, char *by, size_t by_len)
-{ return s->vt->label_get(s, device_id, measurement_id, out, source, source_len, by, by_len); }
+{ return s->api->label_get(s, device_id, measurement_id, out, source, source_len, by, by_len); }
 /* Durably appends an audit entry (a->seq set; a->at_ms 0 means now and is
  * then set; NULL strings are stored as ""). 0, FM_EINVAL (details_json not
  * a JSON object), FM_EDB, FM_ENOSPC, FM_EIO. */
 static inline int fm_store_audit_append(fm_store *s, fm_audit *a, fm_errbuf *err)
-{ return s->vt->audit_append(s, a, err); }
+{ return s->api->audit_append(s, a, err); }
 /* Calls cb for up to limit matching entries, newest first (seq DESC); f
  * may be NULL (no filter). Pass the last entry's seq as before_seq for the
  * next page. Borrowed pointers live during the callback only. 0, FM_EDB. */
 static inline int fm_store_audit_page(fm_store *s, const fm_audit_filter *f, size_t limit,
                                       fm_audit_cb cb, void *ud)
-{ return s->vt->audit_page(s, f, limit, cb, ud); }
-/* For the LABELS and AUDIT streams: calls cb with each row's JSON document
- * (one line, no newline, NUL-terminated; it includes "seq"), tenant and
- * time (label written / action done), seq > after, in seq order, at most
- * limit rows; cb returns nonzero to stop. Documents:
- *   labels: {"seq","device_id","tenant","measurement_id","outputs":{...},
- *            "source","labelled_by","labelled_at":RFC 3339}
- *   audit:  {"seq","at":RFC 3339,"tenant","actor","action","target",
- *            "outcome","client","details":{...}}
- * 0, FM_EINVAL for other streams, FM_ENOMEM, FM_EDB. */
-static inline int fm_store_scan_docs(fm_store *s, enum fm_lake_stream st, int64_t after_seq,
-                                     size_t limit, fm_doc_cb cb, void *ud)
-{ return s->vt->scan_docs(s, st, after_seq, limit, cb, ud); }
+{ return s->api->audit_page(s, f, limit, cb, ud); }
+/* The LABELS and AUDIT streams, for the lake exporter (which renders the
+ * documents, src/lake/writer.c): cb gets each row with seq > after_seq in
+ * seq order, at most limit rows, strings borrowed for the call (a label's
+ * outputs_json and an entry's details_json are the stored JSON object
+ * text); cb returns nonzero to stop. 0 or FM_EDB. */
+static inline int fm_store_scan_labels(fm_store *s, int64_t after_seq, size_t limit,
+                                       fm_label_cb cb, void *ud)
+{ return s->lake->scan_labels(s, after_seq, limit, cb, ud); }
+static inline int fm_store_scan_audit(fm_store *s, int64_t after_seq, size_t limit,
+                                      fm_audit_cb cb, void *ud)
+{ return s->lake->scan_audit(s, after_seq, limit, cb, ud); }
 
 /* ---- second factor ---------------------------------------------------------- */
 
 /* Reads a user's TOTP state. 0, FM_ENOTFOUND (none), FM_EDB. */
 static inline int fm_store_totp_get(fm_store *s, int64_t user_id, fm_totp *out)
-{ return s->vt->totp_get(s, user_id, out); }
+{ return s->users->totp_get(s, user_id, out); }
 /* Starts an enrolment: stores secret (<= 32 bytes) unconfirmed, replacing
  * an unconfirmed one. FM_EEXIST when a confirmed one exists (delete it
  * first), FM_ENOTFOUND (no such user), FM_EDB. */
 static inline int fm_store_totp_set(fm_store *s, int64_t user_id, const unsigned char *secret,
                                     size_t len, int64_t now_ms, fm_errbuf *err)
-{ return s->vt->totp_set(s, user_id, secret, len, now_ms, err); }
+{ return s->users->totp_set(s, user_id, secret, len, now_ms, err); }
 /* Uses up step (a code just verified): atomically, only if step is after
  * the last one used, and (confirm 0) only for a confirmed secret or
  * (confirm 1) also confirming an enrolment. 0, FM_ESTATE (replayed step,
  * or nothing to use/confirm), FM_EDB. */
 static inline int fm_store_totp_use(fm_store *s, int64_t user_id, int64_t step, int confirm,
                                     fm_errbuf *err)
-{ return s->vt->totp_use(s, user_id, step, confirm, err); }
+{ return s->users->totp_use(s, user_id, step, confirm, err); }
 /* Removes a user's TOTP (disable, or an admin's reset). 0 (also when there
  * was none), FM_EDB. */
 static inline int fm_store_totp_delete(fm_store *s, int64_t user_id, fm_errbuf *err)
-{ return s->vt->totp_delete(s, user_id, err); }
+{ return s->users->totp_delete(s, user_id, err); }
 
 #endif

@@ -238,6 +238,54 @@ static long format_record(lake_exporter *ex, const fm_record *r)
     return rc ? rc : (long)len;
 }
 
+/* A stored JSON object (validated when written), parsed; null if it is
+ * not an object after all. */
+static json_t *stored_object(const char *text)
+{
+    json_t *j = text ? json_loads(text, 0, NULL) : NULL;
+    if (json_is_object(j))
+        return j;
+    json_decref(j);
+    return json_null();
+}
+
+/* labels/: {"seq","device_id","tenant","measurement_id","outputs":{...},
+ * "source","labelled_by","labelled_at"} (docs/protocol.md, the lake). */
+static long format_label(lake_exporter *ex, const fm_label *l)
+{
+    json_t *o = json_object();
+    if (!o)
+        return FM_ENOMEM;
+    json_object_set_new(o, "seq", json_integer(l->seq));
+    json_object_set_new(o, "device_id", fm_json_str(l->device_id));
+    json_object_set_new(o, "tenant", fm_json_str(l->tenant));
+    json_object_set_new(o, "measurement_id", fm_json_str(l->measurement_id));
+    json_object_set_new(o, "outputs", stored_object(l->outputs_json));
+    json_object_set_new(o, "source", fm_json_str(l->source));
+    json_object_set_new(o, "labelled_by", fm_json_str(l->labelled_by));
+    json_object_set_new(o, "labelled_at", fm_json_time(l->at_ms));
+    return dump_line(ex, o);
+}
+
+/* logs/: {"seq","at","tenant","actor","action","target","outcome",
+ * "client","details":{...}}. */
+static long format_audit(lake_exporter *ex, const fm_audit *a)
+{
+    json_t *o = json_object();
+    if (!o)
+        return FM_ENOMEM;
+    json_object_set_new(o, "seq", json_integer(a->seq));
+    json_object_set_new(o, "at", fm_json_time(a->at_ms));
+    json_object_set_new(o, "tenant", fm_json_str(a->tenant));
+    json_object_set_new(o, "actor", fm_json_str(a->actor));
+    json_object_set_new(o, "action", fm_json_str(a->action));
+    json_object_set_new(o, "target", fm_json_str(a->target));
+    json_object_set_new(o, "outcome", fm_json_str(a->outcome));
+    json_object_set_new(o, "client", fm_json_str(a->client));
+    json_object_set_new(o, "details", stored_object(a->details_json));
+    return dump_line(ex, o);
+}
+
 static long format_quarantine(lake_exporter *ex, const fm_quarantine *q)
 {
     json_t *o = json_object(), *e = json_object();
@@ -528,51 +576,45 @@ typedef struct scan_ctx {
     bool need_roll;
 } scan_ctx;
 
-static int on_record(void *ud, const fm_record *r)
+/* Adds a formatted row (len bytes in ex->line, or a negative error) to the
+ * stream's batch; returns non-zero to stop the scan (a roll, or an error
+ * kept in c->rc). */
+static int scan_add(scan_ctx *c, long len, const char *tenant, int64_t ms, int64_t seq)
 {
-    scan_ctx *c = ud;
     c->seen++;
-    long len = format_record(c->ex, r);
-    int rc = len < 0 ? fm_errf(c->err, (int)len, "lake: cannot format seq %" PRId64, r->seq)
-                     : batch_add(c->ex, c->s, r->tenant, r->received_ms, r->seq, len, c->err);
+    int rc = len < 0 ? fm_errf(c->err, (int)len, "lake: cannot format seq %" PRId64, seq)
+                     : batch_add(c->ex, c->s, tenant, ms, seq, len, c->err);
     if (rc == 1)
         c->need_roll = true;
     else if (rc < 0)
         c->rc = rc;
     return rc != 0;
+}
+
+static int on_record(void *ud, const fm_record *r)
+{
+    scan_ctx *c = ud;
+    return scan_add(c, format_record(c->ex, r), r->tenant, r->received_ms, r->seq);
 }
 
 static int on_quarantine(void *ud, const fm_quarantine *q)
 {
     scan_ctx *c = ud;
-    c->seen++;
-    long len = format_quarantine(c->ex, q);
-    int rc = len < 0 ? fm_errf(c->err, (int)len, "lake: cannot format seq %" PRId64, q->seq)
-                     : batch_add(c->ex, c->s, q->tenant, q->received_ms, q->seq, len, c->err);
-    if (rc == 1)
-        c->need_roll = true;
-    else if (rc < 0)
-        c->rc = rc;
-    return rc != 0;
+    return scan_add(c, format_quarantine(c->ex, q), q->tenant, q->received_ms, q->seq);
 }
 
-/* Labels and audit entries come from the store as finished one-line JSON
- * documents; they are copied as they are (CR/LF cannot occur in compact
- * JSON, but are blanked like in embedded documents to be sure). */
-static int on_doc(void *ud, int64_t seq, const char *tenant, int64_t at_ms, const char *doc,
-                  size_t n)
+/* Labels go to the lake partitioned by the time they were written, audit
+ * entries by the time of the action. */
+static int on_label(void *ud, const fm_label *l)
 {
     scan_ctx *c = ud;
-    c->seen++;
-    size_t len = 0;
-    int rc = append_json_text(c->ex, &len, doc, n);
-    rc = rc ? fm_errf(c->err, rc, "lake: cannot format seq %" PRId64, seq)
-            : batch_add(c->ex, c->s, tenant, at_ms, seq, (long)len, c->err);
-    if (rc == 1)
-        c->need_roll = true;
-    else if (rc < 0)
-        c->rc = rc;
-    return rc != 0;
+    return scan_add(c, format_label(c->ex, l), l->tenant, l->at_ms, l->seq);
+}
+
+static int on_audit(void *ud, const fm_audit *a)
+{
+    scan_ctx *c = ud;
+    return scan_add(c, format_audit(c->ex, a), a->tenant, a->at_ms, a->seq);
 }
 
 /* One scan call of the stream's kind. */
@@ -583,8 +625,12 @@ static int scan_stream(lake_exporter *ex, lake_stream *s, scan_ctx *c)
         return fm_store_scan_records(ex->store, s->pos, LAKE_SCAN_LIMIT, on_record, c);
     case FM_STREAM_QUARANTINE:
         return fm_store_scan_quarantine(ex->store, s->pos, LAKE_SCAN_LIMIT, on_quarantine, c);
+    case FM_STREAM_LABELS:
+        return fm_store_scan_labels(ex->store, s->pos, LAKE_SCAN_LIMIT, on_label, c);
+    case FM_STREAM_AUDIT:
+        return fm_store_scan_audit(ex->store, s->pos, LAKE_SCAN_LIMIT, on_audit, c);
     default:
-        return fm_store_scan_docs(ex->store, s->st, s->pos, LAKE_SCAN_LIMIT, on_doc, c);
+        return FM_EINVAL;
     }
 }
 

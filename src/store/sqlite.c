@@ -16,8 +16,6 @@
 #include <string.h>
 #include <time.h>
 
-
-
 static const char *schema_v1 =
     "CREATE TABLE IF NOT EXISTS tenants ("
     "  name TEXT PRIMARY KEY, created_ms INTEGER NOT NULL);"
@@ -387,43 +385,6 @@ static int s_tenant_ensure(fm_store *base, const char *name, fm_errbuf *err)
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "tenant");
 }
 
-static int s_user_create(fm_store *base, const char *tenant, const char *username,
-                         const char *hash, const char *roles, fm_errbuf *err)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    int rc = sql__prep(s, &st,
-                  "INSERT INTO users(tenant, username, password_hash, roles, created_ms) "
-                  "VALUES(?, ?, ?, ?, ?)",
-                  err);
-    if (rc)
-        return rc;
-    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, username, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, hash, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, roles, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, fm_wall_ms());
-    rc = sql__step_done(st);
-    sqlite3_finalize(st);
-    if (rc == SQLITE_OK)
-        return 0;
-    return sql__err(s, err, rc, "user");
-}
-
-static int s_user_count(fm_store *base, const char *tenant, long *out)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    if (sql__prep(s, &st, "SELECT count(*) FROM users WHERE tenant = ?", NULL))
-        return FM_EDB;
-    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW)
-        *out = (long)sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    return rc == SQLITE_ROW ? 0 : FM_EDB;
-}
-
 /* Inserts the device row (and its first certificate when d->cert_serial is
  * set) inside the caller's transaction. */
 int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err)
@@ -482,21 +443,6 @@ int sql__insert_cert(sqlite_store *s, const char *device_id, const char *serial,
     return sql__event(s, FM_EVENT_DEVICE, device_id, err);
 }
 
-static int s_device_add(fm_store *base, const fm_device *d, fm_errbuf *err)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    int rc = sql__begin(s, err);
-    if (rc)
-        return rc;
-    rc = sql__insert_device(s, d, err);
-    if (!rc)
-        rc = sql__event(s, FM_EVENT_DEVICE, d->id, err);
-    if (!rc)
-        return sql__commit(s, err);
-    sql__rollback(s);
-    return rc;
-}
-
 void sql__copy_col(char *dst, size_t n, sqlite3_stmt *st, int col)
 {
     const unsigned char *v = sqlite3_column_text(st, col);
@@ -513,56 +459,6 @@ void sql__read_device(sqlite3_stmt *st, fm_device *out)
     out->created_ms = sqlite3_column_int64(st, 4);
     sql__copy_col(out->device_group, sizeof out->device_group, st, 5);
     sql__copy_col(out->serial_number, sizeof out->serial_number, st, 6);
-}
-
-static int s_device_get(fm_store *base, const char *id, fm_device *out)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st = s->dev_get;
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    int ret;
-    if (rc == SQLITE_ROW) {
-        sql__read_device(st, out);
-        ret = 0;
-    } else {
-        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
-    }
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-    return ret;
-}
-
-static int s_device_set_status(fm_store *base, const char *id, int status, fm_errbuf *err)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    fm_device d;
-    int rc = s_device_get(base, id, &d);
-    if (rc == FM_ENOTFOUND)
-        return fm_errf(err, FM_ENOTFOUND, "device '%s' does not exist", id);
-    if (rc)
-        return fm_errf(err, rc, "device '%s': %s", id, fm_strerror(rc));
-    /* Revocation is final: a revoked device's certificates are gone and
-     * it must be provisioned again under a new identity. */
-    if (d.status == FM_DEVICE_REVOKED)
-        return fm_errf(err, FM_EPERM, "device '%s' is revoked; revocation cannot be undone", id);
-    sqlite3_stmt *st;
-    if ((rc = sql__begin(s, err)) != 0)
-        return rc;
-    rc = sql__prep(s, &st, "UPDATE devices SET status = ? WHERE id = ?", err);
-    if (!rc) {
-        sqlite3_bind_int(st, 1, status);
-        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-        int src = sql__step_done(st);
-        sqlite3_finalize(st);
-        rc = src == SQLITE_OK ? 0 : sql__err(s, err, src, "device status");
-    }
-    if (!rc)
-        rc = sql__event(s, FM_EVENT_DEVICE, id, err);
-    if (!rc)
-        return sql__commit(s, err);
-    sql__rollback(s);
-    return rc;
 }
 
 static int s_result_lookup(fm_store *base, const char *dev, const char *mid, char **result)
@@ -668,248 +564,21 @@ static int s_probe_write(fm_store *base, fm_errbuf *err)
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "probe");
 }
 
-static int s_scan_records(fm_store *base, int64_t after, size_t limit, fm_record_cb cb, void *ud)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    if (sql__prep(s, &st,
-             "SELECT seq, device_id, tenant, measurement_id, received_ms, taken_ms, payload,"
-             " result, model, shadow FROM measurements WHERE seq > ? ORDER BY seq LIMIT ?",
-             NULL))
-        return FM_EDB;
-    sqlite3_bind_int64(st, 1, after);
-    sqlite3_bind_int64(st, 2, (sqlite3_int64)limit);
-    int rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        fm_record r = {
-            .seq = sqlite3_column_int64(st, 0),
-            .device_id = (const char *)sqlite3_column_text(st, 1),
-            .tenant = (const char *)sqlite3_column_text(st, 2),
-            .measurement_id = (const char *)sqlite3_column_text(st, 3),
-            .received_ms = sqlite3_column_int64(st, 4),
-            .taken_ms = sqlite3_column_int64(st, 5),
-            .payload = (const char *)sqlite3_column_text(st, 6),
-            .payload_len = (size_t)sqlite3_column_bytes(st, 6),
-            .result_json = (const char *)sqlite3_column_text(st, 7),
-            .model = (const char *)sqlite3_column_text(st, 8),
-            .shadow_json = (const char *)sqlite3_column_text(st, 9),
-        };
-        if (cb(ud, &r)) {
-            rc = SQLITE_DONE;
-            break;
-        }
-    }
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
-}
-
-static int s_scan_quarantine(fm_store *base, int64_t after, size_t limit, fm_quarantine_cb cb,
-                             void *ud)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    if (sql__prep(s, &st,
-             "SELECT seq, device_id, tenant, received_ms, payload, error_code, error_message"
-             " FROM quarantine WHERE seq > ? ORDER BY seq LIMIT ?",
-             NULL))
-        return FM_EDB;
-    sqlite3_bind_int64(st, 1, after);
-    sqlite3_bind_int64(st, 2, (sqlite3_int64)limit);
-    int rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        fm_quarantine q = {
-            .seq = sqlite3_column_int64(st, 0),
-            .device_id = (const char *)sqlite3_column_text(st, 1),
-            .tenant = (const char *)sqlite3_column_text(st, 2),
-            .received_ms = sqlite3_column_int64(st, 3),
-            .payload = (const char *)sqlite3_column_blob(st, 4),
-            .payload_len = (size_t)sqlite3_column_bytes(st, 4),
-            .error_code = (const char *)sqlite3_column_text(st, 5),
-            .error_message = (const char *)sqlite3_column_text(st, 6),
-        };
-        if (!q.payload)
-            q.payload = "";
-        if (cb(ud, &q)) {
-            rc = SQLITE_DONE;
-            break;
-        }
-    }
-    sqlite3_finalize(st);
-    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
-}
-
-static int s_max_seq(fm_store *base, enum fm_lake_stream stream, int64_t *out)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    const char *table;
-    switch (stream) {
-    case FM_STREAM_RAW: table = "measurements"; break;
-    case FM_STREAM_QUARANTINE: table = "quarantine"; break;
-    case FM_STREAM_LABELS: table = "label_log"; break;
-    case FM_STREAM_AUDIT: table = "audit"; break;
-    default: return FM_EINVAL;
-    }
-    /* sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
-     * right even when the newest rows have been pruned (quarantine). */
-    if (sql__prep(s, &st, "SELECT seq FROM sqlite_sequence WHERE name = ?", NULL))
-        return FM_EDB;
-    sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
-    sqlite3_finalize(st);
-    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : sql__map_rc(rc);
-}
-
-static int s_cursor_get(fm_store *base, const char *node, enum fm_lake_stream stream,
-                        fm_lake_cursor *out)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    memset(out, 0, sizeof *out);
-    if (sql__prep(s, &st,
-             "SELECT last_seq, pending_key, pending_spool FROM lake_cursors"
-             " WHERE node = ? AND stream = ?",
-             NULL))
-        return FM_EDB;
-    sqlite3_bind_text(st, 1, node, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, (int)stream);
-    int rc = sqlite3_step(st);
-    if (rc == SQLITE_ROW) {
-        out->last_seq = sqlite3_column_int64(st, 0);
-        sql__copy_col(out->pending_key, sizeof out->pending_key, st, 1);
-        sql__copy_col(out->pending_spool, sizeof out->pending_spool, st, 2);
-    }
-    sqlite3_finalize(st);
-    return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : sql__map_rc(rc);
-}
-
-static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream stream,
-                        const fm_lake_cursor *c, fm_errbuf *err)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    int rc = sql__prep(s, &st,
-                  "INSERT INTO lake_cursors(node, stream, last_seq, pending_key, pending_spool)"
-                  " VALUES(?, ?, ?, ?, ?) ON CONFLICT(node, stream) DO UPDATE SET"
-                  " last_seq = excluded.last_seq, pending_key = excluded.pending_key,"
-                  " pending_spool = excluded.pending_spool",
-                  err);
-    if (rc)
-        return rc;
-    sqlite3_bind_text(st, 1, node, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, (int)stream);
-    sqlite3_bind_int64(st, 3, c->last_seq);
-    sqlite3_bind_text(st, 4, c->pending_key, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 5, c->pending_spool, -1, SQLITE_STATIC);
-    rc = sql__step_done(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "lake cursor");
-}
-
-/* The users-and-sessions part of the vtable (sqlite_users.c); see store.h.
- * Declared here rather than in sqlite_int.h because nothing else in the
- * backend calls them. */
-int sql__user_get(fm_store *s, const char *tenant, const char *username, fm_user *out);
-int sql__user_get_by_id(fm_store *s, int64_t id, fm_user *out);
-int sql__user_list(fm_store *s, const char *tenant, fm_user_cb cb, void *ud);
-int sql__user_set_password(fm_store *s, int64_t id, const char *hash, int64_t now_ms,
-                           fm_errbuf *err);
-int sql__user_set_status(fm_store *s, int64_t id, int status, int64_t now_ms, fm_errbuf *err);
-int sql__user_set_roles(fm_store *s, int64_t id, const char *roles, fm_errbuf *err);
-int sql__user_revoke_sessions(fm_store *s, int64_t id, int64_t now_ms, fm_errbuf *err);
-int sql__throttle_attempt(fm_store *s, const char *const *keys, size_t n,
-                          const fm_throttle_policy *p, int64_t now_ms, int64_t *locks,
-                          int64_t *locked_until_ms, fm_errbuf *err);
-int sql__throttle_release(fm_store *s, const char *reset_key, const char *undo_key,
-                          int64_t undo_lock_ms, fm_errbuf *err);
-int sql__throttle_prune(fm_store *s, int64_t before_ms, long *pruned);
-int sql__session_create(fm_store *s, const char *family, int64_t user_id, int64_t epoch,
-                        const unsigned char *hash, int64_t expires_ms, int64_t now_ms,
-                        int second_factor, fm_errbuf *err);
-int sql__refresh_rotate(fm_store *s, const unsigned char *old_hash, const unsigned char *new_hash,
-                        int64_t new_expires_ms, int64_t now_ms, fm_refresh_info *out,
-                        fm_errbuf *err);
-int sql__refresh_revoke(fm_store *s, const unsigned char *hash, int64_t now_ms,
-                        fm_refresh_info *out, fm_errbuf *err);
-int sql__session_active(fm_store *s, const char *family, int64_t user_id, int *second_factor);
-int sql__refresh_prune(fm_store *s, int64_t before_ms, long *pruned);
-
 static const fm_store_vtable sqlite_vt = {
     .name = "sqlite",
     .migrate = s_migrate,
     .close = s_close,
     .tenant_ensure = s_tenant_ensure,
-    .user_create = s_user_create,
-    .user_count = s_user_count,
-    .device_add = s_device_add,
-    .device_get = s_device_get,
-    .device_set_status = s_device_set_status,
-    .result_lookup = s_result_lookup,
+    .tenant_exists = sql__tenant_exists,
+};
+
+static const fm_store_records_vt sqlite_records_vt = {
     .commit = s_commit,
+    .result_lookup = s_result_lookup,
     .count_measurements = s_count_measurements,
     .probe_write = s_probe_write,
     .hot_path = s_hot_path,
     .checkpoint = s_checkpoint,
-    .scan_records = s_scan_records,
-    .scan_quarantine = s_scan_quarantine,
-    .max_seq = s_max_seq,
-    .lake_cursor_get = s_cursor_get,
-    .lake_cursor_set = s_cursor_set,
-    .template_add = sql__template_add,
-    .template_get = sql__template_get,
-    .template_set_status = sql__template_set_status,
-    .template_list = sql__template_list,
-    .template_serial_allowed = sql__template_serial_allowed,
-    .claim_cert_add = sql__claim_cert_add,
-    .claim_certs = sql__claim_certs,
-    .cert_add = sql__cert_add,
-    .device_certs = sql__device_certs,
-    .device_revoke = sql__device_revoke,
-    .device_list = sql__device_list,
-    .revoked_certs = sql__revoked_certs,
-    .expire_grace = sql__expire_grace,
-    .provision_lookup = sql__provision_lookup,
-    .provision_commit = sql__provision_commit,
-    .rotate_commit = sql__rotate_commit,
-    .key_owner = sql__key_owner,
-    .shadow_get = sql__shadow_get,
-    .shadow_put = sql__shadow_put,
-    .events_after = sql__events_after,
-    .events_max = sql__events_max,
-    /* users and sessions: sqlite_users.c */
-    .user_get = sql__user_get,
-    .user_get_by_id = sql__user_get_by_id,
-    .user_list = sql__user_list,
-    .user_set_password = sql__user_set_password,
-    .user_set_status = sql__user_set_status,
-    .user_set_roles = sql__user_set_roles,
-    .user_revoke_sessions = sql__user_revoke_sessions,
-    .throttle_attempt = sql__throttle_attempt,
-    .throttle_release = sql__throttle_release,
-    .throttle_prune = sql__throttle_prune,
-    .session_create = sql__session_create,
-    .refresh_rotate = sql__refresh_rotate,
-    .refresh_revoke = sql__refresh_revoke,
-    .session_active = sql__session_active,
-    .refresh_prune = sql__refresh_prune,
-    .tenant_exists = sql__tenant_exists,
-    /* API data: sqlite_api.c */
-    .device_page = sql__device_page,
-    .presence_set = sql__presence_set,
-    .totp_get = sql__totp_get,
-    .totp_set = sql__totp_set,
-    .totp_use = sql__totp_use,
-    .totp_delete = sql__totp_delete,
-    .presence_reset = sql__presence_reset,
-    .presence_get = sql__presence_get,
-    .measurement_page = sql__measurement_page,
-    .measurement_get = sql__measurement_get,
-    .label_put = sql__label_put,
-    .label_get = sql__label_get,
-    .audit_append = sql__audit_append,
-    .audit_page = sql__audit_page,
-    .scan_docs = sql__scan_docs,
 };
 
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
@@ -924,6 +593,11 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     if (!s)
         return fm_errf(err, FM_ENOMEM, "out of memory");
     s->base.vt = &sqlite_vt;
+    s->base.records = &sqlite_records_vt;
+    s->base.lake = &sql__lake_vt;
+    s->base.registry = &sql__registry_vt;
+    s->base.users = &sql__users_vt;
+    s->base.api = &sql__api_vt;
     s->base.models = &sql__models_vt;
     int rc = sqlite3_open_v2(path, &s->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,

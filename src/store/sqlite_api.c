@@ -4,8 +4,8 @@
  * measurement) and the audit log.
  *
  * Labels and audit entries are also lake streams: their seq comes from
- * AUTOINCREMENT, so it only ever grows, and scan_docs hands the exporter
- * each row as a ready-made one-line JSON document. A label is replaced in
+ * AUTOINCREMENT, so it only ever grows (sqlite_lake.c scans them for the
+ * exporter). A label is replaced in
  * place (one current label per measurement); the replacement is a new row
  * with a new, larger seq, so the exporter sees it as a new row.
  */
@@ -442,119 +442,15 @@ int sql__audit_page(fm_store *base, const fm_audit_filter *f, size_t limit, fm_a
     return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
-/* ---- lake documents ------------------------------------------------------------ */
-
-/* The stored object text (validated on write), parsed; null if it is not
- * an object after all. */
-static json_t *jobject(sqlite3_stmt *st, int i)
-{
-    const char *text = (const char *)sqlite3_column_text(st, i);
-    json_t *j = text ? json_loadb(text, (size_t)sqlite3_column_bytes(st, i), 0, NULL) : NULL;
-    if (json_is_object(j))
-        return j;
-    json_decref(j);
-    return json_null();
-}
-
-static json_t *label_doc(sqlite3_stmt *st)
-{
-    json_t *o = json_object();
-    if (!o)
-        return NULL;
-    json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
-    json_object_set_new(o, "device_id", fm_json_str(col(st, 1)));
-    json_object_set_new(o, "tenant", fm_json_str(col(st, 2)));
-    json_object_set_new(o, "measurement_id", fm_json_str(col(st, 3)));
-    json_object_set_new(o, "outputs", jobject(st, 4));
-    json_object_set_new(o, "source", fm_json_str(col(st, 5)));
-    json_object_set_new(o, "labelled_by", fm_json_str(col(st, 6)));
-    json_object_set_new(o, "labelled_at", fm_json_time(sqlite3_column_int64(st, 7)));
-    return o;
-}
-
-static json_t *audit_doc(sqlite3_stmt *st)
-{
-    json_t *o = json_object();
-    if (!o)
-        return NULL;
-    json_object_set_new(o, "seq", json_integer(sqlite3_column_int64(st, 0)));
-    json_object_set_new(o, "at", fm_json_time(sqlite3_column_int64(st, 1)));
-    json_object_set_new(o, "tenant", fm_json_str(col(st, 2)));
-    json_object_set_new(o, "actor", fm_json_str(col(st, 3)));
-    json_object_set_new(o, "action", fm_json_str(col(st, 4)));
-    json_object_set_new(o, "target", fm_json_str(col(st, 5)));
-    json_object_set_new(o, "outcome", fm_json_str(col(st, 6)));
-    json_object_set_new(o, "client", fm_json_str(col(st, 7)));
-    json_object_set_new(o, "details", jobject(st, 8));
-    return o;
-}
-
-/* Serialises o (consumed) compactly into *buf, growing it, and terminates
- * it. Returns the length or 0 when out of memory. */
-static size_t dump(json_t *o, char **buf, size_t *cap)
-{
-    if (!o)
-        return 0;
-    size_t need = json_dumpb(o, *buf, *cap, JSON_COMPACT);
-    if (need >= *cap) {
-        char *nb = fm_realloc(*buf, need + 256);
-        if (nb) {
-            *buf = nb;
-            *cap = need + 256;
-            need = json_dumpb(o, *buf, *cap, JSON_COMPACT);
-        }
-    }
-    json_decref(o);
-    if (need == 0 || need >= *cap)
-        return 0;
-    (*buf)[need] = '\0';
-    return need;
-}
-
-int sql__scan_docs(fm_store *base, enum fm_lake_stream stream, int64_t after_seq, size_t limit,
-                   fm_doc_cb cb, void *ud)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    const char *sql;
-    int tenant_col, time_col;
-    switch (stream) {
-    case FM_STREAM_LABELS:
-        sql = "SELECT seq, device_id, tenant, measurement_id, outputs, source, labelled_by, at_ms"
-              " FROM label_log WHERE seq > ? ORDER BY seq LIMIT ?";
-        tenant_col = 2;
-        time_col = 7;
-        break;
-    case FM_STREAM_AUDIT:
-        sql = "SELECT seq, at_ms, tenant, actor, action, target, outcome, client, details"
-              " FROM audit WHERE seq > ? ORDER BY seq LIMIT ?";
-        tenant_col = 2;
-        time_col = 1;
-        break;
-    default:
-        return FM_EINVAL;
-    }
-    sqlite3_stmt *st;
-    if (sql__prep(s, &st, sql, NULL))
-        return FM_EDB;
-    sqlite3_bind_int64(st, 1, after_seq);
-    sqlite3_bind_int64(st, 2, lim(limit));
-    char *buf = NULL;
-    size_t cap = 0;
-    int rc, ret = 0;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        json_t *o = stream == FM_STREAM_LABELS ? label_doc(st) : audit_doc(st);
-        size_t len = dump(o, &buf, &cap);
-        if (len == 0) {
-            ret = FM_ENOMEM;
-            break;
-        }
-        if (cb(ud, sqlite3_column_int64(st, 0), col(st, tenant_col),
-               sqlite3_column_int64(st, time_col), buf, len))
-            break;
-    }
-    sqlite3_finalize(st);
-    fm_free(buf);
-    if (ret)
-        return ret;
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
-}
+const fm_store_api_vt sql__api_vt = {
+    .device_page = sql__device_page,
+    .presence_set = sql__presence_set,
+    .presence_reset = sql__presence_reset,
+    .presence_get = sql__presence_get,
+    .measurement_page = sql__measurement_page,
+    .measurement_get = sql__measurement_get,
+    .label_put = sql__label_put,
+    .label_get = sql__label_get,
+    .audit_append = sql__audit_append,
+    .audit_page = sql__audit_page,
+};

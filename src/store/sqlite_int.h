@@ -12,8 +12,12 @@ typedef struct sqlite_store {
     sqlite3_stmt *ins_meas, *ins_quar, *lookup, *dev_get, *begin, *commit, *rollback;
 } sqlite_store;
 
-/* The model registry's part (sqlite_models.c). */
-extern const fm_store_models_vt sql__models_vt;
+/* The interfaces per concern, one file each (see store.h). */
+extern const fm_store_lake_vt sql__lake_vt;         /* sqlite_lake.c */
+extern const fm_store_registry_vt sql__registry_vt; /* sqlite_registry.c */
+extern const fm_store_users_vt sql__users_vt;       /* sqlite_users.c */
+extern const fm_store_api_vt sql__api_vt;           /* sqlite_api.c */
+extern const fm_store_models_vt sql__models_vt;     /* sqlite_models.c */
 
 /* Maps an SQLite result code to an FM_E* code (0 for OK/DONE/ROW). */
 int sql__map_rc(int rc);
@@ -116,7 +120,5 @@ int sql__label_get(fm_store *s, const char *device_id, const char *measurement_i
 int sql__audit_append(fm_store *s, fm_audit *a, fm_errbuf *err);
 int sql__audit_page(fm_store *s, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
                     void *ud);
-int sql__scan_docs(fm_store *s, enum fm_lake_stream st, int64_t after_seq, size_t limit,
-                   fm_doc_cb cb, void *ud);
 
 #endif

@@ -368,7 +368,7 @@ int sql__provision_lookup(fm_store *base, const char *serial_number, char *devic
 static int provision(sqlite_store *s, const fm_provision *p, fm_errbuf *err)
 {
     fm_device d;
-    int rc = s->base.vt->device_get(&s->base, p->device_id, &d);
+    int rc = s->base.registry->device_get(&s->base, p->device_id, &d);
     char now[24];
     snprintf(now, sizeof now, "%lld", (long long)fm_wall_ms());
     if (rc == 0) {
@@ -563,3 +563,95 @@ int sql__events_max(fm_store *base, int64_t *out)
     sqlite3_finalize(st);
     return (rc == SQLITE_ROW || rc == SQLITE_DONE) ? 0 : sql__map_rc(rc);
 }
+
+static int s_device_add(fm_store *base, const fm_device *d, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    int rc = sql__begin(s, err);
+    if (rc)
+        return rc;
+    rc = sql__insert_device(s, d, err);
+    if (!rc)
+        rc = sql__event(s, FM_EVENT_DEVICE, d->id, err);
+    if (!rc)
+        return sql__commit(s, err);
+    sql__rollback(s);
+    return rc;
+}
+
+static int s_device_get(fm_store *base, const char *id, fm_device *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st = s->dev_get;
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    int ret;
+    if (rc == SQLITE_ROW) {
+        sql__read_device(st, out);
+        ret = 0;
+    } else {
+        ret = rc == SQLITE_DONE ? FM_ENOTFOUND : sql__map_rc(rc);
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return ret;
+}
+
+static int s_device_set_status(fm_store *base, const char *id, int status, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    fm_device d;
+    int rc = s_device_get(base, id, &d);
+    if (rc == FM_ENOTFOUND)
+        return fm_errf(err, FM_ENOTFOUND, "device '%s' does not exist", id);
+    if (rc)
+        return fm_errf(err, rc, "device '%s': %s", id, fm_strerror(rc));
+    /* Revocation is final: a revoked device's certificates are gone and
+     * it must be provisioned again under a new identity. */
+    if (d.status == FM_DEVICE_REVOKED)
+        return fm_errf(err, FM_EPERM, "device '%s' is revoked; revocation cannot be undone", id);
+    sqlite3_stmt *st;
+    if ((rc = sql__begin(s, err)) != 0)
+        return rc;
+    rc = sql__prep(s, &st, "UPDATE devices SET status = ? WHERE id = ?", err);
+    if (!rc) {
+        sqlite3_bind_int(st, 1, status);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        int src = sql__step_done(st);
+        sqlite3_finalize(st);
+        rc = src == SQLITE_OK ? 0 : sql__err(s, err, src, "device status");
+    }
+    if (!rc)
+        rc = sql__event(s, FM_EVENT_DEVICE, id, err);
+    if (!rc)
+        return sql__commit(s, err);
+    sql__rollback(s);
+    return rc;
+}
+
+const fm_store_registry_vt sql__registry_vt = {
+    .device_add = s_device_add,
+    .device_get = s_device_get,
+    .device_set_status = s_device_set_status,
+    .template_add = sql__template_add,
+    .template_get = sql__template_get,
+    .template_set_status = sql__template_set_status,
+    .template_list = sql__template_list,
+    .template_serial_allowed = sql__template_serial_allowed,
+    .claim_cert_add = sql__claim_cert_add,
+    .claim_certs = sql__claim_certs,
+    .cert_add = sql__cert_add,
+    .device_certs = sql__device_certs,
+    .device_revoke = sql__device_revoke,
+    .device_list = sql__device_list,
+    .revoked_certs = sql__revoked_certs,
+    .expire_grace = sql__expire_grace,
+    .provision_lookup = sql__provision_lookup,
+    .provision_commit = sql__provision_commit,
+    .rotate_commit = sql__rotate_commit,
+    .key_owner = sql__key_owner,
+    .shadow_get = sql__shadow_get,
+    .shadow_put = sql__shadow_put,
+    .events_after = sql__events_after,
+    .events_max = sql__events_max,
+};

@@ -715,3 +715,64 @@ int sql__totp_delete(fm_store *base, int64_t user_id, fm_errbuf *err)
     sqlite3_finalize(st);
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "totp");
 }
+
+static int s_user_create(fm_store *base, const char *tenant, const char *username,
+                         const char *hash, const char *roles, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st,
+                  "INSERT INTO users(tenant, username, password_hash, roles, created_ms) "
+                  "VALUES(?, ?, ?, ?, ?)",
+                  err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, username, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, hash, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, roles, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, fm_wall_ms());
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc == SQLITE_OK)
+        return 0;
+    return sql__err(s, err, rc, "user");
+}
+
+static int s_user_count(fm_store *base, const char *tenant, long *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "SELECT count(*) FROM users WHERE tenant = ?", NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *out = (long)sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : FM_EDB;
+}
+
+const fm_store_users_vt sql__users_vt = {
+    .user_create = s_user_create,
+    .user_count = s_user_count,
+    .user_get = sql__user_get,
+    .user_get_by_id = sql__user_get_by_id,
+    .user_list = sql__user_list,
+    .user_set_password = sql__user_set_password,
+    .user_set_status = sql__user_set_status,
+    .user_set_roles = sql__user_set_roles,
+    .user_revoke_sessions = sql__user_revoke_sessions,
+    .throttle_attempt = sql__throttle_attempt,
+    .throttle_release = sql__throttle_release,
+    .throttle_prune = sql__throttle_prune,
+    .session_create = sql__session_create,
+    .refresh_rotate = sql__refresh_rotate,
+    .refresh_revoke = sql__refresh_revoke,
+    .session_active = sql__session_active,
+    .refresh_prune = sql__refresh_prune,
+    .totp_get = sql__totp_get,
+    .totp_set = sql__totp_set,
+    .totp_use = sql__totp_use,
+    .totp_delete = sql__totp_delete,
+};

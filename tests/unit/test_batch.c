@@ -95,9 +95,10 @@ static int f_commit(fm_store *s, fm_record *recs, size_t n, fm_quarantine *q, si
     return 0;
 }
 
-static const fm_store_vtable fake_vt = {
-    .name = "fake",
-    .device_get = f_device_get,
+/* The pipeline needs two concerns of the store: devices and records. */
+static const fm_store_vtable fake_vt = {.name = "fake"};
+static const fm_store_registry_vt fake_registry = {.device_get = f_device_get};
+static const fm_store_records_vt fake_records = {
     .result_lookup = f_result_lookup,
     .commit = f_commit,
 };
@@ -186,6 +187,8 @@ static int setup(void **state)
 {
     fx *f = calloc(1, sizeof *f);
     f->store.base.vt = &fake_vt;
+    f->store.base.registry = &fake_registry;
+    f->store.base.records = &fake_records;
     f->scorer = (batch_scorer){.pick = m_pick, .shadow_pick = m_shadow, .predict = m_predict, .ok_doc = m_ok_doc,
                                .model_ref = m_ref, .ud = &f->model};
     f->env = (batch_env){.store = &f->store.base, .device_lookup = d_lookup,
