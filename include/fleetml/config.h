@@ -106,6 +106,7 @@ typedef struct fm_config {
     int device_bytes_burst; /* ... with this many at once */
 
     char store_backend[16];
+    char store_url[512];          /* postgres://user@host:port/db (store.backend = postgres) */
     char lake_backend[16];
     char lake_dir[PATH_MAX];
     long lake_roll_bytes;

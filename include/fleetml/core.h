@@ -75,6 +75,8 @@ typedef struct fm_strbuf {
 
 /* Appends printf-style output. */
 void fm_strbuf_printf(fm_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends n bytes (any bytes; the buffer stays NUL-terminated after them). */
+void fm_strbuf_add(fm_strbuf *b, const void *p, size_t n);
 /* Hands the NUL-terminated string to the caller (free with fm_free) and
  * resets b. Returns 0, or FM_ENOMEM (the buffer is freed) when any append
  * failed. len may be NULL. */

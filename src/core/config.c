@@ -141,6 +141,9 @@ static const key_def keys[] = {
           "How many payload bytes a device may publish at once above its byte rate."),
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
           "Database backend (postgres is accepted here but not built yet)."),
+    K_STR("store", "url", T_PATH_OPT, store_url, NULL,
+          "PostgreSQL connection URI, postgres://user@host:port/database (libpq: PGPASSWORD "
+          "or ~/.pgpass keep the password out of it)."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
           "Data lake backend: fs (a directory) or s3 (any S3-compatible store)."),
     K_STR("lake", "dir", T_PATH_OPT, lake_dir, NULL,

@@ -1,6 +1,7 @@
 #include "fleetml/core.h"
 
 #include <stdio.h>
+#include <string.h>
 
 void fm_strbuf_printf(fm_strbuf *b, const char *fmt, ...)
 {
@@ -30,6 +31,27 @@ void fm_strbuf_printf(fm_strbuf *b, const char *fmt, ...)
         b->p = np;
         b->cap = cap;
     }
+}
+
+void fm_strbuf_add(fm_strbuf *b, const void *p, size_t n)
+{
+    if (b->failed)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        char *np = fm_realloc(b->p, cap);
+        if (!np) {
+            b->failed = 1;
+            return;
+        }
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    b->p[b->len] = '\0';
 }
 
 int fm_strbuf_take(fm_strbuf *b, char **out, size_t *len)

@@ -61,47 +61,18 @@ typedef struct lake_s3 {
 
 /* ---- helpers -------------------------------------------------------------------- */
 
-typedef struct buf {
-    char *p;
-    size_t n, cap, max;
-} buf;
-
-static int buf_add(buf *b, const void *d, size_t n)
+/* Appends to a string buffer; 0 or FM_ENOMEM (fm_strbuf keeps the failure). */
+static int sb_add(fm_strbuf *b, const void *d, size_t n)
 {
-    if (b->n + n + 1 > b->cap) {
-        if (b->n + n + 1 > b->max)
-            return FM_ERANGE;
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *np = fm_realloc(b->p, cap);
-        if (!np)
-            return FM_ENOMEM;
-        b->p = np;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, d, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-    return 0;
+    fm_strbuf_add(b, d, n);
+    return b->failed ? FM_ENOMEM : 0;
 }
 
-static int buf_printf(buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int buf_printf(buf *b, const char *fmt, ...)
-{
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof tmp)
-        return FM_ERANGE;
-    return buf_add(b, tmp, (size_t)n);
-}
+#define sb_printf(b, ...) (fm_strbuf_printf((b), __VA_ARGS__), (b)->failed ? FM_ENOMEM : 0)
 
 /* Percent-encodes s with S3's unreserved set (A-Z a-z 0-9 - _ . ~), keeping
  * '/' when keep_slash (an object key in a path). */
-static int enc(buf *b, const char *s, bool keep_slash)
+static int enc(fm_strbuf *b, const char *s, bool keep_slash)
 {
     static const char hex[] = "0123456789ABCDEF";
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
@@ -109,7 +80,7 @@ static int enc(buf *b, const char *s, bool keep_slash)
         bool plain = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
                      c == '-' || c == '_' || c == '.' || c == '~' || (keep_slash && c == '/');
         char e[3] = {'%', hex[c >> 4], hex[c & 15]};
-        int rc = plain ? buf_add(b, p, 1) : buf_add(b, e, 3);
+        int rc = plain ? sb_add(b, p, 1) : sb_add(b, e, 3);
         if (rc)
             return rc;
     }
@@ -146,7 +117,7 @@ typedef struct s3_req {
     size_t body_len;
     const char *content_type;
     FILE *sink;           /* GET into a file; else the answer goes to ans */
-    buf ans;              /* the answer's body (bounded) */
+    fm_strbuf ans;        /* the answer's body (at most S3_XML_MAX) */
     char etag[128];       /* the ETag response header */
     long status;
 } s3_req;
@@ -159,7 +130,9 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud)
         return fwrite(p, 1, len, r->sink);
     /* Only error documents and listings are kept; anything past the bound
      * is an answer we would not parse anyway. */
-    return buf_add(&r->ans, p, len) == 0 ? len : 0;
+    if (r->ans.len + len > S3_XML_MAX)
+        return 0;
+    return sb_add(&r->ans, p, len) == 0 ? len : 0;
 }
 
 static size_t on_header(char *p, size_t sz, size_t n, void *ud)
@@ -178,21 +151,21 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
     return len;
 }
 
-static int build_url(lake_s3 *s, const s3_req *r, buf *url)
+static int build_url(lake_s3 *s, const s3_req *r, fm_strbuf *url)
 {
     int rc = s->virtual_host
-                 ? buf_printf(url, "%s://%s.%s/", s->scheme, s->bucket, s->hostport)
-                 : buf_printf(url, "%s://%s/%s", s->scheme, s->hostport, s->bucket);
+                 ? sb_printf(url, "%s://%s.%s/", s->scheme, s->bucket, s->hostport)
+                 : sb_printf(url, "%s://%s/%s", s->scheme, s->hostport, s->bucket);
     if (!rc && r->key) {
         if (!s->virtual_host)
-            rc = buf_add(url, "/", 1);
+            rc = sb_add(url, "/", 1);
         if (!rc)
             rc = enc(url, s->prefix, true);
         if (!rc)
             rc = enc(url, r->key, true);
     }
     if (!rc && r->query && *r->query)
-        rc = buf_printf(url, "?%s", r->query);
+        rc = sb_printf(url, "?%s", r->query);
     return rc;
 }
 
@@ -205,12 +178,12 @@ static bool transient(CURLcode c, long status)
 }
 
 /* The <Code> and <Message> of an S3 error document, for err. */
-static void error_text(const buf *ans, char *out, size_t len)
+static void error_text(const fm_strbuf *ans, char *out, size_t len)
 {
     out[0] = '\0';
-    if (!ans->n)
+    if (!ans->len)
         return;
-    xmlDocPtr d = xmlReadMemory(ans->p, (int)ans->n, "s3.xml", NULL,
+    xmlDocPtr d = xmlReadMemory(ans->p, (int)ans->len, "s3.xml", NULL,
                                 XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
     xmlNodePtr root = d ? xmlDocGetRootElement(d) : NULL;
     const char *code = "", *msg = "";
@@ -235,7 +208,7 @@ static void error_text(const buf *ans, char *out, size_t len)
  * status. */
 static int perform(lake_s3 *s, s3_req *r, fm_errbuf *err)
 {
-    buf url = {.max = 8192};
+    fm_strbuf url = {0};
     int rc = build_url(s, r, &url);
     if (rc) {
         fm_free(url.p);
@@ -272,7 +245,7 @@ static int perform(lake_s3 *s, s3_req *r, fm_errbuf *err)
     long waits_ms[S3_RETRIES] = {200, 800, 3200};
     for (int attempt = 0;; attempt++) {
         curl_easy_reset(c);
-        r->ans.n = 0;
+        r->ans.len = 0;
         r->etag[0] = '\0';
         r->status = 0;
         if (r->sink && (fflush(r->sink) != 0 || ftruncate(fileno(r->sink), 0) != 0 ||
@@ -353,9 +326,9 @@ static xmlChar *find_text(xmlNodePtr n, const char *name)
     return NULL;
 }
 
-static xmlDocPtr parse_xml(const buf *b)
+static xmlDocPtr parse_xml(const fm_strbuf *b)
 {
-    return b->n ? xmlReadMemory(b->p, (int)b->n, "s3.xml", NULL,
+    return b->len ? xmlReadMemory(b->p, (int)b->len, "s3.xml", NULL,
                                 XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING)
                 : NULL;
 }
@@ -365,7 +338,7 @@ static xmlDocPtr parse_xml(const buf *b)
 static int put_single(lake_s3 *s, const char *key, const void *p, size_t n, fm_errbuf *err)
 {
     s3_req r = {.method = "PUT", .key = key, .body = p, .body_len = n,
-                .content_type = "application/gzip", .ans.max = S3_XML_MAX};
+                .content_type = "application/gzip"};
     int rc = perform_ok(s, &r, err);
     req_free(&r);
     return rc;
@@ -373,9 +346,9 @@ static int put_single(lake_s3 *s, const char *key, const void *p, size_t n, fm_e
 
 static int abort_upload(lake_s3 *s, const char *key, const char *upload_id)
 {
-    buf q = {.max = 4096};
-    int rc = buf_add(&q, "uploadId=", 9) || enc(&q, upload_id, false);
-    s3_req r = {.method = "DELETE", .key = key, .query = q.p, .ans.max = S3_XML_MAX};
+    fm_strbuf q = {0};
+    int rc = sb_add(&q, "uploadId=", 9) || enc(&q, upload_id, false);
+    s3_req r = {.method = "DELETE", .key = key, .query = q.p};
     fm_errbuf e;
     if (!rc)
         rc = perform_ok(s, &r, &e);
@@ -387,7 +360,7 @@ static int abort_upload(lake_s3 *s, const char *key, const char *upload_id)
 static int put_multipart(lake_s3 *s, const char *key, FILE *f, off_t size, fm_errbuf *err)
 {
     s3_req r = {.method = "POST", .key = key, .query = "uploads=", .body = "", .body_len = 0,
-                .content_type = "application/gzip", .ans.max = S3_XML_MAX};
+                .content_type = "application/gzip"};
     int rc = perform_ok(s, &r, err);
     char upload_id[512] = "";
     if (!rc) {
@@ -405,9 +378,9 @@ static int put_multipart(lake_s3 *s, const char *key, FILE *f, off_t size, fm_er
         return rc;
     size_t nparts = (size_t)((size + s->part_bytes - 1) / s->part_bytes);
     char *part = fm_malloc((size_t)s->part_bytes);
-    buf done = {.max = (size_t)nparts * 256 + 4096};
-    buf q = {.max = 4096};
-    if (!part || buf_add(&done, "<CompleteMultipartUpload>", 25))
+    fm_strbuf done = {0};
+    fm_strbuf q = {0};
+    if (!part || sb_add(&done, "<CompleteMultipartUpload>", 25))
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
     for (size_t i = 0; !rc && i < nparts; i++) {
         size_t n = fread(part, 1, (size_t)s->part_bytes, f);
@@ -415,33 +388,31 @@ static int put_multipart(lake_s3 *s, const char *key, FILE *f, off_t size, fm_er
             rc = fm_errf(err, FM_EIO, "lake s3: short read of the spool file");
             break;
         }
-        q.n = 0;
+        q.len = 0;
         /* partNumber < uploadId: already in canonical order. */
-        if (buf_printf(&q, "partNumber=%zu&uploadId=", i + 1) || enc(&q, upload_id, false)) {
+        if (sb_printf(&q, "partNumber=%zu&uploadId=", i + 1) || enc(&q, upload_id, false)) {
             rc = fm_errf(err, FM_ENOMEM, "out of memory");
             break;
         }
-        s3_req pr = {.method = "PUT", .key = key, .query = q.p, .body = part, .body_len = n,
-                     .ans.max = S3_XML_MAX};
+        s3_req pr = {.method = "PUT", .key = key, .query = q.p, .body = part, .body_len = n};
         rc = perform_ok(s, &pr, err);
         if (!rc && !pr.etag[0])
             rc = fm_errf(err, FM_EPROTO, "lake s3: part %zu of %s: no ETag", i + 1, key);
-        if (!rc && buf_printf(&done, "<Part><PartNumber>%zu</PartNumber><ETag>%s</ETag></Part>",
+        if (!rc && sb_printf(&done, "<Part><PartNumber>%zu</PartNumber><ETag>%s</ETag></Part>",
                               i + 1, pr.etag))
             rc = fm_errf(err, FM_ENOMEM, "out of memory");
         req_free(&pr);
     }
-    if (!rc && buf_add(&done, "</CompleteMultipartUpload>", 26))
+    if (!rc && sb_add(&done, "</CompleteMultipartUpload>", 26))
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
     if (!rc) {
-        q.n = 0;
-        if (buf_add(&q, "uploadId=", 9) || enc(&q, upload_id, false))
+        q.len = 0;
+        if (sb_add(&q, "uploadId=", 9) || enc(&q, upload_id, false))
             rc = fm_errf(err, FM_ENOMEM, "out of memory");
     }
     if (!rc) {
         s3_req cr = {.method = "POST", .key = key, .query = q.p, .body = done.p,
-                     .body_len = done.n, .content_type = "application/xml",
-                     .ans.max = S3_XML_MAX};
+                     .body_len = done.len, .content_type = "application/xml"};
         rc = perform_ok(s, &cr, err);
         /* CompleteMultipartUpload can answer 200 and still fail: the
          * error is then the document's root. */
@@ -502,7 +473,7 @@ static int s3_put(fm_lake *l, const char *key, const char *spool_path, fm_errbuf
 static int s3_exists(fm_lake *l, const char *key)
 {
     lake_s3 *s = (lake_s3 *)l;
-    s3_req r = {.method = "HEAD", .key = key, .ans.max = S3_XML_MAX};
+    s3_req r = {.method = "HEAD", .key = key};
     fm_errbuf e;
     int rc = perform(s, &r, &e);
     req_free(&r);
@@ -513,7 +484,7 @@ static int s3_exists(fm_lake *l, const char *key)
 
 static int s3_remove(fm_lake *l, const char *key, fm_errbuf *err)
 {
-    s3_req r = {.method = "DELETE", .key = key, .ans.max = S3_XML_MAX};
+    s3_req r = {.method = "DELETE", .key = key};
     int rc = perform_ok((lake_s3 *)l, &r, err);
     req_free(&r);
     return rc == FM_ENOTFOUND ? 0 : rc;
@@ -525,7 +496,7 @@ static int s3_open_read(fm_lake *l, const char *key, FILE **out, fm_errbuf *err)
     FILE *f = tmpfile();
     if (!f)
         return fm_errf(err, FM_EIO, "lake s3: no temporary file: %s", strerror(errno));
-    s3_req r = {.method = "GET", .key = key, .sink = f, .ans.max = S3_XML_MAX};
+    s3_req r = {.method = "GET", .key = key, .sink = f};
     int rc = perform((lake_s3 *)l, &r, err);
     if (!rc && fflush(f) != 0)
         rc = fm_errf(err, FM_EIO, "lake s3: writing a temporary file: %s", strerror(errno));
@@ -534,7 +505,7 @@ static int s3_open_read(fm_lake *l, const char *key, FILE **out, fm_errbuf *err)
         char tmp[4096];
         rewind(f);
         size_t n = fread(tmp, 1, sizeof tmp, f);
-        buf_add(&r.ans, tmp, n);
+        sb_add(&r.ans, tmp, n);
         char why[300];
         error_text(&r.ans, why, sizeof why);
         rc = fm_errf(err, r.status == 404 ? FM_ENOTFOUND : FM_EIO, "lake s3: GET %s: HTTP %ld%s",
@@ -555,20 +526,20 @@ static int s3_open_read(fm_lake *l, const char *key, FILE **out, fm_errbuf *err)
 static int s3_list(fm_lake *l, const char *prefix, fm_lake_key_cb cb, void *ud, fm_errbuf *err)
 {
     lake_s3 *s = (lake_s3 *)l;
-    buf q = {.max = 8192}, full = {.max = 1024};
+    fm_strbuf q = {0}, full = {0};
     char *token = NULL;
     size_t plen = strlen(s->prefix);
-    int rc = buf_printf(&full, "%s%s", s->prefix, prefix) ? fm_errf(err, FM_EINVAL, "prefix too long") : 0;
+    int rc = sb_printf(&full, "%s%s", s->prefix, prefix) ? fm_errf(err, FM_EINVAL, "prefix too long") : 0;
     for (bool more = true; !rc && more;) {
-        q.n = 0;
+        q.len = 0;
         /* continuation-token < list-type < prefix: canonical order. */
-        if ((token && (buf_add(&q, "continuation-token=", 19) || enc(&q, token, false) ||
-                       buf_add(&q, "&", 1))) ||
-            buf_add(&q, "list-type=2&prefix=", 19) || enc(&q, full.p, false)) {
+        if ((token && (sb_add(&q, "continuation-token=", 19) || enc(&q, token, false) ||
+                       sb_add(&q, "&", 1))) ||
+            sb_add(&q, "list-type=2&prefix=", 19) || enc(&q, full.p, false)) {
             rc = fm_errf(err, FM_ENOMEM, "out of memory");
             break;
         }
-        s3_req r = {.method = "GET", .query = q.p, .ans.max = S3_XML_MAX};
+        s3_req r = {.method = "GET", .query = q.p};
         rc = perform_ok(s, &r, err);
         xmlDocPtr d = rc ? NULL : parse_xml(&r.ans);
         xmlNodePtr root = d ? xmlDocGetRootElement(d) : NULL;

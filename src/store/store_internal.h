@@ -7,4 +7,5 @@
 /* Opens (creating and migrating) the SQLite database <data>/db/fleetml.db. */
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
 
+
 #endif

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "store_backend.h"
+
 #include <cmocka.h>
 
 #include "fleetml/auth.h"
@@ -50,6 +52,7 @@ static int setup(void **state)
     snprintf(f->dir, sizeof f->dir, "/tmp/fm-auth-XXXXXX");
     assert_non_null(mkdtemp(f->dir));
     assert_int_equal(fm_config_defaults(&f->cfg, f->dir), 0);
+    assert_int_equal(test_store_backend(&f->cfg), 0);
     fm_errbuf err;
     assert_int_equal(fm_store_open(&f->cfg, &f->st, &err), 0);
     assert_int_equal(fm_store_tenant_ensure(f->st, "t1", &err), 0);

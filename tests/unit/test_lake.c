@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "store_backend.h"
+
 #include <cmocka.h>
 
 #include "fleetml/config.h"
@@ -65,6 +67,7 @@ static int setup(void **state)
     if (!mkdtemp(f->dir))
         return -1;
     fm_config_defaults(&f->cfg, f->dir);
+    assert_int_equal(test_store_backend(&f->cfg), 0);
     pfmt(f->cfg.lake_dir, sizeof f->cfg.lake_dir, "%s/lake", f->dir);
     pfmt(f->cfg.lake_backend, sizeof f->cfg.lake_backend, "fs");
     pfmt(f->cfg.node_id, sizeof f->cfg.node_id, "node1");

@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "store_backend.h"
+
 #include <cmocka.h>
 
 #include "fleetml/config.h"
@@ -109,6 +111,7 @@ static int setup(void **state)
     snprintf(f->dir, sizeof f->dir, "/tmp/fm-pipe-XXXXXX");
     assert_non_null(mkdtemp(f->dir));
     assert_int_equal(fm_config_defaults(&f->cfg, f->dir), 0);
+    assert_int_equal(test_store_backend(&f->cfg), 0);
     const char *src = getenv("FM_SOURCE_DIR");
     snprintf(f->cfg.model_dir, sizeof f->cfg.model_dir, "%s/models/viscosity", src ? src : ".");
     f->cfg.commit_window_us = 2000;
