@@ -6,6 +6,8 @@
 
 /* Opens (creating and migrating) the SQLite database <data>/db/fleetml.db. */
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
+/* Connects to store.url (postgres://…) and migrates the schema. */
+int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
 
 
 #endif
