@@ -94,6 +94,13 @@ const char *fm_stage_name(enum fm_stage s);
 
 /* Renders all metrics as Prometheus text; caller frees *out with fm_free.
  * Returns 0 or FM_ENOMEM. */
+/* Drift per tenant and model version (fleetml_drift_psi{tenant,model}):
+ * the largest PSI of any feature at the last check of today's counts.
+ * Thread-safe; keeps the FM_DRIFT_SERIES most recently set series (older
+ * ones drop out of /metrics). Strings are copied (truncated to fit). */
+#define FM_DRIFT_SERIES 64
+void fm_metrics_drift_set(const char *tenant, const char *model, double psi);
+
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len);
 
 #endif

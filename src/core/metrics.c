@@ -124,6 +124,71 @@ static void hist(fm_strbuf *b, const char *name, const char *help, const fm_hist
     hist_series(b, name, "", h);
 }
 
+/* ---- drift per tenant and model ---------------------------------------------- */
+
+typedef struct drift_series {
+    char tenant[65], model[100];
+    double psi;
+    uint64_t stamp; /* for replacing the least recently set */
+} drift_series;
+
+static pthread_mutex_t drift_mu = PTHREAD_MUTEX_INITIALIZER;
+static drift_series drift[FM_DRIFT_SERIES];
+static size_t ndrift;
+static uint64_t drift_clock;
+
+void fm_metrics_drift_set(const char *tenant, const char *model, double psi)
+{
+    pthread_mutex_lock(&drift_mu);
+    drift_series *slot = NULL;
+    for (size_t i = 0; i < ndrift && !slot; i++)
+        if (strncmp(drift[i].tenant, tenant, sizeof drift[i].tenant - 1) == 0 &&
+            strncmp(drift[i].model, model, sizeof drift[i].model - 1) == 0)
+            slot = &drift[i];
+    if (!slot && ndrift < FM_DRIFT_SERIES)
+        slot = &drift[ndrift++];
+    if (!slot) { /* full: the least recently set series makes room */
+        slot = &drift[0];
+        for (size_t i = 1; i < ndrift; i++)
+            if (drift[i].stamp < slot->stamp)
+                slot = &drift[i];
+    }
+    snprintf(slot->tenant, sizeof slot->tenant, "%s", tenant);
+    snprintf(slot->model, sizeof slot->model, "%s", model);
+    slot->psi = psi;
+    slot->stamp = ++drift_clock;
+    pthread_mutex_unlock(&drift_mu);
+}
+
+/* A Prometheus label value: backslash, quote and newline escaped. */
+static void label_value(fm_strbuf *b, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\\' || *v == '"')
+            fm_strbuf_printf(b, "\\%c", *v);
+        else if (*v == '\n')
+            fm_strbuf_printf(b, "\\n");
+        else
+            fm_strbuf_add(b, v, 1);
+    }
+}
+
+static void drift_render(fm_strbuf *b)
+{
+    fm_strbuf_printf(b, "# HELP fleetml_drift_psi Largest population stability index of any "
+                        "feature of a tenant's day against the model version's training "
+                        "baseline, at the last check.\n# TYPE fleetml_drift_psi gauge\n");
+    pthread_mutex_lock(&drift_mu);
+    for (size_t i = 0; i < ndrift; i++) {
+        fm_strbuf_printf(b, "fleetml_drift_psi{tenant=\"");
+        label_value(b, drift[i].tenant);
+        fm_strbuf_printf(b, "\",model=\"");
+        label_value(b, drift[i].model);
+        fm_strbuf_printf(b, "\"} %g\n", drift[i].psi);
+    }
+    pthread_mutex_unlock(&drift_mu);
+}
+
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
 {
     fm_strbuf b = {0};
@@ -165,6 +230,7 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
                      "feature, tenant and served version today (last check).\n"
                      "# TYPE fleetml_drift_psi_max gauge\nfleetml_drift_psi_max %g\n",
                      (double)atomic_load(&m->drift_psi_max_micro) / 1e6);
+    drift_render(&b);
     counter(&b, "fleetml_shadow_failures_total",
             "Batches whose shadow version could not score (live replies unaffected).",
             atomic_load(&m->shadow_failures));

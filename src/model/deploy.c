@@ -326,6 +326,7 @@ static int check_one(void *ud, const fm_drift_counts *c)
     double max = fm_drift_psi_all(m, c, psi, &worst);
     if (max > k->max)
         k->max = max;
+    fm_metrics_drift_set(c->tenant, c->model, max);
     if (max * 100.0 < d->cfg.drift_psi_pct)
         return 0;
     char key[200];

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from api_client import Api, Users, add_user
-from helpers import metric_value, wait_for
+from helpers import TENANT, metric_value, wait_for
 
 NAME = "viscosity"
 
@@ -68,3 +68,9 @@ def test_drift_low_without_shift_high_with_it(env):
     assert len(rows) == 1 and rows[0][1] == f"{NAME}@1.0.0", rows
     assert "drift alert" in "".join(open(f).read() for f in p.log_paths)
     assert metric_value(p.metrics(), "fleetml_drift_psi_max") > 0.25
+    # Per tenant and version too, with the value the API reports.
+    def per_series():
+        v = metric_value(p.metrics(), "fleetml_drift_psi", tenant=TENANT, model=f"{NAME}@1.0.0")
+        return v if v is not None and abs(v - shifted["psi_max"]) < 0.05 * shifted["psi_max"] \
+            else None
+    wait_for(per_series, 30, interval=0.5, msg="fleetml_drift_psi of the tenant and version")
