@@ -122,7 +122,7 @@ static const char *const pg_schema_1 =
     "  size BIGINT NOT NULL, created_by TEXT NOT NULL, created_ms BIGINT NOT NULL,"
     "  decided_by TEXT NOT NULL DEFAULT '', decided_ms BIGINT NOT NULL DEFAULT 0,"
     "  note TEXT NOT NULL DEFAULT '', manifest TEXT NOT NULL, file BYTEA NOT NULL,"
-    "  PRIMARY KEY (name, version));"
+    "  seq BIGSERIAL, PRIMARY KEY (name, version));"
     "CREATE TABLE model_aliases ("
     "  tenant TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL, version TEXT NOT NULL,"
     "  share_pct INTEGER NOT NULL, updated_by TEXT NOT NULL, updated_ms BIGINT NOT NULL,"

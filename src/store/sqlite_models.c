@@ -305,28 +305,6 @@ static int deploy_seq(fm_store *base, int64_t *out)
     return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
 }
 
-/* counts as a JSON array of features x bins integers */
-static char *counts_text(const fm_drift_counts *c)
-{
-    json_t *a = json_array();
-    for (size_t f = 0; a && f < fm_feature_count(); f++)
-        for (int b = 0; b < FM_DRIFT_BINS; b++)
-            json_array_append_new(a, json_integer((json_int_t)c->counts[f][b]));
-    char *t = a ? json_dumps(a, JSON_COMPACT) : NULL;
-    json_decref(a);
-    return t;
-}
-
-static void counts_read(const char *text, fm_drift_counts *c)
-{
-    json_t *a = json_loads(text ? text : "[]", 0, NULL);
-    size_t nf = fm_feature_count();
-    for (size_t i = 0; i < json_array_size(a) && i < nf * FM_DRIFT_BINS; i++)
-        c->counts[i / FM_DRIFT_BINS][i % FM_DRIFT_BINS] =
-            (uint64_t)json_integer_value(json_array_get(a, i));
-    json_decref(a);
-}
-
 static int drift_merge(sqlite_store *s, const fm_drift_counts *c, fm_errbuf *err)
 {
     sqlite3_stmt *st;
@@ -341,7 +319,7 @@ static int drift_merge(sqlite_store *s, const fm_drift_counts *c, fm_errbuf *err
     if (rc == SQLITE_ROW) {
         fm_drift_counts old;
         memset(&old, 0, sizeof old);
-        counts_read((const char *)sqlite3_column_text(st, 1), &old);
+        store__drift_read((const char *)sqlite3_column_text(st, 1), &old);
         sum.n += (uint64_t)sqlite3_column_int64(st, 0);
         for (size_t f = 0; f < FM_FEATURES_MAX; f++)
             for (int b = 0; b < FM_DRIFT_BINS; b++)
@@ -350,7 +328,7 @@ static int drift_merge(sqlite_store *s, const fm_drift_counts *c, fm_errbuf *err
     sqlite3_finalize(st);
     if (rc != SQLITE_ROW && rc != SQLITE_DONE)
         return sql__err(s, err, rc, "drift");
-    char *text = counts_text(&sum);
+    char *text = store__drift_text(&sum);
     if (!text)
         return fm_errf(err, FM_ENOMEM, "out of memory");
     rc = sql__prep(s, &st, "INSERT OR REPLACE INTO drift_counts(tenant, day, model, n, counts)"
@@ -393,7 +371,7 @@ static int drift_get(fm_store *base, const char *tenant, int64_t day,
         sql__copy_col(c.model, sizeof c.model, st, 0);
         c.day = day;
         c.n = (uint64_t)sqlite3_column_int64(st, 1);
-        counts_read((const char *)sqlite3_column_text(st, 2), &c);
+        store__drift_read((const char *)sqlite3_column_text(st, 2), &c);
         if (cb(ud, &c) != 0) {
             rc = SQLITE_DONE;
             break;

@@ -10,4 +10,11 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
 int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
 
 
+struct fm_drift_counts;
+/* Drift counts as stored by every backend: a JSON array of features x bins
+ * integers. text: fm_malloc'd or NULL (out of memory); read: missing or
+ * malformed entries read as 0. */
+char *store__drift_text(const struct fm_drift_counts *c);
+void store__drift_read(const char *text, struct fm_drift_counts *c);
+
 #endif
