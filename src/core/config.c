@@ -140,7 +140,7 @@ static const key_def keys[] = {
     K_NUM("pipeline", "device_bytes_burst", T_INT, device_bytes_burst, 1, 1 << 30,
           "How many payload bytes a device may publish at once above its byte rate."),
     K_STR("store", "backend", T_ENUM, store_backend, store_backends,
-          "Database backend (postgres is accepted here but not built yet)."),
+          "Database backend: sqlite (<data>/db) or postgres (store.url)."),
     K_STR("store", "url", T_PATH_OPT, store_url, NULL,
           "PostgreSQL connection URI, postgres://user@host:port/database (libpq: PGPASSWORD "
           "or ~/.pgpass keep the password out of it)."),
