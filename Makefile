@@ -13,7 +13,7 @@ FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 FUZZ_JOBS          ?= $(JOBS)
 
-.PHONY: all deps build build-test run test unit integration bench soak fuzz fuzz-build fuzz-smoke clean distclean model
+.PHONY: all deps build build-test run test unit integration integration-pg bench soak fuzz fuzz-build fuzz-smoke clean distclean model
 
 all: build
 
@@ -40,6 +40,13 @@ integration: build-test
 	FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml FM_BUILD=$(CURDIR)/$(TEST_BUILD) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/integration
 
+# The same integration suite on PostgreSQL (a throwaway server, one database
+# per platform; tests of SQLite's own files are skipped).
+integration-pg: build-test
+	FM_IT_STORE=postgres FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml FM_BUILD=$(CURDIR)/$(TEST_BUILD) \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/integration \
+	  --deselect tests/integration/test_53_store_postgres.py
+
 # Fuzz targets: only fleetml_core + tests/fuzz/fuzz_*.c, clang, ASan+UBSan.
 fuzz-build: deps
 	@cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
@@ -53,7 +60,7 @@ fuzz: fuzz-build
 fuzz-smoke: fuzz-build
 	tests/fuzz/run $(FUZZ_BUILD) $(FUZZ_SMOKE_SECONDS) $(FUZZ_JOBS)
 
-test: unit integration fuzz-smoke
+test: unit integration integration-pg fuzz-smoke
 
 bench: build
 	@scripts/bench $(BUILD)

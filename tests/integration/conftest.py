@@ -31,6 +31,39 @@ SHARED_DEVICES = [
 
 _platforms = []
 
+# FM_IT_STORE=postgres: one PostgreSQL server for the session, one database
+# per platform (helpers.store_database).
+_pg = None
+if os.environ.get("FM_IT_STORE") == "postgres":
+    import helpers as _helpers
+    from pgserver import PgServer as _PgServer
+    _pg_count = [0]
+
+    def _new_database():
+        global _pg
+        if _pg is None:
+            _pg = _PgServer(dbname="fleetml").start()
+        _pg_count[0] += 1
+        name = f"it{_pg_count[0]}"
+        _pg.psql(f"CREATE DATABASE {name}")
+        return f"postgres://postgres@127.0.0.1:{_pg.port}/{name}"
+
+    _helpers._store_database = _new_database
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of SQLite's own files and fault injection skip on PostgreSQL."""
+    if os.environ.get("FM_IT_STORE") != "postgres":
+        return
+    skip = pytest.mark.skip(reason="SQLite-specific (FM_IT_STORE=postgres)")
+    for item in items:
+        if item.get_closest_marker("sqlite_only"):
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: exercises SQLite's files or its VFS")
+
 
 @pytest.fixture(scope="session")
 def fm_bin():
@@ -160,3 +193,5 @@ def pytest_sessionfinish(session, exitstatus):
     # Last line of defence if a fixture's teardown did not run.
     for p in list(_platforms):
         p.cleanup()
+    if _pg is not None:
+        _pg.stop()

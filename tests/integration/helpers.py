@@ -258,6 +258,20 @@ def model_dir():
     return str((Path(__file__).resolve().parents[2] / "models" / "viscosity"))
 
 
+# Set by conftest.py when FM_IT_STORE=postgres: returns a new database's URL.
+_store_database = None
+
+
+def store_database():
+    """A fresh PostgreSQL database URL when the suite runs on PostgreSQL,
+    else None (SQLite in the data directory)."""
+    return _store_database() if _store_database else None
+
+
+def on_postgres():
+    return _store_database is not None
+
+
 class Platform:
     """One data directory and (at most) one `fleetml serve` process."""
 
@@ -274,6 +288,11 @@ class Platform:
         self.env = dict(os.environ)
         # Extra `--set key=value` pairs for init (e.g. pki.rotation_grace_s).
         self.extra_sets = {}
+        # FM_IT_STORE=postgres runs the suite on PostgreSQL: each platform
+        # gets its own database on the session's server (conftest.py).
+        self.pg_url = store_database()
+        if self.pg_url:
+            self.extra_sets.update({"store.backend": "postgres", "store.url": self.pg_url})
 
     # -- CLI --------------------------------------------------------------
 
@@ -490,6 +509,20 @@ class Platform:
         return self.data / "db" / "fleetml.db"
 
     def query(self, sql, *args):
+        """Rows of sql (with ? placeholders) from the platform's database,
+        SQLite or PostgreSQL."""
+        if self.pg_url:
+            import psycopg2
+            con = psycopg2.connect(self.pg_url)
+            try:
+                with con.cursor() as cur:
+                    if args:
+                        cur.execute(sql.replace("%", "%%").replace("?", "%s"), args)
+                    else:
+                        cur.execute(sql)
+                    return [tuple(r) for r in cur.fetchall()]
+            finally:
+                con.close()
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
         try:
             return con.execute(sql, args).fetchall()

@@ -3,6 +3,8 @@
 import re
 import shutil
 import sqlite3
+
+import pytest
 import stat
 import subprocess
 from pathlib import Path
@@ -40,6 +42,7 @@ def db_dump(db, scratch):
         con.close()
 
 
+@pytest.mark.sqlite_only
 def test_init_layout_idempotent_and_private_keys(fm_bin, tmp_path):
     p = Platform(fm_bin, tmp_path)
     r = p.init()
