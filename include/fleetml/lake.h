@@ -141,9 +141,21 @@ void fm_lake_writer_notify(fm_lake_writer *w);
 int fm_lake_writer_flush(fm_lake_writer *w);
 void fm_lake_writer_stop(fm_lake_writer *w);
 
+/* Several nodes on one database export its rows once: the export is a
+ * cluster-wide job that runs only on the node holding the store lease
+ * FM_LAKE_LEASE (see fm_store_lease), renewed every few seconds and taken
+ * over by another node FM_LAKE_LEASE_MS after its holder stops renewing.
+ * The export cursors belong to the cluster (owner FM_LAKE_CURSOR_OWNER),
+ * not to a node, so the next holder continues where the last one stopped;
+ * object names carry the node id of the node that wrote them. */
+#define FM_LAKE_LEASE "lake-export"
+#define FM_LAKE_LEASE_MS 15000
+#define FM_LAKE_CURSOR_OWNER "cluster"
+
 /* One-shot export used by the writer and by `fleetml lake flush`: exports
  * everything committed up to now and publishes it. Returns 0, FM_EBUSY
- * when another exporter (e.g. the running service) holds the lake, or the
+ * when another exporter (e.g. the running service) holds the lake or
+ * another node holds the export lease, or the
  * first error (FM_EIO, FM_ENOSPC, FM_EDB...) with err set; on failure the
  * cursor is left where it was, so nothing is lost or duplicated. */
 int fm_lake_export_all(const fm_config *cfg, fm_errbuf *err);

@@ -55,6 +55,7 @@ typedef struct fm_metrics {
     _Atomic uint64_t lake_rows;
     _Atomic uint64_t lake_errors;
     _Atomic int64_t lake_backlog;     /* gauge: committed rows not yet in lake */
+    _Atomic int64_t lake_lease_held;  /* gauge 0/1: this node runs the lake export */
     _Atomic int64_t store_unavailable; /* gauge 0/1 (e.g. disk full) */
     _Atomic uint64_t http_requests;    /* API requests answered */
     _Atomic uint64_t shadow_failures;  /* batches whose shadow scoring failed */

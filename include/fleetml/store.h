@@ -285,6 +285,8 @@ typedef struct fm_store_vtable {
     void (*close)(fm_store *s);
     int (*tenant_ensure)(fm_store *s, const char *name, fm_errbuf *err);
     int (*tenant_exists)(fm_store *s, const char *name);
+    int (*lease)(fm_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                 char *owner, size_t owner_len);
 } fm_store_vtable;
 
 typedef struct fm_store_records_vt {
@@ -384,8 +386,8 @@ typedef struct fm_store_users_vt {
 typedef struct fm_store_api_vt {
     int (*device_page)(fm_store *s, const char *tenant, const char *after_id, size_t limit,
                        fm_device_cb cb, void *ud);
-    int (*presence_set)(fm_store *s, const fm_presence_update *u, size_t n);
-    int (*presence_reset)(fm_store *s, int64_t at_ms);
+    int (*presence_set)(fm_store *s, const char *node, const fm_presence_update *u, size_t n);
+    int (*presence_reset)(fm_store *s, const char *node, int64_t at_ms);
     int (*presence_get)(fm_store *s, const char *device_id, fm_presence *out);
     int (*measurement_page)(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
                             void *ud);
@@ -791,6 +793,19 @@ static inline int fm_store_refresh_prune(fm_store *s, int64_t before_ms, long *p
 static inline int fm_store_tenant_exists(fm_store *s, const char *name)
 { return s->vt->tenant_exists(s, name); }
 
+/* Cluster leases: a cluster-wide job (the lake export) runs only on the
+ * node holding its lease. Takes the lease `name` for `holder` (a node id)
+ * for ttl_ms from now, by the database's clock, when it is free, expired
+ * or already the holder's (a renewal); ttl_ms == 0 releases it if the
+ * holder has it. Returns 0 when holder now holds it (or released it),
+ * FM_EBUSY when another node does (its id copied into owner when owner is
+ * not NULL), FM_EINVAL on empty names, FM_EDB / FM_EUNAVAIL. The holder
+ * must renew well before ttl_ms passes and stop the job when a renewal
+ * fails: a lease it cannot renew may already be someone else's. */
+static inline int fm_store_lease(fm_store *s, const char *name, const char *holder,
+                                 int64_t ttl_ms, char *owner, size_t owner_len)
+{ return s->vt->lease(s, name, holder, ttl_ms, owner, owner_len); }
+
 /* ---- API data wrappers ------------------------------------------------------ */
 
 /* Calls cb for up to limit devices of tenant (every tenant when NULL) with
@@ -803,16 +818,19 @@ static inline int fm_store_device_page(fm_store *s, const char *tenant, const ch
  * (a connect storm after a broker restart is thousands of them). A report
  * older than what is stored for its device is ignored (reports may arrive
  * twice or out of order when several nodes listen), as are unknown devices.
- * Not a registry event: presence is not pushed to the broker. 0 or FM_EDB /
+ * Each stored state names the node whose broker reported it (`node`, a node
+ * id), which scopes fm_store_presence_reset. Not a registry event: presence is not pushed to the broker. 0 or FM_EDB /
  * FM_EBUSY / FM_EIO / FM_ENOSPC (nothing stored). */
-static inline int fm_store_presence_set(fm_store *s, const fm_presence_update *u, size_t n)
-{ return s->api->presence_set(s, u, n); }
-/* The broker lost every session at at_ms (it restarted): marks offline, as
- * of at_ms, every device online by a report older than at_ms. Reports
- * stamped at or after at_ms (reconnects to the new broker) stay. 0 or
- * FM_EDB. */
-static inline int fm_store_presence_reset(fm_store *s, int64_t at_ms)
-{ return s->api->presence_reset(s, at_ms); }
+static inline int fm_store_presence_set(fm_store *s, const char *node,
+                                        const fm_presence_update *u, size_t n)
+{ return s->api->presence_set(s, node, u, n); }
+/* Node `node`'s broker lost every session at at_ms (it restarted): marks
+ * offline, as of at_ms, every device that node last reported online by a
+ * report older than at_ms. Reports stamped at or after at_ms (reconnects
+ * to the new broker) and devices another node reported since stay (states
+ * stored before nodes were recorded belong to every node). 0 or FM_EDB. */
+static inline int fm_store_presence_reset(fm_store *s, const char *node, int64_t at_ms)
+{ return s->api->presence_reset(s, node, at_ms); }
 /* Fills *out (zeros for a device never seen). 0 or FM_EDB. */
 static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
 { return s->api->presence_get(s, device_id, out); }

@@ -262,6 +262,9 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->broker_refused_bytes));
     gauge(&b, "fleetml_lake_backlog", "Committed rows not yet exported to the lake.",
           atomic_load(&m->lake_backlog));
+    gauge(&b, "fleetml_lake_export_lease",
+          "1 when this node holds the cluster's lake export lease (exactly one node does).",
+          atomic_load(&m->lake_lease_held));
     hist(&b, "fleetml_inference_seconds", "Model inference time per batch.",
          &m->inference_seconds);
     hist(&b, "fleetml_commit_seconds", "Group commit time (including fsync).",

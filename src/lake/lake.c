@@ -81,6 +81,23 @@ int fm_lake_object_key(char *buf, size_t len, const char *area, const char *tena
     return n < 0 || (size_t)n >= len ? FM_EINVAL : 0;
 }
 
+int lake__key_node_is(const char *key, const char *node)
+{
+    char nd[128];
+    if (sanitise(nd, sizeof nd, node) != 0)
+        return 0;
+    const char *base = strrchr(key, '/');
+    base = base ? base + 1 : key;
+    size_t n = strlen(nd);
+    if (strncmp(base, nd, n) != 0 || base[n] != '-')
+        return 0;
+    /* Exactly "<node>-<digits>.ndjson.gz": node "a" must not claim "a-1-…". */
+    const char *p = base + n + 1, *d = p;
+    while (*p >= '0' && *p <= '9')
+        p++;
+    return p > d && strcmp(p, ".ndjson.gz") == 0;
+}
+
 int lake__key_first_seq(const char *key, int64_t *out)
 {
     static const char suffix[] = ".ndjson.gz";

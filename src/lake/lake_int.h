@@ -24,6 +24,10 @@ int lake__s3_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
  * fit. */
 int lake__partition(char *buf, size_t len, const char *area, const char *tenant, int64_t ms);
 
+/* 1 when key (built by fm_lake_object_key) was named by node `node`, else
+ * 0. */
+int lake__key_node_is(const char *key, const char *node);
+
 /* Extracts the first-row seq from an object key built by
  * fm_lake_object_key. Returns 0 or FM_EINVAL. */
 int lake__key_first_seq(const char *key, int64_t *out);

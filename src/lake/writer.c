@@ -36,7 +36,17 @@
  *
  * Only one exporter may run per lake: the spool directory holds a flock so
  * `fleetml lake flush` cannot race the service's writer thread (two
- * exporters would share the cursor and delete each other's spool files).
+ * exporters would share the cursor and delete each other's spool files),
+ * and across nodes sharing a database only the holder of the store lease
+ * FM_LAKE_LEASE exports (the others stand by and take over when it stops
+ * renewing). The cursors are the cluster's (FM_LAKE_CURSOR_OWNER). Before
+ * moving a cursor the holder makes sure its lease has LAKE_LEASE_MARGIN_MS
+ * left, so a holder that stalls longer than that loses the lease before it
+ * could commit on top of its successor's work. A pending object that
+ * another node named is settled from the lake alone (its spool files are on
+ * that node): present means put; absent means its rows are exported again,
+ * so a takeover in the middle of a put can export a batch twice (under two
+ * node names), never lose one.
  */
 #include "fleetml/json.h"
 #include "fleetml/lake.h"
@@ -65,6 +75,8 @@
 #define LAKE_TICK_MS 200     /* writer wake-up period */
 #define LAKE_NICE 10         /* scheduling priority of the writer thread */
 #define LAKE_BACKOFF_MAX_MS 5000
+#define LAKE_LEASE_RENEW_MS (FM_LAKE_LEASE_MS / 3)  /* renew when this much is used */
+#define LAKE_LEASE_MARGIN_MS (FM_LAKE_LEASE_MS / 3) /* left, at least, to move a cursor */
 #define LAKE_LOCK_NAME ".lock"
 #define LAKE_COMPONENT "lake"
 
@@ -110,6 +122,10 @@ typedef struct lake_exporter {
     char *member;                          /* one compressed member */
     size_t member_cap;
     int last_rc; /* for logging state changes only */
+    int64_t lease_until;   /* monotonic ms our lease runs to; 0 = not held */
+    int64_t lease_renewed; /* monotonic ms of the last successful renewal */
+    char lease_owner[64];  /* the holder seen last time we were refused */
+    bool standby;          /* another node holds the lease: not an error */
 } lake_exporter;
 
 static int64_t mono_ms(void) { return (int64_t)(fm_mono_ns() / 1000000u); }
@@ -474,11 +490,56 @@ static bool is_manifest(const char *p)
 }
 
 /* See the file comment for the protocol and why it is crash-safe. */
+/* Takes the export lease, or renews it when a third of it is used (or,
+ * before_commit, when less than LAKE_LEASE_MARGIN_MS of it is left).
+ * Returns 0 when this node holds it, FM_EBUSY when another node does
+ * (ex->standby set, err names the holder), or the store's error. The lease
+ * is counted from before the request, so our view of it never outlasts the
+ * database's. */
+static int lease_check(lake_exporter *ex, bool before_commit, fm_errbuf *err)
+{
+    int64_t now = mono_ms();
+    if (ex->lease_until && now - ex->lease_renewed < LAKE_LEASE_RENEW_MS &&
+        !(before_commit && ex->lease_until - now < LAKE_LEASE_MARGIN_MS))
+        return 0;
+    char owner[sizeof ex->lease_owner] = "";
+    int rc = fm_store_lease(ex->store, FM_LAKE_LEASE, ex->cfg.node_id, FM_LAKE_LEASE_MS, owner,
+                            sizeof owner);
+    fm_metrics *m = fm_metrics_get();
+    if (rc == 0) {
+        if (!ex->lease_until) {
+            fm_logkv(FM_LOG_INFO, LAKE_COMPONENT, "this node runs the lake export", "node",
+                     ex->cfg.node_id, NULL);
+            ex->recovered = false; /* the last holder moved the cursors */
+        }
+        ex->lease_until = now + FM_LAKE_LEASE_MS;
+        ex->lease_renewed = now;
+        ex->lease_owner[0] = '\0';
+        ex->standby = false;
+        atomic_store(&m->lake_lease_held, 1);
+        return 0;
+    }
+    bool had = ex->lease_until != 0;
+    ex->lease_until = 0;
+    atomic_store(&m->lake_lease_held, 0);
+    if (rc != FM_EBUSY)
+        return fm_errf(err, rc, "lake: cannot take the export lease: %s", fm_strerror(rc));
+    if (had || strcmp(owner, ex->lease_owner) != 0)
+        fm_logkv(FM_LOG_INFO, LAKE_COMPONENT, "the lake export runs on another node", "holder",
+                 owner, NULL);
+    snprintf(ex->lease_owner, sizeof ex->lease_owner, "%s", owner);
+    ex->standby = true;
+    return fm_errf(err, FM_EBUSY, "lake: the export runs on node %s (it holds the %s lease)",
+                   owner, FM_LAKE_LEASE);
+}
+
 static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
 {
     if (s->nobj == 0)
         return 0;
-    int rc = 0;
+    int rc = lease_check(ex, true, err);
+    if (rc != 0)
+        return rc;
     fm_lake_cursor c;
     memset(&c, 0, sizeof c);
     char manifest[PATH_MAX] = "";
@@ -500,7 +561,7 @@ static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
         }
     }
     if (rc == 0)
-        rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err);
+        rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err);
     if (rc != 0) {
         /* Not committed (or, rarely, committed but reported as failed:
          * recovery then finds the object missing and rewinds). */
@@ -523,7 +584,7 @@ static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
         rows += s->obj[i].rows;
     }
     c.pending_key[0] = c.pending_spool[0] = '\0';
-    rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err);
+    rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err);
     if (rc != 0)
         return rc;
     if (manifest[0])
@@ -679,9 +740,16 @@ static void rewind_cursor(fm_lake_cursor *c)
     }
 }
 
+/* 1 when the pending object was named by this node, so its spool paths are
+ * this node's files; another node's paths may name unrelated files here. */
+static bool pending_is_ours(const lake_exporter *ex, const fm_lake_cursor *c)
+{
+    return lake__key_node_is(c->pending_key, ex->cfg.node_id);
+}
+
 static int recover_single(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
 {
-    if (access(c->pending_spool, F_OK) == 0)
+    if (pending_is_ours(ex, c) && access(c->pending_spool, F_OK) == 0)
         return fm_lake_put(ex->lake, c->pending_key, c->pending_spool, err);
     int ex_rc = ex->lake->vt->exists(ex->lake, c->pending_key);
     if (ex_rc < 0)
@@ -694,7 +762,8 @@ static int recover_single(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
 static int recover_manifest(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
 {
     char *text = NULL;
-    int rc = fm_read_file(c->pending_spool, &text, NULL);
+    int rc = pending_is_ours(ex, c) ? fm_read_file(c->pending_spool, &text, NULL)
+                                    : FM_ENOTFOUND;
     if (rc == FM_ENOTFOUND) {
         /* The manifest is removed only after pending is cleared, so this
          * is the aborted-after-commit case: nothing of it was put. */
@@ -742,6 +811,27 @@ static int clean_spool(lake_exporter *ex)
     return 0;
 }
 
+/* A database exported before cursors were the cluster's has the cursor
+ * under this node's id: the cluster takes it over once, when it has none. */
+static int adopt_cursor(lake_exporter *ex, lake_stream *s, fm_lake_cursor *c, fm_errbuf *err)
+{
+    fm_lake_cursor mine;
+    memset(&mine, 0, sizeof mine);
+    int rc = fm_store_lake_cursor_get(ex->store, ex->cfg.node_id, s->st, &mine);
+    if (rc != 0)
+        return fm_errf(err, rc, "lake: cannot read the %s cursor", s->area);
+    if (mine.last_seq == 0 && !mine.pending_key[0])
+        return 0;
+    if ((rc = lease_check(ex, true, err)) != 0 ||
+        (rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &mine, err)) != 0)
+        return rc;
+    fm_logf(FM_LOG_INFO, LAKE_COMPONENT,
+            "the %s cursor of node %s (%" PRId64 ") is now the cluster's", s->area,
+            ex->cfg.node_id, mine.last_seq);
+    *c = mine;
+    return 0;
+}
+
 /* Loads every stream's cursor, settles a half-published batch, and removes
  * stale spool files. Must run before any export and again after any failure,
  * because a failure can leave the in-memory state behind the store's. */
@@ -753,20 +843,24 @@ static int recover(lake_exporter *ex, fm_errbuf *err)
         lake_stream *s = &ex->s[i];
         fm_lake_cursor c;
         memset(&c, 0, sizeof c);
-        int rc = fm_store_lake_cursor_get(ex->store, ex->cfg.node_id, s->st, &c);
+        int rc = fm_store_lake_cursor_get(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c);
         if (rc != 0)
             return fm_errf(err, rc, "lake: cannot read the %s cursor", s->area);
+        if (c.last_seq == 0 && !c.pending_key[0] && (rc = adopt_cursor(ex, s, &c, err)) != 0)
+            return rc;
         if (c.pending_key[0]) {
-            bool man = is_manifest(c.pending_spool);
+            bool man = is_manifest(c.pending_spool), ours = pending_is_ours(ex, &c);
             rc = man ? recover_manifest(ex, &c, err) : recover_single(ex, &c, err);
+            if (rc == 0)
+                rc = lease_check(ex, true, err);
             if (rc != 0)
                 return rc;
             char spool[sizeof c.pending_spool];
             memcpy(spool, c.pending_spool, sizeof spool);
             c.pending_key[0] = c.pending_spool[0] = '\0';
-            if ((rc = fm_store_lake_cursor_set(ex->store, ex->cfg.node_id, s->st, &c, err)) != 0)
+            if ((rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err)) != 0)
                 return rc;
-            if (man)
+            if (man && ours)
                 unlink(spool);
             fm_logf(FM_LOG_INFO, LAKE_COMPONENT, "recovered pending %s object, cursor %" PRId64,
                     s->area, c.last_seq);
@@ -849,6 +943,8 @@ static void update_backlog(lake_exporter *ex)
 static int ex_run(lake_exporter *ex, bool force, fm_errbuf *err)
 {
     int rc = ex_open(ex, err);
+    if (rc == 0)
+        rc = lease_check(ex, false, err);
     if (rc == 0 && !ex->recovered)
         rc = recover(ex, err);
     for (int i = 0; i < FM_STREAM_COUNT && rc == 0; i++)
@@ -858,9 +954,13 @@ static int ex_run(lake_exporter *ex, bool force, fm_errbuf *err)
         if (ex->lake)
             for (int i = 0; i < FM_STREAM_COUNT; i++)
                 batch_abort(&ex->s[i]);
-        atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
+        if (!ex->standby)
+            atomic_fetch_add(&fm_metrics_get()->lake_errors, 1);
     }
     update_backlog(ex);
+    /* Standing by for another node's export is not a failure. */
+    if (ex->standby)
+        return rc;
     /* Log transitions, not every retry: a full disk would otherwise flood
      * the log every backoff period. */
     if (rc != 0 && rc != ex->last_rc)
@@ -876,6 +976,14 @@ static void ex_close(lake_exporter *ex)
     if (ex->lake)
         for (int i = 0; i < FM_STREAM_COUNT; i++)
             batch_abort(&ex->s[i]);
+    /* Handing the lease back lets another node take over at once instead
+     * of after FM_LAKE_LEASE_MS. */
+    if (ex->lease_until && ex->store &&
+        fm_store_lease(ex->store, FM_LAKE_LEASE, ex->cfg.node_id, 0, NULL, 0) != 0)
+        fm_logf(FM_LOG_WARN, LAKE_COMPONENT, "cannot release the lake export lease");
+    if (ex->lease_until)
+        atomic_store(&fm_metrics_get()->lake_lease_held, 0);
+    ex->lease_until = 0;
     if (ex->lock_fd >= 0)
         close(ex->lock_fd); /* releases the flock */
     fm_lake_close(ex->lake);
@@ -981,7 +1089,11 @@ int fm_lake_writer_start(const fm_config *cfg, fm_lake_writer **out, fm_errbuf *
      * the thread retries, because the pipeline must not wait for the lake. */
     int rc = ex_open(&w->ex, err);
     if (rc == 0)
+        rc = lease_check(&w->ex, false, err);
+    if (rc == 0)
         rc = recover(&w->ex, err);
+    else if (w->ex.standby)
+        rc = 0; /* another node exports; this one takes over if it stops */
     if (rc == FM_EINVAL || rc == FM_EUNAVAIL || (rc != 0 && !w->ex.store)) {
         ex_close(&w->ex);
         fm_free(w);

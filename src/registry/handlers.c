@@ -440,7 +440,7 @@ void registry__presence_flush(fm_registry *r)
 {
     if (r->npresence == 0)
         return;
-    int rc = fm_store_presence_set(r->store, r->presence, r->npresence);
+    int rc = fm_store_presence_set(r->store, r->cfg.node_id, r->presence, r->npresence);
     if (rc)
         fm_logkv(FM_LOG_WARN, "registry", "cannot record device presence", "error",
                  fm_strerror(rc), NULL);
@@ -470,7 +470,7 @@ static void handle_presence(fm_registry *r, const regmsg *m)
     if (strcmp(boot, r->presence_boot) != 0) {
         if (r->presence_boot[0]) {
             registry__presence_flush(r);
-            fm_store_presence_reset(r->store, at);
+            fm_store_presence_reset(r->store, r->cfg.node_id, at);
         }
         snprintf(r->presence_boot, sizeof r->presence_boot, "%s", boot);
     }

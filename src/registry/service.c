@@ -289,7 +289,7 @@ static void housekeeping(fm_registry *r, int resync)
     int64_t lost = atomic_load(&fm_metrics_get()->broker_lost_ms);
     if (lost > r->broker_lost_ms) {
         registry__presence_flush(r);
-        if (fm_store_presence_reset(r->store, lost) == 0)
+        if (fm_store_presence_reset(r->store, r->cfg.node_id, lost) == 0)
             r->broker_lost_ms = lost;
     }
     /* Follow the log in chunks until caught up. */
@@ -403,7 +403,8 @@ int fm_registry_start(const fm_registry_opts *opts, fm_registry **out, fm_errbuf
     if ((rc = fm_registry_write_snapshot(&r->cfg, r->store, err)) != 0 ||
         (rc = write_crl(r, err)) != 0)
         goto fail;
-    if (opts->reset_presence && (rc = fm_store_presence_reset(r->store, fm_wall_ms())) != 0) {
+    if (opts->reset_presence &&
+        (rc = fm_store_presence_reset(r->store, r->cfg.node_id, fm_wall_ms())) != 0) {
         fm_errf(err, rc, "cannot reset device presence");
         goto fail;
     }

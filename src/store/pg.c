@@ -141,8 +141,16 @@ static const char *const pg_schema_1 =
     "  requested_by TEXT NOT NULL, error TEXT NOT NULL, rows BIGINT NOT NULL,"
     "  created_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL);";
 
+/* SQLite's ninth step: which node's broker reported a device's presence,
+ * and the leases of cluster-wide jobs. */
+static const char *const pg_schema_2 =
+    "ALTER TABLE device_presence ADD COLUMN node TEXT NOT NULL DEFAULT '';"
+    "CREATE TABLE leases ("
+    "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms BIGINT NOT NULL,"
+    "  since_ms BIGINT NOT NULL);";
+
 /* Migrations in order; pg_steps[i] brings a database to version i + 1. */
-static const char *const *const pg_steps[] = {&pg_schema_1};
+static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2};
 #define PG_SCHEMA_VERSION ((int)(sizeof pg_steps / sizeof pg_steps[0]))
 
 /* ---- connection and statements -------------------------------------------------- */
@@ -152,6 +160,16 @@ static void forget_prepared(pg_store *s)
     for (int i = 0; i < s->nprepared; i++)
         fm_free(s->prepared[i]);
     s->nprepared = 0;
+}
+
+/* The server's notices (e.g. "relation already exists, skipping") are
+ * routine: they go to the debug log, never to stderr. */
+static void on_notice(void *ud, const char *message)
+{
+    (void)ud;
+    size_t n = strlen(message);
+    fm_logf(FM_LOG_DEBUG, "store", "postgres: %.*s", (int)(n && message[n - 1] == '\n' ? n - 1 : n),
+            message);
 }
 
 /* Reconnects a broken connection. 0 or FM_EUNAVAIL. */
@@ -174,6 +192,7 @@ static int ensure_conn(pg_store *s, fm_errbuf *err)
         return fm_errf(err, FM_EUNAVAIL, "postgres: cannot connect: %s",
                        s->conn ? PQerrorMessage(s->conn) : "out of memory");
     PQsetErrorVerbosity(s->conn, PQERRORS_TERSE);
+    PQsetNoticeProcessor(s->conn, on_notice, NULL);
     return 0;
 }
 
@@ -318,7 +337,10 @@ int pg__begin(pg_store *s, fm_errbuf *err)
     int rc = ensure_conn(s, err);
     if (rc)
         return rc;
-    if ((rc = pg__cmd(s, "BEGIN", NULL, "begin", NULL, err)) == 0)
+    /* Pinned, whatever default_transaction_isolation says: every
+     * read-decide-write takes an advisory lock first (PG_LOCK_*), which is
+     * what makes it serial; a stricter level would only add retries. */
+    if ((rc = pg__cmd(s, "BEGIN ISOLATION LEVEL READ COMMITTED", NULL, "begin", NULL, err)) == 0)
         s->in_tx = true;
     return rc;
 }
@@ -397,6 +419,56 @@ static int p_migrate(fm_store *base, fm_errbuf *err)
 {
     pg_store *s = (pg_store *)base;
     PG_TX(s, err, migrate_tx(s, err));
+}
+
+/* The database's clock decides expiry, so nodes' clocks may disagree. */
+#define PG_NOW_MS "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+
+static int p_lease(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
+                   char *owner, size_t owner_len)
+{
+    pg_store *s = (pg_store *)base;
+    if (!name || !*name || !holder || !*holder)
+        return FM_EINVAL;
+    pg_args a = {0};
+    pg__text(&a, name);
+    pg__text(&a, holder);
+    int rc;
+    if (ttl_ms <= 0)
+        return pg__cmd(s, "DELETE FROM leases WHERE name = $1 AND holder = $2", &a, "lease",
+                       NULL, NULL);
+    pg__i64(&a, ttl_ms);
+    /* One statement: the upsert takes the row lock, so two nodes racing
+     * for a free lease cannot both win; RETURNING is empty when another
+     * holder's lease is still running. */
+    PGresult *r = pg__run(s,
+                          "INSERT INTO leases(name, holder, expires_ms, since_ms)"
+                          " VALUES($1, $2, " PG_NOW_MS " + $3, " PG_NOW_MS ")"
+                          " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                          " expires_ms = excluded.expires_ms, since_ms = CASE WHEN"
+                          " leases.holder = excluded.holder THEN leases.since_ms"
+                          " ELSE excluded.since_ms END"
+                          " WHERE leases.holder = excluded.holder OR leases.expires_ms <= "
+                          PG_NOW_MS " RETURNING holder",
+                          &a, "lease", &rc, NULL);
+    if (!r)
+        return rc;
+    int won = PQntuples(r) == 1;
+    PQclear(r);
+    if (won)
+        return 0;
+    if (owner && owner_len) {
+        owner[0] = '\0';
+        pg_args q = {0};
+        pg__text(&q, name);
+        r = pg__run(s, "SELECT holder FROM leases WHERE name = $1", &q, "lease", &rc, NULL);
+        if (r) {
+            if (PQntuples(r))
+                pg__copy(owner, owner_len, r, 0, 0);
+            PQclear(r);
+        }
+    }
+    return FM_EBUSY;
 }
 
 static void p_close(fm_store *base)
@@ -666,6 +738,7 @@ static const fm_store_vtable pg_vt = {
     .close = p_close,
     .tenant_ensure = p_tenant_ensure,
     .tenant_exists = pg__tenant_exists,
+    .lease = p_lease,
 };
 
 static const fm_store_records_vt pg_records_vt = {

@@ -49,7 +49,7 @@ static int a_device_page(fm_store *base, const char *tenant, const char *after_i
     return 0;
 }
 
-static int presence_tx(pg_store *s, const fm_presence_update *u, size_t n)
+static int presence_tx(pg_store *s, const char *node, const fm_presence_update *u, size_t n)
 {
     int rc = 0;
     /* Unknown devices are dropped; a late, older report never overwrites
@@ -59,32 +59,35 @@ static int presence_tx(pg_store *s, const fm_presence_update *u, size_t n)
         pg__text(&a, nz(u[i].device_id));
         pg__i64(&a, u[i].online ? 1 : 0);
         pg__i64(&a, u[i].at_ms);
+        pg__text(&a, nz(node));
         rc = pg__cmd(s,
-                     "INSERT INTO device_presence(device_id, online, changed_ms)"
-                     " SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
+                     "INSERT INTO device_presence(device_id, online, changed_ms, node)"
+                     " SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
                      " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
-                     " changed_ms = excluded.changed_ms"
+                     " changed_ms = excluded.changed_ms, node = excluded.node"
                      " WHERE excluded.changed_ms >= device_presence.changed_ms",
                      &a, "presence", NULL, NULL);
     }
     return rc;
 }
 
-static int a_presence_set(fm_store *base, const fm_presence_update *u, size_t n)
+static int a_presence_set(fm_store *base, const char *node, const fm_presence_update *u,
+                          size_t n)
 {
     pg_store *s = (pg_store *)base;
     if (n == 0)
         return 0;
-    PG_TX(s, NULL, presence_tx(s, u, n));
+    PG_TX(s, NULL, presence_tx(s, node, u, n));
 }
 
-static int a_presence_reset(fm_store *base, int64_t at_ms)
+static int a_presence_reset(fm_store *base, const char *node, int64_t at_ms)
 {
     pg_args a = {0};
     pg__i64(&a, at_ms);
+    pg__text(&a, nz(node));
     return pg__cmd((pg_store *)base,
                    "UPDATE device_presence SET online = 0, changed_ms = $1"
-                   " WHERE online <> 0 AND changed_ms < $1",
+                   " WHERE online <> 0 AND changed_ms < $1 AND node IN ($2, '')",
                    &a, "presence", NULL, NULL);
 }
 

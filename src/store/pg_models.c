@@ -7,6 +7,7 @@
 #include "store/pg_int.h"
 #include "fleetml/drift.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -36,6 +37,10 @@ static void read_version(const PGresult *r, int i, fm_model_rec *v)
 static int m_version_add(fm_store *base, const fm_model_rec *v, const void *file, size_t len,
                          fm_errbuf *err)
 {
+    /* A bytea parameter's length is an int (and a bytea holds 1 GB at most). */
+    if (len > INT_MAX)
+        return fm_errf(err, FM_EDB, "model version: the model file is too large (%zu bytes)",
+                       len);
     pg_args a = {0};
     pg__text(&a, v->name);
     pg__text(&a, v->version);
@@ -232,7 +237,7 @@ static int m_alias_list(fm_store *base, const char *tenant, fm_model_alias_cb cb
     PGresult *r = pg__run((pg_store *)base,
                           "SELECT tenant, name, alias, version, share_pct, updated_by, updated_ms"
                           " FROM model_aliases WHERE $1::text IS NULL OR tenant = $1"
-                          " ORDER BY tenant, name, alias",
+                          " ORDER BY tenant COLLATE \"C\", name COLLATE \"C\", alias COLLATE \"C\"",
                           &a, "model aliases", &rc, NULL);
     if (!r)
         return rc;
@@ -321,7 +326,7 @@ static int m_drift_get(fm_store *base, const char *tenant, int64_t day,
     int rc;
     PGresult *r = pg__run((pg_store *)base,
                           "SELECT model, n, counts FROM drift_counts WHERE tenant = $1"
-                          " AND day = $2 ORDER BY model",
+                          " AND day = $2 ORDER BY model COLLATE \"C\"",
                           &a, "drift", &rc, NULL);
     if (!r)
         return rc;

@@ -174,7 +174,8 @@ static int r_template_set_status(fm_store *base, const char *name, int status, f
 static int r_template_list(fm_store *base, fm_template_cb cb, void *ud)
 {
     int rc;
-    PGresult *r = pg__run((pg_store *)base, "SELECT " TEMPLATE_COLS " FROM templates ORDER BY name",
+    PGresult *r = pg__run((pg_store *)base,
+                          "SELECT " TEMPLATE_COLS " FROM templates ORDER BY name COLLATE \"C\"",
                           NULL, "templates", &rc, NULL);
     if (!r)
         return rc;
@@ -257,7 +258,7 @@ static int r_claim_certs(fm_store *base, const char *tmpl, fm_serial_cb cb, void
 {
     return serial_query((pg_store *)base,
                         "SELECT serial, status, created_ms FROM claim_certs"
-                        " WHERE template = $1 AND status = 0 ORDER BY serial",
+                        " WHERE template = $1 AND status = 0 ORDER BY serial COLLATE \"C\"",
                         tmpl, cb, ud);
 }
 
@@ -281,7 +282,7 @@ static int r_device_certs(fm_store *base, const char *device_id, fm_serial_cb cb
 {
     return serial_query((pg_store *)base,
                         "SELECT serial, status, grace_until_ms FROM certs"
-                        " WHERE device_id = $1 AND status IN (0, 1) ORDER BY serial",
+                        " WHERE device_id = $1 AND status IN (0, 1) ORDER BY serial COLLATE \"C\"",
                         device_id, cb, ud);
 }
 
@@ -315,7 +316,8 @@ static int r_device_revoke(fm_store *base, const char *id, fm_errbuf *err)
 static int r_device_list(fm_store *base, fm_device_cb cb, void *ud)
 {
     int rc;
-    PGresult *r = pg__run((pg_store *)base, "SELECT " PG_DEVICE_COLS " FROM devices ORDER BY id",
+    PGresult *r = pg__run((pg_store *)base,
+                          "SELECT " PG_DEVICE_COLS " FROM devices ORDER BY id COLLATE \"C\"",
                           NULL, "devices", &rc, NULL);
     if (!r)
         return rc;
@@ -335,7 +337,7 @@ static int r_revoked_certs(fm_store *base, fm_serial_cb cb, void *ud)
 {
     return serial_query((pg_store *)base,
                         "SELECT serial, status, revoked_ms FROM certs WHERE status = 2"
-                        " ORDER BY serial",
+                        " ORDER BY serial COLLATE \"C\"",
                         NULL, cb, ud);
 }
 

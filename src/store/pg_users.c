@@ -65,7 +65,7 @@ static int u_user_list(fm_store *base, const char *tenant, fm_user_cb cb, void *
     int rc;
     PGresult *r = pg__run((pg_store *)base,
                           "SELECT " USER_COLS " FROM users WHERE $1::text IS NULL OR tenant = $1"
-                          " ORDER BY tenant, username",
+                          " ORDER BY tenant COLLATE \"C\", username COLLATE \"C\"",
                           &a, "users", &rc, NULL);
     if (!r)
         return rc;

@@ -176,10 +176,20 @@ static const char *schema_shadow =
     "  requested_by TEXT NOT NULL, error TEXT NOT NULL, rows INTEGER NOT NULL,"
     "  created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);";
 
+/* Several nodes on one database: which node's broker reported a device's
+ * presence (a restart of that broker resets only its devices), and the
+ * leases of cluster-wide jobs. */
+static const char *schema_cluster =
+    "ALTER TABLE device_presence ADD COLUMN node TEXT NOT NULL DEFAULT '';"
+    "CREATE TABLE leases ("
+    "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL,"
+    "  since_ms INTEGER NOT NULL);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
                                                &schema_users, &schema_api, &schema_keys,
-                                               &schema_models, &schema_shadow};
+                                               &schema_models, &schema_shadow,
+                                               &schema_cluster};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -564,12 +574,66 @@ static int s_probe_write(fm_store *base, fm_errbuf *err)
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "probe");
 }
 
+static int lease_tx(sqlite_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                    char *owner, size_t owner_len)
+{
+    sqlite3_stmt *st;
+    int64_t now = fm_wall_ms();
+    if (ttl_ms <= 0) {
+        if (sql__prep(s, &st, "DELETE FROM leases WHERE name = ?1 AND holder = ?2", NULL))
+            return FM_EDB;
+        sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, holder, -1, SQLITE_STATIC);
+        int rc = sql__step_done(st);
+        sqlite3_finalize(st);
+        return sql__map_rc(rc);
+    }
+    /* Taken when free, expired or already ours; since_ms keeps when the
+     * current holder first took it. */
+    if (sql__prep(s, &st,
+                  "INSERT INTO leases(name, holder, expires_ms, since_ms) VALUES(?1, ?2, ?3, ?4)"
+                  " ON CONFLICT(name) DO UPDATE SET holder = excluded.holder,"
+                  " expires_ms = excluded.expires_ms, since_ms = CASE WHEN leases.holder ="
+                  " excluded.holder THEN leases.since_ms ELSE excluded.since_ms END"
+                  " WHERE leases.holder = excluded.holder OR leases.expires_ms <= ?4",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, holder, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now + ttl_ms);
+    sqlite3_bind_int64(st, 4, now);
+    int rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__map_rc(rc);
+    if (sql__prep(s, &st, "SELECT holder FROM leases WHERE name = ?1", NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    const char *who = rc == SQLITE_ROW ? (const char *)sqlite3_column_text(st, 0) : NULL;
+    int out = !who ? FM_EDB : strcmp(who, holder) == 0 ? 0 : FM_EBUSY;
+    if (out == FM_EBUSY && owner && owner_len)
+        snprintf(owner, owner_len, "%s", who);
+    sqlite3_finalize(st);
+    return out;
+}
+
+static int s_lease(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
+                   char *owner, size_t owner_len)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    if (!name || !*name || !holder || !*holder)
+        return FM_EINVAL;
+    IN_TX(s, NULL, lease_tx(s, name, holder, ttl_ms, owner, owner_len));
+}
+
 static const fm_store_vtable sqlite_vt = {
     .name = "sqlite",
     .migrate = s_migrate,
     .close = s_close,
     .tenant_ensure = s_tenant_ensure,
     .tenant_exists = sql__tenant_exists,
+    .lease = s_lease,
 };
 
 static const fm_store_records_vt sqlite_records_vt = {

@@ -73,17 +73,18 @@ int sql__device_page(fm_store *base, const char *tenant, const char *after_id, s
     return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
-static int presence_tx(sqlite_store *s, const fm_presence_update *u, size_t n, fm_errbuf *err)
+static int presence_tx(sqlite_store *s, const char *node, const fm_presence_update *u, size_t n,
+                       fm_errbuf *err)
 {
     sqlite3_stmt *st;
     /* The WHERE EXISTS drops unknown devices (and is also what lets SQLite
      * parse an upsert after INSERT ... SELECT); the upsert's WHERE keeps a
      * newer state against a late, older report. */
     int rc = sql__prep(s, &st,
-                       "INSERT INTO device_presence(device_id, online, changed_ms)"
-                       " SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                       "INSERT INTO device_presence(device_id, online, changed_ms, node)"
+                       " SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
                        " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
-                       " changed_ms = excluded.changed_ms"
+                       " changed_ms = excluded.changed_ms, node = excluded.node"
                        " WHERE excluded.changed_ms >= device_presence.changed_ms",
                        err);
     if (rc)
@@ -92,6 +93,7 @@ static int presence_tx(sqlite_store *s, const fm_presence_update *u, size_t n, f
         sqlite3_bind_text(st, 1, nz(u[i].device_id), -1, SQLITE_STATIC);
         sqlite3_bind_int(st, 2, u[i].online ? 1 : 0);
         sqlite3_bind_int64(st, 3, u[i].at_ms);
+        sqlite3_bind_text(st, 4, nz(node), -1, SQLITE_STATIC);
         int src = sql__step_done(st);
         if (src != SQLITE_OK)
             rc = sql__err(s, err, src, "presence");
@@ -100,24 +102,25 @@ static int presence_tx(sqlite_store *s, const fm_presence_update *u, size_t n, f
     return rc;
 }
 
-int sql__presence_set(fm_store *base, const fm_presence_update *u, size_t n)
+int sql__presence_set(fm_store *base, const char *node, const fm_presence_update *u, size_t n)
 {
     sqlite_store *s = (sqlite_store *)base;
     if (n == 0)
         return 0;
-    IN_TX(s, NULL, presence_tx(s, u, n, NULL));
+    IN_TX(s, NULL, presence_tx(s, node, u, n, NULL));
 }
 
-int sql__presence_reset(fm_store *base, int64_t at_ms)
+int sql__presence_reset(fm_store *base, const char *node, int64_t at_ms)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
     if (sql__prep(s, &st,
                   "UPDATE device_presence SET online = 0, changed_ms = ?1"
-                  " WHERE online != 0 AND changed_ms < ?1",
+                  " WHERE online != 0 AND changed_ms < ?1 AND node IN (?2, '')",
                   NULL))
         return FM_EDB;
     sqlite3_bind_int64(st, 1, at_ms);
+    sqlite3_bind_text(st, 2, nz(node), -1, SQLITE_STATIC);
     int rc = sql__step_done(st);
     sqlite3_finalize(st);
     return sql__map_rc(rc);

@@ -102,13 +102,13 @@ int sql__events_max(fm_store *s, int64_t *out);
 /* The API-data part of the vtable (sqlite_api.c); see store.h. */
 int sql__device_page(fm_store *s, const char *tenant, const char *after_id, size_t limit,
                      fm_device_cb cb, void *ud);
-int sql__presence_set(fm_store *s, const fm_presence_update *u, size_t n);
+int sql__presence_set(fm_store *s, const char *node, const fm_presence_update *u, size_t n);
 int sql__totp_get(fm_store *s, int64_t user_id, fm_totp *out);
 int sql__totp_set(fm_store *s, int64_t user_id, const unsigned char *secret, size_t len,
                   int64_t now_ms, fm_errbuf *err);
 int sql__totp_use(fm_store *s, int64_t user_id, int64_t step, int confirm, fm_errbuf *err);
 int sql__totp_delete(fm_store *s, int64_t user_id, fm_errbuf *err);
-int sql__presence_reset(fm_store *s, int64_t at_ms);
+int sql__presence_reset(fm_store *s, const char *node, int64_t at_ms);
 int sql__presence_get(fm_store *s, const char *device_id, fm_presence *out);
 int sql__measurement_page(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
                           void *ud);

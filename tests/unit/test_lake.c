@@ -533,7 +533,7 @@ static void test_export_e2e(void **state)
     assert_int_equal(stat(p, &st), 0);
 
     fm_lake_cursor c;
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 10);
     assert_string_equal(c.pending_key, "");
 
@@ -547,6 +547,72 @@ static void test_export_e2e(void **state)
     scan_lake(f, &sn);
     assert_each_once(&sn, 13, 3);
     assert_int_equal(spool_files(f), 0);
+    fm_store_close(s);
+}
+
+/* Nodes sharing one database: only the lease holder exports, the cursor is
+ * the cluster's, a database exported under a node's own cursor is taken
+ * over without re-exporting, and a pending object another node named is
+ * settled from the lake (never from a local file that happens to have its
+ * spool's name). */
+static void make_spool(const char *path, int64_t from, int64_t to);
+
+static void test_export_cluster_lease(void **state)
+{
+    fixture *f = *state;
+    fm_store *s = open_store(f);
+    fm_errbuf err = {{0}};
+    /* An older database: node1's own cursor says rows 1..3 are exported. */
+    commit_rows(s, 5, 0, T_LAST_MS - 100, 1);
+    fm_lake_cursor c = {.last_seq = 3};
+    assert_int_equal(fm_store_lake_cursor_set(s, "node1", FM_STREAM_RAW, &c, &err), 0);
+
+    /* node2 holds the export: node1 exports nothing and says who does. */
+    assert_int_equal(fm_store_lease(s, FM_LAKE_LEASE, "node2", 60000, NULL, 0), 0);
+    assert_int_equal(fm_lake_export_all(&f->cfg, &err), FM_EBUSY);
+    assert_non_null(strstr(err.msg, "node2"));
+    seen sn;
+    scan_lake(f, &sn);
+    assert_int_equal(sn.objects, 0);
+
+    /* Released: node1 takes the lease, adopts its cursor (rows 4..5 only),
+     * and hands the lease back when done. */
+    assert_int_equal(fm_store_lease(s, FM_LAKE_LEASE, "node2", 0, NULL, 0), 0);
+    assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
+    scan_lake(f, &sn);
+    assert_int_equal(sn.objects, 1);
+    for (int i = 1; i <= 5; i++)
+        assert_int_equal(sn.raw[i], i >= 4 ? 1 : 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
+    assert_int_equal(c.last_seq, 5);
+    assert_int_equal(fm_store_lease(s, FM_LAKE_LEASE, "node3", 60000, NULL, 0), 0);
+    assert_int_equal(fm_store_lease(s, FM_LAKE_LEASE, "node3", 0, NULL, 0), 0);
+
+    /* node2 committed a batch (rows 6..7) and died before its put; a file
+     * here has the name of node2's spool but other rows in it. node1 must
+     * re-export 6..7 from the store, not publish that file. */
+    commit_rows(s, 2, 0, T_LAST_MS - 50, 1);
+    fm_lake *l = NULL;
+    assert_int_equal(fm_lake_open(&f->cfg, &l, &err), 0);
+    c.last_seq = 7;
+    assert_int_equal(fm_lake_object_key(c.pending_key, sizeof c.pending_key, "raw", "acme",
+                                        T_LAST_MS - 50, "node2", 6), 0);
+    pfmt(c.pending_spool, sizeof c.pending_spool, "%s/raw-000000000006.ndjson.gz",
+         l->spool_dir);
+    make_spool(c.pending_spool, 100, 101);
+    assert_int_equal(fm_store_lake_cursor_set(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c, &err),
+                     0);
+    assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
+    assert_int_equal(l->vt->exists(l, c.pending_key), 0);
+    scan_lake(f, &sn);
+    for (int i = 1; i < MAXSEQ; i++)
+        assert_int_equal(sn.raw[i], i >= 4 && i <= 7 ? 1 : 0);
+    assert_int_equal(sn.bad_name, 0);
+    assert_int_equal(spool_files(f), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
+    assert_int_equal(c.last_seq, 7);
+    assert_string_equal(c.pending_key, "");
+    fm_lake_close(l);
     fm_store_close(s);
 }
 
@@ -626,7 +692,7 @@ static void test_recover_pending_spool(void **state)
     pfmt(c.pending_spool, sizeof c.pending_spool, "%s/raw-000000000001.ndjson.gz",
              l->spool_dir);
     make_spool(c.pending_spool, 1, 4);
-    assert_int_equal(fm_store_lake_cursor_set(s, "node1", FM_STREAM_RAW, &c, &err), 0);
+    assert_int_equal(fm_store_lake_cursor_set(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c, &err), 0);
     /* Plus a stale, never-committed partial object for rows 5..6. */
     char stale[600];
     pfmt(stale, sizeof stale, "%s/raw-000000000005.ndjson.gz", l->spool_dir);
@@ -639,7 +705,7 @@ static void test_recover_pending_spool(void **state)
     assert_int_equal(sn.objects, 2);
     assert_int_equal(l->vt->exists(l, c.pending_key), 1);
     assert_int_equal(spool_files(f), 0);
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 6);
     assert_string_equal(c.pending_key, "");
     assert_string_equal(c.pending_spool, "");
@@ -654,7 +720,7 @@ static void test_recover_pending_spool(void **state)
              l->spool_dir);
     make_spool(c.pending_spool, 7, 8);
     assert_int_equal(fm_lake_put(l, c.pending_key, c.pending_spool, &err), 0);
-    assert_int_equal(fm_store_lake_cursor_set(s, "node1", FM_STREAM_RAW, &c, &err), 0);
+    assert_int_equal(fm_store_lake_cursor_set(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c, &err), 0);
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     scan_lake(f, &sn);
     assert_each_once(&sn, 8, 0);
@@ -668,7 +734,7 @@ static void test_recover_pending_spool(void **state)
                                         T_LAST_MS - 40, "node1", 9), 0);
     pfmt(c.pending_spool, sizeof c.pending_spool, "%s/raw-000000000009.ndjson.gz",
              l->spool_dir);
-    assert_int_equal(fm_store_lake_cursor_set(s, "node1", FM_STREAM_RAW, &c, &err), 0);
+    assert_int_equal(fm_store_lake_cursor_set(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c, &err), 0);
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     scan_lake(f, &sn);
     assert_each_once(&sn, 10, 0);
@@ -704,7 +770,7 @@ static void test_recover_manifest(void **state)
     fm_lake_cursor c = {.last_seq = 4};
     pfmt(c.pending_key, sizeof c.pending_key, "%s", ka);
     pfmt(c.pending_spool, sizeof c.pending_spool, "%s", man);
-    assert_int_equal(fm_store_lake_cursor_set(s, "node1", FM_STREAM_RAW, &c, &err), 0);
+    assert_int_equal(fm_store_lake_cursor_set(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c, &err), 0);
 
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     seen sn;
@@ -712,7 +778,7 @@ static void test_recover_manifest(void **state)
     assert_each_once(&sn, 4, 0);
     assert_int_equal(sn.objects, 2);
     assert_int_equal(spool_files(f), 0);
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 4);
     assert_string_equal(c.pending_key, "");
     fm_lake_close(l);
@@ -731,7 +797,7 @@ static void test_fsync_failure(void **state)
     fm_fsync_fail_next(0);
     assert_true(fm_metrics_get()->lake_errors > errs0);
     fm_lake_cursor c;
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 0);
     assert_string_equal(c.pending_key, "");
     seen sn;
@@ -778,7 +844,7 @@ static void test_put_failure(void **state)
     assert_each_once(&sn, 5, 0);
     assert_int_equal(spool_files(f), 0);
     fm_lake_cursor c;
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_RAW, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 5);
     assert_string_equal(c.pending_key, "");
     fm_store_close(s);
@@ -913,10 +979,10 @@ static void test_export_labels_logs(void **state)
     assert_int_equal(stat(p, &st), 0);
 
     fm_lake_cursor c;
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_LABELS, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_LABELS, &c), 0);
     assert_int_equal(c.last_seq, 1);
     assert_string_equal(c.pending_key, "");
-    assert_int_equal(fm_store_lake_cursor_get(s, "node1", FM_STREAM_AUDIT, &c), 0);
+    assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_AUDIT, &c), 0);
     assert_int_equal(c.last_seq, 2);
     assert_int_equal(fm_metrics_get()->lake_backlog, 0);
 
@@ -949,6 +1015,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fs_list_read_remove, setup, teardown),
         cmocka_unit_test_setup_teardown(test_s3_open_settings, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_e2e, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_export_cluster_lease, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_members_and_line_breaks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_export_roll_size, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recover_pending_spool, setup, teardown),

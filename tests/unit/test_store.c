@@ -272,7 +272,7 @@ static void expect_presence(fx *f, const char *dev, int online, int64_t changed,
 static int presence1(fx *f, const char *id, int online, int64_t at)
 {
     fm_presence_update u = {.device_id = id, .online = online, .at_ms = at};
-    return fm_store_presence_set(f->st, &u, 1);
+    return fm_store_presence_set(f->st, "n1", &u, 1);
 }
 
 static void test_presence(void **state)
@@ -304,13 +304,25 @@ static void test_presence(void **state)
     assert_int_equal(presence1(f, "dev-1", 1, 3000), 0);
     assert_int_equal(presence1(f, "dev-2", 1, 3100), 0);
     assert_int_equal(presence1(f, "dev-3", 0, 50), 0);
-    assert_int_equal(fm_store_presence_reset(f->st, 5000), 0);
+    assert_int_equal(fm_store_presence_reset(f->st, "n1", 5000), 0);
     expect_presence(f, "dev-1", 0, 5000, 5000);
     expect_presence(f, "dev-2", 0, 5000, 5000);
     expect_presence(f, "dev-3", 0, 50, 50);
     /* Idempotent: nothing is online any more. */
-    assert_int_equal(fm_store_presence_reset(f->st, 6000), 0);
+    assert_int_equal(fm_store_presence_reset(f->st, "n1", 6000), 0);
     expect_presence(f, "dev-1", 0, 5000, 5000);
+
+    /* A reset is one node's broker restarting: devices another node
+     * reported since are left alone, and a device that moved back is
+     * that node's again. */
+    fm_presence_update on2 = {.device_id = "dev-2", .online = 1, .at_ms = 6100};
+    assert_int_equal(fm_store_presence_set(f->st, "n2", &on2, 1), 0);
+    assert_int_equal(presence1(f, "dev-3", 1, 6100), 0);
+    assert_int_equal(fm_store_presence_reset(f->st, "n1", 6200), 0);
+    expect_presence(f, "dev-2", 1, 6100, 6100);
+    expect_presence(f, "dev-3", 0, 6200, 6200);
+    assert_int_equal(fm_store_presence_reset(f->st, "n2", 6300), 0);
+    expect_presence(f, "dev-2", 0, 6300, 6300);
 
     /* A batch in one call; a report older than the stored state (a late
      * duplicate from another node) does not undo it. */
@@ -320,10 +332,43 @@ static void test_presence(void **state)
         {.device_id = "ghost", .online = 1, .at_ms = 7000},
         {.device_id = "dev-1", .online = 0, .at_ms = 6500},
     };
-    assert_int_equal(fm_store_presence_set(f->st, batch, 4), 0);
+    assert_int_equal(fm_store_presence_set(f->st, "n1", batch, 4), 0);
     expect_presence(f, "dev-1", 1, 7000, 7000);
     expect_presence(f, "dev-2", 1, 7000, 7000);
-    assert_int_equal(fm_store_presence_set(f->st, batch, 0), 0);
+    assert_int_equal(fm_store_presence_set(f->st, "n1", batch, 0), 0);
+}
+
+/* Leases of cluster-wide jobs: one holder at a time, renewals, expiry by
+ * the database's clock, release. */
+static void test_leases(void **state)
+{
+    fx *f = *state;
+    char owner[64] = "";
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n1", 60000, owner, sizeof owner), 0);
+    /* Renewed by its holder, refused to another (who learns the holder). */
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n1", 60000, owner, sizeof owner), 0);
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n2", 60000, owner, sizeof owner),
+                     FM_EBUSY);
+    assert_string_equal(owner, "n1");
+    /* Leases are independent by name. */
+    assert_int_equal(fm_store_lease(f->st, "retention", "n2", 60000, NULL, 0), 0);
+    /* Released by its holder only; then anyone may take it. */
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n2", 0, NULL, 0), 0);
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n2", 60000, NULL, 0), FM_EBUSY);
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n1", 0, NULL, 0), 0);
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n2", 60000, NULL, 0), 0);
+    /* An expired lease goes to the next taker. */
+    assert_int_equal(fm_store_lease(f->st, "short", "n1", 1, NULL, 0), 0);
+    uint64_t until = fm_mono_ns() + 5000000000ull;
+    int rc;
+    while ((rc = fm_store_lease(f->st, "short", "n2", 60000, NULL, 0)) == FM_EBUSY &&
+           fm_mono_ns() < until)
+        ;
+    assert_int_equal(rc, 0);
+    assert_int_equal(fm_store_lease(f->st, "short", "n1", 60000, owner, sizeof owner), FM_EBUSY);
+    assert_string_equal(owner, "n2");
+    assert_int_equal(fm_store_lease(f->st, "", "n1", 1000, NULL, 0), FM_EINVAL);
+    assert_int_equal(fm_store_lease(f->st, "x", "", 1000, NULL, 0), FM_EINVAL);
 }
 
 typedef struct dev_acc {
@@ -936,6 +981,7 @@ static void test_migrate_api_tables(void **state)
                                   " DROP TABLE model_versions; DROP TABLE model_aliases;"
                                   " DROP TABLE model_alias_log; ALTER TABLE measurements DROP COLUMN shadow;"
                                   " DROP TABLE drift_counts; DROP TABLE training_jobs;"
+                                  " DROP TABLE leases;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
@@ -947,6 +993,7 @@ static void test_migrate_api_tables(void **state)
     assert_int_equal(fm_store_audit_append(f->st, &a, &err), 0);
     assert_int_equal(presence1(f, "dev-1", 1, 10), 0);
     expect_presence(f, "dev-1", 1, 10, 1000);
+    assert_int_equal(fm_store_lease(f->st, "lake-export", "n1", 1000, NULL, 0), 0);
 }
 
 int main(void)
@@ -959,6 +1006,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_probe_write, setup, teardown),
         cmocka_unit_test(test_unknown_backend),
+        cmocka_unit_test_setup_teardown(test_leases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_presence, setup, teardown),
         cmocka_unit_test_setup_teardown(test_device_page, setup, teardown),
         cmocka_unit_test_setup_teardown(test_measurement_page, setup, teardown),
