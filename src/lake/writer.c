@@ -102,6 +102,8 @@ typedef struct lake_stream {
     enum fm_lake_stream st;
     const char *area;
     int64_t cursor;  /* last seq durably published (as read from the store) */
+    int64_t published; /* last seq whose object is in the lake (cursor minus a
+                        * committed batch whose put has not succeeded yet) */
     int64_t pos;     /* last seq appended to the open batch; == cursor if none */
     int64_t opened_ms; /* monotonic ms when the batch's first object opened */
     int nobj;
@@ -583,6 +585,7 @@ static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
             return rc; /* spool files stay for recovery */
         rows += s->obj[i].rows;
     }
+    s->published = s->cursor;
     c.pending_key[0] = c.pending_spool[0] = '\0';
     rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err);
     if (rc != 0)
@@ -811,6 +814,17 @@ static int clean_spool(lake_exporter *ex)
     return 0;
 }
 
+/* The last seq surely in the lake by this cursor: its pending batch may not
+ * have been put yet. */
+static int64_t published_of(const fm_lake_cursor *c)
+{
+    int64_t first;
+    if (c->pending_key[0] && lake__key_first_seq(c->pending_key, &first) == 0 && first > 0 &&
+        first - 1 < c->last_seq)
+        return first - 1;
+    return c->last_seq;
+}
+
 /* A database exported before cursors were the cluster's has the cursor
  * under this node's id: the cluster takes it over once, when it has none. */
 static int adopt_cursor(lake_exporter *ex, lake_stream *s, fm_lake_cursor *c, fm_errbuf *err)
@@ -848,6 +862,7 @@ static int recover(lake_exporter *ex, fm_errbuf *err)
             return fm_errf(err, rc, "lake: cannot read the %s cursor", s->area);
         if (c.last_seq == 0 && !c.pending_key[0] && (rc = adopt_cursor(ex, s, &c, err)) != 0)
             return rc;
+        s->published = published_of(&c);
         if (c.pending_key[0]) {
             bool man = is_manifest(c.pending_spool), ours = pending_is_ours(ex, &c);
             rc = man ? recover_manifest(ex, &c, err) : recover_single(ex, &c, err);
@@ -865,7 +880,7 @@ static int recover(lake_exporter *ex, fm_errbuf *err)
             fm_logf(FM_LOG_INFO, LAKE_COMPONENT, "recovered pending %s object, cursor %" PRId64,
                     s->area, c.last_seq);
         }
-        s->cursor = s->pos = c.last_seq;
+        s->cursor = s->pos = s->published = c.last_seq;
     }
     if (clean_spool(ex) != 0)
         return fm_errf(err, FM_EIO, "lake: cannot list %s", ex->lake->spool_dir);
@@ -926,14 +941,19 @@ static int ex_open(lake_exporter *ex, fm_errbuf *err)
     return 0;
 }
 
+/* The cluster's backlog, on every node: a node standing by reads the
+ * cursors the holder keeps in the store. */
 static void update_backlog(lake_exporter *ex)
 {
     int64_t backlog = 0;
     for (int i = 0; i < FM_STREAM_COUNT; i++) {
-        int64_t max = 0;
-        if (ex->store && fm_store_max_seq(ex->store, ex->s[i].st, &max) == 0 &&
-            max > ex->s[i].cursor)
-            backlog += max - ex->s[i].cursor;
+        int64_t max = 0, cursor = ex->s[i].published;
+        fm_lake_cursor c;
+        if (ex->store && !ex->lease_until &&
+            fm_store_lake_cursor_get(ex->store, FM_LAKE_CURSOR_OWNER, ex->s[i].st, &c) == 0)
+            cursor = published_of(&c);
+        if (ex->store && fm_store_max_seq(ex->store, ex->s[i].st, &max) == 0 && max > cursor)
+            backlog += max - cursor;
     }
     atomic_store(&fm_metrics_get()->lake_backlog, backlog);
 }
