@@ -75,6 +75,7 @@ typedef struct fm_config {
     int broker_port;       /* device listener (mTLS) */
     int broker_service_port; /* loopback listener for the service (mTLS) */
     char broker_host[256]; /* host the service connects to */
+    char broker_url[320];  /* external mode: mqtts://host:port (overrides host, service_port) */
     char broker_public_host[256]; /* told to devices after provisioning */
     int broker_public_port;       /* 0 = broker_port */
     int max_connections;          /* device listener connection cap */

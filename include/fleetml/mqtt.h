@@ -34,9 +34,18 @@ typedef struct fm_mqtt_handlers {
     void *ud;
 } fm_mqtt_handlers;
 
+/* Parses broker.url, "mqtts://host:port" (host may be [IPv6]), into host
+ * (NUL-terminated, host_len bytes at most) and *port. 0 or FM_EINVAL (other
+ * schemes, a missing or out-of-range port, user info or a path); nothing
+ * is written on failure. */
+int fm_mqtt_parse_url(const char *url, char *host, size_t host_len, int *port);
+
 /* Creates the client and starts its network thread; connection happens in
- * the background (see fm_mqtt_connected). subscriptions is a NULL-terminated
- * list of topic filters subscribed with QoS 1 on every connect. Returns 0
+ * the background (see fm_mqtt_connected). In broker.mode external the
+ * client id is "fleetml-service.<node.id>" (one session per node on a
+ * shared broker) and broker.url, when set, names the broker. subscriptions
+ * is a NULL-terminated list of topic filters subscribed with QoS 1 on every
+ * connect. Returns 0
  * and *out, or FM_EINVAL / FM_ECRYPTO / FM_ENOMEM with err set. */
 int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
                   const fm_mqtt_handlers *h, fm_mqtt **out, fm_errbuf *err);

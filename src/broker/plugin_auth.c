@@ -278,11 +278,25 @@ struct admission {
     long long reported_ns;
 };
 
+/* A snapshot sent in parts (one MQTT message each, in order, under one
+ * "gen"), assembled here and installed at its last part. Two nodes may
+ * send theirs at the same time after a broker restart. */
+#define AUTH_STAGES 4
+struct staging {
+    char gen[48];  /* "" = free */
+    int next, parts;
+    long long seq; /* of part 0 */
+    long long touched_ns;
+    struct map devices, templates;
+};
+
 struct auth_state {
     mosquitto_plugin_id_t *pid;
     char *service_id;
     char *registry_path; /* NULL: no snapshot configured */
     bool view_ok;        /* false: refuse every device and claim client */
+    long long view_seq;  /* newest registry event the view reflects (ops' "seq") */
+    struct staging stage[AUTH_STAGES]; /* snapshots arriving in parts */
     struct map devices;   /* device id -> struct principal */
     struct map templates; /* template name -> struct principal */
     struct map conns;     /* client id -> struct conn */
@@ -466,14 +480,32 @@ static struct conn *conn_of(const struct auth_state *st, const struct mosquitto 
     return c && c->client == client ? c : NULL;
 }
 
+/* The client ids a service certificate (CN = service id) may use: the CN
+ * itself, or "<CN>.<node id>" when several fleetml nodes share one broker
+ * (a node id is [a-z0-9-], 1..63 characters). */
+static bool service_client_id_ok(const char *id, const char *cn)
+{
+    size_t n = strlen(cn);
+    if (strncmp(id, cn, n) != 0)
+        return false;
+    if (id[n] == '\0')
+        return true;
+    if (id[n] != '.' || !id[n + 1] || strlen(id + n + 1) > 63)
+        return false;
+    for (const char *p = id + n + 1; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '-'))
+            return false;
+    return true;
+}
+
 /* True for the service, judged by its certificate (not its record) so that
  * the service keeps working on a listener that skips BASIC_AUTH. */
 static bool is_service(const struct auth_state *st, struct mosquitto *client)
 {
     char cn[AUTH_ID_MAX + 2];
     const char *id = client ? mosquitto_client_id(client) : NULL;
-    return id && strcmp(id, st->service_id) == 0 && client_cert(client, cn, sizeof cn, NULL, 0) &&
-           strcmp(cn, st->service_id) == 0;
+    return id && client_cert(client, cn, sizeof cn, NULL, 0) && strcmp(cn, st->service_id) == 0 &&
+           service_client_id_ok(id, cn);
 }
 
 /* Whether the registry view still allows a connection made with this
@@ -612,7 +644,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     } else if (!client_cert(ed->client, cn, sizeof cn, serial, sizeof serial)) {
         why = "no client certificate with a single usable CN and serial";
     } else if (strcmp(cn, st->service_id) == 0) {
-        if (strcmp(id, cn) != 0) {
+        if (!service_client_id_ok(id, cn)) {
             why = "client id does not match certificate CN";
         } else {
             kind = K_SERVICE;
@@ -758,7 +790,7 @@ static const char *acl_decide(const struct auth_state *st, struct mosquitto *cli
     if (!id || !topic)
         return "no client id or topic";
     if (have_cert && strcmp(cn, st->service_id) == 0)
-        return strcmp(id, cn) == 0 ? NULL : "client id does not match certificate CN";
+        return service_client_id_ok(id, cn) ? NULL : "client id does not match certificate CN";
 
     const struct conn *c = conn_of(st, client);
     if (!c) {
@@ -1113,18 +1145,76 @@ static struct principal *parse_principal(const json_t *obj, bool template, const
     return pr;
 }
 
+/* Parses a registry snapshot document (format 1: {"format":1, "seq":N,
+ * "devices":{...}, "templates":{...}}, from the file or a "snapshot" op;
+ * `what` names it in messages) into the (initialised) maps, which the
+ * caller clears on failure. Entries that are individually invalid are
+ * skipped (and so refused) rather than failing the whole fleet. *seq is the
+ * snapshot's "seq" (0 when absent). */
+static bool parse_snapshot(const json_t *root, const char *what, struct map *devices,
+                           struct map *templates, long long *seq, char *err, size_t errlen)
+{
+    size_t skipped = 0;
+    const json_t *fmt = json_object_get(root, "format");
+    const json_t *sq = json_object_get(root, "seq");
+    if (!json_is_object(root) || !json_is_integer(fmt) || json_integer_value(fmt) != 1) {
+        snprintf(err, errlen, "%s: not a format 1 registry snapshot", what);
+        return false;
+    }
+    if (sq && (!json_is_integer(sq) || json_integer_value(sq) < 0)) {
+        snprintf(err, errlen, "%s: seq must be a non-negative integer", what);
+        return false;
+    }
+    *seq = sq ? (long long)json_integer_value(sq) : 0;
+    const json_t *devs = json_object_get(root, "devices");
+    const json_t *tmpls = json_object_get(root, "templates");
+    if ((devs && !json_is_object(devs)) || (tmpls && !json_is_object(tmpls))) {
+        snprintf(err, errlen, "%s: devices/templates must be objects", what);
+        return false;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        const json_t *obj = pass == 0 ? devs : tmpls;
+        struct map *m = pass == 0 ? devices : templates;
+        const char *key;
+        json_t *val;
+        if (!obj)
+            continue;
+        json_object_foreach((json_t *)obj, key, val) {
+            const char *why = NULL;
+            struct principal *pr = NULL;
+            if (pass == 0 ? !fm_device_id_valid(key) : !valid_template(key))
+                why = "invalid name";
+            else if (!(pr = parse_principal(val, pass == 1, &why)))
+                ;
+            else if (!map_put(m, key, pr)) {
+                principal_free(pr);
+                snprintf(err, errlen, "out of memory loading %s", what);
+                return false;
+            }
+            if (why && skipped++ < 20) {
+                char kbuf[80];
+                mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: %s: skipped %s '%s': %s",
+                                     what, pass == 0 ? "device" : "template",
+                                     log_safe(key, kbuf, sizeof kbuf), why);
+            }
+        }
+    }
+    if (skipped)
+        mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: %s: %zu invalid entries refused",
+                             what, skipped);
+    return true;
+}
+
 /* Reads at most AUTH_SNAPSHOT_MAX bytes of the snapshot file and parses it
- * into fresh maps, leaving the current view untouched on any error. Entries
- * that are individually invalid are skipped (and so refused) rather than
- * failing the whole fleet. */
+ * into fresh maps, leaving the current view untouched on any error. */
 static bool load_snapshot(const char *path, struct map *devices, struct map *templates,
-                          char *err, size_t errlen)
+                          long long *seq, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "rb");
     char *buf = NULL;
     json_t *root = NULL;
     bool ok = false;
-    size_t len = 0, cap = 0, skipped = 0;
+    size_t len = 0, cap = 0;
 
     map_init(devices, principal_free);
     map_init(templates, principal_free);
@@ -1162,48 +1252,7 @@ static bool load_snapshot(const char *path, struct map *devices, struct map *tem
         snprintf(err, errlen, "%s: JSON error at line %d: %s", path, jerr.line, jerr.text);
         goto out;
     }
-    const json_t *fmt = json_object_get(root, "format");
-    if (!json_is_object(root) || !json_is_integer(fmt) || json_integer_value(fmt) != 1) {
-        snprintf(err, errlen, "%s: not a format 1 registry snapshot", path);
-        goto out;
-    }
-    const json_t *devs = json_object_get(root, "devices");
-    const json_t *tmpls = json_object_get(root, "templates");
-    if ((devs && !json_is_object(devs)) || (tmpls && !json_is_object(tmpls))) {
-        snprintf(err, errlen, "%s: devices/templates must be objects", path);
-        goto out;
-    }
-    for (int pass = 0; pass < 2; pass++) {
-        const json_t *obj = pass == 0 ? devs : tmpls;
-        struct map *m = pass == 0 ? devices : templates;
-        const char *key;
-        json_t *val;
-        if (!obj)
-            continue;
-        json_object_foreach((json_t *)obj, key, val) {
-            const char *why = NULL;
-            struct principal *pr = NULL;
-            if (pass == 0 ? !fm_device_id_valid(key) : !valid_template(key))
-                why = "invalid name";
-            else if (!(pr = parse_principal(val, pass == 1, &why)))
-                ;
-            else if (!map_put(m, key, pr)) {
-                principal_free(pr);
-                snprintf(err, errlen, "out of memory loading %s", path);
-                goto out;
-            }
-            if (why && skipped++ < 20) {
-                char kbuf[80];
-                mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: %s: skipped %s '%s': %s",
-                                     path, pass == 0 ? "device" : "template",
-                                     log_safe(key, kbuf, sizeof kbuf), why);
-            }
-        }
-    }
-    if (skipped)
-        mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: %s: %zu invalid entries refused",
-                             path, skipped);
-    ok = true;
+    ok = parse_snapshot(root, path, devices, templates, seq, err, errlen);
 out:
     if (!ok) {
         map_clear(devices);
@@ -1276,28 +1325,158 @@ static void kick_device(struct auth_state *st, const char *id)
     mosquitto_kick_client_by_clientid(idcopy, false);
 }
 
+/* Replaces the view with a freshly parsed one and kicks whoever it no
+ * longer allows. */
+static void install_view(struct auth_state *st, struct map *devices, struct map *templates,
+                         long long seq, const char *how)
+{
+    map_clear(&st->devices);
+    map_clear(&st->templates);
+    st->devices = *devices;
+    st->templates = *templates;
+    st->view_seq = seq;
+    st->view_ok = true;
+    mosquitto_log_printf(MOSQ_LOG_INFO, "fleetml_auth: registry %s (%zu devices, %zu templates, "
+                         "seq %lld)", how, st->devices.n, st->templates.n, seq);
+    kick_disallowed(st, NULL);
+}
+
 static const char *op_reload(struct auth_state *st)
 {
     static char err[512];
     struct map devices, templates;
+    long long seq = 0;
     if (!st->registry_path)
         return "no plugin_opt_registry configured";
-    if (!load_snapshot(st->registry_path, &devices, &templates, err, sizeof err)) {
+    if (!load_snapshot(st->registry_path, &devices, &templates, &seq, err, sizeof err)) {
         /* Keep the last good view: it is the snapshot plus every change
          * since, whereas failing closed here would cut the whole fleet over
          * a file problem that fleetml reports and can repair. */
         mosquitto_log_printf(MOSQ_LOG_ERR, "fleetml_auth: reload failed, keeping view: %s", err);
         return err;
     }
-    map_clear(&st->devices);
-    map_clear(&st->templates);
-    st->devices = devices;
-    st->templates = templates;
-    st->view_ok = true;
-    mosquitto_log_printf(MOSQ_LOG_INFO, "fleetml_auth: registry reloaded (%zu devices, %zu templates)",
-                         st->devices.n, st->templates.n);
-    kick_disallowed(st, NULL);
+    install_view(st, &devices, &templates, seq, "reloaded");
     return NULL;
+}
+
+/* The whole view in one message, from a fleetml node attached to a broker
+ * it does not run (no shared file): the snapshot document plus "op". Several
+ * nodes send theirs when they (re)connect; one older than what the view
+ * already reflects ("seq" below view_seq) would undo later changes and is
+ * refused. */
+static void stage_free(struct staging *sg)
+{
+    map_clear(&sg->devices);
+    map_clear(&sg->templates);
+    sg->gen[0] = '\0';
+}
+
+/* The staging slot of gen; with part 0, a new one (free, or the least
+ * recently used). NULL when gen has no slot and this is not part 0. */
+static struct staging *stage_for(struct auth_state *st, const char *gen, int part)
+{
+    struct staging *lru = &st->stage[0];
+    for (int i = 0; i < AUTH_STAGES; i++) {
+        struct staging *sg = &st->stage[i];
+        if (sg->gen[0] && strcmp(sg->gen, gen) == 0) {
+            if (part == 0)
+                stage_free(sg); /* a sender starting over */
+            else
+                return sg;
+        }
+    }
+    if (part != 0)
+        return NULL;
+    for (int i = 0; i < AUTH_STAGES; i++) {
+        struct staging *sg = &st->stage[i];
+        if (!sg->gen[0]) {
+            lru = sg;
+            break;
+        }
+        if (sg->touched_ns < lru->touched_ns)
+            lru = sg;
+    }
+    stage_free(lru);
+    map_init(&lru->devices, principal_free);
+    map_init(&lru->templates, principal_free);
+    snprintf(lru->gen, sizeof lru->gen, "%s", gen);
+    lru->next = 0;
+    return lru;
+}
+
+/* Installs a complete snapshot unless it is older than the view. */
+static const char *snapshot_done(struct auth_state *st, struct map *devices,
+                                 struct map *templates, long long seq)
+{
+    static char err[128];
+    if (st->view_ok && seq < st->view_seq) {
+        map_clear(devices);
+        map_clear(templates);
+        snprintf(err, sizeof err, "stale snapshot (seq %lld, view at %lld)", seq, st->view_seq);
+        return err;
+    }
+    install_view(st, devices, templates, seq, "replaced by a snapshot");
+    return NULL;
+}
+
+static const char *op_snapshot(struct auth_state *st, const json_t *req)
+{
+    static char err[512];
+    long long seq = 0;
+    const json_t *jp = json_object_get(req, "part"), *jn = json_object_get(req, "parts");
+    const char *gen = json_string_value(json_object_get(req, "gen"));
+    if (!jp && !jn) { /* the whole view in one message */
+        struct map devices, templates;
+        map_init(&devices, principal_free);
+        map_init(&templates, principal_free);
+        if (!parse_snapshot(req, "snapshot op", &devices, &templates, &seq, err, sizeof err)) {
+            map_clear(&devices);
+            map_clear(&templates);
+            return err;
+        }
+        return snapshot_done(st, &devices, &templates, seq);
+    }
+    if (!json_is_integer(jp) || !json_is_integer(jn) || json_integer_value(jn) < 1 ||
+        json_integer_value(jn) > 1000000 || json_integer_value(jp) < 0 ||
+        json_integer_value(jp) >= json_integer_value(jn) || !gen || !*gen ||
+        strlen(gen) >= sizeof st->stage[0].gen)
+        return "snapshot part: needs gen, part and parts (0 <= part < parts)";
+    int part = (int)json_integer_value(jp), parts = (int)json_integer_value(jn);
+    struct staging *sg = stage_for(st, gen, part);
+    if (!sg)
+        return "snapshot part out of order (no part 0 for this gen)";
+    if (part != sg->next || (part > 0 && parts != sg->parts)) {
+        stage_free(sg);
+        return "snapshot part out of order";
+    }
+    if (!parse_snapshot(req, "snapshot part", &sg->devices, &sg->templates, &seq, err,
+                        sizeof err)) {
+        stage_free(sg);
+        return err;
+    }
+    if (part == 0) {
+        sg->seq = seq;
+        sg->parts = parts;
+    }
+    sg->next = part + 1;
+    sg->touched_ns = mono_ns();
+    if (sg->next < sg->parts)
+        return NULL;
+    struct map devices = sg->devices, templates = sg->templates;
+    long long sseq = sg->seq;
+    map_init(&sg->devices, principal_free);
+    map_init(&sg->templates, principal_free);
+    sg->gen[0] = '\0';
+    return snapshot_done(st, &devices, &templates, sseq);
+}
+
+/* Ops after the view's snapshot name the event log position they were
+ * read at ("seq"), which a later snapshot must not go behind. */
+static void note_seq(struct auth_state *st, const json_t *req)
+{
+    const json_t *sq = json_object_get(req, "seq");
+    if (json_is_integer(sq) && json_integer_value(sq) > st->view_seq)
+        st->view_seq = (long long)json_integer_value(sq);
 }
 
 static const char *op_upsert(struct auth_state *st, const json_t *req, bool template)
@@ -1369,7 +1548,8 @@ static int on_control(int event, void *event_data, void *userdata)
                                       sizeof idbuf));
         return MOSQ_ERR_SUCCESS;
     }
-    if (ed->payloadlen > AUTH_CONTROL_MAX || (ed->payloadlen && !ed->payload)) {
+    /* A snapshot op carries the whole registry (as large as the file). */
+    if (ed->payloadlen > AUTH_SNAPSHOT_MAX || (ed->payloadlen && !ed->payload)) {
         error = "payload too large";
         goto out;
     }
@@ -1382,6 +1562,10 @@ static int on_control(int event, void *event_data, void *userdata)
     op = json_string_value(json_object_get(req, "op"));
     if (!op)
         error = "missing op";
+    else if (strcmp(op, "snapshot") == 0)
+        error = op_snapshot(st, req);
+    else if (ed->payloadlen > AUTH_CONTROL_MAX)
+        error = "payload too large";
     else if (strcmp(op, "reload") == 0)
         error = op_reload(st);
     else if (strcmp(op, "device") == 0)
@@ -1392,6 +1576,8 @@ static int on_control(int event, void *event_data, void *userdata)
         error = op_device_remove(st, req);
     else
         error = "unknown op";
+    if (!error && op && strcmp(op, "snapshot") != 0)
+        note_seq(st, req);
 out:
     if (error)
         mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: control op '%s' failed: %s",
@@ -1415,6 +1601,10 @@ int mosquitto_plugin_version(int supported_version_count, const int *supported_v
 
 static void state_free(struct auth_state *st)
 {
+    for (int i = 0; i < AUTH_STAGES; i++) {
+        map_clear(&st->stage[i].devices);
+        map_clear(&st->stage[i].templates);
+    }
     map_clear(&st->conns);
     map_clear(&st->devices);
     map_clear(&st->templates);
@@ -1506,13 +1696,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 
     if (!registry) {
         mosquitto_log_printf(MOSQ_LOG_WARNING, "fleetml_auth: no plugin_opt_registry: "
-                             "refusing all device and claim connections");
+                             "refusing all device and claim connections until a fleetml node "
+                             "sends its snapshot");
     } else {
         char err[512];
         struct map devices, templates;
-        if (load_snapshot(registry, &devices, &templates, err, sizeof err)) {
+        long long seq = 0;
+        if (load_snapshot(registry, &devices, &templates, &seq, err, sizeof err)) {
             st->devices = devices;
             st->templates = templates;
+            st->view_seq = seq;
             st->view_ok = true;
         } else {
             /* Fail closed but keep running: the service must still connect

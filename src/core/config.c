@@ -76,6 +76,9 @@ static const key_def keys[] = {
           "Loopback listener the fleetml service connects to (mutual TLS)."),
     K_STR("broker", "host", T_HOST, broker_host, NULL,
           "Host the service connects to (the external broker in external mode)."),
+    K_STR("broker", "url", T_PATH_OPT, broker_url, NULL,
+          "External mode: the MQTT 5 broker the service connects to, mqtts://host:port "
+          "(overrides broker.host and broker.service_port; empty: use those)."),
     K_STR("broker", "public_host", T_HOST, broker_public_host, NULL,
           "Host name devices are told to connect to after provisioning (must be in the "
           "broker certificate)."),

@@ -214,11 +214,49 @@ static void *net_thread(void *arg)
     return NULL;
 }
 
+int fm_mqtt_parse_url(const char *url, char *host, size_t host_len, int *port)
+{
+    static const char scheme[] = "mqtts://";
+    if (!url || strncmp(url, scheme, sizeof scheme - 1) != 0)
+        return FM_EINVAL;
+    const char *h = url + sizeof scheme - 1, *end = h + strlen(h), *colon;
+    if (*h == '[') { /* [IPv6]:port */
+        const char *close = strchr(h, ']');
+        if (!close || close[1] != ':')
+            return FM_EINVAL;
+        colon = close + 1;
+        h++;
+        end = close;
+    } else {
+        colon = strrchr(h, ':');
+        if (!colon)
+            return FM_EINVAL;
+        end = colon;
+    }
+    size_t n = (size_t)(end - h);
+    if (n == 0 || n >= host_len || memchr(h, '/', n) || memchr(h, '@', n))
+        return FM_EINVAL;
+    char *stop;
+    long p = strtol(colon + 1, &stop, 10);
+    if (stop == colon + 1 || *stop != '\0' || p < 1 || p > 65535)
+        return FM_EINVAL;
+    memcpy(host, h, n);
+    host[n] = '\0';
+    *port = (int)p;
+    return 0;
+}
+
 int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
                   const fm_mqtt_handlers *h, fm_mqtt **out, fm_errbuf *err)
 {
-    char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX];
+    char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX], host[256];
+    int port = cfg->broker_service_port;
     lib_init_once();
+    snprintf(host, sizeof host, "%s", cfg->broker_host);
+    if (cfg->broker_url[0] && fm_mqtt_parse_url(cfg->broker_url, host, sizeof host, &port) != 0)
+        return fm_errf(err, FM_EINVAL,
+                       "broker.url must be mqtts://host:port (TLS is required), not '%s'",
+                       cfg->broker_url);
     fm_config_path(cfg, "pki/ca.crt", ca, sizeof ca);
     fm_config_path(cfg, "pki/service.crt", cert, sizeof cert);
     fm_config_path(cfg, "pki/service.key", key, sizeof key);
@@ -235,12 +273,20 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
             return fm_errf(err, FM_EINVAL, "too many subscriptions or out of memory");
         }
     }
-    snprintf(c->host, sizeof c->host, "%s", cfg->broker_host);
-    c->port = cfg->broker_service_port;
+    snprintf(c->host, sizeof c->host, "%s", host);
+    c->port = port;
     int rc;
     /* clean_session=false + session expiry: the broker queues measurements
      * for the service while it restarts, so none are dropped. */
-    c->mosq = mosquitto_new(SERVICE_CLIENT_ID, false, c);
+    /* Nodes sharing an external broker each need their own session: the
+     * broker's plugin accepts "<service id>.<node id>" for the service's
+     * certificate. A node's own supervised broker keeps the plain id. */
+    char client_id[128];
+    if (strcmp(cfg->broker_mode, "external") == 0)
+        snprintf(client_id, sizeof client_id, "%s.%s", SERVICE_CLIENT_ID, cfg->node_id);
+    else
+        snprintf(client_id, sizeof client_id, "%s", SERVICE_CLIENT_ID);
+    c->mosq = mosquitto_new(client_id, false, c);
     if (!c->mosq) {
         rc = fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
         goto fail;

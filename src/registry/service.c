@@ -11,6 +11,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <openssl/rand.h>
+
 #define EVENT_POLL_NS (200ull * 1000000ull)
 #define GRACE_POLL_NS (1000ull * 1000000ull)
 #define QUEUE_MAX 10000
@@ -81,27 +83,39 @@ static int snap_template(void *ud, const fm_template *t)
     return c->failed;
 }
 
-int fm_registry_write_snapshot(const fm_config *cfg, fm_store *st, fm_errbuf *err)
+/* The plugin's view as one document (format 1): every device and template
+ * with its status and certificate serials, and "seq", the registry event
+ * log position read before them (so the document reflects at least every
+ * event up to seq). 0 with *out set (caller's), or FM_ENOMEM / FM_EDB. */
+static int snapshot_doc(fm_store *st, json_t **out, fm_errbuf *err)
 {
     snap_ctx c = {.st = st, .devices = json_object(), .templates = json_object()};
+    int64_t seq = 0;
     int rc = 0;
-    if (!c.devices || !c.templates) {
+    *out = NULL;
+    if (!c.devices || !c.templates)
         rc = fm_errf(err, FM_ENOMEM, "snapshot: out of memory");
-        goto out;
-    }
-    if (fm_store_device_list(st, snap_device, &c) != 0 ||
-        fm_store_template_list(st, snap_template, &c) != 0 || c.failed) {
+    else if (fm_store_events_max(st, &seq) != 0 || fm_store_device_list(st, snap_device, &c) != 0 ||
+             fm_store_template_list(st, snap_template, &c) != 0 || c.failed)
         rc = fm_errf(err, FM_EDB, "snapshot: cannot read the registry");
-        goto out;
-    }
-    json_t *doc = json_pack("{s:i,s:O,s:O}", "format", 1, "devices", c.devices, "templates",
-                            c.templates);
-    char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
-    json_decref(doc);
-    if (!text) {
+    else if (!(*out = json_pack("{s:i,s:I,s:O,s:O}", "format", 1, "seq", (json_int_t)seq,
+                                "devices", c.devices, "templates", c.templates)))
         rc = fm_errf(err, FM_ENOMEM, "snapshot: out of memory");
-        goto out;
-    }
+    json_decref(c.devices);
+    json_decref(c.templates);
+    return rc;
+}
+
+int fm_registry_write_snapshot(const fm_config *cfg, fm_store *st, fm_errbuf *err)
+{
+    json_t *doc;
+    int rc = snapshot_doc(st, &doc, err);
+    if (rc)
+        return rc;
+    char *text = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(doc);
+    if (!text)
+        return fm_errf(err, FM_ENOMEM, "snapshot: out of memory");
     char dir[PATH_MAX], path[PATH_MAX];
     fm_config_path(cfg, "broker", dir, sizeof dir);
     fm_config_path(cfg, "broker/registry.json", path, sizeof path);
@@ -111,10 +125,100 @@ int fm_registry_write_snapshot(const fm_config *cfg, fm_store *st, fm_errbuf *er
     fm_free(text);
     if (rc)
         rc = fm_errf(err, rc, "snapshot: cannot write %s", path);
-out:
-    json_decref(c.devices);
-    json_decref(c.templates);
     return rc;
+}
+
+/* Sends the whole view to the broker's plugin (external mode: the broker is
+ * not ours and cannot read our snapshot file), in parts of about
+ * SNAPSHOT_PART_BYTES of JSON so that no message nears the broker's packet
+ * limit. The plugin assembles the parts of one "gen" (they arrive in order
+ * on our session) and installs the view at the last one. */
+#define SNAPSHOT_PART_BYTES (32 * 1024)
+
+typedef struct part_ctx {
+    fm_registry *r;
+    json_t *doc; /* the whole snapshot */
+    json_t **parts;
+    size_t n, cap;
+} part_ctx;
+
+static json_t *new_part(part_ctx *p)
+{
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? p->cap * 2 : 8;
+        json_t **np = fm_realloc(p->parts, cap * sizeof *np);
+        if (!np)
+            return NULL;
+        p->parts = np;
+        p->cap = cap;
+    }
+    json_t *part = json_pack("{s:s,s:i,s:O,s:{},s:{}}", "op", "snapshot", "format", 1, "seq",
+                             json_object_get(p->doc, "seq"), "devices", "templates");
+    if (part)
+        p->parts[p->n++] = part;
+    return part;
+}
+
+static int split_snapshot(part_ctx *p)
+{
+    static const char *const kinds[] = {"devices", "templates"};
+    json_t *part = new_part(p);
+    size_t bytes = 0;
+    for (int k = 0; k < 2 && part; k++) {
+        const char *name;
+        json_t *entry;
+        json_object_foreach(json_object_get(p->doc, kinds[k]), name, entry) {
+            char *text = json_dumps(entry, JSON_COMPACT);
+            if (!text)
+                return FM_ENOMEM;
+            size_t len = strlen(text) + strlen(name) + 4;
+            fm_free(text);
+            if (bytes > 0 && bytes + len > SNAPSHOT_PART_BYTES) {
+                if (!(part = new_part(p)))
+                    return FM_ENOMEM;
+                bytes = 0;
+            }
+            if (json_object_set(json_object_get(part, kinds[k]), name, entry) != 0)
+                return FM_ENOMEM;
+            bytes += len;
+        }
+    }
+    return part ? 0 : FM_ENOMEM;
+}
+
+static void push_snapshot(fm_registry *r)
+{
+    fm_errbuf err;
+    part_ctx p = {.r = r};
+    if (snapshot_doc(r->store, &p.doc, &err) != 0) {
+        fm_logkv(FM_LOG_ERROR, "registry", "snapshot failed", "error", err.msg, NULL);
+        return;
+    }
+    char gen[48];
+    unsigned char rnd[8];
+    if (RAND_bytes(rnd, sizeof rnd) != 1)
+        memset(rnd, 0, sizeof rnd);
+    snprintf(gen, sizeof gen, "%.24s-%02x%02x%02x%02x%02x%02x%02x%02x", r->cfg.node_id, rnd[0],
+             rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
+    if (split_snapshot(&p) != 0) {
+        fm_logf(FM_LOG_ERROR, "registry", "snapshot: out of memory");
+    } else {
+        for (size_t i = 0; i < p.n; i++) {
+            json_object_set_new(p.parts[i], "gen", json_string(gen));
+            json_object_set_new(p.parts[i], "part", json_integer((json_int_t)i));
+            json_object_set_new(p.parts[i], "parts", json_integer((json_int_t)p.n));
+            registry__publish(r, FM_CONTROL_TOPIC, p.parts[i], NULL, 0); /* takes it */
+            p.parts[i] = NULL;
+        }
+        char nparts[24];
+        snprintf(nparts, sizeof nparts, "%zu", p.n);
+        fm_logkv(FM_LOG_INFO, "registry", "sent the registry to the broker", "parts", nparts,
+                 "gen", gen, NULL);
+    }
+    for (size_t i = 0; i < p.n; i++)
+        json_decref(p.parts[i]);
+    fm_free(p.parts);
+    json_decref(p.doc);
 }
 
 /* ---- CRL ----------------------------------------------------------------- */
@@ -195,11 +299,13 @@ void registry__push_device(fm_registry *r, const char *id)
     int rc = fm_store_device_get(r->store, id, &d);
     json_t *msg;
     if (rc == FM_ENOTFOUND) {
-        msg = json_pack("{s:s,s:s}", "op", "device_remove", "id", id);
+        msg = json_pack("{s:s,s:s,s:I}", "op", "device_remove", "id", id, "seq",
+                        (json_int_t)r->event_seq);
     } else if (rc == 0) {
         json_t *e = device_entry(r->store, &d);
-        msg = e ? json_pack("{s:s,s:s,s:O,s:O}", "op", "device", "id", id, "status",
-                            json_object_get(e, "status"), "certs", json_object_get(e, "certs"))
+        msg = e ? json_pack("{s:s,s:s,s:O,s:O,s:I}", "op", "device", "id", id, "status",
+                            json_object_get(e, "status"), "certs", json_object_get(e, "certs"),
+                            "seq", (json_int_t)r->event_seq)
                 : NULL;
         json_decref(e);
     } else {
@@ -215,9 +321,10 @@ void registry__push_template(fm_registry *r, const char *name)
     if (fm_store_template_get(r->store, name, &t) != 0)
         return;
     json_t *e = template_entry(r->store, &t);
-    json_t *msg = e ? json_pack("{s:s,s:s,s:O,s:O}", "op", "template", "name", name, "status",
-                                json_object_get(e, "status"), "claim_certs",
-                                json_object_get(e, "claim_certs"))
+    json_t *msg = e ? json_pack("{s:s,s:s,s:O,s:O,s:I}", "op", "template", "name", name,
+                                "status", json_object_get(e, "status"), "claim_certs",
+                                json_object_get(e, "claim_certs"), "seq",
+                                (json_int_t)r->event_seq)
                     : NULL;
     json_decref(e);
     registry__publish(r, FM_CONTROL_TOPIC, msg, NULL, 0);
@@ -308,7 +415,12 @@ static void housekeeping(fm_registry *r, int resync)
         else
             r->snapshot_dirty = 0;
     }
-    if (resync)
+    /* After a (re)connect the broker may be a new process: our supervised
+     * one rereads the file we just wrote; an external one gets the view in
+     * the message. */
+    if (resync && strcmp(r->cfg.broker_mode, "external") == 0)
+        push_snapshot(r);
+    else if (resync)
         registry__publish(r, FM_CONTROL_TOPIC, json_pack("{s:s}", "op", "reload"), NULL, 0);
     if (r->crl_dirty) {
         if (write_crl(r, &err) != 0)

@@ -911,6 +911,97 @@ def test_reload_picks_up_rewritten_snapshot(clients, broker):
         assert _control(svc, {"op": "reload"})["ok"] is True
 
 
+def test_snapshot_op_replaces_view(clients, broker):
+    """External brokers get the whole view over MQTT: a "snapshot" op holds
+    the snapshot document; one older than the view ("seq" below the newest
+    op's) is refused."""
+    base = _base_registry(broker.serials)
+    svc = _service(clients)
+    gone = _connected(clients, "dev-gone")
+    new = json.loads(json.dumps(base))
+    del new["devices"]["dev-gone"]
+    new["devices"]["dev-reload"] = {"status": "active", "certs": [broker.serials["dev-reload"]]}
+    try:
+        assert _control(svc, {"op": "snapshot", "seq": 10, **new}) == \
+            {"op": "snapshot", "ok": True}
+        _wait_for(gone.closed.is_set, timeout=1.0, msg="dev-gone kicked by the snapshot")
+        assert clients("dev-reload", "dev-reload").connect() == 0
+        assert clients("dev-gone", "dev-gone").connect() == CONNACK_V311_NOT_AUTHORIZED
+        # An op read at seq 12 moves the view past a snapshot read at 11.
+        assert _control(svc, {"op": "device", "id": "dev-gone", "status": "active",
+                              "certs": [broker.serials["dev-gone"]], "seq": 12})["ok"] is True
+        resp = _control(svc, {"op": "snapshot", "seq": 11, **new})
+        assert resp["ok"] is False and "stale snapshot" in resp["error"], resp
+        assert clients("dev-gone", "dev-gone").connect() == 0
+        # A malformed one changes nothing.
+        resp = _control(svc, {"op": "snapshot", "seq": 20, "format": 2})
+        assert resp["ok"] is False, resp
+        assert clients("dev-reload", "dev-reload").connect() == 0
+    finally:
+        assert _control(svc, {"op": "snapshot", "seq": 30, **base})["ok"] is True
+    assert clients("dev-reload", "dev-reload").connect() == CONNACK_V311_NOT_AUTHORIZED
+
+
+def test_snapshot_in_parts(clients, broker):
+    """A large view comes in parts under one "gen", installed at the last
+    part; two senders may interleave; a part out of order drops its gen."""
+    base = _base_registry(broker.serials)
+    svc = _service(clients)
+    devs = list(base["devices"].items())
+    with_reload = dict(devs + [("dev-reload", {"status": "active",
+                                               "certs": [broker.serials["dev-reload"]]})])
+
+    def part(gen, i, n, seq, devices, templates=None):
+        return {"op": "snapshot", "format": 1, "seq": seq, "gen": gen, "part": i, "parts": n,
+                "devices": devices, "templates": templates or {}}
+    try:
+        a = [dict(list(with_reload.items())[:3]), dict(list(with_reload.items())[3:])]
+        assert _control(svc, part("A", 0, 3, 100, a[0]))["ok"] is True
+        # Another sender's snapshot interleaves (and is complete at once).
+        assert _control(svc, part("B", 0, 2, 100, dict(devs[:4])))["ok"] is True
+        assert _control(svc, part("A", 1, 3, 100, a[1]))["ok"] is True
+        # Not installed before its last part.
+        assert clients("dev-reload", "dev-reload").connect() == CONNACK_V311_NOT_AUTHORIZED
+        assert _control(svc, part("A", 2, 3, 100, {}, base["templates"]))["ok"] is True
+        assert clients("dev-reload", "dev-reload").connect() == 0
+        assert clients("claim-a", "prov-parts").connect() == 0
+        # B's part 1 completes a view of seq 100, as new as the view: taken.
+        assert _control(svc, part("B", 1, 2, 100, dict(devs[4:]), base["templates"]))["ok"]
+        assert clients("dev-reload", "dev-reload").connect() == CONNACK_V311_NOT_AUTHORIZED
+        # Out of order: part 2 after part 0 drops gen C; its part 1 then has no gen.
+        assert _control(svc, part("C", 0, 3, 200, {}))["ok"] is True
+        r = _control(svc, part("C", 2, 3, 200, {}))
+        assert r["ok"] is False and "out of order" in r["error"], r
+        r = _control(svc, part("C", 1, 3, 200, {}))
+        assert r["ok"] is False and "out of order" in r["error"], r
+        r = _control(svc, {"op": "snapshot", "format": 1, "part": 0, "parts": 2})
+        assert r["ok"] is False and "gen" in r["error"], r
+        assert clients("dev-002", "dev-002").connect() == 0
+    finally:
+        assert _control(svc, {"op": "snapshot", "seq": 300, **base})["ok"] is True
+
+
+@pytest.mark.parametrize("client_id,ok", [
+    ("fleetml-service.n1", True), ("fleetml-service.node-2", True),
+    ("fleetml-service.", False), ("fleetml-service.N1", False), ("fleetml-serviceX", False),
+    ("fleetml-service.a/b", False), ("fleetml-service." + "a" * 64, False)])
+def test_service_client_id_with_node(clients, client_id, ok):
+    """Nodes sharing one broker connect with the service certificate as
+    "<service id>.<node id>", each with its own session."""
+    c = clients(SERVICE_ID, client_id, protocol=mqtt.MQTTv5)
+    rc = c.connect()
+    assert (rc == 0) is ok, (client_id, rc)
+    if ok:
+        # A service may subscribe to the service-only topics, e.g. $CONTROL responses.
+        assert c.subscribe(RESPONSE) == [1]
+
+
+def test_two_service_nodes_at_once(clients):
+    a = _connected(clients, SERVICE_ID, "fleetml-service.n1", protocol=mqtt.MQTTv5)
+    b = _connected(clients, SERVICE_ID, "fleetml-service.n2", protocol=mqtt.MQTTv5)
+    assert not a.closed.is_set() and not b.closed.is_set()
+
+
 # --------------------------------------------------------------------------
 # A broker whose snapshot is missing at start-up
 

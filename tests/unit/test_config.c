@@ -4,6 +4,7 @@
  * the render -> parse round trip.
  */
 #include "fleetml/config.h"
+#include "fleetml/mqtt.h"
 
 #include <limits.h>
 #include <setjmp.h>
@@ -591,10 +592,37 @@ static void test_path(void **state)
     assert_null(fm_config_path(&c, "x", buf, 0));
 }
 
+/* broker.url: mqtts://host:port only; the parse writes nothing on error. */
+static void test_broker_url(void **state)
+{
+    (void)state;
+    char host[64] = "unchanged";
+    int port = 7;
+    assert_int_equal(fm_mqtt_parse_url("mqtts://broker.example:8883", host, sizeof host, &port), 0);
+    assert_string_equal(host, "broker.example");
+    assert_int_equal(port, 8883);
+    assert_int_equal(fm_mqtt_parse_url("mqtts://[::1]:1883", host, sizeof host, &port), 0);
+    assert_string_equal(host, "::1");
+    assert_int_equal(port, 1883);
+    const char *bad[] = {"mqtt://h:1883", "mqtts://h", "mqtts://h:", "mqtts://h:0",
+                         "mqtts://h:65536", "mqtts://h:88x", "mqtts://:8883", "mqtts://u@h:8883",
+                         "mqtts://h/x:8883", "mqtts://[::1]8883", "", NULL};
+    for (int i = 0; bad[i]; i++) {
+        snprintf(host, sizeof host, "unchanged");
+        port = 7;
+        assert_int_equal(fm_mqtt_parse_url(bad[i], host, sizeof host, &port), FM_EINVAL);
+        assert_string_equal(host, "unchanged");
+        assert_int_equal(port, 7);
+    }
+    char tiny[4];
+    assert_int_equal(fm_mqtt_parse_url("mqtts://longhost:1", tiny, sizeof tiny, &port), FM_EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_broker_url),
         cmocka_unit_test(test_defaults_model_env),
         cmocka_unit_test(test_defaults_data_dir),
         cmocka_unit_test(test_set_every_key),
