@@ -276,17 +276,23 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
     snprintf(c->host, sizeof c->host, "%s", host);
     c->port = port;
     int rc;
-    /* clean_session=false + session expiry: the broker queues measurements
-     * for the service while it restarts, so none are dropped. */
-    /* Nodes sharing an external broker each need their own session: the
-     * broker's plugin accepts "<service id>.<node id>" for the service's
-     * certificate. A node's own supervised broker keeps the plain id. */
+    /* Supervised: clean_session=false + session expiry, so our own broker
+     * queues measurements for the service while it restarts.
+     * External: nodes sharing the broker each need their own session (the
+     * plugin accepts "<service id>.<node id>" for the service certificate),
+     * and that session must end with the node: Mosquitto keeps handing a
+     * shared subscription's messages to a member whose persistent session
+     * outlives its connection, so a dead node would hold on to its share
+     * of the fleet's measurements until it came back. Without a session,
+     * the survivors get everything at once; what was in flight to the dead
+     * node was never answered, so its devices send it again. */
+    bool external = strcmp(cfg->broker_mode, "external") == 0;
     char client_id[128];
-    if (strcmp(cfg->broker_mode, "external") == 0)
+    if (external)
         snprintf(client_id, sizeof client_id, "%s.%s", SERVICE_CLIENT_ID, cfg->node_id);
     else
         snprintf(client_id, sizeof client_id, "%s", SERVICE_CLIENT_ID);
-    c->mosq = mosquitto_new(client_id, false, c);
+    c->mosq = mosquitto_new(client_id, external, c);
     if (!c->mosq) {
         rc = fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
         goto fail;
@@ -309,7 +315,8 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
         rc = fm_errf(err, FM_ECRYPTO, "TLS setup: %s", mosquitto_strerror(rc));
         goto fail;
     }
-    if (mosquitto_property_add_int32(&c->connect_props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
+    if (!external &&
+        mosquitto_property_add_int32(&c->connect_props, MQTT_PROP_SESSION_EXPIRY_INTERVAL,
                                      SESSION_EXPIRY_S) != MOSQ_ERR_SUCCESS) {
         rc = fm_errf(err, FM_ENOMEM, "out of memory");
         goto fail;
