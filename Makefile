@@ -43,7 +43,7 @@ integration: build-test
 # The same integration suite on PostgreSQL (a throwaway server, one database
 # per platform; tests of SQLite's own files are skipped).
 integration-pg: build-test
-	FM_IT_STORE=postgres FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml FM_BUILD=$(CURDIR)/$(TEST_BUILD) \
+	FM_IT_STORE=postgres FM_IT_LAKE=s3 FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml FM_BUILD=$(CURDIR)/$(TEST_BUILD) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/integration \
 	  --deselect tests/integration/test_53_store_postgres.py
 

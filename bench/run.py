@@ -580,6 +580,121 @@ def bench_api(args):
         node.close()
 
 
+def bench_cluster(args):
+    """1 node against 3 nodes on one PostgreSQL behind HAProxy (TCP, TLS passed
+    through), closed loop through HAProxy with the same load. Everything runs
+    on this machine: the nodes share its cores with PostgreSQL, HAProxy and the
+    load generator, so this measures the cost of the cluster's moving parts
+    here, not the capacity of nodes on their own machines."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                    "integration"))
+    from pgserver import PgServer
+    out = {"devices": args.devices, "inflight": args.inflight, "duration_s": args.duration,
+           "cpus": os.cpu_count()}
+    pg = PgServer(dbname="bench").start()
+    nodes, haproxy, work = [], None, tempfile.mkdtemp(prefix="fleetml-bench-cluster-")
+    try:
+        for i in range(3):
+            d = os.path.join(work, f"n{i + 1}")
+            os.makedirs(os.path.join(d, "pki"), mode=0o700)
+            if i:
+                for f in ("ca.key", "ca.crt", "jwt.key"):
+                    shutil.copy2(os.path.join(work, "n1", "pki", f), os.path.join(d, "pki", f))
+            ports = dict(mqtt=free_port(), svc=free_port(), http=free_port(), ops=free_port())
+            subprocess.run([os.path.join(args.build, "fleetml"), "init", "--data", d,
+                            "--set", f"node.id=n{i + 1}", "--set", "broker.bind=127.0.0.1",
+                            "--set", f"broker.port={ports['mqtt']}",
+                            "--set", f"broker.service_port={ports['svc']}",
+                            "--set", f"http.port={ports['http']}",
+                            "--set", f"ops.port={ports['ops']}",
+                            "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0",
+                            "--set", "pipeline.device_bytes_rate=0",
+                            "--set", "store.backend=postgres", "--set", f"store.url={pg.url}"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            nodes.append({"dir": d, "ports": ports, "proc": None})
+        fm = os.path.join(args.build, "fleetml")
+        devices = [f"cl-{i:04d}" for i in range(1, args.devices + 1)]
+        for dv in devices:
+            subprocess.run([fm, "device", "add", dv, "--data", nodes[0]["dir"]], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        front = free_port()
+
+        def start_haproxy(active):
+            servers = "\n".join(f"    server n{i + 1} 127.0.0.1:{n['ports']['mqtt']} check port "
+                                 f"{n['ports']['ops']}" for i, n in enumerate(active))
+            cfg = os.path.join(work, "haproxy.cfg")
+            with open(cfg, "w") as fh:
+                fh.write(f"""global
+    maxconn 10000
+defaults
+    timeout connect 2s
+    timeout client 75s
+    timeout server 75s
+    option redispatch
+frontend mqtt
+    bind 127.0.0.1:{front}
+    mode tcp
+    default_backend nodes
+backend nodes
+    mode tcp
+    balance leastconn
+    option httpchk
+    http-check send meth GET uri /readyz
+    default-server inter 300ms fall 2 rise 1
+{servers}
+""")
+            return subprocess.Popen(["/usr/sbin/haproxy", "-db", "-f", cfg],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def sim(devices=args.devices, duration=args.duration):
+            argv = [fm, "sim", "--data", nodes[0]["dir"], "--devices", str(devices),
+                    "--prefix", "cl", "--duration", str(duration), "--json", "--drain", "10",
+                    "--payload-pool", "64", "--inflight", str(args.inflight),
+                    "--set", f"broker.port={front}"]
+            r = subprocess.run(argv, check=False, capture_output=True, text=True)
+            lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+            if not lines:
+                raise RuntimeError(f"sim failed: {r.stderr[-2000:]}")
+            return json.loads(lines[-1])
+
+        for count in (1, 3):
+            active = nodes[:count]
+            for n in active:
+                if n["proc"] is None:
+                    n["proc"] = subprocess.Popen(
+                        [fm, "serve", "--data", n["dir"]], stdout=subprocess.DEVNULL,
+                        stderr=open(os.path.join(n["dir"], "serve.log"), "ab"))
+                    wait_for(lambda: (http_json(n["ports"]["ops"], "/readyz") or {}).get("ready"),
+                             60, "a node to be ready")
+            haproxy = start_haproxy(active)
+            # Ready when a device is answered through it (first health checks).
+            wait_for(lambda: sim(devices=1, duration=1)["ok"] > 0, 60, "HAProxy to pass traffic")
+            res = sim()
+            haproxy.terminate()
+            haproxy.wait(10)
+            haproxy = None
+            out[f"nodes_{count}"] = {"throughput_per_s": res["throughput_per_s"],
+                                     "latency_ms": res["latency_ms"], "ok": res["ok"],
+                                     "errors": res["errors"], "timeouts": res["timeouts"]}
+        one, three = out["nodes_1"]["throughput_per_s"], out["nodes_3"]["throughput_per_s"]
+        out["ratio_3_to_1"] = round(three / one, 3) if one else None
+        out["note"] = ("all processes share this machine's cores: a ratio near or below 1 "
+                       "means the machine, not the design, is the limit")
+    finally:
+        if haproxy:
+            haproxy.kill()
+        for n in nodes:
+            if n["proc"] and n["proc"].poll() is None:
+                n["proc"].terminate()
+                try:
+                    n["proc"].wait(30)
+                except subprocess.TimeoutExpired:
+                    n["proc"].kill()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default="build")
@@ -597,7 +712,8 @@ def main():
                     help="seconds per open-loop run of the latency section")
     ap.add_argument("--hotswap-duration", type=float,
                     default=float(os.environ.get("FM_BENCH_HOTSWAP_DURATION", 20)))
-    ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap"])
+    ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap",
+                                       "cluster"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -614,6 +730,8 @@ def main():
         result["api"] = bench_api(args)
     if args.only in (None, "hotswap"):
         result["hotswap"] = bench_hotswap(args)
+    if args.only in (None, "cluster"):
+        result["cluster"] = bench_cluster(args)
     text = json.dumps(result)
     print(text)
     if args.out:

@@ -121,6 +121,7 @@ typedef struct fm_config {
     char lake_s3_addressing[16];  /* auto | path | virtual */
     char lake_s3_access_key_id[128];
     char lake_s3_secret_access_key[128];
+    char lake_s3_credentials[16]; /* static (config / AWS_* env) | role */
     long lake_s3_part_bytes;      /* objects above this go up in parts of this size */
     int lake_s3_timeout_s;        /* per request */
 

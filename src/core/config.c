@@ -51,6 +51,7 @@ static const char *const store_backends[] = {"sqlite", "postgres", NULL};
 static const char *const lake_backends[] = {"fs", "s3", NULL};
 static const char *const on_off[] = {"off", "on", NULL};
 static const char *const s3_addressing[] = {"auto", "path", "virtual", NULL};
+static const char *const s3_credentials[] = {"static", "role", NULL};
 static const char *const level_names[] = {"debug", "info", "warn", "error", NULL};
 
 #define FIELD_SIZE(f) sizeof(((fm_config *)0)->f)
@@ -171,6 +172,11 @@ static const key_def keys[] = {
           "S3 access key id (empty = AWS_ACCESS_KEY_ID)."),
     K_STR("lake", "s3_secret_access_key", T_PATH_OPT, lake_s3_secret_access_key, NULL,
           "S3 secret key (empty = AWS_SECRET_ACCESS_KEY; prefer the environment)."),
+    K_STR("lake", "s3_credentials", T_ENUM, lake_s3_credentials, s3_credentials,
+          "static: lake.s3_access_key_id / s3_secret_access_key, else AWS_ACCESS_KEY_ID, "
+          "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; role: temporary credentials of the "
+          "machine's role (container credentials endpoint, else EC2 IMDSv2), renewed before "
+          "they expire."),
     K_NUM("lake", "s3_part_bytes", T_LONG, lake_s3_part_bytes, 5L * 1024 * 1024,
           1024L * 1024 * 1024, "Objects larger than this are uploaded in parts of this size."),
     K_NUM("lake", "s3_timeout_s", T_INT, lake_s3_timeout_s, 1, 3600,
@@ -314,6 +320,7 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     c->lake_roll_bytes = 8L * 1024 * 1024;
     c->lake_roll_seconds = 60;
     copy_str(c->lake_s3_addressing, sizeof c->lake_s3_addressing, "auto");
+    copy_str(c->lake_s3_credentials, sizeof c->lake_s3_credentials, "static");
     c->lake_s3_part_bytes = 16L * 1024 * 1024;
     c->lake_s3_timeout_s = 30;
     const char *md = getenv("FM_MODEL_DIR");

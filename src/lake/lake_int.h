@@ -19,6 +19,20 @@ int lake__fs_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
  * (spool directory) or FM_ENOMEM. */
 int lake__s3_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err);
 
+/* S3 credentials; expires_ms 0 for long-lived ones (configuration or the
+ * AWS_* environment). */
+typedef struct lake_s3_creds {
+    char key_id[128], secret[128], token[2048];
+    int64_t expires_ms;
+} lake_s3_creds;
+
+/* Temporary credentials of the machine's role (s3_creds.c): the container
+ * credentials endpoint when AWS_CONTAINER_CREDENTIALS_FULL_URI or
+ * _RELATIVE_URI is set, else EC2's IMDSv2 (AWS_EC2_METADATA_SERVICE_ENDPOINT
+ * or 169.254.169.254). 0 with *out filled, or FM_EUNAVAIL / FM_ENOMEM with
+ * err set (nothing written). */
+int lake__s3_role_creds(lake_s3_creds *out, fm_errbuf *err);
+
 /* Builds the partition prefix "<area>/tenant=<t>/date=YYYY-MM-DD/hour=HH"
  * for the UTC hour containing ms. Returns 0 or FM_EINVAL if it does not
  * fit. */

@@ -53,7 +53,7 @@ typedef struct lake_s3 {
     char scheme[8], hostport[256];
     char bucket[64], prefix[128], region[32];
     bool virtual_host;
-    char key_id[128], secret[128], token[2048];
+    lake_s3_creds creds; /* expires_ms != 0: the role's, renewed in perform() */
     char sigv4[96];
     long part_bytes;
     long timeout_s;
@@ -206,6 +206,33 @@ static void error_text(const fm_strbuf *ans, char *out, size_t len)
 /* Performs r with retries. Returns 0 when a status arrived (r->status),
  * FM_EIO with err when none did after the retries. The caller judges the
  * status. */
+/* Role credentials are renewed RENEW_BEFORE_MS before they expire (the
+ * services hand out new ones from then on); a failed renewal keeps the old
+ * ones while they last. */
+#define RENEW_BEFORE_MS (5 * 60 * 1000)
+
+static int fresh_creds(lake_s3 *s, fm_errbuf *err)
+{
+    if (!s->creds.expires_ms || fm_wall_ms() < s->creds.expires_ms - RENEW_BEFORE_MS)
+        return 0;
+    lake_s3_creds c;
+    fm_errbuf e;
+    int rc = lake__s3_role_creds(&c, &e);
+    if (rc == 0) {
+        OPENSSL_cleanse(&s->creds, sizeof s->creds);
+        s->creds = c;
+        OPENSSL_cleanse(&c, sizeof c);
+        fm_logf(FM_LOG_INFO, "lake", "s3 role credentials renewed");
+        return 0;
+    }
+    if (fm_wall_ms() < s->creds.expires_ms) {
+        fm_logkv(FM_LOG_WARN, "lake", "s3 role credentials not renewed; using the current ones",
+                 "error", e.msg, NULL);
+        return 0;
+    }
+    return fm_errf(err, rc, "%s", e.msg);
+}
+
 static int perform(lake_s3 *s, s3_req *r, fm_errbuf *err)
 {
     fm_strbuf url = {0};
@@ -231,10 +258,15 @@ static int perform(lake_s3 *s, s3_req *r, fm_errbuf *err)
                  r->content_type ? r->content_type : "application/octet-stream");
         hdr = curl_slist_append(hdr, h);
     }
-    if (s->token[0]) {
-        char *t = fm_malloc(sizeof s->token + 32);
+    if ((rc = fresh_creds(s, err)) != 0) {
+        curl_slist_free_all(hdr);
+        fm_free(url.p);
+        return rc;
+    }
+    if (s->creds.token[0]) {
+        char *t = fm_malloc(sizeof s->creds.token + 32);
         if (t) {
-            snprintf(t, sizeof s->token + 32, "x-amz-security-token: %s", s->token);
+            snprintf(t, sizeof s->creds.token + 32, "x-amz-security-token: %s", s->creds.token);
             hdr = curl_slist_append(hdr, t);
             fm_free(t);
         }
@@ -255,8 +287,8 @@ static int perform(lake_s3 *s, s3_req *r, fm_errbuf *err)
         }
         curl_easy_setopt(c, CURLOPT_URL, url.p);
         curl_easy_setopt(c, CURLOPT_AWS_SIGV4, s->sigv4);
-        curl_easy_setopt(c, CURLOPT_USERNAME, s->key_id);
-        curl_easy_setopt(c, CURLOPT_PASSWORD, s->secret);
+        curl_easy_setopt(c, CURLOPT_USERNAME, s->creds.key_id);
+        curl_easy_setopt(c, CURLOPT_PASSWORD, s->creds.secret);
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
         curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
         curl_easy_setopt(c, CURLOPT_TIMEOUT, s->timeout_s);
@@ -583,8 +615,7 @@ static void s3_close(fm_lake *l)
     lake_s3 *s = (lake_s3 *)l;
     if (s->curl)
         curl_easy_cleanup(s->curl);
-    OPENSSL_cleanse(s->secret, sizeof s->secret);
-    OPENSSL_cleanse(s->token, sizeof s->token);
+    OPENSSL_cleanse(&s->creds, sizeof s->creds);
     fm_free(s);
 }
 
@@ -672,22 +703,35 @@ int lake__s3_open(const fm_config *cfg, fm_lake **out, fm_errbuf *err)
     }
     snprintf(s->bucket, sizeof s->bucket, "%s", cfg->lake_s3_bucket);
     snprintf(s->prefix, sizeof s->prefix, "%s", cfg->lake_s3_prefix);
-    const char *kid = cfg->lake_s3_access_key_id[0] ? cfg->lake_s3_access_key_id
-                                                    : first_env("AWS_ACCESS_KEY_ID", NULL);
-    const char *sec = cfg->lake_s3_secret_access_key[0] ? cfg->lake_s3_secret_access_key
-                                                        : first_env("AWS_SECRET_ACCESS_KEY", NULL);
-    const char *tok = first_env("AWS_SESSION_TOKEN", NULL);
-    if (!kid || !sec || strlen(kid) >= sizeof s->key_id || strlen(sec) >= sizeof s->secret ||
-        (tok && strlen(tok) >= sizeof s->token)) {
-        fm_free(s);
-        return fm_errf(err, FM_EINVAL, "lake s3: no credentials: set lake.s3_access_key_id and "
-                                       "lake.s3_secret_access_key, or AWS_ACCESS_KEY_ID and "
-                                       "AWS_SECRET_ACCESS_KEY");
+    if (strcmp(cfg->lake_s3_credentials, "role") == 0) {
+        /* Checked now so a node without a role fails at start, not at its
+         * first export; FM_EUNAVAIL lets the caller tell it from a typo. */
+        int rc = lake__s3_role_creds(&s->creds, err);
+        if (rc) {
+            fm_free(s);
+            return rc;
+        }
+    } else {
+        const char *kid = cfg->lake_s3_access_key_id[0] ? cfg->lake_s3_access_key_id
+                                                        : first_env("AWS_ACCESS_KEY_ID", NULL);
+        const char *sec = cfg->lake_s3_secret_access_key[0]
+                              ? cfg->lake_s3_secret_access_key
+                              : first_env("AWS_SECRET_ACCESS_KEY", NULL);
+        const char *tok = first_env("AWS_SESSION_TOKEN", NULL);
+        if (!kid || !sec || strlen(kid) >= sizeof s->creds.key_id ||
+            strlen(sec) >= sizeof s->creds.secret ||
+            (tok && strlen(tok) >= sizeof s->creds.token)) {
+            fm_free(s);
+            return fm_errf(err, FM_EINVAL,
+                           "lake s3: no credentials: set lake.s3_access_key_id and "
+                           "lake.s3_secret_access_key, or AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY, or lake.s3_credentials = role");
+        }
+        snprintf(s->creds.key_id, sizeof s->creds.key_id, "%s", kid);
+        snprintf(s->creds.secret, sizeof s->creds.secret, "%s", sec);
+        if (tok)
+            snprintf(s->creds.token, sizeof s->creds.token, "%s", tok);
     }
-    snprintf(s->key_id, sizeof s->key_id, "%s", kid);
-    snprintf(s->secret, sizeof s->secret, "%s", sec);
-    if (tok)
-        snprintf(s->token, sizeof s->token, "%s", tok);
     snprintf(s->sigv4, sizeof s->sigv4, "aws:amz:%s:s3", s->region);
     s->part_bytes = cfg->lake_s3_part_bytes;
     s->timeout_s = cfg->lake_s3_timeout_s;

@@ -391,21 +391,9 @@ def _response_complete(buf):
 
 
 def lake_records(platform, area):
-    """[(path, record)] of every gzip NDJSON object under lake/<area>/;
-    objects still being written (not yet renamed into place) are skipped."""
-    out = []
-    root = platform.data / "lake" / area
-    if not root.exists():
-        return out
-    for p in sorted(root.rglob("*.ndjson.gz")):
-        try:
-            with gzip.open(p, "rt") as f:
-                for line in f:
-                    if line.strip():
-                        out.append((p, json.loads(line)))
-        except (OSError, EOFError, ValueError):
-            continue
-    return out
+    """[(path, record)] of every gzip NDJSON object under lake/<area>/ (a
+    directory or S3, see Platform.lake_records)."""
+    return [(p, r) for p, r in platform.lake_records(area) if p.name.endswith(".ndjson.gz")]
 
 
 def contains_value(doc, want):

@@ -51,6 +51,16 @@ if os.environ.get("FM_IT_STORE") == "postgres":
     _helpers._store_database = _new_database
 
 
+# FM_IT_LAKE=s3: one S3 store (s3rver behind the SigV4 gate) for the
+# session; each platform writes under its own prefix (helpers.Platform).
+_gate = None
+if os.environ.get("FM_IT_LAKE") == "s3":
+    import helpers as _helpers_lake
+    from s3gate import S3Gate as _S3Gate
+    _gate = _S3Gate(Path(tempfile.mkdtemp(prefix="fleetml-it-s3-", dir="/tmp"))).start()
+    _helpers_lake._lake_gate = _gate
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests of SQLite's own files and fault injection skip on PostgreSQL."""
     if os.environ.get("FM_IT_STORE") != "postgres":
@@ -195,3 +205,6 @@ def pytest_sessionfinish(session, exitstatus):
         p.cleanup()
     if _pg is not None:
         _pg.stop()
+    if _gate is not None:
+        _gate.stop()
+        shutil.rmtree(_gate.dir.parent, ignore_errors=True)

@@ -260,6 +260,8 @@ def model_dir():
 
 # Set by conftest.py when FM_IT_STORE=postgres: returns a new database's URL.
 _store_database = None
+# Set by conftest.py when FM_IT_LAKE=s3: the session's S3Gate.
+_lake_gate = None
 
 
 def store_database():
@@ -293,6 +295,12 @@ class Platform:
         self.pg_url = store_database()
         if self.pg_url:
             self.extra_sets.update({"store.backend": "postgres", "store.url": self.pg_url})
+        # FM_IT_LAKE=s3: the lake is the session's S3 store, under a prefix of
+        # this platform's own (lake_objects and lake_read read it back).
+        self.s3 = _lake_gate
+        self.s3_prefix = f"{workdir.name if hasattr(workdir, 'name') else 'p'}-{id(self):x}/"
+        if self.s3:
+            self.extra_sets.update(self.s3.lake_sets("path", self.s3_prefix))
 
     # -- CLI --------------------------------------------------------------
 
@@ -540,20 +548,49 @@ class Platform:
         return self.query("SELECT error_code, error_message, payload FROM quarantine "
                           "WHERE device_id = ? ORDER BY seq", device_id)
 
+    @property
+    def on_session_s3(self):
+        """The lake is the session's S3 store (FM_IT_LAKE=s3), not overridden
+        by the test's own settings."""
+        return bool(self.s3) and self.extra_sets.get("lake.backend") == "s3" and \
+            self.extra_sets.get("lake.s3_endpoint") == self.s3.endpoint and \
+            self.extra_sets.get("lake.s3_prefix") == self.s3_prefix
+
     def lake_objects(self, area="raw"):
+        """Every object under lake/<area>/, as <data>/lake/<key> paths (on S3
+        too, where the key is read back through the gate)."""
+        if self.on_session_s3:
+            keys = self.s3.keys(self.s3_prefix + area + "/")
+            return sorted(self.data / "lake" / k[len(self.s3_prefix):] for k in keys)
         root = self.data / "lake" / area
         if not root.exists():
             return []
         return sorted(p for p in root.rglob("*") if p.is_file())
 
+    def lake_read(self, path):
+        """Bytes of the lake object at a lake_objects() path."""
+        if self.on_session_s3:
+            rel = Path(path).relative_to(self.data / "lake")
+            return self.s3.get(self.s3_prefix + rel.as_posix())
+        return Path(path).read_bytes()
+
+    def lake_exists(self, rel):
+        """Whether lake/<rel> (an object, or a prefix of some) exists."""
+        if self.on_session_s3:
+            return bool(self.s3.keys(self.s3_prefix + rel))
+        return (self.data / "lake" / rel).exists()
+
     def lake_records(self, area="raw"):
         """[(object path, record dict)] for every line of every object."""
         out = []
         for p in self.lake_objects(area):
-            with gzip.open(p, "rt") as f:
-                for line in f:
-                    if line.strip():
-                        out.append((p, json.loads(line)))
+            try:
+                text = gzip.decompress(self.lake_read(p)).decode()
+            except (OSError, EOFError):
+                continue  # still being written (fs) or gone
+            for line in text.splitlines():
+                if line.strip():
+                    out.append((p, json.loads(line)))
         return out
 
 

@@ -91,6 +91,7 @@ class S3Gate:
         self.down = False
         self.requests = []  # (method, path, query, status)
         self.refused = []   # (method, path, reason)
+        self.tokens = set()  # x-amz-security-token values of accepted requests
         self._lock = threading.Lock()
         self.proc = None
         self.server = None
@@ -140,6 +141,9 @@ class S3Gate:
                     return self._answer(403 if "Signature" in code else 400,
                                         f"<?xml version=\"1.0\"?><Error><Code>{code}</Code>"
                                         f"<Message>gate</Message></Error>".encode(), path, query)
+                with gate._lock:
+                    if "x-amz-security-token" in hdrs:
+                        gate.tokens.add(hdrs["x-amz-security-token"])
                 c = http.client.HTTPConnection("127.0.0.1", gate.s3_port, timeout=60)
                 fwd = {k: v for k, v in self.headers.items()
                        if k.lower() not in ("connection", "expect")}

@@ -99,7 +99,7 @@ def test_push_approve_deploy_rollback(env, measure):
     assert api.post(f"/models/{NAME}/versions", upload_body(v2), token=sci).status == 409
     # The files are in the lake, byte for byte.
     lake = p.data / "lake" / "models" / NAME / "2.0.0"
-    assert (lake / "model.json").read_bytes() == (v2 / "model.json").read_bytes()
+    assert p.lake_read(lake / "model.json") == (v2 / "model.json").read_bytes()
     # Pending versions are not deployed.
     r = api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": "2.0.0"},
                     token=admin)
@@ -240,7 +240,7 @@ def test_bad_uploads_refused_nothing_deployed(env):
     for ver in ("9.0.1", "9.0.4"):
         assert api.request("PUT", f"/models/{NAME}/aliases/production", body={"version": ver},
                            token=admin).status == 404
-    assert not (p.data / "lake" / "models" / NAME / "9.0.1").exists()
+    assert not p.lake_exists(f"models/{NAME}/9.0.1")
 
 
 def test_cli_push_approve_deploy(env):

@@ -18,12 +18,17 @@ import gzip
 import json
 import re
 import subprocess
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from api_client import Api, Users, add_user
-from helpers import LAKE_OBJECT_RE, TENANT, metric_value, wait_for
-from s3gate import S3Gate
+from helpers import (LAKE_OBJECT_RE, TENANT, Device, make_measurement, metric_value, unique_id,
+                     wait_for)
+from s3gate import KEY_ID, SECRET, S3Gate
 
 PREFIX = "fleetml/"
 OUTS = ("viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct")
@@ -205,3 +210,146 @@ def test_wrong_secret_is_refused(env, gate, tmp_path):
     assert r.returncode == 1 and "SignatureDoesNotMatch" in r.stderr, r.stderr
     assert gate.refused and "SignatureDoesNotMatch" in gate.refused[-1][2]
     gate.refused.clear()
+
+
+class RoleCredentials:
+    """A stand-in for EC2's instance metadata service (IMDSv2) and for a
+    container credentials endpoint, on loopback: temporary credentials of
+    the gate's key, each with its own session token, expiring `ttl` from
+    issue."""
+
+    def __init__(self, ttl):
+        self.ttl = ttl
+        self.issued = []        # session tokens handed out
+        self.issued_at = []     # time.time() of each
+        self.auth_seen = []     # Authorization headers on the container endpoint
+        creds = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, body, ctype="text/plain"):
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _creds(self):
+                tok = f"session-{len(creds.issued) + 1}"
+                creds.issued.append(tok)
+                creds.issued_at.append(time.time())
+                exp = datetime.now(timezone.utc) + creds.ttl
+                return json.dumps({"Code": "Success", "AccessKeyId": KEY_ID,
+                                   "SecretAccessKey": SECRET, "Token": tok,
+                                   "Expiration": exp.strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+            def do_PUT(self):
+                if self.path == "/latest/api/token" and \
+                        self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+                    return self._send(200, "imds-session")
+                return self._send(400, "bad token request")
+
+            def do_GET(self):
+                if self.path == "/container-creds":
+                    creds.auth_seen.append(self.headers.get("Authorization"))
+                    return self._send(200, self._creds(), "application/json")
+                # IMDSv2: every read needs the session token.
+                if self.headers.get("X-aws-ec2-metadata-token") != "imds-session":
+                    return self._send(401, "")
+                if self.path == "/latest/meta-data/iam/security-credentials/":
+                    return self._send(200, "fleetml-node")
+                if self.path == "/latest/meta-data/iam/security-credentials/fleetml-node":
+                    return self._send(200, self._creds(), "application/json")
+                return self._send(404, "")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def measurement_ids(gate, prefix):
+    out = set()
+    for k in gate.keys(prefix + "raw/"):
+        for line in gzip.decompress(gate.get(k)).decode().splitlines():
+            if line.strip():
+                out.add(json.loads(line)["measurement_id"])
+    return out
+
+
+def role_sets(gate, prefix):
+    sets = {k: v for k, v in gate.lake_sets("path", prefix).items()
+            if k not in ("lake.s3_access_key_id", "lake.s3_secret_access_key")}
+    sets["lake.s3_credentials"] = "role"
+    return sets
+
+
+def test_role_credentials_imds_and_container(env, gate, tmp_path):
+    """lake.s3_credentials = role: temporary credentials from IMDSv2 (the
+    session token first) or from a container endpoint (with its
+    authorization token), signed with their session token."""
+    p = env[0]
+    creds = RoleCredentials(timedelta(hours=6))
+    try:
+        data = tmp_path / "role"
+        args = ["init", "--data", str(data)]
+        for k, v in role_sets(gate, "role/").items():
+            args += ["--set", f"{k}={v}"]
+        p.run(*args)
+        p.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = creds.url
+        r = p.run("lake", "check", "--data", str(data))
+        assert "lake s3 ok" in r.stdout, r.stdout + r.stderr
+        assert creds.issued == ["session-1"] and "session-1" in gate.tokens
+        p.env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = creds.url + "/container-creds"
+        p.env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "pod-identity-token"
+        r = p.run("lake", "check", "--data", str(data))
+        assert "lake s3 ok" in r.stdout, r.stdout + r.stderr
+        assert creds.auth_seen == ["pod-identity-token"] and "session-2" in gate.tokens
+        # No role: the command says so instead of falling back to nothing.
+        creds.close()
+        r = p.run("lake", "check", "--data", str(data), check=False)
+        assert r.returncode == 1 and "credentials" in r.stderr, r.stderr
+        assert not gate.refused, gate.refused[:3]
+    finally:
+        for k in ("AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                  "AWS_CONTAINER_AUTHORIZATION_TOKEN"):
+            p.env.pop(k, None)
+
+
+def test_role_credentials_renewed_before_expiry(gate, make_platform):
+    """Credentials that expire in 5 min 3 s are renewed (5 min before they
+    expire) by the running exporter, which keeps exporting with the new ones."""
+    creds = RoleCredentials(timedelta(minutes=5, seconds=3))
+    try:
+        p = make_platform(devices=["role-dev"], start=False, name="role")
+        p.env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = creds.url
+        p.start(extra_args=[x for k, v in role_sets(gate, "renew/").items()
+                            for x in ("--set", f"{k}={v}")])
+        dev = Device(p, "role-dev")
+        try:
+            dev.connect()
+            dev.subscribe(dev.results_topic)
+            first = unique_id()
+            assert dev.measure(make_measurement(first), timeout=10)[0].json()["status"] == "ok"
+            wait_for(lambda: first in measurement_ids(gate, "renew/"), 60, interval=0.3,
+                     msg="the first measurement in S3")
+            # Wait until the credentials are within 5 minutes of expiring.
+            wait_for(lambda: time.time() > creds.issued_at[0] + 3.5, 10, interval=0.1)
+            second = unique_id()
+            assert dev.measure(make_measurement(second), timeout=10)[0].json()["status"] == "ok"
+            wait_for(lambda: second in measurement_ids(gate, "renew/"), 60, interval=0.3,
+                     msg="the second measurement in S3")
+        finally:
+            dev.close()
+        assert len(creds.issued) >= 2, creds.issued
+        assert "session-2" in gate.tokens
+        assert "s3 role credentials renewed" in "".join(
+            open(f).read() for f in p.log_paths)
+    finally:
+        creds.close()
