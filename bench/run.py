@@ -10,7 +10,8 @@ of (b)'s closed-loop throughput. Then 10,000 devices connect to (b) over mTLS an
 send one measurement every 10 s each.
 
 Then the HTTP API: sign-in, a page of measurements, predict (not stored) and predict
-with ?store=true, each from several concurrent clients.
+with ?store=true, each from several concurrent clients. Then a cluster: 1 node against 3
+nodes on one PostgreSQL behind HAProxy, closed loop through HAProxy.
 
 Prints one JSON document (and writes it to bench/last.json when --out is given).
 """
@@ -625,7 +626,7 @@ def bench_cluster(args):
             cfg = os.path.join(work, "haproxy.cfg")
             with open(cfg, "w") as fh:
                 fh.write(f"""global
-    maxconn 10000
+    maxconn 4000
 defaults
     timeout connect 2s
     timeout client 75s
@@ -643,8 +644,9 @@ backend nodes
     default-server inter 300ms fall 2 rise 1
 {servers}
 """)
-            return subprocess.Popen(["/usr/sbin/haproxy", "-db", "-f", cfg],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = open(os.path.join(work, "haproxy.log"), "ab")
+            return subprocess.Popen(["/usr/sbin/haproxy", "-db", "-f", cfg], stdout=log,
+                                    stderr=subprocess.STDOUT)
 
         def sim(devices=args.devices, duration=args.duration):
             argv = [fm, "sim", "--data", nodes[0]["dir"], "--devices", str(devices),
