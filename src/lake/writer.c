@@ -491,7 +491,6 @@ static bool is_manifest(const char *p)
     return n > m && strcmp(p + n - m, ".manifest") == 0;
 }
 
-/* See the file comment for the protocol and why it is crash-safe. */
 /* Takes the export lease, or renews it when a third of it is used (or,
  * before_commit, when less than LAKE_LEASE_MARGIN_MS of it is left).
  * Returns 0 when this node holds it, FM_EBUSY when another node does
@@ -535,6 +534,7 @@ static int lease_check(lake_exporter *ex, bool before_commit, fm_errbuf *err)
                    owner, FM_LAKE_LEASE);
 }
 
+/* See the file comment for the protocol and why it is crash-safe. */
 static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
 {
     if (s->nobj == 0)

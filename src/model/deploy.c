@@ -339,6 +339,13 @@ static int check_one(void *ud, const fm_drift_counts *c)
         return 0;
     d->alerted = na;
     snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
+    /* Every node sharing the database sees the same counts: the first to
+     * claim the alert (a lease that outlives the day) raises it, once for
+     * the cluster. */
+    char claim[240];
+    snprintf(claim, sizeof claim, "drift-alert:%s", key);
+    if (fm_store_lease(d->store, claim, d->cfg.node_id, 2 * 86400000LL, NULL, 0) == FM_EBUSY)
+        return 0;
     char psis[32], ns[32];
     snprintf(psis, sizeof psis, "%.3f", max);
     snprintf(ns, sizeof ns, "%llu", (unsigned long long)c->n);

@@ -168,8 +168,9 @@ static void on_notice(void *ud, const char *message)
 {
     (void)ud;
     size_t n = strlen(message);
-    fm_logf(FM_LOG_DEBUG, "store", "postgres: %.*s", (int)(n && message[n - 1] == '\n' ? n - 1 : n),
-            message);
+    if (n && message[n - 1] == '\n')
+        n--;
+    fm_logf(FM_LOG_DEBUG, "store", "postgres: %.*s", (int)n, message);
 }
 
 /* Reconnects a broken connection. 0 or FM_EUNAVAIL. */

@@ -9,7 +9,8 @@ HTTP for the API, health from each node's /readyz), all on loopback.
 - exactly one node runs the lake export (its lease), and every measurement
   reaches S3 (read back with boto3) once;
 - a revocation issued through node 1's API cuts a device connected to
-  node 2 within 1 s (every node follows the registry event log);
+  node 2 within 1 s, and a shadow change through node 1 reaches a device
+  on node 3 within 1 s (every node follows the registry event log);
 - `kill -9` of the node running the export: its devices reconnect through
   HAProxy to the others, no acknowledged measurement is lost, another node
   takes the export over and the lake catches up;
@@ -340,6 +341,30 @@ def test_revocation_on_node1_cuts_device_on_node2(cluster):
     for n in c.nodes:
         wait_for(lambda: refused_on(n), max(0.1, 1.0 - (time.monotonic() - t0)) + 1.0,
                  interval=0.05, msg=f"rev-n2 refused on {n.node_id}")
+
+
+def test_shadow_change_on_node1_reaches_device_on_node3(cluster):
+    c = cluster
+    first, third = c.nodes[0], c.nodes[2]
+    add_devices(c, ["shd-n3"])
+    dev = Device(first, "shd-n3", port=third.broker_port)
+    try:
+        dev.connect()
+        dev.subscribe("fleet/shd-n3/shadow/delta")
+        wait_for(lambda: node_of(c, "shd-n3") == "n3", 10, interval=0.05, msg="shd-n3 on n3")
+        api = Api(first)
+        tok = admin_token(api, c)
+        since = dev.mark()
+        r = api.patch("/devices/shd-n3/shadow", {"desired": {"interval_s": 30}}, token=tok)
+        t_end = time.monotonic()
+        assert r.status == 200, r
+        m = dev.wait_message(lambda m: m.topic == "fleet/shd-n3/shadow/delta", timeout=5,
+                             since=since, what="the delta on node 3")
+        print(f"delta on n3 {m.t - t_end:.3f}s after the change on n1 returned")
+        assert m.json()["state"] == {"interval_s": 30}, m.json()
+        assert m.t - t_end < 1.0, f"delta {m.t - t_end:.3f}s after the change returned"
+    finally:
+        dev.close()
 
 
 def run_devices(c, ids, workdir, count, interval="0.05"):

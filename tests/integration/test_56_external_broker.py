@@ -204,7 +204,7 @@ def test_broker_restart_gets_the_registry_back(ext):
     try:
         dev.connect()
         dev.subscribe(dev.results_topic)
-        n = len(dev.lost_times)
+        n, acks = len(dev.lost_times), len(dev.connacks)
         mark = len(ext.broker.log())
         ext.broker.stop()
         dev.wait_lost(timeout=10, after=n)
@@ -214,7 +214,7 @@ def test_broker_restart_gets_the_registry_back(ext):
                  interval=0.1, msg="a node's snapshot installed")
         wait_for(lambda: all(n.http("/readyz")[0] == 200 for n in ext.nodes), 30,
                  interval=0.2, msg="both nodes reconnected (ready)")
-        dev.wait_connected(timeout=30, after=n)
+        dev.wait_connected(timeout=30, after=acks)
         m, _ = dev.measure(make_measurement(unique_id()), timeout=15)
         assert m.json()["status"] == "ok", m.json()
     finally:
