@@ -17,6 +17,7 @@
  * FM_FAULT_INJECTION=1, /debug/fault).
  */
 #include "api/api_int.h"
+#include "api/web.h"
 #include "fleetml/fault.h"
 #include "fleetml/metrics.h"
 
@@ -527,16 +528,42 @@ static enum MHD_Result handle_ops_path(fm_http *h, struct MHD_Connection *conn,
                        len, NULL);
 }
 
-/* The API listener's paths outside /api/v1: only the bare /healthz. */
+/* One of the dashboard's embedded files, with the dashboard's CSP. The
+ * files change only with the binary, so browsers may keep them but must
+ * ask again (no-cache) after an upgrade. */
+static enum MHD_Result send_asset(fm_http *h, struct MHD_Connection *conn,
+                                  const fm_web_asset *a)
+{
+    struct MHD_Response *resp = MHD_create_response_from_buffer(
+        (size_t)a->len, (void *)a->data, MHD_RESPMEM_PERSISTENT);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", a->type);
+    MHD_add_response_header(resp, "Cache-Control", "no-cache");
+    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(resp, "X-Frame-Options", "DENY");
+    MHD_add_response_header(resp, "Content-Security-Policy", FM_WEB_CSP);
+    MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(resp, "Cross-Origin-Opener-Policy", "same-origin");
+    if (h->tls)
+        MHD_add_response_header(resp, "Strict-Transport-Security", "max-age=31536000");
+    enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+/* The API listener's paths outside /api/v1: the bare /healthz and the
+ * dashboard (/ and /assets/...). */
 static enum MHD_Result handle_api_other(fm_http *h, struct MHD_Connection *conn,
                                         const char *path, const char *method, bool has_body)
 {
-    if (strcmp(path, "/healthz") != 0)
+    const fm_web_asset *asset = fm_web_find(path);
+    if (strcmp(path, "/healthz") != 0 && !asset)
         return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
     enum MHD_Result ret;
     if (refuse_non_get(h, conn, method, has_body, &ret))
         return ret;
-    return send_health(h, conn, false);
+    return asset ? send_asset(h, conn, asset) : send_health(h, conn, false);
 }
 
 /* ---- the API dispatcher ------------------------------------------------------- */

@@ -1,0 +1,393 @@
+// fleetml dashboard: a client of the HTTP API v1, nothing more. The API decides
+// who may see and do what; this page only shows what the API answers.
+//
+// Security: every value reaches the page through textContent or attributes set
+// from the DOM API (never innerHTML), tokens travel in the Authorization header
+// (never cookies, so no CSRF), and the Content-Security-Policy admits only this
+// origin's scripts and styles.
+
+const API = "/api/v1";
+const $app = document.getElementById("app");
+const $nav = document.getElementById("nav");
+const $who = document.getElementById("who");
+
+// ---- session ----------------------------------------------------------------------
+
+// Kept for this tab only (sessionStorage): closing the tab signs out.
+let session = JSON.parse(sessionStorage.getItem("fleetml.session") || "null");
+
+function saveSession(s) {
+  session = s;
+  if (s) sessionStorage.setItem("fleetml.session", JSON.stringify(s));
+  else sessionStorage.removeItem("fleetml.session");
+}
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || code || `HTTP ${status}`);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function call(method, path, body, token) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const r = await fetch(API + path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "omit", cache: "no-store",
+  });
+  const text = await r.text();
+  let doc = null;
+  try { doc = text ? JSON.parse(text) : null; } catch (_) { doc = null; }
+  if (!r.ok) {
+    const e = (doc && doc.error) || {};
+    throw new ApiError(r.status, e.code, e.message);
+  }
+  return doc;
+}
+
+// Renews the access token with the refresh token once (they rotate on use).
+let refreshing = null;
+async function renew() {
+  if (!session || !session.refresh) throw new ApiError(401, "unauthorized");
+  if (!refreshing) {
+    refreshing = call("POST", "/auth/refresh", { refresh_token: session.refresh })
+      .then((t) => saveSession({ ...session, access: t.access_token, refresh: t.refresh_token }))
+      .finally(() => { refreshing = null; });
+  }
+  return refreshing;
+}
+
+async function api(method, path, body) {
+  if (!session) throw new ApiError(401, "unauthorized");
+  try {
+    return await call(method, path, body, session.access);
+  } catch (e) {
+    if (e.status !== 401) throw e;
+    try {
+      await renew();
+    } catch (_) {
+      signedOut("Your session has ended; please sign in again.");
+      throw e;
+    }
+    return call(method, path, body, session.access);
+  }
+}
+
+function signedOut(message) {
+  saveSession(null);
+  location.hash = "#/";
+  render(message);
+}
+
+// ---- DOM helpers ------------------------------------------------------------------
+
+// h("td", {class: "x"}, "text", node...): strings become text nodes, never markup.
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = String(v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function show(...nodes) {
+  $app.replaceChildren(...nodes.filter(Boolean));
+}
+
+function when(iso) {
+  if (!iso) return "never";
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
+}
+
+function hasAny(roles) {
+  return !!(session && session.roles && session.roles.some((r) => roles.includes(r)));
+}
+
+// ---- sign-in ----------------------------------------------------------------------
+
+function signInPage(message) {
+  $nav.hidden = true;
+  const err = h("p", { class: "error", role: "alert", id: "signin-error" }, message || "");
+  const otp = h("label", { hidden: true }, "One-time code",
+    h("input", { name: "otp", inputmode: "numeric", autocomplete: "one-time-code", maxlength: 6 }));
+  const form = h("form", { class: "card signin", id: "signin" },
+    h("h1", {}, "Sign in"),
+    h("label", {}, "Hospital (tenant)", h("input", { name: "tenant", required: true, autocomplete: "organization" })),
+    h("label", {}, "Username", h("input", { name: "username", required: true, autocomplete: "username" })),
+    h("label", {}, "Password", h("input", { name: "password", type: "password", required: true, autocomplete: "current-password" })),
+    otp,
+    h("button", { type: "submit" }, "Sign in"),
+    err);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const f = new FormData(form);
+    const body = { tenant: f.get("tenant"), username: f.get("username"), password: f.get("password") };
+    if (f.get("otp")) body.otp = f.get("otp");
+    err.textContent = "";
+    try {
+      const t = await call("POST", "/auth/login", body);
+      saveSession({ access: t.access_token, refresh: t.refresh_token });
+      const me = await api("GET", "/me");
+      saveSession({ ...session, username: me.username, tenant: me.tenant, roles: me.roles });
+      render();
+    } catch (e) {
+      if (e.code === "mfa_required" && otp.hidden) {
+        otp.hidden = false;
+        err.textContent = "Enter the one-time code from your authenticator app.";
+      } else if (e.status === 401) {
+        err.textContent = "Wrong tenant, username, password or code.";
+      } else if (e.status === 429) {
+        err.textContent = "Too many attempts; wait a moment and try again.";
+      } else {
+        err.textContent = `Sign-in failed: ${e.message}`;
+      }
+    }
+  });
+  show(form);
+}
+
+document.getElementById("signout").addEventListener("click", async () => {
+  try {
+    if (session) await call("POST", "/auth/logout", { refresh_token: session.refresh });
+  } catch (_) { /* signed out locally either way */ }
+  signedOut("Signed out.");
+});
+
+// ---- fleet ------------------------------------------------------------------------
+
+async function allDevices() {
+  const out = [];
+  let cursor = "";
+  for (let i = 0; i < 50; i++) {
+    const page = await api("GET", `/devices?limit=200${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+    out.push(...page.items);
+    if (!page.next_cursor) break;
+    cursor = page.next_cursor;
+  }
+  return out;
+}
+
+async function fleetPage() {
+  const devices = await allDevices();
+  const search = h("input", { type: "search", placeholder: "Search id, firmware, group", id: "search", "aria-label": "Search" });
+  const status = h("select", { id: "status-filter", "aria-label": "Status" },
+    h("option", { value: "" }, "Any status"),
+    ["active", "disabled", "revoked"].map((s) => h("option", { value: s }, s)));
+  const body = h("tbody");
+  const fill = () => {
+    const q = search.value.trim().toLowerCase();
+    const rows = devices.filter((d) => (!status.value || d.status === status.value) &&
+      (!q || [d.id, d.firmware, d.group, d.model].some((v) => (v || "").toLowerCase().includes(q))));
+    body.replaceChildren(...rows.map((d) => h("tr", { "data-device": d.id },
+      h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
+      h("td", {}, d.status),
+      h("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
+      h("td", {}, when(d.last_seen)),
+      h("td", { class: "firmware" }, d.firmware),
+      h("td", {}, d.group))));
+  };
+  search.addEventListener("input", fill);
+  status.addEventListener("change", fill);
+  fill();
+  show(h("h1", {}, "Fleet"),
+    h("div", { class: "toolbar" }, search, status, h("span", { class: "range" }, `${devices.length} devices`)),
+    h("table", { id: "fleet" },
+      h("thead", {}, h("tr", {}, ["Device", "Status", "Connection", "Last seen", "Firmware", "Group"].map((c) => h("th", {}, c)))),
+      body));
+}
+
+// ---- device -----------------------------------------------------------------------
+
+const CONE_RADIUS_M = 0.024; // viscosity.sweep.v1: cone-plate, docs/protocol.md §3
+
+// Apparent viscosity (mPa·s) of each step, from the steady part (last half) of
+// its torque readings: tau = 3M / (2 pi R^3), eta = tau / shear rate.
+function apparentViscosity(sweep) {
+  const xs = [], ys = [];
+  for (const step of sweep) {
+    const s = step.samples.slice(Math.floor(step.samples.length / 2));
+    const torque = s.reduce((a, b) => a + b, 0) / s.length * 1e-6;
+    const tau = 3 * torque / (2 * Math.PI * CONE_RADIUS_M ** 3);
+    const eta = tau / step.shear_rate_s * 1000;
+    if (eta > 0 && Number.isFinite(eta)) { xs.push(step.shear_rate_s); ys.push(eta); }
+  }
+  return [xs, ys];
+}
+
+const OUTPUT_NAMES = {
+  viscosity_high_mpas: "Viscosity at high shear (300 1/s)",
+  viscosity_low_mpas: "Viscosity at low shear (1 1/s)",
+  hematocrit_pct: "Hematocrit",
+};
+
+// Units and plausible ranges of each output, from the served models'
+// manifests (GET /models); empty when the user may not read them.
+let outputInfo = null;
+async function outputsInfo() {
+  if (outputInfo) return outputInfo;
+  outputInfo = {};
+  try {
+    const models = await api("GET", "/models");
+    for (const m of models.items || [])
+      for (const o of m.outputs || []) outputInfo[o.name] = o;
+  } catch (_) { /* the result is shown without ranges */ }
+  return outputInfo;
+}
+
+let plot = null;
+
+function drawPlot(container, detail) {
+  const [xs, ys] = apparentViscosity(detail.measurement.sweep);
+  if (plot) { plot.destroy(); plot = null; }
+  container.replaceChildren();
+  if (!window.uPlot || xs.length < 2) {
+    container.append(h("p", { class: "range" }, "No plottable sweep."));
+    return;
+  }
+  const width = Math.max(320, Math.min(760, container.clientWidth || 760));
+  plot = new window.uPlot({
+    width, height: 320,
+    title: `Sweep ${detail.id}`,
+    scales: { x: { time: false, distr: 3 }, y: { distr: 3 } },
+    axes: [{ label: "Shear rate (1/s)" }, { label: "Apparent viscosity (mPa·s)" }],
+    series: [{ label: "shear rate" }, { label: "viscosity (mPa·s)", stroke: "#1f5fbf", width: 2, points: { show: true } }],
+  }, [xs, ys], container);
+}
+
+function outputsList(result, info) {
+  const dl = h("dl", { class: "outputs" });
+  for (const [k, v] of Object.entries((result && result.outputs) || {})) {
+    const o = info[k] || {};
+    const unit = (o.unit || "").replace("*", "·");
+    const range = o.min !== undefined && o.max !== undefined ? ` (plausible ${o.min}–${o.max} ${unit})` : "";
+    dl.append(h("dt", {}, OUTPUT_NAMES[k] || k), h("dd", { "data-output": k },
+      `${Number(v).toFixed(2)} ${unit}`, range ? h("span", { class: "range" }, range) : null));
+  }
+  return dl;
+}
+
+// The reference value a clinician enters for a measurement (e.g. the lab's
+// hematocrit), stored as the measurement's label for retraining.
+function labelBox(detail, refresh) {
+  const cur = detail.label;
+  const shown = h("p", { id: "label" }, cur
+    ? `Label: ${Object.entries(cur.outputs).map(([k, v]) => `${OUTPUT_NAMES[k] || k} ${v}`).join(", ")}` +
+      ` (${cur.source}, by ${cur.labelled_by}, ${when(cur.labelled_at)})`
+    : "No label yet.");
+  if (!hasAny(["clinician"])) return h("div", {}, shown);
+  const err = h("p", { class: "error", id: "label-error" });
+  const input = h("input", { id: "label-hct", type: "number", step: "0.1", min: "0", max: "100", required: true,
+    "aria-label": "Lab hematocrit (%)" });
+  const form = h("form", { class: "toolbar", id: "label-form" },
+    h("label", {}, "Lab hematocrit (%)", input), h("button", { type: "submit", id: "label-save" }, "Save label"), err);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    err.textContent = "";
+    try {
+      await api("PUT", `/devices/${encodeURIComponent(detail.device_id)}/measurements/${encodeURIComponent(detail.id)}/label`,
+        { outputs: { hematocrit_pct: Number(input.value) }, source: "lab" });
+      await refresh();
+    } catch (e) {
+      err.textContent = e.status === 403 ? "You are not allowed to label measurements." : `Not saved: ${e.message}`;
+    }
+  });
+  return h("div", {}, shown, form);
+}
+
+async function deviceAction(id, what) {
+  const verbs = { disable: "Disable", enable: "Enable", revoke: "Revoke (final)" };
+  if (!window.confirm(`${verbs[what]} device ${id}?`)) return;
+  await api("POST", `/devices/${encodeURIComponent(id)}/${what}`, {});
+  render();
+}
+
+async function devicePage(id) {
+  const enc = encodeURIComponent(id);
+  const [dev, page, shadow] = await Promise.all([
+    api("GET", `/devices/${enc}`),
+    api("GET", `/devices/${enc}/measurements?limit=50`),
+    api("GET", `/devices/${enc}/shadow`).catch(() => null),
+  ]);
+  const plotBox = h("div", { id: "plot" });
+  const resultBox = h("div", { id: "result" });
+  const rows = h("tbody");
+  const select = async (m, tr) => {
+    for (const r of rows.children) r.classList.remove("selected");
+    if (tr) tr.classList.add("selected");
+    const detail = await api("GET", `/devices/${enc}/measurements/${encodeURIComponent(m.id)}`);
+    drawPlot(plotBox, detail);
+    resultBox.replaceChildren(...[
+      h("h2", {}, "Result"),
+      outputsList(detail.result, await outputsInfo()),
+      h("p", { class: "range" }, `Model ${detail.model} · firmware `, h("span", { class: "firmware" }, detail.measurement.firmware)),
+      labelBox(detail, () => select(m, tr)),
+    ].filter(Boolean));
+  };
+  for (const m of page.items) {
+    const tr = h("tr", { class: "clickable", "data-measurement": m.id },
+      h("td", {}, m.id), h("td", {}, when(m.taken_at)), h("td", {}, m.model),
+      h("td", {}, m.result && m.result.outputs ? Number(m.result.outputs.hematocrit_pct).toFixed(1) : ""));
+    tr.addEventListener("click", () => select(m, tr).catch(report));
+    rows.append(tr);
+  }
+  const actions = hasAny(["admin", "device_manager", "operator"]) && dev.status !== "revoked"
+    ? h("div", { class: "toolbar" },
+      dev.status === "active"
+        ? h("button", { class: "plain", id: "disable", onclick: () => deviceAction(id, "disable").catch(report) }, "Disable")
+        : h("button", { class: "plain", id: "enable", onclick: () => deviceAction(id, "enable").catch(report) }, "Enable"),
+      h("button", { class: "danger", id: "revoke", onclick: () => deviceAction(id, "revoke").catch(report) }, "Revoke"))
+    : null;
+  show(
+    h("h1", {}, "Device ", h("span", { id: "device-id" }, dev.id)),
+    h("p", {}, h("span", { id: "device-status" }, dev.status), " · ",
+      h("span", { class: dev.online ? "online" : "offline" }, dev.online ? "online" : "offline"),
+      " · last seen ", when(dev.last_seen), " · firmware ", h("span", { class: "firmware" }, dev.firmware)),
+    actions,
+    h("div", { class: "grid" },
+      h("section", { class: "card" }, plotBox),
+      h("section", { class: "card" }, resultBox)),
+    h("section", { class: "card" }, h("h2", {}, "Measurements"),
+      h("table", { id: "measurements" },
+        h("thead", {}, h("tr", {}, ["Measurement", "Taken", "Model", "Hematocrit %"].map((c) => h("th", {}, c)))),
+        rows)),
+    shadow ? h("section", { class: "card" }, h("h2", {}, "Shadow"),
+      h("pre", { id: "shadow" }, JSON.stringify({ desired: shadow.desired, reported: shadow.reported, delta: shadow.delta }, null, 2))) : null);
+  if (page.items.length) await select(page.items[0], rows.firstChild);
+  else resultBox.append(h("p", { class: "range" }, "No measurements yet."));
+}
+
+// ---- routing ----------------------------------------------------------------------
+
+function report(e) {
+  if (e && e.status === 401) return;
+  const msg = e && e.status === 403 ? "You are not allowed to see this."
+    : e && e.status === 404 ? "Not found." : `Something went wrong: ${e && e.message}`;
+  show(h("p", { class: "error", role: "alert", id: "page-error" }, msg), h("a", { href: "#/" }, "Back to the fleet"));
+}
+
+async function render(message) {
+  if (!session) return signInPage(message);
+  $nav.hidden = false;
+  $who.textContent = `${session.username || ""} · ${session.tenant || ""}`;
+  const m = location.hash.match(/^#\/devices\/([^/]+)$/);
+  try {
+    if (m) await devicePage(decodeURIComponent(m[1]));
+    else await fleetPage();
+  } catch (e) {
+    report(e);
+  }
+}
+
+window.addEventListener("hashchange", () => render());
+render();

@@ -1,0 +1,149 @@
+"""The web dashboard (docs/operations.md, "The dashboard"), in a real browser:
+playwright-core (npm) drives Debian's chromium headless against `fleetml
+serve` (tests/node/dashboard.mjs does the clicking and reports what it saw).
+
+- the page and its assets come from the binary, with a strict CSP (no inline
+  script, this origin only) and no console error;
+- a wrong password gives a message; a device manager signs in and sees the
+  fleet of the tenant, opens a device, sees its sweep plotted and the
+  model's answer with units and plausible ranges;
+- a firmware string carrying markup is shown as text, never run;
+- disabling the device through the page (with a confirmation) disables it:
+  the broker refuses it afterwards;
+- a clinician of another hospital sees neither the device in the fleet nor
+  its page;
+- at tablet width the page does not scroll sideways.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from api_client import Api, add_user
+from helpers import Device, make_measurement, unique_id, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = ROOT / "tests" / "node"
+CHROMIUM = Path("/usr/bin/chromium")
+XSS = "<script>alert(1)</script>"
+OTHER = "other-hospital"
+
+
+@pytest.fixture(scope="module")
+def dash(module_platform):
+    if not CHROMIUM.exists() or not (NODE / "node_modules" / "playwright-core").exists():
+        pytest.fail("chromium or playwright-core missing: run scripts/install-deps",
+                    pytrace=False)
+    pw = {}
+
+    def setup(p):
+        pw["mgr"] = add_user(p, "mgr", "device_manager,clinician")
+        pw["oclin"] = add_user(p, "oclin", "clinician", tenant=OTHER, create_tenant=True)
+        p.run("device", "add", "other-dev", "--data", str(p.data), "--tenant", OTHER)
+
+    p = module_platform("dash", devices=["dash-1"], setup=setup)
+    dev = Device(p, "dash-1")
+    try:
+        dev.connect()
+        dev.subscribe(dev.results_topic)
+        for _ in range(2):
+            m, _ = dev.measure(make_measurement(unique_id(), firmware=XSS), timeout=10)
+            assert m.json()["status"] == "ok", m.json()
+    finally:
+        dev.close()
+    return p, pw
+
+
+def browse(p, pw, screenshots=None):
+    args = {"url": f"http://127.0.0.1:{p.http_port}/", "tenant": "demo-hospital",
+            "other_tenant": OTHER, "manager": ["mgr", pw["mgr"]],
+            "other_clinician": ["oclin", pw["oclin"]], "device": "dash-1",
+            "screenshots": str(screenshots) if screenshots else None}
+    r = subprocess.run(["node", str(NODE / "dashboard.mjs"), json.dumps(args)],
+                       capture_output=True, text=True, timeout=240, cwd=NODE)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no report from the browser:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    out = json.loads(lines[-1])
+    assert r.returncode == 0 and "error" not in out, out.get("error") or r.stderr[-2000:]
+    return out
+
+
+def test_dashboard_in_chromium(dash):
+    p, pw = dash
+    shots = os.environ.get("FM_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+    out = browse(p, pw, shots)
+
+    assert out["status"] == 200
+    csp = out["csp"] or ""
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp, csp
+    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp, csp
+    assert out["console_errors"] == [], out["console_errors"]
+    assert out["failed_loads"] == [], out["failed_loads"]
+    # The only API errors are the ones the scenario provokes: the wrong
+    # password, and the other hospital asking for this device.
+    errs = set(out["api_errors"])
+    assert "401 /api/v1/auth/login" in errs and "404 /api/v1/devices/dash-1" in errs, errs
+    assert all(e == "401 /api/v1/auth/login" or e.startswith("404 /api/v1/devices/dash-1")
+               for e in errs), errs
+
+    assert "Wrong" in out["wrong_password_message"], out["wrong_password_message"]
+    assert "dash-1" in out["fleet_devices"] and "other-dev" not in out["fleet_devices"]
+
+    assert out["plot_pixels"] > 1000, "the sweep was not drawn"
+    outputs = dict(out["outputs"])
+    assert set(outputs) == {"viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct"}
+    assert "mPa·s" in outputs["viscosity_high_mpas"] and "plausible" in outputs["hematocrit_pct"]
+    assert len(out["measurement_rows"]) == 2
+
+    # Markup in a firmware string is text on the page, and nothing ran.
+    assert XSS in out["firmware_texts"], out["firmware_texts"]
+    assert out["script_elements"] == ["/assets/uPlot.iife.min.js", "/assets/app.js"]
+
+    # The label entered on the page is the measurement's label in the API.
+    assert "41.5" in out["label_text"] and "lab" in out["label_text"], out["label_text"]
+    mid = out["labelled_measurement"]
+    api = Api(p)
+    tok = api.login("mgr", pw["mgr"])["access_token"]
+    detail = api.ok("GET", f"/devices/dash-1/measurements/{mid}", tok)
+    assert detail["label"]["outputs"] == {"hematocrit_pct": 41.5}, detail["label"]
+    assert detail["label"]["source"] == "lab" and detail["label"]["labelled_by"] == "mgr"
+
+    # Disabled through the page: stored, and the broker refuses the device.
+    assert out["status_after_disable"] == "disabled"
+    assert p.query("SELECT status FROM devices WHERE id = ?", "dash-1")[0][0] == 1
+
+    def refused():
+        d = Device(p, "dash-1")
+        try:
+            return d.try_connect(timeout=5) not in ("connected", "timeout")
+        finally:
+            d.close()
+    wait_for(refused, 5, interval=0.1, msg="dash-1 refused after the disable")
+
+    # Another hospital's clinician: not in the fleet, and the page says not found.
+    assert "dash-1" not in out["other_fleet_devices"] and "other-dev" in out["other_fleet_devices"]
+    assert out["other_device_page"] == "Not found."
+    assert out["tablet_overflow"] is False
+
+
+def test_assets_and_their_headers(dash):
+    p, _ = dash
+    import urllib.request
+    for path, ctype in (("/", "text/html"), ("/assets/app.js", "text/javascript"),
+                        ("/assets/uPlot.iife.min.js", "text/javascript"),
+                        ("/assets/app.css", "text/css")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.http_port}{path}", timeout=5) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith(ctype), path
+            assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+            assert r.headers["X-Frame-Options"] == "DENY"
+            assert r.read()
+    st, body = p.api_http("/assets/nope.js")
+    assert st == 404 and json.loads(body)["error"]["code"] == "not_found"
+    # The API's own responses keep the API's policy (nothing may run there).
+    st, _ = p.api_http("/api/v1/me")
+    assert st == 401

@@ -1,0 +1,121 @@
+// Drives the dashboard in Debian's chromium (headless) for
+// tests/integration/test_57_dashboard.py, which prepares the platform and
+// checks what this reports. Usage: node dashboard.mjs '<json args>'
+//   args: {url, tenant, other_tenant, manager: [user, password],
+//          other_clinician: [user, password], device, screenshots: dir|null}
+// Prints one JSON object of observations; exits 1 (with {"error": ...}) if
+// a step cannot be carried out.
+import { chromium } from "playwright-core";
+
+const args = JSON.parse(process.argv[2]);
+const out = { console_errors: [], failed_loads: [], api_errors: [], steps: [] };
+const step = (name) => out.steps.push(name);
+
+async function shot(page, name) {
+  if (args.screenshots) await page.screenshot({ path: `${args.screenshots}/${name}.png`, fullPage: true });
+}
+
+async function signIn(page, tenant, [user, password], otp) {
+  await page.fill("input[name=tenant]", tenant);
+  await page.fill("input[name=username]", user);
+  await page.fill("input[name=password]", password);
+  if (otp) await page.fill("input[name=otp]", otp);
+  await page.click("form#signin button[type=submit]");
+}
+
+const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: ["--no-sandbox"] });
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  // Chrome logs every non-2xx answer as a console error ("Failed to load
+  // resource"); the API's 401/403/404 answers are expected and handled by the
+  // page, so they are reported apart (api_errors), as are any other failed loads.
+  page.on("console", (m) => {
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource"))
+      out.console_errors.push(m.text());
+  });
+  page.on("response", (r) => {
+    if (r.status() < 400) return;
+    const u = new URL(r.url());
+    (u.pathname.startsWith("/api/v1/") ? out.api_errors : out.failed_loads)
+      .push(`${r.status()} ${u.pathname}`);
+  });
+  page.on("pageerror", (e) => out.console_errors.push(String(e)));
+  page.on("dialog", (d) => d.accept());
+
+  const resp = await page.goto(args.url);
+  out.status = resp.status();
+  out.csp = resp.headers()["content-security-policy"] || null;
+  await page.waitForSelector("form#signin");
+  step("sign-in page");
+  await shot(page, "signin");
+
+  // A wrong password: a message, still on the sign-in form.
+  await signIn(page, args.tenant, [args.manager[0], "not-the-password-123"]);
+  await page.waitForFunction(() => document.getElementById("signin-error").textContent.length > 0);
+  out.wrong_password_message = await page.textContent("#signin-error");
+  step("wrong password");
+
+  // The device manager signs in and sees the fleet.
+  await signIn(page, args.tenant, args.manager);
+  await page.waitForSelector("table#fleet");
+  out.fleet_devices = await page.$$eval("table#fleet tbody tr", (rows) => rows.map((r) => r.dataset.device));
+  step("fleet");
+  await shot(page, "fleet");
+
+  // The device page: the sweep plotted, the result with units and ranges.
+  await page.click(`a[href="#/devices/${args.device}"]`);
+  await page.waitForSelector("#plot canvas");
+  await page.waitForSelector("[data-output=hematocrit_pct]");
+  out.plot_pixels = await page.$eval("#plot canvas", (c) => {
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 3; i < d.length; i += 4) if (d[i] !== 0) n++;
+    return n;
+  });
+  out.outputs = await page.$$eval("[data-output]", (els) => els.map((e) => [e.dataset.output, e.textContent]));
+  out.firmware_texts = await page.$$eval(".firmware", (els) => els.map((e) => e.textContent));
+  out.script_elements = await page.$$eval("script", (els) => els.map((e) => e.getAttribute("src")));
+  out.measurement_rows = await page.$$eval("table#measurements tbody tr", (rows) => rows.map((r) => r.dataset.measurement));
+  step("device page");
+  await shot(page, "device");
+
+  // A clinician's label: the lab's hematocrit for the shown measurement.
+  await page.fill("#label-hct", "41.5");
+  await page.click("#label-save");
+  await page.waitForFunction(() => document.getElementById("label")?.textContent.includes("41.5"));
+  out.label_text = await page.textContent("#label");
+  out.labelled_measurement = await page.$eval("table#measurements tr.selected", (r) => r.dataset.measurement);
+  step("label");
+  await shot(page, "label");
+
+  // Disable it (confirmed in the dialog): the page shows the new status.
+  await page.click("#disable");
+  await page.waitForFunction(() => document.getElementById("device-status")?.textContent === "disabled");
+  out.status_after_disable = await page.textContent("#device-status");
+  step("disable");
+
+  // Sign out; a clinician of another hospital cannot see this device.
+  await page.click("#signout");
+  await page.waitForSelector("form#signin");
+  await signIn(page, args.other_tenant, args.other_clinician);
+  await page.waitForSelector("table#fleet");
+  out.other_fleet_devices = await page.$$eval("table#fleet tbody tr", (rows) => rows.map((r) => r.dataset.device));
+  await page.goto(`${args.url}#/devices/${args.device}`);
+  await page.reload();
+  await page.waitForSelector("#page-error");
+  out.other_device_page = await page.textContent("#page-error");
+  step("other tenant");
+
+  // At tablet width the device page still lays out (no horizontal scroll).
+  await page.setViewportSize({ width: 800, height: 1100 });
+  out.tablet_overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth);
+  step("tablet");
+  await context.close();
+} catch (e) {
+  out.error = String(e && e.stack || e);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
+process.exit(out.error ? 1 : 0);
