@@ -13,7 +13,7 @@ FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 FUZZ_JOBS          ?= $(JOBS)
 
-.PHONY: all deps build build-test run test unit integration integration-pg bench soak fuzz fuzz-build fuzz-smoke clean distclean model
+.PHONY: all deps build build-test run test unit integration integration-pg bench soak fuzz fuzz-build fuzz-smoke clean distclean model screenshots
 
 all: build
 
@@ -61,6 +61,12 @@ fuzz-smoke: fuzz-build
 	tests/fuzz/run $(FUZZ_BUILD) $(FUZZ_SMOKE_SECONDS) $(FUZZ_JOBS)
 
 test: unit integration integration-pg fuzz-smoke
+
+# The dashboard's screenshots in docs/dashboard (the browser test, saving them).
+screenshots: build-test
+	FM_SCREENSHOTS=$(CURDIR)/docs/dashboard FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml \
+	  FM_BUILD=$(CURDIR)/$(TEST_BUILD) $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/integration/test_57_dashboard.py -k chromium
 
 bench: build
 	@scripts/bench $(BUILD)

@@ -49,6 +49,8 @@ typedef struct api_model {
     pthread_mutex_t mu;
 } api_model;
 
+typedef struct api_stream api_stream;
+
 struct fm_http {
     struct MHD_Daemon *daemon; /* the API listener */
     struct MHD_Daemon *ops;    /* the operations listener */
@@ -85,6 +87,13 @@ struct fm_http {
     api_model **models;
     size_t nmodels;
     _Atomic int64_t next_housekeeping_ms;
+    /* live measurement streams (stream.c); streams_mu guards the list */
+    pthread_mutex_t streams_mu;
+    api_stream *streams;
+    bool streams_stopping;
+    fm_thread pump;
+    bool pump_started;
+    fm_store *pump_store;
 };
 
 /* One request being answered. Handlers fill status + out (or call
@@ -115,6 +124,7 @@ typedef struct api_req {
     const char *allow;        /* 405: Allow header */
     bool www_authenticate;
     bool close;               /* Connection: close (nothing more is read) */
+    api_stream *stream;       /* set by api_stream_open: answer with the stream */
 } api_req;
 
 typedef void (*api_handler)(api_req *r);
@@ -150,6 +160,26 @@ bool api_scope_tenant(api_req *r, const char **tenant);
  * (same tenant or operator). false: answered 404 (also for another
  * tenant's device) or 5xx. */
 bool api_device_visible(api_req *r, const char *id, fm_device *out);
+
+/* A stored measurement as the API shows it (MeasurementSummary, or with
+ * full the MeasurementDetail fields but the label); a new reference. */
+json_t *api_record_json(const fm_record *rec, bool full);
+
+/* ---- live measurements (stream.c) ------------------------------------------
+ * GET /devices/{id}/events: Server-Sent Events of the device's new
+ * measurements. A pump thread reads the records committed after its
+ * position (any node's: it reads the shared store) every STREAM_POLL_MS
+ * while any stream is open and appends an event to the streams of that
+ * device; a stream with nothing to send suspends its connection (no thread
+ * waits for it) and is resumed by the pump. */
+int api_streams_start(fm_http *h, fm_errbuf *err);
+/* Ends every stream (each gets end of stream) and stops the pump. */
+void api_streams_stop(fm_http *h);
+/* The handler's answer for a stream of device `id` (the caller has checked
+ * access): sets r->stream; dispatch then answers 200 text/event-stream. */
+void api_stream_open(api_req *r, const char *device_id);
+/* Queues the response of r->stream on the connection. */
+enum MHD_Result api_stream_answer(api_req *r);
 /* limit (1..API_PAGE_MAX, default API_PAGE_DEFAULT) and the decoded cursor
  * (all zero/empty when absent). false: answered 400. */
 bool api_page_args(api_req *r, size_t *limit, int64_t *ca, int64_t *cb, char *cs, size_t cs_len);
@@ -222,6 +252,7 @@ void v1_templates_create(api_req *r);
 void v1_template_claim_cert(api_req *r);
 
 void v1_measurements_list(api_req *r);
+void v1_device_events(api_req *r);
 void v1_measurement_get(api_req *r);
 void v1_label_put(api_req *r);
 void v1_models_list(api_req *r);

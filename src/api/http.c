@@ -721,6 +721,8 @@ answer:
     json_decref(r.json);
     fm_metrics *mx = fm_metrics_get();
     atomic_fetch_add(&mx->http_requests, 1);
+    if (r.stream)
+        return api_stream_answer(&r);
     if (r.status >= 500)
         atomic_fetch_add(&mx->http_errors, 1);
     if (r.text)
@@ -1133,6 +1135,7 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     if (!h)
         return fm_errf(err, FM_ENOMEM, "out of memory");
     h->cfg = *cfg;
+    pthread_mutex_init(&h->streams_mu, NULL);
     h->health = o->health;
     h->ud = o->ud;
     h->pipeline = o->pipeline;
@@ -1152,6 +1155,8 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
         rc = pool_open(&h->pool, cfg, (size_t)cfg->http_threads, err);
     if (!rc)
         rc = load_model(h, err);
+    if (!rc)
+        rc = api_streams_start(h, err);
     if (!rc && h->tls) {
         size_t n;
         if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
@@ -1176,6 +1181,8 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
         return fm_errf(err, FM_ENOMEM, "out of memory");
     }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    /* Live streams suspend their connection while they have nothing to send. */
+    unsigned api_flags = flags | MHD_ALLOW_SUSPEND_RESUME;
     struct MHD_OptionItem tls_opts[] = {
         {MHD_OPTION_HTTPS_MEM_CERT, 0, h->tls_cert},
         {MHD_OPTION_HTTPS_MEM_KEY, 0, h->tls_key},
@@ -1194,7 +1201,7 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
      * flight per forwarded address instead (handle_common). */
     unsigned per_ip = h->nproxies ? 0u : (unsigned)cfg->http_per_address_limit;
     h->daemon = MHD_start_daemon(
-        flags | (h->tls ? MHD_USE_TLS : 0), (uint16_t)cfg->http_port, NULL, NULL, handle_api, h,
+        api_flags | (h->tls ? MHD_USE_TLS : 0), (uint16_t)cfg->http_port, NULL, NULL, handle_api, h,
         MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT,
         idle_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)512, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
@@ -1234,10 +1241,13 @@ void fm_http_stop(fm_http *h)
     if (!h)
         return;
     api_trainer_stop(h);
+    api_streams_stop(h); /* every stream ends: none may stay suspended */
     if (h->ops)
         MHD_stop_daemon(h->ops);
     if (h->daemon)
         MHD_stop_daemon(h->daemon);
+    fm_store_close(h->pump_store);
+    pthread_mutex_destroy(&h->streams_mu);
     fm_thread_stop(&h->edge);
     fm_free(h->inflight);
     pool_close(&h->pool);

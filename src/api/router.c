@@ -38,6 +38,7 @@ static const api_route routes[] = {
     R("GET", "/devices/{id}/shadow", "devices.read", v1_shadow_get, 0),
     R("PATCH", "/devices/{id}/shadow", "devices.manage", v1_shadow_patch, API_BODY_DEFAULT),
     R("GET", "/devices/{id}/measurements", "measurements.read", v1_measurements_list, 0),
+    R("GET", "/devices/{id}/events", "measurements.read", v1_device_events, 0),
     R("GET", "/devices/{id}/measurements/{mid}", "measurements.read", v1_measurement_get, 0),
     R("PUT", "/devices/{id}/measurements/{mid}/label", "labels.write", v1_label_put,
       API_BODY_DEFAULT),

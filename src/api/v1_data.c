@@ -20,7 +20,7 @@ static json_t *parse_doc(const char *text, size_t len)
     return j ? j : json_null();
 }
 
-static json_t *record_json(const fm_record *rec, bool full)
+json_t *api_record_json(const fm_record *rec, bool full)
 {
     json_t *o = json_pack("{s:s,s:o,s:o,s:s}", "id", rec->measurement_id, "received_at",
                           fm_json_time(rec->received_ms), "taken_at", fm_json_time(rec->taken_ms), "model",
@@ -47,12 +47,20 @@ typedef struct meas_page {
 static int on_record(void *ud, const fm_record *rec)
 {
     meas_page *p = ud;
-    json_array_append_new(p->items, record_json(rec, false));
+    json_array_append_new(p->items, api_record_json(rec, false));
     p->prev_ms = p->last_ms;
     p->prev_seq = p->last_seq;
     p->last_ms = rec->received_ms;
     p->last_seq = rec->seq;
     return 0;
+}
+
+/* GET /devices/{id}/events: the device's new measurements, live (stream.c). */
+void v1_device_events(api_req *r)
+{
+    fm_device d;
+    if (api_device_visible(r, r->params[0], &d))
+        api_stream_open(r, d.id);
 }
 
 void v1_measurements_list(api_req *r)
@@ -93,7 +101,7 @@ typedef struct one_record {
 static int on_one(void *ud, const fm_record *rec)
 {
     one_record *o = ud;
-    o->doc = record_json(rec, true);
+    o->doc = api_record_json(rec, true);
     return 1;
 }
 

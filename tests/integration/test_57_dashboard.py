@@ -2,6 +2,8 @@
 playwright-core (npm) drives Debian's chromium headless against `fleetml
 serve` (tests/node/dashboard.mjs does the clicking and reports what it saw).
 
+- a measurement sent while a device's page is open appears on it, plotted,
+  pushed by the server (Server-Sent Events), without a reload;
 - the page and its assets come from the binary, with a strict CSP (no inline
   script, this origin only) and no console error;
 - a wrong password gives a message; a device manager signs in and sees the
@@ -62,12 +64,35 @@ def browse(p, pw, screenshots=None):
             "other_tenant": OTHER, "manager": ["mgr", pw["mgr"]],
             "other_clinician": ["oclin", pw["oclin"]], "device": "dash-1",
             "screenshots": str(screenshots) if screenshots else None}
-    r = subprocess.run(["node", str(NODE / "dashboard.mjs"), json.dumps(args)],
-                       capture_output=True, text=True, timeout=240, cwd=NODE)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"no report from the browser:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
-    out = json.loads(lines[-1])
-    assert r.returncode == 0 and "error" not in out, out.get("error") or r.stderr[-2000:]
+    proc = subprocess.Popen(["node", str(NODE / "dashboard.mjs"), json.dumps(args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=NODE)
+    out, lines = None, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "NEED_MEASUREMENT":
+                # The page is open and says it is live: the device measures.
+                mid = unique_id()
+                dev = Device(p, "dash-1")
+                try:
+                    dev.connect()
+                    dev.subscribe(dev.results_topic)
+                    m, _ = dev.measure(make_measurement(mid, firmware=XSS), timeout=10)
+                    assert m.json()["status"] == "ok", m.json()
+                finally:
+                    dev.close()
+                proc.stdin.write(f"sent {mid}\n")
+                proc.stdin.flush()
+            elif line.startswith("{"):
+                out = json.loads(line)
+        rc = proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert out, f"no report from the browser:\n{''.join(lines)[-2000:]}\n{err[-2000:]}"
+    assert rc == 0 and "error" not in out, out.get("error") or err[-2000:]
     return out
 
 
@@ -99,6 +124,9 @@ def test_dashboard_in_chromium(dash):
     assert set(outputs) == {"viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct"}
     assert "mPa·s" in outputs["viscosity_high_mpas"] and "plausible" in outputs["hematocrit_pct"]
     assert len(out["measurement_rows"]) == 2
+    # Pushed live: the new measurement is on top and plotted, no reload.
+    assert out["live_first_row"] == out["live_measurement"]
+    print(f"live measurement shown {out['live_ms']} ms after it was asked for")
 
     # Markup in a firmware string is text on the page, and nothing ran.
     assert XSS in out["firmware_texts"], out["firmware_texts"]
@@ -147,3 +175,14 @@ def test_assets_and_their_headers(dash):
     # The API's own responses keep the API's policy (nothing may run there).
     st, _ = p.api_http("/api/v1/me")
     assert st == 401
+
+
+def test_event_stream_access(dash):
+    """The live stream is the API's: a token is needed, and another
+    hospital's user gets 404 for this device, as for its other pages."""
+    p, pw = dash
+    api = Api(p)
+    r = api.get("/devices/dash-1/events")
+    assert r.status == 401
+    tok = api.login("oclin", pw["oclin"], tenant=OTHER)["access_token"]
+    assert api.get("/devices/dash-1/events", token=tok).status == 404

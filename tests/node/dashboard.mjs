@@ -6,6 +6,16 @@
 // Prints one JSON object of observations; exits 1 (with {"error": ...}) if
 // a step cannot be carried out.
 import { chromium } from "playwright-core";
+import { createInterface } from "node:readline";
+
+// The test sends a measurement when asked ("NEED_MEASUREMENT" on stdout) and
+// answers "sent <id>" on stdin.
+const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+async function askForMeasurement() {
+  console.log("NEED_MEASUREMENT");
+  const { value } = await lines.next();
+  return String(value || "").replace(/^sent /, "").trim();
+}
 
 const args = JSON.parse(process.argv[2]);
 const out = { console_errors: [], failed_loads: [], api_errors: [], steps: [] };
@@ -78,6 +88,18 @@ try {
   out.script_elements = await page.$$eval("script", (els) => els.map((e) => e.getAttribute("src")));
   out.measurement_rows = await page.$$eval("table#measurements tbody tr", (rows) => rows.map((r) => r.dataset.measurement));
   step("device page");
+  await shot(page, "device");
+
+  // Live: a measurement sent now appears on top, plotted, without a reload.
+  await page.waitForFunction(() => document.getElementById("live")?.textContent === "live");
+  const before = Date.now();
+  const mid = await askForMeasurement();
+  await page.waitForSelector(`table#measurements tbody tr[data-measurement="${mid}"]`, { timeout: 15000 });
+  await page.waitForFunction((id) => document.querySelector("#plot .u-title")?.textContent === `Sweep ${id}`, mid);
+  out.live_ms = Date.now() - before;
+  out.live_first_row = await page.$eval("table#measurements tbody tr", (r) => r.dataset.measurement);
+  out.live_measurement = mid;
+  step("live");
   await shot(page, "device");
 
   // A clinician's label: the lab's hematocrit for the shown measurement.

@@ -314,11 +314,14 @@ async function deviceAction(id, what) {
 
 async function devicePage(id) {
   const enc = encodeURIComponent(id);
-  const [dev, page, shadow] = await Promise.all([
+  const forbiddenAsNull = (e) => { if (e.status === 403) return null; throw e; };
+  const [dev, listed, shadow] = await Promise.all([
     api("GET", `/devices/${enc}`),
-    api("GET", `/devices/${enc}/measurements?limit=50`),
+    api("GET", `/devices/${enc}/measurements?limit=50`).catch(forbiddenAsNull),
     api("GET", `/devices/${enc}/shadow`).catch(() => null),
   ]);
+  // Roles without measurements.read (e.g. admin) still see the device.
+  const page = listed || { items: [] };
   const plotBox = h("div", { id: "plot" });
   const resultBox = h("div", { id: "result" });
   const rows = h("tbody");
@@ -334,13 +337,22 @@ async function devicePage(id) {
       labelBox(detail, () => select(m, tr)),
     ].filter(Boolean));
   };
-  for (const m of page.items) {
+  const row = (m) => {
     const tr = h("tr", { class: "clickable", "data-measurement": m.id },
       h("td", {}, m.id), h("td", {}, when(m.taken_at)), h("td", {}, m.model),
       h("td", {}, m.result && m.result.outputs ? Number(m.result.outputs.hematocrit_pct).toFixed(1) : ""));
     tr.addEventListener("click", () => select(m, tr).catch(report));
-    rows.append(tr);
-  }
+    return tr;
+  };
+  for (const m of page.items) rows.append(row(m));
+  const $live = h("span", { id: "live" }, "connecting");
+  // A new measurement arrives: on top of the list, plotted at once.
+  const arrived = (m) => {
+    if (rows.querySelector(`tr[data-measurement="${CSS.escape(m.id)}"]`)) return;
+    const tr = row(m);
+    rows.prepend(tr);
+    select(m, tr).catch(report);
+  };
   const actions = hasAny(["admin", "device_manager", "operator"]) && dev.status !== "revoked"
     ? h("div", { class: "toolbar" },
       dev.status === "active"
@@ -350,7 +362,7 @@ async function devicePage(id) {
     : null;
   show(
     h("h1", {}, "Device ", h("span", { id: "device-id" }, dev.id)),
-    h("p", {}, h("span", { id: "device-status" }, dev.status), " · ",
+    h("p", {}, h("span", { id: "device-status" }, dev.status), " · ", $live, " · ",
       h("span", { class: dev.online ? "online" : "offline" }, dev.online ? "online" : "offline"),
       " · last seen ", when(dev.last_seen), " · firmware ", h("span", { class: "firmware" }, dev.firmware)),
     actions,
@@ -363,8 +375,72 @@ async function devicePage(id) {
         rows)),
     shadow ? h("section", { class: "card" }, h("h2", {}, "Shadow"),
       h("pre", { id: "shadow" }, JSON.stringify({ desired: shadow.desired, reported: shadow.reported, delta: shadow.delta }, null, 2))) : null);
+  if (!listed) {
+    resultBox.append(h("p", { class: "range", id: "no-measurements-access" },
+      "Your roles do not include reading measurements."));
+    $live.textContent = "not live";
+    return;
+  }
   if (page.items.length) await select(page.items[0], rows.firstChild);
   else resultBox.append(h("p", { class: "range" }, "No measurements yet."));
+  startLive(id, arrived, $live);
+}
+
+// ---- live measurements ------------------------------------------------------------
+
+// Server-Sent Events from GET /devices/{id}/events, read with fetch() so the
+// token goes in the Authorization header (EventSource cannot send one). The
+// stream ends when the access token expires; it is then reopened with a
+// renewed token. Only one stream is open: the device page's.
+let live = null;
+
+function stopLive() {
+  if (live) live.abort();
+  live = null;
+}
+
+function startLive(id, onMeasurement, $state) {
+  stopLive();
+  const ctl = new AbortController();
+  live = ctl;
+  const run = async (attempt) => {
+    if (ctl.signal.aborted) return;
+    try {
+      let r = await fetch(`${API}/devices/${encodeURIComponent(id)}/events`, {
+        headers: { Authorization: `Bearer ${session.access}`, Accept: "text/event-stream" },
+        signal: ctl.signal, cache: "no-store", credentials: "omit",
+      });
+      if (r.status === 401) {
+        await renew();
+        return run(attempt);
+      }
+      if (!r.ok || !r.body) throw new Error(`HTTP ${r.status}`);
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let pending = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        pending += value;
+        let cut;
+        while ((cut = pending.indexOf("\n\n")) >= 0) {
+          const block = pending.slice(0, cut);
+          pending = pending.slice(cut + 2);
+          let event = "message", data = "";
+          for (const line of block.split("\n")) {
+            if (line.startsWith("event:")) event = line.slice(6).trim();
+            else if (line.startsWith("data:")) data += line.slice(5).trim();
+          }
+          if (event === "ready") { $state.textContent = "live"; attempt = 0; }
+          else if (event === "measurement") onMeasurement(JSON.parse(data));
+        }
+      }
+    } catch (e) {
+      if (ctl.signal.aborted) return;
+    }
+    $state.textContent = "reconnecting";
+    setTimeout(() => run(attempt + 1), Math.min(10000, 500 * 2 ** attempt));
+  };
+  run(0);
 }
 
 // ---- routing ----------------------------------------------------------------------
@@ -377,6 +453,7 @@ function report(e) {
 }
 
 async function render(message) {
+  stopLive();
   if (!session) return signInPage(message);
   $nav.hidden = false;
   $who.textContent = `${session.username || ""} · ${session.tenant || ""}`;
