@@ -436,6 +436,10 @@ function startLive(id, onMeasurement, $state) {
       }
     } catch (e) {
       if (ctl.signal.aborted) return;
+      if (e && e.status === 401) { // the refresh token is no longer valid
+        signedOut("Your session has ended; please sign in again.");
+        return;
+      }
     }
     $state.textContent = "reconnecting";
     setTimeout(() => run(attempt + 1), Math.min(10000, 500 * 2 ** attempt));
