@@ -141,6 +141,13 @@ def test_dashboard_in_chromium(dash):
     assert detail["label"]["outputs"] == {"hematocrit_pct": 41.5}, detail["label"]
     assert detail["label"]["source"] == "lab" and detail["label"]["labelled_by"] == "mgr"
 
+    # Desired state changed on the page is the shadow's, with a delta.
+    assert out["desired_bad_json"] == "That is not JSON."
+    shadow = api.ok("GET", "/devices/dash-1/shadow", tok)
+    assert shadow["desired"] == {"sample_interval_s": 30}, shadow
+    assert shadow["delta"] == {"sample_interval_s": 30}, shadow
+    assert '"sample_interval_s": 30' in out["shadow_text"]
+
     # Disabled through the page: stored, and the broker refuses the device.
     assert out["status_after_disable"] == "disabled"
     assert p.query("SELECT status FROM devices WHERE id = ?", "dash-1")[0][0] == 1

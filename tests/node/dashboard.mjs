@@ -111,6 +111,17 @@ try {
   step("label");
   await shot(page, "label");
 
+  // The shadow's desired state, changed with a merge patch (bad JSON first).
+  await page.fill("#desired-patch", "{not json");
+  await page.click("#desired-save");
+  await page.waitForFunction(() => document.getElementById("desired-error")?.textContent.length > 0);
+  out.desired_bad_json = await page.textContent("#desired-error");
+  await page.fill("#desired-patch", '{"sample_interval_s": 30}');
+  await page.click("#desired-save");
+  await page.waitForFunction(() => document.getElementById("shadow")?.textContent.includes("sample_interval_s"));
+  out.shadow_text = await page.textContent("#shadow");
+  step("shadow");
+
   // Disable it (confirmed in the dialog): the page shows the new status.
   await page.click("#disable");
   await page.waitForFunction(() => document.getElementById("device-status")?.textContent === "disabled");

@@ -277,6 +277,44 @@ function outputsList(result, info) {
   return dl;
 }
 
+// The shadow: desired (set here), reported (by the device) and their delta.
+// Those who manage devices change desired with a JSON merge patch (RFC 7396:
+// null removes a key).
+function shadowBox(id, shadow) {
+  const pre = h("pre", { id: "shadow" });
+  const paint = (s) => {
+    pre.textContent = JSON.stringify({ desired: s.desired, reported: s.reported, delta: s.delta }, null, 2);
+  };
+  paint(shadow);
+  const box = h("section", { class: "card" }, h("h2", {}, "Shadow"), pre);
+  if (!hasAny(["admin", "device_manager", "operator"])) return box;
+  const patch = h("textarea", { id: "desired-patch", rows: 3, cols: 60, "aria-label": "Desired state patch (JSON)",
+    placeholder: '{"sample_interval_s": 30}' });
+  const err = h("p", { class: "error", id: "desired-error" });
+  const form = h("form", { class: "toolbar", id: "desired-form" },
+    h("label", {}, "Change desired state (JSON merge patch)", patch),
+    h("button", { type: "submit", id: "desired-save" }, "Apply"), err);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    err.textContent = "";
+    let desired;
+    try {
+      desired = JSON.parse(patch.value);
+    } catch (_) {
+      err.textContent = "That is not JSON.";
+      return;
+    }
+    try {
+      paint(await api("PATCH", `/devices/${encodeURIComponent(id)}/shadow`, { desired }));
+      patch.value = "";
+    } catch (e) {
+      err.textContent = e.status === 403 ? "You are not allowed to change it." : `Not applied: ${e.message}`;
+    }
+  });
+  box.append(form);
+  return box;
+}
+
 // The reference value a clinician enters for a measurement (e.g. the lab's
 // hematocrit), stored as the measurement's label for retraining.
 function labelBox(detail, refresh) {
@@ -373,8 +411,7 @@ async function devicePage(id) {
       h("table", { id: "measurements" },
         h("thead", {}, h("tr", {}, ["Measurement", "Taken", "Model", "Hematocrit %"].map((c) => h("th", {}, c)))),
         rows)),
-    shadow ? h("section", { class: "card" }, h("h2", {}, "Shadow"),
-      h("pre", { id: "shadow" }, JSON.stringify({ desired: shadow.desired, reported: shadow.reported, delta: shadow.delta }, null, 2))) : null);
+    shadow ? shadowBox(id, shadow) : null);
   if (!listed) {
     resultBox.append(h("p", { class: "range", id: "no-measurements-access" },
       "Your roles do not include reading measurements."));
