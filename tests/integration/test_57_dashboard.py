@@ -160,6 +160,11 @@ def test_dashboard_in_chromium(dash):
             d.close()
     wait_for(refused, 5, interval=0.1, msg="dash-1 refused after the disable")
 
+    # The models page names the served model, its outputs and today's drift.
+    assert "viscosity (serving 1.0.0)" in out["models_text"], out["models_text"]
+    assert "hematocrit_pct [%] 15–70" in out["models_text"], out["models_text"]
+    assert "Drift" in out["models_text"]
+
     # Another hospital's clinician: not in the fleet, and the page says not found.
     assert "dash-1" not in out["other_fleet_devices"] and "other-dev" in out["other_fleet_devices"]
     assert out["other_device_page"] == "Not found."

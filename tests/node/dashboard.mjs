@@ -128,6 +128,13 @@ try {
   out.status_after_disable = await page.textContent("#device-status");
   step("disable");
 
+  // The models page: the served model, its outputs, versions and drift.
+  await page.click("#nav-models");
+  await page.waitForSelector("section[data-model=viscosity]");
+  out.models_text = await page.textContent("section[data-model=viscosity]");
+  step("models");
+  await shot(page, "models");
+
   // Sign out; a clinician of another hospital cannot see this device.
   await page.click("#signout");
   await page.waitForSelector("form#signin");
