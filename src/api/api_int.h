@@ -161,6 +161,14 @@ bool api_scope_tenant(api_req *r, const char **tenant);
  * tenant's device) or 5xx. */
 bool api_device_visible(api_req *r, const char *id, fm_device *out);
 
+/* The API's own Content-Security-Policy: nothing may run in its answers. */
+#define API_CSP "default-src 'none'; frame-ancestors 'none'"
+
+/* Cache-Control (cache), nosniff, no framing, the policy csp, no referrer,
+ * and HSTS under TLS: the headers of every answer of the API listener. */
+void api_security_headers(const fm_http *h, struct MHD_Response *resp, const char *cache,
+                          const char *csp);
+
 /* A stored measurement as the API shows it (MeasurementSummary, or with
  * full the MeasurementDetail fields but the label); a new reference. */
 json_t *api_record_json(const fm_record *rec, bool full);

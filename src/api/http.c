@@ -160,13 +160,13 @@ void api_no_content(api_req *r)
     r->status = MHD_HTTP_NO_CONTENT;
 }
 
-static void add_security_headers(const fm_http *h, struct MHD_Response *resp)
+void api_security_headers(const fm_http *h, struct MHD_Response *resp, const char *cache,
+                          const char *csp)
 {
-    MHD_add_response_header(resp, "Cache-Control", "no-store");
+    MHD_add_response_header(resp, "Cache-Control", cache);
     MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(resp, "X-Frame-Options", "DENY");
-    MHD_add_response_header(resp, "Content-Security-Policy",
-                            "default-src 'none'; frame-ancestors 'none'");
+    MHD_add_response_header(resp, "Content-Security-Policy", csp);
     MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
     if (h->tls)
         MHD_add_response_header(resp, "Strict-Transport-Security", "max-age=31536000");
@@ -185,7 +185,7 @@ static enum MHD_Result send_buffer(fm_http *h, struct MHD_Connection *conn, unsi
     }
     if (type)
         MHD_add_response_header(resp, "Content-Type", type);
-    add_security_headers(h, resp);
+    api_security_headers(h, resp, "no-store", API_CSP);
     if (r) {
         char ra[24];
         if (r->retry_after > 0) {
@@ -539,14 +539,8 @@ static enum MHD_Result send_asset(fm_http *h, struct MHD_Connection *conn,
     if (!resp)
         return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", a->type);
-    MHD_add_response_header(resp, "Cache-Control", "no-cache");
-    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
-    MHD_add_response_header(resp, "X-Frame-Options", "DENY");
-    MHD_add_response_header(resp, "Content-Security-Policy", FM_WEB_CSP);
-    MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
     MHD_add_response_header(resp, "Cross-Origin-Opener-Policy", "same-origin");
-    if (h->tls)
-        MHD_add_response_header(resp, "Strict-Transport-Security", "max-age=31536000");
+    api_security_headers(h, resp, "no-cache", FM_WEB_CSP);
     enum MHD_Result ret = MHD_queue_response(conn, MHD_HTTP_OK, resp);
     MHD_destroy_response(resp);
     return ret;

@@ -269,9 +269,8 @@ enum MHD_Result api_stream_answer(api_req *r)
         return MHD_NO;
     }
     MHD_add_response_header(resp, "Content-Type", "text/event-stream; charset=utf-8");
-    MHD_add_response_header(resp, "Cache-Control", "no-store");
-    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no"); /* proxies: do not hold it */
+    api_security_headers(h, resp, "no-store", API_CSP);
     pthread_mutex_lock(&h->streams_mu);
     bool stopping = h->streams_stopping;
     if (!stopping) {

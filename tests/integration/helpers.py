@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -604,6 +605,55 @@ def check_lake_layout(p):
         assert re.fullmatch(r"hour=\d{2}", rel[2]), obj
         assert LAKE_OBJECT_RE.match(rel[3]), f"temporary or misnamed object visible: {obj}"
         assert rel[3].startswith(p.node_id + "-"), obj
+
+# --------------------------------------------------------------------------
+# Several nodes, and devices with the SDK's outbox
+
+
+def join_cluster(first, node):
+    """Initialises `node` as another node of `first`'s cluster: the same CA
+    and token-signing key, copied before `fleetml init` (docs/operations.md,
+    "Adding a node")."""
+    (node.data / "pki").mkdir(parents=True, mode=0o700)
+    for f in ("ca.key", "ca.crt", "jwt.key"):
+        shutil.copy2(first.data / "pki" / f, node.data / "pki" / f)
+    node.init()
+
+
+RESULT_RE = re.compile(r"^(m-[A-Za-z0-9._:-]+) (ok|error|dropped|timeout)\b(?: (\S+))?")
+
+
+def start_device_runs(p, ids, workdir, count, interval="0.05", timeout="3", extra=()):
+    """`fleetml device run` (the SDK with its outbox) for each id, with the
+    keys in p's data directory; returns the runs for device_run_results."""
+    runs = []
+    for d in ids:
+        state = workdir / f"state-{d}"
+        state.mkdir()
+        outp = workdir / f"{d}.out"
+        out = open(outp, "wb")
+        runs.append((d, outp, out, subprocess.Popen(
+            [p.bin, "device", "run", d, "--data", str(p.data), "--state", str(state),
+             *extra, "--interval", interval, "--timeout", timeout, "--count", str(count)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=p.env,
+            cwd=p.workdir, start_new_session=True)))
+    return runs
+
+
+def device_run_results(runs, timeout=300):
+    """Waits for the runs; ({(device, measurement id) answered ok},
+    [(device, measurement id, error code) of the other answers])."""
+    ok, errors = set(), []
+    for d, outp, out, proc in runs:
+        assert proc.wait(timeout) == 0, outp.read_text()[-2000:]
+        out.close()
+        for ln in outp.read_text().splitlines():
+            m = RESULT_RE.match(ln)
+            if m and m.group(2) == "ok":
+                ok.add((d, m.group(1)))
+            elif m:
+                errors.append((d, m.group(1), m.group(3)))
+    return ok, errors
 
 
 # --------------------------------------------------------------------------

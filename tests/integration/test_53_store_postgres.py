@@ -12,13 +12,12 @@ test suite run against a real server, then the platform on it end to end.
 """
 
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import device_run_results, start_device_runs, wait_for
 from pgserver import PgServer
 
 UNIT_SUITES = ["test_store", "test_registry", "test_auth", "test_lake", "test_pipeline"]
@@ -78,7 +77,6 @@ def test_serve_on_postgres(pg, platform_pg):
     assert int(pg.psql("SELECT count(*) FROM devices WHERE id LIKE 'pga%'")) == 5
 
 
-RESULT_RE = re.compile(r"^(m-[A-Za-z0-9._:-]+) (ok|error|dropped|timeout)\b(?: (\S+))?")
 
 
 def test_postgres_restart_loses_nothing(pg, platform_pg, tmp_path):
@@ -89,30 +87,11 @@ def test_postgres_restart_loses_nothing(pg, platform_pg, tmp_path):
     devs = ["pgr-1", "pgr-2", "pgr-3"]
     for d in devs:
         p.add_device(d)
-    runs = []
-    for d in devs:
-        state = tmp_path / d
-        state.mkdir()
-        out = open(tmp_path / f"{d}.out", "wb")
-        runs.append((d, out, subprocess.Popen(
-            [p.bin, "device", "run", d, "--data", str(p.data), "--state", str(state),
-             "--interval", "0.02", "--timeout", "2", "--count", "400"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=p.env,
-            cwd=p.workdir, start_new_session=True)))
+    runs = start_device_runs(p, devs, tmp_path, count=400, interval="0.02", timeout="2")
     wait_for(lambda: len(pg_rows(pg, "pgr")) >= 60, 60, interval=0.2, msg="traffic flowing")
     pg.restart()
     at_restart = len(pg_rows(pg, "pgr"))
-    for d, out, proc in runs:
-        assert proc.wait(300) == 0, (tmp_path / f"{d}.out").read_text()[-2000:]
-        out.close()
-    ok, errors = set(), []
-    for d, _, _ in runs:
-        for ln in (tmp_path / f"{d}.out").read_text().splitlines():
-            m = RESULT_RE.match(ln)
-            if m and m.group(2) == "ok":
-                ok.add((d, m.group(1)))
-            elif m:
-                errors.append((d, m.group(1), m.group(3)))
+    ok, errors = device_run_results(runs)
     rows = pg_rows(pg, "pgr")
     assert len(ok) >= 300, (len(ok), errors[:5])
     assert len(rows) > at_restart + 100, (at_restart, len(rows))  # traffic went on after it

@@ -20,8 +20,6 @@ HTTP for the API, health from each node's /readyz), all on loopback.
 
 import gzip
 import json
-import os
-import re
 import shutil
 import subprocess
 import time
@@ -29,15 +27,15 @@ import time
 import pytest
 
 from api_client import Api, add_user
-from helpers import (Device, Platform, make_measurement, metric_value, on_postgres, unique_id,
-                     wait_for, free_ports)
+from helpers import (Device, Platform, device_run_results, free_ports, join_cluster,
+                     make_measurement, metric_value, on_postgres, start_device_runs, unique_id,
+                     wait_for)
 from pgserver import PgServer
 from s3gate import S3Gate
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 PREFIX = "cl/"
 NODES = 3
-RESULT_RE = re.compile(r"^(m-[A-Za-z0-9._:-]+) (ok|error|dropped|timeout)\b(?: (\S+))?")
 
 pytestmark = pytest.mark.skipif(on_postgres(), reason="starts its own PostgreSQL")
 
@@ -141,10 +139,7 @@ class Cluster:
         # Every node signs with the same CA and token key (operations.md:
         # copy them before `fleetml init` on a new node).
         for n in self.nodes[1:]:
-            (n.data / "pki").mkdir(parents=True, mode=0o700)
-            for f in ("ca.key", "ca.crt", "jwt.key"):
-                shutil.copy2(first.data / "pki" / f, n.data / "pki" / f)
-            n.init()
+            join_cluster(first, n)
             n.admin_password = first.admin_password
         self.clin_password = add_user(first, "clin", "clinician")
         return self
@@ -197,6 +192,16 @@ def add_devices(c, ids):
             return False
     wait_for(lambda: all(known(n) for n in c.nodes if n.proc and n.proc.poll() is None), 10,
              interval=0.05, msg=f"every node knowing {ids}")
+
+
+def connect_on(c, device_id, node):
+    """The device connected straight to `node`'s broker, once that node has
+    recorded it online."""
+    dev = Device(c.nodes[0], device_id, port=node.broker_port)
+    dev.connect()
+    wait_for(lambda: node_of(c, device_id) == node.node_id, 10, interval=0.05,
+             msg=f"{device_id} on {node.node_id}")
+    return dev
 
 
 def proxied_api(c):
@@ -314,10 +319,8 @@ def test_revocation_on_node1_cuts_device_on_node2(cluster):
     c = cluster
     first, second = c.nodes[0], c.nodes[1]
     add_devices(c, ["rev-n2"])
-    dev = Device(first, "rev-n2", port=second.broker_port)
+    dev = connect_on(c, "rev-n2", second)
     try:
-        dev.connect()
-        wait_for(lambda: node_of(c, "rev-n2") == "n2", 10, interval=0.05, msg="rev-n2 on n2")
         api = Api(first)
         tok = admin_token(api, c)
         n = len(dev.lost_times)
@@ -347,11 +350,9 @@ def test_shadow_change_on_node1_reaches_device_on_node3(cluster):
     c = cluster
     first, third = c.nodes[0], c.nodes[2]
     add_devices(c, ["shd-n3"])
-    dev = Device(first, "shd-n3", port=third.broker_port)
+    dev = connect_on(c, "shd-n3", third)
     try:
-        dev.connect()
         dev.subscribe("fleet/shd-n3/shadow/delta")
-        wait_for(lambda: node_of(c, "shd-n3") == "n3", 10, interval=0.05, msg="shd-n3 on n3")
         api = Api(first)
         tok = admin_token(api, c)
         since = dev.mark()
@@ -367,42 +368,14 @@ def test_shadow_change_on_node1_reaches_device_on_node3(cluster):
         dev.close()
 
 
-def run_devices(c, ids, workdir, count, interval="0.05"):
-    """`fleetml device run` for each id (the SDK with its outbox), connecting
-    through HAProxy; returns [(id, out path, Popen)]."""
-    first = c.nodes[0]
-    runs = []
-    for d in ids:
-        state = workdir / f"state-{d}"
-        state.mkdir()
-        outp = workdir / f"{d}.out"
-        out = open(outp, "wb")
-        runs.append((d, outp, out, subprocess.Popen(
-            [first.bin, "device", "run", d, "--data", str(first.data), "--state", str(state),
-             "--set", f"broker.port={c.proxy.mqtt_port}", "--interval", interval,
-             "--timeout", "3", "--count", str(count)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=first.env,
-            cwd=first.workdir, start_new_session=True)))
-    return runs
-
-
-def finish(runs, timeout=300):
-    ok, errors = set(), []
-    for d, outp, out, proc in runs:
-        assert proc.wait(timeout) == 0, outp.read_text()[-2000:]
-        out.close()
-        for ln in outp.read_text().splitlines():
-            m = RESULT_RE.match(ln)
-            if m and m.group(2) == "ok":
-                ok.add((d, m.group(1)))
-            elif m:
-                errors.append((d, m.group(1), m.group(3)))
-    return ok, errors
+def run_devices(c, ids, workdir, count):
+    """Devices with their outbox, connecting through HAProxy."""
+    return start_device_runs(c.nodes[0], ids, workdir, count,
+                             extra=("--set", f"broker.port={c.proxy.mqtt_port}"))
 
 
 def test_kill9_of_a_node_loses_nothing(cluster, tmp_path):
     c = cluster
-    first = c.nodes[0]
     ids = [f"k9-{i}" for i in range(6)]
     add_devices(c, ids)
     runs = run_devices(c, ids, tmp_path, count=300)
@@ -415,7 +388,7 @@ def test_kill9_of_a_node_loses_nothing(cluster, tmp_path):
     on_victim = [d for d in ids if node_of(c, d) == victim.node_id]
     victim.kill9()
     at_kill = len(committed(c, "k9-"))
-    ok, errors = finish(runs)
+    ok, errors = device_run_results(runs)
     rows = committed(c, "k9-")
     assert len(ok) >= 6 * 300 * 0.9, (len(ok), errors[:5])
     assert len(rows) > at_kill, "traffic went on after the kill"
@@ -444,7 +417,7 @@ def test_postgres_restart_and_s3_outage_lose_nothing(cluster, tmp_path):
     c.gate.down = True
     at_down = len(committed(c, "out-"))
     c.pg.restart()
-    ok, errors = finish(runs)
+    ok, errors = device_run_results(runs)
     rows = committed(c, "out-")
     assert len(ok) >= 3 * 300 * 0.9, (len(ok), errors[:5])
     lost = ok - rows

@@ -16,7 +16,6 @@ store is PostgreSQL.
 """
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -24,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (Device, Platform, free_ports, make_measurement, metric_value, on_postgres,
-                     unique_id, wait_for)
+from helpers import (Device, Platform, device_run_results, free_ports, join_cluster,
+                     make_measurement, metric_value, on_postgres, start_device_runs, unique_id,
+                     wait_for)
 from pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "deploy" / "mosquitto" / "fleetml-external.conf"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-RESULT_RE = re.compile(r"^(m-[A-Za-z0-9._:-]+) (ok|error|dropped|timeout)\b(?: (\S+))?")
 
 pytestmark = pytest.mark.skipif(on_postgres(), reason="starts its own PostgreSQL")
 
@@ -96,10 +95,7 @@ class Setup:
                 "broker.url": f"mqtts://127.0.0.1:{self.broker.svc_port}"})
         first.init()
         for n in self.nodes[1:]:
-            (n.data / "pki").mkdir(parents=True, mode=0o700)
-            for f in ("ca.key", "ca.crt", "jwt.key"):
-                shutil.copy2(first.data / "pki" / f, n.data / "pki" / f)
-            n.init()
+            join_cluster(first, n)
 
     def start(self):
         self.broker.start()
@@ -221,41 +217,17 @@ def test_broker_restart_gets_the_registry_back(ext):
         dev.close()
 
 
-def run_devices(node, ids, workdir, count):
-    runs = []
-    for d in ids:
-        state = workdir / f"state-{d}"
-        state.mkdir()
-        outp = workdir / f"{d}.out"
-        out = open(outp, "wb")
-        runs.append((d, outp, out, subprocess.Popen(
-            [node.bin, "device", "run", d, "--data", str(node.data), "--state", str(state),
-             "--interval", "0.05", "--timeout", "3", "--count", str(count)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=node.env,
-            cwd=node.workdir, start_new_session=True)))
-    return runs
-
-
 def test_kill9_of_one_node_the_other_answers(ext, tmp_path):
     first, second = ext.nodes
     ids = [f"ext-k9-{i}" for i in range(3)]
     for d in ids:
         first.add_device(d)
-    runs = run_devices(first, ids, tmp_path, count=200)
+    runs = start_device_runs(first, ids, tmp_path, count=200)
     q = "SELECT count(*) FROM measurements WHERE device_id LIKE 'ext-k9-%'"
     wait_for(lambda: first.query(q)[0][0] >= 60, 60, interval=0.2, msg="traffic flowing")
     second.kill9()
     at_kill = first.query(q)[0][0]
-    ok, errors = set(), []
-    for d, outp, out, proc in runs:
-        assert proc.wait(300) == 0, outp.read_text()[-2000:]
-        out.close()
-        for ln in outp.read_text().splitlines():
-            m = RESULT_RE.match(ln)
-            if m and m.group(2) == "ok":
-                ok.add((d, m.group(1)))
-            elif m:
-                errors.append((d, m.group(1), m.group(3)))
+    ok, errors = device_run_results(runs)
     rows = {(d, m) for d, m in first.query(
         "SELECT device_id, measurement_id FROM measurements WHERE device_id LIKE 'ext-k9-%'")}
     assert len(ok) >= 3 * 200 * 0.9, (len(ok), errors[:5])
