@@ -798,8 +798,9 @@ static inline int fm_store_tenant_exists(fm_store *s, const char *name)
  * for ttl_ms from now, by the database's clock, when it is free, expired
  * or already the holder's (a renewal); ttl_ms == 0 releases it if the
  * holder has it. Returns 0 when holder now holds it (or released it),
- * FM_EBUSY when another node does (its id copied into owner when owner is
- * not NULL), FM_EINVAL on empty names, FM_EDB / FM_EUNAVAIL. The holder
+ * FM_EBUSY when another node does, and only then (its id copied into owner
+ * when owner is not NULL), FM_EINVAL on empty names, FM_EDB / FM_EUNAVAIL
+ * (a busy or unreachable database). The holder
  * must renew well before ttl_ms passes and stop the job when a renewal
  * fails: a lease it cannot renew may already be someone else's. */
 static inline int fm_store_lease(fm_store *s, const char *name, const char *holder,

@@ -334,17 +334,21 @@ static int check_one(void *ud, const fm_drift_counts *c)
     for (size_t i = 0; i < d->nalerted; i++)
         if (strcmp(d->alerted[i], key) == 0)
             return 0;
+    /* Every node sharing the database sees the same counts: the first to
+     * claim the alert (a lease that outlives the day) raises it, once for
+     * the cluster. A claim that could not be made is tried at the next
+     * tick; one another node made is remembered like our own. */
+    char claim[240];
+    snprintf(claim, sizeof claim, "drift-alert:%s", key);
+    int lrc = fm_store_lease(d->store, claim, d->cfg.node_id, 2 * 86400000LL, NULL, 0);
+    if (lrc != 0 && lrc != FM_EBUSY)
+        return 0;
     char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
     if (!na)
         return 0;
     d->alerted = na;
     snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
-    /* Every node sharing the database sees the same counts: the first to
-     * claim the alert (a lease that outlives the day) raises it, once for
-     * the cluster. */
-    char claim[240];
-    snprintf(claim, sizeof claim, "drift-alert:%s", key);
-    if (fm_store_lease(d->store, claim, d->cfg.node_id, 2 * 86400000LL, NULL, 0) == FM_EBUSY)
+    if (lrc == FM_EBUSY)
         return 0;
     char psis[32], ns[32];
     snprintf(psis, sizeof psis, "%.3f", max);

@@ -435,9 +435,11 @@ static int p_lease(fm_store *base, const char *name, const char *holder, int64_t
     pg__text(&a, name);
     pg__text(&a, holder);
     int rc;
-    if (ttl_ms <= 0)
-        return pg__cmd(s, "DELETE FROM leases WHERE name = $1 AND holder = $2", &a, "lease",
-                       NULL, NULL);
+    if (ttl_ms <= 0) {
+        rc = pg__cmd(s, "DELETE FROM leases WHERE name = $1 AND holder = $2", &a, "lease", NULL,
+                     NULL);
+        return rc == FM_EBUSY ? FM_EUNAVAIL : rc;
+    }
     pg__i64(&a, ttl_ms);
     /* One statement: the upsert takes the row lock, so two nodes racing
      * for a free lease cannot both win; RETURNING is empty when another
@@ -452,8 +454,9 @@ static int p_lease(fm_store *base, const char *name, const char *holder, int64_t
                           " WHERE leases.holder = excluded.holder OR leases.expires_ms <= "
                           PG_NOW_MS " RETURNING holder",
                           &a, "lease", &rc, NULL);
+    /* FM_EBUSY means "another node holds it": a busy server is not that. */
     if (!r)
-        return rc;
+        return rc == FM_EBUSY ? FM_EUNAVAIL : rc;
     int won = PQntuples(r) == 1;
     PQclear(r);
     if (won)

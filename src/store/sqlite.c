@@ -575,7 +575,7 @@ static int s_probe_write(fm_store *base, fm_errbuf *err)
 }
 
 static int lease_tx(sqlite_store *s, const char *name, const char *holder, int64_t ttl_ms,
-                    char *owner, size_t owner_len)
+                    char *owner, size_t owner_len, bool *other)
 {
     sqlite3_stmt *st;
     int64_t now = fm_wall_ms();
@@ -612,10 +612,17 @@ static int lease_tx(sqlite_store *s, const char *name, const char *holder, int64
     rc = sqlite3_step(st);
     const char *who = rc == SQLITE_ROW ? (const char *)sqlite3_column_text(st, 0) : NULL;
     int out = !who ? FM_EDB : strcmp(who, holder) == 0 ? 0 : FM_EBUSY;
+    *other = out == FM_EBUSY;
     if (out == FM_EBUSY && owner && owner_len)
         snprintf(owner, owner_len, "%s", who);
     sqlite3_finalize(st);
     return out;
+}
+
+static int lease_in_tx(sqlite_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                       char *owner, size_t owner_len, bool *other)
+{
+    IN_TX(s, NULL, lease_tx(s, name, holder, ttl_ms, owner, owner_len, other));
 }
 
 static int s_lease(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
@@ -624,7 +631,10 @@ static int s_lease(fm_store *base, const char *name, const char *holder, int64_t
     sqlite_store *s = (sqlite_store *)base;
     if (!name || !*name || !holder || !*holder)
         return FM_EINVAL;
-    IN_TX(s, NULL, lease_tx(s, name, holder, ttl_ms, owner, owner_len));
+    bool other = false;
+    int rc = lease_in_tx(s, name, holder, ttl_ms, owner, owner_len, &other);
+    /* FM_EBUSY means "another node holds it": a busy database is not that. */
+    return rc == FM_EBUSY && !other ? FM_EUNAVAIL : rc;
 }
 
 static const fm_store_vtable sqlite_vt = {
