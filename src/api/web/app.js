@@ -1,118 +1,14 @@
 // fleetml dashboard: a client of the HTTP API v1, nothing more. The API decides
-// who may see and do what; this page only shows what the API answers.
-//
-// Security: every value reaches the page through textContent or attributes set
-// from the DOM API (never innerHTML), tokens travel in the Authorization header
-// (never cookies, so no CSRF), and the Content-Security-Policy admits only this
-// origin's scripts and styles.
+// who may see and do what; this page only shows what the API answers. Shared
+// parts (API client, session, DOM helpers) are in lib.js.
 
-const API = "/api/v1";
-const $app = document.getElementById("app");
+import { API, api, call, h, hasAny, onSignedOut, renew, report, saveSession, session,
+  show, signedOut, when } from "./lib.js";
+import { modelsPage } from "./models.js";
+import { auditPage, provisioningPage, usersPage } from "./admin.js";
+
 const $nav = document.getElementById("nav");
 const $who = document.getElementById("who");
-
-// ---- session ----------------------------------------------------------------------
-
-// Kept for this tab only (sessionStorage): closing the tab signs out.
-let session = JSON.parse(sessionStorage.getItem("fleetml.session") || "null");
-
-function saveSession(s) {
-  session = s;
-  if (s) sessionStorage.setItem("fleetml.session", JSON.stringify(s));
-  else sessionStorage.removeItem("fleetml.session");
-}
-
-class ApiError extends Error {
-  constructor(status, code, message) {
-    super(message || code || `HTTP ${status}`);
-    this.status = status;
-    this.code = code;
-  }
-}
-
-async function call(method, path, body, token) {
-  const headers = { Accept: "application/json" };
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (token) headers.Authorization = `Bearer ${token}`;
-  const r = await fetch(API + path, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-    credentials: "omit", cache: "no-store",
-  });
-  const text = await r.text();
-  let doc = null;
-  try { doc = text ? JSON.parse(text) : null; } catch (_) { doc = null; }
-  if (!r.ok) {
-    const e = (doc && doc.error) || {};
-    throw new ApiError(r.status, e.code, e.message);
-  }
-  return doc;
-}
-
-// Renews the access token with the refresh token once (they rotate on use).
-let refreshing = null;
-async function renew() {
-  if (!session || !session.refresh) throw new ApiError(401, "unauthorized");
-  if (!refreshing) {
-    refreshing = call("POST", "/auth/refresh", { refresh_token: session.refresh })
-      .then((t) => saveSession({ ...session, access: t.access_token, refresh: t.refresh_token }))
-      .finally(() => { refreshing = null; });
-  }
-  return refreshing;
-}
-
-async function api(method, path, body) {
-  if (!session) throw new ApiError(401, "unauthorized");
-  try {
-    return await call(method, path, body, session.access);
-  } catch (e) {
-    if (e.status !== 401) throw e;
-    try {
-      await renew();
-    } catch (_) {
-      signedOut("Your session has ended; please sign in again.");
-      throw e;
-    }
-    return call(method, path, body, session.access);
-  }
-}
-
-function signedOut(message) {
-  saveSession(null);
-  location.hash = "#/";
-  render(message);
-}
-
-// ---- DOM helpers ------------------------------------------------------------------
-
-// h("td", {class: "x"}, "text", node...): strings become text nodes, never markup.
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else if (k === "text") el.textContent = String(v);
-    else el.setAttribute(k, v === true ? "" : String(v));
-  }
-  for (const c of children.flat()) {
-    if (c === undefined || c === null || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-  return el;
-}
-
-function show(...nodes) {
-  $app.replaceChildren(...nodes.filter(Boolean));
-}
-
-function when(iso) {
-  if (!iso) return "never";
-  const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? String(iso) : d.toLocaleString();
-}
-
-function hasAny(roles) {
-  return !!(session && session.roles && session.roles.some((r) => roles.includes(r)));
-}
 
 // ---- sign-in ----------------------------------------------------------------------
 
@@ -423,52 +319,6 @@ async function devicePage(id) {
   startLive(id, arrived, $live);
 }
 
-// ---- models -----------------------------------------------------------------------
-
-// Read-only: the served models, each with its registered versions (status,
-// who decided, validation metrics), the tenant's aliases (production, canary,
-// shadow) and today's drift per version.
-async function modelsPage() {
-  const served = await api("GET", "/models");
-  const sections = [];
-  for (const m of served.items || []) {
-    const enc = encodeURIComponent(m.name);
-    const [versions, aliases, drift] = await Promise.all([
-      api("GET", `/models/${enc}/versions?limit=100`).catch(() => ({ items: [] })),
-      api("GET", `/models/${enc}/aliases`).catch(() => ({ items: [] })),
-      api("GET", `/models/${enc}/drift`).catch(() => null),
-    ]);
-    const metrics = (v) => {
-      const val = v.manifest && v.manifest.metrics;
-      return val ? Object.entries(val).filter(([, x]) => typeof x === "number")
-        .map(([k, x]) => `${k} ${x.toFixed(3)}`).join(", ") : "";
-    };
-    sections.push(h("section", { class: "card", "data-model": m.name },
-      h("h2", {}, `${m.name} (serving ${m.version})`),
-      h("p", { class: "range" }, `Outputs: ${(m.outputs || []).map((o) => `${o.name} [${o.unit}] ${o.min}–${o.max}`).join("; ")}`),
-      h("h3", {}, "Versions"),
-      (versions.items || []).length
-        ? h("table", { class: "versions" },
-          h("thead", {}, h("tr", {}, ["Version", "Status", "Uploaded by", "Uploaded", "Metrics"].map((c) => h("th", {}, c)))),
-          h("tbody", {}, versions.items.map((v) => h("tr", { "data-version": v.version },
-            h("td", {}, v.version), h("td", {}, v.status), h("td", {}, v.created_by),
-            h("td", {}, when(v.created_at)), h("td", {}, metrics(v))))))
-        : h("p", { class: "range" }, "No registered versions: the bundled model serves."),
-      h("h3", {}, "Aliases"),
-      (aliases.items || []).length
-        ? h("ul", {}, aliases.items.map((a) => h("li", {},
-          `${a.alias} → ${a.version}${a.share_pct !== undefined && a.alias === "canary" ? ` (${a.share_pct} %)` : ""} by ${a.updated_by}`)))
-        : h("p", { class: "range" }, "No aliases."),
-      h("h3", {}, `Drift ${drift ? drift.day : ""}`),
-      drift && drift.items && drift.items.length
-        ? h("ul", {}, drift.items.map((d) => h("li", { class: d.alert ? "error" : "" },
-          `${d.model}: ${d.measurements} measurements, largest PSI ${d.psi_max === null || d.psi_max === undefined ? "n/a" : d.psi_max.toFixed(3)}` +
-          `${d.worst_feature ? ` (${d.worst_feature})` : ""}${d.alert ? " — drift alert" : ""}`)))
-        : h("p", { class: "range" }, "No measurements scored today.")));
-  }
-  show(h("h1", {}, "Models"), ...sections);
-}
-
 // ---- live measurements ------------------------------------------------------------
 
 // Server-Sent Events from GET /devices/{id}/events, read with fetch() so the
@@ -532,28 +382,33 @@ function startLive(id, onMeasurement, $state) {
 
 // ---- routing ----------------------------------------------------------------------
 
-function report(e) {
-  if (e && e.status === 401) return;
-  const msg = e && e.status === 403 ? "You are not allowed to see this."
-    : e && e.status === 404 ? "Not found." : `Something went wrong: ${e && e.message}`;
-  show(h("p", { class: "error", role: "alert", id: "page-error" }, msg), h("a", { href: "#/" }, "Back to the fleet"));
-}
+// Each page: the hash it answers, and who sees its link (the API decides
+// access; hiding a link only spares a 403).
+const pages = [
+  { re: /^#\/devices\/([^/]+)$/, draw: (m) => devicePage(decodeURIComponent(m[1])) },
+  { re: /^#\/models$/, draw: modelsPage, nav: "nav-models", roles: ["admin", "clinician", "data_scientist", "operator"] },
+  { re: /^#\/provisioning$/, draw: provisioningPage, nav: "nav-provisioning", roles: ["admin", "operator"] },
+  { re: /^#\/users$/, draw: usersPage, nav: "nav-users", roles: ["admin", "operator"] },
+  { re: /^#\/audit$/, draw: auditPage, nav: "nav-audit", roles: ["admin", "operator"] },
+];
 
 async function render(message) {
   stopLive();
   if (!session) return signInPage(message);
   $nav.hidden = false;
   $who.textContent = `${session.username || ""} · ${session.tenant || ""}`;
-  document.getElementById("nav-models").hidden = !hasAny(["admin", "clinician", "data_scientist", "operator"]);
-  const m = location.hash.match(/^#\/devices\/([^/]+)$/);
+  for (const p of pages) if (p.nav) document.getElementById(p.nav).hidden = !hasAny(p.roles);
   try {
-    if (m) await devicePage(decodeURIComponent(m[1]));
-    else if (location.hash === "#/models") await modelsPage();
-    else await fleetPage();
+    for (const p of pages) {
+      const m = location.hash.match(p.re);
+      if (m) return await p.draw(m);
+    }
+    await fleetPage();
   } catch (e) {
     report(e);
   }
 }
 
+onSignedOut(render);
 window.addEventListener("hashchange", () => render());
 render();
