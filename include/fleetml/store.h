@@ -26,6 +26,7 @@ typedef struct fm_device {
     int status; /* enum fm_device_status */
     int64_t created_ms;
     char cert_serial[64];    /* first certificate (direct issue); may be "" */
+    int64_t cert_not_after_ms; /* its expiry, written by fm_store_device_add (0: unknown) */
     char device_group[65];
     char serial_number[65];  /* hardware serial when provisioned by claim */
     char model[65];
@@ -224,13 +225,26 @@ typedef struct fm_audit_filter {
     int64_t before_seq;   /* cursor: only seq < before_seq; 0 = from the newest */
 } fm_audit_filter;
 
-/* Where a device is: online as the broker last reported it, and the last
- * time it was seen (connect, disconnect or measurement). */
+/* What the device list shows beside a device's catalogue row: online as
+ * the broker last reported it, the last time it was seen (connect,
+ * disconnect or measurement), and when its certificate ends. */
 typedef struct fm_presence {
     int online;
     int64_t changed_ms;   /* last online/offline change (0: never seen) */
     int64_t last_seen_ms; /* max(changed_ms, newest measurement received_ms) */
+    int64_t cert_expires_ms; /* latest not-after of its active certificates (0: none) */
 } fm_presence;
+
+/* One presence change, as fm_store_presence_changes reports it (borrowed
+ * strings). rev orders changes by commit across every node. */
+typedef struct fm_presence_change {
+    int64_t rev;
+    const char *device_id;
+    const char *tenant;
+    int online;
+    int64_t changed_ms;
+} fm_presence_change;
+typedef int (*fm_presence_change_cb)(void *ud, const fm_presence_change *c);
 
 /* Filters and cursor for fm_store_measurement_page: rows of one device with
  * received_ms in [from_ms, to_ms) (0 = open), newest first, ordered by
@@ -389,6 +403,9 @@ typedef struct fm_store_api_vt {
     int (*presence_set)(fm_store *s, const char *node, const fm_presence_update *u, size_t n);
     int (*presence_reset)(fm_store *s, const char *node, int64_t at_ms);
     int (*presence_get)(fm_store *s, const char *device_id, fm_presence *out);
+    int (*presence_changes)(fm_store *s, int64_t after_rev, size_t limit,
+                            fm_presence_change_cb cb, void *ud);
+    int (*presence_rev)(fm_store *s, int64_t *rev);
     int (*measurement_page)(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
                             void *ud);
     int (*measurement_get)(fm_store *s, const char *device_id, const char *measurement_id,
@@ -396,6 +413,8 @@ typedef struct fm_store_api_vt {
     int (*label_put)(fm_store *s, fm_label *l, fm_errbuf *err);
     int (*label_get)(fm_store *s, const char *device_id, const char *measurement_id,
                      fm_label *out, char *source, size_t source_len, char *by, size_t by_len);
+    int (*label_history)(fm_store *s, const char *device_id, const char *measurement_id,
+                         fm_label_cb cb, void *ud);
     int (*audit_append)(fm_store *s, fm_audit *a, fm_errbuf *err);
     int (*audit_page)(fm_store *s, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,
                       void *ud);
@@ -835,6 +854,20 @@ static inline int fm_store_presence_reset(fm_store *s, const char *node, int64_t
 /* Fills *out (zeros for a device never seen). 0 or FM_EDB. */
 static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
 { return s->api->presence_get(s, device_id, out); }
+/* Calls cb for up to limit presence changes with rev > after_rev, in rev
+ * order (each device appears with its latest state only; a device that
+ * changed twice since after_rev appears once, at its newer rev). Every
+ * stored change (fm_store_presence_set, fm_store_presence_reset) takes a
+ * rev larger than every rev already visible, on every node, so a reader
+ * that passes the last rev it saw misses nothing. Borrowed strings live
+ * during the callback only; cb returns nonzero to stop. 0 or FM_EDB. */
+static inline int fm_store_presence_changes(fm_store *s, int64_t after_rev, size_t limit,
+                                            fm_presence_change_cb cb, void *ud)
+{ return s->api->presence_changes(s, after_rev, limit, cb, ud); }
+/* *rev = the newest presence rev (0 when none): where a reader that wants
+ * only changes from now on starts. 0 or FM_EDB. */
+static inline int fm_store_presence_rev(fm_store *s, int64_t *rev)
+{ return s->api->presence_rev(s, rev); }
 /* Calls cb for up to q->limit measurements of q->device_id (see
  * fm_measurement_query), with payload, result and model. Borrowed pointers
  * live during the callback only. To continue, pass the last row's
@@ -871,6 +904,14 @@ static inline int fm_store_label_get(fm_store *s, const char *device_id,
                                      const char *measurement_id, fm_label *out, char *source,
                                      size_t source_len, char *by, size_t by_len)
 { return s->api->label_get(s, device_id, measurement_id, out, source, source_len, by, by_len); }
+/* Calls cb for every label ever written for the measurement (the label
+ * log: the current one and the corrections before it), oldest first.
+ * device_id, tenant and measurement_id of *l are set; strings are borrowed
+ * for the call. cb returns nonzero to stop. 0 (also when there is none)
+ * or FM_EDB. */
+static inline int fm_store_label_history(fm_store *s, const char *device_id,
+                                         const char *measurement_id, fm_label_cb cb, void *ud)
+{ return s->api->label_history(s, device_id, measurement_id, cb, ud); }
 /* Durably appends an audit entry (a->seq set; a->at_ms 0 means now and is
  * then set; NULL strings are stored as ""). 0, FM_EINVAL (details_json not
  * a JSON object), FM_EDB, FM_ENOSPC, FM_EIO. */

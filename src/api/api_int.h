@@ -175,7 +175,7 @@ json_t *api_record_json(const fm_record *rec, bool full);
 
 /* ---- live measurements (stream.c) ------------------------------------------
  * GET /devices/{id}/events: Server-Sent Events of the device's new
- * measurements. A pump thread reads the records committed after its
+ * measurements; GET /fleet/events: devices going online and offline. A pump thread reads the records committed after its
  * position (any node's: it reads the shared store) every STREAM_POLL_MS
  * while any stream is open and appends an event to the streams of that
  * device; a stream with nothing to send suspends its connection (no thread
@@ -186,6 +186,9 @@ void api_streams_stop(fm_http *h);
 /* The handler's answer for a stream of device `id` (the caller has checked
  * access): sets r->stream; dispatch then answers 200 text/event-stream. */
 void api_stream_open(api_req *r, const char *device_id);
+/* The same for GET /fleet/events: presence changes of tenant's devices
+ * (NULL: every tenant's, for an operator). */
+void api_fleet_stream_open(api_req *r, const char *tenant);
 /* Queues the response of r->stream on the connection. */
 enum MHD_Result api_stream_answer(api_req *r);
 /* limit (1..API_PAGE_MAX, default API_PAGE_DEFAULT) and the decoded cursor
@@ -249,6 +252,7 @@ void v1_mfa_totp_disable(api_req *r);
 void v1_user_mfa_reset(api_req *r);
 
 void v1_devices_list(api_req *r);
+void v1_fleet_events(api_req *r);
 void v1_device_get(api_req *r);
 void v1_device_disable(api_req *r);
 void v1_device_enable(api_req *r);
@@ -263,6 +267,7 @@ void v1_measurements_list(api_req *r);
 void v1_device_events(api_req *r);
 void v1_measurement_get(api_req *r);
 void v1_label_put(api_req *r);
+void v1_label_history(api_req *r);
 void v1_models_list(api_req *r);
 void v1_predict(api_req *r);
 void v1_audit_list(api_req *r);

@@ -1,7 +1,10 @@
 /*
- * Live measurements for the dashboard: GET /api/v1/devices/{id}/events,
- * Server-Sent Events (text/event-stream) of the device's measurements as
- * they are committed, by this node or any other sharing the store.
+ * Live views for the dashboard, as Server-Sent Events (text/event-stream):
+ *   GET /api/v1/devices/{id}/events  the device's measurements as they are
+ *                                     committed, by this node or any other
+ *                                     sharing the store;
+ *   GET /api/v1/fleet/events          the tenant's devices going online and
+ *                                     offline (presence changes, by rev).
  *
  * One pump thread per node reads the records committed after its position
  * (fm_store_scan_records, the lake exporter's ordered scan) every
@@ -15,9 +18,16 @@
  * new one with a fresh token), so a disabled user or a revoked session does
  * not keep watching.
  *
- * Events:
+ * The same pump reads presence changes after the lowest rev a fleet stream
+ * has seen (fm_store_presence_changes) and appends each to the fleet
+ * streams of the device's tenant (every tenant's for an operator).
+ *
+ * Events of a device stream:
  *   event: ready        data: {"device": id}            once, at the start
  *   event: measurement  data: <MeasurementSummary>       each new measurement
+ * Events of a fleet stream:
+ *   event: ready        data: {"tenant": t|null}        once, at the start
+ *   event: presence     data: {"device", "online", "changed_at"}
  */
 #include "api/api_int.h"
 
@@ -32,9 +42,11 @@ struct api_stream {
     api_stream *next;
     fm_http *h;
     struct MHD_Connection *conn;
-    char device[72];
+    bool fleet;         /* a fleet stream (presence) rather than a device's */
+    char device[72];    /* device stream: its device */
+    char tenant[72];    /* fleet stream: its tenant ("" = every tenant) */
     int64_t expires_ms; /* the access token's expiry */
-    int64_t seen;       /* the newest record seq this stream has been offered */
+    int64_t seen;       /* newest record seq (device) or presence rev (fleet) offered */
     char *buf;
     size_t len, off, cap;
     bool suspended;
@@ -133,7 +145,7 @@ static int on_record(void *ud, const fm_record *rec)
     char *text = NULL;
     pthread_mutex_lock(&h->streams_mu);
     for (api_stream *s = h->streams; s; s = s->next) {
-        if (rec->seq <= s->seen)
+        if (s->fleet || rec->seq <= s->seen)
             continue;
         s->seen = rec->seq;
         if (strcmp(s->device, rec->device_id) != 0)
@@ -162,6 +174,60 @@ static int on_record(void *ud, const fm_record *rec)
     return 0;
 }
 
+/* Offers a presence change to every fleet stream that has not seen it;
+ * those of the device's tenant (or of every tenant) get the event. */
+static int on_presence(void *ud, const fm_presence_change *c)
+{
+    pump_ctx *p = ud;
+    fm_http *h = p->h;
+    p->seq = c->rev;
+    char *text = NULL;
+    pthread_mutex_lock(&h->streams_mu);
+    for (api_stream *s = h->streams; s; s = s->next) {
+        if (!s->fleet || c->rev <= s->seen)
+            continue;
+        s->seen = c->rev;
+        if (s->tenant[0] && strcmp(s->tenant, c->tenant) != 0)
+            continue;
+        if (!text) {
+            json_t *doc = json_pack("{s:s,s:s,s:b,s:o}", "device", c->device_id, "tenant",
+                                    c->tenant, "online", c->online, "changed_at",
+                                    fm_json_time(c->changed_ms));
+            char *j = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+            json_decref(doc);
+            if (!j)
+                break;
+            size_t n = strlen(j) + 40;
+            text = fm_malloc(n);
+            if (text)
+                snprintf(text, n, "event: presence\ndata: %s\n\n", j);
+            free(j);
+            if (!text)
+                break;
+        }
+        stream_put(s, text, strlen(text));
+        stream_wake(s);
+    }
+    pthread_mutex_unlock(&h->streams_mu);
+    fm_free(text);
+    return 0;
+}
+
+/* Catches up one kind of stream from its lowest position: a burst is read
+ * STREAM_SCAN rows at a time, then the pump yields. */
+static void pump_scan(fm_http *h, pump_ctx *p, bool fleet, int64_t low)
+{
+    p->seq = low;
+    for (int i = 0; i < 64; i++) {
+        int64_t before = p->seq;
+        int rc = fleet ? fm_store_presence_changes(h->pump_store, p->seq, STREAM_SCAN,
+                                                   on_presence, p)
+                       : fm_store_scan_records(h->pump_store, p->seq, STREAM_SCAN, on_record, p);
+        if (rc != 0 || p->seq - before < STREAM_SCAN)
+            break;
+    }
+}
+
 static void *pump_main(void *arg)
 {
     fm_http *h = arg;
@@ -175,14 +241,14 @@ static void *pump_main(void *arg)
         fm_thread_unlock(&h->pump);
         int64_t now = fm_wall_ms();
         pthread_mutex_lock(&h->streams_mu);
-        bool any = h->streams != NULL;
-        bool keepalive = any && now >= next_keepalive;
+        bool keepalive = h->streams != NULL && now >= next_keepalive;
         /* From the stream that has seen least: each was positioned when it
          * opened, so none misses what was committed just after. */
-        int64_t low = INT64_MAX;
+        int64_t low = INT64_MAX, low_fleet = INT64_MAX;
         for (api_stream *s = h->streams; s; s = s->next) {
-            if (s->seen < low)
-                low = s->seen;
+            int64_t *l = s->fleet ? &low_fleet : &low;
+            if (s->seen < *l)
+                *l = s->seen;
             if (keepalive)
                 stream_put(s, ":\n\n", 3);
             if (now >= s->expires_ms)
@@ -193,15 +259,10 @@ static void *pump_main(void *arg)
         pthread_mutex_unlock(&h->streams_mu);
         if (keepalive)
             next_keepalive = now + STREAM_KEEPALIVE_MS;
-        if (any) {
-            p.seq = low;
-            for (int i = 0; i < 64; i++) { /* a burst: catch up, then yield */
-                int64_t before = p.seq;
-                if (fm_store_scan_records(h->pump_store, p.seq, STREAM_SCAN, on_record, &p) != 0 ||
-                    p.seq - before < STREAM_SCAN)
-                    break;
-            }
-        }
+        if (low != INT64_MAX)
+            pump_scan(h, &p, false, low);
+        if (low_fleet != INT64_MAX)
+            pump_scan(h, &p, true, low_fleet);
         fm_thread_lock(&h->pump);
     }
     fm_thread_unlock(&h->pump);
@@ -232,6 +293,32 @@ void api_streams_stop(fm_http *h)
     pthread_mutex_unlock(&h->streams_mu);
 }
 
+/* Sets r->stream to a new stream positioned at the store's present (seq
+ * or rev from fm_store_max_seq / fm_store_presence_rev): everything
+ * committed from now on is its. hello (taken) is its first event's data. */
+static void stream_open(api_req *r, api_stream *s, json_t *hello)
+{
+    s->h = r->h;
+    s->conn = r->conn;
+    int rc = s->fleet ? fm_store_presence_rev(r->store, &s->seen)
+                      : fm_store_max_seq(r->store, FM_STREAM_RAW, &s->seen);
+    if (rc != 0) {
+        json_decref(hello);
+        fm_free(s);
+        api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "the store is unavailable");
+        return;
+    }
+    s->expires_ms = r->who.exp > 0 ? r->who.exp * 1000 : r->now_ms + 15 * 60 * 1000;
+    char *j = hello ? json_dumps(hello, JSON_COMPACT) : NULL;
+    json_decref(hello);
+    char text[256];
+    int n = snprintf(text, sizeof text, "retry: 2000\nevent: ready\ndata: %s\n\n", j ? j : "{}");
+    free(j);
+    stream_put(s, text, (size_t)n < sizeof text ? (size_t)n : sizeof text - 1);
+    r->stream = s;
+    r->status = MHD_HTTP_OK;
+}
+
 void api_stream_open(api_req *r, const char *device_id)
 {
     api_stream *s = fm_calloc(1, sizeof *s);
@@ -239,22 +326,20 @@ void api_stream_open(api_req *r, const char *device_id)
         api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "out of memory");
         return;
     }
-    s->h = r->h;
-    s->conn = r->conn;
     snprintf(s->device, sizeof s->device, "%s", device_id);
-    /* Everything committed from now on is this stream's. */
-    if (fm_store_max_seq(r->store, FM_STREAM_RAW, &s->seen) != 0) {
-        fm_free(s);
-        api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "the store is unavailable");
+    stream_open(r, s, json_pack("{s:s}", "device", s->device));
+}
+
+void api_fleet_stream_open(api_req *r, const char *tenant)
+{
+    api_stream *s = fm_calloc(1, sizeof *s);
+    if (!s) {
+        api_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "unavailable", "out of memory");
         return;
     }
-    s->expires_ms = r->who.exp > 0 ? r->who.exp * 1000 : r->now_ms + 15 * 60 * 1000;
-    char hello[160];
-    int n = snprintf(hello, sizeof hello, "retry: 2000\nevent: ready\ndata: {\"device\":\"%s\"}\n\n",
-                     s->device);
-    stream_put(s, hello, (size_t)n);
-    r->stream = s;
-    r->status = MHD_HTTP_OK;
+    s->fleet = true;
+    snprintf(s->tenant, sizeof s->tenant, "%s", tenant ? tenant : "");
+    stream_open(r, s, json_pack("{s:o}", "tenant", tenant ? json_string(tenant) : json_null()));
 }
 
 enum MHD_Result api_stream_answer(api_req *r)

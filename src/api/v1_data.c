@@ -147,6 +147,32 @@ static json_t *measurement_doc(api_req *r, fm_device *d)
     return o.doc;
 }
 
+static int on_label(void *ud, const fm_label *l)
+{
+    json_array_append_new(ud, label_json(l));
+    return 0;
+}
+
+/* GET /devices/{id}/measurements/{mid}/labels: every label written for the
+ * measurement, oldest first (the last is the current one). */
+void v1_label_history(api_req *r)
+{
+    fm_device d;
+    if (!api_device_visible(r, r->params[0], &d))
+        return;
+    json_t *items = json_array();
+    int rc = fm_store_label_history(r->store, d.id, r->params[1], on_label, items);
+    if (rc) {
+        json_decref(items);
+        api_store_error(r, rc);
+        return;
+    }
+    char target[240];
+    snprintf(target, sizeof target, "measurement:%s/%s", d.id, r->params[1]);
+    api_audit(r, d.tenant, "label.history", target, "ok", NULL);
+    api_json(r, 200, json_pack("{s:o}", "items", items));
+}
+
 void v1_measurement_get(api_req *r)
 {
     fm_device d;

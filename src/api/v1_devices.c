@@ -23,11 +23,12 @@ static json_t *device_json(fm_store *st, const fm_device *d)
 {
     fm_presence pr = {0};
     fm_store_presence_get(st, d->id, &pr);
-    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:o,s:b,s:o}", "id", d->id, "tenant",
+    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:o,s:b,s:o,s:o}", "id", d->id, "tenant",
                      d->tenant, "status", device_status_name(d->status), "group", d->device_group,
                      "serial_number", d->serial_number, "model", d->model, "firmware",
                      d->firmware, "created_at", fm_json_time(d->created_ms), "online", pr.online,
-                     "last_seen", fm_json_time(pr.last_seen_ms));
+                     "last_seen", fm_json_time(pr.last_seen_ms), "cert_expires_at",
+                     fm_json_time(pr.cert_expires_ms));
 }
 
 typedef struct dev_page {
@@ -40,6 +41,15 @@ static int on_device(void *ud, const fm_device *d)
     dev_page *p = ud;
     json_array_append_new(p->items, device_json(p->st, d));
     return 0;
+}
+
+/* GET /fleet/events: the tenant's devices going online and offline, live
+ * (stream.c). */
+void v1_fleet_events(api_req *r)
+{
+    const char *tenant;
+    if (api_scope_tenant(r, &tenant))
+        api_fleet_stream_open(r, tenant);
 }
 
 void v1_devices_list(api_req *r)

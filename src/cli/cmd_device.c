@@ -13,6 +13,21 @@
 
 #define DEVICE_CERT_DAYS 825
 
+/* The not-after of the certificate just written at path, kept with the
+ * device so the fleet view shows when it ends. */
+static int cert_not_after(const char *path, int64_t *not_after_ms, fm_errbuf *err)
+{
+    char *pem = NULL;
+    size_t len = 0;
+    char serial[64];
+    int rc = fm_read_file(path, &pem, &len);
+    if (rc)
+        return fm_errf(err, rc, "cannot read %s", path);
+    rc = fm_cert_pem_info(pem, len, serial, sizeof serial, NULL, 0, not_after_ms);
+    fm_free(pem);
+    return rc ? fm_errf(err, rc, "cannot read the certificate %s", path) : 0;
+}
+
 static int device_add(int argc, char **argv)
 {
     fm_config cfg;
@@ -72,6 +87,8 @@ static int device_add(int argc, char **argv)
         rc = fm_ca_load(ca_key, ca_crt, &ca, &err);
     if (!rc)
         rc = fm_ca_issue_keypair(ca, &req, key, crt, d.cert_serial, &err);
+    if (!rc)
+        rc = cert_not_after(crt, &d.cert_not_after_ms, &err);
     /* Register only once the certificate exists; if registering fails the
      * certificate is removed so no usable identity is left behind. */
     if (!rc && (rc = fm_store_device_add(st, &d, &err)) != 0) {

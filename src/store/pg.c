@@ -149,8 +149,17 @@ static const char *const pg_schema_2 =
     "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms BIGINT NOT NULL,"
     "  since_ms BIGINT NOT NULL);";
 
+/* SQLite's tenth step: presence changes in commit order (rev), for the
+ * live fleet view. Revs are assigned under PG_LOCK_PRESENCE, so they
+ * become visible in the order they were given. */
+static const char *const pg_schema_3 =
+    "ALTER TABLE device_presence ADD COLUMN rev BIGINT NOT NULL DEFAULT 0;"
+    "CREATE INDEX device_presence_by_rev ON device_presence(rev);"
+    /* A measurement's label history (the page shows every correction). */
+    "CREATE INDEX label_log_by_measurement ON label_log(device_id, measurement_id, seq);";
+
 /* Migrations in order; pg_steps[i] brings a database to version i + 1. */
-static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2};
+static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2, &pg_schema_3};
 #define PG_SCHEMA_VERSION ((int)(sizeof pg_steps / sizeof pg_steps[0]))
 
 /* ---- connection and statements -------------------------------------------------- */

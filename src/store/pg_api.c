@@ -51,7 +51,9 @@ static int a_device_page(fm_store *base, const char *tenant, const char *after_i
 
 static int presence_tx(pg_store *s, const char *node, const fm_presence_update *u, size_t n)
 {
-    int rc = 0;
+    /* Revs are taken under the lock, so they commit in the order given and
+     * a reader of presence changes never skips one. */
+    int rc = pg__lock(s, PG_LOCK_PRESENCE, NULL);
     /* Unknown devices are dropped; a late, older report never overwrites
      * a newer state. */
     for (size_t i = 0; i < n && !rc; i++) {
@@ -61,10 +63,12 @@ static int presence_tx(pg_store *s, const char *node, const fm_presence_update *
         pg__i64(&a, u[i].at_ms);
         pg__text(&a, nz(node));
         rc = pg__cmd(s,
-                     "INSERT INTO device_presence(device_id, online, changed_ms, node)"
-                     " SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
+                     "INSERT INTO device_presence(device_id, online, changed_ms, node, rev)"
+                     " SELECT $1, $2, $3, $4,"
+                     " (SELECT coalesce(max(rev), 0) + 1 FROM device_presence)"
+                     " WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
                      " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
-                     " changed_ms = excluded.changed_ms, node = excluded.node"
+                     " changed_ms = excluded.changed_ms, node = excluded.node, rev = excluded.rev"
                      " WHERE excluded.changed_ms >= device_presence.changed_ms",
                      &a, "presence", NULL, NULL);
     }
@@ -80,15 +84,58 @@ static int a_presence_set(fm_store *base, const char *node, const fm_presence_up
     PG_TX(s, NULL, presence_tx(s, node, u, n));
 }
 
-static int a_presence_reset(fm_store *base, const char *node, int64_t at_ms)
+static int presence_reset_tx(pg_store *s, const char *node, int64_t at_ms)
 {
+    int rc = pg__lock(s, PG_LOCK_PRESENCE, NULL);
+    if (rc)
+        return rc;
     pg_args a = {0};
     pg__i64(&a, at_ms);
     pg__text(&a, nz(node));
-    return pg__cmd((pg_store *)base,
-                   "UPDATE device_presence SET online = 0, changed_ms = $1"
-                   " WHERE online <> 0 AND changed_ms < $1 AND node IN ($2, '')",
-                   &a, "presence", NULL, NULL);
+    return pg__cmd(s, SQL_PRESENCE_RESET("$1", "$2"), &a, "presence", NULL, NULL);
+}
+
+static int a_presence_reset(fm_store *base, const char *node, int64_t at_ms)
+{
+    pg_store *s = (pg_store *)base;
+    PG_TX(s, NULL, presence_reset_tx(s, node, at_ms));
+}
+
+static int a_presence_changes(fm_store *base, int64_t after_rev, size_t limit,
+                              fm_presence_change_cb cb, void *ud)
+{
+    pg_args a = {0};
+    pg__i64(&a, after_rev);
+    pg__i64(&a, lim(limit));
+    int rc;
+    PGresult *r = pg__run((pg_store *)base, SQL_PRESENCE_CHANGES("$1", "$2"), &a, "presence",
+                          &rc, NULL);
+    if (!r)
+        return rc;
+    for (int i = 0, n = PQntuples(r); i < n; i++) {
+        fm_presence_change c = {.rev = pg__int(r, i, 0),
+                                .device_id = pg__str(r, i, 1),
+                                .tenant = pg__str(r, i, 2),
+                                .online = pg__int(r, i, 3) != 0,
+                                .changed_ms = pg__int(r, i, 4)};
+        if (cb(ud, &c))
+            break;
+    }
+    PQclear(r);
+    return 0;
+}
+
+static int a_presence_rev(fm_store *base, int64_t *rev)
+{
+    *rev = 0;
+    int rc;
+    PGresult *r = pg__run((pg_store *)base, "SELECT coalesce(max(rev), 0) FROM device_presence",
+                          NULL, "presence", &rc, NULL);
+    if (!r)
+        return rc;
+    *rev = pg__int(r, 0, 0);
+    PQclear(r);
+    return 0;
 }
 
 static int a_presence_get(fm_store *base, const char *device_id, fm_presence *out)
@@ -97,17 +144,14 @@ static int a_presence_get(fm_store *base, const char *device_id, fm_presence *ou
     pg_args a = {0};
     pg__text(&a, nz(device_id));
     int rc;
-    PGresult *r = pg__run((pg_store *)base,
-                          "SELECT (SELECT online FROM device_presence WHERE device_id = $1),"
-                          " (SELECT changed_ms FROM device_presence WHERE device_id = $1),"
-                          " (SELECT max(received_ms) FROM measurements WHERE device_id = $1)",
-                          &a, "presence", &rc, NULL);
+    PGresult *r = pg__run((pg_store *)base, SQL_PRESENCE_GET("$1"), &a, "presence", &rc, NULL);
     if (!r)
         return rc;
     out->online = pg__int(r, 0, 0) != 0;
     out->changed_ms = pg__int(r, 0, 1);
     int64_t newest = pg__int(r, 0, 2);
     out->last_seen_ms = newest > out->changed_ms ? newest : out->changed_ms;
+    out->cert_expires_ms = pg__int(r, 0, 3);
     PQclear(r);
     return 0;
 }
@@ -298,6 +342,32 @@ static int a_label_get(fm_store *base, const char *device_id, const char *measur
     return 0;
 }
 
+static int a_label_history(fm_store *base, const char *device_id, const char *measurement_id,
+                           fm_label_cb cb, void *ud)
+{
+    pg_args a = {0};
+    pg__text(&a, nz(device_id));
+    pg__text(&a, nz(measurement_id));
+    int rc;
+    PGresult *r = pg__run((pg_store *)base, SQL_LABEL_HISTORY("$1", "$2"), &a, "label", &rc, NULL);
+    if (!r)
+        return rc;
+    for (int i = 0, n = PQntuples(r); i < n; i++) {
+        fm_label l = {.seq = pg__int(r, i, 0),
+                      .device_id = pg__str(r, i, 1),
+                      .tenant = pg__str(r, i, 2),
+                      .measurement_id = pg__str(r, i, 3),
+                      .outputs_json = pg__str(r, i, 4),
+                      .source = pg__str(r, i, 5),
+                      .labelled_by = pg__str(r, i, 6),
+                      .at_ms = pg__int(r, i, 7)};
+        if (cb(ud, &l))
+            break;
+    }
+    PQclear(r);
+    return 0;
+}
+
 /* ---- audit -------------------------------------------------------------------- */
 
 static int audit_tx(pg_store *s, fm_audit *a, const char *details, fm_errbuf *err)
@@ -391,10 +461,13 @@ const fm_store_api_vt pg__api_vt = {
     .presence_set = a_presence_set,
     .presence_reset = a_presence_reset,
     .presence_get = a_presence_get,
+    .presence_changes = a_presence_changes,
+    .presence_rev = a_presence_rev,
     .measurement_page = a_measurement_page,
     .measurement_get = a_measurement_get,
     .label_put = a_label_put,
     .label_get = a_label_get,
+    .label_history = a_label_history,
     .audit_append = a_audit_append,
     .audit_page = a_audit_page,
 };

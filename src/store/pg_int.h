@@ -89,6 +89,7 @@ enum {
     PG_LOCK_API = 3,      /* labels (the current one and its log) */
     PG_LOCK_MODELS = 4,   /* registry of models, aliases, jobs */
     PG_LOCK_SCHEMA = 5,   /* migrations */
+    PG_LOCK_PRESENCE = 6, /* presence revs (commit order = rev order) */
 };
 int pg__lock(pg_store *s, int what, fm_errbuf *err);
 int pg__lock_stream(pg_store *s, enum fm_lake_stream st, fm_errbuf *err);

@@ -60,7 +60,7 @@ static int insert_device(pg_store *s, const fm_device *d, fm_errbuf *err)
     if (rc == FM_EEXIST)
         return fm_errf(err, FM_EEXIST, "device '%s' already exists", d->id);
     if (!rc && d->cert_serial[0])
-        rc = insert_cert(s, d->id, d->cert_serial, "", "", 0, err);
+        rc = insert_cert(s, d->id, d->cert_serial, "", "", d->cert_not_after_ms, err);
     return rc;
 }
 

@@ -185,11 +185,19 @@ static const char *schema_cluster =
     "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL,"
     "  since_ms INTEGER NOT NULL);";
 
+/* Presence changes in the order they were committed (rev), so the live
+ * fleet view reads only what changed since its last look. */
+static const char *schema_presence_rev =
+    "ALTER TABLE device_presence ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;"
+    "CREATE INDEX device_presence_by_rev ON device_presence(rev);"
+    /* A measurement's label history (the page shows every correction). */
+    "CREATE INDEX label_log_by_measurement ON label_log(device_id, measurement_id, seq);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
                                                &schema_users, &schema_api, &schema_keys,
                                                &schema_models, &schema_shadow,
-                                               &schema_cluster};
+                                               &schema_cluster, &schema_presence_rev};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -426,7 +434,7 @@ int sql__insert_device(sqlite_store *s, const fm_device *d, fm_errbuf *err)
     if (rc != SQLITE_OK)
         return sql__err(s, err, rc, "device");
     if (d->cert_serial[0])
-        return sql__insert_cert(s, d->id, d->cert_serial, "", "", 0, err);
+        return sql__insert_cert(s, d->id, d->cert_serial, "", "", d->cert_not_after_ms, err);
     return 0;
 }
 

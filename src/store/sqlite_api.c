@@ -79,12 +79,15 @@ static int presence_tx(sqlite_store *s, const char *node, const fm_presence_upda
     sqlite3_stmt *st;
     /* The WHERE EXISTS drops unknown devices (and is also what lets SQLite
      * parse an upsert after INSERT ... SELECT); the upsert's WHERE keeps a
-     * newer state against a late, older report. */
+     * newer state against a late, older report. Each stored change takes
+     * the next rev (writers are serial in SQLite, so revs commit in order). */
     int rc = sql__prep(s, &st,
-                       "INSERT INTO device_presence(device_id, online, changed_ms, node)"
-                       " SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                       "INSERT INTO device_presence(device_id, online, changed_ms, node, rev)"
+                       " SELECT ?1, ?2, ?3, ?4,"
+                       " (SELECT coalesce(max(rev), 0) + 1 FROM device_presence)"
+                       " WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
                        " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
-                       " changed_ms = excluded.changed_ms, node = excluded.node"
+                       " changed_ms = excluded.changed_ms, node = excluded.node, rev = excluded.rev"
                        " WHERE excluded.changed_ms >= device_presence.changed_ms",
                        err);
     if (rc)
@@ -114,10 +117,8 @@ int sql__presence_reset(fm_store *base, const char *node, int64_t at_ms)
 {
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
-    if (sql__prep(s, &st,
-                  "UPDATE device_presence SET online = 0, changed_ms = ?1"
-                  " WHERE online != 0 AND changed_ms < ?1 AND node IN (?2, '')",
-                  NULL))
+    /* Every device marked offline takes a rev of its own, after the newest. */
+    if (sql__prep(s, &st, SQL_PRESENCE_RESET("?1", "?2"), NULL))
         return FM_EDB;
     sqlite3_bind_int64(st, 1, at_ms);
     sqlite3_bind_text(st, 2, nz(node), -1, SQLITE_STATIC);
@@ -134,11 +135,7 @@ int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
     /* One statement reads both tables in one snapshot; a missing row reads
      * as NULL, i.e. 0. The newest measurement comes from the end of the
      * measurements_by_device index. */
-    if (sql__prep(s, &st,
-                  "SELECT (SELECT online FROM device_presence WHERE device_id = ?1),"
-                  " (SELECT changed_ms FROM device_presence WHERE device_id = ?1),"
-                  " (SELECT max(received_ms) FROM measurements WHERE device_id = ?1)",
-                  NULL))
+    if (sql__prep(s, &st, SQL_PRESENCE_GET("?1"), NULL))
         return FM_EDB;
     sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
     int rc = sqlite3_step(st);
@@ -147,7 +144,47 @@ int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
         out->changed_ms = sqlite3_column_int64(st, 1);
         int64_t newest = sqlite3_column_int64(st, 2);
         out->last_seen_ms = newest > out->changed_ms ? newest : out->changed_ms;
+        out->cert_expires_ms = sqlite3_column_int64(st, 3);
     }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
+}
+
+int sql__presence_changes(fm_store *base, int64_t after_rev, size_t limit,
+                          fm_presence_change_cb cb, void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, SQL_PRESENCE_CHANGES("?1", "?2"), NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, after_rev);
+    sqlite3_bind_int64(st, 2, lim(limit));
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_presence_change c = {.rev = sqlite3_column_int64(st, 0),
+                                .device_id = col(st, 1),
+                                .tenant = col(st, 2),
+                                .online = sqlite3_column_int(st, 3) != 0,
+                                .changed_ms = sqlite3_column_int64(st, 4)};
+        if (cb(ud, &c)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
+int sql__presence_rev(fm_store *base, int64_t *rev)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    *rev = 0;
+    if (sql__prep(s, &st, "SELECT coalesce(max(rev), 0) FROM device_presence", NULL))
+        return FM_EDB;
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *rev = sqlite3_column_int64(st, 0);
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
 }
@@ -346,6 +383,34 @@ int sql__label_get(fm_store *base, const char *device_id, const char *measuremen
     return ret;
 }
 
+int sql__label_history(fm_store *base, const char *device_id, const char *measurement_id,
+                       fm_label_cb cb, void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, SQL_LABEL_HISTORY("?1", "?2"), NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(device_id), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, nz(measurement_id), -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_label l = {.seq = sqlite3_column_int64(st, 0),
+                      .device_id = col(st, 1),
+                      .tenant = col(st, 2),
+                      .measurement_id = col(st, 3),
+                      .outputs_json = col(st, 4),
+                      .source = col(st, 5),
+                      .labelled_by = col(st, 6),
+                      .at_ms = sqlite3_column_int64(st, 7)};
+        if (cb(ud, &l)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
 /* ---- audit -------------------------------------------------------------------- */
 
 int sql__audit_append(fm_store *base, fm_audit *a, fm_errbuf *err)
@@ -450,10 +515,13 @@ const fm_store_api_vt sql__api_vt = {
     .presence_set = sql__presence_set,
     .presence_reset = sql__presence_reset,
     .presence_get = sql__presence_get,
+    .presence_changes = sql__presence_changes,
+    .presence_rev = sql__presence_rev,
     .measurement_page = sql__measurement_page,
     .measurement_get = sql__measurement_get,
     .label_put = sql__label_put,
     .label_get = sql__label_get,
+    .label_history = sql__label_history,
     .audit_append = sql__audit_append,
     .audit_page = sql__audit_page,
 };

@@ -110,6 +110,11 @@ int sql__totp_use(fm_store *s, int64_t user_id, int64_t step, int confirm, fm_er
 int sql__totp_delete(fm_store *s, int64_t user_id, fm_errbuf *err);
 int sql__presence_reset(fm_store *s, const char *node, int64_t at_ms);
 int sql__presence_get(fm_store *s, const char *device_id, fm_presence *out);
+int sql__presence_changes(fm_store *s, int64_t after_rev, size_t limit,
+                          fm_presence_change_cb cb, void *ud);
+int sql__presence_rev(fm_store *s, int64_t *rev);
+int sql__label_history(fm_store *s, const char *device_id, const char *measurement_id,
+                       fm_label_cb cb, void *ud);
 int sql__measurement_page(fm_store *s, const fm_measurement_query *q, fm_record_cb cb,
                           void *ud);
 int sql__measurement_get(fm_store *s, const char *device_id, const char *measurement_id,

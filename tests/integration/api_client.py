@@ -281,6 +281,59 @@ def jwt_hs256(header, payload, secret):
 # Users through the command line
 
 
+class EventStream:
+    """A Server-Sent Events stream of the API (GET with a token), read event
+    by event: next(timeout) returns (event, data parsed as JSON) or raises
+    WaitTimeout. close() when done."""
+
+    def __init__(self, api, path, token):
+        self.conn = http.client.HTTPConnection(api.host, api.port, timeout=10)
+        self.conn.request("GET", API + path, headers={
+            "Authorization": f"Bearer {token}", "Accept": "text/event-stream"})
+        self.resp = self.conn.getresponse()
+        self.status = self.resp.status
+        self.sock = self.conn.sock
+
+    def next(self, timeout=10):
+        from helpers import WaitTimeout
+        deadline = time.monotonic() + timeout
+        event, data = "message", ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"no event within {timeout}s")
+            self.sock.settimeout(left)
+            try:
+                line = self.resp.fp.readline()
+            except (socket.timeout, TimeoutError):
+                raise WaitTimeout(f"no event within {timeout}s") from None
+            if not line:
+                raise WaitTimeout("the stream ended")
+            line = line.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif line == "" and data:
+                return event, json.loads(data)
+
+    def close(self):
+        self.conn.close()
+
+
+def totp(secret_b32, offset_steps=0, at=None):
+    """The RFC 6238 code of an authenticator app for secret_b32 (SHA-1,
+    30 s steps, 6 digits), offset_steps away from now (or from `at`)."""
+    import hashlib
+    import hmac
+    import struct
+    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    step = int((at if at is not None else time.time()) // 30) + offset_steps
+    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
+    o = mac[19] & 0x0F
+    return "%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7FFFFFFF) % 1000000)
+
+
 def add_user(platform, username, roles, tenant=TENANT, password=None, create_tenant=False):
     """`fleetml user add` with the password on stdin; returns the password."""
     password = password or strong_password(username)

@@ -843,10 +843,20 @@ class Device:
                           timeout, "the connection to be closed")
 
     def close(self):
+        """Disconnects cleanly: waits (briefly) until the DISCONNECT is sent
+        before the network thread stops, so the broker sees the device leave
+        at once rather than at its keepalive timeout."""
         self._stop.set()
         try:
             if self.started:
+                connected = self.client.is_connected()
+                n = len(self.disconnects)
                 self.client.disconnect()
+                if connected:
+                    try:
+                        self._wait(lambda: len(self.disconnects) > n, 2, "the DISCONNECT sent")
+                    except WaitTimeout:
+                        pass
                 self.client.loop_stop()
         except Exception:  # noqa: BLE001
             pass

@@ -4,25 +4,13 @@ secret the API hands out): enrolment, confirmation, sign-in with and
 without a code, replay, password change and disable needing the code, and
 an admin's reset for a lost phone."""
 
-import base64
-import hashlib
-import hmac
-import struct
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from api_client import Api, Users, add_user, check_error
+from api_client import Api, Users, add_user, check_error, totp
 from helpers import TENANT, wait_for
-
-
-def totp(secret_b32, offset_steps=0, at=None):
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    step = int((at if at is not None else time.time()) // 30) + offset_steps
-    mac = hmac.new(key, struct.pack(">Q", step), hashlib.sha1).digest()
-    o = mac[19] & 0x0F
-    return "%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7FFFFFFF) % 1000000)
 
 
 @pytest.fixture(scope="module")

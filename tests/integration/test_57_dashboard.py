@@ -4,6 +4,11 @@ serve` (tests/node/dashboard.mjs does the clicking and reports what it saw).
 
 - a measurement sent while a device's page is open appears on it, plotted,
   pushed by the server (Server-Sent Events), without a reload;
+- the fleet shows a device going online and offline as it happens (pushed
+  too), with its certificate's end date;
+- a label corrected on the page keeps its earlier value in the history;
+- a user with a second factor is asked for the one-time code and gets in
+  with it;
 - the page and its assets come from the binary, with a strict CSP (no inline
   script, this origin only) and no console error;
 - a wrong password gives a message; a device manager signs in and sees the
@@ -20,11 +25,12 @@ serve` (tests/node/dashboard.mjs does the clicking and reports what it saw).
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from api_client import Api, add_user
+from api_client import Api, EventStream, add_user, totp
 from helpers import Device, make_measurement, unique_id, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,9 +50,20 @@ def dash(module_platform):
     def setup(p):
         pw["mgr"] = add_user(p, "mgr", "device_manager,clinician")
         pw["oclin"] = add_user(p, "oclin", "clinician", tenant=OTHER, create_tenant=True)
+        pw["mfa"] = add_user(p, "mfa-clin", "clinician")
         p.run("device", "add", "other-dev", "--data", str(p.data), "--tenant", OTHER)
 
     p = module_platform("dash", devices=["dash-1"], setup=setup)
+    # mfa-clin enrols a second factor, confirmed with the previous step's
+    # code (accepted as clock drift) so the current step's is left for the
+    # browser's sign-in.
+    api = Api(p)
+    wait_for(lambda: time.time() % 30 < 22, 10, interval=0.2, msg="a fresh TOTP step")
+    tok = api.login("mfa-clin", pw["mfa"])["access_token"]
+    r = api.post("/me/mfa/totp", {"current_password": pw["mfa"]}, token=tok)
+    assert r.status == 201, r
+    pw["mfa_secret"] = r.json()["secret"]
+    api.ok("POST", "/me/mfa/totp/confirm", tok, body={"otp": totp(pw["mfa_secret"], -1)})
     dev = Device(p, "dash-1")
     try:
         dev.connect()
@@ -59,35 +76,58 @@ def dash(module_platform):
     return p, pw
 
 
+def measure(p, device, firmware=XSS):
+    mid = unique_id()
+    dev = Device(p, device)
+    try:
+        dev.connect()
+        dev.subscribe(dev.results_topic)
+        m, _ = dev.measure(make_measurement(mid, firmware=firmware), timeout=10)
+        assert m.json()["status"] == "ok", m.json()
+    finally:
+        dev.close()
+    return mid
+
+
 def browse(p, pw, screenshots=None):
+    """Runs tests/node/dashboard.mjs, answering what it asks for on its
+    stdout ("NEED <what>") on its stdin: a measurement (its id), a device
+    connecting or disconnecting, or the current one-time code."""
     args = {"url": f"http://127.0.0.1:{p.http_port}/", "tenant": "demo-hospital",
             "other_tenant": OTHER, "manager": ["mgr", pw["mgr"]],
-            "other_clinician": ["oclin", pw["oclin"]], "device": "dash-1",
-            "screenshots": str(screenshots) if screenshots else None}
+            "other_clinician": ["oclin", pw["oclin"]], "mfa_user": ["mfa-clin", pw["mfa"]],
+            "device": "dash-1", "screenshots": str(screenshots) if screenshots else None}
     proc = subprocess.Popen(["node", str(NODE / "dashboard.mjs"), json.dumps(args)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=NODE)
-    out, lines = None, []
+    out, lines, held = None, [], None
     try:
         for line in proc.stdout:
             lines.append(line)
-            if line.strip() == "NEED_MEASUREMENT":
-                # The page is open and says it is live: the device measures.
-                mid = unique_id()
-                dev = Device(p, "dash-1")
-                try:
-                    dev.connect()
-                    dev.subscribe(dev.results_topic)
-                    m, _ = dev.measure(make_measurement(mid, firmware=XSS), timeout=10)
-                    assert m.json()["status"] == "ok", m.json()
-                finally:
-                    dev.close()
-                proc.stdin.write(f"sent {mid}\n")
-                proc.stdin.flush()
+            need = line.split()[1:] if line.startswith("NEED ") else None
+            if need == ["measurement"]:
+                answer = measure(p, "dash-1")
+            elif need == ["connect"]:
+                held = Device(p, "dash-1")
+                held.connect()
+                answer = "connected"
+            elif need == ["disconnect"]:
+                held.close()
+                held = None
+                answer = "disconnected"
+            elif need == ["otp"]:
+                answer = totp(pw["mfa_secret"])
             elif line.startswith("{"):
                 out = json.loads(line)
+                continue
+            else:
+                continue
+            proc.stdin.write(f"{answer}\n")
+            proc.stdin.flush()
         rc = proc.wait(240)
     finally:
+        if held:
+            held.close()
         if proc.poll() is None:
             proc.kill()
     err = proc.stderr.read()
@@ -118,6 +158,11 @@ def test_dashboard_in_chromium(dash):
 
     assert "Wrong" in out["wrong_password_message"], out["wrong_password_message"]
     assert "dash-1" in out["fleet_devices"] and "other-dev" not in out["fleet_devices"]
+    # Presence pushed to the open fleet page: online, then offline.
+    assert out["presence_seen"] == ["offline", "online", "offline"], out["presence_seen"]
+    # The certificate's end: `device add` issues one for the default term
+    # (a date, not "unknown").
+    assert any(c.isdigit() for c in out["fleet_cert"]), out["fleet_cert"]
 
     assert out["plot_pixels"] > 1000, "the sweep was not drawn"
     outputs = dict(out["outputs"])
@@ -138,8 +183,15 @@ def test_dashboard_in_chromium(dash):
     api = Api(p)
     tok = api.login("mgr", pw["mgr"])["access_token"]
     detail = api.ok("GET", f"/devices/dash-1/measurements/{mid}", tok)
-    assert detail["label"]["outputs"] == {"hematocrit_pct": 41.5}, detail["label"]
+    # (The page corrected 41.5 to 42: the current label is the correction.)
+    assert detail["label"]["outputs"] == {"hematocrit_pct": 42}, detail["label"]
     assert detail["label"]["source"] == "lab" and detail["label"]["labelled_by"] == "mgr"
+    # Corrected on the page: the current label is the correction, the
+    # earlier value is in the history (page and API).
+    assert "Hematocrit 42 (lab" in out["corrected_label_text"], out["corrected_label_text"]
+    assert any("41.5" in t for t in out["label_history"]), out["label_history"]
+    hist = api.ok("GET", f"/devices/dash-1/measurements/{mid}/labels", tok)["items"]
+    assert [x["outputs"]["hematocrit_pct"] for x in hist] == [41.5, 42], hist
 
     # Desired state changed on the page is the shadow's, with a delta.
     assert out["desired_bad_json"] == "That is not JSON."
@@ -170,6 +222,10 @@ def test_dashboard_in_chromium(dash):
     assert out["other_device_page"] == "Not found."
     assert out["tablet_overflow"] is False
 
+    # A second factor: the page asks for the code, and the code lets her in.
+    assert "one-time code" in out["mfa_prompt"], out["mfa_prompt"]
+    assert out["mfa_signed_in"] == "mfa-clin · demo-hospital", out["mfa_signed_in"]
+
 
 def test_assets_and_their_headers(dash):
     p, _ = dash
@@ -198,3 +254,38 @@ def test_event_stream_access(dash):
     assert r.status == 401
     tok = api.login("oclin", pw["oclin"], tenant=OTHER)["access_token"]
     assert api.get("/devices/dash-1/events", token=tok).status == 404
+
+
+def test_fleet_stream_is_the_tenants(dash):
+    """GET /fleet/events: a device connecting and leaving is pushed to its
+    tenant's users, never to another hospital's; the measurement's label
+    history is readable through the API."""
+    p, pw = dash
+    api = Api(p)
+    assert api.get("/fleet/events").status == 401
+    mine = EventStream(api, "/fleet/events", api.login("oclin", pw["oclin"], tenant=OTHER)["access_token"])
+    theirs = EventStream(api, "/fleet/events", api.login("mgr", pw["mgr"])["access_token"])
+    try:
+        assert mine.status == 200 and theirs.status == 200
+        assert mine.next() == ("ready", {"tenant": OTHER})
+        assert theirs.next() == ("ready", {"tenant": "demo-hospital"})
+        dev = Device(p, "other-dev")
+        dev.connect()
+        ev, data = mine.next()
+        assert ev == "presence" and data["device"] == "other-dev" and data["online"] is True, data
+        assert data["tenant"] == OTHER and data["changed_at"], data
+        dev.close()
+        ev, data = mine.next()
+        assert ev == "presence" and data["device"] == "other-dev" and data["online"] is False
+        # The other hospital's stream saw nothing of it (only keepalives).
+        with pytest.raises(AssertionError):
+            theirs.next(timeout=1.5)
+    finally:
+        mine.close()
+        theirs.close()
+    # Label history of a measurement nobody labelled: empty, not an error;
+    # of another hospital's device: not found.
+    tok = api.login("mgr", pw["mgr"])["access_token"]
+    assert api.ok("GET", "/devices/dash-1/measurements/nope/labels", tok) == {"items": []}
+    otok = api.login("oclin", pw["oclin"], tenant=OTHER)["access_token"]
+    assert api.get("/devices/dash-1/measurements/nope/labels", token=otok).status == 404

@@ -2,19 +2,21 @@
 // tests/integration/test_57_dashboard.py, which prepares the platform and
 // checks what this reports. Usage: node dashboard.mjs '<json args>'
 //   args: {url, tenant, other_tenant, manager: [user, password],
-//          other_clinician: [user, password], device, screenshots: dir|null}
+//          other_clinician: [user, password], mfa_user: [user, password],
+//          device, screenshots: dir|null}
 // Prints one JSON object of observations; exits 1 (with {"error": ...}) if
 // a step cannot be carried out.
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
-// The test sends a measurement when asked ("NEED_MEASUREMENT" on stdout) and
-// answers "sent <id>" on stdin.
+// The test does what is asked on stdout ("NEED measurement|connect|
+// disconnect|otp") and answers one line on stdin (the measurement's id, the
+// one-time code, ...).
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-async function askForMeasurement() {
-  console.log("NEED_MEASUREMENT");
+async function ask(what) {
+  console.log(`NEED ${what}`);
   const { value } = await lines.next();
-  return String(value || "").replace(/^sent /, "").trim();
+  return String(value || "").trim();
 }
 
 const args = JSON.parse(process.argv[2]);
@@ -70,8 +72,24 @@ try {
   await signIn(page, args.tenant, args.manager);
   await page.waitForSelector("table#fleet");
   out.fleet_devices = await page.$$eval("table#fleet tbody tr", (rows) => rows.map((r) => r.dataset.device));
+  out.fleet_cert = await page.$eval(`tr[data-device="${args.device}"] td:nth-child(6)`, (td) => td.textContent);
   step("fleet");
+
+  // Presence, pushed: the device connects, then leaves, while the page is open.
+  const presence = `td[data-presence="${args.device}"]`;
+  // The device left at the end of the set-up: offline (its report may land
+  // after the page opened, and is then pushed too).
+  await page.waitForFunction(() => document.getElementById("live")?.textContent === "live");
+  await page.waitForFunction((sel) => document.querySelector(sel)?.textContent === "offline", presence, { timeout: 15000 });
+  out.presence_seen = [await page.textContent(presence)];
+  await ask("connect");
+  await page.waitForFunction((sel) => document.querySelector(sel)?.textContent === "online", presence, { timeout: 15000 });
+  out.presence_seen.push(await page.textContent(presence));
   await shot(page, "fleet");
+  await ask("disconnect");
+  await page.waitForFunction((sel) => document.querySelector(sel)?.textContent === "offline", presence, { timeout: 15000 });
+  out.presence_seen.push(await page.textContent(presence));
+  step("presence");
 
   // The device page: the sweep plotted, the result with units and ranges.
   await page.click(`a[href="#/devices/${args.device}"]`);
@@ -93,7 +111,7 @@ try {
   // Live: a measurement sent now appears on top, plotted, without a reload.
   await page.waitForFunction(() => document.getElementById("live")?.textContent === "live");
   const before = Date.now();
-  const mid = await askForMeasurement();
+  const mid = await ask("measurement");
   await page.waitForSelector(`table#measurements tbody tr[data-measurement="${mid}"]`, { timeout: 15000 });
   await page.waitForFunction((id) => document.querySelector("#plot .u-title")?.textContent === `Sweep ${id}`, mid);
   out.live_ms = Date.now() - before;
@@ -109,6 +127,15 @@ try {
   out.label_text = await page.textContent("#label");
   out.labelled_measurement = await page.$eval("table#measurements tr.selected", (r) => r.dataset.measurement);
   step("label");
+
+  // A correction: the new value is the label, the earlier one its history.
+  await page.fill("#label-hct", "42");
+  await page.click("#label-save");
+  await page.waitForFunction(() => document.getElementById("label")?.textContent.includes("42 "));
+  await page.waitForSelector("#label-history li[data-label-at]");
+  out.corrected_label_text = await page.textContent("#label");
+  out.label_history = await page.$$eval("#label-history li[data-label-at]", (els) => els.map((e) => e.textContent));
+  step("label correction");
   await shot(page, "label");
 
   // The shadow's desired state, changed with a merge patch (bad JSON first).
@@ -151,6 +178,19 @@ try {
   await page.setViewportSize({ width: 800, height: 1100 });
   out.tablet_overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth);
   step("tablet");
+
+  // A user with a second factor: asked for the code, then signed in.
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.click("#signout");
+  await page.waitForSelector("form#signin");
+  await signIn(page, args.tenant, args.mfa_user);
+  await page.waitForSelector("input[name=otp]:visible");
+  out.mfa_prompt = await page.textContent("#signin-error");
+  await page.fill("input[name=otp]", await ask("otp"));
+  await page.click("form#signin button[type=submit]");
+  await page.waitForSelector("table#fleet");
+  out.mfa_signed_in = await page.textContent("#who");
+  step("second factor");
   await context.close();
 } catch (e) {
   out.error = String(e && e.stack || e);

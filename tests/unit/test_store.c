@@ -687,6 +687,119 @@ static void doc_acc_free(doc_acc *a)
     a->n = 0;
 }
 
+typedef struct changes_acc {
+    int n;
+    int64_t rev[16];
+    char dev[16][16];
+    char tenant[16][8];
+    int online[16];
+    int64_t changed[16];
+} changes_acc;
+
+static int on_change(void *ud, const fm_presence_change *c)
+{
+    changes_acc *a = ud;
+    if (a->n < 16) {
+        a->rev[a->n] = c->rev;
+        snprintf(a->dev[a->n], sizeof a->dev[0], "%s", c->device_id);
+        snprintf(a->tenant[a->n], sizeof a->tenant[0], "%s", c->tenant);
+        a->online[a->n] = c->online;
+        a->changed[a->n] = c->changed_ms;
+    }
+    a->n++;
+    return 0;
+}
+
+/* Presence changes come back in commit order (rev), each device once in its
+ * newest state, reset included; a reader passing the last rev it saw gets
+ * only what changed since; the limit pages them. */
+static void test_presence_changes(void **state)
+{
+    fx *f = *state;
+    add_device(f, "dev-2", "t2", "", "");
+    int64_t rev = -1;
+    assert_int_equal(fm_store_presence_rev(f->st, &rev), 0);
+    assert_int_equal(rev, 0);
+    changes_acc a = {0};
+    assert_int_equal(fm_store_presence_changes(f->st, 0, 10, on_change, &a), 0);
+    assert_int_equal(a.n, 0);
+
+    assert_int_equal(presence1(f, "dev-1", 1, 100), 0);
+    assert_int_equal(presence1(f, "dev-2", 1, 110), 0);
+    assert_int_equal(presence1(f, "ghost", 1, 120), 0); /* unknown: no change */
+    assert_int_equal(fm_store_presence_changes(f->st, 0, 10, on_change, &a), 0);
+    assert_int_equal(a.n, 2);
+    assert_string_equal(a.dev[0], "dev-1");
+    assert_string_equal(a.tenant[0], "t1");
+    assert_string_equal(a.dev[1], "dev-2");
+    assert_string_equal(a.tenant[1], "t2");
+    assert_true(a.rev[0] > 0 && a.rev[1] > a.rev[0]);
+    assert_int_equal(a.online[1], 1);
+    assert_int_equal(a.changed[1], 110);
+    int64_t seen = a.rev[1];
+    assert_int_equal(fm_store_presence_rev(f->st, &rev), 0);
+    assert_int_equal(rev, seen);
+
+    /* dev-1 leaves and comes back: one change, its newest state; a late,
+     * older report is not a change. */
+    assert_int_equal(presence1(f, "dev-1", 0, 200), 0);
+    assert_int_equal(presence1(f, "dev-1", 1, 300), 0);
+    assert_int_equal(presence1(f, "dev-1", 0, 250), 0);
+    memset(&a, 0, sizeof a);
+    assert_int_equal(fm_store_presence_changes(f->st, seen, 10, on_change, &a), 0);
+    assert_int_equal(a.n, 1);
+    assert_string_equal(a.dev[0], "dev-1");
+    assert_int_equal(a.online[0], 1);
+    assert_int_equal(a.changed[0], 300);
+    seen = a.rev[0];
+
+    /* The broker restarts: both go offline, each with a rev of its own,
+     * after every earlier one. */
+    assert_int_equal(fm_store_presence_reset(f->st, "n1", 1000), 0);
+    memset(&a, 0, sizeof a);
+    assert_int_equal(fm_store_presence_changes(f->st, seen, 10, on_change, &a), 0);
+    assert_int_equal(a.n, 2);
+    assert_true(a.rev[0] > seen && a.rev[1] > a.rev[0]);
+    assert_int_equal(a.online[0], 0);
+    assert_int_equal(a.online[1], 0);
+    assert_int_equal(a.changed[0], 1000);
+    /* Paged: one at a time. */
+    memset(&a, 0, sizeof a);
+    assert_int_equal(fm_store_presence_changes(f->st, seen, 1, on_change, &a), 0);
+    assert_int_equal(a.n, 1);
+    int64_t first = a.rev[0];
+    memset(&a, 0, sizeof a);
+    assert_int_equal(fm_store_presence_changes(f->st, first, 1, on_change, &a), 0);
+    assert_int_equal(a.n, 1);
+    assert_true(a.rev[0] > first);
+}
+
+/* The device list shows when a device's certificate ends: the latest
+ * not-after of its active (or grace) certificates, none once revoked. */
+static void test_presence_cert_expiry(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    fm_presence p;
+    assert_int_equal(fm_store_presence_get(f->st, "dev-1", &p), 0);
+    assert_int_equal(p.cert_expires_ms, 0);
+    assert_int_equal(fm_store_cert_add(f->st, "dev-1", "0a", "", 5000, &err), 0);
+    assert_int_equal(fm_store_cert_add(f->st, "dev-1", "0b", "", 9000, &err), 0);
+    assert_int_equal(fm_store_presence_get(f->st, "dev-1", &p), 0);
+    assert_int_equal(p.cert_expires_ms, 9000);
+    /* Registered with its first certificate's expiry (direct issue). */
+    fm_device d = {.status = FM_DEVICE_ACTIVE, .cert_not_after_ms = 7777};
+    snprintf(d.id, sizeof d.id, "dev-9");
+    snprintf(d.tenant, sizeof d.tenant, "t1");
+    snprintf(d.cert_serial, sizeof d.cert_serial, "0c");
+    assert_int_equal(fm_store_device_add(f->st, &d, &err), 0);
+    assert_int_equal(fm_store_presence_get(f->st, "dev-9", &p), 0);
+    assert_int_equal(p.cert_expires_ms, 7777);
+    assert_int_equal(fm_store_device_revoke(f->st, "dev-1", &err), 0);
+    assert_int_equal(fm_store_presence_get(f->st, "dev-1", &p), 0);
+    assert_int_equal(p.cert_expires_ms, 0);
+}
+
 static const char *jget(json_t *o, const char *k)
 {
     return json_string_value(json_object_get(o, k));
@@ -774,6 +887,22 @@ static void test_labels(void **state)
     assert_string_equal(a.tenant[2], "t2");
     assert_string_equal(jget(a.doc[2], "tenant"), "t2");
     doc_acc_free(&a);
+
+    /* A measurement's history: its labels only, oldest first, with the
+     * values each had; none for one never labelled. */
+    doc_acc hist = {0};
+    assert_int_equal(fm_store_label_history(f->st, "dev-1", "m1", on_label_row, &hist), 0);
+    assert_int_equal(hist.n, 2);
+    assert_int_equal(hist.seq[0], first);
+    assert_int_equal(hist.seq[1], l2.seq);
+    assert_string_equal(jget(hist.doc[0], "source"), "lab:capillary");
+    assert_int_equal(hist.at[0], 5000);
+    assert_true(json_real_value(json_object_get(json_object_get(hist.doc[1], "outputs"),
+                                                "viscosity")) == 1.5);
+    doc_acc_free(&hist);
+    doc_acc none = {0};
+    assert_int_equal(fm_store_label_history(f->st, "dev-1", "nope", on_label_row, &none), 0);
+    assert_int_equal(none.n, 0);
 }
 
 typedef struct audit_acc {
@@ -1008,6 +1137,8 @@ int main(void)
         cmocka_unit_test(test_unknown_backend),
         cmocka_unit_test_setup_teardown(test_leases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_presence, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_presence_changes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_presence_cert_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_device_page, setup, teardown),
         cmocka_unit_test_setup_teardown(test_measurement_page, setup, teardown),
         cmocka_unit_test_setup_teardown(test_measurement_get, setup, teardown),

@@ -74,33 +74,80 @@ async function allDevices() {
   return out;
 }
 
+// A certificate ending within this many days is flagged in the fleet.
+const CERT_WARN_DAYS = 30;
+
+function certCell(iso) {
+  if (!iso) return h("td", { class: "range" }, "unknown");
+  const days = (new Date(iso).getTime() - Date.now()) / 86400000;
+  const soon = days < CERT_WARN_DAYS;
+  return h("td", { class: soon ? "error" : "", title: iso },
+    new Date(iso).toLocaleDateString(), soon ? ` (${days < 0 ? "expired" : `${Math.ceil(days)} days`})` : "");
+}
+
+function presenceCell(d) {
+  return h("td", { class: d.online ? "online" : "offline", "data-presence": d.id }, d.online ? "online" : "offline");
+}
+
 async function fleetPage() {
+  // The stream opens first and the list is read once it is live, so no
+  // change falls between the two; changes that arrive before the list are
+  // applied after it, in order (each is a device's state at that moment).
+  const $live = h("span", { id: "live", class: "range" }, "connecting");
+  let apply = null;
+  const early = [];
+  const ready = new Promise((resolve) => startLive("/fleet/events", (ev, p) => {
+    if (ev !== "presence") return;
+    if (apply) apply(p);
+    else early.push(p);
+  }, $live, resolve));
+  await Promise.race([ready, new Promise((resolve) => setTimeout(resolve, 3000))]);
   const devices = await allDevices();
+  const byId = new Map(devices.map((d) => [d.id, d]));
   const search = h("input", { type: "search", placeholder: "Search id, firmware, group", id: "search", "aria-label": "Search" });
   const status = h("select", { id: "status-filter", "aria-label": "Status" },
     h("option", { value: "" }, "Any status"),
     ["active", "disabled", "revoked"].map((s) => h("option", { value: s }, s)));
+  const online = h("select", { id: "online-filter", "aria-label": "Connection" },
+    h("option", { value: "" }, "Online or not"),
+    h("option", { value: "online" }, "online"), h("option", { value: "offline" }, "offline"));
+  const count = h("span", { class: "range", id: "fleet-count" });
   const body = h("tbody");
   const fill = () => {
     const q = search.value.trim().toLowerCase();
     const rows = devices.filter((d) => (!status.value || d.status === status.value) &&
+      (!online.value || (online.value === "online") === !!d.online) &&
       (!q || [d.id, d.firmware, d.group, d.model].some((v) => (v || "").toLowerCase().includes(q))));
+    const n = devices.filter((d) => d.online).length;
+    count.textContent = `${devices.length} devices, ${n} online`;
     body.replaceChildren(...rows.map((d) => h("tr", { "data-device": d.id },
       h("td", {}, h("a", { href: `#/devices/${encodeURIComponent(d.id)}` }, d.id)),
       h("td", {}, d.status),
-      h("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
+      presenceCell(d),
       h("td", {}, when(d.last_seen)),
       h("td", { class: "firmware" }, d.firmware),
+      certCell(d.cert_expires_at),
       h("td", {}, d.group))));
   };
   search.addEventListener("input", fill);
   status.addEventListener("change", fill);
+  online.addEventListener("change", fill);
+  // Devices connecting and disconnecting, pushed as they happen.
+  apply = (p) => {
+    const d = byId.get(p.device);
+    if (!d) return;
+    d.online = p.online;
+    if (p.changed_at && (!d.last_seen || p.changed_at > d.last_seen)) d.last_seen = p.changed_at;
+    fill();
+  };
+  early.forEach(apply);
   fill();
   show(h("h1", {}, "Fleet"),
-    h("div", { class: "toolbar" }, search, status, h("span", { class: "range" }, `${devices.length} devices`)),
-    h("table", { id: "fleet" },
-      h("thead", {}, h("tr", {}, ["Device", "Status", "Connection", "Last seen", "Firmware", "Group"].map((c) => h("th", {}, c)))),
-      body));
+    h("div", { class: "toolbar" }, search, status, online, count, $live),
+    h("div", { class: "scroll" }, h("table", { id: "fleet" },
+      h("thead", {}, h("tr", {}, ["Device", "Status", "Connection", "Last seen", "Firmware", "Certificate until", "Group"]
+        .map((c) => h("th", {}, c)))),
+      body)));
 }
 
 // ---- device -----------------------------------------------------------------------
@@ -212,19 +259,34 @@ function shadowBox(id, shadow) {
 }
 
 // The reference value a clinician enters for a measurement (e.g. the lab's
-// hematocrit), stored as the measurement's label for retraining.
+// hematocrit), stored as the measurement's label for retraining, with every
+// earlier value it corrected (the label log) listed under it.
+function labelText(l) {
+  return `${Object.entries(l.outputs).map(([k, v]) => `${OUTPUT_NAMES[k] || k} ${v}`).join(", ")}` +
+    ` (${l.source}, by ${l.labelled_by}, ${when(l.labelled_at)})`;
+}
+
 function labelBox(detail, refresh) {
   const cur = detail.label;
-  const shown = h("p", { id: "label" }, cur
-    ? `Label: ${Object.entries(cur.outputs).map(([k, v]) => `${OUTPUT_NAMES[k] || k} ${v}`).join(", ")}` +
-      ` (${cur.source}, by ${cur.labelled_by}, ${when(cur.labelled_at)})`
-    : "No label yet.");
-  if (!hasAny(["clinician"])) return h("div", {}, shown);
+  const shown = h("p", { id: "label" }, cur ? `Label: ${labelText(cur)}` : "No label yet.");
+  const history = h("ol", { id: "label-history", class: "range" });
+  if (cur) {
+    api("GET", `/devices/${encodeURIComponent(detail.device_id)}/measurements/${encodeURIComponent(detail.id)}/labels`)
+      .then((r) => {
+        const earlier = (r.items || []).slice(0, -1); // the last is the current one
+        if (earlier.length)
+          history.replaceChildren(h("li", { class: "plain" }, "Corrected from:"),
+            ...earlier.reverse().map((l) => h("li", { "data-label-at": l.labelled_at }, labelText(l))));
+      })
+      .catch(() => { /* the current label is shown either way */ });
+  }
+  if (!hasAny(["clinician"])) return h("div", {}, shown, history);
   const err = h("p", { class: "error", id: "label-error" });
   const input = h("input", { id: "label-hct", type: "number", step: "0.1", min: "0", max: "100", required: true,
     "aria-label": "Lab hematocrit (%)" });
   const form = h("form", { class: "toolbar", id: "label-form" },
-    h("label", {}, "Lab hematocrit (%)", input), h("button", { type: "submit", id: "label-save" }, "Save label"), err);
+    h("label", {}, cur ? "Correct: lab hematocrit (%)" : "Lab hematocrit (%)", input),
+    h("button", { type: "submit", id: "label-save" }, cur ? "Save correction" : "Save label"), err);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     err.textContent = "";
@@ -236,7 +298,7 @@ function labelBox(detail, refresh) {
       err.textContent = e.status === 403 ? "You are not allowed to label measurements." : `Not saved: ${e.message}`;
     }
   });
-  return h("div", {}, shown, form);
+  return h("div", {}, shown, history, form);
 }
 
 async function deviceAction(id, what) {
@@ -316,15 +378,15 @@ async function devicePage(id) {
   }
   if (page.items.length) await select(page.items[0], rows.firstChild);
   else resultBox.append(h("p", { class: "range" }, "No measurements yet."));
-  startLive(id, arrived, $live);
+  startLive(`/devices/${enc}/events`, (ev, m) => { if (ev === "measurement") arrived(m); }, $live);
 }
 
-// ---- live measurements ------------------------------------------------------------
+// ---- live streams ------------------------------------------------------------------
 
-// Server-Sent Events from GET /devices/{id}/events, read with fetch() so the
-// token goes in the Authorization header (EventSource cannot send one). The
-// stream ends when the access token expires; it is then reopened with a
-// renewed token. Only one stream is open: the device page's.
+// Server-Sent Events (GET /devices/{id}/events, GET /fleet/events), read with
+// fetch() so the token goes in the Authorization header (EventSource cannot
+// send one). A stream ends when the access token expires; it is then reopened
+// with a renewed token. Only one stream is open: the shown page's.
 let live = null;
 
 function stopLive() {
@@ -332,14 +394,16 @@ function stopLive() {
   live = null;
 }
 
-function startLive(id, onMeasurement, $state) {
+// onEvent(name, data) for each event but "ready", which sets $state to "live"
+// and calls onReady (if given) the first time.
+function startLive(path, onEvent, $state, onReady) {
   stopLive();
   const ctl = new AbortController();
   live = ctl;
   const run = async (attempt) => {
     if (ctl.signal.aborted) return;
     try {
-      let r = await fetch(`${API}/devices/${encodeURIComponent(id)}/events`, {
+      let r = await fetch(API + path, {
         headers: { Authorization: `Bearer ${session.access}`, Accept: "text/event-stream" },
         signal: ctl.signal, cache: "no-store", credentials: "omit",
       });
@@ -363,8 +427,13 @@ function startLive(id, onMeasurement, $state) {
             if (line.startsWith("event:")) event = line.slice(6).trim();
             else if (line.startsWith("data:")) data += line.slice(5).trim();
           }
-          if (event === "ready") { $state.textContent = "live"; attempt = 0; }
-          else if (event === "measurement") onMeasurement(JSON.parse(data));
+          if (event === "ready") {
+            $state.textContent = "live";
+            attempt = 0;
+            if (onReady) onReady();
+            onReady = null;
+          }
+          else if (data) onEvent(event, JSON.parse(data));
         }
       }
     } catch (e) {
