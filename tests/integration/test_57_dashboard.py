@@ -150,11 +150,15 @@ def test_dashboard_in_chromium(dash):
     assert out["console_errors"] == [], out["console_errors"]
     assert out["failed_loads"] == [], out["failed_loads"]
     # The only API errors are the ones the scenario provokes: the wrong
-    # password, and the other hospital asking for this device.
+    # password (and the missing second factor), the spoilt access token
+    # (the fleet's list and stream, renewed), and the other hospital asking
+    # for this device.
     errs = set(out["api_errors"])
-    assert "401 /api/v1/auth/login" in errs and "404 /api/v1/devices/dash-1" in errs, errs
-    assert all(e == "401 /api/v1/auth/login" or e.startswith("404 /api/v1/devices/dash-1")
-               for e in errs), errs
+    provoked = {"401 /api/v1/auth/login", "401 /api/v1/devices", "401 /api/v1/fleet/events"}
+    assert {"401 /api/v1/auth/login", "401 /api/v1/fleet/events",
+            "404 /api/v1/devices/dash-1"} <= errs, errs
+    assert all(e in provoked or e.startswith("404 /api/v1/devices/dash-1") for e in errs), errs
+    assert out["renewed"] is True
 
     assert "Wrong" in out["wrong_password_message"], out["wrong_password_message"]
     assert "dash-1" in out["fleet_devices"] and "other-dev" not in out["fleet_devices"]

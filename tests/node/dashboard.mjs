@@ -91,6 +91,24 @@ try {
   out.presence_seen.push(await page.textContent(presence));
   step("presence");
 
+  // Session renewal: the access token is no longer accepted (here: spoilt),
+  // the page renews it with the refresh token and carries on.
+  const before_renewal = await page.evaluate(() => {
+    const s = JSON.parse(sessionStorage.getItem("fleetml.session"));
+    const old = s.refresh;
+    s.access = "spoilt";
+    sessionStorage.setItem("fleetml.session", JSON.stringify(s));
+    return old;
+  });
+  await page.reload();
+  await page.waitForSelector("table#fleet");
+  await page.waitForFunction(() => document.getElementById("live")?.textContent === "live");
+  out.renewed = await page.evaluate((old) => {
+    const s = JSON.parse(sessionStorage.getItem("fleetml.session"));
+    return s.access !== "spoilt" && s.refresh !== old;
+  }, before_renewal);
+  step("renewal");
+
   // The device page: the sweep plotted, the result with units and ranges.
   await page.click(`a[href="#/devices/${args.device}"]`);
   await page.waitForSelector("#plot canvas");
