@@ -44,6 +44,8 @@ typedef struct fm_http_opts {
     /* Where POST /models/{name}/predict?store=true submits measurements
      * (the same pipeline devices use). NULL: such requests answer 503. */
     struct fm_pipeline *pipeline;
+    /* This node's functions, listed by GET /functions; NULL: none. */
+    struct fm_fn_registry *functions;
 } fm_http_opts;
 
 /* Starts the listener on cfg->http_bind:http_port (HTTPS when http.tls is

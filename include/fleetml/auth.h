@@ -84,6 +84,7 @@ int fm_username_normalize(const char *in, char *out, size_t out_len);
  *   models.deploy          x                  x                           x
  *   data.export                               x                           x
  *   audit.read             x                                              x
+ *   rules.manage           x                  x                           x
  *
  * Actions on oneself (read /me, change one's own password, log out) need no
  * role. An admin does not read clinical data by default: that is what the

@@ -11,6 +11,7 @@
  *   [store]     backend (sqlite)
  *   [lake]      backend (fs), dir, roll_bytes, roll_seconds
  *   [model]     dir
+ *   [functions] dir;  [rules] retry_base_ms
  *
  * Every key has a default; unknown sections or keys are errors so typos are
  * caught at start-up rather than silently ignored.
@@ -40,6 +41,8 @@
  *   store.backend           sqlite | postgres (postgres: accepted, not built)
  *   lake.backend            fs | s3 (s3: accepted, not built)   (fs)
  *   lake.dir                path, or empty for <data>/lake     (<data>/lake)
+ *   functions.dir           path, or empty for <data>/functions (<data>/functions)
+ *   rules.retry_base_ms     100..600000                        (1000)
  *   lake.roll_bytes         4096..1073741824                   (8388608)
  *   lake.roll_seconds       1..3600                            (60)
  *   model.dir               non-empty path                     ($FM_MODEL_DIR if
@@ -110,6 +113,8 @@ typedef struct fm_config {
     char store_url[512];          /* postgres://user@host:port/db (store.backend = postgres) */
     char lake_backend[16];
     char lake_dir[PATH_MAX];
+    char functions_dir[PATH_MAX]; /* <data>/functions by default */
+    int rules_retry_base_ms;
     long lake_roll_bytes;
     int lake_roll_seconds;
     /* lake.backend = s3 (src/lake/s3.c); empty strings take the standard

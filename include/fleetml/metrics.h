@@ -104,4 +104,14 @@ void fm_metrics_drift_set(const char *tenant, const char *model, double psi);
 
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len);
 
+/* Series whose labels come and go (functions, rules) are rendered by their
+ * subsystem: fn(ud, b) appends complete Prometheus families to b at the
+ * end of every fm_metrics_render. At most FM_METRICS_SOURCES at once;
+ * fm_metrics_add_source returns 0 or FM_ERANGE. fm_metrics_remove_source
+ * waits for a render in progress, so ud may be freed once it returns. */
+#define FM_METRICS_SOURCES 8
+typedef void (*fm_metrics_source_fn)(void *ud, fm_strbuf *b);
+int fm_metrics_add_source(fm_metrics_source_fn fn, void *ud);
+void fm_metrics_remove_source(fm_metrics_source_fn fn, void *ud);
+
 #endif

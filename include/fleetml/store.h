@@ -292,6 +292,8 @@ typedef int (*fm_quarantine_cb)(void *ud, const fm_quarantine *q);
  *   api       presence, pages, labels, audit        sqlite_api.c
  *   models    the model registry, deployments,      sqlite_models.c
  *             drift, training jobs
+ *   rules     rules, their positions, invocation    sqlite_rules.c
+ *             log
  * The lake's document formats live in src/lake/, never in a backend. */
 typedef struct fm_store_vtable {
     const char *name;
@@ -524,6 +526,47 @@ typedef struct fm_store_models_vt {
     int (*job_fail_running)(fm_store *s, const char *node, int64_t now_ms, fm_errbuf *err);
 } fm_store_models_vt;
 
+/* ---- rules (fleetml/rules.h) ---------------------------------------------- */
+
+/* A tenant's rule as stored: the checked document and how far the engine
+ * got in its event source. Strings are borrowed (for the callback's
+ * duration on read). */
+typedef struct fm_rule_row {
+    const char *tenant;
+    const char *name;
+    const char *spec_json;  /* the checked rule document (fm_rule_check) */
+    int64_t position;       /* last source position handled (seq, rev, ...) */
+    const char *updated_by;
+    int64_t updated_ms;
+} fm_rule_row;
+typedef int (*fm_rule_cb)(void *ud, const fm_rule_row *r);
+
+/* One delivery attempt of an event to a rule's target. */
+typedef struct fm_rule_log {
+    int64_t seq;            /* assigned by the store */
+    const char *tenant;
+    const char *rule;
+    const char *event_id;
+    const char *target;     /* "webhook", "function:notify", "dead-letter", ... */
+    const char *outcome;    /* "ok", "failed", "dead-lettered", "filtered-error" */
+    int attempt;            /* 1 for the first */
+    int64_t duration_us;
+    const char *error;      /* "" when ok */
+    int64_t at_ms;
+} fm_rule_log;
+typedef int (*fm_rule_log_cb)(void *ud, const fm_rule_log *l);
+
+typedef struct fm_store_rules_vt {
+    int (*rule_put)(fm_store *s, const fm_rule_row *r, int *created, fm_errbuf *err);
+    int (*rule_list)(fm_store *s, const char *tenant, const char *name, fm_rule_cb cb, void *ud);
+    int (*rule_delete)(fm_store *s, const char *tenant, const char *name, fm_errbuf *err);
+    int (*rule_position)(fm_store *s, const char *tenant, const char *name, int64_t position,
+                         fm_errbuf *err);
+    int (*rule_log_add)(fm_store *s, fm_rule_log *l, fm_errbuf *err);
+    int (*rule_log_page)(fm_store *s, const char *tenant, const char *rule, int64_t before_seq,
+                         size_t limit, fm_rule_log_cb cb, void *ud);
+} fm_store_rules_vt;
+
 struct fm_store {
     const fm_store_vtable *vt;
     const fm_store_records_vt *records;
@@ -532,7 +575,40 @@ struct fm_store {
     const fm_store_users_vt *users;
     const fm_store_api_vt *api;
     const fm_store_models_vt *models;
+    const fm_store_rules_vt *rules;
 };
+
+/* Creates or replaces rule (tenant, name): a new rule starts at
+ * r->position; a replaced one keeps its position (what it has handled
+ * stays handled). *created (may be NULL) says which. 0, FM_ENOTFOUND
+ * (unknown tenant), FM_EDB. */
+static inline int fm_store_rule_put(fm_store *s, const fm_rule_row *r, int *created,
+                                    fm_errbuf *err)
+{ return s->rules->rule_put(s, r, created, err); }
+/* Calls cb for the rules of tenant (NULL: every tenant's) ordered by
+ * (tenant, name); name non-NULL: only that one. 0 or FM_EDB. */
+static inline int fm_store_rule_list(fm_store *s, const char *tenant, const char *name,
+                                     fm_rule_cb cb, void *ud)
+{ return s->rules->rule_list(s, tenant, name, cb, ud); }
+/* Deletes a rule and its log. 0, FM_ENOTFOUND, FM_EDB. */
+static inline int fm_store_rule_delete(fm_store *s, const char *tenant, const char *name,
+                                       fm_errbuf *err)
+{ return s->rules->rule_delete(s, tenant, name, err); }
+/* Durably records that the rule has handled its source up to position.
+ * 0, FM_ENOTFOUND (deleted meanwhile), FM_EDB. */
+static inline int fm_store_rule_position(fm_store *s, const char *tenant, const char *name,
+                                         int64_t position, fm_errbuf *err)
+{ return s->rules->rule_position(s, tenant, name, position, err); }
+/* Appends a delivery attempt to the rule's invocation log (l->seq set;
+ * at_ms 0 means now). 0 or FM_EDB. */
+static inline int fm_store_rule_log_add(fm_store *s, fm_rule_log *l, fm_errbuf *err)
+{ return s->rules->rule_log_add(s, l, err); }
+/* The rule's log, newest first, entries with seq < before_seq (0: from
+ * the newest), at most limit. 0 or FM_EDB. */
+static inline int fm_store_rule_log_page(fm_store *s, const char *tenant, const char *rule,
+                                         int64_t before_seq, size_t limit, fm_rule_log_cb cb,
+                                         void *ud)
+{ return s->rules->rule_log_page(s, tenant, rule, before_seq, limit, cb, ud); }
 
 /* Opens the store configured in cfg (creating the database if needed; the
  * schema is migrated to the current version). Returns 0 and *out (close with
@@ -855,12 +931,13 @@ static inline int fm_store_presence_reset(fm_store *s, const char *node, int64_t
 static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
 { return s->api->presence_get(s, device_id, out); }
 /* Calls cb for up to limit presence changes with rev > after_rev, in rev
- * order (each device appears with its latest state only; a device that
- * changed twice since after_rev appears once, at its newer rev). Every
- * stored change (fm_store_presence_set, fm_store_presence_reset) takes a
- * rev larger than every rev already visible, on every node, so a reader
- * that passes the last rev it saw misses nothing. Borrowed strings live
- * during the callback only; cb returns nonzero to stop. 0 or FM_EDB. */
+ * order: every stored change (fm_store_presence_set, and each device
+ * fm_store_presence_reset takes offline) is logged with a rev larger than
+ * every rev already visible, on every node, so a reader that passes the
+ * last rev it saw misses nothing, however short a connection was. A
+ * report older than the stored state is not a change. Borrowed strings
+ * live during the callback only; cb returns nonzero to stop. 0 or
+ * FM_EDB. */
 static inline int fm_store_presence_changes(fm_store *s, int64_t after_rev, size_t limit,
                                             fm_presence_change_cb cb, void *ud)
 { return s->api->presence_changes(s, after_rev, limit, cb, ud); }

@@ -64,6 +64,7 @@ struct fm_http {
     fm_health_fn health;
     void *ud;
     struct fm_pipeline *pipeline;
+    struct fm_fn_registry *functions; /* this node's functions (GET /functions); may be NULL */
     int fault; /* FM_FAULT_INJECTION=1 at start: /debug/fault exists */
     int tls;
     fm_jwt_key *jwt;
@@ -283,6 +284,12 @@ void v1_lineage(api_req *r);
 void v1_model_drift(api_req *r);
 void v1_training_job_create(api_req *r);
 void v1_training_job_get(api_req *r);
+void v1_rules_list(api_req *r);
+void v1_rule_get(api_req *r);
+void v1_rule_put(api_req *r);
+void v1_rule_delete(api_req *r);
+void v1_rule_invocations(api_req *r);
+void v1_functions_list(api_req *r);
 /* Starts / stops the training-job thread (v1_models.c). */
 int api_trainer_start(fm_http *h, fm_errbuf *err);
 void api_trainer_stop(fm_http *h);

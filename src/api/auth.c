@@ -184,6 +184,7 @@ static const struct {
     {"models.deploy", FM_ROLE_ADMIN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
     {"data.export", FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
     {"audit.read", FM_ROLE_ADMIN | FM_ROLE_OPERATOR},
+    {"rules.manage", FM_ROLE_ADMIN | FM_ROLE_DATA_SCIENTIST | FM_ROLE_OPERATOR},
 };
 
 int fm_auth_roles_parse(const char *list, unsigned *mask)

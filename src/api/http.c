@@ -1133,6 +1133,7 @@ int fm_http_start(const fm_http_opts *o, fm_http **out, fm_errbuf *err)
     h->health = o->health;
     h->ud = o->ud;
     h->pipeline = o->pipeline;
+    h->functions = o->functions;
     h->throttle = FM_THROTTLE_POLICY_DEFAULT;
     h->tokens.access_ttl_s = cfg->http_access_ttl_s;
     h->openapi = (char *)fm_openapi_yaml;

@@ -22,6 +22,8 @@ int fm_cmd_template(int argc, char **argv);
 int fm_cmd_bench(int argc, char **argv);      /* pipeline */   /* add | list | disable | enable | claim-cert */
 int fm_cmd_api(int argc, char **argv);        /* routes */
 int fm_cmd_user(int argc, char **argv);       /* add | list | disable | enable | passwd | roles */
+int fm_cmd_rules(int argc, char **argv);      /* list | put | delete | log */
+int fm_cmd_function(int argc, char **argv);   /* list | call */
 
 /* Shared option handling: consumes `--data DIR` and `--set section.key=V`
  * (repeatable) from argv (compacting it, updating *argc), loads

@@ -18,6 +18,9 @@
 #include "fleetml/modelreg.h"
 #include "fleetml/registry.h"
 
+#include "fleetml/functions.h"
+#include "fleetml/rules.h"
+
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -33,6 +36,9 @@ typedef struct server {
     fm_http *http;
     fm_deployer *deployer;
     fm_ingest *ingest;
+    fm_fn_registry *functions;
+    fm_lake *rules_lake;
+    fm_rules *rules;
     _Atomic(fm_mqtt *) mqtt;
 } server;
 
@@ -118,6 +124,14 @@ static void shutdown_all(server *s)
      * can reach a pipeline that is gone. */
     fm_http_stop(s->http);
     s->http = NULL;
+    /* Rules deliver to functions, the lake and shadows: stopped before
+     * them. */
+    fm_rules_stop(s->rules);
+    s->rules = NULL;
+    fm_fn_registry_close(s->functions);
+    s->functions = NULL;
+    fm_lake_close(s->rules_lake);
+    s->rules_lake = NULL;
     /* The deployer delivers to the pipeline: stop it first; its models
      * are freed once the pipeline no longer scores (after its stop). */
     fm_deployer *d = s->deployer;
@@ -207,7 +221,23 @@ int fm_cmd_serve(int argc, char **argv)
         goto fail;
     }
     atomic_store(&s.mqtt, c);
-    fm_http_opts ho = {.cfg = &s.cfg, .health = health, .ud = &s, .pipeline = s.pipeline};
+    /* Functions and rules: their own lake handle (dead letters, lake
+     * targets) and store connection. */
+    char fn_logs[PATH_MAX];
+    fm_config_path(&s.cfg, "log/functions", fn_logs, sizeof fn_logs);
+    if ((rc = fm_fn_registry_open(s.cfg.functions_dir, fn_logs, &s.functions, &err)) != 0 ||
+        (rc = fm_lake_open(&s.cfg, &s.rules_lake, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "functions failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    fm_rules_opts rop = {.cfg = &s.cfg, .lake = s.rules_lake, .functions = s.functions,
+                         .retry_base_ms = s.cfg.rules_retry_base_ms};
+    if ((rc = fm_rules_start(&rop, &s.rules, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "rules engine failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    fm_http_opts ho = {.cfg = &s.cfg, .health = health, .ud = &s, .pipeline = s.pipeline,
+                       .functions = s.functions};
     if ((rc = fm_http_start(&ho, &s.http, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "HTTP failed to start", "error", err.msg, NULL);
         goto fail;

@@ -18,6 +18,8 @@ static const struct {
     {"model", fm_cmd_model, "train --synthetic | info"},
     {"bench", fm_cmd_bench, "pipeline: the measurement pipeline in-process, one JSON line"},
     {"lake", fm_cmd_lake, "flush: export everything committed now; check: a round trip to the lake"},
+    {"rules", fm_cmd_rules, "rules on events: list | put FILE | delete NAME | log NAME"},
+    {"function", fm_cmd_function, "this node's functions: list | call NAME (event on stdin)"},
     {"api", fm_cmd_api, "routes: list the HTTP API's routes and the permission each needs"},
 };
 

@@ -152,6 +152,10 @@ static const key_def keys[] = {
           "Data lake backend: fs (a directory) or s3 (any S3-compatible store)."),
     K_STR("lake", "dir", T_PATH_OPT, lake_dir, NULL,
           "Root of the file-system lake (empty = <data>/lake)."),
+    K_STR("functions", "dir", T_PATH_OPT, functions_dir, NULL,
+          "Where functions are deployed, one directory each (empty = <data>/functions)."),
+    K_NUM("rules", "retry_base_ms", T_INT, rules_retry_base_ms, 100, 600000,
+          "First retry of a failed rule delivery after this long, doubled per retry."),
     K_NUM("lake", "roll_bytes", T_LONG, lake_roll_bytes, 4096, 1024L * 1024 * 1024,
           "Close a lake object once it holds this many bytes."),
     K_NUM("lake", "roll_seconds", T_INT, lake_roll_seconds, 1, 3600,
@@ -317,6 +321,9 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->lake_backend, sizeof c->lake_backend, "fs");
     if (!fm_config_path(c, "lake", c->lake_dir, sizeof c->lake_dir))
         c->lake_dir[0] = '\0'; /* too long: the lake falls back on its own */
+    if (!fm_config_path(c, "functions", c->functions_dir, sizeof c->functions_dir))
+        c->functions_dir[0] = '\0';
+    c->rules_retry_base_ms = 1000;
     c->lake_roll_bytes = 8L * 1024 * 1024;
     c->lake_roll_seconds = 60;
     copy_str(c->lake_s3_addressing, sizeof c->lake_s3_addressing, "auto");

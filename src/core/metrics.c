@@ -189,6 +189,47 @@ static void drift_render(fm_strbuf *b)
     pthread_mutex_unlock(&drift_mu);
 }
 
+/* Subsystems' own series (fm_metrics_add_source); sources_mu is held while
+ * they render so one is never removed (and its state freed) mid-render. */
+static pthread_mutex_t sources_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    fm_metrics_source_fn fn;
+    void *ud;
+} sources[FM_METRICS_SOURCES];
+
+int fm_metrics_add_source(fm_metrics_source_fn fn, void *ud)
+{
+    int rc = FM_ERANGE;
+    pthread_mutex_lock(&sources_mu);
+    for (int i = 0; i < FM_METRICS_SOURCES; i++)
+        if (!sources[i].fn) {
+            sources[i].fn = fn;
+            sources[i].ud = ud;
+            rc = 0;
+            break;
+        }
+    pthread_mutex_unlock(&sources_mu);
+    return rc;
+}
+
+void fm_metrics_remove_source(fm_metrics_source_fn fn, void *ud)
+{
+    pthread_mutex_lock(&sources_mu);
+    for (int i = 0; i < FM_METRICS_SOURCES; i++)
+        if (sources[i].fn == fn && sources[i].ud == ud)
+            sources[i].fn = NULL;
+    pthread_mutex_unlock(&sources_mu);
+}
+
+static void render_sources(fm_strbuf *b)
+{
+    pthread_mutex_lock(&sources_mu);
+    for (int i = 0; i < FM_METRICS_SOURCES; i++)
+        if (sources[i].fn)
+            sources[i].fn(sources[i].ud, b);
+    pthread_mutex_unlock(&sources_mu);
+}
+
 int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
 {
     fm_strbuf b = {0};
@@ -298,5 +339,6 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
     for (size_t i = 0; i < sizeof slow / sizeof *slow; i++)
         fm_strbuf_printf(&b, "fleetml_slowest_seconds{of=\"%s\"} %.6f\n", slow[i].name,
                          (double)atomic_load(&slow[i].h->max_micro) / 1e6);
+    render_sources(&b);
     return fm_strbuf_take(&b, out, len);
 }

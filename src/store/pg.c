@@ -149,17 +149,31 @@ static const char *const pg_schema_2 =
     "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms BIGINT NOT NULL,"
     "  since_ms BIGINT NOT NULL);";
 
-/* SQLite's tenth step: presence changes in commit order (rev), for the
- * live fleet view. Revs are assigned under PG_LOCK_PRESENCE, so they
+/* SQLite's tenth step: every presence change in commit order (rev), for
+ * the live fleet view and rules. Written under PG_LOCK_PRESENCE, so revs
  * become visible in the order they were given. */
 static const char *const pg_schema_3 =
-    "ALTER TABLE device_presence ADD COLUMN rev BIGINT NOT NULL DEFAULT 0;"
-    "CREATE INDEX device_presence_by_rev ON device_presence(rev);"
-    /* A measurement's label history (the page shows every correction). */
+    "CREATE TABLE presence_log ("
+    "  rev BIGSERIAL PRIMARY KEY, device_id TEXT NOT NULL,"
+    "  online INTEGER NOT NULL, changed_ms BIGINT NOT NULL);"
     "CREATE INDEX label_log_by_measurement ON label_log(device_id, measurement_id, seq);";
 
+/* SQLite's eleventh step: rules and their invocation log. */
+static const char *const pg_schema_4 =
+    "CREATE TABLE rules ("
+    "  tenant TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL,"
+    "  position BIGINT NOT NULL, updated_by TEXT NOT NULL, updated_ms BIGINT NOT NULL,"
+    "  PRIMARY KEY (tenant, name));"
+    "CREATE TABLE rule_log ("
+    "  seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, rule TEXT NOT NULL,"
+    "  event_id TEXT NOT NULL, target TEXT NOT NULL, outcome TEXT NOT NULL,"
+    "  attempt INTEGER NOT NULL, duration_us BIGINT NOT NULL, error TEXT NOT NULL,"
+    "  at_ms BIGINT NOT NULL);"
+    "CREATE INDEX rule_log_by_rule ON rule_log(tenant, rule, seq);";
+
 /* Migrations in order; pg_steps[i] brings a database to version i + 1. */
-static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2, &pg_schema_3};
+static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2, &pg_schema_3,
+                                              &pg_schema_4};
 #define PG_SCHEMA_VERSION ((int)(sizeof pg_steps / sizeof pg_steps[0]))
 
 /* ---- connection and statements -------------------------------------------------- */
@@ -781,6 +795,7 @@ int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     s->base.users = &pg__users_vt;
     s->base.api = &pg__api_vt;
     s->base.models = &pg__models_vt;
+    s->base.rules = &pg__rules_vt;
     s->conninfo = fm_strdup(cfg->store_url);
     int rc = s->conninfo ? ensure_conn(s, err) : fm_errf(err, FM_ENOMEM, "out of memory");
     /* Durability is the server's: an acknowledgement must mean the WAL

@@ -51,26 +51,32 @@ static int a_device_page(fm_store *base, const char *tenant, const char *after_i
 
 static int presence_tx(pg_store *s, const char *node, const fm_presence_update *u, size_t n)
 {
-    /* Revs are taken under the lock, so they commit in the order given and
-     * a reader of presence changes never skips one. */
+    /* The log is written under the lock, so revs commit in the order they
+     * were given and a reader of presence changes never skips one. */
     int rc = pg__lock(s, PG_LOCK_PRESENCE, NULL);
     /* Unknown devices are dropped; a late, older report never overwrites
-     * a newer state. */
+     * a newer state (and is not logged). */
     for (size_t i = 0; i < n && !rc; i++) {
         pg_args a = {0};
         pg__text(&a, nz(u[i].device_id));
         pg__i64(&a, u[i].online ? 1 : 0);
         pg__i64(&a, u[i].at_ms);
         pg__text(&a, nz(node));
+        long changed = 0;
         rc = pg__cmd(s,
-                     "INSERT INTO device_presence(device_id, online, changed_ms, node, rev)"
-                     " SELECT $1, $2, $3, $4,"
-                     " (SELECT coalesce(max(rev), 0) + 1 FROM device_presence)"
-                     " WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
+                     "INSERT INTO device_presence(device_id, online, changed_ms, node)"
+                     " SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = $1)"
                      " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online,"
-                     " changed_ms = excluded.changed_ms, node = excluded.node, rev = excluded.rev"
+                     " changed_ms = excluded.changed_ms, node = excluded.node"
                      " WHERE excluded.changed_ms >= device_presence.changed_ms",
-                     &a, "presence", NULL, NULL);
+                     &a, "presence", &changed, NULL);
+        if (!rc && changed > 0) {
+            pg_args l = {0};
+            pg__text(&l, nz(u[i].device_id));
+            pg__i64(&l, u[i].online ? 1 : 0);
+            pg__i64(&l, u[i].at_ms);
+            rc = pg__cmd(s, SQL_PRESENCE_LOG("$1", "$2", "$3"), &l, "presence", NULL, NULL);
+        }
     }
     return rc;
 }
@@ -92,7 +98,8 @@ static int presence_reset_tx(pg_store *s, const char *node, int64_t at_ms)
     pg_args a = {0};
     pg__i64(&a, at_ms);
     pg__text(&a, nz(node));
-    return pg__cmd(s, SQL_PRESENCE_RESET("$1", "$2"), &a, "presence", NULL, NULL);
+    rc = pg__cmd(s, SQL_PRESENCE_RESET_LOG("$1", "$2"), &a, "presence", NULL, NULL);
+    return rc ? rc : pg__cmd(s, SQL_PRESENCE_RESET("$1", "$2"), &a, "presence", NULL, NULL);
 }
 
 static int a_presence_reset(fm_store *base, const char *node, int64_t at_ms)
@@ -129,7 +136,7 @@ static int a_presence_rev(fm_store *base, int64_t *rev)
 {
     *rev = 0;
     int rc;
-    PGresult *r = pg__run((pg_store *)base, "SELECT coalesce(max(rev), 0) FROM device_presence",
+    PGresult *r = pg__run((pg_store *)base, "SELECT coalesce(max(rev), 0) FROM presence_log",
                           NULL, "presence", &rc, NULL);
     if (!r)
         return rc;

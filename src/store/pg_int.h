@@ -124,5 +124,6 @@ extern const fm_store_registry_vt pg__registry_vt; /* pg_registry.c */
 extern const fm_store_users_vt pg__users_vt;       /* pg_users.c */
 extern const fm_store_api_vt pg__api_vt;           /* pg_api.c */
 extern const fm_store_models_vt pg__models_vt;     /* pg_models.c */
+extern const fm_store_rules_vt pg__rules_vt;       /* pg_rules.c */
 
 #endif

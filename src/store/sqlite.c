@@ -185,19 +185,36 @@ static const char *schema_cluster =
     "  name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_ms INTEGER NOT NULL,"
     "  since_ms INTEGER NOT NULL);";
 
-/* Presence changes in the order they were committed (rev), so the live
- * fleet view reads only what changed since its last look. */
+/* Every presence change in the order it was committed (rev), so the live
+ * fleet view and rules on device.online / device.offline read only what
+ * changed since their last look, and miss no connect however short. */
 static const char *schema_presence_rev =
-    "ALTER TABLE device_presence ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;"
-    "CREATE INDEX device_presence_by_rev ON device_presence(rev);"
+    "CREATE TABLE presence_log ("
+    "  rev INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,"
+    "  online INTEGER NOT NULL, changed_ms INTEGER NOT NULL);"
     /* A measurement's label history (the page shows every correction). */
     "CREATE INDEX label_log_by_measurement ON label_log(device_id, measurement_id, seq);";
+
+/* Rules (sqlite_rules.c): each tenant's rules with the position each has
+ * reached in its event source, and the log of delivery attempts. */
+static const char *schema_rules =
+    "CREATE TABLE rules ("
+    "  tenant TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL,"
+    "  position INTEGER NOT NULL, updated_by TEXT NOT NULL, updated_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY (tenant, name));"
+    "CREATE TABLE rule_log ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, rule TEXT NOT NULL,"
+    "  event_id TEXT NOT NULL, target TEXT NOT NULL, outcome TEXT NOT NULL,"
+    "  attempt INTEGER NOT NULL, duration_us INTEGER NOT NULL, error TEXT NOT NULL,"
+    "  at_ms INTEGER NOT NULL);"
+    "CREATE INDEX rule_log_by_rule ON rule_log(tenant, rule, seq);";
 
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
                                                &schema_users, &schema_api, &schema_keys,
                                                &schema_models, &schema_shadow,
-                                               &schema_cluster, &schema_presence_rev};
+                                               &schema_cluster, &schema_presence_rev,
+                                               &schema_rules};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)
@@ -681,6 +698,7 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     s->base.users = &sql__users_vt;
     s->base.api = &sql__api_vt;
     s->base.models = &sql__models_vt;
+    s->base.rules = &sql__rules_vt;
     int rc = sqlite3_open_v2(path, &s->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
                              fm_sqlite_vfs_name()); /* pass-through VFS, fault injection */

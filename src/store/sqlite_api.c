@@ -76,31 +76,41 @@ int sql__device_page(fm_store *base, const char *tenant, const char *after_id, s
 static int presence_tx(sqlite_store *s, const char *node, const fm_presence_update *u, size_t n,
                        fm_errbuf *err)
 {
-    sqlite3_stmt *st;
+    sqlite3_stmt *st, *log;
     /* The WHERE EXISTS drops unknown devices (and is also what lets SQLite
      * parse an upsert after INSERT ... SELECT); the upsert's WHERE keeps a
-     * newer state against a late, older report. Each stored change takes
-     * the next rev (writers are serial in SQLite, so revs commit in order). */
+     * newer state against a late, older report. A stored change is also
+     * appended to presence_log (its rev: writers are serial in SQLite, so
+     * revs commit in order). */
     int rc = sql__prep(s, &st,
-                       "INSERT INTO device_presence(device_id, online, changed_ms, node, rev)"
-                       " SELECT ?1, ?2, ?3, ?4,"
-                       " (SELECT coalesce(max(rev), 0) + 1 FROM device_presence)"
-                       " WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
+                       "INSERT INTO device_presence(device_id, online, changed_ms, node)"
+                       " SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)"
                        " ON CONFLICT(device_id) DO UPDATE SET online = excluded.online,"
-                       " changed_ms = excluded.changed_ms, node = excluded.node, rev = excluded.rev"
+                       " changed_ms = excluded.changed_ms, node = excluded.node"
                        " WHERE excluded.changed_ms >= device_presence.changed_ms",
                        err);
     if (rc)
         return rc;
+    if ((rc = sql__prep(s, &log, SQL_PRESENCE_LOG("?1", "?2", "?3"), err)) != 0) {
+        sqlite3_finalize(st);
+        return rc;
+    }
     for (size_t i = 0; i < n && !rc; i++) {
         sqlite3_bind_text(st, 1, nz(u[i].device_id), -1, SQLITE_STATIC);
         sqlite3_bind_int(st, 2, u[i].online ? 1 : 0);
         sqlite3_bind_int64(st, 3, u[i].at_ms);
         sqlite3_bind_text(st, 4, nz(node), -1, SQLITE_STATIC);
         int src = sql__step_done(st);
+        if (src == SQLITE_OK && sqlite3_changes(s->db) > 0) {
+            sqlite3_bind_text(log, 1, nz(u[i].device_id), -1, SQLITE_STATIC);
+            sqlite3_bind_int(log, 2, u[i].online ? 1 : 0);
+            sqlite3_bind_int64(log, 3, u[i].at_ms);
+            src = sql__step_done(log);
+        }
         if (src != SQLITE_OK)
             rc = sql__err(s, err, src, "presence");
     }
+    sqlite3_finalize(log);
     sqlite3_finalize(st);
     return rc;
 }
@@ -113,18 +123,29 @@ int sql__presence_set(fm_store *base, const char *node, const fm_presence_update
     IN_TX(s, NULL, presence_tx(s, node, u, n, NULL));
 }
 
+/* Logs, then changes, the devices a broker restart took offline. */
+static int presence_reset_tx(sqlite_store *s, const char *node, int64_t at_ms)
+{
+    static const char *const sql[] = {SQL_PRESENCE_RESET_LOG("?1", "?2"),
+                                      SQL_PRESENCE_RESET("?1", "?2")};
+    for (size_t i = 0; i < 2; i++) {
+        sqlite3_stmt *st;
+        if (sql__prep(s, &st, sql[i], NULL))
+            return FM_EDB;
+        sqlite3_bind_int64(st, 1, at_ms);
+        sqlite3_bind_text(st, 2, nz(node), -1, SQLITE_STATIC);
+        int rc = sql__step_done(st);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_OK)
+            return sql__map_rc(rc);
+    }
+    return 0;
+}
+
 int sql__presence_reset(fm_store *base, const char *node, int64_t at_ms)
 {
     sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    /* Every device marked offline takes a rev of its own, after the newest. */
-    if (sql__prep(s, &st, SQL_PRESENCE_RESET("?1", "?2"), NULL))
-        return FM_EDB;
-    sqlite3_bind_int64(st, 1, at_ms);
-    sqlite3_bind_text(st, 2, nz(node), -1, SQLITE_STATIC);
-    int rc = sql__step_done(st);
-    sqlite3_finalize(st);
-    return sql__map_rc(rc);
+    IN_TX(s, NULL, presence_reset_tx(s, node, at_ms));
 }
 
 int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
@@ -180,7 +201,7 @@ int sql__presence_rev(fm_store *base, int64_t *rev)
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
     *rev = 0;
-    if (sql__prep(s, &st, "SELECT coalesce(max(rev), 0) FROM device_presence", NULL))
+    if (sql__prep(s, &st, "SELECT coalesce(max(rev), 0) FROM presence_log", NULL))
         return FM_EDB;
     int rc = sqlite3_step(st);
     if (rc == SQLITE_ROW)

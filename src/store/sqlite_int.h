@@ -18,6 +18,7 @@ extern const fm_store_registry_vt sql__registry_vt; /* sqlite_registry.c */
 extern const fm_store_users_vt sql__users_vt;       /* sqlite_users.c */
 extern const fm_store_api_vt sql__api_vt;           /* sqlite_api.c */
 extern const fm_store_models_vt sql__models_vt;     /* sqlite_models.c */
+extern const fm_store_rules_vt sql__rules_vt;       /* sqlite_rules.c */
 
 /* Maps an SQLite result code to an FM_E* code (0 for OK/DONE/ROW). */
 int sql__map_rc(int rc);

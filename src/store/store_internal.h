@@ -20,27 +20,45 @@ int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
     " (SELECT max(received_ms) FROM measurements WHERE device_id = " id "),"                      \
     " (SELECT max(not_after_ms) FROM certs WHERE device_id = " id " AND status IN (0, 1))"
 
-/* Presence rows changed after a rev, with the device's tenant. */
+/* Presence changes after a rev, with the device's tenant. */
 #define SQL_PRESENCE_CHANGES(after, limit)                                                         \
-    "SELECT p.rev, p.device_id, d.tenant, p.online, p.changed_ms"                                  \
-    " FROM device_presence p JOIN devices d ON d.id = p.device_id"                                 \
-    " WHERE p.rev > " after " ORDER BY p.rev LIMIT " limit
+    "SELECT l.rev, l.device_id, d.tenant, l.online, l.changed_ms"                                  \
+    " FROM presence_log l JOIN devices d ON d.id = l.device_id"                                    \
+    " WHERE l.rev > " after " ORDER BY l.rev LIMIT " limit
+
+/* A stored change, appended to the log. */
+#define SQL_PRESENCE_LOG(dev, online, at)                                                          \
+    "INSERT INTO presence_log(device_id, online, changed_ms) VALUES(" dev ", " online ", " at ")"
 
 /* A node's broker restarted at at_ms: its devices still online by an older
- * report go offline, each with a rev of its own after the newest. */
+ * report go offline (logged first, then changed). */
+#define SQL_PRESENCE_RESET_WHERE(at, node)                                                         \
+    " FROM device_presence WHERE online <> 0 AND changed_ms < " at " AND node IN (" node ", '')"
+#define SQL_PRESENCE_RESET_LOG(at, node)                                                           \
+    "INSERT INTO presence_log(device_id, online, changed_ms) SELECT device_id, 0, " at            \
+    SQL_PRESENCE_RESET_WHERE(at, node) " ORDER BY device_id"
 #define SQL_PRESENCE_RESET(at, node)                                                               \
-    "UPDATE device_presence SET online = 0, changed_ms = " at ", rev = b.base + x.rn"             \
-    " FROM (SELECT device_id AS d, row_number() OVER (ORDER BY device_id) AS rn"                   \
-    "       FROM device_presence WHERE online <> 0 AND changed_ms < " at                           \
-    "       AND node IN (" node ", '')) AS x,"                                                     \
-    " (SELECT coalesce(max(rev), 0) AS base FROM device_presence) AS b"                            \
-    " WHERE device_presence.device_id = x.d"
+    "UPDATE device_presence SET online = 0, changed_ms = " at                                     \
+    " WHERE online <> 0 AND changed_ms < " at " AND node IN (" node ", '')"
 
 /* Every label written for a measurement, oldest first. */
 #define SQL_LABEL_HISTORY(device, measurement)                                                     \
     "SELECT seq, device_id, tenant, measurement_id, outputs, source, labelled_by, at_ms"           \
     " FROM label_log WHERE device_id = " device " AND measurement_id = " measurement              \
     " ORDER BY seq"
+
+/* Rules: create, or replace the document keeping the position. */
+#define SQL_RULE_PUT(t, n, spec, pos, by, ms)                                                      \
+    "INSERT INTO rules(tenant, name, spec, position, updated_by, updated_ms)"                      \
+    " VALUES(" t ", " n ", " spec ", " pos ", " by ", " ms ")"                                     \
+    " ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec,"                               \
+    " updated_by = excluded.updated_by, updated_ms = excluded.updated_ms"
+#define SQL_RULE_COLS "tenant, name, spec, position, updated_by, updated_ms"
+#define SQL_RULE_LOG_COLS                                                                          \
+    "seq, tenant, rule, event_id, target, outcome, attempt, duration_us, error, at_ms"
+#define SQL_RULE_LOG_ADD(a, b, c, d, e, f, g, h, i)                                                \
+    "INSERT INTO rule_log(tenant, rule, event_id, target, outcome, attempt, duration_us, error,"   \
+    " at_ms) VALUES(" a ", " b ", " c ", " d ", " e ", " f ", " g ", " h ", " i ")"
 
 struct fm_drift_counts;
 /* Drift counts as stored by every backend: a JSON array of features x bins

@@ -20,7 +20,7 @@ import pytest
 from helpers import device_run_results, start_device_runs, wait_for
 from pgserver import PgServer
 
-UNIT_SUITES = ["test_store", "test_registry", "test_auth", "test_lake", "test_pipeline"]
+UNIT_SUITES = ["test_store", "test_registry", "test_auth", "test_lake", "test_pipeline", "test_rules"]
 
 
 @pytest.fixture(scope="module")

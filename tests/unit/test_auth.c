@@ -394,7 +394,7 @@ static void test_roles(void **state)
         {"models.predict", ".CD.O"},    {"models.manage", "..D.O"},
         {"data.export", "..D.O"},       {"audit.read", "A...O"},
         {"models.read", "ACD.O"},       {"models.approve", "A.D.O"},
-        {"models.deploy", "A.D.O"},
+        {"models.deploy", "A.D.O"},     {"rules.manage", "A.D.O"},
     };
     const unsigned roles[] = {FM_ROLE_ADMIN, FM_ROLE_CLINICIAN, FM_ROLE_DATA_SCIENTIST,
                               FM_ROLE_DEVICE_MANAGER, FM_ROLE_OPERATOR};

@@ -710,9 +710,9 @@ static int on_change(void *ud, const fm_presence_change *c)
     return 0;
 }
 
-/* Presence changes come back in commit order (rev), each device once in its
- * newest state, reset included; a reader passing the last rev it saw gets
- * only what changed since; the limit pages them. */
+/* Presence changes come back in commit order (rev), every one of them,
+ * reset included; a reader passing the last rev it saw gets only what
+ * changed since; the limit pages them. */
 static void test_presence_changes(void **state)
 {
     fx *f = *state;
@@ -740,18 +740,21 @@ static void test_presence_changes(void **state)
     assert_int_equal(fm_store_presence_rev(f->st, &rev), 0);
     assert_int_equal(rev, seen);
 
-    /* dev-1 leaves and comes back: one change, its newest state; a late,
-     * older report is not a change. */
+    /* dev-1 leaves and comes back: two changes, in order, however quick;
+     * a late, older report is not a change. */
     assert_int_equal(presence1(f, "dev-1", 0, 200), 0);
     assert_int_equal(presence1(f, "dev-1", 1, 300), 0);
     assert_int_equal(presence1(f, "dev-1", 0, 250), 0);
     memset(&a, 0, sizeof a);
     assert_int_equal(fm_store_presence_changes(f->st, seen, 10, on_change, &a), 0);
-    assert_int_equal(a.n, 1);
+    assert_int_equal(a.n, 2);
     assert_string_equal(a.dev[0], "dev-1");
-    assert_int_equal(a.online[0], 1);
-    assert_int_equal(a.changed[0], 300);
-    seen = a.rev[0];
+    assert_int_equal(a.online[0], 0);
+    assert_int_equal(a.changed[0], 200);
+    assert_int_equal(a.online[1], 1);
+    assert_int_equal(a.changed[1], 300);
+    assert_true(a.rev[1] > a.rev[0]);
+    seen = a.rev[1];
 
     /* The broker restarts: both go offline, each with a rev of its own,
      * after every earlier one. */
@@ -1110,7 +1113,8 @@ static void test_migrate_api_tables(void **state)
                                   " DROP TABLE model_versions; DROP TABLE model_aliases;"
                                   " DROP TABLE model_alias_log; ALTER TABLE measurements DROP COLUMN shadow;"
                                   " DROP TABLE drift_counts; DROP TABLE training_jobs;"
-                                  " DROP TABLE leases;"
+                                  " DROP TABLE leases; DROP TABLE presence_log;"
+                                  " DROP TABLE rules; DROP TABLE rule_log;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
@@ -1123,6 +1127,11 @@ static void test_migrate_api_tables(void **state)
     assert_int_equal(presence1(f, "dev-1", 1, 10), 0);
     expect_presence(f, "dev-1", 1, 10, 1000);
     assert_int_equal(fm_store_lease(f->st, "lake-export", "n1", 1000, NULL, 0), 0);
+    int64_t rev = 0;
+    assert_int_equal(fm_store_presence_rev(f->st, &rev), 0);
+    assert_true(rev > 0);
+    fm_rule_row rule = {.tenant = "t1", .name = "r", .spec_json = "{}"};
+    assert_int_equal(fm_store_rule_put(f->st, &rule, NULL, &err), 0);
 }
 
 int main(void)

@@ -1,0 +1,71 @@
+/*
+ * Events: what happened in fleetml, as documents rules react to
+ * (docs/functions.md, schemas in docs/schemas/events/).
+ *
+ * Every event is derived from committed data, read back in commit order
+ * from the store (the same ordered scans the lake exporter and the live
+ * streams use), never from memory on the way in: a crash neither loses one
+ * nor invents one. Delivery is at least once; an event's id is stable
+ * (the same committed row always gives the same id), so a consumer drops
+ * repeats by id.
+ *
+ *   type                 source (store scan)          id
+ *   measurement.stored   records (RAW stream)        measurement.stored:<seq>
+ *   result.produced      records (RAW stream)        result.produced:<seq>
+ *   label.written        label log (LABELS stream)   label.written:<seq>
+ *   device.online        presence changes (rev)      device.online:<rev>
+ *   device.offline       presence changes (rev)      device.offline:<rev>
+ *   device.revoked       registry event log          device.revoked:<device>
+ *
+ * The document (version FM_EVENTS_VERSION):
+ *   {"specversion": "fleetml.events/1", "id": ..., "type": ..., "time":
+ *    RFC 3339, "tenant": ..., "subject": "devices/<id>[/measurements/<mid>]",
+ *    "data": {...}}
+ */
+#ifndef FLEETML_EVENTS_H
+#define FLEETML_EVENTS_H
+
+#include "fleetml/store.h"
+
+#include <jansson.h>
+
+#define FM_EVENTS_VERSION "fleetml.events/1"
+
+enum fm_event_type {
+    FM_EV_MEASUREMENT_STORED = 0,
+    FM_EV_RESULT_PRODUCED,
+    FM_EV_LABEL_WRITTEN,
+    FM_EV_DEVICE_ONLINE,
+    FM_EV_DEVICE_OFFLINE,
+    FM_EV_DEVICE_REVOKED,
+    FM_EV__COUNT
+};
+
+/* Where events of a type come from; each source is one ordered store scan
+ * with its own position (seq, rev or registry event seq). */
+enum fm_event_source { FM_SRC_RECORDS = 0, FM_SRC_LABELS, FM_SRC_PRESENCE, FM_SRC_REGISTRY };
+
+/* "result.produced", ... (static); NULL for an unknown type. */
+const char *fm_event_type_name(int type);
+/* The type named name, or -1. */
+int fm_event_type_parse(const char *name);
+/* The source a type's events come from. */
+enum fm_event_source fm_event_type_source(int type);
+
+/* Builds the event document of a committed record: type is
+ * FM_EV_MEASUREMENT_STORED (data: device, measurement_id, received_at,
+ * taken_at, measurement) or FM_EV_RESULT_PRODUCED (data: device,
+ * measurement_id, received_at, model, status, outputs, and shadow when a
+ * shadow version answered too). NULL when out of memory, or for
+ * result.produced when the record has no result document. New reference. */
+json_t *fm_event_from_record(int type, const fm_record *rec);
+/* label.written (data: device, measurement_id, outputs, source,
+ * labelled_by). New reference, NULL when out of memory. */
+json_t *fm_event_from_label(const fm_label *l);
+/* device.online / device.offline from a presence change (data: device,
+ * online, changed_at). New reference. */
+json_t *fm_event_from_presence(const fm_presence_change *c);
+/* device.revoked of a device (data: device, group). New reference. */
+json_t *fm_event_from_revocation(const fm_device *d, int64_t at_ms);
+
+#endif

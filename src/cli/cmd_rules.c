@@ -1,0 +1,242 @@
+/*
+ * `fleetml rules` and `fleetml function`: the tenant's rules in the store
+ * (the same checks as PUT /api/v1/rules/{name}), and this node's deployed
+ * functions (fleetml/functions.h), with `function call` to try one on an
+ * event from stdin.
+ */
+#include "cli/cli.h"
+#include "fleetml/events.h"
+#include "fleetml/functions.h"
+#include "fleetml/json.h"
+#include "fleetml/rules.h"
+
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int print_rule(void *ud, const fm_rule_row *r)
+{
+    bool as_json = *(bool *)ud;
+    json_t *spec = json_loads(r->spec_json, 0, NULL);
+    json_t *shown = spec ? fm_rule_redacted(spec) : NULL;
+    json_decref(spec);
+    if (!shown)
+        return 0;
+    if (as_json) {
+        json_object_set_new(shown, "tenant", json_string(r->tenant));
+        json_object_set_new(shown, "position", json_integer(r->position));
+        char *text = json_dumps(shown, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        if (text)
+            printf("%s\n", text);
+        free(text);
+    } else {
+        printf("%-16s %-24s %-20s %-8s targets=%zu position=%lld\n", r->tenant, r->name,
+               json_string_value(json_object_get(shown, "event")),
+               json_is_true(json_object_get(shown, "enabled")) ? "enabled" : "disabled",
+               json_array_size(json_object_get(shown, "targets")), (long long)r->position);
+    }
+    json_decref(shown);
+    return 0;
+}
+
+static int rules_list(fm_store *st, const char *tenant, bool as_json)
+{
+    if (fm_store_rule_list(st, tenant, NULL, print_rule, &as_json) != 0) {
+        fprintf(stderr, "fleetml rules list: cannot read the rules\n");
+        return 1;
+    }
+    return 0;
+}
+
+static int rules_put(fm_store *st, const char *tenant, const char *file)
+{
+    json_error_t jerr;
+    json_t *doc = strcmp(file, "-") == 0 ? json_loadf(stdin, 0, &jerr) : json_load_file(file, 0, &jerr);
+    if (!doc) {
+        fprintf(stderr, "fleetml rules put: %s: %s (line %d)\n", file, jerr.text, jerr.line);
+        return 1;
+    }
+    json_t *rule = NULL;
+    fm_errbuf err;
+    int rc = fm_rule_check(doc, &rule, &err);
+    json_decref(doc);
+    if (rc) {
+        fprintf(stderr, "fleetml rules put: %s\n", err.msg);
+        return 1;
+    }
+    int64_t pos = 0;
+    int type = fm_event_type_parse(json_string_value(json_object_get(rule, "event")));
+    char *text = json_dumps(rule, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    rc = text ? fm_rules_source_position(st, type, &pos) : FM_ENOMEM;
+    int created = 0;
+    if (!rc) {
+        fm_rule_row row = {.tenant = tenant,
+                           .name = json_string_value(json_object_get(rule, "name")),
+                           .spec_json = text,
+                           .position = pos,
+                           .updated_by = "cli"};
+        rc = fm_store_rule_put(st, &row, &created, &err);
+    }
+    if (rc)
+        fprintf(stderr, "fleetml rules put: %s\n", rc == FM_ENOMEM ? "out of memory" : err.msg);
+    else
+        printf("rule %s %s for tenant %s\n", json_string_value(json_object_get(rule, "name")),
+               created ? "created" : "replaced", tenant);
+    free(text);
+    json_decref(rule);
+    return rc ? 1 : 0;
+}
+
+static int print_log(void *ud, const fm_rule_log *l)
+{
+    (void)ud;
+    json_t *at = fm_json_time(l->at_ms);
+    printf("%s %-40s %-20s %-14s attempt=%d %.3fms %s\n", json_string_value(at), l->event_id,
+           l->target, l->outcome, l->attempt, (double)l->duration_us / 1000.0, l->error);
+    json_decref(at);
+    return 0;
+}
+
+int fm_cmd_rules(int argc, char **argv)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
+    const char *sub = argc >= 2 ? argv[1] : "";
+    bool list = strcmp(sub, "list") == 0 && argc == 2;
+    bool put = strcmp(sub, "put") == 0 && argc == 3;
+    bool del = strcmp(sub, "delete") == 0 && argc == 3;
+    bool log = strcmp(sub, "log") == 0 && argc == 3;
+    if (!list && !put && !del && !log) {
+        fprintf(stderr, "usage: fleetml rules list [--tenant T] [--json]\n"
+                        "       fleetml rules put FILE|- --tenant T\n"
+                        "       fleetml rules delete NAME --tenant T\n"
+                        "       fleetml rules log NAME --tenant T\n"
+                        "  (docs/functions.md: events, rules, targets)\n");
+        return 2;
+    }
+    if (!list && !tenant) {
+        fprintf(stderr, "fleetml rules %s: --tenant is required\n", sub);
+        return 2;
+    }
+    fm_errbuf err;
+    fm_store *st;
+    if (fm_store_open(&cfg, &st, &err) != 0) {
+        fprintf(stderr, "fleetml rules: %s\n", err.msg);
+        return 1;
+    }
+    if (list)
+        rc = rules_list(st, tenant, as_json);
+    else if (put)
+        rc = rules_put(st, tenant, argv[2]);
+    else if (del) {
+        rc = fm_store_rule_delete(st, tenant, argv[2], &err);
+        if (rc)
+            fprintf(stderr, "fleetml rules delete: %s\n", err.msg);
+        else
+            printf("rule %s deleted\n", argv[2]);
+        rc = rc ? 1 : 0;
+    } else {
+        rc = fm_store_rule_log_page(st, tenant, argv[2], 0, 100, print_log, NULL) ? 1 : 0;
+    }
+    fm_store_close(st);
+    return rc;
+}
+
+/* ---- functions ----------------------------------------------------------------- */
+
+static void print_pool(void *ud, fm_fn_pool *p)
+{
+    (void)ud;
+    fm_fn_stats s;
+    fm_fn_pool_stats(p, &s);
+    printf("%-24s workers=%d started in %lld ms\n", fm_fn_pool_name(p), s.workers,
+           (long long)s.last_start_ms);
+}
+
+/* `fleetml function call NAME`: starts the function's pool as `serve`
+ * would, sends it the event read from stdin and prints the result. */
+static int function_call(const fm_config *cfg, const char *name)
+{
+    char dir[PATH_MAX], path[PATH_MAX + 16], command[PATH_MAX], logs[PATH_MAX];
+    if ((size_t)snprintf(dir, sizeof dir, "%s/%s", cfg->functions_dir, name) >= sizeof dir)
+        return 2;
+    snprintf(path, sizeof path, "%s/function.json", dir);
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    if (!doc) {
+        fprintf(stderr, "fleetml function call: %s: %s\n", path, jerr.text);
+        return 1;
+    }
+    json_t *event = json_loadf(stdin, JSON_DECODE_ANY, &jerr);
+    char *event_text = event ? json_dumps(event, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+    json_decref(event);
+    if (!event_text) {
+        fprintf(stderr, "fleetml function call: stdin is not JSON: %s\n", jerr.text);
+        json_decref(doc);
+        return 1;
+    }
+    char *env[FM_FN_ENV_MAX] = {0};
+    fm_fn_spec spec;
+    fm_errbuf err;
+    fm_fn_pool *p = NULL;
+    fm_config_path(cfg, "log/functions", logs, sizeof logs);
+    int rc = fm_fn_spec_from_json(dir, name, doc, &spec, command, sizeof command, env,
+                                  FM_FN_ENV_MAX, &err);
+    spec.log_dir = logs;
+    spec.min_workers = 1;
+    if (!rc)
+        rc = fm_fn_pool_start(&spec, &p, &err);
+    char *result = NULL;
+    int64_t us = 0;
+    if (!rc)
+        rc = fm_fn_call(p, event_text, &result, &us, &err);
+    if (rc)
+        fprintf(stderr, "fleetml function call: %s\n", err.msg);
+    else
+        printf("%s\n", result);
+    fm_fn_stats s = {0};
+    if (p)
+        fm_fn_pool_stats(p, &s);
+    if (!rc)
+        fprintf(stderr, "call: %.3f ms; worker start: %lld ms\n", (double)us / 1000.0,
+                (long long)s.last_start_ms);
+    fm_free(result);
+    fm_fn_pool_stop(p);
+    for (size_t i = 0; i < FM_FN_ENV_MAX; i++)
+        fm_free(env[i]);
+    free(event_text);
+    json_decref(doc);
+    return rc ? 1 : 0;
+}
+
+int fm_cmd_function(int argc, char **argv)
+{
+    fm_config cfg;
+    int rc = fm_cli_config(&argc, argv, &cfg);
+    if (rc)
+        return rc;
+    if (argc == 2 && strcmp(argv[1], "list") == 0) {
+        char logs[PATH_MAX];
+        fm_config_path(&cfg, "log/functions", logs, sizeof logs);
+        fm_fn_registry *reg = NULL;
+        fm_errbuf err;
+        if (fm_fn_registry_open(cfg.functions_dir, logs, &reg, &err) != 0) {
+            fprintf(stderr, "fleetml function list: %s\n", err.msg);
+            return 1;
+        }
+        fm_fn_registry_each(reg, print_pool, NULL);
+        fm_fn_registry_close(reg);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "call") == 0)
+        return function_call(&cfg, argv[2]);
+    fprintf(stderr, "usage: fleetml function list       start every function of <data>/functions\n"
+                    "       fleetml function call NAME  one call with the event on stdin\n");
+    return 2;
+}

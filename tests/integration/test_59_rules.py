@@ -1,0 +1,299 @@
+"""Rules and functions (docs/functions.md): events from committed data,
+jq filters and transforms, and the targets a rule delivers to.
+
+- a rule on result.produced whose jq filter keeps only low hematocrits
+  posts exactly those results, transformed, to a webhook, signed with
+  HMAC-SHA256 over "<timestamp>.<body>", with the event id in a header;
+- a failing webhook is retried (with backoff) and, after the last retry,
+  the event goes to the lake's dead-letter area with the error; the rule
+  then carries on with the next event;
+- device.online reaches a lake target; result.produced can set the
+  device's shadow (desired state);
+- a function deployed in <data>/functions is called warm by a rule
+  (invocation log, GET /functions counters); the example functions (C,
+  Python) answer through `fleetml function call`, and the jq-only example
+  rule loads;
+- the API checks rule documents (jq that does not compile, a plain-http
+  webhook off loopback), never shows a webhook's secret, and keeps rules
+  to their tenant and to the roles allowed to manage them.
+"""
+
+import hashlib
+import hmac
+import json
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from api_client import Api, add_user
+from helpers import (Device, check_against_schema, make_measurement, make_sweep, unique_id,
+                     wait_for)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "functions"
+SECRET = "a-webhook-secret-of-some-length"
+OTHER = "rules-other-hospital"
+
+
+class Hook:
+    """A webhook receiver on loopback: records every POST; answers
+    `status` (a list is consumed one answer per request, then 200)."""
+
+    def __init__(self):
+        self.calls = []
+        self.status = []
+        self.cond = threading.Condition()
+        hook = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with hook.cond:
+                    code = hook.status.pop(0) if hook.status else 200
+                    hook.calls.append((self.path, dict(self.headers), body, code))
+                    hook.cond.notify_all()
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def on(self, path):
+        with self.cond:
+            return [c for c in self.calls if c[0] == path]
+
+    def close(self):
+        self.server.shutdown()
+
+
+def deploy(p, name, src_dir, extra=None):
+    """Copies an example function into <data>/functions/<name>."""
+    dst = p.data / "functions" / name
+    shutil.copytree(src_dir, dst)
+    if extra:
+        for f, target in extra.items():
+            shutil.copy(target, dst / f)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def env(module_platform):
+    pw = {}
+
+    def setup(p):
+        pw["admin2"] = add_user(p, "rules-admin", "admin")
+        pw["clin"] = add_user(p, "rules-clin", "clinician")
+        pw["oadmin"] = add_user(p, "rules-oadmin", "admin", tenant=OTHER, create_tenant=True)
+        p.run("device", "add", "rules-other-dev", "--data", str(p.data), "--tenant", OTHER)
+        (p.data / "functions").mkdir()
+        deploy(p, "ward-note", EXAMPLES / "python-ward-note")
+        build = Path(p.bin).parent
+        deploy(p, "range-check", EXAMPLES / "c-range-check",
+               {"range_check": build / "range_check"})
+
+    p = module_platform("rules", devices=["rules-1", "rules-2"], setup=setup,
+                        sets={"rules.retry_base_ms": "200"})
+    hook = Hook()
+    api = Api(p)
+    tok = api.login("rules-admin", pw["admin2"])["access_token"]
+    yield p, api, tok, hook, pw
+    hook.close()
+
+
+def put_rule(api, tok, rule, status=(200, 201)):
+    r = api.request("PUT", f"/rules/{rule['name']}", body=rule, token=tok)
+    assert r.status in status, r
+    return r
+
+
+def measure(p, device, scale=1.0):
+    """One measurement whose torques are scaled (thinner blood below 1);
+    returns (id, its result document)."""
+    mid = unique_id()
+    sweep = make_sweep(seed="fixed")
+    for step in sweep:
+        step["samples"] = [round(x * scale, 6) for x in step["samples"]]
+    d = Device(p, device)
+    try:
+        d.connect()
+        d.subscribe(d.results_topic)
+        m, _ = d.measure(make_measurement(mid, sweep=sweep), timeout=15)
+        doc = m.json()
+        assert doc["status"] == "ok", doc
+        return mid, doc
+    finally:
+        d.close()
+
+
+def test_filtered_results_reach_a_signed_webhook(env):
+    p, api, tok, hook, _ = env
+    # What the model says for normal and for thin blood (before the rule).
+    _, normal = measure(p, "rules-1")
+    _, thin = measure(p, "rules-1", scale=0.55)
+    hn, ht = normal["outputs"]["hematocrit_pct"], thin["outputs"]["hematocrit_pct"]
+    assert ht < hn - 2, (ht, hn)
+    cut = (hn + ht) / 2
+    put_rule(api, tok, {
+        "name": "low-hct", "event": "result.produced",
+        "filter": f".data.outputs.hematocrit_pct < {cut}",
+        "transform": "{device: .data.device, measurement: .data.measurement_id,"
+                     " hct: .data.outputs.hematocrit_pct, event: .id}",
+        "targets": [{"type": "webhook", "url": hook.url + "/low", "secret": SECRET}]})
+    normal_id, _ = measure(p, "rules-1")
+    thin_id, _ = measure(p, "rules-1", scale=0.55)
+    other_id, _ = measure(p, "rules-2", scale=0.55)
+    wait_for(lambda: len(hook.on("/low")) >= 2, 20, msg="two low results posted")
+    got = [json.loads(c[2]) for c in hook.on("/low")]
+    assert sorted(g["measurement"] for g in got) == sorted([thin_id, other_id]), got
+    assert normal_id not in [g["measurement"] for g in got]
+    for _, headers, body, _ in hook.on("/low"):
+        ts = headers["X-Fleetml-Timestamp"]
+        want = hmac.new(SECRET.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+        assert headers["X-Fleetml-Signature"] == f"sha256={want}"
+        doc = json.loads(body)
+        assert headers["X-Fleetml-Event-Id"] == doc["event"]
+        assert doc["event"].startswith("result.produced:")
+        assert headers["X-Fleetml-Event-Type"] == "result.produced"
+        assert doc["hct"] < cut
+    # The invocation log says what happened, newest first.
+    log = api.ok("GET", "/rules/low-hct/invocations", tok)["items"]
+    assert [x["outcome"] for x in log[:2]] == ["ok", "ok"], log
+    assert {x["target"] for x in log} == {"webhook"}
+
+
+def test_failing_webhook_is_retried_then_dead_lettered(env):
+    p, api, tok, hook, _ = env
+    hook.status[:] = [500, 500, 500]  # the first try and both retries fail
+    put_rule(api, tok, {
+        "name": "flaky", "event": "result.produced", "retries": 2,
+        "filter": '.data.device == "rules-2"',
+        "targets": [{"type": "webhook", "url": hook.url + "/flaky", "secret": SECRET}]})
+    first, _ = measure(p, "rules-2")
+
+    def dead_letters():
+        docs = [json.loads(p.lake_read(k)) for k in p.lake_objects("dead-letter")]
+        return [d for d in docs if d["event"]["data"]["measurement_id"] == first]
+    wait_for(dead_letters, 30, interval=0.2, msg="the event in the dead-letter area")
+    mine = dead_letters()
+    assert len(mine) == 1, dead
+    assert mine[0]["rule"] == "flaky" and mine[0]["attempts"] == 3
+    assert "HTTP 500" in mine[0]["error"], mine[0]
+    check_against_schema("events/event.v1.json", mine[0]["event"])
+    assert len(hook.on("/flaky")) == 3
+    # Retried with backoff: the attempts are spread out (200 ms, then 400 ms).
+    log = api.ok("GET", "/rules/flaky/invocations", tok)["items"]
+    assert [x["outcome"] for x in log][:4] == ["dead-lettered", "failed", "failed", "failed"]
+    # The rule is not stuck: the next event is delivered.
+    second, _ = measure(p, "rules-2")
+    wait_for(lambda: any(json.loads(c[2])["data"]["measurement_id"] == second
+                         for c in hook.on("/flaky") if c[3] == 200), 20,
+             msg="the next event delivered")
+
+
+def test_presence_to_the_lake_and_results_to_the_shadow(env):
+    p, api, tok, _, _ = env
+    put_rule(api, tok, {"name": "online-log", "event": "device.online",
+                        "targets": [{"type": "lake", "prefix": "presence-log"}]})
+    put_rule(api, tok, {"name": "last-hct", "event": "result.produced",
+                        "filter": '.data.device == "rules-1"',
+                        "transform": "{last_hct: .data.outputs.hematocrit_pct}",
+                        "targets": [{"type": "shadow"}]})
+    mid, res = measure(p, "rules-1")
+    wait_for(lambda: p.lake_objects("presence-log"), 20, msg="a presence-log object")
+    doc = json.loads(p.lake_read(p.lake_objects("presence-log")[-1]))
+    assert doc["type"] == "device.online" and doc["data"]["device"] == "rules-1", doc
+    check_against_schema("events/event.v1.json", doc)
+    assert "/tenant=demo-hospital/" in str(p.lake_objects("presence-log")[-1])
+
+    def shadow():
+        return api.ok("GET", "/devices/rules-1/shadow", tok)["desired"].get("last_hct")
+    wait_for(lambda: shadow() is not None, 20, msg="the shadow's desired state set")
+    wait_for(lambda: abs(shadow() - res["outputs"]["hematocrit_pct"]) < 1e-6, 20,
+             msg="the newest result in the shadow")
+
+
+def test_function_target_called_warm(env):
+    p, api, tok, _, _ = env
+    fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
+    assert set(fns) == {"range-check", "ward-note"}, fns
+    assert fns["ward-note"]["workers"] >= 1  # warm before any event
+    put_rule(api, tok, {"name": "note", "event": "result.produced",
+                        "filter": '.data.device == "rules-2"',
+                        "targets": [{"type": "function", "function": "ward-note"},
+                                    {"type": "function", "function": "range-check"}]})
+    measure(p, "rules-2")
+
+    def delivered():
+        log = api.ok("GET", "/rules/note/invocations", tok)["items"]
+        return {x["target"] for x in log if x["outcome"] == "ok"}
+    wait_for(lambda: delivered() == {"function:ward-note", "function:range-check"}, 20,
+             msg="both functions called")
+    fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
+    assert fns["ward-note"]["calls"] >= 1 and fns["range-check"]["calls"] >= 1, fns
+    metrics = p.metrics()
+    assert 'fleetml_rule_deliveries_total{tenant="demo-hospital",rule="note",outcome="ok"}' \
+        in metrics
+
+
+def test_example_functions_answer(env):
+    p, _, _, _, _ = env
+    event = {"id": "result.produced:1", "type": "result.produced", "data": {
+        "device": "icu-1", "measurement_id": "m-1", "model": "viscosity@1.0.0",
+        "outputs": {"hematocrit_pct": 61.5}}}
+    r = subprocess.run([p.bin, "function", "call", "range-check", "--data", str(p.data)],
+                       input=json.dumps(event), capture_output=True, text=True, timeout=60,
+                       env=p.env, cwd=p.workdir)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"hematocrit_pct": 61.5, "out_of_range": True,
+                                    "range": "high"}
+    r = subprocess.run([p.bin, "function", "call", "ward-note", "--data", str(p.data)],
+                       input=json.dumps(event), capture_output=True, text=True, timeout=60,
+                       env=p.env, cwd=p.workdir)
+    assert r.returncode == 0, r.stderr
+    note = json.loads(r.stdout)
+    assert note == {"ward": "icu-2", "device": "icu-1", "measurement": "m-1",
+                    "text": "Hct 61.5 % (model viscosity@1.0.0)"}, note
+    # The jq-only example rule is a valid rule as it is.
+    r = p.run("rules", "put", str(EXAMPLES / "jq-out-of-range" / "rule.json"),
+              "--tenant", OTHER, "--data", str(p.data))
+    assert "hct-out-of-range created" in r.stdout
+
+
+def test_rule_documents_checked_and_secrets_kept(env):
+    p, api, tok, hook, pw = env
+    bad = api.request("PUT", "/rules/bad", token=tok, body={
+        "event": "result.produced", "filter": ".data | [",
+        "targets": [{"type": "lake", "prefix": "x"}]})
+    assert bad.status == 422 and "jq" in bad.json()["error"]["message"], bad
+    r = api.request("PUT", "/rules/bad", token=tok, body={
+        "event": "result.produced",
+        "targets": [{"type": "webhook", "url": "http://his.example/hook", "secret": SECRET}]})
+    assert r.status == 422 and "https" in r.json()["error"]["message"], r
+    r = api.request("PUT", "/rules/bad", token=tok, body={
+        "event": "no.such.event", "targets": [{"type": "lake", "prefix": "x"}]})
+    assert r.status == 422, r
+    shown = api.ok("GET", "/rules/low-hct", tok)
+    assert shown["targets"][0]["secret"] == "********"
+    assert SECRET not in json.dumps(api.ok("GET", "/rules", tok))
+    # Another hospital's admin sees none of these rules and cannot touch them.
+    otok = api.login("rules-oadmin", pw["oadmin"], tenant=OTHER)["access_token"]
+    assert "low-hct" not in [x["name"] for x in api.ok("GET", "/rules", otok)["items"]]
+    assert api.request("GET", "/rules/low-hct", token=otok).status == 404
+    assert api.request("DELETE", "/rules/low-hct", token=otok).status == 404
+    # A clinician may not manage rules.
+    ctok = api.login("rules-clin", pw["clin"])["access_token"]
+    assert api.request("GET", "/rules", token=ctok).status == 403
+    # Deleting: gone, and its log with it.
+    put_rule(api, tok, {"name": "short-lived", "event": "label.written",
+                        "targets": [{"type": "lake", "prefix": "labels-copy"}]})
+    assert api.request("DELETE", "/rules/short-lived", token=tok).status == 204
+    assert api.request("GET", "/rules/short-lived", token=tok).status == 404
