@@ -66,7 +66,7 @@ test: unit integration integration-pg fuzz-smoke
 screenshots: build-test
 	FM_SCREENSHOTS=$(CURDIR)/docs/dashboard FM_BIN=$(CURDIR)/$(TEST_BUILD)/fleetml \
 	  FM_BUILD=$(CURDIR)/$(TEST_BUILD) $(PY) -m pytest -q -p no:cacheprovider \
-	  tests/integration/test_57_dashboard.py -k chromium
+	  tests/integration/test_57_dashboard.py tests/integration/test_58_dashboard_admin.py -k chromium
 
 bench: build
 	@scripts/bench $(BUILD)

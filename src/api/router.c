@@ -49,7 +49,7 @@ static const api_route routes[] = {
     R("GET", "/templates", "templates.manage", v1_templates_list, 0),
     R("POST", "/templates", "templates.manage", v1_templates_create, API_BODY_DEFAULT),
     R("POST", "/templates/{name}/claim-cert", "templates.manage", v1_template_claim_cert, 0),
-    R("GET", "/models", "models.predict", v1_models_list, 0),
+    R("GET", "/models", "models.read", v1_models_list, 0),
     R("POST", "/models/{name}/predict", "models.predict", v1_predict, API_BODY_PREDICT),
     R("POST", "/models/{name}/invocations", "models.predict", v1_model_invocations,
       API_BODY_INVOCATIONS),
