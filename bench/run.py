@@ -363,6 +363,30 @@ def bench_pipeline_cpu(args):
     return res
 
 
+def bench_functions(args):
+    """Warm calls and cold starts of the example functions (C and Python),
+    sandbox included: what a function adds to a delivery, next to AWS
+    Lambda's 200-400 ms Python cold starts."""
+    import shutil
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ex = os.path.join(root, "examples", "functions")
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copytree(os.path.join(ex, "python-ward-note"), os.path.join(d, "ward-note"))
+        shutil.copytree(os.path.join(ex, "c-range-check"), os.path.join(d, "range-check"))
+        shutil.copy(os.path.join(args.build, "range_check"), os.path.join(d, "range-check"))
+        for name in ("range-check", "ward-note"):
+            r = subprocess.run([os.path.join(args.build, "fleetml"), "bench", "function",
+                                os.path.join(d, name), "--n", "20000", "--starts", "20"],
+                               capture_output=True, text=True, check=True)
+            res = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
+            res["targets"] = {"warm_p99_us_max": 2000,
+                              "warm_p99_met": res["warm_us"]["p99"] <= 2000}
+            out[name] = res
+    return out
+
+
 def bench_many(args):
     """N devices connected at once, one measurement every 10 s each."""
     node = Node(args.build, 0)
@@ -715,7 +739,7 @@ def main():
     ap.add_argument("--hotswap-duration", type=float,
                     default=float(os.environ.get("FM_BENCH_HOTSWAP_DURATION", 20)))
     ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap",
-                                       "cluster"])
+                                       "cluster", "functions"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -734,6 +758,8 @@ def main():
         result["hotswap"] = bench_hotswap(args)
     if args.only in (None, "cluster"):
         result["cluster"] = bench_cluster(args)
+    if args.only in (None, "functions"):
+        result["functions"] = bench_functions(args)
     text = json.dumps(result)
     print(text)
     if args.out:

@@ -7,6 +7,7 @@
  * Prints one JSON line.
  */
 #include "cli/cli.h"
+#include "fleetml/functions.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
@@ -15,6 +16,8 @@
 #include "fleetml/viscometer.h"
 
 #include <ftw.h>
+#include <jansson.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -194,11 +197,103 @@ static int bench_pipeline(int argc, char **argv)
     return c.ok == n ? 0 : 1;
 }
 
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* `fleetml bench function DIR`: the function deployed in DIR (its
+ * function.json, as `serve` reads it) started cold `--starts` times (spawn
+ * to ready line, sandbox included), then called warm N times in a row
+ * with a result.produced event: what a warm function adds to a delivery.
+ * One JSON line, times in microseconds. */
+static int bench_function(int argc, char **argv)
+{
+    const char *n_opt = fm_cli_take_opt(&argc, argv, "--n");
+    const char *starts_opt = fm_cli_take_opt(&argc, argv, "--starts");
+    if (argc != 2) {
+        fprintf(stderr, "usage: fleetml bench function DIR [--n N] [--starts K]\n");
+        return 2;
+    }
+    long n = n_opt ? strtol(n_opt, NULL, 10) : 5000;
+    long starts = starts_opt ? strtol(starts_opt, NULL, 10) : 10;
+    if (n < 10 || n > 10000000 || starts < 1 || starts > 1000) {
+        fprintf(stderr, "fleetml bench function: --n 10.. and --starts 1..1000\n");
+        return 2;
+    }
+    char dir[PATH_MAX], path[PATH_MAX + 16], command[PATH_MAX];
+    if (!realpath(argv[1], dir)) {
+        fprintf(stderr, "fleetml bench function: %s: no such directory\n", argv[1]);
+        return 1;
+    }
+    snprintf(path, sizeof path, "%s/function.json", dir);
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    const char *base = strrchr(dir, '/');
+    char *env[FM_FN_ENV_MAX] = {0};
+    fm_fn_spec spec;
+    fm_errbuf err = {0};
+    int rc = doc ? fm_fn_spec_from_json(dir, base ? base + 1 : dir, doc, &spec, command,
+                                        sizeof command, env, FM_FN_ENV_MAX, &err)
+                 : fm_errf(&err, FM_EINVAL, "%s: %s", path, jerr.text);
+    int64_t *cold = fm_calloc((size_t)starts, sizeof *cold), *warm = fm_calloc((size_t)n, sizeof *warm);
+    const char *event =
+        "{\"specversion\":\"fleetml.events/1\",\"id\":\"result.produced:1\",\"type\":"
+        "\"result.produced\",\"time\":\"2026-12-04T09:30:58.456Z\",\"tenant\":\"bench\","
+        "\"subject\":\"devices/icu-1/measurements/m-1\",\"data\":{\"device\":\"icu-1\","
+        "\"measurement_id\":\"m-1\",\"model\":\"viscosity@1.0.0\",\"status\":\"ok\","
+        "\"outputs\":{\"viscosity_high_mpas\":3.88,\"viscosity_low_mpas\":15.86,"
+        "\"hematocrit_pct\":61.5}}}";
+    fm_fn_pool *p = NULL;
+    spec.min_workers = 1;
+    spec.max_workers = spec.max_workers < 1 ? 1 : spec.max_workers;
+    if (!cold || !warm)
+        rc = rc ? rc : fm_errf(&err, FM_ENOMEM, "out of memory");
+    for (long i = 0; !rc && i < starts; i++) {
+        int64_t t0 = fm_mono_ns();
+        rc = fm_fn_pool_start(&spec, &p, &err);
+        cold[i] = (fm_mono_ns() - t0) / 1000;
+        if (!rc && i + 1 < starts) {
+            fm_fn_pool_stop(p);
+            p = NULL;
+        }
+    }
+    for (long i = 0; !rc && i < n; i++) {
+        char *result = NULL;
+        int64_t t0 = fm_mono_ns();
+        rc = fm_fn_call(p, event, &result, NULL, &err);
+        warm[i] = (fm_mono_ns() - t0) / 1000;
+        fm_free(result);
+    }
+    fm_fn_pool_stop(p);
+    if (!rc) {
+        qsort(cold, (size_t)starts, sizeof *cold, cmp_i64);
+        qsort(warm, (size_t)n, sizeof *warm, cmp_i64);
+        printf("{\"function\":\"%s\",\"calls\":%ld,\"warm_us\":{\"p50\":%lld,\"p99\":%lld,"
+               "\"max\":%lld},\"starts\":%ld,\"cold_start_us\":{\"p50\":%lld,\"max\":%lld}}\n",
+               spec.name, n, (long long)warm[n / 2], (long long)warm[n * 99 / 100],
+               (long long)warm[n - 1], starts, (long long)cold[starts / 2],
+               (long long)cold[starts - 1]);
+    } else {
+        fprintf(stderr, "fleetml bench function: %s\n", err.msg);
+    }
+    for (size_t i = 0; i < FM_FN_ENV_MAX; i++)
+        fm_free(env[i]);
+    fm_free(cold);
+    fm_free(warm);
+    json_decref(doc);
+    return rc ? 1 : 0;
+}
+
 int fm_cmd_bench(int argc, char **argv)
 {
     if (argc >= 2 && strcmp(argv[1], "pipeline") == 0)
         return bench_pipeline(argc - 1, argv + 1);
+    if (argc >= 2 && strcmp(argv[1], "function") == 0)
+        return bench_function(argc - 1, argv + 1);
     fprintf(stderr, "usage: fleetml bench pipeline [--n N] [--set pipeline.workers=K]\n"
+                    "       fleetml bench function DIR [--n N] [--starts K]\n"
                     "  (the end-to-end benchmark against a broker is `make bench`)\n");
     return 2;
 }

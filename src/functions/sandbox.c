@@ -71,6 +71,7 @@ static void strv_addn(strv *s, const char *str, size_t len)
             return;
         }
         s->v = v;
+        s->v[s->n] = NULL; /* terminated even if the copy below fails */
         s->cap = cap;
     }
     char *copy = len == (size_t)-1 ? fm_strdup(str) : fm_strndup(str, len);
@@ -341,19 +342,16 @@ int fn__sandbox_init(fn__sandbox *sb, const fm_fn_spec *spec, fm_errbuf *err)
     strv_add(&argv, "--args");
     strv_add(&argv, fdtxt);
     strv_add(&argv, "--");
-    strv_add(&argv, "/fn");
-    if (!argv.failed) {
-        /* "/fn" + "/" + the command's file name, in place of the entry. */
-        const char *base = strrchr(spec->command, '/') + 1;
-        size_t l = strlen(base) + sizeof "/fn/";
-        char *full = fm_malloc(l);
-        if (full) {
-            snprintf(full, l, "/fn/%s", base);
-            fm_free(argv.v[argv.n - 1]);
-            argv.v[argv.n - 1] = full;
-        } else {
-            argv.failed = true;
-        }
+    /* The command as the sandbox sees it: its directory is /fn. */
+    const char *base = strrchr(spec->command, '/') + 1;
+    size_t ilen = strlen(base) + sizeof "/fn/";
+    char *inner = fm_malloc(ilen);
+    if (inner) {
+        snprintf(inner, ilen, "/fn/%s", base);
+        strv_add(&argv, inner);
+        fm_free(inner);
+    } else {
+        argv.failed = true;
     }
     for (size_t i = 0; i < sizeof spec->args / sizeof spec->args[0] && spec->args[i]; i++)
         strv_add(&argv, spec->args[i]);
@@ -376,13 +374,13 @@ int fn__sandbox_init(fn__sandbox *sb, const fm_fn_spec *spec, fm_errbuf *err)
                          spec->log_dir, strerror(errno));
             goto fail;
         }
-        size_t l = strlen(spec->log_dir) + strlen(spec->name) + sizeof "/.log";
-        sb->log_path = fm_malloc(l);
+        size_t plen = strlen(spec->log_dir) + strlen(spec->name) + sizeof "/.log";
+        sb->log_path = fm_malloc(plen);
         if (!sb->log_path) {
             rc = fm_errf(err, FM_ENOMEM, "out of memory");
             goto fail;
         }
-        snprintf(sb->log_path, l, "%s/%s.log", spec->log_dir, spec->name);
+        snprintf(sb->log_path, plen, "%s/%s.log", spec->log_dir, spec->name);
     }
     sb->memory_bytes = (unsigned long long)spec->memory_mb * 1024 * 1024;
     sb->cpu_s = (unsigned long long)spec->cpu_s;
