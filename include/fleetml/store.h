@@ -562,6 +562,8 @@ typedef struct fm_store_rules_vt {
     int (*rule_delete)(fm_store *s, const char *tenant, const char *name, fm_errbuf *err);
     int (*rule_position)(fm_store *s, const char *tenant, const char *name, int64_t position,
                          fm_errbuf *err);
+    int (*rule_rewind)(fm_store *s, const char *tenant, const char *name, const char *source,
+                       int64_t from_ms, int64_t *position, fm_errbuf *err);
     int (*rule_log_add)(fm_store *s, fm_rule_log *l, fm_errbuf *err);
     int (*rule_log_page)(fm_store *s, const char *tenant, const char *rule, int64_t before_seq,
                          size_t limit, fm_rule_log_cb cb, void *ud);
@@ -599,6 +601,15 @@ static inline int fm_store_rule_delete(fm_store *s, const char *tenant, const ch
 static inline int fm_store_rule_position(fm_store *s, const char *tenant, const char *name,
                                          int64_t position, fm_errbuf *err)
 { return s->rules->rule_position(s, tenant, name, position, err); }
+/* Moves a rule back to just before from_ms in its source ("records":
+ * measurements received, "labels": labels written, "presence": presence
+ * changes), so the rules engine delivers again everything from then on
+ * (it notices by the rule's new updated_ms). *position gets the new
+ * position. 0, FM_ENOTFOUND, FM_EINVAL (another source), FM_EDB. */
+static inline int fm_store_rule_rewind(fm_store *s, const char *tenant, const char *name,
+                                       const char *source, int64_t from_ms, int64_t *position,
+                                       fm_errbuf *err)
+{ return s->rules->rule_rewind(s, tenant, name, source, from_ms, position, err); }
 /* Appends a delivery attempt to the rule's invocation log (l->seq set;
  * at_ms 0 means now). 0 or FM_EDB. */
 static inline int fm_store_rule_log_add(fm_store *s, fm_rule_log *l, fm_errbuf *err)

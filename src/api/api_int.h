@@ -289,6 +289,7 @@ void v1_rule_get(api_req *r);
 void v1_rule_put(api_req *r);
 void v1_rule_delete(api_req *r);
 void v1_rule_invocations(api_req *r);
+void v1_rule_replay(api_req *r);
 void v1_functions_list(api_req *r);
 /* Starts / stops the training-job thread (v1_models.c). */
 int api_trainer_start(fm_http *h, fm_errbuf *err);

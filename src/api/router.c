@@ -69,6 +69,7 @@ static const api_route routes[] = {
     R("PUT", "/rules/{name}", "rules.manage", v1_rule_put, API_BODY_DEFAULT),
     R("DELETE", "/rules/{name}", "rules.manage", v1_rule_delete, 0),
     R("GET", "/rules/{name}/invocations", "rules.manage", v1_rule_invocations, 0),
+    R("POST", "/rules/{name}/replay", "rules.manage", v1_rule_replay, API_BODY_SMALL),
     R("GET", "/functions", "rules.manage", v1_functions_list, 0),
     R("GET", "/audit", "audit.read", v1_audit_list, 0),
     R("POST", "/training-jobs", "models.manage", v1_training_job_create, API_BODY_SMALL),

@@ -161,6 +161,56 @@ void v1_rule_delete(api_req *r)
     api_no_content(r);
 }
 
+/* POST /rules/{name}/replay {"from": time}: delivers again every event of
+ * the rule's type and tenant committed from then on (from the store: the
+ * data the lake is exported from). */
+void v1_rule_replay(api_req *r)
+{
+    const char *tenant;
+    if (!rule_tenant(r, &tenant))
+        return;
+    json_t *from = json_object_get(r->json, "from");
+    int64_t from_ms = 0;
+    if (!json_is_string(from) || fm_rfc3339_parse(json_string_value(from), &from_ms) != 0 ||
+        json_object_size(r->json) != 1) {
+        api_error(r, 400, "invalid_request", "body must be {\"from\": RFC 3339 time}");
+        return;
+    }
+    rule_list l = {.items = json_array()};
+    int rc = fm_store_rule_list(r->store, tenant, r->params[0], on_rule, &l);
+    json_t *rule = json_array_get(l.items, 0);
+    if (!rc && !rule) {
+        json_decref(l.items);
+        api_error(r, 404, "not_found", "no rule '%s'", r->params[0]);
+        return;
+    }
+    static const char *const sources[] = {"records", "labels", "presence", "registry"};
+    int type = fm_event_type_parse(json_string_value(json_object_get(rule, "event")));
+    const char *source = type >= 0 ? sources[fm_event_type_source(type)] : "";
+    json_decref(l.items);
+    int64_t pos = 0;
+    fm_errbuf err;
+    if (!rc)
+        rc = fm_store_rule_rewind(r->store, tenant, r->params[0], source, from_ms, &pos, &err);
+    if (rc == FM_EINVAL) {
+        api_error(r, 422, "validation_failed", "%s", err.msg);
+        return;
+    }
+    if (rc == FM_ENOTFOUND) {
+        api_error(r, 404, "not_found", "no rule '%s'", r->params[0]);
+        return;
+    }
+    if (rc) {
+        api_store_error(r, rc);
+        return;
+    }
+    char target[96];
+    snprintf(target, sizeof target, "rule:%s", r->params[0]);
+    api_audit(r, tenant, "rule.replay", target, "ok", json_pack("{s:O}", "from", from));
+    api_json(r, 202, json_pack("{s:s,s:O,s:I}", "rule", r->params[0], "from", from, "position",
+                               (json_int_t)pos));
+}
+
 typedef struct log_page {
     json_t *items;
     int64_t last;

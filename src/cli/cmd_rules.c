@@ -99,6 +99,37 @@ static int print_log(void *ud, const fm_rule_log *l)
     return 0;
 }
 
+static int find_rule(void *ud, const fm_rule_row *r)
+{
+    json_t **rule = ud;
+    *rule = json_loads(r->spec_json, 0, NULL);
+    return 1;
+}
+
+/* Moves the rule back so the engine delivers again everything from from_ms. */
+static int rules_replay(fm_store *st, const char *tenant, const char *name, int64_t from_ms)
+{
+    static const char *const sources[] = {"records", "labels", "presence", "registry"};
+    json_t *rule = NULL;
+    if (fm_store_rule_list(st, tenant, name, find_rule, &rule) != 0 || !rule) {
+        fprintf(stderr, "fleetml rules replay: no rule '%s' for tenant %s\n", name, tenant);
+        json_decref(rule);
+        return 1;
+    }
+    int type = fm_event_type_parse(json_string_value(json_object_get(rule, "event")));
+    json_decref(rule);
+    int64_t pos = 0;
+    fm_errbuf err;
+    int rc = fm_store_rule_rewind(st, tenant, name, type >= 0 ? sources[fm_event_type_source(type)] : "",
+                                  from_ms, &pos, &err);
+    if (rc) {
+        fprintf(stderr, "fleetml rules replay: %s\n", err.msg);
+        return 1;
+    }
+    printf("rule %s replays from position %lld\n", name, (long long)pos);
+    return 0;
+}
+
 int fm_cmd_rules(int argc, char **argv)
 {
     fm_config cfg;
@@ -106,17 +137,25 @@ int fm_cmd_rules(int argc, char **argv)
     if (rc)
         return rc;
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    const char *from = fm_cli_take_opt(&argc, argv, "--from");
     bool as_json = fm_cli_take_flag(&argc, argv, "--json");
     const char *sub = argc >= 2 ? argv[1] : "";
     bool list = strcmp(sub, "list") == 0 && argc == 2;
     bool put = strcmp(sub, "put") == 0 && argc == 3;
     bool del = strcmp(sub, "delete") == 0 && argc == 3;
     bool log = strcmp(sub, "log") == 0 && argc == 3;
-    if (!list && !put && !del && !log) {
+    bool replay = strcmp(sub, "replay") == 0 && argc == 3 && from;
+    int64_t from_ms = 0;
+    if (replay && fm_rfc3339_parse(from, &from_ms) != 0) {
+        fprintf(stderr, "fleetml rules replay: --from must be an RFC 3339 time\n");
+        return 2;
+    }
+    if (!list && !put && !del && !log && !replay) {
         fprintf(stderr, "usage: fleetml rules list [--tenant T] [--json]\n"
                         "       fleetml rules put FILE|- --tenant T\n"
                         "       fleetml rules delete NAME --tenant T\n"
                         "       fleetml rules log NAME --tenant T\n"
+                        "       fleetml rules replay NAME --tenant T --from TIME\n"
                         "  (docs/functions.md: events, rules, targets)\n");
         return 2;
     }
@@ -141,6 +180,8 @@ int fm_cmd_rules(int argc, char **argv)
         else
             printf("rule %s deleted\n", argv[2]);
         rc = rc ? 1 : 0;
+    } else if (replay) {
+        rc = rules_replay(st, tenant, argv[2], from_ms);
     } else {
         rc = fm_store_rule_log_page(st, tenant, argv[2], 0, 100, print_log, NULL) ? 1 : 0;
     }

@@ -55,6 +55,7 @@ typedef struct rule_state {
     int attempt;
     int64_t retry_at_ms;
     char last_error[640];
+    int64_t updated_ms; /* the stored row's: a change means re-read (edit, replay) */
     bool present; /* seen by the last reload */
     _Atomic uint64_t events, delivered, failed, dead, filtered_out;
 } rule_state;
@@ -417,8 +418,13 @@ static int on_row(void *ud, const fm_rule_row *row)
     rule_state *rs = find_rule(e, row->tenant, row->name);
     if (rs) {
         rs->present = true;
-        if (strcmp(rs->spec_text, row->spec_json) != 0)
-            rule_load(rs, row);
+        /* Edited or replayed: the document and the stored position are
+         * taken again (an edit may redeliver what the last unstored batch
+         * handled: at least once). */
+        if (row->updated_ms != rs->updated_ms && rule_load(rs, row) == 0) {
+            rs->updated_ms = row->updated_ms;
+            rs->position = rs->stored_position = row->position;
+        }
         return 0;
     }
     if (e->n >= RULES_MAX)
@@ -429,6 +435,7 @@ static int on_row(void *ud, const fm_rule_row *row)
     snprintf(rs->tenant, sizeof rs->tenant, "%s", row->tenant);
     snprintf(rs->name, sizeof rs->name, "%s", row->name);
     rs->position = rs->stored_position = row->position;
+    rs->updated_ms = row->updated_ms;
     rs->present = true;
     if (rule_load(rs, row) != 0) {
         fm_free(rs);

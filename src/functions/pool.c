@@ -450,7 +450,7 @@ static void spawn_some(fm_fn_pool *p)
         w->state = W_STARTING; /* reserved: counts as live from now on */
         w->pid = 0;
         pthread_mutex_unlock(&p->mu);
-        fn__proc pr;
+        fn__proc pr = {.pid = -1, .in_fd = -1, .out_fd = -1};
         fm_errbuf e;
         char *buf = fm_malloc(BUF_INIT);
         int rc = buf ? fn__spawn(&p->sb, &pr, &e) : fm_errf(&e, FM_ENOMEM, "out of memory");

@@ -99,6 +99,28 @@ static int rule_position(fm_store *base, const char *tenant, const char *name,
     return rc;
 }
 
+static int rule_rewind(fm_store *base, const char *tenant, const char *name, const char *source,
+                       int64_t from_ms, int64_t *position, fm_errbuf *err)
+{
+    const char *sql = store__rule_rewind_sql(source, 1);
+    if (!sql)
+        return fm_errf(err, FM_EINVAL, "rules on this event cannot be replayed");
+    pg_args a = {0};
+    pg__text(&a, nz(tenant));
+    pg__text(&a, nz(name));
+    pg__i64(&a, from_ms);
+    pg__i64(&a, fm_wall_ms());
+    int rc;
+    PGresult *res = pg__run((pg_store *)base, sql, &a, "rule", &rc, err);
+    if (!res)
+        return rc;
+    rc = PQntuples(res) == 1 ? 0 : fm_errf(err, FM_ENOTFOUND, "no rule '%s'", nz(name));
+    if (!rc)
+        *position = pg__int(res, 0, 0);
+    PQclear(res);
+    return rc;
+}
+
 static int rule_log_add(fm_store *base, fm_rule_log *l, fm_errbuf *err)
 {
     if (!l->at_ms)
@@ -163,6 +185,7 @@ const fm_store_rules_vt pg__rules_vt = {
     .rule_list = rule_list,
     .rule_delete = rule_delete,
     .rule_position = rule_position,
+    .rule_rewind = rule_rewind,
     .rule_log_add = rule_log_add,
     .rule_log_page = rule_log_page,
 };

@@ -136,6 +136,35 @@ static int rule_position(fm_store *base, const char *tenant, const char *name,
                    &position, err);
 }
 
+static int rule_rewind(fm_store *base, const char *tenant, const char *name, const char *source,
+                       int64_t from_ms, int64_t *position, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    const char *sql = store__rule_rewind_sql(source, 0);
+    if (!sql)
+        return fm_errf(err, FM_EINVAL, "rules on this event cannot be replayed");
+    sqlite3_stmt *st;
+    int rc = sql__prep(s, &st, sql, err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, nz(tenant), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, nz(name), -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, from_ms);
+    sqlite3_bind_int64(st, 4, fm_wall_ms());
+    int src = sqlite3_step(st);
+    if (src == SQLITE_ROW) {
+        *position = sqlite3_column_int64(st, 0);
+        src = sqlite3_step(st);
+        rc = 0;
+    } else if (src == SQLITE_DONE) {
+        rc = fm_errf(err, FM_ENOTFOUND, "no rule '%s'", nz(name));
+    }
+    if (src != SQLITE_DONE && !rc)
+        rc = sql__err(s, err, src, "rule");
+    sqlite3_finalize(st);
+    return rc;
+}
+
 static int rule_log_add(fm_store *base, fm_rule_log *l, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
@@ -203,6 +232,7 @@ const fm_store_rules_vt sql__rules_vt = {
     .rule_list = rule_list,
     .rule_delete = rule_delete,
     .rule_position = rule_position,
+    .rule_rewind = rule_rewind,
     .rule_log_add = rule_log_add,
     .rule_log_page = rule_log_page,
 };

@@ -54,6 +54,29 @@ int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
     " ON CONFLICT (tenant, name) DO UPDATE SET spec = excluded.spec,"                               \
     " updated_by = excluded.updated_by, updated_ms = excluded.updated_ms"
 #define SQL_RULE_COLS "tenant, name, spec, position, updated_by, updated_ms"
+/* A rule's position just before a time in its source; NULL for an unknown
+ * source. Placeholders: 1 tenant, 2 name, 3 from_ms, 4 now_ms. */
+static inline const char *store__rule_rewind_sql(const char *source, int pg)
+{
+#define REWIND(tbl, seq, at, p1, p2, p3, p4)                                                       \
+    "UPDATE rules SET position = (SELECT coalesce(max(" seq "), 0) FROM " tbl " WHERE " at       \
+    " < " p3 "), updated_ms = " p4 " WHERE tenant = " p1 " AND name = " p2 " RETURNING position"
+    static const struct {
+        const char *source, *sqlite, *pg;
+    } t[] = {
+        {"records", REWIND("measurements", "seq", "received_ms", "?1", "?2", "?3", "?4"),
+         REWIND("measurements", "seq", "received_ms", "$1", "$2", "$3", "$4")},
+        {"labels", REWIND("label_log", "seq", "at_ms", "?1", "?2", "?3", "?4"),
+         REWIND("label_log", "seq", "at_ms", "$1", "$2", "$3", "$4")},
+        {"presence", REWIND("presence_log", "rev", "changed_ms", "?1", "?2", "?3", "?4"),
+         REWIND("presence_log", "rev", "changed_ms", "$1", "$2", "$3", "$4")},
+    };
+#undef REWIND
+    for (size_t i = 0; source && i < sizeof t / sizeof t[0]; i++)
+        if (__builtin_strcmp(t[i].source, source) == 0)
+            return pg ? t[i].pg : t[i].sqlite;
+    return NULL;
+}
 #define SQL_RULE_LOG_COLS                                                                          \
     "seq, tenant, rule, event_id, target, outcome, attempt, duration_us, error, at_ms"
 #define SQL_RULE_LOG_ADD(a, b, c, d, e, f, g, h, i)                                                \

@@ -24,6 +24,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -134,8 +135,13 @@ def measure(p, device, scale=1.0):
         d.close()
 
 
+START = []
+
+
 def test_filtered_results_reach_a_signed_webhook(env):
     p, api, tok, hook, _ = env
+    from api_client import rfc3339_of_ms
+    START.append(rfc3339_of_ms(int(time.time() * 1000) - 1000))
     # What the model says for normal and for thin blood (before the rule).
     _, normal = measure(p, "rules-1")
     _, thin = measure(p, "rules-1", scale=0.55)
@@ -168,6 +174,16 @@ def test_filtered_results_reach_a_signed_webhook(env):
     log = api.ok("GET", "/rules/low-hct/invocations", tok)["items"]
     assert [x["outcome"] for x in log[:2]] == ["ok", "ok"], log
     assert {x["target"] for x in log} == {"webhook"}
+    # Replayed from before the rule existed: every low result since then is
+    # delivered again, the two before the rule included, with the same ids.
+    first_ids = {h["X-Fleetml-Event-Id"] for _, h, _, _ in hook.on("/low")}
+    r = api.request("POST", "/rules/low-hct/replay", token=tok, body={"from": START[0]})
+    assert r.status == 202 and r.json()["rule"] == "low-hct", r
+    wait_for(lambda: len(hook.on("/low")) >= 5, 20, msg="the replayed deliveries")
+    again = [h["X-Fleetml-Event-Id"] for _, h, _, _ in hook.on("/low")[2:]]
+    assert first_ids <= set(again) and len(again) == 3, again
+    r = api.request("POST", "/rules/low-hct/replay", token=tok, body={"from": "yesterday"})
+    assert r.status == 400
 
 
 def test_failing_webhook_is_retried_then_dead_lettered(env):
