@@ -11,7 +11,7 @@
  *   [store]     backend (sqlite)
  *   [lake]      backend (fs), dir, roll_bytes, roll_seconds
  *   [model]     dir
- *   [functions] dir;  [rules] retry_base_ms
+ *   [functions] dir;  [rules] retry_base_ms, loopback_webhooks
  *
  * Every key has a default; unknown sections or keys are errors so typos are
  * caught at start-up rather than silently ignored.
@@ -43,6 +43,7 @@
  *   lake.dir                path, or empty for <data>/lake     (<data>/lake)
  *   functions.dir           path, or empty for <data>/functions (<data>/functions)
  *   rules.retry_base_ms     100..600000                        (1000)
+ *   rules.loopback_webhooks off | on                           (off)
  *   lake.roll_bytes         4096..1073741824                   (8388608)
  *   lake.roll_seconds       1..3600                            (60)
  *   model.dir               non-empty path                     ($FM_MODEL_DIR if
@@ -115,6 +116,7 @@ typedef struct fm_config {
     char lake_dir[PATH_MAX];
     char functions_dir[PATH_MAX]; /* <data>/functions by default */
     int rules_retry_base_ms;
+    char rules_loopback_webhooks[8]; /* "off" | "on" */
     long lake_roll_bytes;
     int lake_roll_seconds;
     /* lake.backend = s3 (src/lake/s3.c); empty strings take the standard

@@ -38,6 +38,9 @@
 #define FM_RULE_PROGRAM_MAX 4096
 #define FM_RULE_RETRIES_MAX 10
 
+/* fm_rule_check flags. */
+#define FM_RULE_LOOPBACK_HTTP 1u /* accept http:// webhooks to a loopback address */
+
 /* Checks a rule document as the API and CLI receive it and returns its
  * canonical form (new reference in *out: name, event, filter, transform,
  * targets with defaults filled in, retries, enabled). Refusals are
@@ -45,9 +48,11 @@
  * not [a-z0-9][a-z0-9-]{0,63}, an unknown event type, a filter or
  * transform jq cannot compile (jq's message), no or too many targets, an
  * unknown target type, a webhook URL that is not https:// (or http:// to
- * a loopback address), a lake prefix that is not a relative path of
+ * a loopback address, with FM_RULE_LOOPBACK_HTTP in flags), a lake prefix that is not a relative path of
  * [a-z0-9_/-] segments, retries outside 0..FM_RULE_RETRIES_MAX. */
-int fm_rule_check(json_t *doc, json_t **out, fm_errbuf *err);
+int fm_rule_check(json_t *doc, unsigned flags, json_t **out, fm_errbuf *err);
+/* true when url is a plain http:// URL to a loopback address. */
+bool fm_rule_loopback_url(const char *url);
 
 /* The same document with every target's "secret" replaced by "********"
  * (what the API shows). New reference. */
@@ -84,6 +89,7 @@ typedef struct fm_rules_opts {
     struct fm_fn_registry *functions; /* function targets; borrowed, may be NULL */
     int poll_ms;                    /* how often sources are read (250) */
     int retry_base_ms;              /* first retry delay, doubled per retry (1000) */
+    bool loopback_webhooks;         /* deliver to http:// on loopback (else refused) */
 } fm_rules_opts;
 
 /* Starts the engine thread (its own store connection). 0, FM_ENOMEM, or

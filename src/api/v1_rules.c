@@ -102,7 +102,8 @@ void v1_rule_put(api_req *r)
         json_object_set_new(doc, "name", json_string(r->params[0]));
     json_t *rule = NULL;
     fm_errbuf err;
-    int rc = doc ? fm_rule_check(doc, &rule, &err) : FM_ENOMEM;
+    unsigned flags = strcmp(r->h->cfg.rules_loopback_webhooks, "on") == 0 ? FM_RULE_LOOPBACK_HTTP : 0;
+    int rc = doc ? fm_rule_check(doc, flags, &rule, &err) : FM_ENOMEM;
     json_decref(doc);
     if (rc == FM_EINVAL) {
         api_error(r, 422, "validation_failed", "%s", err.msg);

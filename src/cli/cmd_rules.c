@@ -50,7 +50,7 @@ static int rules_list(fm_store *st, const char *tenant, bool as_json)
     return 0;
 }
 
-static int rules_put(fm_store *st, const char *tenant, const char *file)
+static int rules_put(fm_store *st, const fm_config *cfg, const char *tenant, const char *file)
 {
     json_error_t jerr;
     json_t *doc = strcmp(file, "-") == 0 ? json_loadf(stdin, 0, &jerr) : json_load_file(file, 0, &jerr);
@@ -60,7 +60,8 @@ static int rules_put(fm_store *st, const char *tenant, const char *file)
     }
     json_t *rule = NULL;
     fm_errbuf err;
-    int rc = fm_rule_check(doc, &rule, &err);
+    unsigned flags = strcmp(cfg->rules_loopback_webhooks, "on") == 0 ? FM_RULE_LOOPBACK_HTTP : 0;
+    int rc = fm_rule_check(doc, flags, &rule, &err);
     json_decref(doc);
     if (rc) {
         fprintf(stderr, "fleetml rules put: %s\n", err.msg);
@@ -172,7 +173,7 @@ int fm_cmd_rules(int argc, char **argv)
     if (list)
         rc = rules_list(st, tenant, as_json);
     else if (put)
-        rc = rules_put(st, tenant, argv[2]);
+        rc = rules_put(st, &cfg, tenant, argv[2]);
     else if (del) {
         rc = fm_store_rule_delete(st, tenant, argv[2], &err);
         if (rc)

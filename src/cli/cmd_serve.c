@@ -231,7 +231,8 @@ int fm_cmd_serve(int argc, char **argv)
         goto fail;
     }
     fm_rules_opts rop = {.cfg = &s.cfg, .lake = s.rules_lake, .functions = s.functions,
-                         .retry_base_ms = s.cfg.rules_retry_base_ms};
+                         .retry_base_ms = s.cfg.rules_retry_base_ms,
+                         .loopback_webhooks = strcmp(s.cfg.rules_loopback_webhooks, "on") == 0};
     if ((rc = fm_rules_start(&rop, &s.rules, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "rules engine failed to start", "error", err.msg, NULL);
         goto fail;

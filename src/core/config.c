@@ -156,6 +156,9 @@ static const key_def keys[] = {
           "Where functions are deployed, one directory each (empty = <data>/functions)."),
     K_NUM("rules", "retry_base_ms", T_INT, rules_retry_base_ms, 100, 600000,
           "First retry of a failed rule delivery after this long, doubled per retry."),
+    K_STR("rules", "loopback_webhooks", T_ENUM, rules_loopback_webhooks, on_off,
+          "Allow webhooks to plain http:// on a loopback address (a receiver on this host; "
+          "off: https:// only)."),
     K_NUM("lake", "roll_bytes", T_LONG, lake_roll_bytes, 4096, 1024L * 1024 * 1024,
           "Close a lake object once it holds this many bytes."),
     K_NUM("lake", "roll_seconds", T_INT, lake_roll_seconds, 1, 3600,
@@ -324,6 +327,7 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     if (!fm_config_path(c, "functions", c->functions_dir, sizeof c->functions_dir))
         c->functions_dir[0] = '\0';
     c->rules_retry_base_ms = 1000;
+    copy_str(c->rules_loopback_webhooks, sizeof c->rules_loopback_webhooks, "off");
     c->lake_roll_bytes = 8L * 1024 * 1024;
     c->lake_roll_seconds = 60;
     copy_str(c->lake_s3_addressing, sizeof c->lake_s3_addressing, "auto");

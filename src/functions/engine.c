@@ -572,6 +572,7 @@ int fm_rules_start(const fm_rules_opts *opts, fm_rules **out, fm_errbuf *err)
         e->opts.retry_base_ms = 1000;
     e->ctx.lake = opts->lake;
     e->ctx.functions = opts->functions;
+    e->ctx.loopback_webhooks = opts->loopback_webhooks;
     pthread_mutex_init(&e->mu, NULL);
     int rc = fm_store_open(&e->cfg, &e->ctx.st, err);
     if (rc) {

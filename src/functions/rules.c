@@ -210,7 +210,7 @@ int fm_rule_prog_run(fm_rule_prog *p, json_t *event, json_t **outputs, fm_errbuf
 
 /* ---- checking documents ---------------------------------------------------------- */
 
-static bool loopback_http(const char *url)
+bool fm_rule_loopback_url(const char *url)
 {
     static const char *const ok[] = {"http://127.0.0.1:", "http://127.0.0.1/", "http://localhost:",
                                      "http://localhost/", "http://[::1]:", "http://[::1]/"};
@@ -235,7 +235,7 @@ static bool prefix_ok(const char *s)
     return strstr(s, "..") == NULL;
 }
 
-static int check_target(json_t *t, size_t i, json_t **out, fm_errbuf *err)
+static int check_target(json_t *t, size_t i, unsigned flags, json_t **out, fm_errbuf *err)
 {
     char what[32];
     snprintf(what, sizeof what, "targets[%zu]", i);
@@ -252,10 +252,12 @@ static int check_target(json_t *t, size_t i, json_t **out, fm_errbuf *err)
         const char *url = json_string_value(json_object_get(t, "url"));
         const char *secret = json_string_value(json_object_get(t, "secret"));
         json_t *tmo = json_object_get(t, "timeout_ms");
-        if (!url || strlen(url) > 2048 ||
-            (strncmp(url, "https://", 8) != 0 && !loopback_http(url)))
+        bool loopback = (flags & FM_RULE_LOOPBACK_HTTP) && url && fm_rule_loopback_url(url);
+        if (!url || strlen(url) > 2048 || (strncmp(url, "https://", 8) != 0 && !loopback))
             return fm_errf(err, FM_EINVAL,
-                           "%s: url must be https:// (http:// only to a loopback address)", what);
+                           "%s: url must be https://%s", what,
+                           (flags & FM_RULE_LOOPBACK_HTTP) ? " (http:// only to a loopback address)"
+                                                           : "");
         if (!secret || strlen(secret) < 16 || strlen(secret) > 256)
             return fm_errf(err, FM_EINVAL, "%s: secret (the HMAC key) must be 16..256 characters",
                            what);
@@ -296,7 +298,7 @@ static int check_target(json_t *t, size_t i, json_t **out, fm_errbuf *err)
     return *out ? 0 : fm_errf(err, FM_ENOMEM, "out of memory");
 }
 
-int fm_rule_check(json_t *doc, json_t **out, fm_errbuf *err)
+int fm_rule_check(json_t *doc, unsigned flags, json_t **out, fm_errbuf *err)
 {
     static const char *const keys[] = {"name",    "event",   "filter", "transform",
                                        "targets", "retries", "enabled", NULL};
@@ -335,7 +337,7 @@ int fm_rule_check(json_t *doc, json_t **out, fm_errbuf *err)
     json_t *cts = json_object_get(canon, "targets");
     for (size_t i = 0; i < n && !rc; i++) {
         json_t *t = NULL;
-        rc = check_target(json_array_get(targets, i), i, &t, err);
+        rc = check_target(json_array_get(targets, i), i, flags, &t, err);
         if (!rc)
             json_array_append_new(cts, t);
     }

@@ -16,6 +16,7 @@ typedef struct rules_ctx {
     fm_lake *lake;
     fm_fn_registry *functions;
     CURL *curl;
+    bool loopback_webhooks; /* rules.loopback_webhooks */
 } rules_ctx;
 
 /* Delivers every value of outputs (an array) to target, for event. 0 or

@@ -54,6 +54,11 @@ int rules__signature(const char *secret, const char *timestamp, const char *body
 static int webhook(rules_ctx *c, json_t *target, json_t *event, const char *body,
                    fm_errbuf *err)
 {
+    /* Checked again here: a rule stored while loopback webhooks were
+     * allowed does not outlive the setting. */
+    const char *url = json_string_value(json_object_get(target, "url"));
+    if (strncmp(url, "https://", 8) != 0 && !(c->loopback_webhooks && fm_rule_loopback_url(url)))
+        return fm_errf(err, FM_EPERM, "webhook: plain http is not allowed here");
     if (!c->curl && !(c->curl = curl_easy_init()))
         return fm_errf(err, FM_ENOMEM, "out of memory");
     CURL *h = c->curl;
@@ -72,7 +77,7 @@ static int webhook(rules_ctx *c, json_t *target, json_t *event, const char *body
     struct curl_slist *headers = curl_slist_append(NULL, "Content-Type: application/json");
     for (int i = 0; i < 4; i++)
         headers = curl_slist_append(headers, hdr[i]);
-    curl_easy_setopt(h, CURLOPT_URL, json_string_value(json_object_get(target, "url")));
+    curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)strlen(body));

@@ -102,7 +102,7 @@ def env(module_platform):
                {"range_check": build / "range_check"})
 
     p = module_platform("rules", devices=["rules-1", "rules-2"], setup=setup,
-                        sets={"rules.retry_base_ms": "200"})
+                        sets={"rules.retry_base_ms": "200", "rules.loopback_webhooks": "on"})
     hook = Hook()
     api = Api(p)
     tok = api.login("rules-admin", pw["admin2"])["access_token"]

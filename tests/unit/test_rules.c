@@ -42,7 +42,7 @@ static int check(const char *text, json_t **out, char *msg, size_t len)
     json_t *doc = J(text);
     fm_errbuf err = {0};
     json_t *o = NULL;
-    int rc = fm_rule_check(doc, &o, &err);
+    int rc = fm_rule_check(doc, FM_RULE_LOOPBACK_HTTP, &o, &err);
     json_decref(doc);
     snprintf(msg, len, "%s", err.msg);
     if (out)
@@ -107,7 +107,16 @@ static void test_rule_check(void **state)
         if (!strstr(msg, bad[i].why))
             fail_msg("case %zu: '%s' does not say '%s'", i, msg, bad[i].why);
     }
-    /* Plain http only to loopback (a receiver on the same host). */
+    /* Plain http only to loopback (a receiver on the same host), and only
+     * when allowed. */
+    json_t *lb = J("{\"name\":\"x\",\"event\":\"device.online\",\"targets\":["
+                   "{\"type\":\"webhook\",\"url\":\"http://127.0.0.1:9/h\","
+                   "\"secret\":\"0123456789abcdef\"}]}");
+    json_t *o = NULL;
+    fm_errbuf e2 = {0};
+    assert_int_equal(fm_rule_check(lb, 0, &o, &e2), FM_EINVAL);
+    assert_null(o);
+    json_decref(lb);
     assert_int_equal(check("{\"name\":\"x\",\"event\":\"device.online\",\"targets\":["
                            "{\"type\":\"webhook\",\"url\":\"http://127.0.0.1:9/h\","
                            "\"secret\":\"0123456789abcdef\"}]}",
@@ -409,7 +418,7 @@ static void put_rule(fx *f, const char *tenant, const char *text)
 {
     json_t *doc = J(text), *rule = NULL;
     fm_errbuf err = {0};
-    if (fm_rule_check(doc, &rule, &err) != 0)
+    if (fm_rule_check(doc, 0, &rule, &err) != 0)
         fail_msg("rule: %s", err.msg);
     int64_t pos = 0;
     int type = fm_event_type_parse(json_string_value(json_object_get(rule, "event")));
