@@ -136,7 +136,15 @@ void fm_fn_pool_stop(fm_fn_pool *p);
  *
  *   {"command": "notify.py", "args": [], "min_workers": 1, "max_workers": 4,
  *    "timeout_ms": 5000, "memory_mb": 256, "cpu_s": 60, "idle_ms": 60000,
- *    "network": false, "env": {"WARD": "icu"}, "secrets": {"TOKEN": "..."}}
+ *    "network": false, "env": {"WARD": "icu"}, "secrets": {"TOKEN": "..."},
+ *    "processor": {"kind": "viscosity.sweep.v1", "groups": ["research"]}}
+ *
+ * With "processor", the function answers the devices of those groups in
+ * the reply path instead of the model: called warm with the measurement
+ * and its features ({"measurement": {...}, "features": {name: value}}),
+ * it answers {"outputs": {name: number}} with every output of the served
+ * model; the result is stored with the measurement and then sent, as the
+ * model's would be.
  *
  * command is relative to the directory; env and secrets both become the
  * worker's environment (secrets are never logged or shown by the API).
@@ -155,6 +163,10 @@ int fm_fn_registry_open(const char *dir, const char *log_dir, fm_fn_registry **o
 fm_fn_pool *fm_fn_registry_get(fm_fn_registry *r, const char *name);
 /* Calls cb for each running pool, in name order. */
 void fm_fn_registry_each(fm_fn_registry *r, void (*cb)(void *ud, fm_fn_pool *p), void *ud);
+/* The function that processes the measurements of kind from devices of
+ * group (function.json "processor": {"kind": ..., "groups": [...]}, "*"
+ * for every group), or NULL. The first in name order wins. */
+fm_fn_pool *fm_fn_registry_processor(fm_fn_registry *r, const char *kind, const char *group);
 /* Stops every pool and frees the registry. NULL is a no-op. */
 void fm_fn_registry_close(fm_fn_registry *r);
 

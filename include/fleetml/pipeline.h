@@ -54,11 +54,17 @@ typedef void (*fm_committed_fn)(void *ud);
 
 typedef struct fm_pipeline fm_pipeline;
 
+struct fm_fn_registry;
+
 typedef struct fm_pipeline_opts {
     const fm_config *cfg;
     fm_publish_fn publish;
     fm_committed_fn committed;
     void *ud;
+    /* This node's functions (borrowed, may be NULL): a function whose
+     * function.json names a processor group answers the measurements of
+     * that group's devices instead of the model (docs/functions.md). */
+    struct fm_fn_registry *functions;
 } fm_pipeline_opts;
 
 /* Opens the store write handle, loads the model and starts the pipeline

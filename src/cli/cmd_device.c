@@ -35,10 +35,11 @@ static int device_add(int argc, char **argv)
     if (rc)
         return rc;
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
+    const char *group = fm_cli_take_opt(&argc, argv, "--group");
     if (!tenant)
         tenant = "demo-hospital";
-    if (argc != 2) {
-        fprintf(stderr, "usage: fleetml device add <id> [--tenant T] [--data DIR]\n");
+    if (argc != 2 || (group && (strlen(group) > 64 || strpbrk(group, " \t\r\n\"\\")))) {
+        fprintf(stderr, "usage: fleetml device add <id> [--tenant T] [--group G] [--data DIR]\n");
         return 2;
     }
     const char *id = argv[1];
@@ -80,6 +81,7 @@ static int device_add(int argc, char **argv)
     fm_device d = {0};
     snprintf(d.id, sizeof d.id, "%s", id);
     snprintf(d.tenant, sizeof d.tenant, "%s", tenant);
+    snprintf(d.device_group, sizeof d.device_group, "%s", group ? group : "");
     d.status = FM_DEVICE_ACTIVE;
     fm_cert_req req = {.common_name = id, .usage = FM_CERT_CLIENT, .days = DEVICE_CERT_DAYS};
     rc = fm_mkdirs(dir, 0700) ? fm_errf(&err, FM_EIO, "cannot create %s", dir) : 0;

@@ -128,8 +128,6 @@ static void shutdown_all(server *s)
      * them. */
     fm_rules_stop(s->rules);
     s->rules = NULL;
-    fm_fn_registry_close(s->functions);
-    s->functions = NULL;
     fm_lake_close(s->rules_lake);
     s->rules_lake = NULL;
     /* The deployer delivers to the pipeline: stop it first; its models
@@ -139,6 +137,9 @@ static void shutdown_all(server *s)
     fm_deployer_halt(d);
     fm_pipeline_stop(s->pipeline);
     s->pipeline = NULL;
+    /* After the pipeline: processor functions answer in its reply path. */
+    fm_fn_registry_close(s->functions);
+    s->functions = NULL;
     fm_deployer_stop(d);
     fm_registry_stop(s->registry);
     s->registry = NULL;
@@ -184,7 +185,16 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "lake writer failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    fm_pipeline_opts po = {.cfg = &s.cfg, .publish = publish, .committed = committed, .ud = &s};
+    /* Functions first: a processor function answers in the pipeline's reply
+     * path, and rules call them. */
+    char fn_logs[PATH_MAX];
+    fm_config_path(&s.cfg, "log/functions", fn_logs, sizeof fn_logs);
+    if ((rc = fm_fn_registry_open(s.cfg.functions_dir, fn_logs, &s.functions, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "functions failed to start", "error", err.msg, NULL);
+        goto fail;
+    }
+    fm_pipeline_opts po = {.cfg = &s.cfg, .publish = publish, .committed = committed, .ud = &s,
+                           .functions = s.functions};
     if ((rc = fm_pipeline_start(&po, &s.pipeline, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "pipeline failed to start", "error", err.msg, NULL);
         goto fail;
@@ -221,13 +231,10 @@ int fm_cmd_serve(int argc, char **argv)
         goto fail;
     }
     atomic_store(&s.mqtt, c);
-    /* Functions and rules: their own lake handle (dead letters, lake
-     * targets) and store connection. */
-    char fn_logs[PATH_MAX];
-    fm_config_path(&s.cfg, "log/functions", fn_logs, sizeof fn_logs);
-    if ((rc = fm_fn_registry_open(s.cfg.functions_dir, fn_logs, &s.functions, &err)) != 0 ||
-        (rc = fm_lake_open(&s.cfg, &s.rules_lake, &err)) != 0) {
-        fm_logkv(FM_LOG_ERROR, "serve", "functions failed to start", "error", err.msg, NULL);
+    /* Rules: their own lake handle (dead letters, lake targets) and store
+     * connection. */
+    if ((rc = fm_lake_open(&s.cfg, &s.rules_lake, &err)) != 0) {
+        fm_logkv(FM_LOG_ERROR, "serve", "rules failed to start", "error", err.msg, NULL);
         goto fail;
     }
     fm_rules_opts rop = {.cfg = &s.cfg, .lake = s.rules_lake, .functions = s.functions,

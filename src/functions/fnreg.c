@@ -17,8 +17,15 @@
 
 #define REG_MAX 64
 
+typedef struct processor {
+    char kind[64];
+    char groups[8][65]; /* "*": every group */
+    size_t ngroups;
+} processor;
+
 struct fm_fn_registry {
     fm_fn_pool *pools[REG_MAX];
+    processor procs[REG_MAX]; /* procs[i] belongs to pools[i]; ngroups 0: none */
     size_t n;
 };
 
@@ -79,7 +86,8 @@ int fm_fn_spec_from_json(const char *dir, const char *name, json_t *doc, fm_fn_s
 {
     static const char *const keys[] = {"command",  "args",      "min_workers", "max_workers",
                                        "timeout_ms", "memory_mb", "cpu_s",       "idle_ms",
-                                       "network",  "env",       "secrets",     NULL};
+                                       "network",  "env",       "secrets",     "processor",
+                                       NULL};
     fm_fn_spec_defaults(spec);
     if (!json_is_object(doc))
         return fm_errf(err, FM_EINVAL, "function.json must be a JSON object");
@@ -135,6 +143,31 @@ int fm_fn_spec_from_json(const char *dir, const char *name, json_t *doc, fm_fn_s
     return rc;
 }
 
+/* "processor": {"kind": "viscosity.sweep.v1", "groups": ["research", ...]}. */
+static int processor_from_json(json_t *doc, processor *out, fm_errbuf *err)
+{
+    memset(out, 0, sizeof *out);
+    json_t *pj = json_object_get(doc, "processor");
+    if (!pj)
+        return 0;
+    const char *kind = json_string_value(json_object_get(pj, "kind"));
+    json_t *groups = json_object_get(pj, "groups");
+    if (!json_is_object(pj) || json_object_size(pj) != 2 || !kind ||
+        strcmp(kind, "viscosity.sweep.v1") != 0 || !json_is_array(groups) ||
+        json_array_size(groups) == 0 || json_array_size(groups) > 8)
+        return fm_errf(err, FM_EINVAL,
+                       "processor must be {\"kind\": \"viscosity.sweep.v1\", \"groups\": [1..8 "
+                       "device groups, or \"*\"]}");
+    snprintf(out->kind, sizeof out->kind, "%s", kind);
+    for (size_t i = 0; i < json_array_size(groups); i++) {
+        const char *g = json_string_value(json_array_get(groups, i));
+        if (!g || !*g || strlen(g) > 64)
+            return fm_errf(err, FM_EINVAL, "processor.groups: device group names");
+        snprintf(out->groups[out->ngroups++], sizeof out->groups[0], "%s", g);
+    }
+    return 0;
+}
+
 static int by_name(const void *a, const void *b)
 {
     return strcmp(fm_fn_pool_name(*(fm_fn_pool *const *)a),
@@ -162,6 +195,9 @@ static void load_one(fm_fn_registry *r, const char *dir, const char *name, const
                                   FM_FN_ENV_MAX, &err);
     spec.log_dir = log_dir;
     fm_fn_pool *p = NULL;
+    processor proc;
+    if (!rc)
+        rc = processor_from_json(doc, &proc, &err);
     if (!rc)
         rc = fm_fn_pool_start(&spec, &p, &err);
     for (size_t i = 0; i < FM_FN_ENV_MAX; i++)
@@ -172,6 +208,7 @@ static void load_one(fm_fn_registry *r, const char *dir, const char *name, const
                  err.msg, NULL);
         return;
     }
+    r->procs[r->n] = proc;
     r->pools[r->n++] = p;
     fm_logkv(FM_LOG_INFO, "functions", "function ready", "function", name, NULL);
 }
@@ -246,7 +283,17 @@ int fm_fn_registry_open(const char *dir, const char *log_dir, fm_fn_registry **o
     }
     if (d)
         closedir(d);
-    qsort(r->pools, r->n, sizeof r->pools[0], by_name);
+    /* Name order (listings, and which processor wins), procs kept beside
+     * their pools: an insertion sort of both arrays (a handful of entries). */
+    for (size_t i = 1; i < r->n; i++)
+        for (size_t j = i; j > 0 && by_name(&r->pools[j - 1], &r->pools[j]) > 0; j--) {
+            fm_fn_pool *tp = r->pools[j];
+            r->pools[j] = r->pools[j - 1];
+            r->pools[j - 1] = tp;
+            processor tq = r->procs[j];
+            r->procs[j] = r->procs[j - 1];
+            r->procs[j - 1] = tq;
+        }
     if (r->n)
         fm_metrics_add_source(render, r);
     *out = r;
@@ -258,6 +305,19 @@ fm_fn_pool *fm_fn_registry_get(fm_fn_registry *r, const char *name)
     for (size_t i = 0; r && name && i < r->n; i++)
         if (strcmp(fm_fn_pool_name(r->pools[i]), name) == 0)
             return r->pools[i];
+    return NULL;
+}
+
+fm_fn_pool *fm_fn_registry_processor(fm_fn_registry *r, const char *kind, const char *group)
+{
+    for (size_t i = 0; r && i < r->n; i++) {
+        const processor *p = &r->procs[i];
+        if (!p->ngroups || strcmp(p->kind, kind) != 0)
+            continue;
+        for (size_t g = 0; g < p->ngroups; g++)
+            if (strcmp(p->groups[g], "*") == 0 || strcmp(p->groups[g], group ? group : "") == 0)
+                return r->pools[i];
+    }
     return NULL;
 }
 

@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <math.h>
 #include <string.h>
 
 /* Quarantine keeps evidence, not whole floods: at most the first
@@ -61,6 +62,8 @@ static void free_arrays(batch *b)
     fm_free(b->gfeat);
     fm_free(b->gpred);
     fm_free(b->grow);
+    fm_free(b->rowmsg);
+    fm_free(b->gmsg);
     fm_free(b->recs);
     fm_free(b->quar);
     memset(b, 0, sizeof *b);
@@ -76,7 +79,8 @@ int batch__init(batch *b, fm_inmsg *list, size_t n)
     b->pred = fm_malloc((n * FM_OUTPUTS_MAX + 1) * sizeof(float));
     b->recs = fm_calloc(n, sizeof *b->recs);
     b->quar = fm_calloc(n, sizeof *b->quar);
-    if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar) {
+    b->rowmsg = fm_calloc(n + 1, sizeof *b->rowmsg);
+    if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar || !b->rowmsg) {
         free_arrays(b);
         return FM_ENOMEM;
     }
@@ -142,6 +146,7 @@ static void admit_one(batch *b, size_t i, const batch_env *env)
     it->slot = env->scorer->pick ? env->scorer->pick(env->scorer->ud, &it->dev) : 0;
     it->shadow = env->scorer->shadow_pick ? env->scorer->shadow_pick(env->scorer->ud, &it->dev)
                                           : FM_SERVING_NONE;
+    b->rowmsg[b->rows] = it->msg->payload;
     it->row = b->rows++;
 }
 
@@ -170,7 +175,8 @@ static int infer_grouped(batch *b, const batch_env *env, size_t (*slot_of)(const
         b->gfeat = fm_malloc((b->rows * nf + 1) * sizeof(float));
         b->gpred = fm_malloc((b->rows * FM_OUTPUTS_MAX + 1) * sizeof(float));
         b->grow = fm_malloc((b->rows + 1) * sizeof(size_t));
-        if (!b->gfeat || !b->gpred || !b->grow)
+        b->gmsg = fm_malloc((b->rows + 1) * sizeof *b->gmsg);
+        if (!b->gfeat || !b->gpred || !b->grow || !b->gmsg)
             return fm_errf(err, FM_ENOMEM, "out of memory");
     }
     bool *done = fm_calloc(b->n + 1, sizeof *done);
@@ -188,11 +194,12 @@ static int infer_grouped(batch *b, const batch_env *env, size_t (*slot_of)(const
                 continue;
             done[j] = true;
             memcpy(b->gfeat + k * nf, b->feat + it->row * nf, nf * sizeof(float));
+            b->gmsg[k] = b->rowmsg[it->row];
             b->grow[k++] = it->row;
         }
         if (slot == skip)
             continue; /* already scored with the whole matrix */
-        rc = sc->predict(sc->ud, slot, b->gfeat, k, b->gpred, err);
+        rc = sc->predict(sc->ud, slot, b->gfeat, b->gmsg, k, b->gpred, err);
         for (size_t r = 0; r < k && !rc; r++)
             memcpy(out + b->grow[r] * FM_OUTPUTS_MAX, b->gpred + r * FM_OUTPUTS_MAX,
                    FM_OUTPUTS_MAX * sizeof(float));
@@ -247,7 +254,7 @@ void batch__infer(batch *b, const batch_env *env)
         else if (it->slot != first)
             mixed = true;
     }
-    int rc = sc->predict(sc->ud, first, b->feat, b->rows, b->pred, &err);
+    int rc = sc->predict(sc->ud, first, b->feat, b->rowmsg, b->rows, b->pred, &err);
     if (!rc && mixed)
         rc = infer_grouped(b, env, live_slot, first, b->pred, &err);
     if (rc != 0) {
@@ -294,8 +301,14 @@ void batch__build_rows(batch *b, const batch_env *env)
             };
             continue;
         }
-        it->result = sc->ok_doc(sc->ud, it->slot, it->m.id, b->pred + it->row * FM_OUTPUTS_MAX,
-                                it->msg->recv_ms);
+        const float *out = b->pred + it->row * FM_OUTPUTS_MAX;
+        if (isnan(out[0])) {
+            /* This row's processor failed (a function that did not
+             * answer): only its device retries; nothing of it is stored. */
+            reject(it, FM_VERR_INTERNAL, "the processor did not answer, retry later");
+            continue;
+        }
+        it->result = sc->ok_doc(sc->ud, it->slot, it->m.id, out, it->msg->recv_ms);
         if (!it->result) {
             reject(it, FM_VERR_INTERNAL, "out of memory, retry later");
             continue;

@@ -64,9 +64,12 @@ typedef struct batch_scorer {
      * FM_SERVING_NONE (NULL: never). */
     size_t (*shadow_pick)(void *ud, const fm_device *dev);
     /* Scores rows x fm_feature_count() features into rows x FM_OUTPUTS_MAX
-     * (row stride FM_OUTPUTS_MAX) with the model of slot. */
-    int (*predict)(void *ud, size_t slot, const float *feat, size_t rows, float *out,
-                   fm_errbuf *err);
+     * (row stride FM_OUTPUTS_MAX) with the model of slot; payloads[r] is
+     * row r's measurement as received (a processor function gets it). A
+     * row whose outputs are NaN failed alone (its device is told to retry);
+     * a non-zero return fails every row of the batch. */
+    int (*predict)(void *ud, size_t slot, const float *feat, const char *const *payloads,
+                   size_t rows, float *out, fm_errbuf *err);
     /* The "ok" reply document (fm_result_ok_json); fm_free'd by the batch. */
     char *(*ok_doc)(void *ud, size_t slot, const char *mid, const float *out, int64_t recv_ms);
     /* "name@version" of slot, stored with each row (valid for the batch). */
@@ -112,6 +115,7 @@ typedef struct batch {
     float *spred;         /* shadow outputs (stride FM_OUTPUTS_MAX), when any */
     float *gfeat, *gpred; /* scratch for scoring one slot's rows together */
     size_t *grow;
+    const char **rowmsg, **gmsg; /* payload of each row; scratch for one slot's */
     size_t rows;
     fm_record *recs;
     size_t nr;

@@ -18,6 +18,7 @@
 #include "fleetml/jsonmem.h"
 #include "fleetml/thread.h"
 #include "pipeline/batch.h"
+#include "fleetml/functions.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 #include "fleetml/model.h"
@@ -48,6 +49,10 @@ typedef struct cached_device {
     uint64_t fetched_ns; /* 0 = empty */
 } cached_device;
 
+/* Slots from PROC_SLOT up are processor functions, not model slots. */
+#define PROC_SLOT ((size_t)1 << 40)
+#define PROC_MAX 16
+
 struct fm_pipeline {
     fm_pipeline_opts opts;
     fm_config cfg;
@@ -64,6 +69,11 @@ struct fm_pipeline {
     size_t ndrift, drift_cap;
     batch_scorer scorer;
     batch_env env;
+    /* Processor functions met so far (commit thread only): slot
+     * PROC_SLOT + i is procs[i], its results named proc_ref[i]. */
+    fm_fn_pool *procs[PROC_MAX];
+    char proc_ref[PROC_MAX][80];
+    size_t nprocs;
 
     fm_thread commit;      /* the commit thread; its lock guards head, tail, depth */
     fm_inmsg *head, *tail; /* prepared, waiting for the commit thread */
@@ -198,10 +208,77 @@ static const fm_serving_slot *slot_of(const fm_pipeline *p, size_t slot)
     return slot < p->serving->nslots ? &p->serving->slots[slot] : &none;
 }
 
+/* The processor slot of a device's group, or FM_SERVING_NONE. */
+static size_t proc_slot(fm_pipeline *p, const fm_device *dev)
+{
+    fm_fn_pool *f = fm_fn_registry_processor(p->opts.functions, FM_MEAS_KIND_V1,
+                                             dev->device_group);
+    if (!f)
+        return FM_SERVING_NONE;
+    for (size_t i = 0; i < p->nprocs; i++)
+        if (p->procs[i] == f)
+            return PROC_SLOT + i;
+    if (p->nprocs == PROC_MAX)
+        return FM_SERVING_NONE;
+    p->procs[p->nprocs] = f;
+    snprintf(p->proc_ref[p->nprocs], sizeof p->proc_ref[0], "fn:%s", fm_fn_pool_name(f));
+    return PROC_SLOT + p->nprocs++;
+}
+
 static size_t scorer_pick(void *ud, const fm_device *dev)
 {
     fm_pipeline *p = ud;
-    return fm_serving_pick(p->serving, dev->tenant, dev->id);
+    size_t slot = p->opts.functions ? proc_slot(p, dev) : FM_SERVING_NONE;
+    return slot != FM_SERVING_NONE ? slot : fm_serving_pick(p->serving, dev->tenant, dev->id);
+}
+
+/* A processor function scores each row on its own: the measurement and
+ * its features go out, the served model's outputs (by name) come back. A
+ * row whose call fails or whose answer lacks an output is NaN: only that
+ * device is told to retry. */
+static void proc_predict(fm_pipeline *p, fm_fn_pool *f, const float *feat,
+                         const char *const *payloads, size_t rows, float *out)
+{
+    size_t nf = fm_feature_count(), no = fm_model_output_count(p->model);
+    for (size_t r = 0; r < rows; r++) {
+        float *o = out + r * FM_OUTPUTS_MAX;
+        for (size_t k = 0; k < FM_OUTPUTS_MAX; k++)
+            o[k] = NAN;
+        fm_strbuf b = {0};
+        fm_strbuf_printf(&b, "{\"measurement\":%s,\"features\":{", payloads[r]);
+        for (size_t i = 0; i < nf; i++)
+            fm_strbuf_printf(&b, "%s\"%s\":%.9g", i ? "," : "", fm_feature_name(i),
+                             (double)feat[r * nf + i]);
+        fm_strbuf_printf(&b, "}}");
+        char *req = NULL, *result = NULL;
+        size_t len = 0;
+        fm_errbuf err = {0};
+        if (fm_strbuf_take(&b, &req, &len) != 0)
+            continue;
+        int rc = fm_fn_call(f, req, &result, NULL, &err);
+        fm_free(req);
+        if (rc) {
+            fm_logkv(FM_LOG_WARN, "pipeline", "processor failed", "function",
+                     fm_fn_pool_name(f), "error", err.msg, NULL);
+            continue;
+        }
+        json_t *doc = json_loads(result, 0, NULL);
+        json_t *outputs = json_object_get(doc, "outputs");
+        bool all = true;
+        float vals[FM_OUTPUTS_MAX];
+        for (size_t k = 0; k < no && k < FM_OUTPUTS_MAX; k++) {
+            json_t *v = json_object_get(outputs, fm_model_output_at(p->model, k)->name);
+            all = all && json_is_number(v) && isfinite(json_number_value(v));
+            vals[k] = all ? (float)json_number_value(v) : NAN;
+        }
+        if (all)
+            memcpy(o, vals, no * sizeof *o);
+        else
+            fm_logkv(FM_LOG_WARN, "pipeline", "processor answer lacks the model's outputs",
+                     "function", fm_fn_pool_name(f), NULL);
+        json_decref(doc);
+        fm_free(result);
+    }
 }
 
 static size_t scorer_shadow_pick(void *ud, const fm_device *dev)
@@ -210,10 +287,14 @@ static size_t scorer_shadow_pick(void *ud, const fm_device *dev)
     return fm_serving_shadow(p->serving, dev->tenant);
 }
 
-static int scorer_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
-                          fm_errbuf *err)
+static int scorer_predict(void *ud, size_t slot, const float *feat, const char *const *payloads,
+                          size_t rows, float *out, fm_errbuf *err)
 {
     fm_pipeline *p = ud;
+    if (slot >= PROC_SLOT) {
+        proc_predict(p, p->procs[slot - PROC_SLOT], feat, payloads, rows, out);
+        return 0;
+    }
     fm_model *m = slot_of(p, slot)->model;
     if (!m)
         return fm_errf(err, FM_EMODEL, "no model in slot %zu", slot);
@@ -232,13 +313,16 @@ static char *scorer_ok_doc(void *ud, size_t slot, const char *mid, const float *
                            int64_t recv_ms)
 {
     fm_pipeline *p = ud;
+    if (slot >= PROC_SLOT) /* the served model's output names */
+        return fm_result_ok_json(p->model, p->proc_ref[slot - PROC_SLOT], mid, out, recv_ms);
     const fm_serving_slot *s = slot_of(p, slot);
     return s->model ? fm_result_ok_json(s->model, s->ref, mid, out, recv_ms) : NULL;
 }
 
 static const char *scorer_model_ref(void *ud, size_t slot)
 {
-    return slot_of(ud, slot)->ref;
+    fm_pipeline *p = ud;
+    return slot >= PROC_SLOT ? p->proc_ref[slot - PROC_SLOT] : slot_of(p, slot)->ref;
 }
 
 /* The counts entry of (tenant, model, day), created when needed; NULL

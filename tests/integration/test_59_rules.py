@@ -9,6 +9,11 @@ jq filters and transforms, and the targets a rule delivers to.
   then carries on with the next event;
 - device.online reaches a lake target; result.produced can set the
   device's shadow (desired state);
+- a processor function answers the devices of its group in the reply path
+  instead of the model: the reply names it, its outputs are the result, the
+  result is stored before the reply, other groups keep the model, and a
+  processor that fails costs only that measurement (its device is told to
+  retry; nothing of it is stored);
 - a function deployed in <data>/functions is called warm by a rule
   (invocation log, GET /functions counters); the example functions (C,
   Python) answer through `fleetml function call`, and the jq-only example
@@ -100,6 +105,8 @@ def env(module_platform):
         build = Path(p.bin).parent
         deploy(p, "range-check", EXAMPLES / "c-range-check",
                {"range_check": build / "range_check"})
+        deploy(p, "krieger", EXAMPLES / "python-krieger-processor")
+        p.run("device", "add", "rules-r", "--group", "research", "--data", str(p.data))
 
     p = module_platform("rules", devices=["rules-1", "rules-2"], setup=setup,
                         sets={"rules.retry_base_ms": "200", "rules.loopback_webhooks": "on"})
@@ -240,7 +247,7 @@ def test_presence_to_the_lake_and_results_to_the_shadow(env):
 def test_function_target_called_warm(env):
     p, api, tok, _, _ = env
     fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
-    assert set(fns) == {"range-check", "ward-note"}, fns
+    assert set(fns) == {"krieger", "range-check", "ward-note"}, fns
     assert fns["ward-note"]["workers"] >= 1  # warm before any event
     put_rule(api, tok, {"name": "note", "event": "result.produced",
                         "filter": '.data.device == "rules-2"',
@@ -258,6 +265,43 @@ def test_function_target_called_warm(env):
     metrics = p.metrics()
     assert 'fleetml_rule_deliveries_total{tenant="demo-hospital",rule="note",outcome="ok"}' \
         in metrics
+
+
+def test_processor_function_in_the_reply_path(env):
+    p, api, tok, _, _ = env
+    import math
+    mid, res = measure(p, "rules-r")
+    assert res["model"] == "fn:krieger", res
+    out = res["outputs"]
+    assert set(out) == {"viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct"}
+    # Krieger-Dougherty from the sweep's own high-shear viscosity.
+    want = 80.0 * (1 - math.sqrt(1.2 / out["viscosity_high_mpas"]))
+    assert abs(out["hematocrit_pct"] - want) < 0.01, (out, want)
+    assert 2.5 < out["viscosity_high_mpas"] < 8, out
+    # Durable first: the stored result is the reply, and names the function.
+    row = p.query("SELECT result, model FROM measurements WHERE device_id = ? AND"
+                  " measurement_id = ?", "rules-r", mid)
+    assert row and json.loads(row[0][0]) == res and row[0][1] == "fn:krieger", row
+    # Another group keeps the model.
+    _, other = measure(p, "rules-1")
+    assert other["model"].startswith("viscosity@"), other
+    # A processor that fails: that device is told to retry, nothing stored.
+    bad = "fail-" + unique_id()
+    d = Device(p, "rules-r")
+    try:
+        d.connect()
+        d.subscribe(d.results_topic)
+        m, _ = d.measure(make_measurement(bad), timeout=15)
+    finally:
+        d.close()
+    doc = m.json()
+    assert doc["status"] == "error" and doc["error"]["code"] == "internal", doc
+    assert not p.query("SELECT 1 FROM measurements WHERE measurement_id = ?", bad)
+    # ... and the next one is answered again.
+    _, again = measure(p, "rules-r")
+    assert again["model"] == "fn:krieger"
+    fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
+    assert fns["krieger"]["calls"] >= 2 and fns["krieger"]["errors"] >= 1, fns
 
 
 def test_example_functions_answer(env):

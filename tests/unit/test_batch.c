@@ -124,9 +124,11 @@ static size_t m_shadow(void *ud, const fm_device *dev)
     return strcmp(dev->id, "dev-s") == 0 ? 1 : FM_SERVING_NONE;
 }
 
-static int m_predict(void *ud, size_t slot, const float *feat, size_t rows, float *out,
-                     fm_errbuf *err)
+static int m_predict(void *ud, size_t slot, const float *feat, const char *const *payloads,
+                     size_t rows, float *out, fm_errbuf *err)
 {
+    for (size_t i = 0; i < rows; i++)
+        assert_non_null(payloads[i]); /* each row's measurement comes along */
     fake_model *m = ud;
     m->calls++;
     m->rows = rows;
