@@ -387,6 +387,33 @@ def bench_functions(args):
     return out
 
 
+def bench_processor(args):
+    """What a processor function adds to a device's reply: the same node,
+    the same open-loop load, once from devices the model answers and once
+    from devices of a group the Krieger example processor answers."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    node = Node(args.build, 20)
+    out = {"devices": 20, "rate_per_s": 200, "duration_s": args.duration}  # 10/s each
+    try:
+        for i in range(1, 21):
+            node.run([node.bin, "device", "add", f"proc-{i:04d}", "--group", "research",
+                      "--data", node.dir])
+        shutil.copytree(os.path.join(root, "examples", "functions", "python-krieger-processor"),
+                        os.path.join(node.dir, "functions", "krieger"))
+        node.start_serve()
+        node.sim(20, rate=10, duration=3, quiet=True, prefix="proc")  # warm the path
+        out["model"] = node.sim(20, rate=10, duration=args.duration, prefix="bench")
+        out["processor"] = node.sim(20, rate=10, duration=args.duration, prefix="proc")
+    finally:
+        node.close()
+    m, f = out["model"]["latency_ms"], out["processor"]["latency_ms"]
+    out["added_ms"] = {k: round(f[k] - m[k], 3) for k in ("p50", "p99", "p999")}
+    out["targets"] = {"added_p99_ms_max": 2.0,
+                      "added_p99_met": out["added_ms"]["p99"] <= 2.0,
+                      "processor_errors": out["processor"].get("errors", 0)}
+    return out
+
+
 def bench_many(args):
     """N devices connected at once, one measurement every 10 s each."""
     node = Node(args.build, 0)
@@ -739,7 +766,7 @@ def main():
     ap.add_argument("--hotswap-duration", type=float,
                     default=float(os.environ.get("FM_BENCH_HOTSWAP_DURATION", 20)))
     ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap",
-                                       "cluster", "functions"])
+                                       "cluster", "functions", "processor"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -760,6 +787,8 @@ def main():
         result["cluster"] = bench_cluster(args)
     if args.only in (None, "functions"):
         result["functions"] = bench_functions(args)
+    if args.only in (None, "processor"):
+        result["processor"] = bench_processor(args)
     text = json.dumps(result)
     print(text)
     if args.out:

@@ -212,8 +212,11 @@ static int bench_function(int argc, char **argv)
 {
     const char *n_opt = fm_cli_take_opt(&argc, argv, "--n");
     const char *starts_opt = fm_cli_take_opt(&argc, argv, "--starts");
+    const char *event_file = fm_cli_take_opt(&argc, argv, "--event");
+    const char *pause_opt = fm_cli_take_opt(&argc, argv, "--pause-us");
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml bench function DIR [--n N] [--starts K]\n");
+        fprintf(stderr, "usage: fleetml bench function DIR [--n N] [--starts K] [--event FILE]"
+                        " [--pause-us U]\n");
         return 2;
     }
     long n = n_opt ? strtol(n_opt, NULL, 10) : 5000;
@@ -238,7 +241,14 @@ static int bench_function(int argc, char **argv)
                                         sizeof command, env, FM_FN_ENV_MAX, &err)
                  : fm_errf(&err, FM_EINVAL, "%s: %s", path, jerr.text);
     int64_t *cold = fm_calloc((size_t)starts, sizeof *cold), *warm = fm_calloc((size_t)n, sizeof *warm);
-    const char *event =
+    char *event_text = NULL;
+    size_t event_len = 0;
+    if (event_file && fm_read_file(event_file, &event_text, &event_len) != 0) {
+        fprintf(stderr, "fleetml bench function: cannot read %s\n", event_file);
+        return 1;
+    }
+    long pause_us = pause_opt ? strtol(pause_opt, NULL, 10) : 0;
+    const char *event = event_text ? event_text : 
         "{\"specversion\":\"fleetml.events/1\",\"id\":\"result.produced:1\",\"type\":"
         "\"result.produced\",\"time\":\"2026-12-04T09:30:58.456Z\",\"tenant\":\"bench\","
         "\"subject\":\"devices/icu-1/measurements/m-1\",\"data\":{\"device\":\"icu-1\","
@@ -265,6 +275,10 @@ static int bench_function(int argc, char **argv)
         rc = fm_fn_call(p, event, &result, NULL, &err);
         warm[i] = (fm_mono_ns() - t0) / 1000;
         fm_free(result);
+        if (pause_us > 0) {
+            struct timespec ts = {pause_us / 1000000, (pause_us % 1000000) * 1000};
+            nanosleep(&ts, NULL);
+        }
     }
     fm_fn_pool_stop(p);
     if (!rc) {
@@ -282,6 +296,7 @@ static int bench_function(int argc, char **argv)
         fm_free(env[i]);
     fm_free(cold);
     fm_free(warm);
+    fm_free(event_text);
     json_decref(doc);
     return rc ? 1 : 0;
 }

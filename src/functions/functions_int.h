@@ -13,6 +13,14 @@
 #include <stddef.h>
 #include <sys/types.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* 1 when text[0..len) is exactly one valid JSON value, 0 when not,
+ * FM_ENOMEM (json_check.cpp, simdjson). */
+int fn__json_valid(const char *text, size_t len);
+
 /* The descriptors a worker's bwrap starts with: 0..2 are stdio, then the
  * seccomp program and the file of bwrap's options. The numbers are fixed
  * because the options name them and are built before the fork. */
@@ -73,5 +81,9 @@ int fn__spawn(const fn__sandbox *sb, fn__proc *out, fm_errbuf *err);
 /* SIGKILLs a worker (its launcher's process group and the launcher). The
  * caller reaps it. pid must not have been reaped yet. */
 void fn__kill(pid_t pid);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
