@@ -11,6 +11,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -126,6 +127,12 @@ int fm_write_file_atomic(const char *path, const void *data, size_t len, unsigne
 /* Writes all len bytes to fd, retrying short writes and EINTR. Returns 0,
  * FM_ENOSPC or FM_EIO. */
 int fm_write_full(int fd, const void *data, size_t len);
+/* write(2) with SIGPIPE blocked in the calling thread: writing to a pipe
+ * whose reader is gone gives -1 with errno EPIPE, never the signal (a
+ * SIGPIPE this write raised is consumed; one already pending stays). For
+ * pipes to child processes (hooks, functions) in any program, whether or
+ * not it ignores SIGPIPE. */
+ssize_t fm_write_nopipe(int fd, const void *buf, size_t len);
 /* Reads a whole file into a NUL-terminated buffer the caller frees with
  * fm_free. Returns 0, FM_ENOTFOUND, FM_ENOMEM or FM_EIO. */
 int fm_read_file(const char *path, char **out, size_t *len);

@@ -16,6 +16,8 @@
  *   device.online        presence changes (rev)      device.online:<rev>
  *   device.offline       presence changes (rev)      device.offline:<rev>
  *   device.revoked       registry event log          device.revoked:<device>
+ *   device.provisioned   registry event log          device.provisioned:<seq>
+ *   model.deployed       model alias history         model.deployed:<seq>
  *
  * The document (version FM_EVENTS_VERSION):
  *   {"specversion": "fleetml.events/1", "id": ..., "type": ..., "time":
@@ -38,12 +40,23 @@ enum fm_event_type {
     FM_EV_DEVICE_ONLINE,
     FM_EV_DEVICE_OFFLINE,
     FM_EV_DEVICE_REVOKED,
+    FM_EV_DEVICE_PROVISIONED,
+    FM_EV_MODEL_DEPLOYED,
     FM_EV__COUNT
 };
 
 /* Where events of a type come from; each source is one ordered store scan
  * with its own position (seq, rev or registry event seq). */
-enum fm_event_source { FM_SRC_RECORDS = 0, FM_SRC_LABELS, FM_SRC_PRESENCE, FM_SRC_REGISTRY };
+enum fm_event_source {
+    FM_SRC_RECORDS = 0,
+    FM_SRC_LABELS,
+    FM_SRC_PRESENCE,
+    FM_SRC_REGISTRY,
+    FM_SRC_ALIASES
+};
+/* The source's name as the store's rule rewind knows it ("records",
+ * "labels", "presence", "registry", "aliases"). */
+const char *fm_event_source_name(enum fm_event_source s);
 
 /* "result.produced", ... (static); NULL for an unknown type. */
 const char *fm_event_type_name(int type);
@@ -67,5 +80,11 @@ json_t *fm_event_from_label(const fm_label *l);
 json_t *fm_event_from_presence(const fm_presence_change *c);
 /* device.revoked of a device (data: device, group). New reference. */
 json_t *fm_event_from_revocation(const fm_device *d, int64_t at_ms);
+/* device.provisioned of a device (data: device, group, serial_number),
+ * seq its registry event. New reference. */
+json_t *fm_event_from_provisioning(const fm_device *d, int64_t seq, int64_t at_ms);
+/* model.deployed of an alias change (data: model, alias, version (null
+ * when the alias was removed), share_pct, updated_by). New reference. */
+json_t *fm_event_from_alias(const fm_model_alias *a, int64_t seq);
 
 #endif

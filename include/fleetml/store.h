@@ -120,7 +120,14 @@ typedef struct fm_provision {
 } fm_provision;
 
 /* A registry change to propagate (to the broker plugin, to devices). */
-enum fm_event_kind { FM_EVENT_DEVICE = 0, FM_EVENT_TEMPLATE = 1, FM_EVENT_SHADOW = 2 };
+/* FM_EVENT_PROVISIONED: a device got its certificate by claim (written
+ * beside the FM_EVENT_DEVICE of the same change; only rules read it). */
+enum fm_event_kind {
+    FM_EVENT_DEVICE = 0,
+    FM_EVENT_TEMPLATE = 1,
+    FM_EVENT_SHADOW = 2,
+    FM_EVENT_PROVISIONED = 3
+};
 
 typedef struct fm_shadow {
     char *desired;   /* JSON object text (fm_free) */
@@ -508,6 +515,9 @@ typedef struct fm_store_models_vt {
     /* A number that grows with every alias change (for servers to notice
      * a deployment, on any node). */
     int (*deploy_seq)(fm_store *s, int64_t *out);
+    /* The alias history after seq, in seq order (see fm_store_alias_log). */
+    int (*alias_log)(fm_store *s, int64_t after_seq, size_t limit,
+                     int (*cb)(void *ud, int64_t seq, const fm_model_alias *a), void *ud);
     /* Adds live feature counts (struct fm_drift_counts, fleetml/drift.h)
      * to the stored ones of the same tenant, day and model (several nodes
      * add to one row). 0 or FM_EDB. */
@@ -579,6 +589,14 @@ struct fm_store {
     const fm_store_models_vt *models;
     const fm_store_rules_vt *rules;
 };
+
+/* Calls cb for up to limit alias changes with seq > after_seq, in seq order
+ * (every deployment, canary share change or removal, a removal with an
+ * empty version); *a is valid during the call. 0 or FM_EDB. */
+static inline int fm_store_alias_log(fm_store *s, int64_t after_seq, size_t limit,
+                                     int (*cb)(void *ud, int64_t seq, const fm_model_alias *a),
+                                     void *ud)
+{ return s->models->alias_log(s, after_seq, limit, cb, ud); }
 
 /* Creates or replaces rule (tenant, name): a new rule starts at
  * r->position; a replaced one keeps its position (what it has handled

@@ -185,9 +185,8 @@ void v1_rule_replay(api_req *r)
         api_error(r, 404, "not_found", "no rule '%s'", r->params[0]);
         return;
     }
-    static const char *const sources[] = {"records", "labels", "presence", "registry"};
     int type = fm_event_type_parse(json_string_value(json_object_get(rule, "event")));
-    const char *source = type >= 0 ? sources[fm_event_type_source(type)] : "";
+    const char *source = type >= 0 ? fm_event_source_name(fm_event_type_source(type)) : "";
     json_decref(l.items);
     int64_t pos = 0;
     fm_errbuf err;

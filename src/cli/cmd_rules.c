@@ -110,7 +110,6 @@ static int find_rule(void *ud, const fm_rule_row *r)
 /* Moves the rule back so the engine delivers again everything from from_ms. */
 static int rules_replay(fm_store *st, const char *tenant, const char *name, int64_t from_ms)
 {
-    static const char *const sources[] = {"records", "labels", "presence", "registry"};
     json_t *rule = NULL;
     if (fm_store_rule_list(st, tenant, name, find_rule, &rule) != 0 || !rule) {
         fprintf(stderr, "fleetml rules replay: no rule '%s' for tenant %s\n", name, tenant);
@@ -121,7 +120,7 @@ static int rules_replay(fm_store *st, const char *tenant, const char *name, int6
     json_decref(rule);
     int64_t pos = 0;
     fm_errbuf err;
-    int rc = fm_store_rule_rewind(st, tenant, name, type >= 0 ? sources[fm_event_type_source(type)] : "",
+    int rc = fm_store_rule_rewind(st, tenant, name, type >= 0 ? fm_event_source_name(fm_event_type_source(type)) : "",
                                   from_ms, &pos, &err);
     if (rc) {
         fprintf(stderr, "fleetml rules replay: %s\n", err.msg);

@@ -81,6 +81,7 @@ int fm_rules_source_position(fm_store *st, int type, int64_t *pos)
     case FM_SRC_LABELS: return fm_store_max_seq(st, FM_STREAM_LABELS, pos);
     case FM_SRC_PRESENCE: return fm_store_presence_rev(st, pos);
     case FM_SRC_REGISTRY: return fm_store_events_max(st, pos);
+    case FM_SRC_ALIASES: return st->models->deploy_seq(st, pos);
     }
     return FM_EINVAL;
 }
@@ -96,6 +97,7 @@ typedef struct batch {
     size_t rows;  /* rows read */
     char devices[RULES_BATCH][72]; /* registry source: subjects to look at */
     int64_t dev_pos[RULES_BATCH];
+    int dev_kind[RULES_BATCH];
     size_t ndev;
 } batch;
 
@@ -146,10 +148,22 @@ static int on_registry(void *ud, int64_t seq, int kind, const char *subject)
     batch *b = ud;
     b->last = seq;
     b->rows++;
-    if (kind == FM_EVENT_DEVICE && b->ndev < RULES_BATCH) {
+    int want = b->rs->type == FM_EV_DEVICE_PROVISIONED ? FM_EVENT_PROVISIONED : FM_EVENT_DEVICE;
+    if (kind == want && b->ndev < RULES_BATCH) {
         snprintf(b->devices[b->ndev], sizeof b->devices[0], "%s", subject);
+        b->dev_kind[b->ndev] = kind;
         b->dev_pos[b->ndev++] = seq;
     }
+    return 0;
+}
+
+static int on_alias(void *ud, int64_t seq, const fm_model_alias *a)
+{
+    batch *b = ud;
+    b->last = seq;
+    b->rows++;
+    if (mine(b, a->tenant))
+        batch_add(b, fm_event_from_alias(a, seq), seq);
     return 0;
 }
 
@@ -178,10 +192,17 @@ static int read_batch(fm_rules *e, rule_state *rs, batch *b)
          * inside its callback. */
         for (size_t i = 0; !rc && i < b->ndev; i++) {
             fm_device d;
-            if (fm_store_device_get(st, b->devices[i], &d) == 0 &&
-                d.status == FM_DEVICE_REVOKED && strcmp(d.tenant, rs->tenant) == 0)
+            if (fm_store_device_get(st, b->devices[i], &d) != 0 || strcmp(d.tenant, rs->tenant) != 0)
+                continue;
+            if (b->dev_kind[i] == FM_EVENT_PROVISIONED)
+                batch_add(b, fm_event_from_provisioning(&d, b->dev_pos[i], fm_wall_ms()),
+                          b->dev_pos[i]);
+            else if (d.status == FM_DEVICE_REVOKED)
                 batch_add(b, fm_event_from_revocation(&d, fm_wall_ms()), b->dev_pos[i]);
         }
+        break;
+    case FM_SRC_ALIASES:
+        rc = fm_store_alias_log(st, rs->position, RULES_BATCH, on_alias, b);
         break;
     default:
         rc = FM_EINVAL;

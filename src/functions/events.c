@@ -20,7 +20,15 @@ static const struct {
     [FM_EV_DEVICE_ONLINE] = {"device.online", FM_SRC_PRESENCE},
     [FM_EV_DEVICE_OFFLINE] = {"device.offline", FM_SRC_PRESENCE},
     [FM_EV_DEVICE_REVOKED] = {"device.revoked", FM_SRC_REGISTRY},
+    [FM_EV_DEVICE_PROVISIONED] = {"device.provisioned", FM_SRC_REGISTRY},
+    [FM_EV_MODEL_DEPLOYED] = {"model.deployed", FM_SRC_ALIASES},
 };
+
+const char *fm_event_source_name(enum fm_event_source s)
+{
+    static const char *const names[] = {"records", "labels", "presence", "registry", "aliases"};
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "";
+}
 
 const char *fm_event_type_name(int type)
 {
@@ -123,4 +131,25 @@ json_t *fm_event_from_revocation(const fm_device *d, int64_t at_ms)
     json_t *data = json_pack("{s:s,s:s}", "device", d->id, "group", d->device_group);
     /* Revocation is final: one event per device, keyed by the device. */
     return envelope(FM_EV_DEVICE_REVOKED, d->id, at_ms, d->tenant, subject, data);
+}
+
+json_t *fm_event_from_provisioning(const fm_device *d, int64_t seq, int64_t at_ms)
+{
+    char key[32], subject[96];
+    snprintf(key, sizeof key, "%lld", (long long)seq);
+    snprintf(subject, sizeof subject, "devices/%s", d->id);
+    json_t *data = json_pack("{s:s,s:s,s:s}", "device", d->id, "group", d->device_group,
+                             "serial_number", d->serial_number);
+    return envelope(FM_EV_DEVICE_PROVISIONED, key, at_ms, d->tenant, subject, data);
+}
+
+json_t *fm_event_from_alias(const fm_model_alias *a, int64_t seq)
+{
+    char key[32], subject[160];
+    snprintf(key, sizeof key, "%lld", (long long)seq);
+    snprintf(subject, sizeof subject, "models/%s/aliases/%s", a->name, a->alias);
+    json_t *data = json_pack("{s:s,s:s,s:o,s:i,s:s}", "model", a->name, "alias", a->alias,
+                             "version", a->version[0] ? json_string(a->version) : json_null(),
+                             "share_pct", a->share_pct, "updated_by", a->updated_by);
+    return envelope(FM_EV_MODEL_DEPLOYED, key, a->updated_ms, a->tenant, subject, data);
 }

@@ -651,20 +651,15 @@ static int build_request(const fm_fn_pool *p, const char *event_json, const char
     return 0;
 }
 
-/* Writes the whole request by the deadline, with SIGPIPE blocked (see the
- * top of the file). *gone: the worker's input is closed. */
+/* Writes the whole request by the deadline, never raising SIGPIPE
+ * (fm_write_nopipe). *gone: the worker's input is closed. */
 static int write_request(int fd, const char *buf, size_t len, uint64_t deadline,
                          size_t *written, bool *gone)
 {
-    sigset_t pipe_set, old, pending;
-    sigemptyset(&pipe_set);
-    sigaddset(&pipe_set, SIGPIPE);
-    bool was_pending = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE);
-    pthread_sigmask(SIG_BLOCK, &pipe_set, &old);
     int rc = 0;
     *written = 0;
     while (*written < len) {
-        ssize_t n = write(fd, buf + *written, len - *written);
+        ssize_t n = fm_write_nopipe(fd, buf + *written, len - *written);
         if (n > 0) {
             *written += (size_t)n;
         } else if (n < 0 && errno == EAGAIN) {
@@ -688,12 +683,6 @@ static int write_request(int fd, const char *buf, size_t len, uint64_t deadline,
             break;
         }
     }
-    if (*gone && !was_pending) {
-        static const struct timespec zero = {0, 0};
-        while (sigtimedwait(&pipe_set, NULL, &zero) < 0 && errno == EINTR)
-            ;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return rc;
 }
 

@@ -111,9 +111,10 @@ static int run_exec(const char *path, const char *body, int timeout_ms, hook_buf
         return fm_errf(err, FM_EIO, "hook: fork: %s", strerror(errno));
     }
     /* The request is small (well under a pipe buffer), so writing it in
-     * one go cannot block on a hook that does not read. */
+     * one go cannot block on a hook that does not read; a hook that exited
+     * without reading is an EPIPE, not a signal. */
     size_t blen = strlen(body);
-    ssize_t w = write(in[1], body, blen);
+    ssize_t w = fm_write_nopipe(in[1], body, blen);
     close(in[1]);
     int rc = (w == (ssize_t)blen) ? 0 : fm_errf(err, FM_EIO, "hook: cannot write request");
     uint64_t deadline = fm_mono_ns() + (uint64_t)timeout_ms * 1000000ull;

@@ -258,6 +258,36 @@ static int m_alias_list(fm_store *base, const char *tenant, fm_model_alias_cb cb
     return 0;
 }
 
+static int m_alias_log(fm_store *base, int64_t after_seq, size_t limit,
+                       int (*cb)(void *ud, int64_t seq, const fm_model_alias *a), void *ud)
+{
+    pg_args a = {0};
+    pg__i64(&a, after_seq);
+    pg__i64(&a, (int64_t)(limit ? limit : 1));
+    int rc;
+    PGresult *r = pg__run((pg_store *)base,
+                          "SELECT seq, tenant, name, alias, version, share_pct, updated_by,"
+                          " updated_ms FROM model_alias_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                          &a, "model alias history", &rc, NULL);
+    if (!r)
+        return rc;
+    for (int i = 0, n = PQntuples(r); i < n; i++) {
+        fm_model_alias al;
+        memset(&al, 0, sizeof al);
+        pg__copy(al.tenant, sizeof al.tenant, r, i, 1);
+        pg__copy(al.name, sizeof al.name, r, i, 2);
+        pg__copy(al.alias, sizeof al.alias, r, i, 3);
+        pg__copy(al.version, sizeof al.version, r, i, 4);
+        al.share_pct = (int)pg__int(r, i, 5);
+        pg__copy(al.updated_by, sizeof al.updated_by, r, i, 6);
+        al.updated_ms = pg__int(r, i, 7);
+        if (cb(ud, pg__int(r, i, 0), &al) != 0)
+            break;
+    }
+    PQclear(r);
+    return 0;
+}
+
 static int m_deploy_seq(fm_store *base, int64_t *out)
 {
     *out = 0;
@@ -471,6 +501,7 @@ const fm_store_models_vt pg__models_vt = {
     .alias_set = m_alias_set,
     .alias_list = m_alias_list,
     .deploy_seq = m_deploy_seq,
+    .alias_log = m_alias_log,
     .drift_add = m_drift_add,
     .drift_get = m_drift_get,
     .job_add = m_job_add,

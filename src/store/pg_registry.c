@@ -483,6 +483,8 @@ static int provision(pg_store *s, const fm_provision *p, fm_errbuf *err)
                      " at_ms = excluded.at_ms",
                      &a, "provisioning", NULL, err);
     }
+    if (!rc)
+        rc = pg__event(s, FM_EVENT_PROVISIONED, p->device_id, err);
     return rc;
 }
 

@@ -291,6 +291,38 @@ static int alias_list(fm_store *base, const char *tenant, fm_model_alias_cb cb, 
     return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
 }
 
+static int alias_log(fm_store *base, int64_t after_seq, size_t limit,
+                     int (*cb)(void *ud, int64_t seq, const fm_model_alias *a), void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st,
+                  "SELECT seq, tenant, name, alias, version, share_pct, updated_by, updated_ms"
+                  " FROM model_alias_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, after_seq);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)(limit ? limit : 1));
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_model_alias a;
+        memset(&a, 0, sizeof a);
+        sql__copy_col(a.tenant, sizeof a.tenant, st, 1);
+        sql__copy_col(a.name, sizeof a.name, st, 2);
+        sql__copy_col(a.alias, sizeof a.alias, st, 3);
+        sql__copy_col(a.version, sizeof a.version, st, 4);
+        a.share_pct = sqlite3_column_int(st, 5);
+        sql__copy_col(a.updated_by, sizeof a.updated_by, st, 6);
+        a.updated_ms = sqlite3_column_int64(st, 7);
+        if (cb(ud, sqlite3_column_int64(st, 0), &a) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
 static int deploy_seq(fm_store *base, int64_t *out)
 {
     sqlite_store *s = (sqlite_store *)base;
@@ -522,6 +554,7 @@ const fm_store_models_vt sql__models_vt = {
     .alias_set = alias_set,
     .alias_list = alias_list,
     .deploy_seq = deploy_seq,
+    .alias_log = alias_log,
     .drift_add = drift_add,
     .drift_get = drift_get,
     .job_add = job_add,

@@ -405,6 +405,8 @@ static int provision(sqlite_store *s, const fm_provision *p, fm_errbuf *err)
                  "INSERT OR REPLACE INTO provisioned(serial_number, template, device_id, at_ms)"
                  " VALUES(?, ?, ?, CAST(? AS INTEGER))",
                  p->serial_number, p->template_name, p->device_id, now, NULL);
+    if (!rc)
+        rc = sql__event(s, FM_EVENT_PROVISIONED, p->device_id, err);
     return rc;
 }
 

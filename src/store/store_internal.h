@@ -70,6 +70,8 @@ static inline const char *store__rule_rewind_sql(const char *source, int pg)
          REWIND("label_log", "seq", "at_ms", "$1", "$2", "$3", "$4")},
         {"presence", REWIND("presence_log", "rev", "changed_ms", "?1", "?2", "?3", "?4"),
          REWIND("presence_log", "rev", "changed_ms", "$1", "$2", "$3", "$4")},
+        {"aliases", REWIND("model_alias_log", "seq", "updated_ms", "?1", "?2", "?3", "?4"),
+         REWIND("model_alias_log", "seq", "updated_ms", "$1", "$2", "$3", "$4")},
     };
 #undef REWIND
     for (size_t i = 0; source && i < sizeof t / sizeof t[0]; i++)

@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 
 from api_client import Api, add_user
-from helpers import (Device, check_against_schema, make_measurement, make_sweep, unique_id,
-                     wait_for)
+from helpers import (Device, check_against_schema, make_csr, make_measurement, make_sweep,
+                     model_dir, unique_id, wait_for)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "functions"
@@ -97,6 +97,9 @@ def env(module_platform):
 
     def setup(p):
         pw["admin2"] = add_user(p, "rules-admin", "admin")
+        pw["sci"] = add_user(p, "rules-sci", "data_scientist")
+        p.run("template", "add", "rules-tpl", "--tenant", "demo-hospital", "--data", str(p.data))
+        p.run("template", "claim-cert", "rules-tpl", "--data", str(p.data))
         pw["clin"] = add_user(p, "rules-clin", "clinician")
         pw["oadmin"] = add_user(p, "rules-oadmin", "admin", tenant=OTHER, create_tenant=True)
         p.run("device", "add", "rules-other-dev", "--data", str(p.data), "--tenant", OTHER)
@@ -302,6 +305,65 @@ def test_processor_function_in_the_reply_path(env):
     assert again["model"] == "fn:krieger"
     fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
     assert fns["krieger"]["calls"] >= 2 and fns["krieger"]["errors"] >= 1, fns
+
+
+def test_provisioning_and_deployments_are_events(env, tmp_path):
+    """device.provisioned when a device claims its identity, and
+    model.deployed when an alias moves, each to a lake target."""
+    import base64
+    p, api, tok, _, pw = env
+    put_rule(api, tok, {"name": "joined", "event": "device.provisioned",
+                        "targets": [{"type": "lake", "prefix": "joined"}]})
+    put_rule(api, tok, {"name": "deployed", "event": "model.deployed",
+                        "transform": "{model: .data.model, alias: .data.alias,"
+                                     " version: .data.version, share: .data.share_pct}",
+                        "targets": [{"type": "lake", "prefix": "deployed"}]})
+    # A device claims its identity with the template's claim certificate.
+    cdir = p.data / "claims" / "rules-tpl"
+    serial = "SN-RULES-" + unique_id("s")[-8:]
+    _, csr = make_csr(tmp_path, "k", key="ec")
+    c = Device(p, None, client_id=f"prov-{serial}", certfile=str(cdir / "claim.crt"),
+               keyfile=str(cdir / "claim.key"))
+    try:
+        c.connect()
+        base = f"fleet/provisioning/{c.client_id}"
+        c.subscribe(base + "/accepted")
+        since = c.mark()
+        c.publish({"serial": serial, "csr": csr, "model": "it-visco", "firmware": "it-2.0"},
+                  topic=base + "/request")
+        m = c.wait_message(lambda m: m.topic == base + "/accepted", timeout=15, since=since,
+                           what="accepted")
+        dev_id = m.json()["device_id"]
+    finally:
+        c.close()
+    wait_for(lambda: p.lake_objects("joined"), 20, msg="a device.provisioned object")
+    doc = json.loads(p.lake_read(p.lake_objects("joined")[-1]))
+    check_against_schema("events/event.v1.json", doc)
+    assert doc["type"] == "device.provisioned" and doc["data"]["device"] == dev_id, doc
+    assert doc["data"]["serial_number"] == serial and doc["id"].startswith("device.provisioned:")
+    # A version approved and put on canary for 30 % of the devices.
+    sci = api.login("rules-sci", pw["sci"])["access_token"]
+    src = Path(model_dir())
+    man = json.loads((src / "manifest.json").read_text())
+    man["version"] = "1.0.9-rules"
+    raw = base64.b64encode((src / "model.json").read_bytes()).decode()
+    name = man["name"]
+    r = api.post(f"/models/{name}/versions", {"manifest": man, "model": raw}, token=sci)
+    assert r.status == 201, r
+    api.ok("POST", f"/models/{name}/versions/1.0.9-rules/approve", sci, body={})
+    r = api.request("PUT", f"/models/{name}/aliases/canary",
+                    body={"version": "1.0.9-rules", "share_pct": 30}, token=sci)
+    assert r.status == 200, r
+    wait_for(lambda: p.lake_objects("deployed"), 20, msg="a model.deployed object")
+    got = json.loads(p.lake_read(p.lake_objects("deployed")[-1]))
+    assert got == {"model": name, "alias": "canary", "version": "1.0.9-rules", "share": 30}, got
+    # Taken off: a second event, version null.
+    api.request("PUT", f"/models/{name}/aliases/canary", body={"version": None}, token=sci)
+    wait_for(lambda: len(p.lake_objects("deployed")) == 2, 20, msg="the removal's event")
+    docs = [json.loads(p.lake_read(k)) for k in p.lake_objects("deployed")]
+    assert sorted((d["alias"], d["version"] or "") for d in docs) == \
+        [("canary", ""), ("canary", "1.0.9-rules")], docs
+    assert any(d["version"] is None for d in docs), docs
 
 
 def test_example_functions_answer(env):

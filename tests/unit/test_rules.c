@@ -239,6 +239,20 @@ static void test_events(void **state)
     assert_string_equal(sget(e, "id"), "device.revoked:icu-1");
     json_decref(e);
 
+    fm_device pd = {.id = "icu-2", .tenant = "t1", .device_group = "icu", .serial_number = "SN-9"};
+    e = fm_event_from_provisioning(&pd, 77, 1796000000000);
+    assert_string_equal(sget(e, "id"), "device.provisioned:77");
+    assert_string_equal(sget(e, "data.serial_number"), "SN-9");
+    json_decref(e);
+    fm_model_alias al = {.tenant = "t1", .name = "viscosity", .alias = "canary", .version = "",
+                         .share_pct = 0, .updated_by = "sci", .updated_ms = 1796000000000};
+    e = fm_event_from_alias(&al, 12);
+    assert_string_equal(sget(e, "id"), "model.deployed:12");
+    assert_string_equal(sget(e, "subject"), "models/viscosity/aliases/canary");
+    assert_true(json_is_null(json_object_get(json_object_get(e, "data"), "version")));
+    json_decref(e);
+    assert_string_equal(fm_event_source_name(fm_event_type_source(FM_EV_MODEL_DEPLOYED)), "aliases");
+
     for (int t = 0; t < FM_EV__COUNT; t++)
         assert_int_equal(fm_event_type_parse(fm_event_type_name(t)), t);
     assert_int_equal(fm_event_type_parse("nope"), -1);
