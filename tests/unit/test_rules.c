@@ -55,7 +55,7 @@ static int check(const char *text, json_t **out, char *msg, size_t len)
 static void test_rule_check(void **state)
 {
     (void)state;
-    char msg[256];
+    char msg[600];
     json_t *r = NULL;
     assert_int_equal(check("{\"name\":\"low-hct\",\"event\":\"result.produced\","
                            "\"filter\":\".data.outputs.hematocrit_pct < 30\","
@@ -128,7 +128,7 @@ static void test_rule_programs(void **state)
 {
     (void)state;
     json_t *rule = NULL;
-    char msg[256];
+    char msg[600];
     assert_int_equal(check("{\"name\":\"x\",\"event\":\"result.produced\","
                            "\"filter\":\".data.outputs.hct < 30\","
                            "\"transform\":\".data.outputs.hct, .id\","
