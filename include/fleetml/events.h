@@ -18,6 +18,8 @@
  *   device.revoked       registry event log          device.revoked:<device>
  *   device.provisioned   registry event log          device.provisioned:<seq>
  *   model.deployed       model alias history         model.deployed:<seq>
+ *   training.finished    audit log (written with the job's final state) training.finished:<seq>
+ *   drift.alert          audit log (the alert's entry) drift.alert:<seq>
  *
  * The document (version FM_EVENTS_VERSION):
  *   {"specversion": "fleetml.events/1", "id": ..., "type": ..., "time":
@@ -42,6 +44,8 @@ enum fm_event_type {
     FM_EV_DEVICE_REVOKED,
     FM_EV_DEVICE_PROVISIONED,
     FM_EV_MODEL_DEPLOYED,
+    FM_EV_TRAINING_FINISHED,
+    FM_EV_DRIFT_ALERT,
     FM_EV__COUNT
 };
 
@@ -52,10 +56,11 @@ enum fm_event_source {
     FM_SRC_LABELS,
     FM_SRC_PRESENCE,
     FM_SRC_REGISTRY,
-    FM_SRC_ALIASES
+    FM_SRC_ALIASES,
+    FM_SRC_AUDIT
 };
 /* The source's name as the store's rule rewind knows it ("records",
- * "labels", "presence", "registry", "aliases"). */
+ * "labels", "presence", "registry", "aliases", "audit"). */
 const char *fm_event_source_name(enum fm_event_source s);
 
 /* "result.produced", ... (static); NULL for an unknown type. */
@@ -86,5 +91,10 @@ json_t *fm_event_from_provisioning(const fm_device *d, int64_t seq, int64_t at_m
 /* model.deployed of an alias change (data: model, alias, version (null
  * when the alias was removed), share_pct, updated_by). New reference. */
 json_t *fm_event_from_alias(const fm_model_alias *a, int64_t seq);
+/* training.finished or drift.alert from their audit entry (actions
+ * "training.finished" and "drift.alert"; NULL for any other action):
+ * data is the entry's details plus the version (training) or model (drift)
+ * it names. New reference. */
+json_t *fm_event_from_audit(const fm_audit *a);
 
 #endif

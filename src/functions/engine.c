@@ -82,6 +82,7 @@ int fm_rules_source_position(fm_store *st, int type, int64_t *pos)
     case FM_SRC_PRESENCE: return fm_store_presence_rev(st, pos);
     case FM_SRC_REGISTRY: return fm_store_events_max(st, pos);
     case FM_SRC_ALIASES: return st->models->deploy_seq(st, pos);
+    case FM_SRC_AUDIT: return fm_store_max_seq(st, FM_STREAM_AUDIT, pos);
     }
     return FM_EINVAL;
 }
@@ -157,6 +158,16 @@ static int on_registry(void *ud, int64_t seq, int kind, const char *subject)
     return 0;
 }
 
+static int on_audit(void *ud, const fm_audit *a)
+{
+    batch *b = ud;
+    b->last = a->seq;
+    b->rows++;
+    if (mine(b, a->tenant) && fm_event_type_parse(a->action) == b->rs->type)
+        batch_add(b, fm_event_from_audit(a), a->seq);
+    return 0;
+}
+
 static int on_alias(void *ud, int64_t seq, const fm_model_alias *a)
 {
     batch *b = ud;
@@ -203,6 +214,9 @@ static int read_batch(fm_rules *e, rule_state *rs, batch *b)
         break;
     case FM_SRC_ALIASES:
         rc = fm_store_alias_log(st, rs->position, RULES_BATCH, on_alias, b);
+        break;
+    case FM_SRC_AUDIT:
+        rc = fm_store_scan_audit(st, rs->position, RULES_BATCH, on_audit, b);
         break;
     default:
         rc = FM_EINVAL;

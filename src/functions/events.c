@@ -22,11 +22,14 @@ static const struct {
     [FM_EV_DEVICE_REVOKED] = {"device.revoked", FM_SRC_REGISTRY},
     [FM_EV_DEVICE_PROVISIONED] = {"device.provisioned", FM_SRC_REGISTRY},
     [FM_EV_MODEL_DEPLOYED] = {"model.deployed", FM_SRC_ALIASES},
+    [FM_EV_TRAINING_FINISHED] = {"training.finished", FM_SRC_AUDIT},
+    [FM_EV_DRIFT_ALERT] = {"drift.alert", FM_SRC_AUDIT},
 };
 
 const char *fm_event_source_name(enum fm_event_source s)
 {
-    static const char *const names[] = {"records", "labels", "presence", "registry", "aliases"};
+    static const char *const names[] = {"records", "labels", "presence", "registry", "aliases",
+                                        "audit"};
     return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "";
 }
 
@@ -152,4 +155,27 @@ json_t *fm_event_from_alias(const fm_model_alias *a, int64_t seq)
                              "version", a->version[0] ? json_string(a->version) : json_null(),
                              "share_pct", a->share_pct, "updated_by", a->updated_by);
     return envelope(FM_EV_MODEL_DEPLOYED, key, a->updated_ms, a->tenant, subject, data);
+}
+
+json_t *fm_event_from_audit(const fm_audit *a)
+{
+    int type = fm_event_type_parse(a->action);
+    if (type != FM_EV_TRAINING_FINISHED && type != FM_EV_DRIFT_ALERT)
+        return NULL;
+    char key[32], subject[200];
+    snprintf(key, sizeof key, "%lld", (long long)a->seq);
+    json_t *data = a->details_json ? json_loads(a->details_json, 0, NULL) : NULL;
+    if (!json_is_object(data)) {
+        json_decref(data);
+        data = json_object();
+    }
+    if (type == FM_EV_TRAINING_FINISHED) {
+        json_object_set_new(data, "version", fm_json_str(a->target));
+        snprintf(subject, sizeof subject, "training-jobs/%lld",
+                 (long long)json_integer_value(json_object_get(data, "job")));
+    } else {
+        json_object_set_new(data, "model", fm_json_str(a->target));
+        snprintf(subject, sizeof subject, "models/%s", a->target ? a->target : "");
+    }
+    return envelope(type, key, a->at_ms, a->tenant, subject, data);
 }

@@ -377,7 +377,7 @@ static int a_label_history(fm_store *base, const char *device_id, const char *me
 
 /* ---- audit -------------------------------------------------------------------- */
 
-static int audit_tx(pg_store *s, fm_audit *a, const char *details, fm_errbuf *err)
+int pg__audit_tx(pg_store *s, fm_audit *a, const char *details, fm_errbuf *err)
 {
     int rc = pg__lock_stream(s, FM_STREAM_AUDIT, err);
     if (rc)
@@ -411,7 +411,7 @@ static int a_audit_append(fm_store *base, fm_audit *a, fm_errbuf *err)
         return fm_errf(err, FM_EINVAL, "audit: details must be a JSON object");
     if (a->at_ms == 0)
         a->at_ms = fm_wall_ms();
-    PG_TX(s, err, audit_tx(s, a, details, err));
+    PG_TX(s, err, pg__audit_tx(s, a, details, err));
 }
 
 static int a_audit_page(fm_store *base, const fm_audit_filter *f, size_t limit, fm_audit_cb cb,

@@ -108,6 +108,10 @@ int pg__lock_stream(pg_store *s, enum fm_lake_stream st, fm_errbuf *err);
         return tx_rc_;                                                                          \
     } while (0)
 
+/* Appends an audit entry inside the current transaction (pg_api.c):
+ * details is the JSON object text; a->at_ms must be set. */
+int pg__audit_tx(pg_store *s, fm_audit *a, const char *details, fm_errbuf *err);
+
 /* Shared by several concerns (pg.c). */
 int pg__tenant_exists(fm_store *s, const char *name);
 /* Inserts a registry event (kind, subject) in the caller's transaction. */

@@ -425,7 +425,7 @@ static int m_job_add(fm_store *base, fm_train_job *j, fm_errbuf *err)
     return 0;
 }
 
-static int m_job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
+static int job_update_tx(pg_store *s, const fm_train_job *j, fm_errbuf *err)
 {
     pg_args a = {0};
     pg__text(&a, j->status);
@@ -435,10 +435,23 @@ static int m_job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
     pg__i64(&a, j->rows);
     pg__i64(&a, j->updated_ms);
     pg__i64(&a, j->id);
-    return pg__cmd((pg_store *)base,
-                   "UPDATE training_jobs SET status = $1, phase = $2, percent = $3, error = $4,"
-                   " rows = $5, updated_ms = $6 WHERE id = $7",
-                   &a, "training job", NULL, err);
+    int rc = pg__cmd(s,
+                     "UPDATE training_jobs SET status = $1, phase = $2, percent = $3, error = $4,"
+                     " rows = $5, updated_ms = $6 WHERE id = $7",
+                     &a, "training job", NULL, err);
+    fm_audit au;
+    char details[512];
+    if (!rc && store__job_final(j, &au, details, sizeof details))
+        rc = pg__audit_tx(s, &au, details, err);
+    return rc;
+}
+
+/* A job's final state and its audit entry (training.finished) commit
+ * together. */
+static int m_job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
+{
+    pg_store *s = (pg_store *)base;
+    PG_TX(s, err, job_update_tx(s, j, err));
 }
 
 static int m_job_get(fm_store *base, int64_t id, fm_train_job *out)

@@ -466,9 +466,8 @@ static int job_add(fm_store *base, fm_train_job *j, fm_errbuf *err)
     return 0;
 }
 
-static int job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
+static int job_update_tx(sqlite_store *s, const fm_train_job *j, fm_errbuf *err)
 {
-    sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *st;
     int rc = sql__prep(s, &st,
                        "UPDATE training_jobs SET status = ?, phase = ?, percent = ?, error = ?,"
@@ -485,7 +484,21 @@ static int job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
     sqlite3_bind_int64(st, 7, j->id);
     rc = sql__step_done(st);
     sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "training job");
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "training job");
+    fm_audit au;
+    char details[512];
+    if (store__job_final(j, &au, details, sizeof details))
+        return sql__audit_append(&s->base, &au, err);
+    return 0;
+}
+
+/* A job's final state and its audit entry (training.finished) commit
+ * together. */
+static int job_update(fm_store *base, const fm_train_job *j, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    IN_TX(s, err, job_update_tx(s, j, err));
 }
 
 static int job_get(fm_store *base, int64_t id, fm_train_job *out)
@@ -518,7 +531,7 @@ static int take(sqlite_store *s, const char *node, int64_t now_ms, fm_train_job 
     snprintf(out->status, sizeof out->status, "running");
     snprintf(out->phase, sizeof out->phase, "starting");
     out->updated_ms = now_ms;
-    return job_update(&s->base, out, NULL);
+    return job_update_tx(s, out, NULL); /* already in take's transaction */
 }
 
 static int job_take(fm_store *base, const char *node, int64_t now_ms, fm_train_job *out)

@@ -4,6 +4,9 @@
 
 #include "fleetml/store.h"
 
+#include <stdbool.h>
+#include <stdio.h>
+
 /* Opens (creating and migrating) the SQLite database <data>/db/fleetml.db. */
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
 /* Connects to store.url (postgres://…) and migrates the schema. */
@@ -72,6 +75,8 @@ static inline const char *store__rule_rewind_sql(const char *source, int pg)
          REWIND("presence_log", "rev", "changed_ms", "$1", "$2", "$3", "$4")},
         {"aliases", REWIND("model_alias_log", "seq", "updated_ms", "?1", "?2", "?3", "?4"),
          REWIND("model_alias_log", "seq", "updated_ms", "$1", "$2", "$3", "$4")},
+        {"audit", REWIND("audit", "seq", "at_ms", "?1", "?2", "?3", "?4"),
+         REWIND("audit", "seq", "at_ms", "$1", "$2", "$3", "$4")},
     };
 #undef REWIND
     for (size_t i = 0; source && i < sizeof t / sizeof t[0]; i++)
@@ -84,6 +89,35 @@ static inline const char *store__rule_rewind_sql(const char *source, int pg)
 #define SQL_RULE_LOG_ADD(a, b, c, d, e, f, g, h, i)                                                \
     "INSERT INTO rule_log(tenant, rule, event_id, target, outcome, attempt, duration_us, error,"   \
     " at_ms) VALUES(" a ", " b ", " c ", " d ", " e ", " f ", " g ", " h ", " i ")"
+
+/* The audit entry a training job's final state writes in the same
+ * transaction (the training.finished event comes from it). details is
+ * a buffer of len bytes for the entry's JSON details. */
+static inline bool store__job_final(const fm_train_job *j, fm_audit *a, char *details,
+                                    size_t len)
+{
+    if (__builtin_strcmp(j->status, "done") != 0 && __builtin_strcmp(j->status, "failed") != 0)
+        return false;
+    /* The error is free text: only characters that need no escaping pass. */
+    char safe[256];
+    size_t k = 0;
+    for (size_t i = 0; j->error[i] && k + 1 < sizeof safe; i++) {
+        char c = j->error[i];
+        safe[k++] = (c == '"' || c == '\\' || (unsigned char)c < 0x20) ? ' ' : c;
+    }
+    safe[k] = '\0';
+    snprintf(details, len, "{\"job\":%lld,\"status\":\"%s\",\"rows\":%lld,\"error\":\"%s\"}",
+             (long long)j->id, j->status, (long long)j->rows, safe);
+    *a = (fm_audit){.at_ms = j->updated_ms ? j->updated_ms : fm_wall_ms(),
+                    .tenant = j->tenant,
+                    .actor = "fleetml",
+                    .action = "training.finished",
+                    .target = j->version,
+                    .outcome = __builtin_strcmp(j->status, "done") == 0 ? "ok" : "failed",
+                    .client = "",
+                    .details_json = details};
+    return true;
+}
 
 struct fm_drift_counts;
 /* Drift counts as stored by every backend: a JSON array of features x bins

@@ -253,6 +253,18 @@ static void test_events(void **state)
     json_decref(e);
     assert_string_equal(fm_event_source_name(fm_event_type_source(FM_EV_MODEL_DEPLOYED)), "aliases");
 
+    fm_audit au = {.seq = 31, .at_ms = 1796000000000, .tenant = "t1", .actor = "fleetml",
+                   .action = "drift.alert", .target = "viscosity@1.0.0", .outcome = "ok",
+                   .details_json = "{\"psi\":0.4,\"feature\":\"noise_rel\"}"};
+    e = fm_event_from_audit(&au);
+    assert_string_equal(sget(e, "id"), "drift.alert:31");
+    assert_string_equal(sget(e, "data.model"), "viscosity@1.0.0");
+    assert_string_equal(sget(e, "data.feature"), "noise_rel");
+    assert_string_equal(sget(e, "subject"), "models/viscosity@1.0.0");
+    json_decref(e);
+    au.action = "device.revoke";
+    assert_null(fm_event_from_audit(&au));
+
     for (int t = 0; t < FM_EV__COUNT; t++)
         assert_int_equal(fm_event_type_parse(fm_event_type_name(t)), t);
     assert_int_equal(fm_event_type_parse("nope"), -1);
@@ -476,6 +488,11 @@ static void test_engine(void **state)
     put_rule(f, "t1",
              "{\"name\":\"nofn\",\"event\":\"result.produced\",\"retries\":1,"
              "\"targets\":[{\"type\":\"function\",\"function\":\"missing\"}]}");
+    /* Model events come from the audit log: a training job's final state
+     * writes its entry in the same transaction. */
+    put_rule(f, "t1",
+             "{\"name\":\"trained\",\"event\":\"training.finished\","
+             "\"targets\":[{\"type\":\"lake\",\"prefix\":\"trained\"}]}");
     fm_lake *lake = NULL;
     assert_int_equal(fm_lake_open(&f->cfg, &lake, &err), 0);
     fm_rules *e = NULL;
@@ -485,15 +502,31 @@ static void test_engine(void **state)
     commit(f, "dev-1", "t1", "m-2", 45.0); /* normal: filtered out */
     commit(f, "dev-2", "t2", "m-3", 10.0); /* another tenant: not this rule's */
     commit(f, "dev-1", "t1", "m-4", 28.0); /* low */
+    fm_train_job job = {.from_ms = 0, .to_ms = 1};
+    snprintf(job.tenant, sizeof job.tenant, "t1");
+    snprintf(job.node, sizeof job.node, "n1");
+    snprintf(job.status, sizeof job.status, "queued");
+    snprintf(job.version, sizeof job.version, "2.0.0");
+    assert_int_equal(f->st->models->job_add(f->st, &job, &err), 0);
+    /* Taken (running: not final, no event), then done. */
+    assert_int_equal(f->st->models->job_take(f->st, "n1", 1796000000000, &job), 0);
+    assert_string_equal(job.status, "running");
+    snprintf(job.status, sizeof job.status, "done");
+    job.rows = 42;
+    assert_int_equal(f->st->models->job_update(f->st, &job, &err), 0);
     char alerts[4200], dead[4200];
     snprintf(alerts, sizeof alerts, "%s/alerts/tenant=t1", f->cfg.lake_dir);
     snprintf(dead, sizeof dead, "%s/dead-letter/rule=nofn/tenant=t1", f->cfg.lake_dir);
     assert_int_equal(wait_files(alerts, 2), 2);
+    char trained[4200];
+    snprintf(trained, sizeof trained, "%s/trained/tenant=t1", f->cfg.lake_dir);
+    assert_int_equal(wait_files(trained, 1), 1);
     /* Three results of t1 reached the failing rule: three dead letters. */
     assert_int_equal(wait_files(dead, 3), 3);
     fm_rules_stop(e);
     /* Nothing more came: exactly the two low ones, and no other tenant's. */
     assert_int_equal(files_in(alerts), 2);
+    assert_int_equal(files_in(trained), 1); /* the running state gave none */
     char t2[4200];
     snprintf(t2, sizeof t2, "%s/alerts/tenant=t2", f->cfg.lake_dir);
     assert_int_equal(files_in(t2), 0);
