@@ -20,10 +20,13 @@
  *   model.deployed       model alias history         model.deployed:<seq>
  *   training.finished    audit log (written with the job's final state) training.finished:<seq>
  *   drift.alert          audit log (the alert's entry) drift.alert:<seq>
+ *   lake.object.created  lake object log (written when the export cursor
+ *                        settles)                    lake.object.created:<seq>
  *
  * The document (version FM_EVENTS_VERSION):
  *   {"specversion": "fleetml.events/1", "id": ..., "type": ..., "time":
- *    RFC 3339, "tenant": ..., "subject": "devices/<id>[/measurements/<mid>]",
+ *    RFC 3339, "tenant": ..., "subject": "devices/<id>[/measurements/<mid>]"
+ *    (models/<name>, jobs/<id> or lake/<key> for those events),
  *    "data": {...}}
  */
 #ifndef FLEETML_EVENTS_H
@@ -46,6 +49,7 @@ enum fm_event_type {
     FM_EV_MODEL_DEPLOYED,
     FM_EV_TRAINING_FINISHED,
     FM_EV_DRIFT_ALERT,
+    FM_EV_LAKE_OBJECT_CREATED,
     FM_EV__COUNT
 };
 
@@ -57,10 +61,11 @@ enum fm_event_source {
     FM_SRC_PRESENCE,
     FM_SRC_REGISTRY,
     FM_SRC_ALIASES,
-    FM_SRC_AUDIT
+    FM_SRC_AUDIT,
+    FM_SRC_LAKE
 };
 /* The source's name as the store's rule rewind knows it ("records",
- * "labels", "presence", "registry", "aliases", "audit"). */
+ * "labels", "presence", "registry", "aliases", "audit", "lake"). */
 const char *fm_event_source_name(enum fm_event_source s);
 
 /* "result.produced", ... (static); NULL for an unknown type. */
@@ -96,5 +101,8 @@ json_t *fm_event_from_alias(const fm_model_alias *a, int64_t seq);
  * data is the entry's details plus the version (training) or model (drift)
  * it names. New reference. */
 json_t *fm_event_from_audit(const fm_audit *a);
+/* lake.object.created of an object the export published (data: key,
+ * area, rows (null when not known)). New reference. */
+json_t *fm_event_from_lake_object(const fm_lake_object *o);
 
 #endif

@@ -81,6 +81,19 @@ typedef struct fm_lake_cursor {
     char pending_spool[512];
 } fm_lake_cursor;
 
+/* An object the lake export has published: one row of the lake object log,
+ * appended in the transaction that settles the export cursor (the
+ * lake.object.created event comes from it). */
+typedef struct fm_lake_object {
+    int64_t seq;        /* the log's position (set by the store) */
+    const char *tenant; /* the object's partition */
+    const char *area;   /* raw, quarantine, labels or logs */
+    const char *key;
+    int64_t rows;       /* -1 when not known (an object settled by recovery) */
+    int64_t at_ms;      /* when its cursor settled */
+} fm_lake_object;
+typedef int (*fm_lake_object_cb)(void *ud, const fm_lake_object *o);
+
 
 /* ---- registry: templates, certificates, provisioning, shadows ---------- */
 
@@ -335,6 +348,12 @@ typedef struct fm_store_lake_vt {
                            const fm_lake_cursor *c, fm_errbuf *err);
     int (*scan_labels)(fm_store *s, int64_t after_seq, size_t limit, fm_label_cb cb, void *ud);
     int (*scan_audit)(fm_store *s, int64_t after_seq, size_t limit, fm_audit_cb cb, void *ud);
+    int (*lake_settle)(fm_store *s, const char *node, enum fm_lake_stream st,
+                       const fm_lake_cursor *c, const fm_lake_object *objs, size_t n,
+                       fm_errbuf *err);
+    int (*lake_objects)(fm_store *s, int64_t after_seq, size_t limit, fm_lake_object_cb cb,
+                        void *ud);
+    int (*lake_objects_max)(fm_store *s, int64_t *out);
 } fm_store_lake_vt;
 
 typedef struct fm_store_registry_vt {
@@ -714,6 +733,23 @@ static inline int fm_store_lake_cursor_set(fm_store *s, const char *node,
                                            enum fm_lake_stream st, const fm_lake_cursor *c,
                                            fm_errbuf *err)
 { return s->lake->lake_cursor_set(s, node, st, c, err); }
+/* Durably writes the lake cursor of (node, stream) and appends the n
+ * objects it has just published to the lake object log, in one
+ * transaction: an object is logged exactly once, when its cursor settles.
+ * objs[i].seq and at_ms are set by the store (at_ms: now). 0, or an FM_E*
+ * code with err set (then nothing is written). */
+static inline int fm_store_lake_settle(fm_store *s, const char *node, enum fm_lake_stream st,
+                                       const fm_lake_cursor *c, const fm_lake_object *objs,
+                                       size_t n, fm_errbuf *err)
+{ return s->lake->lake_settle(s, node, st, c, objs, n, err); }
+/* Calls cb for up to limit logged objects after after_seq, in seq (commit)
+ * order; the strings live only during the call. 0 or an FM_E* code. */
+static inline int fm_store_lake_objects(fm_store *s, int64_t after_seq, size_t limit,
+                                        fm_lake_object_cb cb, void *ud)
+{ return s->lake->lake_objects(s, after_seq, limit, cb, ud); }
+/* The newest seq of the lake object log (0 when empty). */
+static inline int fm_store_lake_objects_max(fm_store *s, int64_t *out)
+{ return s->lake->lake_objects_max(s, out); }
 
 /* ---- registry wrappers ----------------------------------------------------
  * Every change below that the broker must learn about also appends a

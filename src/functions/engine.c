@@ -83,6 +83,7 @@ int fm_rules_source_position(fm_store *st, int type, int64_t *pos)
     case FM_SRC_REGISTRY: return fm_store_events_max(st, pos);
     case FM_SRC_ALIASES: return st->models->deploy_seq(st, pos);
     case FM_SRC_AUDIT: return fm_store_max_seq(st, FM_STREAM_AUDIT, pos);
+    case FM_SRC_LAKE: return fm_store_lake_objects_max(st, pos);
     }
     return FM_EINVAL;
 }
@@ -178,6 +179,16 @@ static int on_alias(void *ud, int64_t seq, const fm_model_alias *a)
     return 0;
 }
 
+static int on_lake_object(void *ud, const fm_lake_object *o)
+{
+    batch *b = ud;
+    b->last = o->seq;
+    b->rows++;
+    if (mine(b, o->tenant))
+        batch_add(b, fm_event_from_lake_object(o), o->seq);
+    return 0;
+}
+
 /* Reads up to RULES_BATCH rows after rs->position from the rule's source. */
 static int read_batch(fm_rules *e, rule_state *rs, batch *b)
 {
@@ -217,6 +228,9 @@ static int read_batch(fm_rules *e, rule_state *rs, batch *b)
         break;
     case FM_SRC_AUDIT:
         rc = fm_store_scan_audit(st, rs->position, RULES_BATCH, on_audit, b);
+        break;
+    case FM_SRC_LAKE:
+        rc = fm_store_lake_objects(st, rs->position, RULES_BATCH, on_lake_object, b);
         break;
     default:
         rc = FM_EINVAL;

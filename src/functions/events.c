@@ -24,12 +24,13 @@ static const struct {
     [FM_EV_MODEL_DEPLOYED] = {"model.deployed", FM_SRC_ALIASES},
     [FM_EV_TRAINING_FINISHED] = {"training.finished", FM_SRC_AUDIT},
     [FM_EV_DRIFT_ALERT] = {"drift.alert", FM_SRC_AUDIT},
+    [FM_EV_LAKE_OBJECT_CREATED] = {"lake.object.created", FM_SRC_LAKE},
 };
 
 const char *fm_event_source_name(enum fm_event_source s)
 {
     static const char *const names[] = {"records", "labels", "presence", "registry", "aliases",
-                                        "audit"};
+                                        "audit", "lake"};
     return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "";
 }
 
@@ -178,4 +179,14 @@ json_t *fm_event_from_audit(const fm_audit *a)
         snprintf(subject, sizeof subject, "models/%s", a->target ? a->target : "");
     }
     return envelope(type, key, a->at_ms, a->tenant, subject, data);
+}
+
+json_t *fm_event_from_lake_object(const fm_lake_object *o)
+{
+    char key[32], subject[600];
+    snprintf(key, sizeof key, "%lld", (long long)o->seq);
+    snprintf(subject, sizeof subject, "lake/%s", o->key);
+    json_t *data = json_pack("{s:s,s:s,s:o}", "key", o->key, "area", o->area, "rows",
+                             o->rows >= 0 ? json_integer(o->rows) : json_null());
+    return envelope(FM_EV_LAKE_OBJECT_CREATED, key, o->at_ms, o->tenant, subject, data);
 }

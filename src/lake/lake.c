@@ -117,6 +117,20 @@ int lake__key_first_seq(const char *key, int64_t *out)
     return 0;
 }
 
+int lake__key_tenant(const char *key, char *buf, size_t len)
+{
+    const char *p = strstr(key, "/tenant=");
+    if (!p)
+        return FM_EINVAL;
+    p += strlen("/tenant=");
+    size_t n = strcspn(p, "/");
+    if (n == 0 || p[n] != '/' || n >= len)
+        return FM_EINVAL;
+    memcpy(buf, p, n);
+    buf[n] = '\0';
+    return 0;
+}
+
 int fm_lake_should_roll(const fm_lake_roll *p, const char *open_partition, long open_bytes,
                         int64_t open_since_ms, const char *row_partition, int64_t now_ms)
 {

@@ -46,4 +46,9 @@ int lake__key_node_is(const char *key, const char *node);
  * fm_lake_object_key. Returns 0 or FM_EINVAL. */
 int lake__key_first_seq(const char *key, int64_t *out);
 
+/* Copies the tenant partition value of an object key built by
+ * fm_lake_object_key ("<area>/tenant=<t>/...") into buf. Returns 0 or
+ * FM_EINVAL (no such segment, or buf too small). */
+int lake__key_tenant(const char *key, char *buf, size_t len);
+
 #endif

@@ -89,6 +89,7 @@
 
 typedef struct lake_obj {
     char partition[400];
+    char tenant[256];
     char key[512];
     char spool[PATH_MAX];
     int fd;
@@ -417,6 +418,7 @@ static int obj_open(lake_exporter *ex, lake_stream *s, lake_obj *o, const char *
     memset(o, 0, sizeof *o);
     o->fd = -1;
     snprintf(o->partition, sizeof o->partition, "%s", partition);
+    snprintf(o->tenant, sizeof o->tenant, "%s", tenant);
     int rc = fm_lake_object_key(o->key, sizeof o->key, s->area, tenant, ms, ex->cfg.node_id, seq);
     if (rc != 0)
         return fm_errf(err, rc, "lake: cannot name object for seq %" PRId64, seq);
@@ -587,7 +589,14 @@ static int publish_batch(lake_exporter *ex, lake_stream *s, fm_errbuf *err)
     }
     s->published = s->cursor;
     c.pending_key[0] = c.pending_spool[0] = '\0';
-    rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err);
+    /* Settled with the objects logged (lake.object.created) in one
+     * transaction; if it fails, recovery settles them. */
+    fm_lake_object objs[LAKE_MAX_OPEN];
+    for (int i = 0; i < nobj; i++)
+        objs[i] = (fm_lake_object){.tenant = s->obj[i].tenant, .area = s->area,
+                                   .key = s->obj[i].key, .rows = (int64_t)s->obj[i].rows};
+    rc = fm_store_lake_settle(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, objs, (size_t)nobj,
+                              err);
     if (rc != 0)
         return rc;
     if (manifest[0])
@@ -750,19 +759,93 @@ static bool pending_is_ours(const lake_exporter *ex, const fm_lake_cursor *c)
     return lake__key_node_is(c->pending_key, ex->cfg.node_id);
 }
 
-static int recover_single(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
+/* The objects a recovery found in the lake (or put there), logged when
+ * their cursor settles; their row counts are not known any more. */
+typedef struct settled {
+    char key[LAKE_MAX_OPEN][512];
+    char tenant[LAKE_MAX_OPEN][256];
+    int n;
+    enum fm_lake_stream st;
+} settled;
+
+static int tenant_of_record(void *ud, const fm_record *r)
 {
-    if (pending_is_ours(ex, c) && access(c->pending_spool, F_OK) == 0)
-        return fm_lake_put(ex->lake, c->pending_key, c->pending_spool, err);
+    snprintf(ud, 256, "%s", r->tenant ? r->tenant : "");
+    return 1;
+}
+static int tenant_of_quarantine(void *ud, const fm_quarantine *q)
+{
+    snprintf(ud, 256, "%s", q->tenant ? q->tenant : "");
+    return 1;
+}
+static int tenant_of_label(void *ud, const fm_label *l)
+{
+    snprintf(ud, 256, "%s", l->tenant ? l->tenant : "");
+    return 1;
+}
+static int tenant_of_audit(void *ud, const fm_audit *a)
+{
+    snprintf(ud, 256, "%s", a->tenant ? a->tenant : "");
+    return 1;
+}
+
+/* The tenant of a recovered object: that of its first row, read back from
+ * the store (the key holds it only sanitised); the key's when the row is
+ * gone (pruned quarantine). */
+static void object_tenant(lake_exporter *ex, enum fm_lake_stream st, const char *key,
+                          char out[256])
+{
+    int64_t first;
+    out[0] = '\0';
+    if (lake__key_first_seq(key, &first) == 0 && first > 0) {
+        switch (st) {
+        case FM_STREAM_RAW:
+            fm_store_scan_records(ex->store, first - 1, 1, tenant_of_record, out);
+            break;
+        case FM_STREAM_QUARANTINE:
+            fm_store_scan_quarantine(ex->store, first - 1, 1, tenant_of_quarantine, out);
+            break;
+        case FM_STREAM_LABELS:
+            fm_store_scan_labels(ex->store, first - 1, 1, tenant_of_label, out);
+            break;
+        case FM_STREAM_AUDIT:
+            fm_store_scan_audit(ex->store, first - 1, 1, tenant_of_audit, out);
+            break;
+        }
+    }
+    if (!out[0] && lake__key_tenant(key, out, 256) != 0)
+        out[0] = '\0';
+}
+
+static void settled_add(lake_exporter *ex, settled *d, const char *key)
+{
+    if (d->n == LAKE_MAX_OPEN || strlen(key) >= sizeof d->key[0])
+        return;
+    snprintf(d->key[d->n], sizeof d->key[0], "%s", key);
+    object_tenant(ex, d->st, key, d->tenant[d->n]);
+    d->n++;
+}
+
+static int recover_single(lake_exporter *ex, fm_lake_cursor *c, settled *done, fm_errbuf *err)
+{
+    if (pending_is_ours(ex, c) && access(c->pending_spool, F_OK) == 0) {
+        int rc = fm_lake_put(ex->lake, c->pending_key, c->pending_spool, err);
+        if (rc == 0)
+            settled_add(ex, done, c->pending_key);
+        return rc;
+    }
     int ex_rc = ex->lake->vt->exists(ex->lake, c->pending_key);
     if (ex_rc < 0)
         return fm_errf(err, ex_rc, "lake: cannot check %s", c->pending_key);
     if (ex_rc == 0)
         rewind_cursor(c);
+    else
+        settled_add(ex, done, c->pending_key);
     return 0;
 }
 
-static int recover_manifest(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err)
+static int recover_manifest(lake_exporter *ex, fm_lake_cursor *c, settled *done,
+                            fm_errbuf *err)
 {
     char *text = NULL;
     int rc = pending_is_ours(ex, c) ? fm_read_file(c->pending_spool, &text, NULL)
@@ -786,6 +869,8 @@ static int recover_manifest(lake_exporter *ex, fm_lake_cursor *c, fm_errbuf *err
         /* A missing spool file was renamed into the lake already. */
         if (access(tab + 1, F_OK) == 0)
             rc = fm_lake_put(ex->lake, line, tab + 1, err);
+        if (rc == 0)
+            settled_add(ex, done, line);
     }
     fm_free(text);
     return rc;
@@ -865,7 +950,8 @@ static int recover(lake_exporter *ex, fm_errbuf *err)
         s->published = published_of(&c);
         if (c.pending_key[0]) {
             bool man = is_manifest(c.pending_spool), ours = pending_is_ours(ex, &c);
-            rc = man ? recover_manifest(ex, &c, err) : recover_single(ex, &c, err);
+            settled done = {.n = 0, .st = s->st};
+            rc = man ? recover_manifest(ex, &c, &done, err) : recover_single(ex, &c, &done, err);
             if (rc == 0)
                 rc = lease_check(ex, true, err);
             if (rc != 0)
@@ -873,7 +959,12 @@ static int recover(lake_exporter *ex, fm_errbuf *err)
             char spool[sizeof c.pending_spool];
             memcpy(spool, c.pending_spool, sizeof spool);
             c.pending_key[0] = c.pending_spool[0] = '\0';
-            if ((rc = fm_store_lake_cursor_set(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, err)) != 0)
+            fm_lake_object objs[LAKE_MAX_OPEN];
+            for (int k = 0; k < done.n; k++)
+                objs[k] = (fm_lake_object){.tenant = done.tenant[k], .area = s->area,
+                                           .key = done.key[k], .rows = -1};
+            if ((rc = fm_store_lake_settle(ex->store, FM_LAKE_CURSOR_OWNER, s->st, &c, objs,
+                                           (size_t)done.n, err)) != 0)
                 return rc;
             if (man && ours)
                 unlink(spool);

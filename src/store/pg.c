@@ -171,9 +171,17 @@ static const char *const pg_schema_4 =
     "  at_ms BIGINT NOT NULL);"
     "CREATE INDEX rule_log_by_rule ON rule_log(tenant, rule, seq);";
 
+/* SQLite's twelfth step: the lake object log. Only the holder of the lake
+ * export lease writes it, one settle at a time, so seq order is commit
+ * order. */
+static const char *const pg_schema_5 =
+    "CREATE TABLE lake_object_log ("
+    "  seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, area TEXT NOT NULL,"
+    "  key TEXT NOT NULL, rows BIGINT NOT NULL, at_ms BIGINT NOT NULL);";
+
 /* Migrations in order; pg_steps[i] brings a database to version i + 1. */
 static const char *const *const pg_steps[] = {&pg_schema_1, &pg_schema_2, &pg_schema_3,
-                                              &pg_schema_4};
+                                              &pg_schema_4, &pg_schema_5};
 #define PG_SCHEMA_VERSION ((int)(sizeof pg_steps / sizeof pg_steps[0]))
 
 /* ---- connection and statements -------------------------------------------------- */

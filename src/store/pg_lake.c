@@ -197,6 +197,71 @@ static int q_cursor_set(fm_store *base, const char *node, enum fm_lake_stream st
                    &a, "lake cursor", NULL, err);
 }
 
+static int settle_tx(pg_store *s, const char *node, enum fm_lake_stream stream,
+                     const fm_lake_cursor *c, const fm_lake_object *objs, size_t n,
+                     fm_errbuf *err)
+{
+    int rc = q_cursor_set(&s->base, node, stream, c, err);
+    int64_t now = fm_wall_ms();
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        pg_args a = {0};
+        pg__text(&a, objs[i].tenant ? objs[i].tenant : "");
+        pg__text(&a, objs[i].area);
+        pg__text(&a, objs[i].key);
+        pg__i64(&a, objs[i].rows);
+        pg__i64(&a, now);
+        rc = pg__cmd(s,
+                     "INSERT INTO lake_object_log(tenant, area, key, rows, at_ms)"
+                     " VALUES($1, $2, $3, $4, $5)",
+                     &a, "lake object log", NULL, err);
+    }
+    return rc;
+}
+
+static int q_settle(fm_store *base, const char *node, enum fm_lake_stream stream,
+                    const fm_lake_cursor *c, const fm_lake_object *objs, size_t n,
+                    fm_errbuf *err)
+{
+    pg_store *s = (pg_store *)base;
+    PG_TX(s, err, settle_tx(s, node, stream, c, objs, n, err));
+}
+
+static int q_objects(fm_store *base, int64_t after, size_t limit, fm_lake_object_cb cb,
+                     void *ud)
+{
+    pg_args a = {0};
+    pg__i64(&a, after);
+    pg__i64(&a, lim(limit));
+    int rc;
+    PGresult *r = pg__run((pg_store *)base,
+                          "SELECT seq, tenant, area, key, rows, at_ms FROM lake_object_log"
+                          " WHERE seq > $1 ORDER BY seq LIMIT $2",
+                          &a, "scan", &rc, NULL);
+    if (!r)
+        return rc;
+    for (int i = 0, n = PQntuples(r); i < n; i++) {
+        fm_lake_object o = {.seq = pg__int(r, i, 0), .tenant = pg__str(r, i, 1),
+                            .area = pg__str(r, i, 2), .key = pg__str(r, i, 3),
+                            .rows = pg__int(r, i, 4), .at_ms = pg__int(r, i, 5)};
+        if (cb(ud, &o))
+            break;
+    }
+    PQclear(r);
+    return 0;
+}
+
+static int q_objects_max(fm_store *base, int64_t *out)
+{
+    int rc;
+    PGresult *r = pg__run((pg_store *)base, "SELECT COALESCE(max(seq), 0) FROM lake_object_log",
+                          NULL, "max seq", &rc, NULL);
+    if (!r)
+        return rc;
+    *out = pg__int(r, 0, 0);
+    PQclear(r);
+    return 0;
+}
+
 const fm_store_lake_vt pg__lake_vt = {
     .scan_records = q_scan_records,
     .scan_quarantine = q_scan_quarantine,
@@ -205,4 +270,7 @@ const fm_store_lake_vt pg__lake_vt = {
     .max_seq = q_max_seq,
     .lake_cursor_get = q_cursor_get,
     .lake_cursor_set = q_cursor_set,
+    .lake_settle = q_settle,
+    .lake_objects = q_objects,
+    .lake_objects_max = q_objects_max,
 };

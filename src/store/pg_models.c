@@ -493,16 +493,34 @@ static int m_job_take(fm_store *base, const char *node, int64_t now_ms, fm_train
     return rc;
 }
 
-static int m_job_fail_running(fm_store *base, const char *node, int64_t now_ms, fm_errbuf *err)
+/* Each running job of the node, failed through job_update_tx, so each
+ * writes its training.finished entry. */
+static int fail_running(pg_store *s, const char *node, int64_t now_ms, fm_errbuf *err)
 {
     pg_args a = {0};
-    pg__i64(&a, now_ms);
     pg__text(&a, node);
-    return pg__cmd((pg_store *)base,
-                   "UPDATE training_jobs SET status = 'failed', error = 'interrupted: the "
-                   "node restarted (nothing was registered); submit it again', updated_ms = $1"
-                   " WHERE node = $2 AND status = 'running'",
-                   &a, "training job", NULL, err);
+    int rc;
+    PGresult *r = pg__run(s,
+                          "SELECT " JOB_COLS " FROM training_jobs WHERE node = $1 AND"
+                          " status = 'running' ORDER BY id FOR UPDATE",
+                          &a, "training job", &rc, err);
+    if (!r)
+        return rc;
+    rc = 0;
+    for (int i = 0, n = PQntuples(r); i < n && !rc; i++) {
+        fm_train_job j;
+        read_job(r, i, &j);
+        store__job_interrupted(&j, now_ms);
+        rc = job_update_tx(s, &j, err);
+    }
+    PQclear(r);
+    return rc;
+}
+
+static int m_job_fail_running(fm_store *base, const char *node, int64_t now_ms, fm_errbuf *err)
+{
+    pg_store *s = (pg_store *)base;
+    PG_TX(s, err, fail_running(s, node, now_ms, err));
 }
 
 const fm_store_models_vt pg__models_vt = {

@@ -209,12 +209,19 @@ static const char *schema_rules =
     "  at_ms INTEGER NOT NULL);"
     "CREATE INDEX rule_log_by_rule ON rule_log(tenant, rule, seq);";
 
+/* Every object the lake export published, logged in the transaction that
+ * settles its cursor (the lake.object.created event reads it). */
+static const char *schema_lake_objects =
+    "CREATE TABLE lake_object_log ("
+    "  seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, area TEXT NOT NULL,"
+    "  key TEXT NOT NULL, rows INTEGER NOT NULL, at_ms INTEGER NOT NULL);";
+
 /* Migrations in order; schema_steps[i] brings a database to version i + 1. */
 static const char *const *schema_steps[] = {&schema_v1, &schema_v2, &schema_v3,
                                                &schema_users, &schema_api, &schema_keys,
                                                &schema_models, &schema_shadow,
                                                &schema_cluster, &schema_presence_rev,
-                                               &schema_rules};
+                                               &schema_rules, &schema_lake_objects};
 #define SCHEMA_VERSION ((int)(sizeof schema_steps / sizeof schema_steps[0]))
 
 int sql__map_rc(int rc)

@@ -158,6 +158,79 @@ static int s_cursor_set(fm_store *base, const char *node, enum fm_lake_stream st
     return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "lake cursor");
 }
 
+static int s_settle(fm_store *base, const char *node, enum fm_lake_stream stream,
+                    const fm_lake_cursor *c, const fm_lake_object *objs, size_t n,
+                    fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    int rc = sql__begin(s, err);
+    if (rc)
+        return rc;
+    rc = s_cursor_set(base, node, stream, c, err);
+    sqlite3_stmt *st = NULL;
+    if (rc == 0 && n > 0)
+        rc = sql__prep(s, &st,
+                       "INSERT INTO lake_object_log(tenant, area, key, rows, at_ms)"
+                       " VALUES(?, ?, ?, ?, ?)",
+                       err);
+    int64_t now = fm_wall_ms();
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        sqlite3_bind_text(st, 1, objs[i].tenant ? objs[i].tenant : "", -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, objs[i].area, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, objs[i].key, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, objs[i].rows);
+        sqlite3_bind_int64(st, 5, now);
+        int step = sql__step_done(st);
+        if (step != SQLITE_OK)
+            rc = sql__err(s, err, step, "lake object log");
+    }
+    if (st)
+        sqlite3_finalize(st);
+    if (rc == 0)
+        return sql__commit(s, err);
+    sql__rollback(s);
+    return rc;
+}
+
+static int s_objects(fm_store *base, int64_t after, size_t limit, fm_lake_object_cb cb,
+                     void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st,
+                  "SELECT seq, tenant, area, key, rows, at_ms FROM lake_object_log"
+                  " WHERE seq > ? ORDER BY seq LIMIT ?",
+                  NULL))
+        return FM_EDB;
+    sqlite3_bind_int64(st, 1, after);
+    sqlite3_bind_int64(st, 2, lim(limit));
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_lake_object o = {.seq = sqlite3_column_int64(st, 0), .tenant = col(st, 1),
+                            .area = col(st, 2), .key = col(st, 3),
+                            .rows = sqlite3_column_int64(st, 4),
+                            .at_ms = sqlite3_column_int64(st, 5)};
+        if (cb(ud, &o)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
+static int s_objects_max(fm_store *base, int64_t *out)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, "SELECT COALESCE(MAX(seq), 0) FROM lake_object_log", NULL))
+        return FM_EDB;
+    int rc = sqlite3_step(st);
+    *out = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
+}
+
 static int s_scan_labels(fm_store *base, int64_t after, size_t limit, fm_label_cb cb, void *ud)
 {
     sqlite_store *s = (sqlite_store *)base;
@@ -218,4 +291,7 @@ const fm_store_lake_vt sql__lake_vt = {
     .max_seq = s_max_seq,
     .lake_cursor_get = s_cursor_get,
     .lake_cursor_set = s_cursor_set,
+    .lake_settle = s_settle,
+    .lake_objects = s_objects,
+    .lake_objects_max = s_objects_max,
 };

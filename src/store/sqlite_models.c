@@ -540,22 +540,35 @@ static int job_take(fm_store *base, const char *node, int64_t now_ms, fm_train_j
     IN_TX(s, NULL, take(s, node, now_ms, out));
 }
 
+/* Each running job of the node, failed one at a time through
+ * job_update_tx, so each writes its training.finished entry. */
+static int fail_running(sqlite_store *s, const char *node, int64_t now_ms, fm_errbuf *err)
+{
+    for (;;) {
+        sqlite3_stmt *st;
+        if (sql__prep(s, &st, "SELECT " JOB_COLS " FROM training_jobs WHERE node = ? AND"
+                              " status = 'running' ORDER BY id LIMIT 1", err))
+            return FM_EDB;
+        sqlite3_bind_text(st, 1, node, -1, SQLITE_STATIC);
+        fm_train_job j;
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW)
+            read_job(st, &j);
+        sqlite3_finalize(st);
+        if (rc == SQLITE_DONE)
+            return 0;
+        if (rc != SQLITE_ROW)
+            return sql__err(s, err, rc, "training job");
+        store__job_interrupted(&j, now_ms);
+        if ((rc = job_update_tx(s, &j, err)) != 0)
+            return rc;
+    }
+}
+
 static int job_fail_running(fm_store *base, const char *node, int64_t now_ms, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
-    sqlite3_stmt *st;
-    int rc = sql__prep(s, &st,
-                       "UPDATE training_jobs SET status = 'failed', error = 'interrupted: the "
-                       "node restarted (nothing was registered); submit it again', updated_ms = ?"
-                       " WHERE node = ? AND status = 'running'",
-                       err);
-    if (rc)
-        return rc;
-    sqlite3_bind_int64(st, 1, now_ms);
-    sqlite3_bind_text(st, 2, node, -1, SQLITE_STATIC);
-    rc = sql__step_done(st);
-    sqlite3_finalize(st);
-    return rc == SQLITE_OK ? 0 : sql__err(s, err, rc, "training job");
+    IN_TX(s, err, fail_running(s, node, now_ms, err));
 }
 
 const fm_store_models_vt sql__models_vt = {

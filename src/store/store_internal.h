@@ -75,6 +75,8 @@ static inline const char *store__rule_rewind_sql(const char *source, int pg)
          REWIND("presence_log", "rev", "changed_ms", "$1", "$2", "$3", "$4")},
         {"aliases", REWIND("model_alias_log", "seq", "updated_ms", "?1", "?2", "?3", "?4"),
          REWIND("model_alias_log", "seq", "updated_ms", "$1", "$2", "$3", "$4")},
+        {"lake", REWIND("lake_object_log", "seq", "at_ms", "?1", "?2", "?3", "?4"),
+         REWIND("lake_object_log", "seq", "at_ms", "$1", "$2", "$3", "$4")},
         {"audit", REWIND("audit", "seq", "at_ms", "?1", "?2", "?3", "?4"),
          REWIND("audit", "seq", "at_ms", "$1", "$2", "$3", "$4")},
     };
@@ -117,6 +119,17 @@ static inline bool store__job_final(const fm_train_job *j, fm_audit *a, char *de
                     .client = "",
                     .details_json = details};
     return true;
+}
+
+/* A running job found at its node's start is failed with this error (and
+ * its training.finished entry, as any final state). */
+#define STORE_JOB_INTERRUPTED                                                                      \
+    "interrupted: the node restarted (nothing was registered); submit it again"
+static inline void store__job_interrupted(fm_train_job *j, int64_t now_ms)
+{
+    __builtin_snprintf(j->status, sizeof j->status, "failed");
+    __builtin_snprintf(j->error, sizeof j->error, "%s", STORE_JOB_INTERRUPTED);
+    j->updated_ms = now_ms;
 }
 
 struct fm_drift_counts;

@@ -181,6 +181,10 @@ def test_filtered_results_reach_a_signed_webhook(env):
         assert headers["X-Fleetml-Event-Type"] == "result.produced"
         assert doc["hct"] < cut
     # The invocation log says what happened, newest first.
+    # The log entry is written once the target has answered, so it may
+    # trail the delivery the hook has already seen.
+    wait_for(lambda: len(api.ok("GET", "/rules/low-hct/invocations", tok)["items"]) >= 2,
+             20, msg="two invocations logged")
     log = api.ok("GET", "/rules/low-hct/invocations", tok)["items"]
     assert [x["outcome"] for x in log[:2]] == ["ok", "ok"], log
     assert {x["target"] for x in log} == {"webhook"}
@@ -210,12 +214,16 @@ def test_failing_webhook_is_retried_then_dead_lettered(env):
         return [d for d in docs if d["event"]["data"]["measurement_id"] == first]
     wait_for(dead_letters, 30, interval=0.2, msg="the event in the dead-letter area")
     mine = dead_letters()
-    assert len(mine) == 1, dead
+    assert len(mine) == 1, mine
     assert mine[0]["rule"] == "flaky" and mine[0]["attempts"] == 3
     assert "HTTP 500" in mine[0]["error"], mine[0]
     check_against_schema("events/event.v1.json", mine[0]["event"])
     assert len(hook.on("/flaky")) == 3
     # Retried with backoff: the attempts are spread out (200 ms, then 400 ms).
+    # The dead letter is logged just after it is written to the lake.
+    wait_for(lambda: [x["outcome"] for x in api.ok(
+        "GET", "/rules/flaky/invocations", tok)["items"]][:1] == ["dead-lettered"], 20,
+        msg="the dead letter logged")
     log = api.ok("GET", "/rules/flaky/invocations", tok)["items"]
     assert [x["outcome"] for x in log][:4] == ["dead-lettered", "failed", "failed", "failed"]
     # The rule is not stuck: the next event is delivered.
@@ -364,6 +372,35 @@ def test_provisioning_and_deployments_are_events(env, tmp_path):
     assert sorted((d["alias"], d["version"] or "") for d in docs) == \
         [("canary", ""), ("canary", "1.0.9-rules")], docs
     assert any(d["version"] is None for d in docs), docs
+
+
+def test_lake_objects_are_events(env):
+    """lake.object.created once the export has published an object: the
+    key in the event is readable, and holds the measurement that made it."""
+    import gzip
+    p, api, tok, hook, _ = env
+    put_rule(api, tok, {"name": "objects", "event": "lake.object.created",
+                        "filter": '.data.area == "raw"',
+                        "targets": [{"type": "webhook", "url": hook.url + "/objects",
+                                     "secret": SECRET}]})
+    mid, _ = measure(p, "rules-2")
+
+    def holding():
+        for _, _, body, _ in hook.on("/objects"):
+            ev = json.loads(body)
+            path = p.data / "lake" / ev["data"]["key"]
+            if mid.encode() in gzip.decompress(p.lake_read(path)):
+                return ev
+        return None
+    wait_for(holding, 30, interval=0.2, msg="the event of the object holding the measurement")
+    ev = holding()
+    check_against_schema("events/event.v1.json", ev)
+    assert ev["tenant"] == "demo-hospital" and ev["subject"] == "lake/" + ev["data"]["key"]
+    assert ev["data"]["key"].startswith("raw/tenant=demo-hospital/"), ev
+    assert ev["data"]["rows"] >= 1, ev
+    # Each object is announced once.
+    keys = [json.loads(b)["data"]["key"] for _, _, b, _ in hook.on("/objects")]
+    assert len(keys) == len(set(keys)), keys
 
 
 def test_example_functions_answer(env):

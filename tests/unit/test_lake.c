@@ -489,6 +489,49 @@ static void test_s3_open_settings(void **state)
 
 /* ---- end to end -------------------------------------------------------------- */
 
+/* The lake object log (lake.object.created): what the export settled. */
+typedef struct objlog {
+    int n;
+    char key[24][512];
+    char tenant[24][64];
+    char area[24][16];
+    int64_t rows[24], seq[24];
+} objlog;
+
+static int on_obj(void *ud, const fm_lake_object *o)
+{
+    objlog *g = ud;
+    if (g->n < 24) {
+        pfmt(g->key[g->n], sizeof g->key[0], "%s", o->key);
+        pfmt(g->tenant[g->n], sizeof g->tenant[0], "%s", o->tenant);
+        pfmt(g->area[g->n], sizeof g->area[0], "%s", o->area);
+        g->rows[g->n] = o->rows;
+        g->seq[g->n] = o->seq;
+    }
+    g->n++;
+    return 0;
+}
+
+static void read_objlog(fm_store *s, objlog *g)
+{
+    memset(g, 0, sizeof *g);
+    assert_int_equal(fm_store_lake_objects(s, 0, 100, on_obj, g), 0);
+    for (int i = 1; i < g->n && i < 24; i++)
+        assert_true(g->seq[i] > g->seq[i - 1]);
+}
+
+/* Index of key in the log, or -1; fails when it is there more than once. */
+static int logged(const objlog *g, const char *key)
+{
+    int at = -1;
+    for (int i = 0; i < g->n && i < 24; i++)
+        if (strcmp(g->key[i], key) == 0) {
+            assert_int_equal(at, -1);
+            at = i;
+        }
+    return at;
+}
+
 static void test_export_e2e(void **state)
 {
     fixture *f = *state;
@@ -531,6 +574,32 @@ static void test_export_e2e(void **state)
              "%s/quarantine/tenant=_/date=2026-11-26/hour=23/node1-000000000003.ndjson.gz",
              f->cfg.lake_dir);
     assert_int_equal(stat(p, &st), 0);
+    /* Every object was logged once, with its tenant, area and rows, in the
+     * transaction that settled its cursor. */
+    objlog g;
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 6);
+    int64_t rows = 0;
+    fm_lake *l = NULL;
+    assert_int_equal(fm_lake_open(&f->cfg, &l, &err), 0);
+    for (int i = 0; i < g.n; i++) {
+        assert_int_equal(l->vt->exists(l, g.key[i]), 1);
+        assert_int_equal(logged(&g, g.key[i]), i);
+        char want[80];
+        pfmt(want, sizeof want, "%s/tenant=", g.area[i]);
+        assert_true(strncmp(g.key[i], want, strlen(want)) == 0);
+        assert_true(strcmp(g.tenant[i], "acme") == 0 || strcmp(g.tenant[i], "beta co") == 0 ||
+                    strcmp(g.tenant[i], "") == 0);
+        assert_true(g.rows[i] > 0);
+        rows += g.rows[i];
+    }
+    fm_lake_close(l);
+    assert_int_equal(rows, 13);
+    int64_t max = 0;
+    assert_int_equal(fm_store_lake_objects_max(s, &max), 0);
+    assert_int_equal(max, g.seq[5]);
+    assert_int_equal(logged(&g, "raw/tenant=beta_co/date=2026-11-27/hour=00/"
+                                "node1-000000000006.ndjson.gz") >= 0, 1);
 
     fm_lake_cursor c;
     assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
@@ -547,6 +616,9 @@ static void test_export_e2e(void **state)
     scan_lake(f, &sn);
     assert_each_once(&sn, 13, 3);
     assert_int_equal(spool_files(f), 0);
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 7); /* the second export published nothing */
+    assert_int_equal(g.rows[6], 3);
     fm_store_close(s);
 }
 
@@ -709,6 +781,18 @@ static void test_recover_pending_spool(void **state)
     assert_int_equal(c.last_seq, 6);
     assert_string_equal(c.pending_key, "");
     assert_string_equal(c.pending_spool, "");
+    /* The recovered object is logged (its rows no longer known), then the
+     * rows after it in an object of their own. */
+    objlog g;
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 2);
+    char first[512];
+    assert_int_equal(fm_lake_object_key(first, sizeof first, "raw", "acme", T_LAST_MS - 100,
+                                        "node1", 1), 0);
+    assert_int_equal(logged(&g, first), 0);
+    assert_int_equal(g.rows[0], -1);
+    assert_string_equal(g.tenant[0], "acme");
+    assert_int_equal(g.rows[1], 2);
 
     /* Crash after the put but before the pending fields were cleared: the
      * spool is gone and the object is there: nothing to redo. */
@@ -724,6 +808,9 @@ static void test_recover_pending_spool(void **state)
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     scan_lake(f, &sn);
     assert_each_once(&sn, 8, 0);
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 3);
+    assert_int_equal(logged(&g, c.pending_key), 2); /* found in the lake: logged */
 
     /* A pending object whose spool and object are both missing (the cursor
      * write reported failure but committed, and the spool was dropped):
@@ -738,6 +825,11 @@ static void test_recover_pending_spool(void **state)
     assert_int_equal(fm_lake_export_all(&f->cfg, &err), 0);
     scan_lake(f, &sn);
     assert_each_once(&sn, 10, 0);
+    /* The missing object is not logged; its rows' new object is. */
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 4);
+    assert_int_equal(logged(&g, c.pending_key), 3);
+    assert_int_equal(g.rows[3], 2);
     fm_lake_close(l);
     fm_store_close(s);
 }
@@ -781,6 +873,14 @@ static void test_recover_manifest(void **state)
     assert_int_equal(fm_store_lake_cursor_get(s, FM_LAKE_CURSOR_OWNER, FM_STREAM_RAW, &c), 0);
     assert_int_equal(c.last_seq, 4);
     assert_string_equal(c.pending_key, "");
+    /* Both objects of the batch are logged once, each with its tenant. */
+    objlog g;
+    read_objlog(s, &g);
+    assert_int_equal(g.n, 2);
+    assert_int_equal(logged(&g, ka), 0);
+    assert_int_equal(logged(&g, kb), 1);
+    assert_string_equal(g.tenant[1], "beta co"); /* its first row's, not the key's */
+    assert_int_equal(g.rows[1], -1);
     fm_lake_close(l);
     fm_store_close(s);
 }

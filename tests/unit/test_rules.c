@@ -265,6 +265,24 @@ static void test_events(void **state)
     au.action = "device.revoke";
     assert_null(fm_event_from_audit(&au));
 
+    fm_lake_object lo = {.seq = 5, .tenant = "t1", .area = "raw",
+                         .key = "raw/tenant=t1/date=2026-12-04/hour=09/n1-000000000007.ndjson.gz",
+                         .rows = 12, .at_ms = 1796000000000};
+    e = fm_event_from_lake_object(&lo);
+    assert_string_equal(sget(e, "id"), "lake.object.created:5");
+    assert_string_equal(sget(e, "type"), "lake.object.created");
+    assert_string_equal(sget(e, "subject"),
+                        "lake/raw/tenant=t1/date=2026-12-04/hour=09/n1-000000000007.ndjson.gz");
+    assert_string_equal(sget(e, "data.area"), "raw");
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(e, "data"), "rows")), 12);
+    json_decref(e);
+    lo.rows = -1;
+    e = fm_event_from_lake_object(&lo);
+    assert_true(json_is_null(json_object_get(json_object_get(e, "data"), "rows")));
+    json_decref(e);
+    assert_string_equal(fm_event_source_name(fm_event_type_source(FM_EV_LAKE_OBJECT_CREATED)),
+                        "lake");
+
     for (int t = 0; t < FM_EV__COUNT; t++)
         assert_int_equal(fm_event_type_parse(fm_event_type_name(t)), t);
     assert_int_equal(fm_event_type_parse("nope"), -1);
@@ -493,6 +511,11 @@ static void test_engine(void **state)
     put_rule(f, "t1",
              "{\"name\":\"trained\",\"event\":\"training.finished\","
              "\"targets\":[{\"type\":\"lake\",\"prefix\":\"trained\"}]}");
+    /* Lake objects: from the log the export's cursor settles with. */
+    put_rule(f, "t1",
+             "{\"name\":\"objs\",\"event\":\"lake.object.created\","
+             "\"filter\":\".data.area == \\\"raw\\\"\","
+             "\"targets\":[{\"type\":\"lake\",\"prefix\":\"objs\"}]}");
     fm_lake *lake = NULL;
     assert_int_equal(fm_lake_open(&f->cfg, &lake, &err), 0);
     fm_rules *e = NULL;
@@ -514,19 +537,40 @@ static void test_engine(void **state)
     snprintf(job.status, sizeof job.status, "done");
     job.rows = 42;
     assert_int_equal(f->st->models->job_update(f->st, &job, &err), 0);
+    /* A job its node's restart interrupted ends failed, with its event. */
+    fm_train_job job2 = job;
+    snprintf(job2.version, sizeof job2.version, "2.0.1");
+    assert_int_equal(f->st->models->job_add(f->st, &job2, &err), 0);
+    assert_int_equal(f->st->models->job_take(f->st, "n1", 1796000000000, &job2), 0);
+    assert_int_equal(f->st->models->job_fail_running(f->st, "n1", 1796000000001, &err), 0);
+    fm_train_job got2;
+    assert_int_equal(f->st->models->job_get(f->st, job2.id, &got2), 0);
+    assert_string_equal(got2.status, "failed");
+    assert_non_null(strstr(got2.error, "interrupted"));
+    fm_lake_cursor lc = {.last_seq = 4};
+    fm_lake_object lo[3] = {{.tenant = "t1", .area = "raw", .key = "raw/tenant=t1/x", .rows = 3},
+                            {.tenant = "t2", .area = "raw", .key = "raw/tenant=t2/y", .rows = 1},
+                            {.tenant = "t1", .area = "labels", .key = "labels/z", .rows = 1}};
+    assert_int_equal(fm_store_lake_settle(f->st, "cluster", FM_STREAM_RAW, &lc, lo, 3, &err), 0);
     char alerts[4200], dead[4200];
     snprintf(alerts, sizeof alerts, "%s/alerts/tenant=t1", f->cfg.lake_dir);
     snprintf(dead, sizeof dead, "%s/dead-letter/rule=nofn/tenant=t1", f->cfg.lake_dir);
     assert_int_equal(wait_files(alerts, 2), 2);
     char trained[4200];
     snprintf(trained, sizeof trained, "%s/trained/tenant=t1", f->cfg.lake_dir);
-    assert_int_equal(wait_files(trained, 1), 1);
+    assert_int_equal(wait_files(trained, 2), 2);
+    char objs[4200];
+    snprintf(objs, sizeof objs, "%s/objs/tenant=t1", f->cfg.lake_dir);
+    assert_int_equal(wait_files(objs, 1), 1);
     /* Three results of t1 reached the failing rule: three dead letters. */
     assert_int_equal(wait_files(dead, 3), 3);
     fm_rules_stop(e);
     /* Nothing more came: exactly the two low ones, and no other tenant's. */
     assert_int_equal(files_in(alerts), 2);
-    assert_int_equal(files_in(trained), 1); /* the running state gave none */
+    assert_int_equal(files_in(trained), 2); /* the running states gave none */
+    assert_int_equal(files_in(objs), 1);     /* t1's raw object only */
+    snprintf(objs, sizeof objs, "%s/objs/tenant=t2", f->cfg.lake_dir);
+    assert_int_equal(files_in(objs), 0);
     char t2[4200];
     snprintf(t2, sizeof t2, "%s/alerts/tenant=t2", f->cfg.lake_dir);
     assert_int_equal(files_in(t2), 0);

@@ -196,6 +196,29 @@ static void test_scan_and_cursor(void **state)
     assert_int_equal(cur.last_seq, 0);
     assert_int_equal(fm_store_lake_cursor_get(f->st, "n2", FM_STREAM_RAW, &cur), 0);
     assert_int_equal(cur.last_seq, 0);
+
+    /* Settling a cursor logs its objects in the same transaction: all of
+     * it, or (an object the log refuses) none of it. */
+    fm_lake_cursor done = {.last_seq = 3};
+    fm_lake_object objs[2] = {{.tenant = "t1", .area = "raw", .key = "raw/a", .rows = 2},
+                              {.tenant = "t2", .area = "raw", .key = "raw/b", .rows = -1}};
+    int64_t max = -1;
+    assert_int_equal(fm_store_lake_objects_max(f->st, &max), 0);
+    assert_int_equal(max, 0);
+    assert_int_equal(fm_store_lake_settle(f->st, "n1", FM_STREAM_RAW, &done, objs, 2, &err), 0);
+    assert_int_equal(fm_store_lake_cursor_get(f->st, "n1", FM_STREAM_RAW, &cur), 0);
+    assert_string_equal(cur.pending_key, "");
+    assert_int_equal(fm_store_lake_objects_max(f->st, &max), 0);
+    assert_true(max >= 2);
+    fm_lake_cursor next = {.last_seq = 9};
+    fm_lake_object bad = {.tenant = "t1", .area = NULL, .key = "raw/c", .rows = 1};
+    assert_int_not_equal(fm_store_lake_settle(f->st, "n1", FM_STREAM_RAW, &next, &bad, 1, &err),
+                         0);
+    assert_int_equal(fm_store_lake_cursor_get(f->st, "n1", FM_STREAM_RAW, &cur), 0);
+    assert_int_equal(cur.last_seq, 3);
+    int64_t max2 = -1;
+    assert_int_equal(fm_store_lake_objects_max(f->st, &max2), 0);
+    assert_int_equal(max2, max);
 }
 
 /* Reopening the same database keeps the data and migrates idempotently. */
@@ -1114,7 +1137,7 @@ static void test_migrate_api_tables(void **state)
                                   " DROP TABLE model_alias_log; ALTER TABLE measurements DROP COLUMN shadow;"
                                   " DROP TABLE drift_counts; DROP TABLE training_jobs;"
                                   " DROP TABLE leases; DROP TABLE presence_log;"
-                                  " DROP TABLE rules; DROP TABLE rule_log;"
+                                  " DROP TABLE rules; DROP TABLE rule_log; DROP TABLE lake_object_log;"
                                   " PRAGMA user_version = 4;",
                                   NULL, NULL, NULL),
                      SQLITE_OK);
@@ -1132,6 +1155,9 @@ static void test_migrate_api_tables(void **state)
     assert_true(rev > 0);
     fm_rule_row rule = {.tenant = "t1", .name = "r", .spec_json = "{}"};
     assert_int_equal(fm_store_rule_put(f->st, &rule, NULL, &err), 0);
+    fm_lake_cursor c = {.last_seq = 1};
+    fm_lake_object o = {.tenant = "t1", .area = "raw", .key = "raw/k", .rows = 1};
+    assert_int_equal(fm_store_lake_settle(f->st, "n1", FM_STREAM_RAW, &c, &o, 1, &err), 0);
 }
 
 int main(void)
