@@ -323,6 +323,8 @@ typedef struct fm_store_vtable {
     int (*tenant_exists)(fm_store *s, const char *name);
     int (*lease)(fm_store *s, const char *name, const char *holder, int64_t ttl_ms,
                  char *owner, size_t owner_len);
+    int (*claim_audit)(fm_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                       fm_audit *a, fm_errbuf *err);
 } fm_store_vtable;
 
 typedef struct fm_store_records_vt {
@@ -966,6 +968,18 @@ static inline int fm_store_tenant_exists(fm_store *s, const char *name)
 static inline int fm_store_lease(fm_store *s, const char *name, const char *holder,
                                  int64_t ttl_ms, char *owner, size_t owner_len)
 { return s->vt->lease(s, name, holder, ttl_ms, owner, owner_len); }
+/* A claim: an action done once per cluster (a drift alert of a day).
+ * Takes the lease `name` for holder for ttl_ms only when no unexpired
+ * lease of that name exists -- held by anyone, holder included, so a node
+ * restarted the same day does not claim again -- and appends the audit
+ * entry a (at_ms set; seq set on success) in the same transaction, so the
+ * action is recorded exactly when it is claimed. 0 when claimed and
+ * recorded, FM_EBUSY when already claimed (nothing written), FM_EINVAL on
+ * empty names or ttl_ms <= 0, or another FM_E* code with err set (nothing
+ * written). */
+static inline int fm_store_claim_audit(fm_store *s, const char *name, const char *holder,
+                                       int64_t ttl_ms, fm_audit *a, fm_errbuf *err)
+{ return s->vt->claim_audit(s, name, holder, ttl_ms, a, err); }
 
 /* ---- API data wrappers ------------------------------------------------------ */
 

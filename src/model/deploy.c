@@ -336,25 +336,15 @@ static int check_one(void *ud, const fm_drift_counts *c)
             return 0;
     /* Every node sharing the database sees the same counts: the first to
      * claim the alert (a lease that outlives the day) raises it, once for
-     * the cluster. A claim that could not be made is tried at the next
-     * tick; one another node made is remembered like our own. */
+     * the cluster (a restart of the same node included), and its audit
+     * entry (the drift.alert event) commits in the claim's own transaction.
+     * A claim that could not be made is tried at the next tick; one already
+     * made is remembered like our own. */
     char claim[240];
     snprintf(claim, sizeof claim, "drift-alert:%s", key);
-    int lrc = fm_store_lease(d->store, claim, d->cfg.node_id, 2 * 86400000LL, NULL, 0);
-    if (lrc != 0 && lrc != FM_EBUSY)
-        return 0;
-    char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
-    if (!na)
-        return 0;
-    d->alerted = na;
-    snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
-    if (lrc == FM_EBUSY)
-        return 0;
     char psis[32], ns[32];
     snprintf(psis, sizeof psis, "%.3f", max);
     snprintf(ns, sizeof ns, "%llu", (unsigned long long)c->n);
-    fm_logkv(FM_LOG_WARN, "model", "drift alert", "tenant", c->tenant, "model", c->model,
-             "feature", fm_feature_name(worst), "psi", psis, "measurements", ns, NULL);
     char details[256];
     snprintf(details, sizeof details,
              "{\"psi\":%.4f,\"feature\":\"%s\",\"measurements\":%llu,\"threshold\":%.2f}", max,
@@ -363,8 +353,21 @@ static int check_one(void *ud, const fm_drift_counts *c)
                   .action = "drift.alert", .target = c->model, .outcome = "ok", .client = "",
                   .details_json = details};
     fm_errbuf err;
-    if (fm_store_audit_append(d->store, &a, &err) != 0)
-        fm_logkv(FM_LOG_ERROR, "model", "drift alert not audited", "error", err.msg, NULL);
+    int lrc = fm_store_claim_audit(d->store, claim, d->cfg.node_id, 2 * 86400000LL, &a, &err);
+    if (lrc != 0 && lrc != FM_EBUSY) {
+        fm_logkv(FM_LOG_WARN, "model", "drift alert not recorded yet; will try again", "error",
+                 err.msg, NULL);
+        return 0;
+    }
+    char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
+    if (na) {
+        d->alerted = na;
+        snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
+    }
+    if (lrc == FM_EBUSY)
+        return 0;
+    fm_logkv(FM_LOG_WARN, "model", "drift alert", "tenant", c->tenant, "model", c->model,
+             "feature", fm_feature_name(worst), "psi", psis, "measurements", ns, NULL);
     atomic_fetch_add(&fm_metrics_get()->drift_alerts, 1);
     return 0;
 }

@@ -506,6 +506,39 @@ static int p_lease(fm_store *base, const char *name, const char *holder, int64_t
     return FM_EBUSY;
 }
 
+static int claim_audit_tx(pg_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                          fm_audit *a, fm_errbuf *err)
+{
+    pg_args q = {0};
+    pg__text(&q, name);
+    pg__text(&q, holder);
+    pg__i64(&q, ttl_ms);
+    int rc;
+    PGresult *r = pg__run(s,
+                          "INSERT INTO leases(name, holder, expires_ms, since_ms)"
+                          " VALUES($1, $2, " PG_NOW_MS " + $3, " PG_NOW_MS ")"
+                          " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
+                          " expires_ms = excluded.expires_ms, since_ms = excluded.since_ms"
+                          " WHERE leases.expires_ms <= " PG_NOW_MS " RETURNING holder",
+                          &q, "claim", &rc, err);
+    if (!r)
+        return rc;
+    int won = PQntuples(r) == 1;
+    PQclear(r);
+    if (!won)
+        return FM_EBUSY;
+    return pg__audit_tx(s, a, a->details_json ? a->details_json : "{}", err);
+}
+
+static int p_claim_audit(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
+                         fm_audit *a, fm_errbuf *err)
+{
+    pg_store *s = (pg_store *)base;
+    if (!name || !*name || !holder || !*holder || ttl_ms <= 0)
+        return fm_errf(err, FM_EINVAL, "a claim needs a name, a holder and a duration");
+    PG_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, err));
+}
+
 static void p_close(fm_store *base)
 {
     pg_store *s = (pg_store *)base;
@@ -774,6 +807,7 @@ static const fm_store_vtable pg_vt = {
     .tenant_ensure = p_tenant_ensure,
     .tenant_exists = pg__tenant_exists,
     .lease = p_lease,
+    .claim_audit = p_claim_audit,
 };
 
 static const fm_store_records_vt pg_records_vt = {

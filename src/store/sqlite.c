@@ -669,6 +669,41 @@ static int s_lease(fm_store *base, const char *name, const char *holder, int64_t
     return rc == FM_EBUSY && !other ? FM_EUNAVAIL : rc;
 }
 
+static int claim_audit_tx(sqlite_store *s, const char *name, const char *holder,
+                          int64_t ttl_ms, fm_audit *a, fm_errbuf *err)
+{
+    sqlite3_stmt *st;
+    int64_t now = fm_wall_ms();
+    int rc = sql__prep(s, &st,
+                       "INSERT INTO leases(name, holder, expires_ms, since_ms) VALUES(?1, ?2, ?3, ?4)"
+                       " ON CONFLICT(name) DO UPDATE SET holder = excluded.holder,"
+                       " expires_ms = excluded.expires_ms, since_ms = excluded.since_ms"
+                       " WHERE leases.expires_ms <= ?4",
+                       err);
+    if (rc)
+        return rc;
+    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, holder, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now + ttl_ms);
+    sqlite3_bind_int64(st, 4, now);
+    rc = sql__step_done(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK)
+        return sql__err(s, err, rc, "claim");
+    if (sqlite3_changes(s->db) != 1)
+        return FM_EBUSY;
+    return sql__audit_append(&s->base, a, err);
+}
+
+static int s_claim_audit(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
+                         fm_audit *a, fm_errbuf *err)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    if (!name || !*name || !holder || !*holder || ttl_ms <= 0)
+        return fm_errf(err, FM_EINVAL, "a claim needs a name, a holder and a duration");
+    IN_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, err));
+}
+
 static const fm_store_vtable sqlite_vt = {
     .name = "sqlite",
     .migrate = s_migrate,
@@ -676,6 +711,7 @@ static const fm_store_vtable sqlite_vt = {
     .tenant_ensure = s_tenant_ensure,
     .tenant_exists = sql__tenant_exists,
     .lease = s_lease,
+    .claim_audit = s_claim_audit,
 };
 
 static const fm_store_records_vt sqlite_records_vt = {

@@ -394,6 +394,53 @@ static void test_leases(void **state)
     assert_int_equal(fm_store_lease(f->st, "x", "", 1000, NULL, 0), FM_EINVAL);
 }
 
+static int count_audit(void *ud, const fm_audit *a)
+{
+    (void)a;
+    ++*(int *)ud;
+    return 0;
+}
+
+/* A claim is taken once, by anyone (its own holder included, as after a
+ * restart), and its audit entry is written with it or not at all. */
+static void test_claim_audit(void **state)
+{
+    fx *f = *state;
+    fm_errbuf err;
+    fm_audit a = {.at_ms = 1796000000000, .tenant = "t1", .actor = "fleetml",
+                  .action = "drift.alert", .target = "m@1", .outcome = "ok", .client = "",
+                  .details_json = "{\"psi\":0.5}"};
+    assert_int_equal(fm_store_claim_audit(f->st, "drift-alert:t1|m@1|1", "n1", 60000, &a, &err),
+                     0);
+    assert_true(a.seq > 0);
+    int n = 0;
+    assert_int_equal(fm_store_scan_audit(f->st, 0, 100, count_audit, &n), 0);
+    a.seq = 0;
+    assert_int_equal(fm_store_claim_audit(f->st, "drift-alert:t1|m@1|1", "n1", 60000, &a, &err),
+                     FM_EBUSY);
+    assert_int_equal(fm_store_claim_audit(f->st, "drift-alert:t1|m@1|1", "n2", 60000, &a, &err),
+                     FM_EBUSY);
+    int n2 = 0;
+    assert_int_equal(fm_store_scan_audit(f->st, 0, 100, count_audit, &n2), 0);
+    assert_int_equal(n2, n);
+    /* Another day is another claim. */
+    assert_int_equal(fm_store_claim_audit(f->st, "drift-alert:t1|m@1|2", "n2", 60000, &a, &err),
+                     0);
+    n2 = 0;
+    assert_int_equal(fm_store_scan_audit(f->st, 0, 100, count_audit, &n2), 0);
+    assert_int_equal(n2, n + 1);
+    /* An expired claim may be made again. */
+    assert_int_equal(fm_store_claim_audit(f->st, "short-claim", "n1", 1, &a, &err), 0);
+    uint64_t until = fm_mono_ns() + 5000000000ull;
+    int rc;
+    while ((rc = fm_store_claim_audit(f->st, "short-claim", "n1", 60000, &a, &err)) == FM_EBUSY &&
+           fm_mono_ns() < until)
+        ;
+    assert_int_equal(rc, 0);
+    assert_int_equal(fm_store_claim_audit(f->st, "", "n1", 1000, &a, &err), FM_EINVAL);
+    assert_int_equal(fm_store_claim_audit(f->st, "x", "n1", 0, &a, &err), FM_EINVAL);
+}
+
 typedef struct dev_acc {
     char ids[16][65];
     char models[16][65];
@@ -1167,6 +1214,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_commit_and_lookup, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commit_skips_stored_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_and_cursor, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_claim_audit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_probe_write, setup, teardown),
         cmocka_unit_test(test_unknown_backend),
