@@ -62,6 +62,9 @@ typedef struct fm_fn_spec {
     int timeout_ms;       /* per call, 1..600000 */
     int start_timeout_ms; /* until the ready line, 1..600000 */
     int idle_ms;          /* a worker above min idle this long is stopped */
+    int target_wait_ms;   /* latency scaling: when a call waited longer than this for
+                             a worker within idle_ms, one spare worker is kept ready
+                             beyond the busy ones; 0 turns it off */
     int memory_mb;        /* RLIMIT_AS of a worker, 16..65536 */
     int cpu_s;            /* RLIMIT_CPU of a worker's life, 1..86400 */
     bool network;         /* share the host's network (and allow sockets) */
@@ -70,7 +73,8 @@ typedef struct fm_fn_spec {
 } fm_fn_spec;
 
 /* Defaults for everything but name and command (min 1, max 4, 5 s per
- * call, 10 s to start, idle 60 s, 256 MB, 60 CPU s, no network). */
+ * call, 10 s to start, idle 60 s, target wait 10 ms, 256 MB, 60 CPU s, no
+ * network). */
 void fm_fn_spec_defaults(fm_fn_spec *spec);
 
 /* Counters of one pool, for metrics and `GET /functions`. */
@@ -86,6 +90,9 @@ typedef struct fm_fn_stats {
     int64_t last_start_ms; /* how long the last worker took from spawn to ready */
     uint64_t duration_us[12]; /* histogram of call durations, buckets fm_fn_buckets_us */
     uint64_t duration_sum_us;
+    uint64_t waited;          /* calls that waited longer than target_wait_ms */
+    int64_t last_wait_us;     /* how long the last call waited for a worker */
+    bool hot;                 /* latency scaling keeps a spare worker now */
 } fm_fn_stats;
 
 /* Upper bounds (µs) of the duration histogram's buckets; the last is +Inf. */

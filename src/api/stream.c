@@ -135,6 +135,24 @@ typedef struct pump_ctx {
     int64_t seq;
 } pump_ctx;
 
+/* The text of one Server-Sent Event "event: <name>\ndata: <doc>\n\n"
+ * (fm_malloc'd; NULL when out of memory). Takes doc (may be NULL). */
+static char *sse_event(const char *name, json_t *doc)
+{
+    char *j = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER |
+                                        JSON_REAL_PRECISION(15))
+                  : NULL;
+    json_decref(doc);
+    if (!j)
+        return NULL;
+    size_t n = strlen(j) + strlen(name) + 20;
+    char *text = fm_malloc(n);
+    if (text)
+        snprintf(text, n, "event: %s\ndata: %s\n\n", name, j);
+    free(j);
+    return text;
+}
+
 /* Offers a record to every stream that has not seen it yet; streams of its
  * device get the event. */
 static int on_record(void *ud, const fm_record *rec)
@@ -150,22 +168,8 @@ static int on_record(void *ud, const fm_record *rec)
         s->seen = rec->seq;
         if (strcmp(s->device, rec->device_id) != 0)
             continue;
-        if (!text) {
-            json_t *doc = api_record_json(rec, false);
-            char *j = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER |
-                                                JSON_REAL_PRECISION(15))
-                          : NULL;
-            json_decref(doc);
-            if (!j)
-                break;
-            size_t n = strlen(j) + 40;
-            text = fm_malloc(n);
-            if (text)
-                snprintf(text, n, "event: measurement\ndata: %s\n\n", j);
-            free(j);
-            if (!text)
-                break;
-        }
+        if (!text && !(text = sse_event("measurement", api_record_json(rec, false))))
+            break;
         stream_put(s, text, strlen(text));
         stream_wake(s);
     }
@@ -189,22 +193,12 @@ static int on_presence(void *ud, const fm_presence_change *c)
         s->seen = c->rev;
         if (s->tenant[0] && strcmp(s->tenant, c->tenant) != 0)
             continue;
-        if (!text) {
-            json_t *doc = json_pack("{s:s,s:s,s:b,s:o}", "device", c->device_id, "tenant",
-                                    c->tenant, "online", c->online, "changed_at",
-                                    fm_json_time(c->changed_ms));
-            char *j = doc ? json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-            json_decref(doc);
-            if (!j)
-                break;
-            size_t n = strlen(j) + 40;
-            text = fm_malloc(n);
-            if (text)
-                snprintf(text, n, "event: presence\ndata: %s\n\n", j);
-            free(j);
-            if (!text)
-                break;
-        }
+        if (!text &&
+            !(text = sse_event("presence",
+                               json_pack("{s:s,s:s,s:b,s:o}", "device", c->device_id, "tenant",
+                                         c->tenant, "online", c->online, "changed_at",
+                                         fm_json_time(c->changed_ms)))))
+            break;
         stream_put(s, text, strlen(text));
         stream_wake(s);
     }

@@ -253,13 +253,14 @@ static void on_pool(void *ud, fm_fn_pool *p)
 {
     fm_fn_stats s;
     fm_fn_pool_stats(p, &s);
-    json_array_append_new(ud, json_pack("{s:s,s:i,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I}", "name",
-                                        fm_fn_pool_name(p), "workers", s.workers, "busy", s.busy,
-                                        "queued", s.queued, "calls", (json_int_t)s.calls,
-                                        "errors", (json_int_t)s.errors, "failures",
-                                        (json_int_t)s.failures, "starts", (json_int_t)s.starts,
-                                        "crashes", (json_int_t)s.crashes, "last_start_ms",
-                                        (json_int_t)s.last_start_ms));
+    json_array_append_new(
+        ud, json_pack("{s:s,s:i,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:b}", "name",
+                      fm_fn_pool_name(p), "workers", s.workers, "busy", s.busy, "queued",
+                      s.queued, "calls", (json_int_t)s.calls, "errors", (json_int_t)s.errors,
+                      "failures", (json_int_t)s.failures, "starts", (json_int_t)s.starts,
+                      "crashes", (json_int_t)s.crashes, "last_start_ms",
+                      (json_int_t)s.last_start_ms, "waited", (json_int_t)s.waited,
+                      "last_wait_us", (json_int_t)s.last_wait_us, "scaling_ahead", s.hot));
 }
 
 /* GET /functions: this node's functions with their pools' counters. */

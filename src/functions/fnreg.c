@@ -87,7 +87,7 @@ int fm_fn_spec_from_json(const char *dir, const char *name, json_t *doc, fm_fn_s
     static const char *const keys[] = {"command",  "args",      "min_workers", "max_workers",
                                        "timeout_ms", "memory_mb", "cpu_s",       "idle_ms",
                                        "network",  "env",       "secrets",     "processor",
-                                       NULL};
+                                       "target_wait_ms", NULL};
     fm_fn_spec_defaults(spec);
     if (!json_is_object(doc))
         return fm_errf(err, FM_EINVAL, "function.json must be a JSON object");
@@ -128,6 +128,8 @@ int fm_fn_spec_from_json(const char *dir, const char *name, json_t *doc, fm_fn_s
         rc = int_field(doc, "cpu_s", 1, 86400, &spec->cpu_s, err);
     if (!rc)
         rc = int_field(doc, "idle_ms", 100, 86400000, &spec->idle_ms, err);
+    if (!rc)
+        rc = int_field(doc, "target_wait_ms", 0, 600000, &spec->target_wait_ms, err);
     if (rc)
         return rc;
     json_t *net = json_object_get(doc, "network");
@@ -243,6 +245,12 @@ static void render(void *ud, fm_strbuf *b)
                          "fleetml_function_queue{function=\"%s\"} %d\n",
                          n, st[i].workers, n, st[i].busy, n, st[i].queued);
     }
+    fm_strbuf_printf(b, "# HELP fleetml_function_waited_total Calls that waited longer than "
+                        "the function's target_wait_ms for a worker (latency scaling).\n"
+                        "# TYPE fleetml_function_waited_total counter\n");
+    for (size_t i = 0; i < r->n; i++)
+        fm_strbuf_printf(b, "fleetml_function_waited_total{function=\"%s\"} %llu\n",
+                         fm_fn_pool_name(r->pools[i]), (unsigned long long)st[i].waited);
     fm_strbuf_printf(b, "# HELP fleetml_function_start_seconds How long the newest worker of a "
                         "function took to get ready (a cold start).\n"
                         "# TYPE fleetml_function_start_seconds gauge\n");

@@ -78,6 +78,13 @@ int fn__seccomp_export(bool network, void **bpf, size_t *len, fm_errbuf *err);
  * *out filled, or FM_EIO / FM_ENOMEM with nothing left behind. */
 int fn__spawn(const fn__sandbox *sb, fn__proc *out, fm_errbuf *err);
 
+/* How many workers a pool should start now (pure, for the tests): up to
+ * min_workers; one for each waiting caller no idle or starting worker will
+ * serve; and, when hot (a call recently waited too long), one spare beyond
+ * the busy workers; never above max_workers in all. */
+int fn__workers_wanted(int min_workers, int max_workers, int starting, int idle, int busy,
+                       int queued, bool hot);
+
 /* SIGKILLs a worker (its launcher's process group and the launcher). The
  * caller reaps it. pid must not have been reaped yet. */
 void fn__kill(pid_t pid);

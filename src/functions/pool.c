@@ -116,6 +116,9 @@ struct fm_fn_pool {
     int64_t last_start_ms;
     uint64_t duration_us[12];
     uint64_t duration_sum_us;
+    uint64_t waited;         /* calls that waited longer than target_wait_ms */
+    uint64_t waited_at_ns;   /* the last such call's end of wait (0: never) */
+    int64_t last_wait_us;
 };
 
 void fm_fn_spec_defaults(fm_fn_spec *spec)
@@ -126,6 +129,7 @@ void fm_fn_spec_defaults(fm_fn_spec *spec)
     spec->timeout_ms = 5000;
     spec->start_timeout_ms = 10000;
     spec->idle_ms = 60000;
+    spec->target_wait_ms = 10;
     spec->memory_mb = 256;
     spec->cpu_s = 60;
     spec->network = false;
@@ -418,23 +422,39 @@ static void tend(fm_fn_pool *p)
     }
 }
 
-/* How many workers to start now: up to min_workers, and one for each
- * waiting caller no idle or starting worker will serve, within
- * max_workers. */
+int fn__workers_wanted(int min_workers, int max_workers, int starting, int idle, int busy,
+                       int queued, bool hot)
+{
+    int live = starting + idle + busy;
+    int want = min_workers - live;
+    /* Queue depth: one per caller nobody will serve; latency: one more
+     * ready ahead of demand while calls have been waiting. */
+    int demand = queued + (hot ? 1 : 0) - idle - starting;
+    if (demand > want)
+        want = demand;
+    if (want > max_workers - live)
+        want = max_workers - live;
+    return want > 0 ? want : 0;
+}
+
+/* With mu held: whether a call waited longer than target_wait_ms within
+ * the last idle_ms (latency scaling). */
+static bool pool_hot(const fm_fn_pool *p, uint64_t now)
+{
+    return p->spec.target_wait_ms > 0 && p->waited_at_ns != 0 &&
+           now - p->waited_at_ns < (uint64_t)p->spec.idle_ms * NS_PER_MS;
+}
+
+/* How many workers to start now (fn__workers_wanted). */
 static int spawn_wanted(const fm_fn_pool *p)
 {
-    if (p->stopping || fm_mono_ns() < p->spawn_after_ns)
+    uint64_t now = fm_mono_ns();
+    if (p->stopping || now < p->spawn_after_ns)
         return 0;
     int starting, idle, busy;
     count_live(p, &starting, &idle, &busy);
-    int live = starting + idle + busy;
-    int want = p->spec.min_workers - live;
-    int demand = p->queued - idle - starting;
-    if (demand > want)
-        want = demand;
-    if (want > p->spec.max_workers - live)
-        want = p->spec.max_workers - live;
-    return want;
+    return fn__workers_wanted(p->spec.min_workers, p->spec.max_workers, starting, idle, busy,
+                              p->queued, pool_hot(p, now));
 }
 
 /* With mu held (released around each fork): starts the workers wanted. */
@@ -776,7 +796,7 @@ static worker *pick_idle(fm_fn_pool *p)
 static int acquire(fm_fn_pool *p, uint64_t deadline, worker **out, fm_errbuf *err)
 {
     bool queued = false;
-    uint64_t fails0 = p->start_fails;
+    uint64_t fails0 = p->start_fails, began = fm_mono_ns();
     int rc;
     for (;;) {
         if (p->stopping) {
@@ -788,6 +808,16 @@ static int acquire(fm_fn_pool *p, uint64_t deadline, worker **out, fm_errbuf *er
             w->state = W_BUSY;
             *out = w;
             rc = 0;
+            /* Latency scaling: a call that waited too long makes the pool
+             * keep a spare worker for a while (pool_hot). */
+            uint64_t now = fm_mono_ns();
+            p->last_wait_us = (int64_t)((now - began) / 1000);
+            if (p->spec.target_wait_ms > 0 &&
+                now - began > (uint64_t)p->spec.target_wait_ms * NS_PER_MS) {
+                p->waited++;
+                p->waited_at_ns = now;
+                wake_maint(p);
+            }
             break;
         }
         uint64_t now = fm_mono_ns();
@@ -1058,6 +1088,9 @@ void fm_fn_pool_stats(fm_fn_pool *p, fm_fn_stats *out)
     out->last_start_ms = p->last_start_ms;
     memcpy(out->duration_us, p->duration_us, sizeof out->duration_us);
     out->duration_sum_us = p->duration_sum_us;
+    out->waited = p->waited;
+    out->last_wait_us = p->last_wait_us;
+    out->hot = pool_hot(p, fm_mono_ns());
     pthread_mutex_unlock(&p->mu);
 }
 

@@ -273,6 +273,7 @@ def test_function_target_called_warm(env):
              msg="both functions called")
     fns = {f["name"]: f for f in api.ok("GET", "/functions", tok)["items"]}
     assert fns["ward-note"]["calls"] >= 1 and fns["range-check"]["calls"] >= 1, fns
+    assert {"waited", "last_wait_us", "scaling_ahead"} <= set(fns["ward-note"]), fns
     metrics = p.metrics()
     assert 'fleetml_rule_deliveries_total{tenant="demo-hospital",rule="note",outcome="ok"}' \
         in metrics

@@ -821,6 +821,77 @@ static void *call_once(void *arg)
     return NULL;
 }
 
+/* The sizing rule alone: minimum, queue depth, latency, maximum. */
+static void test_workers_wanted(void **state)
+{
+    (void)state;
+    /* args: min, max, starting, idle, busy, queued, hot */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 0, 0, false), 1); /* up to min */
+    assert_int_equal(fn__workers_wanted(2, 4, 1, 0, 0, 0, false), 1); /* one is starting */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 1, 0, 0, false), 0); /* at rest */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 1, 2, false), 2); /* two callers wait */
+    assert_int_equal(fn__workers_wanted(1, 4, 1, 0, 1, 2, false), 1); /* one start serves one */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 4, 3, false), 0); /* at max */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 3, 5, false), 1); /* capped by max */
+    /* Hot: one spare beyond the busy workers, not more, never above max. */
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 2, 0, true), 1);
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 1, 2, 0, true), 0);
+    assert_int_equal(fn__workers_wanted(1, 4, 1, 0, 2, 0, true), 0);
+    assert_int_equal(fn__workers_wanted(1, 6, 0, 0, 2, 2, true), 3);
+    assert_int_equal(fn__workers_wanted(1, 4, 0, 0, 2, 2, true), 2);
+    assert_int_equal(fn__workers_wanted(1, 2, 0, 0, 2, 0, true), 0);
+    assert_int_equal(fn__workers_wanted(0, 4, 0, 0, 0, 0, true), 1);
+}
+
+/* Two callers at once against one warm worker: the second waits for a
+ * start. With latency scaling the pool then keeps a spare, so it grows to
+ * three workers for two callers; without it, to two. */
+static int burst_of_two(fixture *f, int target_wait_ms, fm_fn_stats *st)
+{
+    fm_fn_spec s;
+    spec_for(f, &s, target_wait_ms ? "ahead" : "no-ahead");
+    s.min_workers = 1;
+    s.max_workers = 3;
+    s.idle_ms = 60000;
+    s.timeout_ms = 30000;
+    s.target_wait_ms = target_wait_ms;
+    fm_fn_pool *p = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_fn_pool_start(&s, &p, &err), 0);
+    WAIT_STATS(p, *st, st->workers == 1 && st->starts == 1);
+    pending c[2];
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) {
+        c[i] = (pending){.p = p, .event = "{\"sleep\": 0.4}"};
+        assert_int_equal(pthread_create(&t[i], NULL, call_once, &c[i]), 0);
+    }
+    for (int i = 0; i < 2; i++) {
+        pthread_join(t[i], NULL);
+        assert_int_equal(c[i].rc, 0);
+    }
+    int want = target_wait_ms ? 3 : 2;
+    WAIT_STATS(p, *st, st->workers == want && st->busy == 0);
+    fm_fn_pool_stats(p, st);
+    fm_fn_pool_stop(p);
+    assert_no_children();
+    return st->workers;
+}
+
+static void test_latency_scales_ahead(void **state)
+{
+    fixture *f = *state;
+    fm_fn_stats st;
+    assert_int_equal(burst_of_two(f, 1, &st), 3);
+    assert_int_equal(st.starts, 3);
+    assert_true(st.waited >= 1);
+    assert_true(st.hot);
+    assert_int_equal(st.calls, 2);
+    assert_int_equal(burst_of_two(f, 0, &st), 2);
+    assert_int_equal(st.starts, 2);
+    assert_int_equal(st.waited, 0);
+    assert_false(st.hot);
+}
+
 static void test_stop_ends_calls(void **state)
 {
     fixture *f = *state;
@@ -867,6 +938,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cpu_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idle_scale_down, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stop_ends_calls, setup, teardown),
+        cmocka_unit_test(test_workers_wanted),
+        cmocka_unit_test_setup_teardown(test_latency_scales_ahead, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
