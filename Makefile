@@ -13,7 +13,7 @@ FUZZ_SECONDS       ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 FUZZ_JOBS          ?= $(JOBS)
 
-.PHONY: all deps build build-test run test unit integration integration-pg bench soak fuzz fuzz-build fuzz-smoke clean distclean model screenshots
+.PHONY: all deps build build-test install run test unit integration integration-pg bench soak fuzz fuzz-build fuzz-smoke clean distclean model screenshots
 
 all: build
 
@@ -29,6 +29,11 @@ build: deps $(BUILD)/Makefile
 build-test: deps
 	@cmake -S . -B $(TEST_BUILD) -DCMAKE_BUILD_TYPE=Debug -DFM_SANITIZE=ON -DFM_TESTS=ON >/dev/null
 	@cmake --build $(TEST_BUILD) -j$(JOBS)
+
+# The binary, its man page and bash completion under PREFIX.
+PREFIX ?= /usr/local
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 run: build
 	@scripts/run-demo $(BUILD) $(DATA)

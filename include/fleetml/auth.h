@@ -100,6 +100,15 @@ enum fm_role {
 /* Parses a comma-separated role list (no blanks, no duplicates, at least one
  * role) into a bit mask of enum fm_role. Returns 0 or FM_EINVAL. */
 int fm_auth_roles_parse(const char *list, unsigned *mask);
+
+struct json_t;
+/* A comma-separated role list as a JSON array of strings (as written, no
+ * check). New reference; NULL when out of memory. */
+struct json_t *fm_auth_roles_json(const char *roles);
+/* A user as the API (schema User) and `fleetml user list --json` show it:
+ * id, tenant, username, roles, status, mfa (a confirmed second factor, read
+ * from st), created_at. New reference; NULL when out of memory. */
+struct json_t *fm_user_json(fm_store *st, const fm_user *u);
 /* Writes the canonical comma-separated list of mask (in enum order) into out.
  * Returns 0 or FM_ERANGE when it does not fit. */
 int fm_auth_roles_format(unsigned mask, char *out, size_t len);

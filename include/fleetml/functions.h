@@ -185,4 +185,9 @@ int fm_fn_spec_from_json(const char *dir, const char *name, struct json_t *doc,
                          fm_fn_spec *spec, char *command, size_t command_len, char **env_buf,
                          size_t env_cap, fm_errbuf *err);
 
+struct json_t;
+/* A pool's counters as the API (schema FunctionInfo) and `fleetml function
+ * list --json` show them. New reference; NULL when out of memory. */
+struct json_t *fm_fn_pool_json(fm_fn_pool *p);
+
 #endif

@@ -88,6 +88,10 @@ enum fm_reject_reason fm_reject_reason_from_code(const char *code);
 const char *fm_reject_reason_name(enum fm_reject_reason r);
 
 void fm_hist_observe(fm_hist *h, double v);
+/* An upper estimate of the q-quantile (0 < q <= 1) of what h observed: the
+ * upper bound of the bucket holding it, never above the largest
+ * observation. -1 when h observed nothing. */
+double fm_hist_quantile(const fm_hist *h, double q);
 /* Observes the nanoseconds from start_ns to now (fm_mono_ns) on stage s. */
 void fm_stage_observe(enum fm_stage s, uint64_t start_ns);
 /* The stage's label value ("queue", ...); "" when out of range. */

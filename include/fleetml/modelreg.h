@@ -24,6 +24,7 @@
 #include "fleetml/store.h"
 #include "fleetml/drift.h"
 
+#include <jansson.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 
@@ -202,5 +203,15 @@ void fm_deployer_halt(fm_deployer *d);
 /* Halts the deployer if needed and frees it and its models (call after the
  * pipeline stopped scoring). NULL is ignored. */
 void fm_deployer_stop(fm_deployer *d);
+
+/* "pending", "approved" or "rejected" (enum fm_model_status); static. */
+const char *fm_model_status_name(int status);
+/* A registered version as the API (schema ModelVersion) and `fleetml model
+ * versions --json` show it; the manifest only when with_manifest. New
+ * reference; NULL when out of memory. */
+json_t *fm_model_version_json(const fm_model_rec *v, bool with_manifest);
+/* A tenant's alias (schema ModelAlias): tenant, alias, version, updated_by,
+ * updated_at, and share_pct for a canary. New reference. */
+json_t *fm_model_alias_json(const fm_model_alias *a);
 
 #endif

@@ -38,6 +38,17 @@
  * deletes the key. Returns 0 or FM_ENOMEM. */
 struct json_t;
 int fm_shadow_merge(struct json_t *doc, struct json_t *patch);
+
+/* "active", "disabled" or "revoked" (enum fm_device_status); static. */
+const char *fm_device_status_name(int status);
+/* A device as the API (schema Device) and `fleetml device list --json`
+ * show it: id, tenant, status, group, serial_number, model, firmware,
+ * created_at, online, last_seen, cert_expires_at, the presence read from
+ * st. New reference; NULL when out of memory. */
+struct json_t *fm_device_json(fm_store *st, const fm_device *d);
+/* A provisioning template as the API (schema Template) and `fleetml
+ * template list --json` show it. New reference; NULL when out of memory. */
+struct json_t *fm_template_json(const fm_template *t);
 /* The part of desired that differs from reported (recursively for
  * objects); a new object, possibly empty. NULL on allocation failure. */
 struct json_t *fm_shadow_delta(struct json_t *desired, struct json_t *reported);

@@ -57,6 +57,14 @@ bool fm_rule_loopback_url(const char *url);
 /* The same document with every target's "secret" replaced by "********"
  * (what the API shows). New reference. */
 json_t *fm_rule_redacted(json_t *rule);
+/* A stored rule as the API (schema Rule) and `fleetml rules list --json`
+ * show it: the redacted document plus tenant, position, updated_by and
+ * updated_at. New reference; NULL when out of memory. */
+json_t *fm_rule_row_json(const fm_rule_row *row);
+/* One delivery attempt of the invocation log (schema RuleInvocation):
+ * seq, event_id, target, outcome, attempt, duration_ms, error, at. New
+ * reference. */
+json_t *fm_rule_log_json(const fm_rule_log *l);
 
 /* A compiled rule's filter and transform. */
 typedef struct fm_rule_prog fm_rule_prog;

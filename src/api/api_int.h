@@ -173,6 +173,11 @@ void api_security_headers(const fm_http *h, struct MHD_Response *resp, const cha
 /* A stored measurement as the API shows it (MeasurementSummary, or with
  * full the MeasurementDetail fields but the label); a new reference. */
 json_t *api_record_json(const fm_record *rec, bool full);
+/* The node at a glance (GET /status on the operations listener; status.c):
+ * health, devices per tenant from st (null when st is NULL or unreadable),
+ * pipeline counters and reply latency since start, lake, model and
+ * certificate ends. New reference. */
+json_t *api_status_json(fm_http *h, fm_store *st);
 
 /* ---- live measurements (stream.c) ------------------------------------------
  * GET /devices/{id}/events: Server-Sent Events of the device's new
@@ -211,8 +216,6 @@ void api_page_more_by_name(json_t *items, size_t limit, const char *field, char 
  * {"items": items, "next_cursor": next_cursor or null}. Consumes items. */
 void api_page_answer(api_req *r, int rc, json_t *items, const char *next_cursor);
 const char *api_query(api_req *r, const char *name);
-/* A JSON array of role names from a comma-separated list. */
-json_t *api_roles_array(const char *roles);
 
 /* Appends an audit entry (also exported to the lake's logs/). tenant NULL:
  * the caller's tenant. details consumed (may be NULL). Failures are logged

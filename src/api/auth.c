@@ -3,6 +3,9 @@
  * are in tokens.c, hashing in password.c.
  */
 #include "fleetml/auth.h"
+#include "fleetml/json.h"
+
+#include <jansson.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -518,4 +521,28 @@ int fm_auth_housekeeping(fm_store *s, const fm_throttle_policy *policy, int64_t 
      * reads as "expired" rather than "unknown" in the meantime. */
     int rc2 = fm_store_refresh_prune(s, now_ms - 86400000, NULL);
     return rc ? rc : rc2;
+}
+
+json_t *fm_auth_roles_json(const char *roles)
+{
+    json_t *a = json_array();
+    const char *p = roles;
+    while (a && p && *p) {
+        const char *c = strchr(p, ',');
+        size_t n = c ? (size_t)(c - p) : strlen(p);
+        json_array_append_new(a, json_stringn(p, n));
+        p = c ? c + 1 : NULL;
+    }
+    return a;
+}
+
+json_t *fm_user_json(fm_store *st, const fm_user *u)
+{
+    fm_totp t;
+    bool mfa = fm_store_totp_get(st, u->id, &t) == 0 && t.confirmed;
+    OPENSSL_cleanse(&t, sizeof t);
+    return json_pack("{s:I,s:s,s:s,s:o,s:s,s:b,s:o}", "id", (json_int_t)u->id, "tenant",
+                     u->tenant, "username", u->username, "roles", fm_auth_roles_json(u->roles),
+                     "status", u->status == FM_USER_ACTIVE ? "active" : "disabled", "mfa", mfa,
+                     "created_at", fm_json_time(u->created_ms));
 }

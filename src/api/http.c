@@ -232,19 +232,6 @@ const char *api_query(api_req *r, const char *name)
     return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
 }
 
-json_t *api_roles_array(const char *roles)
-{
-    json_t *a = json_array();
-    const char *p = roles;
-    while (a && p && *p) {
-        const char *c = strchr(p, ',');
-        size_t n = c ? (size_t)(c - p) : strlen(p);
-        json_array_append_new(a, json_stringn(p, n));
-        p = c ? c + 1 : NULL;
-    }
-    return a;
-}
-
 bool api_scope_tenant(api_req *r, const char **tenant)
 {
     const char *t = api_query(r, "tenant");
@@ -498,7 +485,8 @@ static enum MHD_Result handle_ops_path(fm_http *h, struct MHD_Connection *conn,
     if (h->fault && strcmp(path, "/debug/fault") == 0 && !has_body)
         return handle_fault(h, conn, method);
     bool known = strcmp(path, "/healthz") == 0 || strcmp(path, "/readyz") == 0 ||
-                 strcmp(path, "/metrics") == 0 || strcmp(path, "/openapi.yaml") == 0;
+                 strcmp(path, "/metrics") == 0 || strcmp(path, "/openapi.yaml") == 0 ||
+                 strcmp(path, "/status") == 0;
     if (!known)
         return send_error(h, conn, MHD_HTTP_NOT_FOUND, "not_found", "no such endpoint", NULL);
     enum MHD_Result ret;
@@ -506,6 +494,12 @@ static enum MHD_Result handle_ops_path(fm_http *h, struct MHD_Connection *conn,
         return ret;
     if (strcmp(path, "/healthz") == 0)
         return send_health(h, conn, true);
+    if (strcmp(path, "/status") == 0) {
+        fm_store *st = pool_take(&h->pool);
+        json_t *doc = api_status_json(h, st);
+        pool_give(&h->pool, st);
+        return send_json(h, conn, MHD_HTTP_OK, doc, NULL);
+    }
     if (strcmp(path, "/openapi.yaml") == 0)
         return send_buffer(h, conn, MHD_HTTP_OK, "application/yaml",
                            fm_strndup(h->openapi, h->openapi_len), h->openapi_len, NULL);

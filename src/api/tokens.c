@@ -265,20 +265,7 @@ static int jose_to_der(const unsigned char in[SIG_BYTES], unsigned char **der, i
 static json_t *roles_array(const char *roles)
 {
     unsigned mask;
-    if (fm_auth_roles_parse(roles, &mask) != 0)
-        return NULL;
-    json_t *a = json_array();
-    const char *p = roles;
-    while (a && *p) {
-        const char *end = strchr(p, ',');
-        size_t len = end ? (size_t)(end - p) : strlen(p);
-        if (json_array_append_new(a, json_stringn(p, len)) != 0) {
-            json_decref(a);
-            return NULL;
-        }
-        p += len + (end ? 1 : 0);
-    }
-    return a;
+    return fm_auth_roles_parse(roles, &mask) == 0 ? fm_auth_roles_json(roles) : NULL;
 }
 
 int fm_jwt_sign(const fm_jwt_key *k, const fm_token_claims *c, char **out)

@@ -20,18 +20,6 @@ static void answer_pair(api_req *r, unsigned status, fm_token_pair *p)
     fm_token_pair_clear(p);
 }
 
-/* "mfa": whether the user has a confirmed second factor. */
-static json_t *user_json(fm_store *st, const fm_user *u)
-{
-    fm_totp t;
-    bool mfa = fm_store_totp_get(st, u->id, &t) == 0 && t.confirmed;
-    OPENSSL_cleanse(&t, sizeof t);
-    return json_pack("{s:I,s:s,s:s,s:o,s:s,s:b,s:o}", "id", (json_int_t)u->id, "tenant",
-                     u->tenant, "username", u->username, "roles", api_roles_array(u->roles),
-                     "status", u->status == FM_USER_ACTIVE ? "active" : "disabled", "mfa", mfa,
-                     "created_at", fm_json_time(u->created_ms));
-}
-
 void v1_login(api_req *r)
 {
     const char *tenant = NULL, *username = NULL, *password = NULL, *otp = NULL;
@@ -164,7 +152,7 @@ void v1_me(api_req *r)
         return;
     }
     OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
-    api_json(r, 200, user_json(r->store, &u));
+    api_json(r, 200, fm_user_json(r->store, &u));
 }
 
 /* A password refused by policy: 422 with the policy's sentence. */
@@ -247,7 +235,7 @@ static int on_user(void *ud, const fm_user *u)
     user_page *p = ud;
     if (p->after[0] && strcmp(u->username, p->after) <= 0)
         return 0;
-    json_array_append_new(p->items, user_json(p->store, u));
+    json_array_append_new(p->items, fm_user_json(p->store, u));
     return json_array_size(p->items) >= p->max;
 }
 
@@ -299,7 +287,7 @@ static void answer_user(api_req *r, const char *tenant, const char *username, un
         return;
     }
     OPENSSL_cleanse(u.password_hash, sizeof u.password_hash);
-    api_json(r, status, user_json(r->store, &u));
+    api_json(r, status, fm_user_json(r->store, &u));
 }
 
 /* A user who holds the operator role is managed by operators only: a
@@ -373,7 +361,7 @@ void v1_user_get(api_req *r)
     const char *tenant;
     fm_user u;
     if (path_user(r, &tenant, &u))
-        api_json(r, 200, user_json(r->store, &u));
+        api_json(r, 200, fm_user_json(r->store, &u));
 }
 
 void v1_user_roles(api_req *r)

@@ -14,23 +14,6 @@
 
 #define MSG 192
 
-static const char *device_status_name(int st)
-{
-    return st == FM_DEVICE_ACTIVE ? "active" : st == FM_DEVICE_DISABLED ? "disabled" : "revoked";
-}
-
-static json_t *device_json(fm_store *st, const fm_device *d)
-{
-    fm_presence pr = {0};
-    fm_store_presence_get(st, d->id, &pr);
-    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:o,s:b,s:o,s:o}", "id", d->id, "tenant",
-                     d->tenant, "status", device_status_name(d->status), "group", d->device_group,
-                     "serial_number", d->serial_number, "model", d->model, "firmware",
-                     d->firmware, "created_at", fm_json_time(d->created_ms), "online", pr.online,
-                     "last_seen", fm_json_time(pr.last_seen_ms), "cert_expires_at",
-                     fm_json_time(pr.cert_expires_ms));
-}
-
 typedef struct dev_page {
     fm_store *st;
     json_t *items;
@@ -39,7 +22,7 @@ typedef struct dev_page {
 static int on_device(void *ud, const fm_device *d)
 {
     dev_page *p = ud;
-    json_array_append_new(p->items, device_json(p->st, d));
+    json_array_append_new(p->items, fm_device_json(p->st, d));
     return 0;
 }
 
@@ -75,7 +58,7 @@ void v1_device_get(api_req *r)
 {
     fm_device d;
     if (api_device_visible(r, r->params[0], &d))
-        api_json(r, 200, device_json(r->store, &d));
+        api_json(r, 200, fm_device_json(r->store, &d));
 }
 
 static void change_status(api_req *r, int status)
@@ -104,7 +87,7 @@ static void change_status(api_req *r, int status)
         api_store_error(r, FM_EDB);
         return;
     }
-    api_json(r, 200, device_json(r->store, &d));
+    api_json(r, 200, fm_device_json(r->store, &d));
 }
 
 void v1_device_disable(api_req *r) { change_status(r, FM_DEVICE_DISABLED); }
@@ -181,16 +164,6 @@ void v1_shadow_patch(api_req *r)
 
 /* ---- templates ---- */
 
-static json_t *template_json(const fm_template *t)
-{
-    return json_pack("{s:s,s:s,s:s,s:s,s:i,s:b,s:i,s:s,s:b,s:s,s:o}", "name", t->name, "tenant",
-                     t->tenant, "group", t->device_group, "device_prefix", t->device_prefix,
-                     "cert_days", t->cert_days, "allow_reprovision", t->allow_reprovision,
-                     "rate_per_min", t->rate_per_min, "status",
-                     t->status == FM_TEMPLATE_ACTIVE ? "active" : "disabled", "has_allowlist",
-                     t->has_allowlist, "hook", t->hook, "created_at", fm_json_time(t->created_ms));
-}
-
 typedef struct tmpl_list {
     const char *tenant;
     json_t *items;
@@ -200,7 +173,7 @@ static int on_template(void *ud, const fm_template *t)
 {
     tmpl_list *l = ud;
     if (strcmp(t->tenant, l->tenant) == 0)
-        json_array_append_new(l->items, template_json(t));
+        json_array_append_new(l->items, fm_template_json(t));
     return 0;
 }
 
@@ -311,7 +284,7 @@ void v1_templates_create(api_req *r)
         api_store_error(r, FM_EDB);
         return;
     }
-    api_json(r, 201, template_json(&stored));
+    api_json(r, 201, fm_template_json(&stored));
 }
 
 static void rm_tree(const char *dir)

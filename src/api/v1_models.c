@@ -27,33 +27,10 @@
 
 #define MSG 192
 
-static const char *status_name(int s)
-{
-    return s == FM_MODEL_APPROVED ? "approved" : s == FM_MODEL_REJECTED ? "rejected" : "pending";
-}
-
 static bool visible(const api_req *r, const fm_model_rec *v)
 {
     return (r->who.role_mask & FM_ROLE_OPERATOR) || v->owner_tenant[0] == '\0' ||
            strcmp(v->owner_tenant, r->who.tenant) == 0;
-}
-
-static json_t *version_json(const fm_model_rec *v, bool with_manifest)
-{
-    char created[40], decided[40];
-    json_t *o = json_pack(
-        "{s:s,s:s,s:s,s:s?,s:s,s:s,s:I,s:s,s:s}", "name", v->name, "version", v->version, "status",
-        status_name(v->status), "owner_tenant", v->owner_tenant[0] ? v->owner_tenant : NULL,
-        "format", v->format, "sha256", v->sha256, "size", (json_int_t)v->size, "created_by",
-        v->created_by, "created_at", fm_rfc3339(v->created_ms, created, sizeof created));
-    if (o && v->status != FM_MODEL_PENDING)
-        json_object_set_new(o, "decision",
-                            json_pack("{s:s,s:s,s:s}", "by", v->decided_by, "at",
-                                      fm_rfc3339(v->decided_ms, decided, sizeof decided), "note",
-                                      v->note));
-    if (o && with_manifest && v->manifest_json)
-        json_object_set_new(o, "manifest", json_loads(v->manifest_json, 0, NULL));
-    return o;
 }
 
 /* Strict standard base64 (RFC 4648 section 4, padded). Returns the decoded
@@ -120,7 +97,7 @@ void v1_model_push(api_req *r)
     if (rc == 0) {
         api_audit(r, NULL, "model.upload", name, "ok",
                   json_pack("{s:s,s:s}", "version", v.version, "sha256", v.sha256));
-        api_json(r, 201, version_json(&v, false));
+        api_json(r, 201, fm_model_version_json(&v, false));
     } else if (rc == FM_EINVAL || rc == FM_EMODEL) {
         api_audit(r, NULL, "model.upload", name, "failed", json_pack("{s:s}", "reason", err.msg));
         api_error(r, 422, "validation_failed", "%s", err.msg);
@@ -140,7 +117,7 @@ static int on_version(void *ud, const fm_model_rec *v)
 {
     list_ctx *c = ud;
     if (visible(c->r, v))
-        json_array_append_new(c->items, version_json(v, false));
+        json_array_append_new(c->items, fm_model_version_json(v, false));
     return 0;
 }
 
@@ -173,7 +150,7 @@ void v1_model_version_get(api_req *r)
     fm_model_rec v;
     if (!find_version(r, &v))
         return;
-    api_json(r, 200, version_json(&v, true));
+    api_json(r, 200, fm_model_version_json(&v, true));
     fm_model_rec_clear(&v);
 }
 
@@ -204,7 +181,7 @@ static void decide(api_req *r, int status)
     api_audit(r, NULL, action, r->params[0], "ok",
               json_pack("{s:s,s:s}", "version", r->params[1], "note", note ? note : ""));
     if (find_version(r, &v)) {
-        api_json(r, 200, version_json(&v, false));
+        api_json(r, 200, fm_model_version_json(&v, false));
         fm_model_rec_clear(&v);
     }
 }
@@ -222,12 +199,7 @@ static int on_alias(void *ud, const fm_model_alias *a)
     alias_ctx *c = ud;
     if (strcmp(a->name, c->name) != 0)
         return 0;
-    char at[40];
-    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:s}", "tenant", a->tenant, "alias", a->alias,
-                          "version", a->version, "updated_by", a->updated_by, "updated_at",
-                          fm_rfc3339(a->updated_ms, at, sizeof at));
-    if (o && strcmp(a->alias, FM_ALIAS_CANARY) == 0)
-        json_object_set_new(o, "share_pct", json_integer(a->share_pct));
+    json_t *o = fm_model_alias_json(a);
     json_array_append_new(c->items, o);
     return 0;
 }
@@ -735,7 +707,7 @@ bool api_lineage_model(api_req *r, const char *ref, json_t *measurement, json_t 
     fm_model_rec v;
     int rc = name[0] ? r->store->models->version_get(r->store, name, version, &v) : FM_ENOTFOUND;
     if (rc == 0 && visible(r, &v)) {
-        info = version_json(&v, false);
+        info = fm_model_version_json(&v, false);
         json_t *man = json_loads(v.manifest_json, 0, NULL);
         json_object_set_new(info, "registered", json_true());
         json_object_set(info, "training", json_object_get(man, "training"));

@@ -18,23 +18,10 @@ typedef struct rule_list {
     bool full;
 } rule_list;
 
-static json_t *rule_json(const fm_rule_row *row)
-{
-    json_t *spec = json_loads(row->spec_json, 0, NULL);
-    json_t *doc = spec ? fm_rule_redacted(spec) : json_object();
-    json_decref(spec);
-    if (doc) {
-        json_object_set_new(doc, "tenant", fm_json_str(row->tenant));
-        json_object_set_new(doc, "updated_by", fm_json_str(row->updated_by));
-        json_object_set_new(doc, "updated_at", fm_json_time(row->updated_ms));
-    }
-    return doc;
-}
-
 static int on_rule(void *ud, const fm_rule_row *row)
 {
     rule_list *l = ud;
-    json_array_append_new(l->items, rule_json(row));
+    json_array_append_new(l->items, fm_rule_row_json(row));
     return 0;
 }
 
@@ -220,12 +207,7 @@ static int on_log(void *ud, const fm_rule_log *l)
 {
     log_page *p = ud;
     p->last = l->seq;
-    json_array_append_new(p->items,
-                          json_pack("{s:I,s:s,s:s,s:s,s:i,s:f,s:s,s:o}", "seq", (json_int_t)l->seq,
-                                    "event_id", l->event_id, "target", l->target, "outcome",
-                                    l->outcome, "attempt", l->attempt, "duration_ms",
-                                    (double)l->duration_us / 1000.0, "error", l->error, "at",
-                                    fm_json_time(l->at_ms)));
+    json_array_append_new(p->items, fm_rule_log_json(l));
     return 0;
 }
 
@@ -249,19 +231,7 @@ void v1_rule_invocations(api_req *r)
     api_page_answer(r, rc, p.items, next);
 }
 
-static void on_pool(void *ud, fm_fn_pool *p)
-{
-    fm_fn_stats s;
-    fm_fn_pool_stats(p, &s);
-    json_array_append_new(
-        ud, json_pack("{s:s,s:i,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:b}", "name",
-                      fm_fn_pool_name(p), "workers", s.workers, "busy", s.busy, "queued",
-                      s.queued, "calls", (json_int_t)s.calls, "errors", (json_int_t)s.errors,
-                      "failures", (json_int_t)s.failures, "starts", (json_int_t)s.starts,
-                      "crashes", (json_int_t)s.crashes, "last_start_ms",
-                      (json_int_t)s.last_start_ms, "waited", (json_int_t)s.waited,
-                      "last_wait_us", (json_int_t)s.last_wait_us, "scaling_ahead", s.hot));
-}
+static void on_pool(void *ud, fm_fn_pool *p) { json_array_append_new(ud, fm_fn_pool_json(p)); }
 
 /* GET /functions: this node's functions with their pools' counters. */
 void v1_functions_list(api_req *r)

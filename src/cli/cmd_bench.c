@@ -312,3 +312,23 @@ int fm_cmd_bench(int argc, char **argv)
                     "  (the end-to-end benchmark against a broker is `make bench`)\n");
     return 2;
 }
+
+const fm_cli_cmd fm_cli_bench_cmds[] = {
+    {.name = "bench",
+     .summary = "in-process benchmarks, one JSON line each",
+     .text = "The end-to-end benchmark against a broker is `make bench` (bench/run.py)."},
+    {.name = "bench pipeline",
+     .summary = "the measurement pipeline in-process: CPU per measurement",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--n", "N", "measurements to run (default 20000)"}},
+     .examples = {"fleetml bench pipeline --n 50000 --set pipeline.workers=2"}},
+    {.name = "bench function",
+     .summary = "a function's warm call latency and cold start",
+     .args = "DIR",
+     .opts = {{"--n", "N", "warm calls (10..)"},
+              {"--starts", "K", "cold starts to time (1..1000)"},
+              {"--event", "FILE", "the event to send (default: a result.produced event)"},
+              {"--pause-us", "U", "pause between calls, microseconds"}},
+     .examples = {"fleetml bench function examples/functions/python-ward-note --n 2000"}},
+    {.name = NULL},
+};

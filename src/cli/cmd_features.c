@@ -128,3 +128,12 @@ int fm_cmd_features(int argc, char **argv)
         fprintf(stderr, "fleetml features: %zu of %zu lines failed\n", failed, lineno);
     return failed ? 1 : 0;
 }
+
+const fm_cli_cmd fm_cli_features_cmds[] = {
+    {.name = "features",
+     .summary = "measurements (NDJSON on stdin) to feature CSV on stdout",
+     .text = "Reads one viscosity.sweep.v1 measurement per line and writes id,<features>\n"
+             "CSV, the features the model sees; invalid lines are reported on stderr.",
+     .examples = {"fleetml features < measurements.ndjson > features.csv"}},
+    {.name = NULL},
+};

@@ -153,3 +153,17 @@ int fm_cmd_init(int argc, char **argv)
     printf("data directory ready: %s\n", cfg.data_dir);
     return 0;
 }
+
+const fm_cli_cmd fm_cli_init_cmds[] = {
+    {.name = "init",
+     .summary = "create the data directory: CA, certificates, database, lake, admin",
+     .text = "Creates what `fleetml serve` needs in the data directory: the certificate\n"
+             "authority and the broker's and service's certificates, the database (SQLite,\n"
+             "or the PostgreSQL schema when store.url says so), the lake, the default\n"
+             "tenant and its first admin (password printed once). Running it again\n"
+             "changes nothing that exists.",
+     .flags = FM_CLI_CONFIG,
+     .examples = {"fleetml init --data /var/lib/fleetml",
+                  "fleetml init --data ./var --set store.url=postgres://fleetml@db/fleetml"}},
+    {.name = NULL},
+};

@@ -63,3 +63,20 @@ int fm_cmd_lake(int argc, char **argv)
     printf("lake up to date (%s)\n", cfg.lake_backend);
     return 0;
 }
+
+const fm_cli_cmd fm_cli_lake_cmds[] = {
+    {.name = "lake", .summary = "the data lake: export now, check the store behind it"},
+    {.name = "lake flush",
+     .summary = "export everything committed to the lake now",
+     .text = "For when `fleetml serve` is stopped; serve exports by itself.",
+     .flags = FM_CLI_CONFIG,
+     .examples = {"fleetml lake flush --data /var/lib/fleetml"}},
+    {.name = "lake check",
+     .summary = "a round trip to the lake: put, list, read back, delete",
+     .text = "Puts an object of N random bytes (on S3, above lake.s3_part_bytes it goes\n"
+             "up in parts), lists it, reads it back and deletes it.",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--bytes", "N", "the object's size (default 1024)"}},
+     .examples = {"fleetml lake check --bytes 20000000"}},
+    {.name = NULL},
+};

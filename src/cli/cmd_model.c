@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,6 +115,7 @@ static void print_metrics(json_t *man)
 static int cmd_info(int argc, char **argv)
 {
     const char *dir = fm_cli_take_opt(&argc, argv, "--dir");
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
     if (argc > 1) {
         fprintf(stderr, "fleetml model info: unexpected argument '%s'\n", argv[1]);
         usage(stderr);
@@ -135,6 +137,24 @@ static int cmd_info(int argc, char **argv)
     snprintf(path, sizeof path, "%s/manifest.json", dir);
     json_error_t je;
     json_t *man = json_load_file(path, 0, &je);
+    if (as_json) {
+        json_t *feats = json_array(), *outs = json_array();
+        for (size_t i = 0; i < fm_feature_count(); i++)
+            json_array_append_new(feats, json_string(fm_feature_name(i)));
+        for (size_t i = 0; i < fm_model_output_count(model); i++) {
+            const fm_model_output *o = fm_model_output_at(model, i);
+            json_array_append_new(outs, json_pack("{s:s,s:s,s:f,s:f}", "name", o->name, "unit",
+                                                  o->unit, "min", o->min, "max", o->max));
+        }
+        json_t *doc = json_pack("{s:s,s:s,s:s,s:o,s:o,s:O?,s:O?}", "dir", dir, "name",
+                                fm_model_name(model), "version", fm_model_version(model),
+                                "features", feats, "outputs", outs, "training",
+                                json_object_get(man, "training"), "holdout",
+                                json_object_get(man, "holdout"));
+        json_decref(man);
+        fm_model_free(model);
+        return fm_cli_print_json(doc);
+    }
 
     printf("model:    %s %s (%s)\n", fm_model_name(model), fm_model_version(model), dir);
     printf("kind:     %s\n", str_or(json_object_get(man, "kind")));
@@ -184,3 +204,63 @@ int fm_cmd_model(int argc, char **argv)
     usage(stderr);
     return 2;
 }
+
+const fm_cli_cmd fm_cli_model_cmds[] = {
+    {.name = "model",
+     .summary = "models: train, info, push, versions, approve, reject, deploy",
+     .text = "docs/model.md describes the registry, deployments and training."},
+    {.name = "model train",
+     .summary = "train a model: on synthetic data, or from the lake's labels",
+     .text = "--synthetic writes a model directory (the bundled model is made so).\n"
+             "--from-lake trains on labelled measurements and registers a pending version.",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--synthetic", NULL, "train on simulated sweeps"},
+              {"--out", "DIR", "where the model goes (--synthetic; default models/viscosity)"},
+              {"--seed", "N", "the simulation's seed (--synthetic)"},
+              {"--rows", "N", "training rows (--synthetic)"},
+              {"--holdout", "N", "held-out rows for the metrics (--synthetic)"},
+              {"--from-lake", NULL, "train on the lake's labelled measurements"},
+              {"--version", "V", "the version to register (--from-lake)"},
+              {"--tenant", "T", "only this tenant's labels (--from-lake)"},
+              {"--from", "TIME", "labels from this RFC 3339 time (--from-lake)"},
+              {"--to", "TIME", "labels until this time (--from-lake)"}},
+     .examples = {"fleetml model train --synthetic --out models/viscosity",
+                  "fleetml model train --from-lake --version 1.1.0 --tenant st-mary"}},
+    {.name = "model info",
+     .summary = "a model directory: features, outputs, training, metrics",
+     .opts = {{"--dir", "DIR", "the model directory (default: the bundled model)"},
+              {"--json", NULL, "one JSON document"}}},
+    {.name = "model push",
+     .args = "DIR",
+     .summary = "register a model directory as a pending version",
+     .text = "DIR holds manifest.json and model.json (or model.ubj), or is an MLflow model\n"
+             "directory (MLmodel with the xgboost flavour; the manifest from\n"
+             "DIR/manifest.json or --manifest).",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--manifest", "FILE", "the manifest of an MLflow directory"}}},
+    {.name = "model versions",
+     .args = "[NAME]",
+     .summary = "versions with their status, and the deployments",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--json", NULL, "one JSON document: {\"versions\": [...], \"deployments\": [...]}"}}},
+    {.name = "model approve",
+     .args = "NAME VERSION",
+     .summary = "approve a pending version",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--note", "TEXT", "why (kept in the audit log)"}}},
+    {.name = "model reject",
+     .args = "NAME VERSION",
+     .summary = "reject a pending version",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--note", "TEXT", "why (kept in the audit log)"}}},
+    {.name = "model deploy",
+     .args = "NAME [VERSION]",
+     .summary = "point a tenant's alias at an approved version, or remove it",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the tenant (required)"},
+              {"--alias", "A", "production (default), canary or shadow"},
+              {"--share", "PCT", "a canary's share of devices, 1..100"},
+              {"--remove", NULL, "remove the alias instead"}},
+     .examples = {"fleetml model deploy viscosity 1.1.0 --tenant st-mary --alias canary --share 10"}},
+    {.name = NULL},
+};

@@ -8,6 +8,7 @@
 #include "fleetml/modelreg.h"
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -36,10 +37,6 @@ static int open_store(int *argc, char **argv, fm_config *cfg, fm_store **st)
     return 0;
 }
 
-static const char *status_name(int s)
-{
-    return s == FM_MODEL_APPROVED ? "approved" : s == FM_MODEL_REJECTED ? "rejected" : "pending";
-}
 
 int fm_cmd_model_push(int argc, char **argv)
 {
@@ -131,21 +128,35 @@ int fm_cmd_model_push(int argc, char **argv)
     return 0;
 }
 
+typedef struct vlist {
+    const char *name;        /* only this model's aliases (NULL: all) */
+    json_t *versions, *aliases; /* --json */
+} vlist;
+
 static int print_version(void *ud, const fm_model_rec *v)
 {
-    (void)ud;
+    vlist *l = ud;
+    if (l->versions)
+        return json_array_append_new(l->versions, fm_model_version_json(v, false));
     char at[40];
-    printf("%-16s %-12s %-9s %-4s %10lld  %s  %s\n", v->name, v->version, status_name(v->status),
-           v->format, (long long)v->size, fm_rfc3339(v->created_ms, at, sizeof at),
+    printf("%-16s %-12s %-9s %-4s %10lld  %s  %s\n", v->name, v->version,
+           fm_model_status_name(v->status), v->format, (long long)v->size,
+           fm_rfc3339(v->created_ms, at, sizeof at),
            v->owner_tenant[0] ? v->owner_tenant : "(platform)");
     return 0;
 }
 
 static int print_alias(void *ud, const fm_model_alias *a)
 {
-    const char *name = ud;
-    if (name && strcmp(a->name, name) != 0)
+    vlist *l = ud;
+    if (l->name && strcmp(a->name, l->name) != 0)
         return 0;
+    if (l->aliases) {
+        json_t *o = fm_model_alias_json(a);
+        if (o)
+            json_object_set_new(o, "model", json_string(a->name));
+        return json_array_append_new(l->aliases, o);
+    }
     printf("%-20s %-16s %-10s -> %s", a->tenant, a->name, a->alias, a->version);
     if (strcmp(a->alias, FM_ALIAS_CANARY) == 0)
         printf(" (%d%% of devices)", a->share_pct);
@@ -156,25 +167,36 @@ static int print_alias(void *ud, const fm_model_alias *a)
 int fm_cmd_model_versions(int argc, char **argv)
 {
     fm_config cfg;
-    fm_store *st = NULL;
+    fm_store *st;
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
     int rc = open_store(&argc, argv, &cfg, &st);
     if (rc)
         return rc;
     if (argc > 2) {
-        fprintf(stderr, "usage: fleetml model versions [NAME] [--data DIR]\n");
         fm_store_close(st);
-        return 2;
+        return fm_cli_usage_error("model versions", "unexpected argument '%s'", argv[2]);
     }
-    const char *name = argc == 2 ? argv[1] : NULL;
-    rc = st->models->version_list(st, name, print_version, NULL);
-    if (!rc) {
+    vlist l = {.name = argc == 2 ? argv[1] : NULL};
+    if (as_json) {
+        l.versions = json_array();
+        l.aliases = json_array();
+    }
+    rc = st->models->version_list(st, l.name, print_version, &l);
+    if (!rc && !as_json)
         printf("deployments:\n");
-        rc = st->models->alias_list(st, NULL, print_alias, (void *)name);
-    }
+    if (!rc)
+        rc = st->models->alias_list(st, NULL, print_alias, &l);
     fm_store_close(st);
-    if (rc)
+    if (rc) {
+        json_decref(l.versions);
+        json_decref(l.aliases);
         fprintf(stderr, "fleetml model versions: %s\n", fm_strerror(rc));
-    return rc ? 1 : 0;
+        return 1;
+    }
+    if (as_json)
+        return fm_cli_print_json(
+            json_pack("{s:o,s:o}", "versions", l.versions, "deployments", l.aliases));
+    return 0;
 }
 
 int fm_cmd_model_decide(int argc, char **argv, int status)
@@ -203,7 +225,7 @@ int fm_cmd_model_decide(int argc, char **argv, int status)
     snprintf(details, sizeof details, "{\"version\":\"%s\"}", argv[2]);
     audit(st, "", status == FM_MODEL_APPROVED ? "model.approve" : "model.reject", argv[1],
           details);
-    printf("%s@%s %s\n", argv[1], argv[2], status_name(status));
+    printf("%s@%s %s\n", argv[1], argv[2], fm_model_status_name(status));
     fm_store_close(st);
     return 0;
 }

@@ -18,36 +18,28 @@
 
 static int print_rule(void *ud, const fm_rule_row *r)
 {
-    bool as_json = *(bool *)ud;
-    json_t *spec = json_loads(r->spec_json, 0, NULL);
-    json_t *shown = spec ? fm_rule_redacted(spec) : NULL;
-    json_decref(spec);
+    json_t *items = ud, *shown = fm_rule_row_json(r);
     if (!shown)
         return 0;
-    if (as_json) {
-        json_object_set_new(shown, "tenant", json_string(r->tenant));
-        json_object_set_new(shown, "position", json_integer(r->position));
-        char *text = json_dumps(shown, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        if (text)
-            printf("%s\n", text);
-        free(text);
-    } else {
-        printf("%-16s %-24s %-20s %-8s targets=%zu position=%lld\n", r->tenant, r->name,
-               json_string_value(json_object_get(shown, "event")),
-               json_is_true(json_object_get(shown, "enabled")) ? "enabled" : "disabled",
-               json_array_size(json_object_get(shown, "targets")), (long long)r->position);
-    }
+    if (items)
+        return json_array_append_new(items, shown);
+    printf("%-16s %-24s %-20s %-8s targets=%zu position=%lld\n", r->tenant, r->name,
+           json_string_value(json_object_get(shown, "event")),
+           json_is_true(json_object_get(shown, "enabled")) ? "enabled" : "disabled",
+           json_array_size(json_object_get(shown, "targets")), (long long)r->position);
     json_decref(shown);
     return 0;
 }
 
 static int rules_list(fm_store *st, const char *tenant, bool as_json)
 {
-    if (fm_store_rule_list(st, tenant, NULL, print_rule, &as_json) != 0) {
+    json_t *items = as_json ? json_array() : NULL;
+    if (fm_store_rule_list(st, tenant, NULL, print_rule, items) != 0) {
+        json_decref(items);
         fprintf(stderr, "fleetml rules list: cannot read the rules\n");
         return 1;
     }
-    return 0;
+    return items ? fm_cli_print_json(json_pack("{s:o}", "items", items)) : 0;
 }
 
 static int rules_put(fm_store *st, const fm_config *cfg, const char *tenant, const char *file)
@@ -92,7 +84,8 @@ static int rules_put(fm_store *st, const fm_config *cfg, const char *tenant, con
 
 static int print_log(void *ud, const fm_rule_log *l)
 {
-    (void)ud;
+    if (ud)
+        return json_array_append_new(ud, fm_rule_log_json(l));
     json_t *at = fm_json_time(l->at_ms);
     printf("%s %-40s %-20s %-14s attempt=%d %.3fms %s\n", json_string_value(at), l->event_id,
            l->target, l->outcome, l->attempt, (double)l->duration_us / 1000.0, l->error);
@@ -183,7 +176,11 @@ int fm_cmd_rules(int argc, char **argv)
     } else if (replay) {
         rc = rules_replay(st, tenant, argv[2], from_ms);
     } else {
-        rc = fm_store_rule_log_page(st, tenant, argv[2], 0, 100, print_log, NULL) ? 1 : 0;
+        json_t *items = as_json ? json_array() : NULL;
+        rc = fm_store_rule_log_page(st, tenant, argv[2], 0, 100, print_log, items) ? 1 : 0;
+        if (items)
+            rc = rc ? (json_decref(items), 1)
+                    : fm_cli_print_json(json_pack("{s:o}", "items", items));
     }
     fm_store_close(st);
     return rc;
@@ -193,7 +190,10 @@ int fm_cmd_rules(int argc, char **argv)
 
 static void print_pool(void *ud, fm_fn_pool *p)
 {
-    (void)ud;
+    if (ud) {
+        json_array_append_new(ud, fm_fn_pool_json(p));
+        return;
+    }
     fm_fn_stats s;
     fm_fn_pool_stats(p, &s);
     printf("%-24s workers=%d started in %lld ms\n", fm_fn_pool_name(p), s.workers,
@@ -262,6 +262,7 @@ int fm_cmd_function(int argc, char **argv)
     int rc = fm_cli_config(&argc, argv, &cfg);
     if (rc)
         return rc;
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
     if (argc == 2 && strcmp(argv[1], "list") == 0) {
         char logs[PATH_MAX];
         fm_config_path(&cfg, "log/functions", logs, sizeof logs);
@@ -271,9 +272,10 @@ int fm_cmd_function(int argc, char **argv)
             fprintf(stderr, "fleetml function list: %s\n", err.msg);
             return 1;
         }
-        fm_fn_registry_each(reg, print_pool, NULL);
+        json_t *items = as_json ? json_array() : NULL;
+        fm_fn_registry_each(reg, print_pool, items);
         fm_fn_registry_close(reg);
-        return 0;
+        return items ? fm_cli_print_json(json_pack("{s:o}", "items", items)) : 0;
     }
     if (argc == 3 && strcmp(argv[1], "call") == 0)
         return function_call(&cfg, argv[2]);
@@ -281,3 +283,53 @@ int fm_cmd_function(int argc, char **argv)
                     "       fleetml function call NAME  one call with the event on stdin\n");
     return 2;
 }
+
+const fm_cli_cmd fm_cli_rules_cmds[] = {
+    {.name = "rules",
+     .summary = "rules on events: list, put, delete, log, replay",
+     .text = "docs/functions.md describes events, rules and targets."},
+    {.name = "rules list",
+     .summary = "rules with their position and counters",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "only this tenant's rules"},
+              {"--json", NULL, "one JSON document: {\"items\": [rule...]}"}}},
+    {.name = "rules put",
+     .args = "FILE|-",
+     .summary = "create or replace a rule from a JSON document",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the rule's tenant (required)"}},
+     .examples = {"fleetml rules put low-hct.json --tenant st-mary"}},
+    {.name = "rules delete",
+     .args = "NAME",
+     .summary = "delete a rule and its log",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the rule's tenant (required)"}}},
+    {.name = "rules log",
+     .args = "NAME",
+     .summary = "the rule's latest deliveries, newest first",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the rule's tenant (required)"},
+              {"--json", NULL, "one JSON document: {\"items\": [delivery...]}"}}},
+    {.name = "rules replay",
+     .args = "NAME",
+     .summary = "deliver again every event since a time",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the rule's tenant (required)"},
+              {"--from", "TIME", "RFC 3339 time to replay from (required)"}},
+     .examples = {"fleetml rules replay low-hct --tenant st-mary --from 2026-12-01T00:00:00Z"}},
+    {.name = NULL},
+};
+
+const fm_cli_cmd fm_cli_function_cmds[] = {
+    {.name = "function", .summary = "this node's functions: list, call"},
+    {.name = "function list",
+     .summary = "start every function of <data>/functions and list them",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--json", NULL, "one JSON document: {\"items\": [function...]}"}}},
+    {.name = "function call",
+     .args = "NAME",
+     .summary = "one call with the event on stdin; the answer on stdout",
+     .flags = FM_CLI_CONFIG,
+     .examples = {"echo '{\"type\": \"result.produced\"}' | fleetml function call ward-note"}},
+    {.name = NULL},
+};

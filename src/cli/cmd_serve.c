@@ -273,3 +273,16 @@ fail:
     shutdown_all(&s);
     return 1;
 }
+
+const fm_cli_cmd fm_cli_serve_cmds[] = {
+    {.name = "serve",
+     .summary = "run the platform on this node (broker, pipeline, lake, HTTP)",
+     .text = "Supervises the broker (unless mqtt.external is set), runs the measurement\n"
+             "pipeline, the lake export, rules and functions, and serves the HTTP API, the\n"
+             "dashboard and the operations endpoint (/metrics, /healthz). Stops cleanly on\n"
+             "SIGTERM or SIGINT.",
+     .flags = FM_CLI_CONFIG,
+     .examples = {"fleetml serve --data /var/lib/fleetml",
+                  "fleetml serve --set http.listen=0.0.0.0:8443 --set log.level=debug"}},
+    {.name = NULL},
+};

@@ -1051,3 +1051,28 @@ out:
         close(s.ep);
     return exit_code;
 }
+
+const fm_cli_cmd fm_cli_sim_cmds[] = {
+    {.name = "sim",
+     .summary = "run many simulated devices against a running node",
+     .text = "Open loop with --rate, closed loop with --inflight. Prints a summary (and with\n"
+             "--json one JSON line) of replies and their latency.",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--devices", "N", "how many devices (required)"},
+              {"--rate", "R", "measurements per second per device (e.g. 0.1)"},
+              {"--inflight", "W", "closed loop: keep W requests in flight per device"},
+              {"--prefix", "P", "device ids <P>-0001... (default sim)"},
+              {"--duration", "SECONDS", "stop after this long"},
+              {"--seed", "S", "the sweeps' seed"},
+              {"--payload-pool", "N", "reuse N pre-generated sweeps (cheap load)"},
+              {"--timeout", "SECONDS", "result wait per measurement"},
+              {"--drain", "SECONDS", "wait this long for the last replies"},
+              {"--connect-rate", "C", "open at most C new connections per second"},
+              {"--hct-shift", "POINTS", "shift the simulated hematocrit (-45..45)"},
+              {"--claim", "TEMPLATE", "onboard each device by claim (serials SIM-0001...)"},
+              {"--provision", NULL, "add devices that have no credentials yet"},
+              {"--json", NULL, "the summary as one JSON line"}},
+     .examples = {"fleetml sim --devices 20 --rate 1 --duration 60 --provision",
+                  "fleetml sim --devices 50 --inflight 4 --duration 30 --json"}},
+    {.name = NULL},
+};

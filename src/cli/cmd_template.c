@@ -5,6 +5,8 @@
 #include "fleetml/registry.h"
 #include "fleetml/store.h"
 
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,9 +143,20 @@ static int template_add(int argc, char **argv)
     return rc;
 }
 
+typedef struct tlist {
+    json_t *items; /* --json */
+    bool quiet;    /* -q */
+} tlist;
+
 static int print_template(void *ud, const fm_template *t)
 {
-    (void)ud;
+    tlist *l = ud;
+    if (l->items)
+        return json_array_append_new(l->items, fm_template_json(t));
+    if (l->quiet) {
+        printf("%s\n", t->name);
+        return 0;
+    }
     printf("%-20s %-8s tenant=%s prefix=%s days=%d rate=%d/min reprovision=%s%s%s%s\n", t->name,
            t->status == FM_TEMPLATE_ACTIVE ? "active" : "disabled", t->tenant, t->device_prefix,
            t->cert_days, t->rate_per_min, t->allow_reprovision ? "yes" : "no",
@@ -157,11 +170,20 @@ static int template_list(int argc, char **argv)
     int rc = fm_cli_config(&argc, argv, &cfg);
     if (rc)
         return rc;
+    tlist l = {.quiet = fm_cli_take_flag(&argc, argv, "-q")};
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
+    if (argc != 1)
+        return fm_cli_usage_error("template list", "unexpected argument '%s'", argv[1]);
+    if (as_json && l.quiet)
+        return fm_cli_usage_error("template list", "--json and -q do not go together");
     fm_store *st;
     if ((rc = open_store(&cfg, &st, "list")) != 0)
         return rc;
-    rc = fm_store_template_list(st, print_template, NULL) ? 1 : 0;
+    l.items = as_json ? json_array() : NULL;
+    rc = fm_store_template_list(st, print_template, &l) ? 1 : 0;
     fm_store_close(st);
+    if (as_json)
+        return rc ? (json_decref(l.items), 1) : fm_cli_print_json(json_pack("{s:o}", "items", l.items));
     return rc;
 }
 
@@ -244,3 +266,40 @@ int fm_cmd_template(int argc, char **argv)
     fprintf(stderr, "fleetml template: unknown subcommand '%s'\n", sub);
     return 2;
 }
+
+const fm_cli_cmd fm_cli_template_cmds[] = {
+    {.name = "template",
+     .summary = "provisioning templates: add, list, disable, enable, claim-cert"},
+    {.name = "template add",
+     .args = "NAME",
+     .summary = "a template devices claim their identity with",
+     .text = "NAME is [a-z0-9-]{2,63}. Devices claiming with the template's claim\n"
+             "certificate get an identity in its tenant and group.",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the devices' tenant (default demo-hospital)"},
+              {"--group", "G", "their device group"},
+              {"--prefix", "P", "device ids are <P><serial>"},
+              {"--days", "N", "certificate lifetime (default 825)"},
+              {"--serials", "LIST", "only these serial numbers (a,b,c)"},
+              {"--serials-file", "FILE", "only the serial numbers in FILE"},
+              {"--hook", "URL", "ask this URL (or executable) to approve each claim"},
+              {"--rate", "N", "claims per minute (default 60)"},
+              {"--reprovision", NULL, "let a device claim again (a replaced board)"}},
+     .examples = {"fleetml template add ward-a --tenant st-mary --group icu --serials-file sn.txt"}},
+    {.name = "template list",
+     .summary = "templates with their settings",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--json", NULL, "one JSON document: {\"items\": [template...]}"},
+              {"-q", NULL, "template names only, one per line"}}},
+    {.name = "template disable", .args = "TEMPLATE", .summary = "refuse new claims",
+     .flags = FM_CLI_CONFIG},
+    {.name = "template enable", .args = "TEMPLATE", .summary = "accept claims again",
+     .flags = FM_CLI_CONFIG},
+    {.name = "template claim-cert",
+     .args = "TEMPLATE",
+     .summary = "issue the template's claim certificate and key",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--out", "DIR", "where claim.crt and claim.key go (default <data>/claims/<T>)"}},
+     .examples = {"fleetml template claim-cert ward-a --out /media/usb"}},
+    {.name = NULL},
+};

@@ -6,6 +6,8 @@
 #include "fleetml/store.h"
 
 #include <openssl/crypto.h>
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -104,9 +106,16 @@ static int user_add(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
+typedef struct ulist {
+    fm_store *st;
+    json_t *items; /* --json */
+} ulist;
+
 static int print_user(void *ud, const fm_user *u)
 {
-    (void)ud;
+    ulist *l = ud;
+    if (l->items)
+        return json_array_append_new(l->items, fm_user_json(l->st, u));
     char when[32];
     printf("%-20s %-24s %-9s %-8lld %-25s %s\n", u->tenant, u->username,
            u->status == FM_USER_ACTIVE ? "active" : "disabled", (long long)u->epoch,
@@ -121,22 +130,24 @@ static int user_list(int argc, char **argv)
     if (rc)
         return rc;
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
-    if (argc != 1) {
-        fprintf(stderr, "usage: fleetml user list [--tenant T]\n");
-        return 2;
-    }
+    bool as_json = fm_cli_take_flag(&argc, argv, "--json");
+    if (argc != 1)
+        return fm_cli_usage_error("user list", "unexpected argument '%s'", argv[1]);
     fm_store *st;
     if (open_store(&cfg, &st, "list") != 0)
         return 1;
-    printf("%-20s %-24s %-9s %-8s %-25s %s\n", "TENANT", "USERNAME", "STATUS", "EPOCH",
-           "CREATED", "ROLES");
-    rc = fm_store_user_list(st, tenant, print_user, NULL);
+    ulist l = {.st = st, .items = as_json ? json_array() : NULL};
+    if (!as_json)
+        printf("%-20s %-24s %-9s %-8s %-25s %s\n", "TENANT", "USERNAME", "STATUS", "EPOCH",
+               "CREATED", "ROLES");
+    rc = fm_store_user_list(st, tenant, print_user, &l);
     fm_store_close(st);
     if (rc) {
+        json_decref(l.items);
         fprintf(stderr, "fleetml user list: %s\n", fm_strerror(rc));
         return 1;
     }
-    return 0;
+    return as_json ? fm_cli_print_json(json_pack("{s:o}", "items", l.items)) : 0;
 }
 
 static int user_status(int argc, char **argv, int status, const char *cmd)
@@ -251,3 +262,40 @@ int fm_cmd_user(int argc, char **argv)
                     "  fleetml user roles <username> --tenant T --roles r1,r2\n");
     return 2;
 }
+
+const fm_cli_cmd fm_cli_user_cmds[] = {
+    {.name = "user", .summary = "users: add, list, disable, enable, passwd, roles"},
+    {.name = "user add",
+     .args = "USERNAME",
+     .summary = "a user of a tenant, with roles",
+     .text = "Roles: admin, clinician, data_scientist, device_manager, operator. Without\n"
+             "--password-stdin a password is generated and printed once.",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the user's tenant"},
+              {"--roles", "R1,R2", "roles, comma-separated"},
+              {"--password-stdin", NULL, "read the password from stdin"},
+              {"--create-tenant", NULL, "create the tenant when it does not exist"}},
+     .examples = {"fleetml user add alice --tenant st-mary --roles clinician"}},
+    {.name = "user list",
+     .summary = "users with status and roles",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "only this tenant's users"},
+              {"--json", NULL, "one JSON document: {\"items\": [user...]}"}}},
+    {.name = "user disable", .args = "USERNAME", .summary = "refuse the user's sign-in",
+     .flags = FM_CLI_CONFIG, .opts = {{"--tenant", "T", "the user's tenant"}}},
+    {.name = "user enable", .args = "USERNAME", .summary = "let the user sign in again",
+     .flags = FM_CLI_CONFIG, .opts = {{"--tenant", "T", "the user's tenant"}}},
+    {.name = "user passwd",
+     .args = "USERNAME",
+     .summary = "set the user's password (from stdin)",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the user's tenant"},
+              {"--password-stdin", NULL, "read the password from stdin (required)"}},
+     .examples = {"printf '%s' \"$PW\" | fleetml user passwd alice --tenant st-mary --password-stdin"}},
+    {.name = "user roles",
+     .args = "USERNAME",
+     .summary = "replace the user's roles",
+     .flags = FM_CLI_CONFIG,
+     .opts = {{"--tenant", "T", "the user's tenant"}, {"--roles", "R1,R2", "the new roles"}}},
+    {.name = NULL},
+};

@@ -1,6 +1,7 @@
 #include "cli/cli.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,8 +14,30 @@ static void drop(int *argc, char **argv, int i, int n)
     *argc -= n;
 }
 
+/* The tables of the command running now (help.c sets it): with
+ * FLEETML_CLI_STRICT set, asking for an option none of them lists is a
+ * bug, and aborts. */
+const fm_cli_cmd *fm_cli__running;
+const fm_cli_cmd *fm_cli__running_group;
+
+static void strict_check(const char *name)
+{
+    if (!fm_cli__running_group || !getenv("FLEETML_CLI_STRICT") || strcmp(name, "--data") == 0 ||
+        strcmp(name, "--set") == 0)
+        return;
+    for (const fm_cli_cmd *c = fm_cli__running_group; c->name; c++)
+        for (size_t i = 0; i < FM_CLI_OPTS_MAX && c->opts[i].name; i++)
+            if (strcmp(c->opts[i].name, name) == 0)
+                return;
+    fprintf(stderr, "fleetml: internal error: '%s' parses option %s, which its table does not "
+                    "list\n",
+            fm_cli__running ? fm_cli__running->name : "?", name);
+    abort();
+}
+
 const char *fm_cli_take_opt(int *argc, char **argv, const char *name)
 {
+    strict_check(name);
     for (int i = 1; i < *argc; i++) {
         if (strcmp(argv[i], name) == 0 && i + 1 < *argc) {
             const char *v = argv[i + 1];
@@ -27,6 +50,7 @@ const char *fm_cli_take_opt(int *argc, char **argv, const char *name)
 
 int fm_cli_take_flag(int *argc, char **argv, const char *name)
 {
+    strict_check(name);
     for (int i = 1; i < *argc; i++) {
         if (strcmp(argv[i], name) == 0) {
             drop(argc, argv, i, 1);
@@ -103,5 +127,16 @@ int fm_cli_parse_u64(const char *s, uint64_t max, uint64_t *out)
     if (errno || *end || v > max)
         return FM_EINVAL;
     *out = v;
+    return 0;
+}
+
+int fm_cli_print_json(json_t *doc)
+{
+    char *text = doc ? json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(doc);
+    if (!text)
+        return 1;
+    printf("%s\n", text);
+    free(text);
     return 0;
 }

@@ -86,6 +86,24 @@ void fm_hist_observe(fm_hist *h, double v)
         ;
 }
 
+double fm_hist_quantile(const fm_hist *h, double q)
+{
+    uint64_t n = atomic_load(&h->count);
+    if (n == 0 || !h->bounds)
+        return -1;
+    double max = (double)atomic_load(&h->max_micro) / 1e6;
+    uint64_t want = (uint64_t)(q * (double)n);
+    if ((double)want < q * (double)n || want == 0)
+        want++;
+    uint64_t cum = 0;
+    for (int i = 0; i < FM_HIST_BUCKETS; i++) {
+        cum += atomic_load(&h->counts[i]);
+        if (cum >= want)
+            return h->bounds[i] < max ? h->bounds[i] : max;
+    }
+    return max;
+}
+
 static void counter(fm_strbuf *b, const char *name, const char *help, uint64_t v)
 {
     fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,

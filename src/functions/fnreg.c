@@ -344,3 +344,16 @@ void fm_fn_registry_close(fm_fn_registry *r)
         fm_fn_pool_stop(r->pools[i]);
     fm_free(r);
 }
+
+json_t *fm_fn_pool_json(fm_fn_pool *p)
+{
+    fm_fn_stats s;
+    fm_fn_pool_stats(p, &s);
+    return json_pack("{s:s,s:i,s:i,s:i,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:b}", "name",
+                     fm_fn_pool_name(p), "workers", s.workers, "busy", s.busy, "queued",
+                     s.queued, "calls", (json_int_t)s.calls, "errors", (json_int_t)s.errors,
+                     "failures", (json_int_t)s.failures, "starts", (json_int_t)s.starts,
+                     "crashes", (json_int_t)s.crashes, "last_start_ms",
+                     (json_int_t)s.last_start_ms, "waited", (json_int_t)s.waited,
+                     "last_wait_us", (json_int_t)s.last_wait_us, "scaling_ahead", s.hot);
+}

@@ -9,6 +9,7 @@
 #include "fleetml/rules.h"
 #include "fleetml/events.h"
 #include "fleetml/functions.h"
+#include "fleetml/json.h"
 
 #include <jq.h>
 #include <stdio.h>
@@ -363,4 +364,26 @@ json_t *fm_rule_redacted(json_t *rule)
             json_object_set_new(t, "secret", json_string("********"));
     }
     return copy;
+}
+
+json_t *fm_rule_row_json(const fm_rule_row *row)
+{
+    json_t *spec = json_loads(row->spec_json, 0, NULL);
+    json_t *doc = spec ? fm_rule_redacted(spec) : json_object();
+    json_decref(spec);
+    if (doc) {
+        json_object_set_new(doc, "tenant", fm_json_str(row->tenant));
+        json_object_set_new(doc, "position", json_integer(row->position));
+        json_object_set_new(doc, "updated_by", fm_json_str(row->updated_by));
+        json_object_set_new(doc, "updated_at", fm_json_time(row->updated_ms));
+    }
+    return doc;
+}
+
+json_t *fm_rule_log_json(const fm_rule_log *l)
+{
+    return json_pack("{s:I,s:s,s:s,s:s,s:i,s:f,s:s,s:o}", "seq", (json_int_t)l->seq, "event_id",
+                     l->event_id, "target", l->target, "outcome", l->outcome, "attempt",
+                     l->attempt, "duration_ms", (double)l->duration_us / 1000.0, "error", l->error,
+                     "at", fm_json_time(l->at_ms));
 }

@@ -168,3 +168,37 @@ int fm_modelreg_push(fm_store *st, const fm_config *cfg, const fm_model_upload *
     fm_free(row.manifest_json);
     return rc;
 }
+
+const char *fm_model_status_name(int s)
+{
+    return s == FM_MODEL_APPROVED ? "approved" : s == FM_MODEL_REJECTED ? "rejected" : "pending";
+}
+
+json_t *fm_model_version_json(const fm_model_rec *v, bool with_manifest)
+{
+    char created[40], decided[40];
+    json_t *o = json_pack(
+        "{s:s,s:s,s:s,s:s?,s:s,s:s,s:I,s:s,s:s}", "name", v->name, "version", v->version, "status",
+        fm_model_status_name(v->status), "owner_tenant", v->owner_tenant[0] ? v->owner_tenant : NULL,
+        "format", v->format, "sha256", v->sha256, "size", (json_int_t)v->size, "created_by",
+        v->created_by, "created_at", fm_rfc3339(v->created_ms, created, sizeof created));
+    if (o && v->status != FM_MODEL_PENDING)
+        json_object_set_new(o, "decision",
+                            json_pack("{s:s,s:s,s:s}", "by", v->decided_by, "at",
+                                      fm_rfc3339(v->decided_ms, decided, sizeof decided), "note",
+                                      v->note));
+    if (o && with_manifest && v->manifest_json)
+        json_object_set_new(o, "manifest", json_loads(v->manifest_json, 0, NULL));
+    return o;
+}
+
+json_t *fm_model_alias_json(const fm_model_alias *a)
+{
+    char at[40];
+    json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:s}", "tenant", a->tenant, "alias", a->alias,
+                          "version", a->version, "updated_by", a->updated_by, "updated_at",
+                          fm_rfc3339(a->updated_ms, at, sizeof at));
+    if (o && strcmp(a->alias, FM_ALIAS_CANARY) == 0)
+        json_object_set_new(o, "share_pct", json_integer(a->share_pct));
+    return o;
+}

@@ -3,6 +3,7 @@
  * keeps the broker plugin current, the snapshot file and the CRL.
  */
 #include "registry/registry_int.h"
+#include "fleetml/json.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 
@@ -34,9 +35,31 @@ static int add_serial(void *ud, const char *serial, int status, int64_t when)
     return 0;
 }
 
-static const char *device_status_name(int st)
+const char *fm_device_status_name(int st)
 {
     return st == FM_DEVICE_ACTIVE ? "active" : st == FM_DEVICE_DISABLED ? "disabled" : "revoked";
+}
+
+json_t *fm_template_json(const fm_template *t)
+{
+    return json_pack("{s:s,s:s,s:s,s:s,s:i,s:b,s:i,s:s,s:b,s:s,s:o}", "name", t->name, "tenant",
+                     t->tenant, "group", t->device_group, "device_prefix", t->device_prefix,
+                     "cert_days", t->cert_days, "allow_reprovision", t->allow_reprovision,
+                     "rate_per_min", t->rate_per_min, "status",
+                     t->status == FM_TEMPLATE_ACTIVE ? "active" : "disabled", "has_allowlist",
+                     t->has_allowlist, "hook", t->hook, "created_at", fm_json_time(t->created_ms));
+}
+
+json_t *fm_device_json(fm_store *st, const fm_device *d)
+{
+    fm_presence pr = {0};
+    fm_store_presence_get(st, d->id, &pr);
+    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:s,s:o,s:b,s:o,s:o}", "id", d->id, "tenant",
+                     d->tenant, "status", fm_device_status_name(d->status), "group",
+                     d->device_group, "serial_number", d->serial_number, "model", d->model,
+                     "firmware", d->firmware, "created_at", fm_json_time(d->created_ms),
+                     "online", pr.online, "last_seen", fm_json_time(pr.last_seen_ms),
+                     "cert_expires_at", fm_json_time(pr.cert_expires_ms));
 }
 
 static json_t *device_entry(fm_store *st, const fm_device *d)
@@ -49,7 +72,7 @@ static json_t *device_entry(fm_store *st, const fm_device *d)
         json_decref(certs);
         return NULL;
     }
-    return json_pack("{s:s,s:o}", "status", device_status_name(d->status), "certs", certs);
+    return json_pack("{s:s,s:o}", "status", fm_device_status_name(d->status), "certs", certs);
 }
 
 static json_t *template_entry(fm_store *st, const fm_template *t)

@@ -22,6 +22,10 @@ from helpers import Device, Platform  # noqa: E402
 
 DEFAULT_BIN = "/work/main/build-test/fleetml"
 
+# Every fleetml the tests run aborts if a command parses an option its
+# table (the help) does not list (src/cli/cli.h).
+os.environ["FLEETML_CLI_STRICT"] = "1"
+
 # Devices of the shared platform.  One per test (or per purpose) so that
 # counts "by device" in the database are not disturbed by other tests.
 SHARED_DEVICES = [

@@ -1,0 +1,123 @@
+/*
+ * GET /status on the operations listener: one node at a glance, for
+ * `fleetml status` and for people (docs/operations.md, "Status"). Read-only,
+ * built from what the node already keeps: its health, its metrics, the
+ * store's devices and presence, and its certificates.
+ */
+#include "api/api_int.h"
+#include "fleetml/json.h"
+#include "fleetml/metrics.h"
+#include "fleetml/pki.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Certificates inside this many days of their end are flagged. */
+#define CERT_WARN_DAYS 30
+#define DAY_MS 86400000LL
+
+typedef struct tally {
+    fm_store *st;
+    json_t *tenants; /* {tenant: {"online": n, "offline": n, "disabled": n}} */
+    char last[72];
+    size_t n;
+} tally;
+
+static void bump(json_t *o, const char *key)
+{
+    json_object_set_new(o, key, json_integer(json_integer_value(json_object_get(o, key)) + 1));
+}
+
+static int on_device(void *ud, const fm_device *d)
+{
+    tally *t = ud;
+    t->n++;
+    snprintf(t->last, sizeof t->last, "%s", d->id);
+    json_t *o = json_object_get(t->tenants, d->tenant);
+    if (!o) {
+        o = json_pack("{s:i,s:i,s:i}", "online", 0, "offline", 0, "inactive", 0);
+        json_object_set_new(t->tenants, d->tenant, o);
+    }
+    if (d->status != FM_DEVICE_ACTIVE) {
+        bump(o, "inactive");
+        return 0;
+    }
+    fm_presence pr = {0};
+    fm_store_presence_get(t->st, d->id, &pr);
+    bump(o, pr.online ? "online" : "offline");
+    return 0;
+}
+
+/* {tenant: counts}, or NULL when the store cannot be read. */
+static json_t *devices(fm_store *st)
+{
+    tally t = {.st = st, .tenants = json_object()};
+    for (;;) {
+        size_t before = t.n;
+        if (fm_store_device_page(st, NULL, t.last, 500, on_device, &t) != 0) {
+            json_decref(t.tenants);
+            return NULL;
+        }
+        if (t.n - before < 500)
+            return t.tenants;
+    }
+}
+
+static json_t *cert(const fm_config *cfg, const char *name, int64_t now_ms)
+{
+    char rel[64], path[PATH_MAX], serial[80];
+    snprintf(rel, sizeof rel, "pki/%s.crt", name);
+    char *pem = NULL;
+    size_t len = 0;
+    int64_t end = 0;
+    if (!fm_config_path(cfg, rel, path, sizeof path) || fm_read_file(path, &pem, &len) != 0)
+        return json_pack("{s:s,s:s,s:n,s:n,s:b}", "name", name, "file", rel, "not_after",
+                         "days_left", "warn", 1);
+    int rc = fm_cert_pem_info(pem, len, serial, sizeof serial, NULL, 0, &end);
+    fm_free(pem);
+    if (rc != 0)
+        return json_pack("{s:s,s:s,s:n,s:n,s:b}", "name", name, "file", rel, "not_after",
+                         "days_left", "warn", 1);
+    int64_t days = (end - now_ms) / DAY_MS;
+    return json_pack("{s:s,s:s,s:o,s:I,s:b}", "name", name, "file", rel, "not_after",
+                     fm_json_time(end), "days_left", (json_int_t)days, "warn",
+                     end - now_ms < CERT_WARN_DAYS * DAY_MS);
+}
+
+static json_t *ms_or_null(double seconds)
+{
+    return seconds < 0 ? json_null() : json_real((double)(int64_t)(seconds * 1e6) / 1e3);
+}
+
+json_t *api_status_json(fm_http *h, fm_store *st)
+{
+    fm_health hs = {0};
+    h->health(h->ud, &hs);
+    fm_metrics *m = fm_metrics_get();
+    int64_t now = fm_wall_ms();
+    json_t *devs = st ? devices(st) : NULL;
+    const fm_hist *reply = &m->reply_seconds;
+    json_t *certs = json_array();
+    static const char *const names[] = {"ca", "broker", "service"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        json_array_append_new(certs, cert(&h->cfg, names[i], now));
+    return json_pack(
+        "{s:s,s:s,s:o,s:{s:b,s:i,s:b},s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:{s:o,s:o,s:o,s:o}},"
+        "s:{s:I,s:b,s:I},s:{s:s,s:b},s:b,s:o}",
+        "node", h->cfg.node_id, "version", FM_VERSION, "time", fm_json_time(now), "broker",
+        "up", hs.broker_up != 0, "pid", hs.broker_pid, "mqtt_connected", hs.mqtt_connected != 0,
+        "devices", devs ? devs : json_null(), "pipeline", "queue",
+        (json_int_t)atomic_load(&m->queue_depth), "received",
+        (json_int_t)atomic_load(&m->received), "stored", (json_int_t)atomic_load(&m->stored),
+        "replied", (json_int_t)atomic_load(&m->replied), "duplicates",
+        (json_int_t)atomic_load(&m->duplicates), "commit_failures",
+        (json_int_t)atomic_load(&m->commit_failures), "reply_ms", "p50",
+        ms_or_null(fm_hist_quantile(reply, 0.5)), "p99", ms_or_null(fm_hist_quantile(reply, 0.99)),
+        "p999", ms_or_null(fm_hist_quantile(reply, 0.999)), "max",
+        ms_or_null(atomic_load(&reply->count) ? (double)atomic_load(&reply->max_micro) / 1e6
+                                              : -1),
+        "lake", "backlog", (json_int_t)atomic_load(&m->lake_backlog), "exporting",
+        atomic_load(&m->lake_lease_held) != 0, "errors", (json_int_t)atomic_load(&m->lake_errors),
+        "model", "serving", hs.model, "loaded", hs.model_loaded != 0, "store_ok",
+        hs.store_ok != 0, "certificates", certs);
+}
