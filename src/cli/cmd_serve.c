@@ -283,6 +283,6 @@ const fm_cli_cmd fm_cli_serve_cmds[] = {
              "SIGTERM or SIGINT.",
      .flags = FM_CLI_CONFIG,
      .examples = {"fleetml serve --data /var/lib/fleetml",
-                  "fleetml serve --set http.listen=0.0.0.0:8443 --set log.level=debug"}},
+                  "fleetml serve --set http.listen=0.0.0.0:8443 --set node.log_level=debug"}},
     {.name = NULL},
 };

@@ -22,8 +22,10 @@ const fm_cli_cmd *fm_cli__running_group;
 
 static void strict_check(const char *name)
 {
+    /* --data, --set and help are every command's (help is answered before
+     * a command runs; some parsers still look for it). */
     if (!fm_cli__running_group || !getenv("FLEETML_CLI_STRICT") || strcmp(name, "--data") == 0 ||
-        strcmp(name, "--set") == 0)
+        strcmp(name, "--set") == 0 || strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0)
         return;
     for (const fm_cli_cmd *c = fm_cli__running_group; c->name; c++)
         for (size_t i = 0; i < FM_CLI_OPTS_MAX && c->opts[i].name; i++)

@@ -41,7 +41,7 @@ static const group groups[] = {
 /* The options every command taking FM_CLI_CONFIG accepts, and help. */
 static const fm_cli_opt config_opts[] = {
     {"--data", "DIR", "the data directory (default ./var)"},
-    {"--set", "KEY=VALUE", "override a setting, e.g. --set log.level=debug (repeatable)"},
+    {"--set", "KEY=VALUE", "override a setting, e.g. --set node.log_level=debug (repeatable)"},
 };
 static const fm_cli_opt help_opt = {"--help", NULL, "show this help and exit (also -h)"};
 
