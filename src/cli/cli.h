@@ -89,6 +89,11 @@ int fm_cmd_model_train_lake(int argc, char **argv);
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* A progress line on stderr, "[####    ]  40% what", redrawn in place;
+ * percent 100 ends it with a new line. Only when stderr is a terminal:
+ * otherwise (logs, pipes, scripts) nothing is printed. */
+void fm_cli_progress(const char *what, int percent);
+
 struct json_t;
 /* Prints doc (taken) as indented JSON on stdout, one document. Returns 0,
  * or 1 when doc is NULL or cannot be encoded. */

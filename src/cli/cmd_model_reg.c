@@ -287,12 +287,7 @@ int fm_cmd_model_deploy(int argc, char **argv)
 static void show_progress(void *ud, const char *phase, int pct)
 {
     (void)ud;
-    int bar = pct / 5;
-    fprintf(stderr, "\r[%.*s%*s] %3d%% %-24s", bar, "####################", 20 - bar, "", pct,
-            phase);
-    if (pct >= 100)
-        fprintf(stderr, "\n");
-    fflush(stderr);
+    fm_cli_progress(phase, pct);
 }
 
 int fm_cmd_model_train_lake(int argc, char **argv)
@@ -328,7 +323,7 @@ int fm_cmd_model_train_lake(int argc, char **argv)
     fm_lake_train_report r;
     rc = fm_model_train_lake(&cfg, st, &o, &r, &err);
     if (rc) {
-        fprintf(stderr, "\nfleetml model train: %s\n", err.msg);
+        fprintf(stderr, "fleetml model train: %s\n", err.msg);
         fm_model_free(base);
         fm_store_close(st);
         return 1;

@@ -64,6 +64,8 @@
  * bottleneck the ramp slows down instead of piling up handshakes that then
  * hit the connect timeout. */
 #define MAX_CONNECTING 256
+/* How often the ramp-up's progress line is redrawn (terminals only). */
+#define RAMP_SHOW_NS (200 * 1000 * 1000ull)
 /* Wake-up granularity while the ramp or the drain runs. */
 #define RAMP_WAKE_MS 5
 #define DRAIN_CHECK_NS (20 * NS_PER_MS)
@@ -856,6 +858,7 @@ static int run_loop(struct sim *s)
     }
     s->sending = true;
 
+    uint64_t next_ramp_shown = 0;
     for (;;) {
         uint64_t now = fm_mono_ns();
         if (s->sending && (signals_seen > 0 || now >= end)) {
@@ -877,8 +880,17 @@ static int run_loop(struct sim *s)
         int rc = ramp(s, now, &next_connect);
         if (rc != 0)
             return rc;
-        if (!s->all_connected_ns && s->n_ready == s->n_devices)
+        /* Ramp-up on a terminal: how many devices are connected so far. */
+        if (!s->json && !s->all_connected_ns && now >= next_ramp_shown) {
+            fm_cli_progress("devices connected",
+                            (int)((uint64_t)s->n_ready * 100 / s->n_devices));
+            next_ramp_shown = now + RAMP_SHOW_NS;
+        }
+        if (!s->all_connected_ns && s->n_ready == s->n_devices) {
             s->all_connected_ns = now;
+            if (!s->json)
+                fm_cli_progress("devices connected", 100);
+        }
 
         rc = run_timers(s, now);
         if (rc != 0)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void drop(int *argc, char **argv, int i, int n)
 {
@@ -141,4 +142,20 @@ int fm_cli_print_json(json_t *doc)
     printf("%s\n", text);
     free(text);
     return 0;
+}
+
+void fm_cli_progress(const char *what, int pct)
+{
+    static int tty = -1;
+    if (tty < 0)
+        tty = isatty(STDERR_FILENO);
+    if (!tty)
+        return;
+    pct = pct < 0 ? 0 : pct > 100 ? 100 : pct;
+    int bar = pct / 5;
+    fprintf(stderr, "\r[%.*s%*s] %3d%% %-32.32s", bar, "####################", 20 - bar, "", pct,
+            what);
+    if (pct == 100)
+        fputc('\n', stderr);
+    fflush(stderr);
 }

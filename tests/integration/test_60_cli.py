@@ -21,6 +21,34 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "src" / "cli"
 
 
+def run_on_tty(cmd, timeout=60):
+    """Runs cmd with a pseudo-terminal as stdin, stdout and stderr; returns
+    what it wrote."""
+    import pty
+    import select
+    import time
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        os.chdir(ROOT)
+        os.execv(cmd[0], [str(c) for c in cmd])
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, out)
+    return out.decode(errors="replace")
+
+
 def run(fm_bin, *args, data=None, check=None, stdin=None, cwd=None):
     cmd = [fm_bin, *args] + (["--data", str(data)] if data else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, input=stdin,
@@ -238,6 +266,14 @@ def test_status_of_a_running_node(fm_bin, module_platform):
         assert "demo-hospital:" in text and "online" in text and "certs" in text
     finally:
         d.close()
+    # Progress: a line redrawn on a terminal, nothing when output is a pipe.
+    sim = ["sim", "--devices", "2", "--rate", "2", "--duration", "2", "--provision",
+           "--prefix", "stat-sim", "--data", str(p.data)]
+    on_tty = run_on_tty([fm_bin, *sim])
+    assert "devices connected" in on_tty and "100%" in on_tty, on_tty
+    piped = run(fm_bin, *sim, check=0)
+    assert "devices connected" not in piped.stdout + piped.stderr
+    assert "ok=" in piped.stdout
     # No node: a clear failure, exit 1.
     r = run(fm_bin, "status", "--url", "http://127.0.0.1:9", check=1)
     assert "no node answers" in r.stderr
