@@ -253,6 +253,7 @@ typedef struct fm_presence {
     int64_t changed_ms;   /* last online/offline change (0: never seen) */
     int64_t last_seen_ms; /* max(changed_ms, newest measurement received_ms) */
     int64_t cert_expires_ms; /* latest not-after of its active certificates (0: none) */
+    char node[65];        /* the node whose broker reported the state ("" unknown) */
 } fm_presence;
 
 /* One presence change, as fm_store_presence_changes reports it (borrowed

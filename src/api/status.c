@@ -18,6 +18,8 @@
 
 typedef struct tally {
     fm_store *st;
+    const char *node;
+    int64_t here; /* devices connected to this node's broker */
     json_t *tenants; /* {tenant: {"online": n, "offline": n, "disabled": n}} */
     char last[72];
     size_t n;
@@ -45,21 +47,26 @@ static int on_device(void *ud, const fm_device *d)
     fm_presence pr = {0};
     fm_store_presence_get(t->st, d->id, &pr);
     bump(o, pr.online ? "online" : "offline");
+    if (pr.online && strcmp(pr.node, t->node) == 0)
+        t->here++;
     return 0;
 }
 
-/* {tenant: counts}, or NULL when the store cannot be read. */
-static json_t *devices(fm_store *st)
+/* {tenant: counts}, or NULL when the store cannot be read; *here the
+ * devices connected to this node's broker. */
+static json_t *devices(fm_store *st, const char *node, int64_t *here)
 {
-    tally t = {.st = st, .tenants = json_object()};
+    tally t = {.st = st, .node = node, .tenants = json_object()};
     for (;;) {
         size_t before = t.n;
         if (fm_store_device_page(st, NULL, t.last, 500, on_device, &t) != 0) {
             json_decref(t.tenants);
             return NULL;
         }
-        if (t.n - before < 500)
+        if (t.n - before < 500) {
+            *here = t.here;
             return t.tenants;
+        }
     }
 }
 
@@ -95,17 +102,19 @@ json_t *api_status_json(fm_http *h, fm_store *st)
     h->health(h->ud, &hs);
     fm_metrics *m = fm_metrics_get();
     int64_t now = fm_wall_ms();
-    json_t *devs = st ? devices(st) : NULL;
+    int64_t here = 0;
+    json_t *devs = st ? devices(st, h->cfg.node_id, &here) : NULL;
     const fm_hist *reply = &m->reply_seconds;
     json_t *certs = json_array();
     static const char *const names[] = {"ca", "broker", "service"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         json_array_append_new(certs, cert(&h->cfg, names[i], now));
     return json_pack(
-        "{s:s,s:s,s:o,s:{s:b,s:i,s:b},s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:{s:o,s:o,s:o,s:o}},"
+        "{s:s,s:s,s:o,s:{s:b,s:i,s:I,s:b},s:o,s:{s:I,s:I,s:I,s:I,s:I,s:I,s:{s:o,s:o,s:o,s:o}},"
         "s:{s:I,s:b,s:I},s:{s:s,s:b},s:b,s:o}",
         "node", h->cfg.node_id, "version", FM_VERSION, "time", fm_json_time(now), "broker",
-        "up", hs.broker_up != 0, "pid", hs.broker_pid, "mqtt_connected", hs.mqtt_connected != 0,
+        "up", hs.broker_up != 0, "pid", hs.broker_pid, "devices_connected", (json_int_t)here,
+        "mqtt_connected", hs.mqtt_connected != 0,
         "devices", devs ? devs : json_null(), "pipeline", "queue",
         (json_int_t)atomic_load(&m->queue_depth), "received",
         (json_int_t)atomic_load(&m->received), "stored", (json_int_t)atomic_load(&m->stored),

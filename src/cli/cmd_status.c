@@ -95,6 +95,7 @@ static void print_status(json_t *s)
         printf("broker     DOWN");
     if (num(br, "pid") > 0)
         printf(", pid %lld", num(br, "pid"));
+    printf(", %lld devices connected to it", num(br, "devices_connected"));
     printf("; service %s to it\n",
            json_is_true(json_object_get(br, "mqtt_connected")) ? "connected" : "NOT connected");
     printf("store      %s\n", json_is_true(json_object_get(s, "store_ok")) ? "ok" : "FAILING");

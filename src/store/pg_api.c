@@ -159,6 +159,7 @@ static int a_presence_get(fm_store *base, const char *device_id, fm_presence *ou
     int64_t newest = pg__int(r, 0, 2);
     out->last_seen_ms = newest > out->changed_ms ? newest : out->changed_ms;
     out->cert_expires_ms = pg__int(r, 0, 3);
+    pg__copy(out->node, sizeof out->node, r, 0, 4);
     PQclear(r);
     return 0;
 }

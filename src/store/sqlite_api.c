@@ -166,6 +166,7 @@ int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
         int64_t newest = sqlite3_column_int64(st, 2);
         out->last_seen_ms = newest > out->changed_ms ? newest : out->changed_ms;
         out->cert_expires_ms = sqlite3_column_int64(st, 3);
+        sql__copy_col(out->node, sizeof out->node, st, 4);
     }
     sqlite3_finalize(st);
     return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);

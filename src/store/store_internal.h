@@ -21,7 +21,8 @@ int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
     "SELECT (SELECT online FROM device_presence WHERE device_id = " id "),"                       \
     " (SELECT changed_ms FROM device_presence WHERE device_id = " id "),"                         \
     " (SELECT max(received_ms) FROM measurements WHERE device_id = " id "),"                      \
-    " (SELECT max(not_after_ms) FROM certs WHERE device_id = " id " AND status IN (0, 1))"
+    " (SELECT max(not_after_ms) FROM certs WHERE device_id = " id " AND status IN (0, 1)),"      \
+    " (SELECT node FROM device_presence WHERE device_id = " id ")"
 
 /* Presence changes after a rev, with the device's tenant. */
 #define SQL_PRESENCE_CHANGES(after, limit)                                                         \

@@ -254,6 +254,7 @@ def test_status_of_a_running_node(fm_bin, module_platform):
                  msg="the device online in status")
         s = status()
         assert s["node"] == "it-clistat" and s["broker"]["up"] is True
+        assert s["broker"]["devices_connected"] >= 1 and s["broker"]["pid"] > 0
         assert s["devices"]["demo-hospital"]["online"] + \
             s["devices"]["demo-hospital"]["offline"] >= 2
         assert s["pipeline"]["replied"] >= 1 and s["pipeline"]["commit_failures"] == 0
