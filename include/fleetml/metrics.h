@@ -92,6 +92,19 @@ void fm_hist_observe(fm_hist *h, double v);
  * upper bound of the bucket holding it, never above the largest
  * observation. -1 when h observed nothing. */
 double fm_hist_quantile(const fm_hist *h, double q);
+
+/* A histogram's bucket counts at one moment, so that quantiles of a recent
+ * window are the difference of two snapshots. */
+typedef struct fm_hist_snap {
+    uint64_t counts[FM_HIST_BUCKETS + 1];
+    uint64_t count;
+} fm_hist_snap;
+void fm_hist_snap_take(const fm_hist *h, fm_hist_snap *out);
+/* The q-quantile of what h observed between older and newer (taken in that
+ * order), as fm_hist_quantile estimates it; the +Inf bucket reads as the
+ * largest observation since start. -1 when nothing was observed between. */
+double fm_hist_snap_quantile(const fm_hist *h, const fm_hist_snap *older,
+                             const fm_hist_snap *newer, double q);
 /* Observes the nanoseconds from start_ns to now (fm_mono_ns) on stage s. */
 void fm_stage_observe(enum fm_stage s, uint64_t start_ns);
 /* The stage's label value ("queue", ...); "" when out of range. */

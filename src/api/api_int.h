@@ -7,6 +7,7 @@
 #include "fleetml/auth.h"
 #include "fleetml/json.h"
 #include "fleetml/model.h"
+#include "fleetml/metrics.h"
 #include "fleetml/store.h"
 #include "fleetml/thread.h"
 
@@ -57,6 +58,12 @@ struct fm_http {
     /* The edge thread cuts slow connections; its lock guards conns and
      * inflight. */
     fm_thread edge;
+    /* Snapshots of fleetml_reply_seconds every STATUS_SNAP_S (the edge
+     * thread takes them, under its lock), so /status shows the latency of
+     * the last minute rather than since start. */
+    fm_hist_snap reply_snaps[8];
+    uint64_t reply_snap_ns[8];
+    int reply_nsnaps, reply_snap_next;
     struct conn_track *conns;
     struct addr_count *inflight;
     size_t ninflight, inflight_cap;
@@ -178,6 +185,9 @@ json_t *api_record_json(const fm_record *rec, bool full);
  * pipeline counters and reply latency since start, lake, model and
  * certificate ends. New reference. */
 json_t *api_status_json(fm_http *h, fm_store *st);
+/* Takes a reply-latency snapshot when the last is STATUS_SNAP_S old; the
+ * edge thread calls it with its lock held. */
+void api_status_tick(fm_http *h, uint64_t now_ns);
 
 /* ---- live measurements (stream.c) ------------------------------------------
  * GET /devices/{id}/events: Server-Sent Events of the device's new

@@ -823,6 +823,7 @@ static void *edge_main(void *arg)
     fm_thread_lock(&h->edge);
     while (!fm_thread_should_stop(&h->edge)) {
         edge_reap(h, fm_mono_ns());
+        api_status_tick(h, fm_mono_ns());
         fm_thread_wait_ns(&h->edge, EDGE_TICK_NS);
     }
     fm_thread_unlock(&h->edge);

@@ -125,8 +125,9 @@ static void print_status(json_t *s)
     latency("p50", json_object_get(rm, "p50"));
     latency("p99", json_object_get(rm, "p99"));
     latency("p99.9", json_object_get(rm, "p999"));
-    latency("max", json_object_get(rm, "max"));
-    printf(" (since the node started)\n");
+    printf(" over the last %.0f s;", json_number_value(json_object_get(rm, "window_s")));
+    latency("slowest since start", json_object_get(rm, "max_since_start"));
+    printf("\n");
     printf("lake       backlog %lld rows, %s, %lld errors\n", num(lk, "backlog"),
            json_is_true(json_object_get(lk, "exporting")) ? "exported by this node"
                                                           : "exported by another node",

@@ -86,9 +86,19 @@ void fm_hist_observe(fm_hist *h, double v)
         ;
 }
 
-double fm_hist_quantile(const fm_hist *h, double q)
+void fm_hist_snap_take(const fm_hist *h, fm_hist_snap *out)
 {
-    uint64_t n = atomic_load(&h->count);
+    out->count = 0;
+    for (int i = 0; i <= FM_HIST_BUCKETS; i++) {
+        out->counts[i] = atomic_load(&h->counts[i]);
+        out->count += out->counts[i];
+    }
+}
+
+double fm_hist_snap_quantile(const fm_hist *h, const fm_hist_snap *older,
+                             const fm_hist_snap *newer, double q)
+{
+    uint64_t n = newer->count - (older ? older->count : 0);
     if (n == 0 || !h->bounds)
         return -1;
     double max = (double)atomic_load(&h->max_micro) / 1e6;
@@ -97,11 +107,18 @@ double fm_hist_quantile(const fm_hist *h, double q)
         want++;
     uint64_t cum = 0;
     for (int i = 0; i < FM_HIST_BUCKETS; i++) {
-        cum += atomic_load(&h->counts[i]);
+        cum += newer->counts[i] - (older ? older->counts[i] : 0);
         if (cum >= want)
             return h->bounds[i] < max ? h->bounds[i] : max;
     }
     return max;
+}
+
+double fm_hist_quantile(const fm_hist *h, double q)
+{
+    fm_hist_snap now;
+    fm_hist_snap_take(h, &now);
+    return fm_hist_snap_quantile(h, NULL, &now, q);
 }
 
 static void counter(fm_strbuf *b, const char *name, const char *help, uint64_t v)

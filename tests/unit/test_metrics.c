@@ -60,6 +60,41 @@ static void test_drift_series(void **state)
 }
 
 /* Every sample line is `name[{labels}] value` and every name has a TYPE. */
+/* Quantiles from the buckets, over everything or between two snapshots. */
+static void test_hist_quantiles(void **state)
+{
+    (void)state;
+    static const double bounds[FM_HIST_BUCKETS] = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                                                   0.1,   0.2,   0.5,   1,    2,    5,
+                                                   10,    20,    50,    100};
+    static fm_hist h; /* zeroed: atomics start at 0 */
+    h.bounds = bounds;
+    assert_true(fm_hist_quantile(&h, 0.5) < 0); /* nothing observed */
+    for (int i = 0; i < 98; i++)
+        fm_hist_observe(&h, 0.0015); /* bucket <= 0.002 */
+    fm_hist_observe(&h, 0.03);       /* <= 0.05 */
+    fm_hist_observe(&h, 0.3);        /* <= 0.5, the largest */
+    assert_true(fm_hist_quantile(&h, 0.5) == 0.002);
+    assert_true(fm_hist_quantile(&h, 0.99) == 0.05);
+    /* Never above the largest observation: the top bucket's bound is 0.5. */
+    assert_true(fm_hist_quantile(&h, 1.0) == 0.3);
+    fm_hist_snap a, b;
+    fm_hist_snap_take(&h, &a);
+    assert_int_equal(a.count, 100);
+    assert_true(fm_hist_snap_quantile(&h, &a, &a, 0.5) < 0); /* an empty window */
+    for (int i = 0; i < 10; i++)
+        fm_hist_observe(&h, 0.008); /* <= 0.01 */
+    fm_hist_snap_take(&h, &b);
+    /* The window holds only the new observations; over all, p50 is still
+     * the old ones'. */
+    assert_true(fm_hist_snap_quantile(&h, &a, &b, 0.5) == 0.01);
+    assert_true(fm_hist_snap_quantile(&h, &a, &b, 0.99) == 0.01);
+    assert_true(fm_hist_snap_quantile(&h, NULL, &b, 0.5) == 0.002);
+    fm_hist_observe(&h, 500); /* +Inf bucket: reads as the largest */
+    fm_hist_snap_take(&h, &a);
+    assert_true(fm_hist_snap_quantile(&h, &b, &a, 0.5) == 500);
+}
+
 static void test_page_format(void **state)
 {
     (void)state;
@@ -80,6 +115,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_drift_series),
         cmocka_unit_test(test_page_format),
+        cmocka_unit_test(test_hist_quantiles),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
