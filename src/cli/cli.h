@@ -84,6 +84,9 @@ int fm_cmd_model_decide(int argc, char **argv, int status);
 int fm_cmd_model_deploy(int argc, char **argv);
 int fm_cmd_model_train_lake(int argc, char **argv);
 
+/* Prints the synopsis of cmd (from its table) and "see 'fleetml help
+ * <cmd>'" on stderr. */
+void fm_cli_usage(const char *cmd);
 /* Prints "fleetml <cmd>: <message>" and "see 'fleetml help <cmd>'" on
  * stderr; returns 2 (a usage error). cmd names the (sub)command. */
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...)

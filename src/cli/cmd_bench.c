@@ -215,15 +215,12 @@ static int bench_function(int argc, char **argv)
     const char *event_file = fm_cli_take_opt(&argc, argv, "--event");
     const char *pause_opt = fm_cli_take_opt(&argc, argv, "--pause-us");
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml bench function DIR [--n N] [--starts K] [--event FILE]"
-                        " [--pause-us U]\n");
-        return 2;
+        return fm_cli_usage_error("bench function", "name one function directory");
     }
     long n = n_opt ? strtol(n_opt, NULL, 10) : 5000;
     long starts = starts_opt ? strtol(starts_opt, NULL, 10) : 10;
     if (n < 10 || n > 10000000 || starts < 1 || starts > 1000) {
-        fprintf(stderr, "fleetml bench function: --n 10.. and --starts 1..1000\n");
-        return 2;
+        return fm_cli_usage_error("bench function", "--n 10.. and --starts 1..1000");
     }
     char dir[PATH_MAX], path[PATH_MAX + 16], command[PATH_MAX];
     if (!realpath(argv[1], dir)) {
@@ -307,10 +304,7 @@ int fm_cmd_bench(int argc, char **argv)
         return bench_pipeline(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "function") == 0)
         return bench_function(argc - 1, argv + 1);
-    fprintf(stderr, "usage: fleetml bench pipeline [--n N] [--set pipeline.workers=K]\n"
-                    "       fleetml bench function DIR [--n N] [--starts K]\n"
-                    "  (the end-to-end benchmark against a broker is `make bench`)\n");
-    return 2;
+    return fm_cli_usage_error("bench", "name a benchmark: pipeline or function");
 }
 
 const fm_cli_cmd fm_cli_bench_cmds[] = {

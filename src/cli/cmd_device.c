@@ -42,8 +42,9 @@ static int device_add(int argc, char **argv)
     if (!tenant)
         tenant = "demo-hospital";
     if (argc != 2 || (group && (strlen(group) > 64 || strpbrk(group, " \t\r\n\"\\")))) {
-        fprintf(stderr, "usage: fleetml device add <id> [--tenant T] [--group G] [--data DIR]\n");
-        return 2;
+        return fm_cli_usage_error("device add", argc != 2 ? "name one device id"
+                                                          : "--group: at most 64 characters, no "
+                                                            "blanks, quotes or backslashes");
     }
     const char *id = argv[1];
     if (!fm_device_id_valid(id)) {
@@ -119,8 +120,8 @@ static int device_status(int argc, char **argv, int status)
     if (rc)
         return rc;
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml device %s <id> [--data DIR]\n", argv[0]);
-        return 2;
+        return fm_cli_usage_error(status == FM_DEVICE_DISABLED ? "device disable" : "device enable",
+                                  "name one device");
     }
     fm_errbuf err;
     fm_store *st;
@@ -142,8 +143,7 @@ static int device_revoke(int argc, char **argv)
     if (rc)
         return rc;
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml device revoke <id> [--data DIR]\n");
-        return 2;
+        return fm_cli_usage_error("device revoke", "name one device");
     }
     fm_errbuf err;
     fm_store *st = NULL;
@@ -189,8 +189,7 @@ static int device_shadow(int argc, char **argv)
         return rc;
     const char *desired = fm_cli_take_opt(&argc, argv, "--desired");
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml device shadow <id> [--desired JSON] [--data DIR]\n");
-        return 2;
+        return fm_cli_usage_error("device shadow", "name one device");
     }
     json_t *patch = NULL;
     if (desired) {

@@ -187,16 +187,7 @@ static void on_shadow(void *ud, enum fm_shadow_kind kind, const char *json, size
     json_decref(doc);
 }
 
-static void usage(void)
-{
-    fprintf(stderr,
-            "usage: fleetml device run <id> [--state DIR (default <data>/devices/<id>)]\n"
-            "       fleetml device run --claim <template> --serial <S> [--state DIR (default <data>/sim/<S>)]\n"
-            "  common: [--data DIR] [--set k=v] [--count N (0 = forever)] [--interval SECONDS (default 5)]\n"
-            "          [--seed S] [--timeout SECONDS (result wait per attempt, default 10)]\n"
-            "          [--outbox-max N (entries, default %d)] [--drop-oldest]\n",
-            FM_OUTBOX_DEFAULT_MAX_ENTRIES);
-}
+static void usage(void) { fm_cli_usage("device run"); }
 
 #define USAGE_ERR(...)                                                                             \
     do {                                                                                           \

@@ -53,8 +53,7 @@ int fm_cmd_init(int argc, char **argv)
     if (rc)
         return rc;
     if (argc > 1) {
-        fprintf(stderr, "usage: fleetml init [--data DIR] [--set section.key=value]...\n");
-        return 2;
+        return fm_cli_usage_error("init", "unexpected argument '%s'", argv[1]);
     }
     char path[PATH_MAX], ca_key[PATH_MAX], ca_crt[PATH_MAX];
     fm_errbuf err;

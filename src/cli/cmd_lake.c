@@ -13,18 +13,6 @@
 #include <string.h>
 #include <time.h>
 
-static int usage(void)
-{
-    fprintf(stderr,
-            "usage: fleetml lake flush [--data DIR]\n"
-            "         export everything committed to the lake now (while `fleetml serve` is\n"
-            "         stopped; serve exports by itself)\n"
-            "       fleetml lake check [--bytes N] [--data DIR]\n"
-            "         put an object of N random bytes (default 1024; on S3, above\n"
-            "         lake.s3_part_bytes it goes up in parts), list it, read it back, delete it\n");
-    return 2;
-}
-
 static int check(const fm_config *cfg, int argc, char **argv)
 {
     size_t bytes = 1024;
@@ -33,10 +21,10 @@ static int check(const fm_config *cfg, int argc, char **argv)
         if (strcmp(argv[i], "--bytes") == 0 && i + 1 < argc) {
             unsigned long long v = strtoull(argv[++i], &end, 10);
             if (*end || v == 0 || v > (1ull << 32))
-                return usage();
+                return fm_cli_usage_error("lake check", "--bytes expects 1..4294967296");
             bytes = (size_t)v;
         } else {
-            return usage();
+            return fm_cli_usage_error("lake check", "unexpected argument '%s'", argv[i]);
         }
     }
     fm_lake_check_report r;
@@ -126,7 +114,7 @@ int fm_cmd_lake(int argc, char **argv)
     if (argc >= 2 && strcmp(argv[1], "check") == 0)
         return check(&cfg, argc, argv);
     if (argc != 2 || strcmp(argv[1], "flush") != 0)
-        return usage();
+        return fm_cli_usage_error("lake", "name flush or check");
     return flush(&cfg);
 }
 

@@ -18,23 +18,6 @@
 #define DEFAULT_SEED UINT64_C(20261126)
 #define DEFAULT_ROWS 20000
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: fleetml model train --synthetic [--out DIR] [--seed N] [--rows N] "
-               "[--holdout N]\n"
-               "       fleetml model train --from-lake --version V [--tenant T] [--from TIME]"
-               " [--to TIME]\n"
-               "                           register a version trained on labelled measurements\n"
-               "       fleetml model info [--dir DIR]\n"
-               "       fleetml model push DIR              register a version (pending)\n"
-               "       fleetml model versions [NAME]       versions and deployments\n"
-               "       fleetml model approve|reject NAME VERSION [--note TEXT]\n"
-               "       fleetml model deploy NAME VERSION --tenant T [--alias production|canary]"
-               " [--share PCT]\n"
-               "       (push, versions, approve, reject and deploy take --data DIR)\n"
-               "defaults: DIR %s, seed %" PRIu64 ", rows %d, holdout rows/5\n",
-            DEFAULT_DIR, DEFAULT_SEED, DEFAULT_ROWS);
-}
 
 static int parse_u64(const char *opt, const char *s, uint64_t *out)
 {
@@ -54,17 +37,11 @@ static int cmd_train(int argc, char **argv)
     const char *seed_s = fm_cli_take_opt(&argc, argv, "--seed");
     const char *rows_s = fm_cli_take_opt(&argc, argv, "--rows");
     const char *hold_s = fm_cli_take_opt(&argc, argv, "--holdout");
-    if (argc > 1) {
-        fprintf(stderr, "fleetml model train: unexpected argument '%s'\n", argv[1]);
-        usage(stderr);
-        return 2;
-    }
-    if (!synthetic) {
-        fprintf(stderr, "fleetml model train: say where the data comes from: --synthetic or "
-                        "--from-lake\n");
-        usage(stderr);
-        return 2;
-    }
+    if (argc > 1)
+        return fm_cli_usage_error("model train", "unexpected argument '%s'", argv[1]);
+    if (!synthetic)
+        return fm_cli_usage_error("model train",
+                                  "say where the data comes from: --synthetic or --from-lake");
     uint64_t seed = DEFAULT_SEED, rows = DEFAULT_ROWS, hold;
     if ((seed_s && parse_u64("--seed", seed_s, &seed)) ||
         (rows_s && parse_u64("--rows", rows_s, &rows)))
@@ -116,11 +93,8 @@ static int cmd_info(int argc, char **argv)
 {
     const char *dir = fm_cli_take_opt(&argc, argv, "--dir");
     bool as_json = fm_cli_take_flag(&argc, argv, "--json");
-    if (argc > 1) {
-        fprintf(stderr, "fleetml model info: unexpected argument '%s'\n", argv[1]);
-        usage(stderr);
-        return 2;
-    }
+    if (argc > 1)
+        return fm_cli_usage_error("model info", "unexpected argument '%s'", argv[1]);
     if (!dir)
         dir = DEFAULT_DIR;
 
@@ -182,10 +156,8 @@ static int cmd_info(int argc, char **argv)
 
 int fm_cmd_model(int argc, char **argv)
 {
-    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
-        usage(argc < 2 ? stderr : stdout);
-        return argc < 2 ? 2 : 0;
-    }
+    if (argc < 2)
+        return fm_cli_usage_error("model", "name a subcommand");
     if (strcmp(argv[1], "train") == 0)
         return cmd_train(argc - 1, argv + 1);
     if (strcmp(argv[1], "info") == 0)
@@ -200,9 +172,7 @@ int fm_cmd_model(int argc, char **argv)
         return fm_cmd_model_decide(argc - 1, argv + 1, FM_MODEL_REJECTED);
     if (strcmp(argv[1], "deploy") == 0)
         return fm_cmd_model_deploy(argc - 1, argv + 1);
-    fprintf(stderr, "fleetml model: unknown subcommand '%s'\n", argv[1]);
-    usage(stderr);
-    return 2;
+    return fm_cli_usage_error("model", "unknown subcommand '%s'", argv[1]);
 }
 
 const fm_cli_cmd fm_cli_model_cmds[] = {
@@ -216,9 +186,9 @@ const fm_cli_cmd fm_cli_model_cmds[] = {
      .flags = FM_CLI_CONFIG,
      .opts = {{"--synthetic", NULL, "train on simulated sweeps"},
               {"--out", "DIR", "where the model goes (--synthetic; default models/viscosity)"},
-              {"--seed", "N", "the simulation's seed (--synthetic)"},
-              {"--rows", "N", "training rows (--synthetic)"},
-              {"--holdout", "N", "held-out rows for the metrics (--synthetic)"},
+              {"--seed", "N", "the simulation's seed (--synthetic; default 20261126)"},
+              {"--rows", "N", "training rows (--synthetic; default 20000)"},
+              {"--holdout", "N", "held-out rows for the metrics (--synthetic; default rows/5)"},
               {"--from-lake", NULL, "train on the lake's labelled measurements"},
               {"--version", "V", "the version to register (--from-lake)"},
               {"--tenant", "T", "only this tenant's labels (--from-lake)"},

@@ -47,12 +47,8 @@ int fm_cmd_model_push(int argc, char **argv)
     if (rc)
         return rc;
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml model push DIR [--manifest FILE] [--data DIR]\n"
-                        "  DIR holds manifest.json and model.json (or model.ubj), or is an\n"
-                        "  MLflow model directory (MLmodel with the xgboost flavour; the\n"
-                        "  manifest from DIR/manifest.json or --manifest)\n");
         fm_store_close(st);
-        return 2;
+        return fm_cli_usage_error("model push", "name one model directory");
     }
     char path[4096];
     char *manifest = NULL, *file = NULL, *mlmodel = NULL;
@@ -209,9 +205,9 @@ int fm_cmd_model_decide(int argc, char **argv, int status)
     if (rc)
         return rc;
     if (argc != 3) {
-        fprintf(stderr, "usage: fleetml model %s NAME VERSION [--note TEXT] [--data DIR]\n", what);
         fm_store_close(st);
-        return 2;
+        return fm_cli_usage_error(status == FM_MODEL_APPROVED ? "model approve" : "model reject",
+                                  "name the model and the version");
     }
     fm_errbuf err;
     rc = st->models->version_decide(st, argv[1], argv[2], status, ACTOR, note ? note : "",
@@ -247,11 +243,10 @@ int fm_cmd_model_deploy(int argc, char **argv)
     bool canary = strcmp(alias, FM_ALIAS_CANARY) == 0;
     if (argc != (remove ? 2 : 3) || !tenant || !fm_modelreg_alias_valid(alias) ||
         (share_s && (!canary || fm_cli_parse_u64(share_s, 100, &share) != 0 || share == 0))) {
-        fprintf(stderr, "usage: fleetml model deploy NAME VERSION --tenant T "
-                        "[--alias production|canary] [--share 1..100] [--data DIR]\n"
-                        "       fleetml model deploy NAME --remove --tenant T [--alias A]\n");
         fm_store_close(st);
-        return 2;
+        return fm_cli_usage_error("model deploy",
+                                  "NAME VERSION --tenant T, or NAME --remove --tenant T; --alias "
+                                  "production, canary or shadow; --share 1..100 for a canary");
     }
     fm_model_alias a = {.share_pct = canary ? (int)share : 100, .updated_ms = fm_wall_ms()};
     snprintf(a.tenant, sizeof a.tenant, "%s", tenant);
@@ -305,10 +300,10 @@ int fm_cmd_model_train_lake(int argc, char **argv)
                             .actor = ACTOR, .progress = show_progress};
     if (argc != 1 || !version || (from && fm_rfc3339_parse(from, &o.from_ms) != 0) ||
         (to && fm_rfc3339_parse(to, &o.to_ms) != 0)) {
-        fprintf(stderr, "usage: fleetml model train --from-lake --version V [--tenant T] "
-                        "[--from RFC3339] [--to RFC3339] [--data DIR]\n");
         fm_store_close(st);
-        return 2;
+        return fm_cli_usage_error("model train",
+                                  "--from-lake needs --version V; --from and --to are RFC 3339 "
+                                  "times");
     }
     fm_model *base = NULL;
     fm_errbuf err;

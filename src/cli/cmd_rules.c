@@ -144,17 +144,17 @@ int fm_cmd_rules(int argc, char **argv)
         return 2;
     }
     if (!list && !put && !del && !log && !replay) {
-        fprintf(stderr, "usage: fleetml rules list [--tenant T] [--json]\n"
-                        "       fleetml rules put FILE|- --tenant T\n"
-                        "       fleetml rules delete NAME --tenant T\n"
-                        "       fleetml rules log NAME --tenant T\n"
-                        "       fleetml rules replay NAME --tenant T --from TIME\n"
-                        "  (docs/functions.md: events, rules, targets)\n");
-        return 2;
+        char name[32];
+        snprintf(name, sizeof name, "rules %s", *sub ? sub : "");
+        return fm_cli_usage_error(*sub ? name : "rules",
+                                  strcmp(sub, "replay") == 0 && argc == 3
+                                      ? "--from TIME is required"
+                                      : "wrong number of arguments");
     }
     if (!list && !tenant) {
-        fprintf(stderr, "fleetml rules %s: --tenant is required\n", sub);
-        return 2;
+        char name[32];
+        snprintf(name, sizeof name, "rules %s", sub);
+        return fm_cli_usage_error(name, "--tenant is required");
     }
     fm_errbuf err;
     fm_store *st;
@@ -279,9 +279,9 @@ int fm_cmd_function(int argc, char **argv)
     }
     if (argc == 3 && strcmp(argv[1], "call") == 0)
         return function_call(&cfg, argv[2]);
-    fprintf(stderr, "usage: fleetml function list       start every function of <data>/functions\n"
-                    "       fleetml function call NAME  one call with the event on stdin\n");
-    return 2;
+    return fm_cli_usage_error(argc >= 2 && strcmp(argv[1], "call") == 0 ? "function call"
+                                                                        : "function list",
+                              "wrong number of arguments");
 }
 
 const fm_cli_cmd fm_cli_rules_cmds[] = {

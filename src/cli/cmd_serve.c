@@ -158,8 +158,7 @@ int fm_cmd_serve(int argc, char **argv)
     if (rc)
         return rc;
     if (argc > 1) {
-        fprintf(stderr, "usage: fleetml serve [--data DIR] [--set section.key=value]...\n");
-        return 2;
+        return fm_cli_usage_error("serve", "unexpected argument '%s'", argv[1]);
     }
     char probe[PATH_MAX];
     if (access(fm_config_path(&s.cfg, "pki/service.crt", probe, sizeof probe), R_OK) != 0) {

@@ -149,22 +149,7 @@ struct sim {
 
 /* ---- option parsing ------------------------------------------------------- */
 
-static void usage(void)
-{
-    fprintf(stderr,
-            "usage: fleetml sim --devices N (--rate R | --inflight W) [--prefix sim]\n"
-            "                   [--duration SECONDS] [--data DIR] [--set k=v] [--json]\n"
-            "                   [--provision] [--seed S] [--timeout SECONDS] [--drain SECONDS]\n"
-            "                   [--hct-shift POINTS]\n"
-            "  --rate R       measurements per second per device (e.g. 0.1)\n"
-            "  --inflight W   closed loop: keep W requests in flight per device\n"
-            "  --provision    run `fleetml device add` for devices without credentials\n"
-            "  --claim T      onboard each device through the claim flow of template T\n"
-            "                 (serials SIM-0001...; state in <data>/sim/<serial>/)\n"
-            "  --connect-rate C  open at most C new connections per second\n"
-            "  --payload-pool N  reuse N pre-generated sweeps (only ids change): a cheap\n"
-            "                 load generator for benchmarks\n");
-}
+static void usage(void) { fm_cli_usage("sim"); }
 
 #define USAGE_ERR(...)                                                                             \
     do {                                                                                           \

@@ -57,11 +57,7 @@ static int template_add(int argc, char **argv)
     t.allow_reprovision = fm_cli_take_flag(&argc, argv, "--reprovision");
     uint64_t v;
     if (argc != 2 || !fm_template_name_valid(argv[1])) {
-        fprintf(stderr,
-                "usage: fleetml template add <name [a-z0-9-]{2,63}> --tenant T [--group G]\n"
-                "         [--prefix P] [--days N] [--serials a,b,c | --serials-file F]\n"
-                "         [--hook URL|/abs/path] [--reprovision] [--rate N_PER_MINUTE]\n");
-        return 2;
+        return fm_cli_usage_error("template add", "name one template ([a-z0-9-]{2,63})");
     }
     snprintf(t.name, sizeof t.name, "%s", argv[1]);
     snprintf(t.tenant, sizeof t.tenant, "%s", tenant ? tenant : "demo-hospital");
@@ -194,8 +190,9 @@ static int template_status(int argc, char **argv, int status)
     if (rc)
         return rc;
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml template %s <name>\n", argv[0]);
-        return 2;
+        return fm_cli_usage_error(status == FM_TEMPLATE_DISABLED ? "template disable"
+                                                                 : "template enable",
+                                  "name one template");
     }
     fm_store *st;
     if ((rc = open_store(&cfg, &st, argv[0])) != 0)
@@ -219,8 +216,7 @@ static int claim_cert(int argc, char **argv)
         return rc;
     const char *out = fm_cli_take_opt(&argc, argv, "--out");
     if (argc != 2) {
-        fprintf(stderr, "usage: fleetml template claim-cert <name> [--out DIR]\n");
-        return 2;
+        return fm_cli_usage_error("template claim-cert", "name one template");
     }
     const char *name = argv[1];
     fm_store *st;

@@ -63,12 +63,7 @@ static int user_add(int argc, char **argv)
     int from_stdin = fm_cli_take_flag(&argc, argv, "--password-stdin");
     int create_tenant = fm_cli_take_flag(&argc, argv, "--create-tenant");
     if (argc != 2 || !tenant || !roles) {
-        fprintf(stderr,
-                "usage: fleetml user add <username> --tenant T --roles r1,r2 [--password-stdin]\n"
-                "         [--create-tenant]\n"
-                "  roles: admin, clinician, data_scientist, device_manager, operator\n"
-                "  without --password-stdin a password is generated and printed once\n");
-        return 2;
+        return fm_cli_usage_error("user add", "name one user, with --tenant and --roles");
     }
     char pw[FM_PASSWORD_MAX + 2];
     if (from_stdin ? read_password(pw, sizeof pw, "add") != 0
@@ -158,8 +153,9 @@ static int user_status(int argc, char **argv, int status, const char *cmd)
         return rc;
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
     if (argc != 2 || !tenant) {
-        fprintf(stderr, "usage: fleetml user %s <username> --tenant T\n", cmd);
-        return 2;
+        char name[32];
+        snprintf(name, sizeof name, "user %s", cmd);
+        return fm_cli_usage_error(name, "name one user, with --tenant");
     }
     fm_store *st;
     if (open_store(&cfg, &st, cmd) != 0)
@@ -186,8 +182,8 @@ static int user_passwd(int argc, char **argv)
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
     int from_stdin = fm_cli_take_flag(&argc, argv, "--password-stdin");
     if (argc != 2 || !tenant || !from_stdin) {
-        fprintf(stderr, "usage: fleetml user passwd <username> --tenant T --password-stdin\n");
-        return 2;
+        return fm_cli_usage_error("user passwd",
+                                  "name one user, with --tenant and --password-stdin");
     }
     char pw[FM_PASSWORD_MAX + 2];
     if (read_password(pw, sizeof pw, "passwd") != 0)
@@ -220,8 +216,7 @@ static int user_roles(int argc, char **argv)
     const char *tenant = fm_cli_take_opt(&argc, argv, "--tenant");
     const char *roles = fm_cli_take_opt(&argc, argv, "--roles");
     if (argc != 2 || !tenant || !roles) {
-        fprintf(stderr, "usage: fleetml user roles <username> --tenant T --roles r1,r2\n");
-        return 2;
+        return fm_cli_usage_error("user roles", "name one user, with --tenant and --roles");
     }
     fm_store *st;
     if (open_store(&cfg, &st, "roles") != 0)

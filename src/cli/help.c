@@ -158,6 +158,24 @@ static void print_overview(FILE *f)
                "see 'fleetml help <command>', or man fleetml\n");
 }
 
+/* The table entry named name ("device add"), or NULL. */
+static const fm_cli_cmd *find_cmd(const char *name)
+{
+    for (size_t g = 0; g < NGROUPS; g++)
+        for (const fm_cli_cmd *c = groups[g].cmds; c->name; c++)
+            if (strcmp(c->name, name) == 0)
+                return c;
+    return NULL;
+}
+
+void fm_cli_usage(const char *cmd)
+{
+    const fm_cli_cmd *c = find_cmd(cmd);
+    if (c)
+        synopsis(stderr, c);
+    fprintf(stderr, "see 'fleetml help %s'\n", cmd);
+}
+
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...)
 {
     va_list ap;
@@ -165,7 +183,8 @@ int fm_cli_usage_error(const char *cmd, const char *fmt, ...)
     fprintf(stderr, "fleetml %s: ", cmd);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "\nsee 'fleetml help %s'\n", cmd);
+    fputc('\n', stderr);
+    fm_cli_usage(cmd);
     return 2;
 }
 
