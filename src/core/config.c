@@ -147,7 +147,8 @@ static const key_def keys[] = {
           "Database backend: sqlite (<data>/db) or postgres (store.url)."),
     K_STR("store", "url", T_PATH_OPT, store_url, NULL,
           "PostgreSQL connection URI, postgres://user@host:port/database (libpq: PGPASSWORD "
-          "or ~/.pgpass keep the password out of it)."),
+          "or ~/.pgpass keep the password out of it); a postgres:// URI selects the postgres "
+          "backend by itself."),
     K_STR("lake", "backend", T_ENUM, lake_backend, lake_backends,
           "Data lake backend: fs (a directory) or s3 (any S3-compatible store)."),
     K_STR("lake", "dir", T_PATH_OPT, lake_dir, NULL,
@@ -523,6 +524,10 @@ int fm_config_set(fm_config *c, const char *key, const char *value, fm_errbuf *e
         if ((rc = check_text(key, value, k->size, k->type == T_PATH_OPT, true, err)) != 0)
             return rc;
         copy_str(field, k->size, value);
+        /* One setting selects PostgreSQL: a postgres:// URI in store.url. */
+        if (field == (void *)c->store_url &&
+            (strncmp(value, "postgres://", 11) == 0 || strncmp(value, "postgresql://", 13) == 0))
+            copy_str(c->store_backend, sizeof c->store_backend, "postgres");
         return 0;
     }
     return fm_errf(err, FM_EINVAL, "%s: unsupported key type", key);

@@ -261,6 +261,78 @@ def test_behind_a_proxy_the_cap_is_per_forwarded_address(module_platform):
         t.join(5)
 
 
+def slow_bodies(port, n, stop, xff=None):
+    """n requests whose head is whole and whose body then trickles one byte
+    a second; returns (sockets still open, the trickling thread)."""
+    socks = []
+    head = (b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000\r\n"
+            + (b"X-Forwarded-For: " + xff.encode() + b"\r\n" if xff else b"") + b"\r\n{")
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        s.send(head)
+        socks.append(s)
+
+    def trickle():
+        while not stop.is_set():
+            for s in list(socks):
+                try:
+                    s.send(b" ")
+                except OSError:
+                    socks.remove(s)
+            stop.wait(1.0)
+        for s in socks:
+            s.close()
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    return socks, t
+
+
+def test_a_body_slower_than_the_minimum_rate_is_cut(env):
+    """A whole head and then a body at 1 byte/s: cut once the body falls
+    below http.body_min_rate (after its grace), never answered."""
+    p, _ = env
+    cut0 = metric_value(p.metrics(), "fleetml_http_slow_closed_total") or 0
+    stop = threading.Event()
+    socks, t = slow_bodies(p.http_port, 3, stop)
+    try:
+        wait_for(lambda: not socks, 30, interval=0.2, msg="the slow bodies to be cut")
+    finally:
+        stop.set()
+        t.join(5)
+    assert metric_value(p.metrics(), "fleetml_http_slow_closed_total") - cut0 >= 3
+    assert timed_get(p.http_port, "127.0.0.1")[0]
+
+
+def test_behind_a_proxy_requests_in_flight_are_capped_per_client(module_platform):
+    """Behind a trusted proxy the cap counts requests in flight per
+    forwarded address: one client over it gets 429, another is served."""
+    p = module_platform("edgecap", sets={"http.trusted_proxies": "127.0.0.1",
+                                         "http.per_address_limit": "3",
+                                         "http.body_min_rate": "0"})
+    stop = threading.Event()
+    socks, t = slow_bodies(p.http_port, 3, stop, xff="198.51.100.7")
+    try:
+        def answer(xff):
+            buf, _ = exchange(p.http_port, b"GET /api/v1/me HTTP/1.1\r\nHost: x\r\n"
+                              b"X-Forwarded-For: " + xff + b"\r\nConnection: close\r\n\r\n")
+            return status_lines(buf)[:1]
+        # The three slow requests hold the client's slots (once each head is in).
+        wait_for(lambda: answer(b"198.51.100.7") == [b"429"], 20, interval=0.2,
+                 msg="the fourth request of one client refused")
+        assert answer(b"198.51.100.8") == [b"401"]  # another client: routed (no token)
+        assert metric_value(p.metrics(), "fleetml_http_refused_total",
+                            reason="per_address") >= 1
+    finally:
+        stop.set()
+        t.join(5)
+    # Once they are gone the client is served again.
+    wait_for(lambda: status_lines(exchange(
+        p.http_port, b"GET /api/v1/me HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7"
+        b"\r\nConnection: close\r\n\r\n")[0])[:1] == [b"401"], 20, interval=0.2,
+        msg="the client served again")
+
+
 # --------------------------------------------------------------------------
 # Behind HAProxy, as docs/operations.md deploys it: what libmicrohttpd 0.9.75
 # cannot refuse (bare LF line ends) or answers clumsily (a malformed

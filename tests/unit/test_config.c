@@ -199,6 +199,14 @@ static void test_set_every_key(void **state)
     assert_int_equal(c.queue_max, 1);
     set_ok(&c, "store.backend", "postgres");
     assert_string_equal(c.store_backend, "postgres");
+    /* A postgres:// URI alone selects the backend. */
+    fm_config u;
+    assert_int_equal(fm_config_defaults(&u, "/tmp/x"), 0);
+    set_ok(&u, "store.url", "postgresql://fleetml@db/fleetml");
+    assert_string_equal(u.store_backend, "postgres");
+    assert_int_equal(fm_config_defaults(&u, "/tmp/x"), 0);
+    set_ok(&u, "store.url", "/not-a-uri");
+    assert_string_equal(u.store_backend, "sqlite");
     set_ok(&c, "lake.backend", "s3");
     assert_string_equal(c.lake_backend, "s3");
     set_ok(&c, "lake.dir", "/srv/lake#1");
