@@ -267,6 +267,45 @@ def test_cli_push_approve_deploy(env):
     assert r.returncode == 2, r.stderr
 
 
+def test_ubj_model_file_accepted_and_scores_as_json(env):
+    """The same trees saved by Python XGBoost as UBJ: accepted as format
+    `ubj`, and it predicts what the JSON file predicts."""
+    import xgboost as xgb
+    p, api, users, v1, v2 = env
+    js = Path(str(v2) + "-json")
+    shutil.copytree(v2, js)
+    man = json.loads((js / "manifest.json").read_text())
+    man["version"] = "2.0.2-json"
+    (js / "manifest.json").write_text(json.dumps(man))
+    p.cli("model", "push", str(js))
+    p.cli("model", "approve", NAME, "2.0.2-json")
+    ubj = Path(str(v2) + "-ubj")
+    shutil.copytree(v2, ubj)
+    booster = xgb.Booster(model_file=str(ubj / "model.json"))
+    booster.save_model(str(ubj / "model.ubj"))
+    (ubj / "model.json").unlink()
+    man = json.loads((ubj / "manifest.json").read_text())
+    man["version"] = "2.0.2-ubj"
+    (ubj / "manifest.json").write_text(json.dumps(man))
+    out = p.cli("model", "push", str(ubj)).stdout
+    assert "viscosity@2.0.2-ubj pending" in out, out
+    admin = tok(env, "admin")
+    v = api.ok("GET", f"/models/{NAME}/versions/2.0.2-ubj", admin)
+    assert v["format"] == "ubj", v
+    p.cli("model", "approve", NAME, "2.0.2-ubj")
+    clin = tok(env, "clin")
+    n = len(man["features"])
+    body = {"instances": [[0.5 + 0.37 * i + 0.11 * row for i in range(n)] for row in range(4)]}
+    preds = {}
+    for ver in ("2.0.2-json", "2.0.2-ubj"):
+        r = api.post(f"/models/{NAME}/invocations?version={ver}", body, token=clin)
+        assert r.status == 200, (ver, r)
+        preds[ver] = r.json()["predictions"]
+    assert len(preds["2.0.2-ubj"]) == 4
+    for a, b in zip(preds["2.0.2-json"], preds["2.0.2-ubj"]):
+        assert all(abs(x - y) < 1e-6 for x, y in zip(a, b)), preds
+
+
 def test_hot_swap_under_load_fails_no_reply(env):
     # Devices measure continuously while the production alias moves back and
     # forth: no reply fails or times out, and both versions answered.
