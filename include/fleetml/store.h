@@ -256,6 +256,15 @@ typedef struct fm_presence {
     char node[65];        /* the node whose broker reported the state ("" unknown) */
 } fm_presence;
 
+/* Devices of one tenant by presence (fm_store_presence_counts). */
+typedef struct fm_presence_count {
+    const char *tenant;
+    int64_t online, offline; /* active devices */
+    int64_t inactive;        /* disabled or revoked */
+    int64_t on_node;         /* online through the node asked about */
+} fm_presence_count;
+typedef int (*fm_presence_count_cb)(void *ud, const fm_presence_count *c);
+
 /* One presence change, as fm_store_presence_changes reports it (borrowed
  * strings). rev orders changes by commit across every node. */
 typedef struct fm_presence_change {
@@ -434,6 +443,7 @@ typedef struct fm_store_api_vt {
     int (*presence_set)(fm_store *s, const char *node, const fm_presence_update *u, size_t n);
     int (*presence_reset)(fm_store *s, const char *node, int64_t at_ms);
     int (*presence_get)(fm_store *s, const char *device_id, fm_presence *out);
+    int (*presence_counts)(fm_store *s, const char *node, fm_presence_count_cb cb, void *ud);
     int (*presence_changes)(fm_store *s, int64_t after_rev, size_t limit,
                             fm_presence_change_cb cb, void *ud);
     int (*presence_rev)(fm_store *s, int64_t *rev);
@@ -1010,6 +1020,13 @@ static inline int fm_store_presence_reset(fm_store *s, const char *node, int64_t
 /* Fills *out (zeros for a device never seen). 0 or FM_EDB. */
 static inline int fm_store_presence_get(fm_store *s, const char *device_id, fm_presence *out)
 { return s->api->presence_get(s, device_id, out); }
+/* Calls cb once per tenant with devices, in tenant order: its active
+ * devices online and offline, the others, and those online through node
+ * (its broker reported them). One query, whatever the fleet's size. 0 or
+ * an FM_E* code. */
+static inline int fm_store_presence_counts(fm_store *s, const char *node,
+                                           fm_presence_count_cb cb, void *ud)
+{ return s->api->presence_counts(s, node, cb, ud); }
 /* Calls cb for up to limit presence changes with rev > after_rev, in rev
  * order: every stored change (fm_store_presence_set, and each device
  * fm_store_presence_reset takes offline) is logged with a rev larger than

@@ -24,38 +24,17 @@
 #define NSNAPS ((int)(sizeof ((fm_http *)0)->reply_snaps / sizeof ((fm_http *)0)->reply_snaps[0]))
 
 typedef struct tally {
-    fm_store *st;
-    const char *node;
-    int64_t here; /* devices connected to this node's broker */
-    json_t *tenants; /* {tenant: {"online": n, "offline": n, "disabled": n}} */
-    char last[72];
-    size_t n;
+    json_t *tenants; /* {tenant: {"online", "offline", "inactive"}} */
+    int64_t here;    /* devices connected to this node's broker */
 } tally;
 
-static void bump(json_t *o, const char *key)
-{
-    json_object_set_new(o, key, json_integer(json_integer_value(json_object_get(o, key)) + 1));
-}
-
-static int on_device(void *ud, const fm_device *d)
+static int on_count(void *ud, const fm_presence_count *c)
 {
     tally *t = ud;
-    t->n++;
-    snprintf(t->last, sizeof t->last, "%s", d->id);
-    json_t *o = json_object_get(t->tenants, d->tenant);
-    if (!o) {
-        o = json_pack("{s:i,s:i,s:i}", "online", 0, "offline", 0, "inactive", 0);
-        json_object_set_new(t->tenants, d->tenant, o);
-    }
-    if (d->status != FM_DEVICE_ACTIVE) {
-        bump(o, "inactive");
-        return 0;
-    }
-    fm_presence pr = {0};
-    fm_store_presence_get(t->st, d->id, &pr);
-    bump(o, pr.online ? "online" : "offline");
-    if (pr.online && strcmp(pr.node, t->node) == 0)
-        t->here++;
+    t->here += c->on_node;
+    json_object_set_new(t->tenants, c->tenant,
+                        json_pack("{s:I,s:I,s:I}", "online", (json_int_t)c->online, "offline",
+                                  (json_int_t)c->offline, "inactive", (json_int_t)c->inactive));
     return 0;
 }
 
@@ -63,18 +42,13 @@ static int on_device(void *ud, const fm_device *d)
  * devices connected to this node's broker. */
 static json_t *devices(fm_store *st, const char *node, int64_t *here)
 {
-    tally t = {.st = st, .node = node, .tenants = json_object()};
-    for (;;) {
-        size_t before = t.n;
-        if (fm_store_device_page(st, NULL, t.last, 500, on_device, &t) != 0) {
-            json_decref(t.tenants);
-            return NULL;
-        }
-        if (t.n - before < 500) {
-            *here = t.here;
-            return t.tenants;
-        }
+    tally t = {.tenants = json_object()};
+    if (fm_store_presence_counts(st, node, on_count, &t) != 0) {
+        json_decref(t.tenants);
+        return NULL;
     }
+    *here = t.here;
+    return t.tenants;
 }
 
 static json_t *cert(const fm_config *cfg, const char *name, int64_t now_ms)

@@ -164,6 +164,26 @@ static int a_presence_get(fm_store *base, const char *device_id, fm_presence *ou
     return 0;
 }
 
+static int a_presence_counts(fm_store *base, const char *node, fm_presence_count_cb cb,
+                             void *ud)
+{
+    pg_args a = {0};
+    pg__text(&a, nz(node));
+    int rc;
+    PGresult *r = pg__run((pg_store *)base, SQL_PRESENCE_COUNTS("$1"), &a, "presence", &rc, NULL);
+    if (!r)
+        return rc;
+    for (int i = 0, n = PQntuples(r); i < n; i++) {
+        fm_presence_count c = {.tenant = pg__str(r, i, 0), .online = pg__int(r, i, 1),
+                               .offline = pg__int(r, i, 2), .inactive = pg__int(r, i, 3),
+                               .on_node = pg__int(r, i, 4)};
+        if (cb(ud, &c))
+            break;
+    }
+    PQclear(r);
+    return 0;
+}
+
 /* ---- measurements ----------------------------------------------------------- */
 
 #define RECORD_COLS                                                                                \
@@ -469,6 +489,7 @@ const fm_store_api_vt pg__api_vt = {
     .presence_set = a_presence_set,
     .presence_reset = a_presence_reset,
     .presence_get = a_presence_get,
+    .presence_counts = a_presence_counts,
     .presence_changes = a_presence_changes,
     .presence_rev = a_presence_rev,
     .measurement_page = a_measurement_page,

@@ -172,6 +172,32 @@ int sql__presence_get(fm_store *base, const char *device_id, fm_presence *out)
     return rc == SQLITE_ROW ? 0 : sql__map_rc(rc);
 }
 
+static int s_presence_counts(fm_store *base, const char *node, fm_presence_count_cb cb,
+                             void *ud)
+{
+    sqlite_store *s = (sqlite_store *)base;
+    sqlite3_stmt *st;
+    if (sql__prep(s, &st, SQL_PRESENCE_COUNTS("?1"), NULL))
+        return FM_EDB;
+    sqlite3_bind_text(st, 1, nz(node), -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fm_presence_count c = {.tenant = (const char *)sqlite3_column_text(st, 0),
+                               .online = sqlite3_column_int64(st, 1),
+                               .offline = sqlite3_column_int64(st, 2),
+                               .inactive = sqlite3_column_int64(st, 3),
+                               .on_node = sqlite3_column_int64(st, 4)};
+        if (!c.tenant)
+            c.tenant = "";
+        if (cb(ud, &c)) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_DONE ? 0 : sql__map_rc(rc);
+}
+
 int sql__presence_changes(fm_store *base, int64_t after_rev, size_t limit,
                           fm_presence_change_cb cb, void *ud)
 {
@@ -537,6 +563,7 @@ const fm_store_api_vt sql__api_vt = {
     .presence_set = sql__presence_set,
     .presence_reset = sql__presence_reset,
     .presence_get = sql__presence_get,
+    .presence_counts = s_presence_counts,
     .presence_changes = sql__presence_changes,
     .presence_rev = sql__presence_rev,
     .measurement_page = sql__measurement_page,

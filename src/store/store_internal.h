@@ -24,6 +24,17 @@ int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err);
     " (SELECT max(not_after_ms) FROM certs WHERE device_id = " id " AND status IN (0, 1)),"      \
     " (SELECT node FROM device_presence WHERE device_id = " id ")"
 
+/* Devices per tenant by presence; the parameter is the node. */
+#define SQL_PRESENCE_COUNTS(node)                                                                  \
+    "SELECT d.tenant,"                                                                             \
+    " coalesce(sum(CASE WHEN d.status = 0 AND p.online = 1 THEN 1 ELSE 0 END), 0),"              \
+    " coalesce(sum(CASE WHEN d.status = 0 AND coalesce(p.online, 0) = 0 THEN 1 ELSE 0 END), 0)," \
+    " coalesce(sum(CASE WHEN d.status <> 0 THEN 1 ELSE 0 END), 0),"                              \
+    " coalesce(sum(CASE WHEN d.status = 0 AND p.online = 1 AND p.node = " node                    \
+    " THEN 1 ELSE 0 END), 0)"                                                                      \
+    " FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id"                            \
+    " GROUP BY d.tenant ORDER BY d.tenant"
+
 /* Presence changes after a rev, with the device's tenant. */
 #define SQL_PRESENCE_CHANGES(after, limit)                                                         \
     "SELECT l.rev, l.device_id, d.tenant, l.online, l.changed_ms"                                  \

@@ -298,6 +298,26 @@ static int presence1(fx *f, const char *id, int online, int64_t at)
     return fm_store_presence_set(f->st, "n1", &u, 1);
 }
 
+typedef struct pcounts {
+    int n;
+    char tenant[4][16];
+    int64_t v[4][4];
+} pcounts;
+
+static int on_pcount(void *ud, const fm_presence_count *c)
+{
+    pcounts *p = ud;
+    if (p->n < 4) {
+        snprintf(p->tenant[p->n], sizeof p->tenant[0], "%s", c->tenant);
+        p->v[p->n][0] = c->online;
+        p->v[p->n][1] = c->offline;
+        p->v[p->n][2] = c->inactive;
+        p->v[p->n][3] = c->on_node;
+    }
+    p->n++;
+    return 0;
+}
+
 static void test_presence(void **state)
 {
     fx *f = *state;
@@ -359,6 +379,26 @@ static void test_presence(void **state)
     expect_presence(f, "dev-1", 1, 7000, 7000);
     expect_presence(f, "dev-2", 1, 7000, 7000);
     assert_int_equal(fm_store_presence_set(f->st, "n1", batch, 0), 0);
+
+    /* Counts per tenant in one query: t1 has two devices online through
+     * n1 and one offline; t2 one disabled device. */
+    assert_int_equal(fm_store_tenant_ensure(f->st, "t2", &err), 0);
+    add_device(f, "dev-9", "t2", "", "");
+    assert_int_equal(fm_store_device_set_status(f->st, "dev-9", FM_DEVICE_DISABLED, &err), 0);
+    pcounts c = {0};
+    assert_int_equal(fm_store_presence_counts(f->st, "n1", on_pcount, &c), 0);
+    assert_int_equal(c.n, 2);
+    assert_string_equal(c.tenant[0], "t1");
+    assert_int_equal(c.v[0][0], 2); /* online */
+    assert_int_equal(c.v[0][1], 1); /* offline */
+    assert_int_equal(c.v[0][2], 0); /* inactive */
+    assert_int_equal(c.v[0][3], 2); /* through n1 */
+    assert_string_equal(c.tenant[1], "t2");
+    assert_int_equal(c.v[1][0] + c.v[1][1], 0);
+    assert_int_equal(c.v[1][2], 1);
+    memset(&c, 0, sizeof c);
+    assert_int_equal(fm_store_presence_counts(f->st, "n2", on_pcount, &c), 0);
+    assert_int_equal(c.v[0][3], 0);
 }
 
 /* Leases of cluster-wide jobs: one holder at a time, renewals, expiry by
