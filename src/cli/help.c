@@ -223,7 +223,8 @@ static void man_opt(FILE *f, const fm_cli_opt *o)
     fputs("\n", f);
 }
 
-static void man_cmd(FILE *f, const fm_cli_cmd *c)
+/* A command's heading, summary and text (a group's section is only this). */
+static void man_heading(FILE *f, const fm_cli_cmd *c)
 {
     fputs(".SS \"fleetml ", f);
     roff(f, c->name);
@@ -239,6 +240,11 @@ static void man_cmd(FILE *f, const fm_cli_cmd *c)
         roff(f, c->text);
         fputs("\n", f);
     }
+}
+
+static void man_cmd(FILE *f, const fm_cli_cmd *c)
+{
+    man_heading(f, c);
     for (size_t i = 0; i < FM_CLI_OPTS_MAX && c->opts[i].name; i++)
         man_opt(f, &c->opts[i]);
     if (c->flags & FM_CLI_CONFIG)
@@ -277,20 +283,10 @@ static void print_man(FILE *f)
         for (const fm_cli_cmd *c = groups[i].cmds; c->name; c++) {
             if (c->flags & FM_CLI_HIDDEN)
                 continue;
-            if (c == groups[i].cmds && has_subs(&groups[i])) {
-                fputs(".SS \"fleetml ", f);
-                roff(f, c->name);
-                fputs("\"\n", f);
-                roff(f, c->summary);
-                fputs(".\n", f);
-                if (c->text) {
-                    fputs(".PP\n", f);
-                    roff(f, c->text);
-                    fputs("\n", f);
-                }
-                continue;
-            }
-            man_cmd(f, c);
+            if (c == groups[i].cmds && has_subs(&groups[i]))
+                man_heading(f, c);
+            else
+                man_cmd(f, c);
         }
     }
     fputs(".SH EXIT STATUS\n.TP\n0\ndone\n.TP\n1\nfailed (the message says why)\n.TP\n2\n"
@@ -310,6 +306,17 @@ static void words_of(FILE *f, const fm_cli_cmd *c)
     if (c->flags & FM_CLI_CONFIG)
         fputs(" --data --set", f);
     fputs(" --help", f);
+}
+
+/* The group's visible subcommand words, space-separated. */
+static void sub_words(FILE *f, const group *g)
+{
+    const char *sep = "";
+    for (const fm_cli_cmd *c = g->cmds + 1; c->name; c++)
+        if (!(c->flags & FM_CLI_HIDDEN)) {
+            fprintf(f, "%s%s", sep, last_word(c->name));
+            sep = " ";
+        }
 }
 
 /* Options whose value is a file or a directory. */
@@ -379,9 +386,7 @@ static void print_completion(FILE *f)
         if (!has_subs(&groups[g]))
             continue;
         fprintf(f, "            %s) words=\"", groups[g].name);
-        for (const fm_cli_cmd *c = groups[g].cmds + 1; c->name; c++)
-            if (!(c->flags & FM_CLI_HIDDEN))
-                fprintf(f, "%s%s", c == groups[g].cmds + 1 ? "" : " ", last_word(c->name));
+        sub_words(f, &groups[g]);
         fputs("\" ;;\n", f);
     }
     fputs("            esac ;;\n        esac\n"
@@ -400,9 +405,7 @@ static void print_completion(FILE *f)
             continue;
         }
         fputs("        if ((COMP_CWORD == 2)); then\n            words=\"", f);
-        for (const fm_cli_cmd *c = gr->cmds + 1; c->name; c++)
-            if (!(c->flags & FM_CLI_HIDDEN))
-                fprintf(f, "%s%s", c == gr->cmds + 1 ? "" : " ", last_word(c->name));
+        sub_words(f, gr);
         fputs("\"\n        else\n            case $sub in\n", f);
         for (const fm_cli_cmd *c = gr->cmds + 1; c->name; c++) {
             fprintf(f, "            %s)\n                words=\"", last_word(c->name));
