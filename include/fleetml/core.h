@@ -37,6 +37,19 @@ enum fm_err {
     FM_EPERM = -16     /* permission denied */
 };
 
+/* FNV-1a over the bytes of s (not its NUL), continuing from h; start with
+ * FM_FNV1A_INIT. For in-memory hash tables only: it is not keyed, so a
+ * table fed by untrusted keys must bound its probing. */
+#define FM_FNV1A_INIT 14695981039346656037ULL
+static inline uint64_t fm_fnv1a(uint64_t h, const char *s)
+{
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
 /* Returns a static, never-NULL description of an FM_E* code. */
 const char *fm_strerror(int err);
 

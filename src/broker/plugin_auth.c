@@ -62,6 +62,7 @@
 #include <openssl/x509.h>
 
 #include "fleetml/contract.h"
+#include "fleetml/core.h" /* fm_fnv1a only: the plugin links no core code */
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -120,16 +121,6 @@ struct map {
     void (*free_val)(void *);
 };
 
-static uint64_t map_hash(const char *s)
-{
-    uint64_t h = 14695981039346656037ULL; /* FNV-1a */
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 static void map_init(struct map *m, void (*free_val)(void *))
 {
     memset(m, 0, sizeof *m);
@@ -166,7 +157,7 @@ static void *map_get(const struct map *m, const char *key)
 {
     if (!m->nb || !key)
         return NULL;
-    struct map_node **p = map_slot(m, key, map_hash(key));
+    struct map_node **p = map_slot(m, key, fm_fnv1a(FM_FNV1A_INIT, key));
     return *p ? (*p)->val : NULL;
 }
 
@@ -199,7 +190,7 @@ static bool map_put(struct map *m, const char *key, void *val)
 {
     if (m->n >= m->nb && !map_grow(m) && !m->nb)
         return false; /* growing is an optimisation, except for the first table */
-    uint64_t h = map_hash(key);
+    uint64_t h = fm_fnv1a(FM_FNV1A_INIT, key);
     struct map_node **p = map_slot(m, key, h);
     if (*p) {
         if (m->free_val)
@@ -226,7 +217,7 @@ static void map_del(struct map *m, const char *key)
 {
     if (!m->nb || !key)
         return;
-    struct map_node **p = map_slot(m, key, map_hash(key));
+    struct map_node **p = map_slot(m, key, fm_fnv1a(FM_FNV1A_INIT, key));
     struct map_node *e = *p;
     if (!e)
         return;

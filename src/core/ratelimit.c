@@ -19,16 +19,6 @@ struct fm_ratelimit {
     size_t cap, used;
 };
 
-static uint64_t hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 int fm_ratelimit_new(fm_ratelimit **out)
 {
     fm_ratelimit *rl = fm_calloc(1, sizeof *rl);
@@ -54,7 +44,7 @@ void fm_ratelimit_free(fm_ratelimit *rl)
 
 static bucket *find(bucket *slots, size_t cap, const char *key)
 {
-    size_t i = hash(key) & (cap - 1);
+    size_t i = fm_fnv1a(FM_FNV1A_INIT, key) & (cap - 1);
     while (slots[i].key[0] && strcmp(slots[i].key, key) != 0)
         i = (i + 1) & (cap - 1);
     return &slots[i];

@@ -66,6 +66,7 @@ static void free_arrays(batch *b)
     fm_free(b->gmsg);
     fm_free(b->recs);
     fm_free(b->quar);
+    fm_free(b->index);
     memset(b, 0, sizeof *b);
 }
 
@@ -80,7 +81,14 @@ int batch__init(batch *b, fm_inmsg *list, size_t n)
     b->recs = fm_calloc(n, sizeof *b->recs);
     b->quar = fm_calloc(n, sizeof *b->quar);
     b->rowmsg = fm_calloc(n + 1, sizeof *b->rowmsg);
-    if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar || !b->rowmsg) {
+    /* The repeat index: a power of two at least twice n, so probes stay
+     * short (at most half full). */
+    size_t cap = 16;
+    while (cap < 2 * n)
+        cap *= 2;
+    b->index = fm_calloc(cap, sizeof *b->index);
+    b->index_mask = cap - 1;
+    if (!b->items || !b->feat || !b->pred || !b->recs || !b->quar || !b->rowmsg || !b->index) {
         free_arrays(b);
         return FM_ENOMEM;
     }
@@ -127,10 +135,14 @@ static void admit_one(batch *b, size_t i, const batch_env *env)
     /* The measurement now belongs to the batch item. */
     it->m = pr->m;
     memset(&pr->m, 0, sizeof pr->m);
-    for (size_t j = 0; j < i; j++) {
+    /* A repeat of an earlier row of this batch follows it. Only rows are in
+     * the index: an earlier item rejected for its features leads nothing. */
+    size_t slot = fm_fnv1a(fm_fnv1a(FM_FNV1A_INIT, msg->device_id) ^ 0x2f, it->m.id) &
+                  b->index_mask;
+    for (; b->index[slot]; slot = (slot + 1) & b->index_mask) {
+        size_t j = b->index[slot] - 1;
         batch_item *o = &b->items[j];
-        if (!o->rejected && !o->follower && strcmp(o->msg->device_id, msg->device_id) == 0 &&
-            strcmp(o->m.id, it->m.id) == 0) {
+        if (strcmp(o->m.id, it->m.id) == 0 && strcmp(o->msg->device_id, msg->device_id) == 0) {
             it->follower = true;
             it->leader = j;
             return;
@@ -148,6 +160,7 @@ static void admit_one(batch *b, size_t i, const batch_env *env)
                                           : FM_SERVING_NONE;
     b->rowmsg[b->rows] = it->msg->payload;
     it->row = b->rows++;
+    b->index[slot] = i + 1;
 }
 
 void batch__admit(batch *b, const batch_env *env)

@@ -117,6 +117,8 @@ typedef struct batch {
     size_t *grow;
     const char **rowmsg, **gmsg; /* payload of each row; scratch for one slot's */
     size_t rows;
+    size_t *index;  /* open addressing, item index + 1 of each row's (device, id); 0 empty */
+    size_t index_mask;
     fm_record *recs;
     size_t nr;
     fm_quarantine *quar;

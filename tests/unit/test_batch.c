@@ -279,6 +279,39 @@ static void test_admit_verdicts_in_order(void **state)
     batch__release(&b);
 }
 
+/* Repeats in a large batch: each (device, id) leads once, a repeat follows
+ * its first row wherever it is, and the same id from another device is a
+ * row of its own (the index is keyed by both). */
+static void test_repeats_in_a_large_batch(void **state)
+{
+    fx *f = *state;
+    enum { N = 600, IDS = 97 };
+    fm_inmsg *msgs[N];
+    for (size_t i = 0; i < N; i++) {
+        char mid[32];
+        snprintf(mid, sizeof mid, "m-%zu", i % IDS);
+        msgs[i] = valid(f, i % 2 ? "dev-a" : "dev-c", mid);
+    }
+    batch b;
+    start(&b, msgs, N);
+    batch__admit(&b, &f->env);
+    size_t rows = 0;
+    for (size_t i = 0; i < N; i++) {
+        /* The first occurrence of (device, id) is at i % (2 * IDS). */
+        size_t first = i % (2 * IDS);
+        if (first == i) {
+            assert_false(b.items[i].follower);
+            rows++;
+        } else {
+            assert_true(b.items[i].follower);
+            assert_int_equal(b.items[i].leader, first);
+        }
+    }
+    assert_int_equal(rows, 2 * IDS);
+    assert_int_equal(b.rows, 2 * IDS);
+    batch__release(&b);
+}
+
 static void test_rows_and_quarantine(void **state)
 {
     fx *f = *state;
@@ -479,6 +512,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rows_scored_by_their_slot, setup, teardown),
         cmocka_unit_test_setup_teardown(test_shadow_stored_not_sent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedupe_by_key, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_repeats_in_a_large_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_commit_failure_answers_unavailable, setup, teardown),
         cmocka_unit_test_setup_teardown(test_inference_failure_is_internal, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reply_hook, setup, teardown),
