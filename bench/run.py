@@ -85,6 +85,9 @@ def metrics(port):
     return out
 
 
+SERVICE_TRANSPORT = os.environ.get("FM_BENCH_SERVICE_TRANSPORT", "unix")
+
+
 class Node:
     """A data directory with init done and N devices registered."""
 
@@ -100,7 +103,10 @@ class Node:
                   "--set", f"http.port={self.ports['http']}",
                   "--set", f"ops.port={self.ports['ops']}",
                   "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0",
-                  "--set", "pipeline.device_bytes_rate=0"])
+                  "--set", "pipeline.device_bytes_rate=0",
+                  # How fleetml and both echoes reach the broker: the same
+                  # for all three (unix socket, the default, or mTLS).
+                  "--set", f"broker.service_transport={SERVICE_TRANSPORT}"])
         self.devices = [f"{prefix}-{i:04d}" for i in range(1, devices + 1)]
         for d in self.devices:
             self.run([self.bin, "device", "add", d, "--data", self.dir])
@@ -306,7 +312,8 @@ def bench_latency(args):
     do-nothing echo and the durable echo, same broker, mTLS and load."""
     node = Node(args.build, args.devices)
     out = {"devices": args.devices, "inflight": args.inflight,
-           "closed_duration_s": args.duration, "open_duration_s": args.latency_duration}
+           "closed_duration_s": args.duration, "open_duration_s": args.latency_duration,
+           "service_transport": SERVICE_TRANSPORT}
     try:
         out["disk_fsync_ms"] = fsync_probe(node.dir)
         serve, broker = node.start_serve()

@@ -8,7 +8,12 @@
  *     required (from the fleetml CA), identity checked by the fleetml_auth
  *     plugin (client id == certificate CN; topic namespace per device);
  *   - service: 127.0.0.1:<broker.service_port>, same TLS, used by fleetml
- *     itself with the service certificate.
+ *     itself with the service certificate;
+ *   - service socket (broker.service_transport = unix, the default): a Unix
+ *     socket in <data>/broker/service/, a directory only the broker's user
+ *     (and root) can enter. The plugin takes a client on that socket with a
+ *     service client id for the service: the file permissions stand in for
+ *     the certificate, and no TLS is spent on the busiest connection.
  */
 #ifndef FLEETML_BROKER_H
 #define FLEETML_BROKER_H
@@ -30,6 +35,12 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
  * supervision thread. Returns 0 and *out, or FM_ENOTFOUND (mosquitto or the
  * plugin missing) / FM_EIO with err set. */
 int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err);
+
+/* The service's Unix socket path for cfg into buf: 0 when the service uses
+ * it (supervised mode, broker.service_transport = unix, and the path fits a
+ * socket address), FM_ENOTFOUND when the service uses TLS instead. The
+ * broker's config and the service's client both ask here, so they agree. */
+int fm_broker_service_socket(const fm_config *cfg, char *buf, size_t len);
 
 /* Current child pid (0 while it is being restarted). */
 pid_t fm_broker_pid(const fm_broker *b);

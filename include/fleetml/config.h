@@ -78,6 +78,7 @@ typedef struct fm_config {
     char broker_bind[64];  /* device listener address */
     int broker_port;       /* device listener (mTLS) */
     int broker_service_port; /* loopback listener for the service (mTLS) */
+    char broker_service_transport[8]; /* supervised mode: "unix" (socket) or "tls" (port) */
     char broker_host[256]; /* host the service connects to */
     char broker_url[320];  /* external mode: mqtts://host:port (overrides host, service_port) */
     char broker_public_host[256]; /* told to devices after provisioning */

@@ -11,6 +11,7 @@
  *     plugin /path/to/fleetml_auth.so
  *     plugin_opt_service_id fleetml-service     (optional, this is the default)
  *     plugin_opt_registry <data>/broker/registry.json
+ *     plugin_opt_service_socket <path>           (optional: see below)
  *     listener <port> <address>
  *     cafile <ca.crt>
  *     certfile <server.crt>
@@ -19,6 +20,13 @@
  *     tls_version tlsv1.2                         (minimum; 1.3 is also accepted)
  *     # NOT use_identity_as_username, NOT use_subject_as_username
  *     # no password_file, no acl_file, no other auth plugin
+ *
+ * plugin_opt_service_socket names the path of a `listener 0 <path>` Unix
+ * socket in a directory only the broker's user and root may enter. A client
+ * that comes in on that socket with a service client id is the service,
+ * with no certificate: the file permissions are its credential (the broker
+ * reports a socket client's address as the socket's path, which no TCP
+ * client's address can be). Any other client id on the socket is refused.
  *
  * Without plugin_opt_registry (or with an unreadable snapshot at start-up)
  * the plugin fails closed: only the service can connect until a "reload"
@@ -284,6 +292,7 @@ struct staging {
 struct auth_state {
     mosquitto_plugin_id_t *pid;
     char *service_id;
+    char *service_socket; /* NULL: the service comes in with its certificate only */
     char *registry_path; /* NULL: no snapshot configured */
     bool view_ok;        /* false: refuse every device and claim client */
     long long view_seq;  /* newest registry event the view reflects (ops' "seq") */
@@ -489,12 +498,25 @@ static bool service_client_id_ok(const char *id, const char *cn)
     return true;
 }
 
-/* True for the service, judged by its certificate (not its record) so that
- * the service keeps working on a listener that skips BASIC_AUTH. */
+/* True for a client on the service's Unix socket (plugin_opt_service_socket)
+ * with a service client id. */
+static bool via_service_socket(const struct auth_state *st, struct mosquitto *client)
+{
+    const char *addr = client && st->service_socket ? mosquitto_client_address(client) : NULL;
+    const char *id = client ? mosquitto_client_id(client) : NULL;
+    return addr && id && strcmp(addr, st->service_socket) == 0 &&
+           service_client_id_ok(id, st->service_id);
+}
+
+/* True for the service, judged by its certificate or its socket (not its
+ * record) so that the service keeps working on a listener that skips
+ * BASIC_AUTH. */
 static bool is_service(const struct auth_state *st, struct mosquitto *client)
 {
     char cn[AUTH_ID_MAX + 2];
     const char *id = client ? mosquitto_client_id(client) : NULL;
+    if (via_service_socket(st, client))
+        return true;
     return id && client_cert(client, cn, sizeof cn, NULL, 0) && strcmp(cn, st->service_id) == 0 &&
            service_client_id_ok(id, cn);
 }
@@ -630,8 +652,20 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
     const char *name = cn;
     (void)event;
 
+    const char *addr = mosquitto_client_address(ed->client);
     if (!id || !*id) {
         why = "no client id";
+    } else if (st->service_socket && addr && strcmp(addr, st->service_socket) == 0) {
+        /* The socket's directory was the check; only the service uses it. */
+        snprintf(cn, sizeof cn, "%s", st->service_id);
+        snprintf(serial, sizeof serial, "-");
+        if (!service_client_id_ok(id, st->service_id)) {
+            why = "only the service may use the service socket";
+        } else {
+            kind = K_SERVICE;
+            what = "service (unix socket)";
+            why = NULL;
+        }
     } else if (!client_cert(ed->client, cn, sizeof cn, serial, sizeof serial)) {
         why = "no client certificate with a single usable CN and serial";
     } else if (strcmp(cn, st->service_id) == 0) {
@@ -780,6 +814,8 @@ static const char *acl_decide(const struct auth_state *st, struct mosquitto *cli
 
     if (!id || !topic)
         return "no client id or topic";
+    if (via_service_socket(st, client))
+        return NULL;
     if (have_cert && strcmp(cn, st->service_id) == 0)
         return service_client_id_ok(id, cn) ? NULL : "client id does not match certificate CN";
 
@@ -1601,6 +1637,7 @@ static void state_free(struct auth_state *st)
     map_clear(&st->templates);
     free(st->registry_path);
     free(st->service_id);
+    free(st->service_socket);
     free(st);
 }
 
@@ -1616,7 +1653,7 @@ static void unregister_all(mosquitto_plugin_id_t *pid)
 int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
                           struct mosquitto_opt *options, int option_count)
 {
-    const char *service_id = AUTH_DEFAULT_SERVICE_ID, *registry = NULL;
+    const char *service_id = AUTH_DEFAULT_SERVICE_ID, *registry = NULL, *service_socket = NULL;
     struct admission adm = {0};
     static const struct {
         const char *key;
@@ -1634,6 +1671,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
             service_id = options[i].value;
         else if (strcmp(options[i].key, "registry") == 0)
             registry = options[i].value;
+        else if (strcmp(options[i].key, "service_socket") == 0)
+            service_socket = options[i].value;
         for (size_t k = 0; k < sizeof limits / sizeof *limits; k++) {
             if (strcmp(options[i].key, limits[k].key) != 0)
                 continue;
@@ -1659,6 +1698,12 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
         mosquitto_log_printf(MOSQ_LOG_ERR, "fleetml_auth: invalid plugin_opt_service_id");
         return MOSQ_ERR_INVAL;
     }
+    /* Absolute, so that no IP address (a TCP client's address) can equal it. */
+    if (service_socket && service_socket[0] != '/') {
+        mosquitto_log_printf(MOSQ_LOG_ERR,
+                             "fleetml_auth: plugin_opt_service_socket must be an absolute path");
+        return MOSQ_ERR_INVAL;
+    }
     if (registry && !*registry) {
         mosquitto_log_printf(MOSQ_LOG_ERR, "fleetml_auth: empty plugin_opt_registry");
         return MOSQ_ERR_INVAL;
@@ -1680,7 +1725,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
     map_init(&st->conns, free);
     st->service_id = strdup(service_id);
     st->registry_path = registry ? strdup(registry) : NULL;
-    if (!st->service_id || (registry && !st->registry_path)) {
+    st->service_socket = service_socket ? strdup(service_socket) : NULL;
+    if (!st->service_id || (registry && !st->registry_path) ||
+        (service_socket && !st->service_socket)) {
         state_free(st);
         return MOSQ_ERR_NOMEM;
     }

@@ -19,6 +19,7 @@
 #include "fleetml/metrics.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
@@ -31,6 +32,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,6 +54,22 @@ static void tls_block(fm_strbuf *b, const fm_config *cfg)
     fm_strbuf_printf(b, "keyfile %s\n", fm_config_path(cfg, "broker/broker.key", key, sizeof key));
     fm_strbuf_printf(b, "require_certificate true\n"
            "tls_version tlsv1.2\n");
+}
+
+int fm_broker_service_socket(const fm_config *cfg, char *buf, size_t len)
+{
+    struct sockaddr_un sa;
+    char path[PATH_MAX];
+    if (strcmp(cfg->broker_mode, "supervised") != 0 ||
+        strcmp(cfg->broker_service_transport, "unix") != 0)
+        return FM_ENOTFOUND;
+    fm_config_path(cfg, "broker/service/mqtt.sock", path, sizeof path);
+    /* An absolute path (the plugin tells it from IP addresses by its '/')
+     * that fits a socket address; otherwise the TLS listener serves. */
+    if (path[0] != '/' || strlen(path) >= sizeof sa.sun_path || strlen(path) >= len)
+        return FM_ENOTFOUND;
+    snprintf(buf, len, "%s", path);
+    return 0;
 }
 
 int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
@@ -80,6 +98,10 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
     fm_strbuf_printf(&b, "plugin %s\nplugin_opt_service_id fleetml-service\n", plugin_path);
     fm_strbuf_printf(&b, "plugin_opt_registry %s\n",
                      fm_config_path(cfg, "broker/registry.json", registry, sizeof registry));
+    char sock[PATH_MAX];
+    bool unix_service = fm_broker_service_socket(cfg, sock, sizeof sock) == 0;
+    if (unix_service)
+        fm_strbuf_printf(&b, "plugin_opt_service_socket %s\n", sock);
     /* Admission at the edge: a device over its rate is refused by the
      * broker before its messages reach the service's connection. */
     fm_strbuf_printf(&b,
@@ -93,6 +115,11 @@ int fm_broker_render_config(const fm_config *cfg, const char *plugin_path,
     fm_strbuf_printf(&b, "\n# The fleetml service itself (loopback only).\nlistener %d 127.0.0.1\n",
         cfg->broker_service_port);
     tls_block(&b, cfg);
+    if (unix_service)
+        fm_strbuf_printf(&b,
+                         "\n# The fleetml service over a Unix socket: its directory is the "
+                         "guard.\nlistener 0 %s\n",
+                         sock);
     return fm_strbuf_take(&b, out, NULL);
 }
 
@@ -344,6 +371,22 @@ int fm_broker_start(const fm_config *cfg, fm_broker **out, fm_errbuf *err)
     if (chown(data, uid, gid) != 0 || chown(dir, uid, gid) != 0) {
         rc = fm_errf(err, FM_EIO, "cannot hand %s to user %s", dir, user);
         goto fail;
+    }
+    /* The service socket's directory: the broker's user alone may enter
+     * it (root always can), whatever it was left as. */
+    char sock[PATH_MAX], sockdir[PATH_MAX];
+    if (fm_broker_service_socket(cfg, sock, sizeof sock) == 0) {
+        fm_config_path(cfg, "broker/service", sockdir, sizeof sockdir);
+        if ((mkdir(sockdir, 0700) != 0 && errno != EEXIST) || chown(sockdir, uid, gid) != 0 ||
+            chmod(sockdir, 0700) != 0) {
+            rc = fm_errf(err, FM_EIO, "cannot prepare %s for user %s: %s", sockdir, user,
+                         strerror(errno));
+            goto fail;
+        }
+    } else if (strcmp(cfg->broker_service_transport, "unix") == 0) {
+        fm_logkv(FM_LOG_WARN, "broker",
+                 "service socket path too long for a socket address; the service uses TLS",
+                 "data_dir", cfg->data_dir, NULL);
     }
     char *conf;
     if ((rc = fm_broker_render_config(cfg, plugin, user, &conf)) != 0) {

@@ -44,6 +44,7 @@ typedef struct key_def {
 } key_def;
 
 static const char *const broker_modes[] = {"supervised", "external", NULL};
+static const char *const service_transports[] = {"unix", "tls", NULL};
 /* The config accepts every backend the architecture plans for; a backend
  * that is not compiled in is reported by the store or lake when it opens,
  * with a message about the build rather than about the config syntax. */
@@ -75,6 +76,11 @@ static const key_def keys[] = {
     K_NUM("broker", "port", T_INT, broker_port, 1, 65535, "Device listener port (mutual TLS)."),
     K_NUM("broker", "service_port", T_INT, broker_service_port, 1, 65535,
           "Loopback listener the fleetml service connects to (mutual TLS)."),
+    K_STR("broker", "service_transport", T_ENUM, broker_service_transport, service_transports,
+          "Supervised mode: how the service reaches its broker. unix: a Unix socket in "
+          "<data>/broker/service/, reachable only by the broker's user and root (no TLS); "
+          "tls: the loopback listener broker.service_port with mutual TLS. External mode "
+          "always uses TLS."),
     K_STR("broker", "host", T_HOST, broker_host, NULL,
           "Host the service connects to (the external broker in external mode)."),
     K_STR("broker", "url", T_PATH_OPT, broker_url, NULL,
@@ -294,6 +300,7 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->broker_bind, sizeof c->broker_bind, "0.0.0.0");
     c->broker_port = 8883;
     c->broker_service_port = 8884;
+    copy_str(c->broker_service_transport, sizeof c->broker_service_transport, "unix");
     copy_str(c->broker_host, sizeof c->broker_host, "127.0.0.1");
     copy_str(c->broker_public_host, sizeof c->broker_public_host, "localhost");
     c->broker_public_port = 0;

@@ -9,6 +9,7 @@
  * writes them.
  */
 #include "fleetml/mqtt.h"
+#include "fleetml/broker.h"
 #include "fleetml/thread.h"
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
@@ -273,6 +274,16 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
             return fm_errf(err, FM_EINVAL, "too many subscriptions or out of memory");
         }
     }
+    /* Over the supervised broker's Unix socket (port 0 tells libmosquitto
+     * the host is a socket path), no TLS: the socket's directory is the
+     * guard, and the plugin knows the service by the socket it came in on. */
+    char sock[PATH_MAX];
+    bool unix_socket = fm_broker_service_socket(cfg, sock, sizeof sock) == 0 &&
+                       strlen(sock) < sizeof host;
+    if (unix_socket) {
+        memcpy(host, sock, strlen(sock) + 1); /* fits: checked above */
+        port = 0;
+    }
     snprintf(c->host, sizeof c->host, "%s", host);
     c->port = port;
     int rc;
@@ -308,8 +319,8 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
     mosquitto_subscribe_v5_callback_set(c->mosq, on_subscribe);
     mosquitto_message_v5_callback_set(c->mosq, on_message);
     mosquitto_log_callback_set(c->mosq, on_log);
-    rc = mosquitto_tls_set(c->mosq, ca, NULL, cert, key, NULL);
-    if (rc == MOSQ_ERR_SUCCESS)
+    rc = unix_socket ? MOSQ_ERR_SUCCESS : mosquitto_tls_set(c->mosq, ca, NULL, cert, key, NULL);
+    if (rc == MOSQ_ERR_SUCCESS && !unix_socket)
         rc = mosquitto_tls_opts_set(c->mosq, 1, "tlsv1.2", NULL);
     if (rc != MOSQ_ERR_SUCCESS) {
         rc = fm_errf(err, FM_ECRYPTO, "TLS setup: %s", mosquitto_strerror(rc));

@@ -10,6 +10,9 @@ The broker has two TLS listeners:
 * `main`: the configuration the fleetml generator must emit (no
   use_identity_as_username), where MOSQ_EVT_BASIC_AUTH runs for every
   CONNECT and checks the certificate against the client id and the registry.
+* `socket`: a Unix socket named by plugin_opt_service_socket, the service's
+  transport in supervised mode: no TLS, and the plugin admits only a
+  service client id there.
 * `identity`: the same with use_identity_as_username true. Mosquitto 2.0.11
   skips BASIC_AUTH there, so the test checks the ACL fallback: without the
   connection record BASIC_AUTH creates, devices may complete CONNECT but can
@@ -202,6 +205,7 @@ class Broker:
         self.proc = None
         self.log_path = workdir / "mosquitto.log"
         self.plugin = plugin
+        self.socket = workdir / "service.sock"
 
     def _conf(self):
         ca, (crt, key) = self.certs["ca"][0], self.certs["server"]
@@ -217,11 +221,13 @@ class Broker:
             f"plugin {self.plugin}",
             f"plugin_opt_service_id {SERVICE_ID}",
             f"plugin_opt_registry {self.registry}",
+            f"plugin_opt_service_socket {self.socket}",
         ]
         for name, extra in (("main", []), ("identity", ["use_identity_as_username true"])):
             lines += [f"listener {self.ports[name]} 127.0.0.1",
                       f"cafile {ca}", f"certfile {crt}", f"keyfile {key}",
                       "require_certificate true", "tls_version tlsv1.2", *extra]
+        lines += [f"listener 0 {self.socket}"]
         return "\n".join(lines) + "\n"
 
     def start(self, binary):
@@ -237,7 +243,8 @@ class Broker:
             log.close()
             try:
                 _wait_for(lambda: self.proc.poll() is not None
-                          or all(_port_open(p) for p in self.ports.values()),
+                          or (all(_port_open(p) for p in self.ports.values())
+                              and self.socket.exists()),
                           msg="mosquitto listeners")
             except AssertionError:
                 self.stop()
@@ -309,14 +316,29 @@ def broker(env, tmp_path_factory):
 # MQTT clients
 
 
+class _UnixClient(mqtt.Client):
+    """paho 1.6 speaks TCP only; the same client over a Unix socket path."""
+
+    def __init__(self, path, **kw):
+        super().__init__(**kw)
+        self._unix_path = str(path)
+
+    def _create_socket_connection(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self._unix_path)
+        return s
+
+
 class Client:
     """A paho client with its network loop in a thread, recording CONNACK,
-    SUBACK and received messages for condition-based waiting."""
+    SUBACK and received messages for condition-based waiting. On the
+    `socket` listener it has no certificate (cert_name None)."""
 
     def __init__(self, broker, cert_name, client_id, listener="main",
                  protocol=mqtt.MQTTv311, username=None, clean=True, will=None):
         self.broker = broker
-        self.port = broker.ports[listener]
+        # paho wants a port even where it is not used (the socket listener).
+        self.port = broker.ports.get(listener, 1)
         self.v5 = protocol == mqtt.MQTTv5
         self.connack = None
         self.closed = threading.Event()
@@ -327,14 +349,17 @@ class Client:
         self.subacks = {}
         self._lock = threading.Lock()
         kw = {} if self.v5 else {"clean_session": clean}
-        self.c = mqtt.Client(client_id=client_id, protocol=protocol, **kw)
         self.clean = clean
-        crt, key = broker.certs[cert_name]
-        # Verifies the broker (CA + IP SAN 127.0.0.1) like a real device.
-        ctx = ssl.create_default_context(cafile=broker.certs["ca"][0])
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(crt, key)
-        self.c.tls_set_context(ctx)
+        if listener == "socket":
+            self.c = _UnixClient(broker.socket, client_id=client_id, protocol=protocol, **kw)
+        else:
+            self.c = mqtt.Client(client_id=client_id, protocol=protocol, **kw)
+            crt, key = broker.certs[cert_name]
+            # Verifies the broker (CA + IP SAN 127.0.0.1) like a real device.
+            ctx = ssl.create_default_context(cafile=broker.certs["ca"][0])
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(crt, key)
+            self.c.tls_set_context(ctx)
         if username:
             self.c.username_pw_set(username)
         if will:
@@ -576,6 +601,50 @@ def test_device_subscriptions_restricted(clients, protocol, refused):
 def test_service_may_subscribe_anything(clients):
     svc = _connected(clients, SERVICE_ID)
     assert svc.subscribe("#", "fleet/+/results", "$share/fleetml/fleet/+/measurements") == [1, 1, 1]
+
+
+@pytest.mark.parametrize("client_id", [SERVICE_ID, "fleetml-service.n1"])
+def test_service_over_its_socket(clients, client_id):
+    """On the service socket the service needs no certificate: it may
+    subscribe to anything, send control ops, and answer a device."""
+    svc = _connected(clients, None, client_id, listener="socket", protocol=mqtt.MQTTv5)
+    assert svc.subscribe("$share/fleetml/fleet/+/measurements", RESPONSE) == [1, 1]
+    # The plugin answers control ops only to the service.
+    assert _control(svc, {"op": "no-such-op"})["ok"] is False
+    dev = _connected(clients, "dev-001")
+    assert dev.subscribe("fleet/dev-001/results") == [1]
+    dev.publish("fleet/dev-001/measurements", b'{"id":"m-1"}')
+    svc.expect("fleet/dev-001/measurements", b'{"id":"m-1"}')
+    svc.publish("fleet/dev-001/results", b'{"id":"m-1","status":"ok"}')
+    dev.expect("fleet/dev-001/results", b'{"id":"m-1","status":"ok"}')
+
+
+@pytest.mark.parametrize("client_id", ["dev-001", "prov-0a1b", "fleetml-serviceX",
+                                       "fleetml-service.N1"])
+def test_socket_refuses_everyone_but_the_service(clients, broker, client_id):
+    """A device or claim id on the socket is refused (it has no certificate
+    there, and the socket is the service's alone)."""
+    mark = len(broker.log())
+    c = clients(None, client_id, listener="socket")
+    assert c.connect() == CONNACK_V311_NOT_AUTHORIZED
+    _wait_for(lambda: "only the service may use the service socket" in broker.log_since(mark),
+              msg="the refusal in the broker log")
+
+
+def test_service_socket_must_be_absolute(env, tmp_path):
+    """A relative socket path could never be told from an address: the
+    plugin refuses to start with one."""
+    registry = tmp_path / "registry.json"
+    _write_atomic(registry, _base_registry(env["serials"]))
+    b = Broker(tmp_path, env["plugin"], env["certs"], env["serials"], registry)
+    b.socket = Path("relative.sock")
+    conf = tmp_path / "mosquitto.conf"
+    b.ports = dict(zip(("main", "identity"), _free_ports(2)))
+    conf.write_text(b._conf().replace(f"listener 0 {b.socket}\n", ""))
+    out = subprocess.run([env["binary"], "-c", str(conf)], capture_output=True, text=True,
+                         timeout=30, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "plugin_opt_service_socket must be an absolute path" in out.stdout + out.stderr
 
 
 def test_offline_persistent_session_queues_own_topics(clients):

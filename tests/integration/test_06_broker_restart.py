@@ -2,7 +2,9 @@
 child that died and devices get service again."""
 
 import os
+import pwd
 import signal
+import stat
 
 from helpers import make_measurement, metric_value, pid_alive, unique_id, wait_for
 
@@ -48,3 +50,42 @@ def test_broker_killed_is_restarted(make_platform, devices):
     got = wait_for(answered, 15, interval=1.0, msg="a reply through the restarted broker")
     assert got[0].json()["status"] == "ok", got[0].payload
     assert p.count_measurements(DEV, mid) == 1
+
+
+def _answered(p, devices, dev_id):
+    dev = devices(p, dev_id, reconnect=True).connect()
+    assert all(c < 0x80 for c in dev.subscribe(dev.results_topic))
+    reply, _ = dev.measure(make_measurement(unique_id("t")))
+    assert reply.json()["status"] == "ok", reply.payload
+
+
+def test_service_socket_is_the_brokers_alone(make_platform, devices):
+    """By default the service reaches its broker over a Unix socket in a
+    directory only the broker's user may enter, and the plugin admits it
+    there without a certificate."""
+    p = make_platform(devices=["dev-socket"], name="sock", traversable=True)
+    sockdir = p.data / "broker" / "service"
+    st = os.stat(sockdir)
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    conf = (p.data / "broker" / "mosquitto.conf").read_text()
+    owner = conf.split("user ", 1)[1].split("\n", 1)[0]
+    assert st.st_uid == pwd.getpwnam(owner).pw_uid
+    assert f"listener 0 {sockdir}/mqtt.sock\n" in conf
+    assert f"plugin_opt_service_socket {sockdir}/mqtt.sock\n" in conf
+    _answered(p, devices, "dev-socket")
+    log = p.data / "broker" / "mosquitto.log"
+    wait_for(lambda: "accepted service (unix socket) 'fleetml-service'" in log.read_text(), 10,
+             msg="the service admitted on its socket")
+
+
+def test_service_over_tls_when_asked(make_platform, devices):
+    """broker.service_transport = tls: no socket listener, and the service
+    comes in on the loopback TLS listener with its certificate."""
+    p = make_platform(devices=["dev-tls-svc"], name="tlssvc", start=False)
+    p.start(extra_args=("--set", "broker.service_transport=tls"))
+    conf = (p.data / "broker" / "mosquitto.conf").read_text()
+    assert "listener 0 " not in conf and "plugin_opt_service_socket" not in conf
+    _answered(p, devices, "dev-tls-svc")
+    log = (p.data / "broker" / "mosquitto.log").read_text()
+    assert "accepted service 'fleetml-service' (cn 'fleetml-service'" in log
+    assert "unix socket" not in log
