@@ -95,6 +95,38 @@ static void stage_costs(char *const *pool, const size_t *pool_len, int npool, ui
     *features_us = feat * 1e6 / (double)n;
 }
 
+/* CPU µs of one model call for a single row: what a measurement that
+ * arrives alone (any quiet moment) pays for inference. -1 if the model
+ * cannot be loaded. */
+static double predict_one_cost(const char *model_dir, char *const *pool, const size_t *pool_len,
+                               int npool)
+{
+    fm_model *model;
+    fm_errbuf err;
+    if (fm_model_load(model_dir, &model, &err) != 0)
+        return -1;
+    enum { CALLS = 4000 };
+    size_t nf = fm_feature_count();
+    float *feat = fm_calloc((size_t)npool * nf, sizeof *feat);
+    int ok = feat != NULL;
+    for (int i = 0; ok && i < npool; i++) {
+        fm_measurement m;
+        fm_verr e;
+        ok = fm_measurement_parse(pool[i], pool_len[i], &m, &e) == 0 &&
+             fm_features_extract(&m, feat + (size_t)i * nf, &e) == 0;
+        fm_measurement_free(&m);
+    }
+    double t0 = thread_cpu_s();
+    for (int i = 0; ok && i < CALLS; i++) {
+        float out[FM_OUTPUTS_MAX];
+        ok = fm_model_predict(model, feat + (size_t)(i % npool) * nf, 1, out, &err) == 0;
+    }
+    double cost = ok ? (thread_cpu_s() - t0) * 1e6 / CALLS : -1;
+    fm_free(feat);
+    fm_model_free(model);
+    return cost;
+}
+
 static int bench_pipeline(int argc, char **argv)
 {
     fm_config cfg;
@@ -149,6 +181,7 @@ static int bench_pipeline(int argc, char **argv)
     /* Parse + validate, and feature extraction, alone on this thread. */
     double parse_us, features_us;
     stage_costs(pool, pool_len, POOL, n, &parse_us, &features_us);
+    double predict_one_us = predict_one_cost(cfg.model_dir, pool, pool_len, POOL);
 
     counter c = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
     fm_pipeline *p;
@@ -186,11 +219,11 @@ static int bench_pipeline(int argc, char **argv)
            "\"per_s\":%.1f,\"cpu_us_per_measurement\":%.1f,\"workers\":%d,"
            "\"inference_us_per_measurement\":%.1f,\"commit_us_per_measurement\":%.1f,"
            "\"mean_batch\":%.1f,\"payload_bytes\":%zu,\"parse_validate_us\":%.2f,"
-           "\"features_us\":%.2f}\n",
+           "\"features_us\":%.2f,\"predict_one_row_us\":%.1f}\n",
            (unsigned long long)n, (unsigned long long)c.ok, secs, (double)n / secs,
            cpu * 1e6 / (double)n, cfg.pipeline_workers, infer * 1e6 / (double)n,
            commit * 1e6 / (double)n, batches ? (double)n / (double)batches : 0.0, pool_len[0],
-           parse_us, features_us);
+           parse_us, features_us, predict_one_us);
     for (int i = 0; i < POOL; i++)
         fm_free(pool[i]);
     nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);

@@ -298,3 +298,16 @@ def test_status_of_a_running_node(fm_bin, module_platform):
     # No node: a clear failure, exit 1.
     r = run(fm_bin, "status", "--url", "http://127.0.0.1:9", check=1)
     assert "no node answers" in r.stderr
+
+
+def test_bench_pipeline_reports_its_figures(fm_bin, tmp_path):
+    """`fleetml bench pipeline` (what `make bench` reads) answers every
+    measurement and reports each cost it claims to measure."""
+    out = subprocess.run([fm_bin, "bench", "pipeline", "--n", "400", "--data", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+    assert doc["measurements"] == 400 and doc["ok"] == 400
+    for k in ("cpu_us_per_measurement", "parse_validate_us", "features_us",
+              "predict_one_row_us"):
+        assert doc[k] > 0, (k, doc)

@@ -15,6 +15,7 @@
 #include "fleetml/viscometer.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +150,73 @@ static void test_drift_psi(void **state)
     assert_true(fm_drift_psi(e, flat, 0) == 0.0);
     free(x);
     fm_model_free(m);
+}
+
+/* Threads predicting at once, each row one by one through its thread's
+ * proxy, get what one batch call gives for the same rows. */
+typedef struct {
+    fm_model *m;
+    const float *x, *want;
+    size_t first, n, nf;
+    int mismatches;
+} predict_job;
+
+static void *predict_rows(void *arg)
+{
+    predict_job *j = arg;
+    fm_errbuf err;
+    for (int round = 0; round < 20; round++) {
+        for (size_t i = j->first; i < j->first + j->n; i++) {
+            float one[3];
+            if (fm_model_predict(j->m, j->x + i * j->nf, 1, one, &err) != 0 ||
+                memcmp(one, j->want + i * 3, sizeof one) != 0)
+                j->mismatches++;
+        }
+    }
+    return NULL;
+}
+
+static void test_predict_from_threads(void **state)
+{
+    (void)state;
+    enum { N = 40, T = 4 };
+    size_t nf = fm_feature_count();
+    float *x = fm_calloc(N * nf, sizeof *x), *y = fm_calloc(N * 3, sizeof *y);
+    assert_non_null(x);
+    assert_non_null(y);
+    fm_rng r;
+    fm_rng_seed(&r, 4242);
+    for (size_t i = 0; i < N; i++) {
+        char *json;
+        size_t len;
+        fm_measurement meas;
+        fm_verr ve;
+        fm_visc_truth t;
+        fm_visc_draw_truth(&r, &t);
+        assert_int_equal(fm_visc_measurement_json(&r, &t, "t", "fw", TAKEN_AT, &json, &len), 0);
+        assert_int_equal(fm_measurement_parse(json, len, &meas, &ve), 0);
+        fm_free(json);
+        assert_int_equal(fm_features_extract(&meas, x + i * nf, &ve), 0);
+        fm_measurement_free(&meas);
+    }
+    fm_model *m = NULL;
+    fm_errbuf err;
+    assert_int_equal(fm_model_load(bundled, &m, &err), 0);
+    assert_int_equal(fm_model_predict(m, x, N, y, &err), 0);
+    pthread_t th[T];
+    predict_job jobs[T];
+    for (int t = 0; t < T; t++) {
+        jobs[t] = (predict_job){.m = m, .x = x, .want = y, .first = (size_t)t * (N / T),
+                                .n = N / T, .nf = nf};
+        assert_int_equal(pthread_create(&th[t], NULL, predict_rows, &jobs[t]), 0);
+    }
+    for (int t = 0; t < T; t++) {
+        pthread_join(th[t], NULL);
+        assert_int_equal(jobs[t].mismatches, 0);
+    }
+    fm_model_free(m);
+    fm_free(x);
+    fm_free(y);
 }
 
 static void test_predict_fresh_samples(void **state)
@@ -385,6 +453,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_load_bundled),
         cmocka_unit_test(test_predict_fresh_samples),
+        cmocka_unit_test(test_predict_from_threads),
         cmocka_unit_test(test_contributions_add_up),
         cmocka_unit_test(test_drift_psi),
         cmocka_unit_test(test_load_missing_dir),
