@@ -25,6 +25,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,7 @@ SERVICE_TRANSPORT = os.environ.get("FM_BENCH_SERVICE_TRANSPORT", "unix")
 class Node:
     """A data directory with init done and N devices registered."""
 
-    def __init__(self, build, devices, prefix="bench"):
+    def __init__(self, build, devices, prefix="bench", admission=False):
         self.bin = os.path.join(build, "fleetml")
         self.echo = os.path.join(build, "fleetml-echo")
         self.dir = tempfile.mkdtemp(prefix="fleetml-bench-")
@@ -102,8 +103,11 @@ class Node:
                   "--set", f"broker.service_port={self.ports['svc']}",
                   "--set", f"http.port={self.ports['http']}",
                   "--set", f"ops.port={self.ports['ops']}",
-                  "--set", "node.log_level=warn", "--set", "pipeline.device_rate=0",
-                  "--set", "pipeline.device_bytes_rate=0",
+                  "--set", "node.log_level=warn",
+                  # Admission off unless measured: the load generators are
+                  # few devices sending fast.
+                  *([] if admission else ["--set", "pipeline.device_rate=0",
+                                          "--set", "pipeline.device_bytes_rate=0"]),
                   # How fleetml and both echoes reach the broker: the same
                   # for all three (unix socket, the default, or mTLS).
                   "--set", f"broker.service_transport={SERVICE_TRANSPORT}"])
@@ -358,6 +362,89 @@ def latency_targets(out):
                        "echo_per_s": echo["closed_loop"]["throughput_per_s"],
                        "ratio": round(ratio, 3), "ratio_min": 0.8, "met": ratio >= 0.8}
     return t
+
+
+def _mqtt_varint(n):
+    out = bytearray()
+    while True:
+        b, n = n % 128, n // 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _mqtt_str(text):
+    b = text.encode()
+    return len(b).to_bytes(2, "big") + b
+
+
+def flood(node, device, count, size, stats):
+    """One device writing count PUBLISHes (QoS 0) of size bytes as fast as
+    its TLS connection takes them: a raw MQTT 3.1.1 client, so nothing on
+    this side paces it."""
+    ddir = os.path.join(node.dir, "devices", device)
+    ctx = ssl.create_default_context(cafile=os.path.join(node.dir, "pki", "ca.crt"))
+    ctx.load_cert_chain(os.path.join(ddir, "device.crt"), os.path.join(ddir, "device.key"))
+    raw = socket.create_connection(("127.0.0.1", node.ports["mqtt"]), timeout=30)
+    s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + _mqtt_str(device)
+    s.sendall(b"\x10" + _mqtt_varint(len(body)) + body)
+    ack = s.recv(4)
+    if ack[:1] != b"\x20" or ack[3:4] != b"\x00":
+        raise RuntimeError(f"flood device refused: {ack!r}")
+    topic = _mqtt_str(f"fleet/{device}/measurements")
+    t0 = time.monotonic()
+    try:
+        for i in range(count):
+            head = b'{"id":"flood-%d","pad":"' % i
+            payload = head + b"a" * (size - len(head) - 2) + b'"}'
+            pkt = topic + payload
+            s.sendall(b"\x30" + _mqtt_varint(len(pkt)) + pkt)
+            stats["sent"] = i + 1
+    except OSError as e:
+        stats["ended_by"] = str(e)
+    stats["seconds"] = round(time.monotonic() - t0, 2)
+    s.close()
+
+
+def bench_flood(args):
+    """A well-behaved device's replies while another device floods the
+    broker with 1,500 large payloads (the admission limits at their
+    defaults): the flood must be refused at the broker, not queued ahead
+    of the good device's measurements. Target: no reply slower than 100 ms."""
+    node = Node(args.build, 2, admission=True)
+    good, evil = node.devices
+    out = {"flood_messages": 1500, "flood_bytes_each": 131000}
+    try:
+        serve, broker = node.start_serve()
+        node.sim(1, rate=1, duration=2, quiet=True)  # warm: the good device connects
+        before = metrics(node.ports["ops"])
+        stats = {}
+        res = {}
+        # The good device sends 10 measurements a second (under its rate)
+        # for the whole window; the flood starts 2 s in.
+        t = threading.Thread(target=lambda: res.update(
+            node.sim(1, rate=10, duration=args.flood_duration)))
+        t.start()
+        time.sleep(2)
+        flood(node, evil, 1500, 131000, stats)
+        t.join()
+        after = metrics(node.ports["ops"])
+        out["flood"] = stats
+        out["refused_messages"] = int(after.get("fleetml_broker_refused_messages_total", 0) -
+                                      before.get("fleetml_broker_refused_messages_total", 0))
+        out["quarantined"] = int(
+            sum(v for k, v in after.items() if k.startswith("fleetml_measurements_rejected_total"))
+            - sum(v for k, v in before.items()
+                  if k.startswith("fleetml_measurements_rejected_total")))
+        out["good_device"] = {k: res.get(k) for k in ("ok", "errors", "timeouts", "latency_ms")}
+        lat = out["good_device"]["latency_ms"]
+        out["targets"] = {"max_ms": 100.0, "good_max_ms": lat["max"],
+                          "met": lat["max"] <= 100.0 and res.get("errors", 1) == 0 and
+                          res.get("timeouts", 1) == 0}
+    finally:
+        node.close()
+    return out
 
 
 def pipeline_run(args, *sets):
@@ -791,8 +878,11 @@ def main():
                     help="seconds per open-loop run of the latency section")
     ap.add_argument("--hotswap-duration", type=float,
                     default=float(os.environ.get("FM_BENCH_HOTSWAP_DURATION", 20)))
+    ap.add_argument("--flood-duration", type=float,
+                    default=float(os.environ.get("FM_BENCH_FLOOD_DURATION", 20)),
+                    help="seconds the good device sends during the flood section")
     ap.add_argument("--only", choices=["pipeline", "latency", "pair", "many", "api", "hotswap",
-                                       "cluster", "functions", "processor"])
+                                       "cluster", "functions", "processor", "flood"])
     ap.add_argument("--out")
     args = ap.parse_args()
     args.build = os.path.abspath(args.build)
@@ -804,6 +894,8 @@ def main():
         result["latency"] = bench_latency(args)
     if args.only == "pair":
         result["pair"] = bench_pair(args)
+    if args.only in (None, "flood"):
+        result["flood"] = bench_flood(args)
     if args.only in (None, "many") and args.many > 0:
         result["many_devices"] = bench_many(args)
     if args.only in (None, "api"):

@@ -985,9 +985,11 @@ static inline int fm_store_lease(fm_store *s, const char *name, const char *hold
  * restarted the same day does not claim again -- and appends the audit
  * entry a (at_ms set; seq set on success) in the same transaction, so the
  * action is recorded exactly when it is claimed. 0 when claimed and
- * recorded, FM_EBUSY when already claimed (nothing written), FM_EINVAL on
- * empty names or ttl_ms <= 0, or another FM_E* code with err set (nothing
- * written). */
+ * recorded, FM_EBUSY when already claimed (nothing written) and only
+ * then, FM_EINVAL on empty names or ttl_ms <= 0, or another FM_E* code
+ * with err set (nothing written; a database too busy to answer is
+ * FM_EUNAVAIL, never FM_EBUSY, so a caller can tell "try again" from
+ * "someone has it"). */
 static inline int fm_store_claim_audit(fm_store *s, const char *name, const char *holder,
                                        int64_t ttl_ms, fm_audit *a, fm_errbuf *err)
 { return s->vt->claim_audit(s, name, holder, ttl_ms, a, err); }

@@ -52,7 +52,21 @@ struct fm_deployer {
     /* (tenant, version, day) already alerted, so an alert is raised once */
     char (*alerted)[200];
     size_t nalerted;
+    /* Alerts judged but not yet claimed (the claim is a write, made after
+     * the read that judged them; one a busy store refused waits here for
+     * the next tick, new counts or not). */
+    struct drift_alert *pending;
+    size_t npending;
 };
+
+typedef struct drift_alert {
+    char key[200]; /* tenant|model|day */
+    char tenant[65];
+    char model[128];
+    double psi;
+    size_t worst;
+    uint64_t n;
+} drift_alert;
 
 /* ---- the table --------------------------------------------------------------- */
 
@@ -314,6 +328,22 @@ typedef struct drift_check {
     double max;
 } drift_check;
 
+static bool alerted(const fm_deployer *d, const char *key)
+{
+    for (size_t i = 0; i < d->nalerted; i++)
+        if (strcmp(d->alerted[i], key) == 0)
+            return true;
+    for (size_t i = 0; i < d->npending; i++)
+        if (strcmp(d->pending[i].key, key) == 0)
+            return true;
+    return false;
+}
+
+/* Judges one tenant's counts for one model version. Called while the
+ * store reads them, so it only notes an alert to raise: claiming it is a
+ * write, which inside the read's snapshot would fail as soon as another
+ * connection has committed since (SQLite's BUSY_SNAPSHOT), and such a
+ * failure must not pass for "another node has claimed it". */
 static int check_one(void *ud, const fm_drift_counts *c)
 {
     drift_check *k = ud;
@@ -331,45 +361,76 @@ static int check_one(void *ud, const fm_drift_counts *c)
         return 0;
     char key[200];
     snprintf(key, sizeof key, "%s|%s|%lld", c->tenant, c->model, (long long)c->day);
-    for (size_t i = 0; i < d->nalerted; i++)
-        if (strcmp(d->alerted[i], key) == 0)
-            return 0;
-    /* Every node sharing the database sees the same counts: the first to
-     * claim the alert (a lease that outlives the day) raises it, once for
-     * the cluster (a restart of the same node included), and its audit
-     * entry (the drift.alert event) commits in the claim's own transaction.
-     * A claim that could not be made is tried at the next tick; one already
-     * made is remembered like our own. */
+    if (alerted(d, key))
+        return 0;
+    drift_alert *np = fm_realloc(d->pending, (d->npending + 1) * sizeof *np);
+    if (!np)
+        return 0; /* judged again at the next tick */
+    d->pending = np;
+    drift_alert *a = &d->pending[d->npending++];
+    snprintf(a->key, sizeof a->key, "%s", key);
+    snprintf(a->tenant, sizeof a->tenant, "%s", c->tenant);
+    snprintf(a->model, sizeof a->model, "%s", c->model);
+    a->psi = max;
+    a->worst = worst;
+    a->n = c->n;
+    return 0;
+}
+
+static void remember_alerted(fm_deployer *d, const char *key)
+{
+    char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
+    if (na) {
+        d->alerted = na;
+        snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
+    }
+}
+
+/* Claims and raises one judged alert. Every node sharing the database
+ * sees the same counts: the first to claim the alert (a lease that
+ * outlives the day) raises it, once for the cluster (a restart of the same
+ * node included), and its audit entry (the drift.alert event) commits in
+ * the claim's own transaction. Returns false when the store could not be
+ * written (the alert stays pending); a claim another node holds counts as
+ * done. */
+static bool raise_alert(fm_deployer *d, const drift_alert *p)
+{
     char claim[240];
-    snprintf(claim, sizeof claim, "drift-alert:%s", key);
+    snprintf(claim, sizeof claim, "drift-alert:%s", p->key);
     char psis[32], ns[32];
-    snprintf(psis, sizeof psis, "%.3f", max);
-    snprintf(ns, sizeof ns, "%llu", (unsigned long long)c->n);
+    snprintf(psis, sizeof psis, "%.3f", p->psi);
+    snprintf(ns, sizeof ns, "%llu", (unsigned long long)p->n);
     char details[256];
     snprintf(details, sizeof details,
-             "{\"psi\":%.4f,\"feature\":\"%s\",\"measurements\":%llu,\"threshold\":%.2f}", max,
-             fm_feature_name(worst), (unsigned long long)c->n, d->cfg.drift_psi_pct / 100.0);
-    fm_audit a = {.at_ms = fm_wall_ms(), .tenant = c->tenant, .actor = "fleetml",
-                  .action = "drift.alert", .target = c->model, .outcome = "ok", .client = "",
+             "{\"psi\":%.4f,\"feature\":\"%s\",\"measurements\":%llu,\"threshold\":%.2f}", p->psi,
+             fm_feature_name(p->worst), (unsigned long long)p->n, d->cfg.drift_psi_pct / 100.0);
+    fm_audit a = {.at_ms = fm_wall_ms(), .tenant = p->tenant, .actor = "fleetml",
+                  .action = "drift.alert", .target = p->model, .outcome = "ok", .client = "",
                   .details_json = details};
     fm_errbuf err;
     int lrc = fm_store_claim_audit(d->store, claim, d->cfg.node_id, 2 * 86400000LL, &a, &err);
     if (lrc != 0 && lrc != FM_EBUSY) {
         fm_logkv(FM_LOG_WARN, "model", "drift alert not recorded yet; will try again", "error",
                  err.msg, NULL);
-        return 0;
+        return false;
     }
-    char (*na)[200] = fm_realloc(d->alerted, (d->nalerted + 1) * sizeof *na);
-    if (na) {
-        d->alerted = na;
-        snprintf(d->alerted[d->nalerted++], sizeof d->alerted[0], "%s", key);
-    }
+    remember_alerted(d, p->key);
     if (lrc == FM_EBUSY)
-        return 0;
-    fm_logkv(FM_LOG_WARN, "model", "drift alert", "tenant", c->tenant, "model", c->model,
-             "feature", fm_feature_name(worst), "psi", psis, "measurements", ns, NULL);
+        return true; /* another node raised it */
+    fm_logkv(FM_LOG_WARN, "model", "drift alert", "tenant", p->tenant, "model", p->model,
+             "feature", fm_feature_name(p->worst), "psi", psis, "measurements", ns, NULL);
     atomic_fetch_add(&fm_metrics_get()->drift_alerts, 1);
-    return 0;
+    return true;
+}
+
+/* Raises the pending alerts; those the store refused stay for later. */
+static void raise_pending(fm_deployer *d)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < d->npending; i++)
+        if (!raise_alert(d, &d->pending[i]))
+            d->pending[kept++] = d->pending[i];
+    d->npending = kept;
 }
 
 /* Adds the pipeline's counts to the store, then judges today's drift of
@@ -396,6 +457,7 @@ static void drift_tick(fm_deployer *d)
     if (n)
         atomic_store(&fm_metrics_get()->drift_psi_max_micro, (uint64_t)(k.max * 1e6));
     fm_free(c);
+    raise_pending(d);
 }
 
 static void *deployer_main(void *arg)
@@ -480,6 +542,7 @@ void fm_deployer_stop(fm_deployer *d)
         return;
     fm_deployer_halt(d);
     fm_free(d->alerted);
+    fm_free(d->pending);
     for (size_t i = 0; i < d->ncache; i++)
         fm_model_free(d->cache[i].model);
     fm_free(d->cache);

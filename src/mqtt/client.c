@@ -310,7 +310,8 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
     }
     mosquitto_threaded_set(c->mosq, true);
     mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
-    mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
+    if (!unix_socket)
+        mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
     mosquitto_int_option(c->mosq, MOSQ_OPT_RECEIVE_MAXIMUM, 1000);
     mosquitto_int_option(c->mosq, MOSQ_OPT_SEND_MAXIMUM, 1000);
     mosquitto_max_inflight_messages_set(c->mosq, 1000);

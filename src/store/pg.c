@@ -507,7 +507,7 @@ static int p_lease(fm_store *base, const char *name, const char *holder, int64_t
 }
 
 static int claim_audit_tx(pg_store *s, const char *name, const char *holder, int64_t ttl_ms,
-                          fm_audit *a, fm_errbuf *err)
+                          fm_audit *a, bool *other, fm_errbuf *err)
 {
     pg_args q = {0};
     pg__text(&q, name);
@@ -525,9 +525,17 @@ static int claim_audit_tx(pg_store *s, const char *name, const char *holder, int
         return rc;
     int won = PQntuples(r) == 1;
     PQclear(r);
-    if (!won)
+    if (!won) {
+        *other = true;
         return FM_EBUSY;
+    }
     return pg__audit_tx(s, a, a->details_json ? a->details_json : "{}", err);
+}
+
+static int claim_audit_in_tx(pg_store *s, const char *name, const char *holder, int64_t ttl_ms,
+                             fm_audit *a, bool *other, fm_errbuf *err)
+{
+    PG_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, other, err));
 }
 
 static int p_claim_audit(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
@@ -536,7 +544,10 @@ static int p_claim_audit(fm_store *base, const char *name, const char *holder, i
     pg_store *s = (pg_store *)base;
     if (!name || !*name || !holder || !*holder || ttl_ms <= 0)
         return fm_errf(err, FM_EINVAL, "a claim needs a name, a holder and a duration");
-    PG_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, err));
+    bool other = false;
+    int rc = claim_audit_in_tx(s, name, holder, ttl_ms, a, &other, err);
+    /* FM_EBUSY means "claimed already": a busy server is not that. */
+    return rc == FM_EBUSY && !other ? FM_EUNAVAIL : rc;
 }
 
 static void p_close(fm_store *base)

@@ -670,7 +670,7 @@ static int s_lease(fm_store *base, const char *name, const char *holder, int64_t
 }
 
 static int claim_audit_tx(sqlite_store *s, const char *name, const char *holder,
-                          int64_t ttl_ms, fm_audit *a, fm_errbuf *err)
+                          int64_t ttl_ms, fm_audit *a, bool *other, fm_errbuf *err)
 {
     sqlite3_stmt *st;
     int64_t now = fm_wall_ms();
@@ -690,9 +690,17 @@ static int claim_audit_tx(sqlite_store *s, const char *name, const char *holder,
     sqlite3_finalize(st);
     if (rc != SQLITE_OK)
         return sql__err(s, err, rc, "claim");
-    if (sqlite3_changes(s->db) != 1)
+    if (sqlite3_changes(s->db) != 1) {
+        *other = true;
         return FM_EBUSY;
+    }
     return sql__audit_append(&s->base, a, err);
+}
+
+static int claim_audit_in_tx(sqlite_store *s, const char *name, const char *holder,
+                             int64_t ttl_ms, fm_audit *a, bool *other, fm_errbuf *err)
+{
+    IN_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, other, err));
 }
 
 static int s_claim_audit(fm_store *base, const char *name, const char *holder, int64_t ttl_ms,
@@ -701,7 +709,10 @@ static int s_claim_audit(fm_store *base, const char *name, const char *holder, i
     sqlite_store *s = (sqlite_store *)base;
     if (!name || !*name || !holder || !*holder || ttl_ms <= 0)
         return fm_errf(err, FM_EINVAL, "a claim needs a name, a holder and a duration");
-    IN_TX(s, err, claim_audit_tx(s, name, holder, ttl_ms, a, err));
+    bool other = false;
+    int rc = claim_audit_in_tx(s, name, holder, ttl_ms, a, &other, err);
+    /* FM_EBUSY means "claimed already": a busy database is not that. */
+    return rc == FM_EBUSY && !other ? FM_EUNAVAIL : rc;
 }
 
 static const fm_store_vtable sqlite_vt = {
