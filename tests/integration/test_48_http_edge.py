@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import select
 import signal
 import socket
 import subprocess
@@ -261,17 +262,20 @@ def test_behind_a_proxy_the_cap_is_per_forwarded_address(module_platform):
         t.join(5)
 
 
-def slow_bodies(port, n, stop, xff=None):
-    """n requests whose head is whole and whose body then trickles one byte
-    a second; returns (sockets still open, the trickling thread)."""
-    socks = []
+def slow_request(port, xff=None):
+    """A connection whose request head is whole and whose body has begun."""
     head = (b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 4000\r\n"
             + (b"X-Forwarded-For: " + xff.encode() + b"\r\n" if xff else b"") + b"\r\n{")
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=2)
-        s.send(head)
-        socks.append(s)
+    s = socket.create_connection(("127.0.0.1", port), timeout=2)
+    s.send(head)
+    return s
+
+
+def slow_bodies(port, n, stop, xff=None):
+    """n requests whose head is whole and whose body then trickles one byte
+    a second; returns (sockets still open, the trickling thread)."""
+    socks = [slow_request(port, xff) for _ in range(n)]
 
     def trickle():
         while not stop.is_set():
@@ -317,9 +321,22 @@ def test_behind_a_proxy_requests_in_flight_are_capped_per_client(module_platform
             buf, _ = exchange(p.http_port, b"GET /api/v1/me HTTP/1.1\r\nHost: x\r\n"
                               b"X-Forwarded-For: " + xff + b"\r\nConnection: close\r\n\r\n")
             return status_lines(buf)[:1]
+
+        def refill():
+            """A probe can reach the server before a slow head does, take
+            the third slot for a moment and get that slow request refused:
+            a slow request the server has answered is opened again."""
+            for s in list(socks):
+                if select.select([s], [], [], 0)[0]:
+                    socks.remove(s)
+                    s.close()
+                    socks.append(slow_request(p.http_port, "198.51.100.7"))
+
+        def fourth_refused():
+            refill()
+            return answer(b"198.51.100.7") == [b"429"]
         # The three slow requests hold the client's slots (once each head is in).
-        wait_for(lambda: answer(b"198.51.100.7") == [b"429"], 20, interval=0.2,
-                 msg="the fourth request of one client refused")
+        wait_for(fourth_refused, 30, interval=0.2, msg="the fourth request of one client refused")
         assert answer(b"198.51.100.8") == [b"401"]  # another client: routed (no token)
         assert metric_value(p.metrics(), "fleetml_http_refused_total",
                             reason="per_address") >= 1
