@@ -176,6 +176,24 @@ def test_operations_endpoints_are_on_their_own_listener(env):
     assert "fleetml_http_refused_total" in p.metrics()
 
 
+def trickle(socks, stop, byte):
+    """A thread sending byte on every socket of socks once a second until
+    stop is set (a socket that fails drops out), then closing them."""
+    def run():
+        while not stop.is_set():
+            for s in list(socks):
+                try:
+                    s.send(byte)
+                except OSError:
+                    socks.remove(s)
+            stop.wait(1.0)
+        for s in socks:
+            s.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def slow_clients(port, n, stop, source="127.0.0.1"):
     """n connections that each send one byte of a request head per second
     until stop is set. Returns the list of sockets (closed ones drop out)."""
@@ -189,19 +207,7 @@ def slow_clients(port, n, stop, source="127.0.0.1"):
         except OSError:
             pass  # over the per-address cap: refused at once, as it should be
 
-    def trickle():
-        while not stop.is_set():
-            for s in list(socks):
-                try:
-                    s.send(b"E")
-                except OSError:
-                    socks.remove(s)
-            stop.wait(1.0)
-        for s in socks:
-            s.close()
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    return socks, t
+    return socks, trickle(socks, stop, b"E")
 
 
 def timed_get(port, source, extra=b""):
@@ -277,19 +283,7 @@ def slow_bodies(port, n, stop, xff=None):
     a second; returns (sockets still open, the trickling thread)."""
     socks = [slow_request(port, xff) for _ in range(n)]
 
-    def trickle():
-        while not stop.is_set():
-            for s in list(socks):
-                try:
-                    s.send(b" ")
-                except OSError:
-                    socks.remove(s)
-            stop.wait(1.0)
-        for s in socks:
-            s.close()
-    t = threading.Thread(target=trickle, daemon=True)
-    t.start()
-    return socks, t
+    return socks, trickle(socks, stop, b" ")
 
 
 def test_a_body_slower_than_the_minimum_rate_is_cut(env):

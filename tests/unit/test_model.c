@@ -152,6 +152,27 @@ static void test_drift_psi(void **state)
     fm_model_free(m);
 }
 
+/* n simulator sweeps drawn from seed, their truths into truth[i] and
+ * their features into x (row stride fm_feature_count()). */
+static void fresh_features(uint64_t seed, size_t n, fm_visc_truth *truth, float *x)
+{
+    size_t nf = fm_feature_count();
+    fm_rng r;
+    fm_rng_seed(&r, seed);
+    for (size_t i = 0; i < n; i++) {
+        char *json;
+        size_t len;
+        fm_measurement meas;
+        fm_verr ve;
+        fm_visc_draw_truth(&r, &truth[i]);
+        assert_int_equal(fm_visc_measurement_json(&r, &truth[i], "t", "fw", TAKEN_AT, &json, &len), 0);
+        assert_int_equal(fm_measurement_parse(json, len, &meas, &ve), 0);
+        fm_free(json);
+        assert_int_equal(fm_features_extract(&meas, x + i * nf, &ve), 0);
+        fm_measurement_free(&meas);
+    }
+}
+
 /* Threads predicting at once, each row one by one through its thread's
  * proxy, get what one batch call gives for the same rows. */
 typedef struct {
@@ -182,23 +203,10 @@ static void test_predict_from_threads(void **state)
     enum { N = 40, T = 4 };
     size_t nf = fm_feature_count();
     float *x = fm_calloc(N * nf, sizeof *x), *y = fm_calloc(N * 3, sizeof *y);
+    fm_visc_truth truth[N];
     assert_non_null(x);
     assert_non_null(y);
-    fm_rng r;
-    fm_rng_seed(&r, 4242);
-    for (size_t i = 0; i < N; i++) {
-        char *json;
-        size_t len;
-        fm_measurement meas;
-        fm_verr ve;
-        fm_visc_truth t;
-        fm_visc_draw_truth(&r, &t);
-        assert_int_equal(fm_visc_measurement_json(&r, &t, "t", "fw", TAKEN_AT, &json, &len), 0);
-        assert_int_equal(fm_measurement_parse(json, len, &meas, &ve), 0);
-        fm_free(json);
-        assert_int_equal(fm_features_extract(&meas, x + i * nf, &ve), 0);
-        fm_measurement_free(&meas);
-    }
+    fresh_features(4242, N, truth, x);
     fm_model *m = NULL;
     fm_errbuf err;
     assert_int_equal(fm_model_load(bundled, &m, &err), 0);
@@ -229,20 +237,7 @@ static void test_predict_fresh_samples(void **state)
     assert_non_null(x);
     assert_non_null(y);
     /* A seed the bundled model was not trained on. */
-    fm_rng r;
-    fm_rng_seed(&r, 777);
-    for (size_t i = 0; i < N; i++) {
-        char *json;
-        size_t len;
-        fm_measurement meas;
-        fm_verr ve;
-        fm_visc_draw_truth(&r, &truth[i]);
-        assert_int_equal(fm_visc_measurement_json(&r, &truth[i], "t", "fw", TAKEN_AT, &json, &len), 0);
-        assert_int_equal(fm_measurement_parse(json, len, &meas, &ve), 0);
-        fm_free(json);
-        assert_int_equal(fm_features_extract(&meas, x + i * nf, &ve), 0);
-        fm_measurement_free(&meas);
-    }
+    fresh_features(777, N, truth, x);
     fm_model *m = NULL;
     fm_errbuf err;
     assert_int_equal(fm_model_load(bundled, &m, &err), 0);
