@@ -19,13 +19,13 @@
 #include "fleetml/metrics.h"
 
 #include <errno.h>
-#include <stdbool.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <pthread.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,7 +63,8 @@ int fm_broker_service_socket(const fm_config *cfg, char *buf, size_t len)
     if (strcmp(cfg->broker_mode, "supervised") != 0 ||
         strcmp(cfg->broker_service_transport, "unix") != 0)
         return FM_ENOTFOUND;
-    fm_config_path(cfg, "broker/service/mqtt.sock", path, sizeof path);
+    if (!fm_config_path(cfg, "broker/service/mqtt.sock", path, sizeof path))
+        return FM_ENOTFOUND;
     /* An absolute path (the plugin tells it from IP addresses by its '/')
      * that fits a socket address; otherwise the TLS listener serves. */
     if (path[0] != '/' || strlen(path) >= sizeof sa.sun_path || strlen(path) >= len)

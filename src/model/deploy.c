@@ -328,7 +328,7 @@ typedef struct drift_check {
     double max;
 } drift_check;
 
-static bool alerted(const fm_deployer *d, const char *key)
+static bool already_judged(const fm_deployer *d, const char *key)
 {
     for (size_t i = 0; i < d->nalerted; i++)
         if (strcmp(d->alerted[i], key) == 0)
@@ -361,7 +361,7 @@ static int check_one(void *ud, const fm_drift_counts *c)
         return 0;
     char key[200];
     snprintf(key, sizeof key, "%s|%s|%lld", c->tenant, c->model, (long long)c->day);
-    if (alerted(d, key))
+    if (already_judged(d, key))
         return 0;
     drift_alert *np = fm_realloc(d->pending, (d->npending + 1) * sizeof *np);
     if (!np)
