@@ -71,6 +71,13 @@ typedef struct fm_metrics {
     _Atomic uint64_t presence_events;  /* device connect/disconnect reports */
     _Atomic uint64_t broker_refused_msgs;  /* publishes the broker refused (over rate) */
     _Atomic uint64_t broker_refused_bytes; /* ... and their payload bytes */
+    /* SQLite WAL checkpoints of the pipeline's database, by who ran them:
+     * the checkpointer thread, the commit thread with nothing queued, the
+     * commit thread in a commit (the log reached its bound) */
+    _Atomic uint64_t wal_ckpt_background;
+    _Atomic uint64_t wal_ckpt_idle;
+    _Atomic uint64_t wal_ckpt_bound;
+    _Atomic uint64_t wal_restarts;     /* times the log restarted from its beginning */
     _Atomic int64_t broker_lost_ms;    /* wall ms the supervised broker last died
                                           (its sessions with it); 0: never */
     fm_hist inference_seconds;

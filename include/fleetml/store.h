@@ -345,6 +345,7 @@ typedef struct fm_store_records_vt {
     int (*count_measurements)(fm_store *s, const char *device_id, long *out);
     int (*probe_write)(fm_store *s, fm_errbuf *err);
     int (*hot_path)(fm_store *s);
+    int (*idle)(fm_store *s);
     int (*checkpoint)(fm_store *s);
 } fm_store_records_vt;
 
@@ -718,8 +719,18 @@ static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
 { return s->records->probe_write(s, err); }
 /* Marks the handle as the latency-critical writer (the pipeline): the
  * backend keeps housekeeping such as WAL checkpoints off it, except as a
- * bound on the log's size (SQLite: 16 MiB of WAL). */
+ * bound on the log's size (SQLite: a thread of the handle's own copies the
+ * WAL into the database; the commit path does only when the log reaches
+ * 16 MiB). Returns 0, or FM_EDB / FM_ENOMEM when that thread cannot be
+ * started. Calling it again does nothing. */
 static inline int fm_store_hot_path(fm_store *s) { return s->records->hot_path(s); }
+/* Tells the hot-path handle its writer has nothing queued: the moment for
+ * the short housekeeping that needs the writer quiet (SQLite: once the WAL
+ * holds 4 MiB that the background thread could not retire between two
+ * commits, it is copied here, so the log restarts). Bounded (about one
+ * fsync); returns 0, or an FM_E* code that leaves the store usable (the
+ * caller may ignore it). A no-op on other handles and backends. */
+static inline int fm_store_idle(fm_store *s) { return s->records->idle(s); }
 /* Moves committed data from the write-ahead log into the database without
  * blocking anyone (called periodically off the hot path). */
 static inline int fm_store_checkpoint(fm_store *s) { return s->records->checkpoint(s); }

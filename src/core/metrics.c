@@ -286,6 +286,20 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->commit_failures));
     counter(&b, "fleetml_broker_restarts_total", "Times the supervised broker was restarted.",
             atomic_load(&m->broker_restarts));
+    fm_strbuf_printf(&b, "# HELP fleetml_wal_checkpoints_total SQLite WAL checkpoints of the"
+            " pipeline's database, by who ran them: the checkpointer thread, the commit thread"
+            " with nothing queued (idle), or a commit that found the log at its bound (bound:"
+            " the commit waited for it).\n"
+            "# TYPE fleetml_wal_checkpoints_total counter\n"
+            "fleetml_wal_checkpoints_total{by=\"checkpointer\"} %llu\n"
+            "fleetml_wal_checkpoints_total{by=\"idle\"} %llu\n"
+            "fleetml_wal_checkpoints_total{by=\"bound\"} %llu\n",
+            (unsigned long long)atomic_load(&m->wal_ckpt_background),
+            (unsigned long long)atomic_load(&m->wal_ckpt_idle),
+            (unsigned long long)atomic_load(&m->wal_ckpt_bound));
+    counter(&b, "fleetml_wal_restarts_total",
+            "Times the pipeline's SQLite WAL restarted from its beginning (checkpoints caught up).",
+            atomic_load(&m->wal_restarts));
     gauge(&b, "fleetml_mqtt_connected", "1 when the service is connected to the broker.",
           atomic_load(&m->mqtt_connected));
     gauge(&b, "fleetml_pipeline_queue_depth", "Messages waiting for the pipeline.",

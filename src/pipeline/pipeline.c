@@ -512,6 +512,13 @@ static void *run(void *arg)
         fm_thread_unlock(t);
         process_batch(p, list, n);
         fm_thread_lock(t);
+        /* Nothing queued: the store may take its short quiet-writer
+         * housekeeping now rather than in a later commit. */
+        if (!p->head && !fm_thread_should_stop(t)) {
+            fm_thread_unlock(t);
+            fm_store_idle(p->store);
+            fm_thread_lock(t);
+        }
     }
     fm_thread_unlock(t);
     return NULL;

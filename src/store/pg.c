@@ -827,6 +827,7 @@ static const fm_store_records_vt pg_records_vt = {
     .count_measurements = p_count_measurements,
     .probe_write = p_probe_write,
     .hot_path = p_hot_path,
+    .idle = p_checkpoint,
     .checkpoint = p_checkpoint,
 };
 

@@ -300,14 +300,19 @@ static int on_busy(void *ud, int count)
 
 static int s_hot_path(fm_store *base)
 {
-    /* Checkpoints copy the WAL into the database and fsync it; on the
-     * commit path that is a latency spike of milliseconds. The registry
-     * thread runs one every second; the commit path checkpoints only when
-     * the WAL passes 4096 pages (16 MiB), which a burst of tiny commits
-     * (cheap fsyncs, a replay after an outage) can reach within a second
-     * and which would otherwise grow without bound on a nearly full disk. */
+    /* Checkpoints copy the WAL into the database and fsync it: on the
+     * commit path, a latency spike of milliseconds. A thread of the
+     * handle's own runs them (sqlite_ckpt.c); the commit path checkpoints
+     * only as a bound on the log's size. */
     sqlite_store *s = (sqlite_store *)base;
-    return sqlite3_wal_autocheckpoint(s->db, 4096) == SQLITE_OK ? 0 : FM_EDB;
+    if (s->ckpt)
+        return 0;
+    return sql__ckpt_start(s);
+}
+
+static int s_idle(fm_store *base)
+{
+    return sql__ckpt_idle((sqlite_store *)base);
 }
 
 static int s_checkpoint(fm_store *base)
@@ -398,6 +403,7 @@ static void s_close(fm_store *base)
     sqlite_store *s = (sqlite_store *)base;
     sqlite3_stmt *sts[] = {s->ins_meas, s->ins_quar, s->lookup, s->dev_get,
                            s->begin,    s->commit,   s->rollback};
+    sql__ckpt_stop(s);
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++)
         sqlite3_finalize(sts[i]);
     sqlite3_close(s->db);
@@ -731,6 +737,7 @@ static const fm_store_records_vt sqlite_records_vt = {
     .count_measurements = s_count_measurements,
     .probe_write = s_probe_write,
     .hot_path = s_hot_path,
+    .idle = s_idle,
     .checkpoint = s_checkpoint,
 };
 

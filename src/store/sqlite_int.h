@@ -4,13 +4,29 @@
 
 #include "store/store_internal.h"
 
+#include "fleetml/thread.h"
+
 #include <sqlite3.h>
+
+typedef struct sql__ckpt sql__ckpt;
 
 typedef struct sqlite_store {
     fm_store base;
     sqlite3 *db;
     sqlite3_stmt *ins_meas, *ins_quar, *lookup, *dev_get, *begin, *commit, *rollback;
+    sql__ckpt *ckpt; /* the hot-path handle's checkpointer, or NULL */
 } sqlite_store;
+
+/* The hot-path handle's WAL checkpointer (sqlite_ckpt.c): a thread with its
+ * own connection that keeps checkpoints off the committing thread.
+ * sql__ckpt_start returns 0, FM_EDB (cannot open the second connection),
+ * FM_EINVAL (no file name: an in-memory database) or FM_ENOMEM, with
+ * nothing started. sql__ckpt_stop joins the thread and closes its
+ * connection; no-op when none was started. */
+int sql__ckpt_start(sqlite_store *s);
+void sql__ckpt_stop(sqlite_store *s);
+/* fm_store_idle on SQLite: 0 or the checkpoint's mapped error. */
+int sql__ckpt_idle(sqlite_store *s);
 
 /* The interfaces per concern, one file each (see store.h). */
 extern const fm_store_lake_vt sql__lake_vt;         /* sqlite_lake.c */

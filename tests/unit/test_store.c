@@ -13,6 +13,7 @@
 #include "fleetml/config.h"
 #include "fleetml/store.h"
 #include "fleetml/drift.h"
+#include "fleetml/metrics.h"
 
 #include <ftw.h>
 #include <jansson.h>
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "store_backend.h"
 
@@ -235,6 +237,111 @@ static void test_reopen(void **state)
     assert_int_equal(fm_store_result_lookup(f->st, "dev-1", "keep", &res), 0);
     assert_string_equal(res, "{\"k\":1}");
     fm_free(res);
+}
+
+/* Commits one measurement with a 3.3 KB payload (a sweep's size). */
+static void commit_sized(fx *f, int i)
+{
+    static char payload[3300];
+    if (!payload[0])
+        memset(payload, 'x', sizeof payload - 1);
+    char mid[32];
+    snprintf(mid, sizeof mid, "w%06d", i);
+    fm_record r = rec(mid, "{\"r\":1}");
+    r.payload = payload;
+    r.payload_len = sizeof payload - 1;
+    fm_errbuf err;
+    assert_int_equal(fm_store_commit(f->st, &r, 1, NULL, 0, &err), 0);
+    assert_int_equal(r.existed, 0);
+}
+
+static void nap_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* The pipeline's handle: its WAL is checkpointed by a thread of its own,
+ * and the log restarts from its beginning without a checkpoint ever
+ * running on the committing thread. */
+static void test_hot_path_checkpoints_beside_commits(void **state)
+{
+    fx *f = *state;
+    assert_int_equal(fm_store_hot_path(f->st), 0);
+    if (test_store_is_pg())
+        return; /* the server checkpoints by itself */
+    fm_metrics *mx = fm_metrics_get();
+    uint64_t bg0 = atomic_load(&mx->wal_ckpt_background);
+    uint64_t inl0 = atomic_load(&mx->wal_ckpt_bound);
+    uint64_t rs0 = atomic_load(&mx->wal_restarts);
+    /* 80 commits of a sweep: over a mebibyte of log, which wakes the
+     * checkpointer; then one commit every 10 ms until the log restarts
+     * (the next commit after a pass that caught up), for at most 20 s. */
+    int n = 0;
+    for (; n < 80; n++)
+        commit_sized(f, n);
+    for (int tries = 0; atomic_load(&mx->wal_restarts) == rs0 && tries < 2000; tries++) {
+        nap_ms(10);
+        commit_sized(f, n++);
+    }
+    assert_true(atomic_load(&mx->wal_restarts) > rs0);
+    assert_true(atomic_load(&mx->wal_ckpt_background) > bg0);
+    assert_int_equal(atomic_load(&mx->wal_ckpt_bound), inl0);
+    long stored = 0;
+    assert_int_equal(fm_store_count_measurements(f->st, "dev-1", &stored), 0);
+    assert_int_equal(stored, n);
+}
+
+/* A reader that keeps an old snapshot pins the log: the background passes
+ * cannot copy past it, so the committing thread checkpoints once the log
+ * reaches its bound; once the reader is gone the writer's idle moment
+ * restarts the log and the WAL file is back within its limit. */
+static void test_hot_path_log_is_bounded(void **state)
+{
+    fx *f = *state;
+    if (test_store_is_pg())
+        return;
+    assert_int_equal(fm_store_hot_path(f->st), 0);
+    char path[600];
+    snprintf(path, sizeof path, "%s/db/fleetml.db", f->dir);
+    sqlite3 *reader = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &reader, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(reader, "SELECT seq FROM measurements", -1, &st, NULL),
+                     SQLITE_OK);
+    commit_sized(f, 0);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW); /* the snapshot is held from here */
+    fm_metrics *mx = fm_metrics_get();
+    uint64_t inl0 = atomic_load(&mx->wal_ckpt_bound);
+    /* About 6 log frames a commit: 1,000 commits pass the 4,096-frame bound. */
+    int n = 1;
+    for (; n < 1000 && atomic_load(&mx->wal_ckpt_bound) == inl0; n++)
+        commit_sized(f, n);
+    assert_true(atomic_load(&mx->wal_ckpt_bound) > inl0);
+    sqlite3_finalize(st);
+    sqlite3_close(reader);
+    /* With the reader gone, the writer's idle moment copies the log (no
+     * commit can land meanwhile), so the log restarts; the file is cut
+     * back to journal_size_limit (16 MiB) then. */
+    uint64_t idle0 = atomic_load(&mx->wal_ckpt_idle);
+    uint64_t rs0 = atomic_load(&mx->wal_restarts);
+    assert_int_equal(fm_store_idle(f->st), 0);
+    assert_int_equal(atomic_load(&mx->wal_ckpt_idle), idle0 + 1);
+    assert_int_equal(fm_store_idle(f->st), 0); /* nothing new: no second pass */
+    assert_int_equal(atomic_load(&mx->wal_ckpt_idle), idle0 + 1);
+    for (int tries = 0; atomic_load(&mx->wal_restarts) == rs0 && tries < 2000; tries++) {
+        nap_ms(10);
+        commit_sized(f, n++);
+    }
+    assert_true(atomic_load(&mx->wal_restarts) > rs0);
+    char wal[620];
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    struct stat sb;
+    assert_int_equal(stat(wal, &sb), 0);
+    assert_true(sb.st_size <= 17 * 1024 * 1024);
+    long stored = 0;
+    assert_int_equal(fm_store_count_measurements(f->st, "dev-1", &stored), 0);
+    assert_int_equal(stored, n);
 }
 
 static void test_probe_write(void **state)
@@ -1322,6 +1429,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_device_page, setup, teardown),
         cmocka_unit_test_setup_teardown(test_measurement_page, setup, teardown),
         cmocka_unit_test_setup_teardown(test_measurement_get, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hot_path_checkpoints_beside_commits, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hot_path_log_is_bounded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_labels, setup, teardown),
         cmocka_unit_test_setup_teardown(test_audit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_labels_audit, setup, teardown),
