@@ -346,7 +346,6 @@ typedef struct fm_store_records_vt {
     int (*probe_write)(fm_store *s, fm_errbuf *err);
     int (*hot_path)(fm_store *s);
     int (*idle)(fm_store *s);
-    int (*checkpoint)(fm_store *s);
 } fm_store_records_vt;
 
 typedef struct fm_store_lake_vt {
@@ -731,9 +730,6 @@ static inline int fm_store_hot_path(fm_store *s) { return s->records->hot_path(s
  * fsync); returns 0, or an FM_E* code that leaves the store usable (the
  * caller may ignore it). A no-op on other handles and backends. */
 static inline int fm_store_idle(fm_store *s) { return s->records->idle(s); }
-/* Moves committed data from the write-ahead log into the database without
- * blocking anyone (called periodically off the hot path). */
-static inline int fm_store_checkpoint(fm_store *s) { return s->records->checkpoint(s); }
 static inline int fm_store_count_measurements(fm_store *s, const char *device_id, long *out)
 { return s->records->count_measurements(s, device_id, out); }
 /* Calls cb for committed records with seq > after_seq in seq order, at most

@@ -409,10 +409,6 @@ static void housekeeping(fm_registry *r, int resync)
             fm_logf(FM_LOG_INFO, "registry", "%ld rotated certificate(s) reached the end of "
                                              "their grace period", n);
         r->next_grace_ns = now + GRACE_POLL_NS;
-        /* The pipeline leaves WAL checkpoints to others (they would sit on
-         * its latency-critical commits); this thread runs one a second. */
-        if (fm_store_checkpoint(r->store) != 0)
-            fm_logf(FM_LOG_WARN, "registry", "WAL checkpoint failed");
     }
     /* The supervised broker died: every device it had is offline (no
      * disconnect reports came). Reports from after the death are kept. */

@@ -805,7 +805,7 @@ static int p_hot_path(fm_store *base)
     return 0;
 }
 
-static int p_checkpoint(fm_store *base)
+static int p_idle(fm_store *base)
 {
     (void)base;
     return 0;
@@ -827,8 +827,7 @@ static const fm_store_records_vt pg_records_vt = {
     .count_measurements = p_count_measurements,
     .probe_write = p_probe_write,
     .hot_path = p_hot_path,
-    .idle = p_checkpoint,
-    .checkpoint = p_checkpoint,
+    .idle = p_idle,
 };
 
 int store__pg_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)

@@ -315,14 +315,6 @@ static int s_idle(fm_store *base)
     return sql__ckpt_idle((sqlite_store *)base);
 }
 
-static int s_checkpoint(fm_store *base)
-{
-    sqlite_store *s = (sqlite_store *)base;
-    /* PASSIVE never waits for readers or writers: it copies what it can. */
-    int rc = sqlite3_wal_checkpoint_v2(s->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
-    return rc == SQLITE_OK || rc == SQLITE_BUSY ? 0 : sql__map_rc(rc);
-}
-
 static int s_migrate(fm_store *base, fm_errbuf *err)
 {
     sqlite_store *s = (sqlite_store *)base;
@@ -738,7 +730,6 @@ static const fm_store_records_vt sqlite_records_vt = {
     .probe_write = s_probe_write,
     .hot_path = s_hot_path,
     .idle = s_idle,
-    .checkpoint = s_checkpoint,
 };
 
 int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
