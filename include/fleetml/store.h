@@ -725,7 +725,7 @@ static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
 static inline int fm_store_hot_path(fm_store *s) { return s->records->hot_path(s); }
 /* Tells the hot-path handle its writer has nothing queued: the moment for
  * the short housekeeping that needs the writer quiet (SQLite: once the WAL
- * holds 4 MiB that the background thread could not retire between two
+ * holds 2 MiB that the background thread could not retire between two
  * commits, it is copied here, so the log restarts). Bounded (about one
  * fsync); returns 0, or an FM_E* code that leaves the store usable (the
  * caller may ignore it). A no-op on other handles and backends. */

@@ -28,12 +28,13 @@
 
 #include <stdatomic.h>
 
-/* 1 MiB of 4 KiB pages: a pass is a few milliseconds of copying. */
-#define CKPT_KICK_FRAMES 256
-/* 4 MiB: the background passes lose the race with commits (each pass
+/* 512 KiB of 4 KiB pages: a pass is 1-2 ms, mostly the database's fsync.
+ * Measured against 64, 256 and 1,024 (docs/performance.md). */
+#define CKPT_KICK_FRAMES 128
+/* 2 MiB: the background passes lose the race with commits (each pass
  * ends after the next commit has landed); the commit thread finishes the
  * job when it has nothing queued. */
-#define CKPT_IDLE_FRAMES 1024
+#define CKPT_IDLE_FRAMES 512
 /* 16 MiB, the size the log is truncated back to (journal_size_limit). */
 #define CKPT_BOUND_FRAMES 4096
 /* Passes in a row while commits keep landing between them. */
