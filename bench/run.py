@@ -288,6 +288,13 @@ def stage_summary(m0, m1):
         s = m1.get(sm, 0) - m0.get(sm, 0)
         out[k] = {"count": int(n), "mean_ms": round(1000 * s / n, 3) if n else None,
                   "slowest_ms": round(1000 * m1.get(f'fleetml_slowest_seconds{{of="{k}"}}', 0), 3)}
+    # SQLite's log: who checkpointed it during the run ("bound": a commit
+    # waited for one) and how often it restarted.
+    out["wal"] = {by: int(m1.get(f'fleetml_wal_checkpoints_total{{by="{by}"}}', 0) -
+                          m0.get(f'fleetml_wal_checkpoints_total{{by="{by}"}}', 0))
+                  for by in ("checkpointer", "idle", "bound")}
+    out["wal"]["restarts"] = int(m1.get("fleetml_wal_restarts_total", 0) -
+                                 m0.get("fleetml_wal_restarts_total", 0))
     return out
 
 
