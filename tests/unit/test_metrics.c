@@ -110,11 +110,32 @@ static void test_page_format(void **state)
     fm_free(m);
 }
 
+/* The WAL checkpoint counters: one family, a series per path, and the
+ * restarts, each with the counter's value. */
+static void test_wal_series(void **state)
+{
+    (void)state;
+    fm_metrics *mx = fm_metrics_get();
+    atomic_store(&mx->wal_ckpt_background, 7);
+    atomic_store(&mx->wal_ckpt_idle, 3);
+    atomic_store(&mx->wal_ckpt_bound, 1);
+    atomic_store(&mx->wal_restarts, 5);
+    char *m = render();
+    assert_non_null(strstr(m, "# TYPE fleetml_wal_checkpoints_total counter\n"));
+    assert_non_null(strstr(m, "\nfleetml_wal_checkpoints_total{by=\"checkpointer\"} 7\n"));
+    assert_non_null(strstr(m, "\nfleetml_wal_checkpoints_total{by=\"idle\"} 3\n"));
+    assert_non_null(strstr(m, "\nfleetml_wal_checkpoints_total{by=\"bound\"} 1\n"));
+    assert_non_null(strstr(m, "# TYPE fleetml_wal_restarts_total counter\n"));
+    assert_non_null(strstr(m, "\nfleetml_wal_restarts_total 5\n"));
+    fm_free(m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_drift_series),
         cmocka_unit_test(test_page_format),
+        cmocka_unit_test(test_wal_series),
         cmocka_unit_test(test_hist_quantiles),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
