@@ -98,6 +98,12 @@ size_t fm_pipeline_drift_take(fm_pipeline *p, struct fm_drift_counts **out);
 /* The bundled model (slot 0 of every table; owned by the pipeline). */
 struct fm_model *fm_pipeline_base_model(fm_pipeline *p);
 
+/* Tells the pipeline that a device's row changed (status, tenant, group,
+ * certificate): every cached device row is read again before its next use.
+ * Lock-free; callable from any thread. Without it a cached row is trusted
+ * for up to a minute. */
+void fm_pipeline_devices_changed(fm_pipeline *p);
+
 /* Processes what is queued, stops the thread and frees everything. */
 void fm_pipeline_stop(fm_pipeline *p);
 

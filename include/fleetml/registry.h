@@ -108,6 +108,10 @@ typedef struct fm_registry_opts {
     /* Mark every device offline at start (the broker is starting empty,
      * as a supervised broker does). */
     int reset_presence;
+    /* Optional: called on the registry's thread with ud for every device
+     * event it follows in the log (the device's id; "" when the event
+     * names none), so caches of device rows can drop them. */
+    void (*device_changed)(void *ud, const char *device_id);
 } fm_registry_opts;
 
 /* Loads the CA, opens a store handle, writes the snapshot and CRL, and

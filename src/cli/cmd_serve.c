@@ -66,6 +66,13 @@ static size_t serving_take_drift(void *ud, fm_drift_counts **out)
     return fm_pipeline_drift_take(((server *)ud)->pipeline, out);
 }
 
+/* The registry saw a device change: the pipeline's cached rows go. */
+static void device_changed(void *ud, const char *device_id)
+{
+    (void)device_id;
+    fm_pipeline_devices_changed(((server *)ud)->pipeline);
+}
+
 static void committed(void *ud)
 {
     server *s = ud;
@@ -208,7 +215,8 @@ int fm_cmd_serve(int argc, char **argv)
     }
     /* A supervised broker starts empty: no device is connected yet. */
     fm_registry_opts ro = {.cfg = &s.cfg, .publish = publish, .ud = &s,
-                           .reset_presence = strcmp(s.cfg.broker_mode, "supervised") == 0};
+                           .reset_presence = strcmp(s.cfg.broker_mode, "supervised") == 0,
+                           .device_changed = device_changed};
     if ((rc = fm_registry_start(&ro, &s.registry, &err)) != 0) {
         fm_logkv(FM_LOG_ERROR, "serve", "registry failed to start", "error", err.msg, NULL);
         goto fail;

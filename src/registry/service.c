@@ -382,6 +382,8 @@ static int on_event(void *ud, int64_t seq, int kind, const char *subject)
     switch (kind) {
     case FM_EVENT_DEVICE:
         registry__push_device(r, subject);
+        if (r->opts.device_changed)
+            r->opts.device_changed(r->opts.ud, subject);
         r->snapshot_dirty = r->crl_dirty = 1;
         break;
     case FM_EVENT_TEMPLATE:

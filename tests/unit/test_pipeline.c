@@ -195,6 +195,40 @@ static void test_ok_reply_after_commit(void **state)
     free(m);
 }
 
+/* A device's cached row is trusted until the pipeline is told that
+ * devices changed; then the next measurement sees the new status. */
+static void test_device_change_reaches_the_cache(void **state)
+{
+    fx *f = *state;
+    size_t len;
+    char *m1 = make_measurement(11, "c-1", &len);
+    submit(f, "dev-a", m1, len, NULL, NULL);
+    wait_replies(f, 1);
+    fm_errbuf err;
+    assert_int_equal(fm_store_device_set_status(f->reader, "dev-a", FM_DEVICE_DISABLED, &err), 0);
+    /* Not told yet: the row read a moment ago still stands. */
+    char *m2 = make_measurement(12, "c-2", &len);
+    submit(f, "dev-a", m2, len, NULL, NULL);
+    wait_replies(f, 2);
+    fm_pipeline_devices_changed(f->p);
+    char *m3 = make_measurement(13, "c-3", &len);
+    submit(f, "dev-a", m3, len, NULL, NULL);
+    wait_replies(f, 3);
+    const char *want[3] = {"ok", "ok", "error"};
+    for (int i = 0; i < 3; i++) {
+        json_t *d = reply_doc(f, i);
+        assert_string_equal(json_string_value(json_object_get(d, "status")), want[i]);
+        json_decref(d);
+    }
+    json_t *d = reply_doc(f, 2);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(d, "error"), "code")),
+                        "device_inactive");
+    json_decref(d);
+    free(m1);
+    free(m2);
+    free(m3);
+}
+
 static void test_duplicates(void **state)
 {
     fx *f = *state;
@@ -283,6 +317,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_ok_reply_after_commit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_duplicates, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_device_change_reaches_the_cache, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors_quarantined, setup, teardown),
         cmocka_unit_test(test_reply_topic_rules),
     };
