@@ -127,6 +127,16 @@ static void counter(fm_strbuf *b, const char *name, const char *help, uint64_t v
         (unsigned long long)v);
 }
 
+/* A counter family with one label: n series, label=values[i] counts[i]. */
+static void counter_by(fm_strbuf *b, const char *name, const char *help, const char *label,
+                       const char *const *values, const uint64_t *counts, size_t n)
+{
+    fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s counter\n", name, help, name);
+    for (size_t i = 0; i < n; i++)
+        fm_strbuf_printf(b, "%s{%s=\"%s\"} %llu\n", name, label, values[i],
+                         (unsigned long long)counts[i]);
+}
+
 static void gauge(fm_strbuf *b, const char *name, const char *help, int64_t v)
 {
     fm_strbuf_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", name, help, name, name, (long long)v);
@@ -275,28 +285,25 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
     counter(&b, "fleetml_measurements_duplicate_total",
             "Measurements whose id was already stored (answered with the original result).",
             atomic_load(&m->duplicates));
-    fm_strbuf_printf(&b, "# HELP fleetml_measurements_rejected_total Measurements rejected, by reason.\n"
-            "# TYPE fleetml_measurements_rejected_total counter\n");
+    uint64_t rejected[FM_REJ__COUNT];
     for (int i = 0; i < FM_REJ__COUNT; i++)
-        fm_strbuf_printf(&b, "fleetml_measurements_rejected_total{reason=\"%s\"} %llu\n", reason_names[i],
-            (unsigned long long)atomic_load(&m->rejected[i]));
+        rejected[i] = atomic_load(&m->rejected[i]);
+    counter_by(&b, "fleetml_measurements_rejected_total", "Measurements rejected, by reason.",
+               "reason", reason_names, rejected, FM_REJ__COUNT);
     counter(&b, "fleetml_replies_total", "Result messages published to devices.",
             atomic_load(&m->replied));
     counter(&b, "fleetml_commit_failures_total", "Group commits that failed (nothing acked).",
             atomic_load(&m->commit_failures));
     counter(&b, "fleetml_broker_restarts_total", "Times the supervised broker was restarted.",
             atomic_load(&m->broker_restarts));
-    fm_strbuf_printf(&b, "# HELP fleetml_wal_checkpoints_total SQLite WAL checkpoints of the"
-            " pipeline's database, by who ran them: the checkpointer thread, the commit thread"
-            " with nothing queued (idle), or a commit that found the log at its bound (bound:"
-            " the commit waited for it).\n"
-            "# TYPE fleetml_wal_checkpoints_total counter\n"
-            "fleetml_wal_checkpoints_total{by=\"checkpointer\"} %llu\n"
-            "fleetml_wal_checkpoints_total{by=\"idle\"} %llu\n"
-            "fleetml_wal_checkpoints_total{by=\"bound\"} %llu\n",
-            (unsigned long long)atomic_load(&m->wal_ckpt_background),
-            (unsigned long long)atomic_load(&m->wal_ckpt_idle),
-            (unsigned long long)atomic_load(&m->wal_ckpt_bound));
+    static const char *const ckpt_by[] = {"checkpointer", "idle", "bound"};
+    uint64_t ckpts[] = {atomic_load(&m->wal_ckpt_background), atomic_load(&m->wal_ckpt_idle),
+                        atomic_load(&m->wal_ckpt_bound)};
+    counter_by(&b, "fleetml_wal_checkpoints_total",
+               "SQLite WAL checkpoints of the pipeline's database, by who ran them: the"
+               " checkpointer thread, the commit thread with nothing queued (idle), or a commit"
+               " that found the log at its bound (bound: the commit waited for it).",
+               "by", ckpt_by, ckpts, 3);
     counter(&b, "fleetml_wal_restarts_total",
             "Times the pipeline's SQLite WAL restarted from its beginning (checkpoints caught up).",
             atomic_load(&m->wal_restarts));
@@ -328,15 +335,12 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->http_requests));
     counter(&b, "fleetml_http_errors_total", "HTTP API requests answered with a 5xx status.",
             atomic_load(&m->http_errors));
-    fm_strbuf_printf(&b,
-                     "# HELP fleetml_http_refused_total HTTP requests refused at the edge, by "
-                     "reason.\n# TYPE fleetml_http_refused_total counter\n"
-                     "fleetml_http_refused_total{reason=\"framing\"} %llu\n"
-                     "fleetml_http_refused_total{reason=\"target\"} %llu\n"
-                     "fleetml_http_refused_total{reason=\"per_address\"} %llu\n",
-                     (unsigned long long)atomic_load(&m->http_refused_framing),
-                     (unsigned long long)atomic_load(&m->http_refused_target),
-                     (unsigned long long)atomic_load(&m->http_refused_address));
+    static const char *const refused_by[] = {"framing", "target", "per_address"};
+    uint64_t refused[] = {atomic_load(&m->http_refused_framing),
+                          atomic_load(&m->http_refused_target),
+                          atomic_load(&m->http_refused_address)};
+    counter_by(&b, "fleetml_http_refused_total", "HTTP requests refused at the edge, by reason.",
+               "reason", refused_by, refused, 3);
     counter(&b, "fleetml_http_slow_closed_total",
             "HTTP connections closed because a request head or body arrived too slowly.",
             atomic_load(&m->http_cut_slow));
