@@ -720,8 +720,9 @@ static inline int fm_store_probe_write(fm_store *s, fm_errbuf *err)
  * backend keeps housekeeping such as WAL checkpoints off it, except as a
  * bound on the log's size (SQLite: a thread of the handle's own copies the
  * WAL into the database; the commit path does only when the log reaches
- * 16 MiB). Returns 0, or FM_EDB / FM_ENOMEM when that thread cannot be
- * started. Calling it again does nothing. */
+ * 16 MiB). Returns 0, or FM_EDB / FM_ENOMEM / FM_EINVAL (an in-memory
+ * database) when that thread cannot be started. Calling it again does
+ * nothing. */
 static inline int fm_store_hot_path(fm_store *s) { return s->records->hot_path(s); }
 /* Tells the hot-path handle its writer has nothing queued: the moment for
  * the short housekeeping that needs the writer quiet (SQLite: once the WAL

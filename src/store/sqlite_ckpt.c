@@ -9,11 +9,17 @@
  * the log's size after each commit, and once the log has grown by
  * CKPT_KICK_FRAMES since the last kick the checkpointer thread is woken. It
  * runs PASSIVE checkpoints on its own connection: they never take the
- * write lock, so commits go on while frames are copied. Small, frequent
- * passes catch up with the log between two commits; the log then restarts
- * from its beginning at the next commit, which SQLite does by itself when
- * it finds every frame copied. A restart is seen as the log getting
- * shorter and counted.
+ * write lock, so commits go on while frames are copied. When a pass
+ * catches up between two commits, the log restarts from its beginning at
+ * the next commit (SQLite does that by itself when it finds every frame
+ * copied). A restart is seen as the log getting shorter and counted.
+ *
+ * The idle step. Under steady load a pass usually ends after the next
+ * commit has landed, so it never quite catches up. Once the log holds
+ * CKPT_IDLE_FRAMES, the commit thread runs one pass itself when it has
+ * nothing queued (fm_store_idle): with no other writer that pass copies
+ * every frame, so the log restarts, and it costs about one fsync because
+ * the background passes have copied the rest.
  *
  * The bound. Should the background passes fall behind (a long reader pins
  * old frames, or a burst of cheap commits outruns them), the commit path
