@@ -79,63 +79,66 @@ size_t fm_feature_count(void) { return F_COUNT; }
 
 const char *fm_feature_name(size_t i) { return i < F_COUNT ? names[i] : NULL; }
 
-static void swap_d(double *a, double *b)
+static int cmp_double(const void *a, const void *b)
 {
-    double t = *a;
-    *a = *b;
-    *b = t;
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
 }
 
-/* Moves the k-th smallest of v[0..n) to v[k], smaller-or-equal values
- * before it and greater-or-equal after (quickselect with a median-of-three
- * pivot: linear on average, where sorting cost a fifth of the pipeline). */
-static void select_kth(double *v, size_t n, size_t k)
+/* Sorts v[0..n) ascending. Steps hold 10-20 steady samples in practice,
+ * where an insertion sort beats quickselect and one sort gives both the
+ * median and the MAD (mad_sorted); longer arrays (a step may carry up to
+ * FM_MEAS_MAX_SAMPLES) go to qsort so no input costs quadratic time. */
+static void sort_doubles(double *v, size_t n)
 {
-    size_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (v[mid] < v[lo])
-            swap_d(&v[mid], &v[lo]);
-        if (v[hi] < v[lo])
-            swap_d(&v[hi], &v[lo]);
-        if (v[hi] < v[mid])
-            swap_d(&v[hi], &v[mid]);
-        double pivot = v[mid];
-        size_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] < pivot)
-                i++;
-            while (v[j] > pivot)
-                j--;
-            if (i <= j) {
-                swap_d(&v[i], &v[j]);
-                i++;
-                if (j == 0)
-                    break;
-                j--;
-            }
-        }
-        if (k <= j)
-            hi = j;
-        else if (k >= i)
-            lo = i;
-        else
-            return;
+    if (n > 32) {
+        qsort(v, n, sizeof *v, cmp_double);
+        return;
     }
+    for (size_t i = 1; i < n; i++) {
+        double x = v[i];
+        size_t j = i;
+        for (; j > 0 && v[j - 1] > x; j--)
+            v[j] = v[j - 1];
+        v[j] = x;
+    }
+}
+
+/* Median of sorted v[0..n) (n >= 1). */
+static double sorted_median(const double *v, size_t n)
+{
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 /* Median of v[0..n) (n >= 1), the same value sorting gives; reorders v. */
 static double median(double *v, size_t n)
 {
-    size_t k = n / 2;
-    select_kth(v, n, k);
-    if (n % 2)
-        return v[k];
-    double below = v[0]; /* the largest of v[0..k), all <= v[k] */
-    for (size_t i = 1; i < k; i++)
-        if (v[i] > below)
-            below = v[i];
-    return 0.5 * (below + v[k]);
+    sort_doubles(v, n);
+    return sorted_median(v, n);
+}
+
+/* Median of |v[i] - med| for sorted v[0..n) and its median med, without a
+ * second sort: the deviations of v[0..p) (all <= med) grow from p - 1 down
+ * to 0 and those of v[p..n) (all >= med) grow from p up, so merging the two
+ * runs meets the deviations in ascending order. Equal to sorting the
+ * deviations, value for value (each is the same fabs(v[i] - med)). */
+static double mad_sorted(const double *v, size_t n, double med)
+{
+    size_t p = (n + 1) / 2, lo = p, hi = p, k = n / 2;
+    double prev = 0.0, cur = 0.0;
+    for (size_t r = 0; r <= k; r++) {
+        prev = cur;
+        double dl = lo > 0 ? fabs(v[lo - 1] - med) : INFINITY;
+        double dh = hi < n ? fabs(v[hi] - med) : INFINITY;
+        if (lo > 0 && (hi >= n || dl <= dh)) {
+            cur = dl;
+            lo--;
+        } else {
+            cur = dh;
+            hi++;
+        }
+    }
+    return n % 2 ? cur : 0.5 * (prev + cur);
 }
 
 /* One usable point of the flow curve. */
@@ -164,9 +167,7 @@ static void step_steady(const fm_sweep_step *st, double *torque, double *noise)
     size_t first = st->n_samples - half;
     memcpy(buf, st->samples + first, half * sizeof *buf);
     double med = median(buf, half);
-    for (size_t i = 0; i < half; i++)
-        buf[i] = fabs(st->samples[first + i] - med);
-    double mad = median(buf, half) * 1.4826;
+    double mad = mad_sorted(buf, half, med) * 1.4826;
     *torque = med;
     *noise = med != 0.0 ? mad / fabs(med) : 0.0;
 }

@@ -12,6 +12,7 @@
 #include "fleetml/viscometer.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -262,6 +263,63 @@ static void test_median_exact(void **state)
     assert_float_equal(f[feature_index("noise_rel")], 0.1 * 1.4826 / 1.05, 1e-5);
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median by sorting, the definition the extractor must match. */
+static double sorted_median(double *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* The noise feature is a median (over steps) of MADs over medians (of each
+ * step's steady half), so it pins every median the extractor takes. Random
+ * steps of 1..80 samples (odd and even halves, both sort paths) drawn from
+ * 21 levels (many ties) must give exactly what sorting gives. */
+static void test_medians_match_sorting(void **state)
+{
+    (void)state;
+    const double rates[] = {1, 3, 10, 30, 100, 300};
+    enum { STEPS = 6, MAXN = 80 };
+    static double buf[STEPS * MAXN];
+    fm_rng r;
+    fm_rng_seed(&r, 2026);
+    for (int trial = 0; trial < 500; trial++) {
+        fm_measurement m;
+        memset(&m, 0, sizeof m);
+        snprintf(m.id, sizeof m.id, "medians");
+        m.temperature_c = 37.0;
+        m.n_steps = STEPS;
+        double noise[STEPS];
+        for (size_t i = 0; i < STEPS; i++) {
+            size_t n = 1 + (size_t)(fm_rng_uniform(&r) * MAXN);
+            double t = newtonian_torque(4.0, rates[i]), *s = buf + i * MAXN;
+            for (size_t j = 0; j < n; j++)
+                s[j] = t * (0.9 + 0.01 * (double)(int)(fm_rng_uniform(&r) * 21.0));
+            m.steps[i] = (fm_sweep_step){rates[i], s, n};
+            size_t half = (n + 1) / 2;
+            double v[MAXN], dev[MAXN];
+            memcpy(v, s + n - half, half * sizeof *v);
+            double med = sorted_median(v, half);
+            for (size_t j = 0; j < half; j++)
+                dev[j] = fabs(s[n - half + j] - med);
+            double mad = sorted_median(dev, half) * 1.4826;
+            noise[i] = mad / fabs(med);
+        }
+        float want = (float)sorted_median(noise, STEPS);
+        fm_verr ve;
+        float f[FM_FEATURES_MAX];
+        assert_int_equal(fm_features_extract(&m, f, &ve), 0);
+        if (f[feature_index("noise_rel")] != want)
+            fail_msg("trial %d: noise_rel %.9g, sorting gives %.9g", trial,
+                     (double)f[feature_index("noise_rel")], (double)want);
+    }
+}
+
 /* Fills m by hand (bypassing the validator, which insists on strictly
  * increasing rates) so the extractor's own handling of any order can be
  * checked; samples live in buf. */
@@ -409,6 +467,7 @@ int main(void)
         cmocka_unit_test(test_order_and_duplicates),
         cmocka_unit_test(test_robust_to_spikes),
         cmocka_unit_test(test_median_exact),
+        cmocka_unit_test(test_medians_match_sorting),
         cmocka_unit_test(test_out_of_range_coverage),
         cmocka_unit_test(test_out_of_range_few_rates),
         cmocka_unit_test(test_out_of_range_torque),
