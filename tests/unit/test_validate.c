@@ -9,7 +9,9 @@
 #include "fleetml/measurement.h"
 #include "pipeline/validate_int.h"
 
+#include <float.h>
 #include <jansson.h>
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -865,6 +867,83 @@ static void test_ok_doc(void **state)
     assert_null(fm_ok_doc("m", "m@1", bad, values, 2, "t"));
 }
 
+/* The reference: the ok reply as jansson writes it (what fm_ok_doc
+ * produced before it wrote the common case itself). */
+static char *ok_doc_reference(const char *mid, const char *ref, const char *const *names,
+                              const float *values, size_t n, const char *at)
+{
+    json_t *outputs = json_object();
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_real(round((double)values[i] * 1000.0) / 1000.0);
+        if (!v || json_object_set_new(outputs, names[i], v) != 0) {
+            json_decref(outputs);
+            return NULL;
+        }
+    }
+    json_t *doc = json_pack("{s:s, s:s, s:s, s:o, s:s}", "id", mid, "status", "ok", "model", ref,
+                            "outputs", outputs, "received_at", at);
+    if (!doc)
+        return NULL;
+    char *s = json_dumps(doc, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    json_decref(doc);
+    return s;
+}
+
+static void expect_same_doc(const char *mid, const char *ref, const char *const *names,
+                            const float *values, size_t n, const char *at)
+{
+    char *want = ok_doc_reference(mid, ref, names, values, n, at);
+    char *got = fm_ok_doc(mid, ref, names, values, n, at);
+    if ((want == NULL) != (got == NULL) || (want && strcmp(want, got) != 0))
+        fail_msg("ok reply differs for %.9g / %.9g / %.9g:\n  got  %s\n  want %s",
+                 n > 0 ? (double)values[0] : 0.0, n > 1 ? (double)values[1] : 0.0,
+                 n > 2 ? (double)values[2] : 0.0, got ? got : "(null)", want ? want : "(null)");
+    fm_free(want);
+    fm_free(got);
+}
+
+/* fm_ok_doc writes the common reply itself: it must be jansson's document
+ * byte for byte, for values of every magnitude and sign (the halfway and
+ * negative-zero cases, the edge of the direct path at a million, values
+ * that are not finite) and for strings that need escaping, non-ASCII
+ * names and repeated names (which take jansson's path). */
+static void test_ok_doc_matches_jansson(void **state)
+{
+    (void)state;
+    const char *names[] = {"viscosity_high_mpas", "viscosity_low_mpas", "hematocrit_pct"};
+    const char *at = "2026-12-04T17:30:00.123Z";
+    static const float edge[] = {0.0f,         -0.0f,      0.0005f,    -0.0005f,   0.0015f,
+                                 0.0004999f,   1.0f,       -1.0f,      10.0f,      999.9995f,
+                                 123456.789f,  999999.9f,  999999.94f, 1000000.0f, -999999.9f,
+                                 1e7f,         1.5e9f,     -3e12f,     FLT_MAX,    -FLT_MAX,
+                                 1e-40f,       INFINITY,   -INFINITY,  NAN,        3.88f,
+                                 15.86f,       45.123f,    2.0005f};
+    size_t ne = sizeof edge / sizeof edge[0];
+    for (size_t i = 0; i < ne; i++)
+        for (size_t j = 0; j < ne; j += 7) {
+            float v[3] = {edge[i], edge[j], edge[(i + j) % ne]};
+            expect_same_doc("m-1", "viscosity@1.0.0", names, v, 3, at);
+        }
+    srand(20261204);
+    for (int t = 0; t < 30000; t++) {
+        float v[3];
+        for (int k = 0; k < 3; k++) {
+            double mag = pow(10.0, (double)(rand() % 14) - 5.0); /* 1e-5 .. 1e8 */
+            v[k] = (float)((rand() / (double)RAND_MAX - 0.3) * mag);
+        }
+        expect_same_doc("m-000000123456", "viscosity@1.0.0", names, v, 3, at);
+    }
+    const float v[3] = {1.25f, 2.5f, 3.75f};
+    const char *quoted[] = {"a\"b", "back\\slash", "tab\there"};
+    const char *utf8[] = {"viscosit\xc3\xa9", "b", "c"};
+    const char *twice[] = {"a", "b", "a"};
+    expect_same_doc("m-1", "viscosity@1.0.0", quoted, v, 3, at);
+    expect_same_doc("m-1", "viscosity@1.0.0", utf8, v, 3, at);
+    expect_same_doc("m-1", "viscosity@1.0.0", twice, v, 3, at);
+    expect_same_doc("m-\"1", "viscosity@1.0.0", names, v, 3, at);
+    expect_same_doc("m-1", "viscosity@1.0.0", names, v, 0, at);
+}
+
 int main(void)
 {
     /* Route jansson through the project allocator so allocation-failure
@@ -891,6 +970,7 @@ int main(void)
         cmocka_unit_test(test_device_id),
         cmocka_unit_test(test_verrf),
         cmocka_unit_test(test_ok_doc),
+        cmocka_unit_test(test_ok_doc_matches_jansson),
     };
     return cmocka_run_group_tests(tests, setup_clock, NULL);
 }
