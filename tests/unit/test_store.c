@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "store/sqlite_int.h"
 #include "store_backend.h"
 
 typedef struct fx {
@@ -259,6 +260,61 @@ static void nap_ms(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+}
+
+/* The store's connection gathers its WAL writes (src/store/sqlite_vfs.c):
+ * a one-row commit is ~7 frames of two writes each, a batch many more, and
+ * each commit's frames must reach the file before the commit returns, so
+ * another connection sees every committed row at once. A batch of over
+ * 128 KiB (the unix VFS's largest single write) commits whole. */
+static void test_wal_writes_gathered(void **state)
+{
+    fx *f = *state;
+    if (test_store_is_pg())
+        return;
+    char path[600];
+    snprintf(path, sizeof path, "%s/db/fleetml.db", f->dir);
+    sqlite3 *reader = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &reader, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *count = NULL;
+    assert_int_equal(sqlite3_prepare_v2(reader, "SELECT count(*) FROM measurements", -1, &count,
+                                        NULL),
+                     SQLITE_OK);
+    uint64_t w0, m0, w1, m1;
+    sql__vfs_gather_counts(&w0, &m0);
+    for (int i = 0; i < 50; i++) {
+        commit_sized(f, i);
+        assert_int_equal(sqlite3_step(count), SQLITE_ROW);
+        assert_int_equal(sqlite3_column_int(count, 0), i + 1);
+        sqlite3_reset(count);
+    }
+    sql__vfs_gather_counts(&w1, &m1);
+    assert_true(w1 - w0 >= 50 * 8);       /* SQLite wrote its frames... */
+    assert_true(w1 - w0 >= 4 * (m1 - m0)); /* ...in a quarter of the writes or fewer */
+
+    enum { BIG = 120 };
+    static char payload[3300];
+    memset(payload, 'y', sizeof payload - 1);
+    fm_record recs[BIG];
+    char mids[BIG][16];
+    for (int i = 0; i < BIG; i++) {
+        snprintf(mids[i], sizeof mids[i], "big%04d", i);
+        recs[i] = rec(mids[i], "{\"r\":2}");
+        recs[i].payload = payload;
+        recs[i].payload_len = sizeof payload - 1;
+    }
+    fm_errbuf err;
+    assert_int_equal(fm_store_commit(f->st, recs, BIG, NULL, 0, &err), 0);
+    assert_int_equal(sqlite3_step(count), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(count, 0), 50 + BIG);
+    sqlite3_finalize(count);
+    sqlite3_stmt *check = NULL;
+    assert_int_equal(sqlite3_prepare_v2(reader, "PRAGMA integrity_check", -1, &check, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(check), SQLITE_ROW);
+    assert_string_equal((const char *)sqlite3_column_text(check, 0), "ok");
+    sqlite3_finalize(check);
+    sqlite3_close(reader);
 }
 
 /* The pipeline's handle: its WAL is checkpointed by a thread of its own,
@@ -1431,6 +1487,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_measurement_get, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hot_path_checkpoints_beside_commits, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hot_path_log_is_bounded, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wal_writes_gathered, setup, teardown),
         cmocka_unit_test_setup_teardown(test_labels, setup, teardown),
         cmocka_unit_test_setup_teardown(test_audit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_labels_audit, setup, teardown),
