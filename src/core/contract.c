@@ -162,7 +162,8 @@ static size_t thousandths(char *p, double k)
     if (frac == 0) {
         *o++ = '0';
     } else {
-        char f[3] = {(char)('0' + frac / 100), (char)('0' + frac / 10 % 10), (char)('0' + frac % 10)};
+        char f[3] = {(char)('0' + frac / 100), (char)('0' + frac / 10 % 10),
+                     (char)('0' + frac % 10)};
         int nf = f[2] != '0' ? 3 : f[1] != '0' ? 2 : 1;
         memcpy(o, f, (size_t)nf);
         o += nf;

@@ -17,13 +17,8 @@ typedef struct sqlite_store {
     sql__ckpt *ckpt; /* the hot-path handle's checkpointer, or NULL */
 } sqlite_store;
 
-/* The name of the "fleetml-gather" VFS (src/store/sqlite_vfs.c): fault
- * injection as "fleetml", and WAL writes gathered until the next sync.
- * Only for a connection that runs synchronous=FULL. NULL when it could not
- * be registered (open with the default VFS then). */
-const char *sql__vfs_gathering(void);
-/* Since the process started: SQLite's writes to gathering WAL files
- * (*writes) and the writes to the file made of them (*made). */
+/* Since the process started: SQLite's writes to gathering files (*writes)
+ * and the writes to the files made of them (*made). */
 void sql__vfs_gather_counts(uint64_t *writes, uint64_t *made);
 
 /* The hot-path handle's WAL checkpointer (sqlite_ckpt.c): a thread with its

@@ -1,29 +1,35 @@
 /*
- * fleetml's SQLite VFSes: shims over the default (unix) VFS.
+ * The "fleetml" SQLite VFS: a shim over the default (unix) VFS.
  *
- * "fleetml" is a pass-through for fault injection. Every method forwards
- * to the real VFS / real file; xSync first asks fm_fault_fsync_take() and,
- * when a failure is pending, reports SQLITE_IOERR_FSYNC without syncing --
- * which is what SQLite's unix VFS reports when fsync(2) fails. With no
- * failure pending the cost is one atomic load per sync.
+ * Fault injection: every method forwards to the real VFS / real file;
+ * xSync first asks fm_fault_fsync_take() and, when a failure is pending,
+ * reports SQLITE_IOERR_FSYNC without syncing -- which is what SQLite's
+ * unix VFS reports when fsync(2) fails. With no failure pending the cost
+ * is one atomic load per sync.
  *
- * "fleetml-gather" is the same, except that the WAL files it opens gather
- * their writes. SQLite writes each WAL frame as two writes, a 24-byte
- * header and the page, neither aligned to the file system's pages; a
- * commit of one measurement writes about 7 frames, a batch of many 4 per
- * row. Those small unaligned writes cost 4-5 us each pair in the kernel,
- * where one write of the same bytes costs 0.6-1.6 us a frame
+ * Gathered writes: the WAL and main database files it opens gather their
+ * writes. SQLite writes each WAL frame as two writes, a 24-byte header and
+ * the page, neither aligned to the file system's pages, and a checkpoint
+ * copies frames into the database one page per write: a commit of one
+ * measurement writes about 7 frames, a batch 4 per row, and each is copied
+ * once more. Those small writes cost the kernel 3-5 us each (a frame's pair,
+ * or one page); one write of the same bytes costs 0.6-1.6 us a frame
  * (docs/performance.md). So consecutive writes are copied into one buffer
- * and written together, before anything that could observe the file:
- * xSync, xRead, xTruncate, xFileSize, xFileControl, xClose, and any write
- * that does not follow on (SQLite rewrites a frame of the open transaction
- * in place). Durability is unchanged: a commit's frames reach the file
- * before its xSync, and the WAL index publishes them only after that sync
- * -- which holds because the one connection opened with this VFS (the
- * store's, src/store/sqlite.c) runs synchronous=FULL, where every commit
- * syncs the WAL. A connection with synchronous=NORMAL must not use it:
- * without a sync at commit, other connections could be shown frames still
- * in the buffer.
+ * and written together before anything that could observe the file or the
+ * locks around it: xSync, xRead, xTruncate, xFileSize, xFileControl, xLock,
+ * xUnlock, the shared-memory methods, xFetch, xClose, and any write that
+ * does not follow on (SQLite rewrites a frame of the open transaction in
+ * place).
+ *
+ * Durability and what other connections see are unchanged, because a
+ * sync precedes every moment another connection may read what was
+ * written: a commit's frames are synced before the WAL index publishes
+ * them, and a checkpoint's pages are synced before it records them as
+ * copied -- at synchronous=FULL, which both connections opened with this
+ * VFS run (the store's, src/store/sqlite.c, and its checkpointer's,
+ * sqlite_ckpt.c). A connection with synchronous=NORMAL or OFF must not use
+ * it: a commit (or a checkpoint, at OFF) would publish what is still in
+ * the buffer.
  *
  * A shim file is our header followed by the real VFS's file object in the
  * same allocation (szOsFile = ours + theirs); the header's pMethods points
@@ -41,7 +47,6 @@
 #include <string.h>
 
 #define SHIM_NAME "fleetml"
-#define GATHER_NAME "fleetml-gather"
 /* Bytes a WAL file gathers before it writes them (29 frames of 4 KiB).
  * Below 128 KiB: the unix VFS passes at most 0x1ffff bytes to one pwrite
  * and fails a write whose remainder is a multiple of 128 KiB. */
@@ -57,7 +62,7 @@ typedef struct shim_file {
     size_t len;
 } shim_file;
 
-static sqlite3_vfs shim_vfs, gather_vfs;
+static sqlite3_vfs shim_vfs;
 /* SQLite's writes to gathering WAL files, and the writes made of them. */
 static atomic_uint_least64_t gathered_writes, gather_flushes;
 static sqlite3_vfs *root_vfs;
@@ -125,19 +130,21 @@ static int shim_unfetch(sqlite3_file *f, sqlite3_int64 off, void *p)
     return RM(f)->xUnfetch(REAL(f), off, p);
 }
 
-/* ---- WAL files of "fleetml-gather" ------------------------------------------- */
+/* ---- gathering files (WAL and main database) --------------------------------- */
 
-/* Writes what is gathered. On failure the gathered bytes are dropped: they
- * belong to a transaction SQLite will now roll back. */
+/* Writes what is gathered. On failure the bytes stay gathered and the
+ * error is returned; the next flush tries again, so writes still reach the
+ * file in the order SQLite made them (as with the kernel's own cache). */
 static int gather_flush(sqlite3_file *f)
 {
     shim_file *sf = (shim_file *)f;
     if (sf->len == 0)
         return SQLITE_OK;
-    size_t len = sf->len;
-    sf->len = 0;
     atomic_fetch_add_explicit(&gather_flushes, 1, memory_order_relaxed);
-    return RM(f)->xWrite(REAL(f), sf->gather, (int)len, sf->at);
+    int rc = RM(f)->xWrite(REAL(f), sf->gather, (int)sf->len, sf->at);
+    if (rc == SQLITE_OK)
+        sf->len = 0;
+    return rc;
 }
 
 static int gather_write(sqlite3_file *f, const void *buf, int amt, sqlite3_int64 off)
@@ -165,30 +172,51 @@ static int gather_write(sqlite3_file *f, const void *buf, int amt, sqlite3_int64
     return SQLITE_OK;
 }
 
+/* Every other method first writes what is gathered, then forwards. */
+#define FLUSHED(call)                                                                             \
+    do {                                                                                          \
+        int flush_rc_ = gather_flush(f);                                                          \
+        return flush_rc_ != SQLITE_OK ? flush_rc_ : (call);                                       \
+    } while (0)
+
 static int gather_read(sqlite3_file *f, void *buf, int amt, sqlite3_int64 off)
 {
-    int rc = gather_flush(f);
-    return rc != SQLITE_OK ? rc : shim_read(f, buf, amt, off);
+    FLUSHED(shim_read(f, buf, amt, off));
 }
 static int gather_truncate(sqlite3_file *f, sqlite3_int64 size)
 {
-    int rc = gather_flush(f);
-    return rc != SQLITE_OK ? rc : shim_truncate(f, size);
+    FLUSHED(shim_truncate(f, size));
 }
-static int gather_sync(sqlite3_file *f, int flags)
-{
-    int rc = gather_flush(f);
-    return rc != SQLITE_OK ? rc : shim_sync(f, flags);
-}
+static int gather_sync(sqlite3_file *f, int flags) { FLUSHED(shim_sync(f, flags)); }
 static int gather_file_size(sqlite3_file *f, sqlite3_int64 *size)
 {
-    int rc = gather_flush(f);
-    return rc != SQLITE_OK ? rc : shim_file_size(f, size);
+    FLUSHED(shim_file_size(f, size));
 }
 static int gather_file_control(sqlite3_file *f, int op, void *arg)
 {
-    int rc = gather_flush(f);
-    return rc != SQLITE_OK ? rc : shim_file_control(f, op, arg);
+    FLUSHED(shim_file_control(f, op, arg));
+}
+static int gather_lock(sqlite3_file *f, int lvl) { FLUSHED(shim_lock(f, lvl)); }
+static int gather_unlock(sqlite3_file *f, int lvl) { FLUSHED(shim_unlock(f, lvl)); }
+static int gather_shm_map(sqlite3_file *f, int pg, int pgsz, int extend, void volatile **pp)
+{
+    FLUSHED(shim_shm_map(f, pg, pgsz, extend, pp));
+}
+static int gather_shm_lock(sqlite3_file *f, int off, int n, int flags)
+{
+    FLUSHED(shim_shm_lock(f, off, n, flags));
+}
+/* No error to report here: the sync that precedes every publication in
+ * the WAL index has already written everything (see the top). */
+static void gather_shm_barrier(sqlite3_file *f)
+{
+    (void)gather_flush(f);
+    shim_shm_barrier(f);
+}
+static int gather_shm_unmap(sqlite3_file *f, int del) { FLUSHED(shim_shm_unmap(f, del)); }
+static int gather_fetch(sqlite3_file *f, sqlite3_int64 off, int amt, void **pp)
+{
+    FLUSHED(shim_fetch(f, off, amt, pp));
 }
 static int gather_close(sqlite3_file *f)
 {
@@ -196,6 +224,7 @@ static int gather_close(sqlite3_file *f)
     int rc = gather_flush(f);
     sqlite3_free(sf->gather);
     sf->gather = NULL;
+    sf->len = 0;
     int crc = shim_close(f);
     return rc != SQLITE_OK ? rc : crc;
 }
@@ -218,19 +247,19 @@ static int gather_close(sqlite3_file *f)
 static const sqlite3_io_methods shim_methods[4] = {SHIM_METHODS(0), SHIM_METHODS(1),
                                                     SHIM_METHODS(2), SHIM_METHODS(3)};
 
-/* The same with the gathering methods, for WAL files. */
+/* The same with the gathering methods (WAL and main database files). */
 #define GATHER_METHODS(ver)                                                                       \
     {                                                                                             \
         .iVersion = (ver), .xClose = gather_close, .xRead = gather_read, .xWrite = gather_write,  \
         .xTruncate = gather_truncate, .xSync = gather_sync, .xFileSize = gather_file_size,        \
-        .xLock = shim_lock, .xUnlock = shim_unlock, .xCheckReservedLock = shim_check_reserved,    \
+        .xLock = gather_lock, .xUnlock = gather_unlock, .xCheckReservedLock = shim_check_reserved, \
         .xFileControl = gather_file_control, .xSectorSize = shim_sector_size,                     \
         .xDeviceCharacteristics = shim_device_chars,                                              \
-        .xShmMap = (ver) >= 2 ? shim_shm_map : NULL,                                              \
-        .xShmLock = (ver) >= 2 ? shim_shm_lock : NULL,                                            \
-        .xShmBarrier = (ver) >= 2 ? shim_shm_barrier : NULL,                                      \
-        .xShmUnmap = (ver) >= 2 ? shim_shm_unmap : NULL,                                          \
-        .xFetch = (ver) >= 3 ? shim_fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL,   \
+        .xShmMap = (ver) >= 2 ? gather_shm_map : NULL,                                            \
+        .xShmLock = (ver) >= 2 ? gather_shm_lock : NULL,                                          \
+        .xShmBarrier = (ver) >= 2 ? gather_shm_barrier : NULL,                                    \
+        .xShmUnmap = (ver) >= 2 ? gather_shm_unmap : NULL,                                        \
+        .xFetch = (ver) >= 3 ? gather_fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL, \
     }
 static const sqlite3_io_methods gather_methods[4] = {GATHER_METHODS(0), GATHER_METHODS(1),
                                                       GATHER_METHODS(2), GATHER_METHODS(3)};
@@ -238,6 +267,7 @@ static const sqlite3_io_methods gather_methods[4] = {GATHER_METHODS(0), GATHER_M
 static int shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int flags,
                      int *out_flags)
 {
+    (void)vfs;
     shim_file *sf = (shim_file *)f;
     sf->real = (sqlite3_file *)(sf + 1);
     sf->base.pMethods = NULL;
@@ -247,7 +277,7 @@ static int shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, i
     if (sf->real->pMethods) {
         int v = sf->real->pMethods->iVersion;
         v = v < 0 ? 0 : v > 3 ? 3 : v;
-        bool gather = vfs == &gather_vfs && (flags & SQLITE_OPEN_WAL);
+        bool gather = flags & (SQLITE_OPEN_WAL | SQLITE_OPEN_MAIN_DB);
         sf->base.pMethods = gather ? &gather_methods[v] : &shim_methods[v];
     }
     return rc;
@@ -361,22 +391,13 @@ static void do_register(void)
         .xGetSystemCall = root_vfs->iVersion >= 3 ? shim_get_syscall : NULL,
         .xNextSystemCall = root_vfs->iVersion >= 3 ? shim_next_syscall : NULL,
     };
-    gather_vfs = shim_vfs;
-    gather_vfs.zName = GATHER_NAME;
-    registered = sqlite3_vfs_register(&shim_vfs, 0) == SQLITE_OK &&
-                 sqlite3_vfs_register(&gather_vfs, 0) == SQLITE_OK;
+    registered = sqlite3_vfs_register(&shim_vfs, 0) == SQLITE_OK;
 }
 
 const char *fm_sqlite_vfs_name(void)
 {
     pthread_once(&once, do_register);
     return registered ? SHIM_NAME : NULL;
-}
-
-const char *sql__vfs_gathering(void)
-{
-    pthread_once(&once, do_register);
-    return registered ? GATHER_NAME : NULL;
 }
 
 void sql__vfs_gather_counts(uint64_t *writes, uint64_t *made)

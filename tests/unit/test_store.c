@@ -13,6 +13,7 @@
 #include "fleetml/config.h"
 #include "fleetml/store.h"
 #include "fleetml/drift.h"
+#include "fleetml/fault.h"
 #include "fleetml/metrics.h"
 
 #include <ftw.h>
@@ -262,11 +263,12 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* The store's connection gathers its WAL writes (src/store/sqlite_vfs.c):
- * a one-row commit is ~7 frames of two writes each, a batch many more, and
- * each commit's frames must reach the file before the commit returns, so
- * another connection sees every committed row at once. A batch of over
- * 128 KiB (the unix VFS's largest single write) commits whole. */
+/* The store's connection gathers its writes (src/store/sqlite_vfs.c): a
+ * one-row commit is ~7 WAL frames of two writes each, a batch many more,
+ * and each commit's frames must reach the file before the commit returns,
+ * so another connection sees every committed row at once. A batch of over
+ * 128 KiB (the unix VFS's largest single write) commits whole, and a
+ * checkpoint's pages reach the database before the log is cut. */
 static void test_wal_writes_gathered(void **state)
 {
     fx *f = *state;
@@ -309,6 +311,42 @@ static void test_wal_writes_gathered(void **state)
     assert_int_equal(sqlite3_column_int(count, 0), 50 + BIG);
     sqlite3_finalize(count);
     sqlite3_stmt *check = NULL;
+    assert_int_equal(sqlite3_prepare_v2(reader, "PRAGMA integrity_check", -1, &check, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(check), SQLITE_ROW);
+    assert_string_equal((const char *)sqlite3_column_text(check, 0), "ok");
+    sqlite3_finalize(check);
+
+    /* A checkpoint through the same VFS copies the log into the database
+     * in runs of pages; once the log is truncated, a reader finds every
+     * row in the database file itself. */
+    sqlite3 *ck = NULL;
+    assert_int_equal(sqlite3_open_v2(path, &ck, SQLITE_OPEN_READWRITE, fm_sqlite_vfs_name()),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_exec(ck, "PRAGMA synchronous=FULL", NULL, NULL, NULL), SQLITE_OK);
+    sql__vfs_gather_counts(&w0, &m0);
+    int logged = -1, copied = -1;
+    assert_int_equal(sqlite3_wal_checkpoint_v2(ck, NULL, SQLITE_CHECKPOINT_TRUNCATE, &logged,
+                                               &copied),
+                     SQLITE_OK);
+    sql__vfs_gather_counts(&w1, &m1);
+    assert_int_equal(logged, 0); /* truncated: the whole log was copied */
+    assert_true(w1 - w0 >= 150);            /* a page per row at least */
+    assert_true(w1 - w0 >= 2 * (m1 - m0)); /* in runs */
+    sqlite3_close(ck);
+    char wal[620];
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    struct stat stw;
+    assert_int_equal(stat(wal, &stw), 0);
+    assert_int_equal(stw.st_size, 0);
+    assert_int_equal(sqlite3_prepare_v2(reader,
+                                        "SELECT count(*), sum(length(payload)) FROM measurements",
+                                        -1, &count, NULL),
+                     SQLITE_OK);
+    assert_int_equal(sqlite3_step(count), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(count, 0), 50 + BIG);
+    assert_int_equal(sqlite3_column_int64(count, 1), (sqlite3_int64)(50 + BIG) * 3299);
+    sqlite3_finalize(count);
     assert_int_equal(sqlite3_prepare_v2(reader, "PRAGMA integrity_check", -1, &check, NULL),
                      SQLITE_OK);
     assert_int_equal(sqlite3_step(check), SQLITE_ROW);
