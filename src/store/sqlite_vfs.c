@@ -229,40 +229,27 @@ static int gather_close(sqlite3_file *f)
     return rc != SQLITE_OK ? rc : crc;
 }
 
-/* One methods table per io_methods version the real VFS may hand out; the
- * shim must not claim methods the real file does not have. */
-#define SHIM_METHODS(ver)                                                                         \
+/* One methods table per io_methods version the real VFS may hand out (the
+ * shim must not claim methods the real file does not have), with the
+ * methods of prefix p: shim_ forwards, gather_ writes what is gathered
+ * first (WAL and main database files). */
+#define IO_METHODS(p, ver)                                                                        \
     {                                                                                             \
-        .iVersion = (ver), .xClose = shim_close, .xRead = shim_read, .xWrite = shim_write,        \
-        .xTruncate = shim_truncate, .xSync = shim_sync, .xFileSize = shim_file_size,              \
-        .xLock = shim_lock, .xUnlock = shim_unlock, .xCheckReservedLock = shim_check_reserved,    \
-        .xFileControl = shim_file_control, .xSectorSize = shim_sector_size,                       \
+        .iVersion = (ver), .xClose = p##close, .xRead = p##read, .xWrite = p##write,              \
+        .xTruncate = p##truncate, .xSync = p##sync, .xFileSize = p##file_size,                    \
+        .xLock = p##lock, .xUnlock = p##unlock, .xCheckReservedLock = shim_check_reserved,        \
+        .xFileControl = p##file_control, .xSectorSize = shim_sector_size,                         \
         .xDeviceCharacteristics = shim_device_chars,                                              \
-        .xShmMap = (ver) >= 2 ? shim_shm_map : NULL,                                              \
-        .xShmLock = (ver) >= 2 ? shim_shm_lock : NULL,                                            \
-        .xShmBarrier = (ver) >= 2 ? shim_shm_barrier : NULL,                                      \
-        .xShmUnmap = (ver) >= 2 ? shim_shm_unmap : NULL,                                          \
-        .xFetch = (ver) >= 3 ? shim_fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL,   \
+        .xShmMap = (ver) >= 2 ? p##shm_map : NULL, .xShmLock = (ver) >= 2 ? p##shm_lock : NULL,   \
+        .xShmBarrier = (ver) >= 2 ? p##shm_barrier : NULL,                                        \
+        .xShmUnmap = (ver) >= 2 ? p##shm_unmap : NULL,                                            \
+        .xFetch = (ver) >= 3 ? p##fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL,     \
     }
-static const sqlite3_io_methods shim_methods[4] = {SHIM_METHODS(0), SHIM_METHODS(1),
-                                                    SHIM_METHODS(2), SHIM_METHODS(3)};
-
-/* The same with the gathering methods (WAL and main database files). */
-#define GATHER_METHODS(ver)                                                                       \
-    {                                                                                             \
-        .iVersion = (ver), .xClose = gather_close, .xRead = gather_read, .xWrite = gather_write,  \
-        .xTruncate = gather_truncate, .xSync = gather_sync, .xFileSize = gather_file_size,        \
-        .xLock = gather_lock, .xUnlock = gather_unlock, .xCheckReservedLock = shim_check_reserved, \
-        .xFileControl = gather_file_control, .xSectorSize = shim_sector_size,                     \
-        .xDeviceCharacteristics = shim_device_chars,                                              \
-        .xShmMap = (ver) >= 2 ? gather_shm_map : NULL,                                            \
-        .xShmLock = (ver) >= 2 ? gather_shm_lock : NULL,                                          \
-        .xShmBarrier = (ver) >= 2 ? gather_shm_barrier : NULL,                                    \
-        .xShmUnmap = (ver) >= 2 ? gather_shm_unmap : NULL,                                        \
-        .xFetch = (ver) >= 3 ? gather_fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL, \
-    }
-static const sqlite3_io_methods gather_methods[4] = {GATHER_METHODS(0), GATHER_METHODS(1),
-                                                      GATHER_METHODS(2), GATHER_METHODS(3)};
+static const sqlite3_io_methods shim_methods[4] = {
+    IO_METHODS(shim_, 0), IO_METHODS(shim_, 1), IO_METHODS(shim_, 2), IO_METHODS(shim_, 3)};
+static const sqlite3_io_methods gather_methods[4] = {
+    IO_METHODS(gather_, 0), IO_METHODS(gather_, 1), IO_METHODS(gather_, 2),
+    IO_METHODS(gather_, 3)};
 
 static int shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int flags,
                      int *out_flags)
