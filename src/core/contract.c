@@ -188,7 +188,8 @@ char *fm_ok_doc(const char *mid, const char *model_ref, const char *const *names
         fast = names[i] && plain_string(names[i], &ln[i]);
         for (size_t j = 0; fast && j < i; j++)
             fast = strcmp(names[i], names[j]) != 0;
-        total += ln[i] + 4 + NUM_MAX; /* "name":value, */
+        if (fast)
+            total += ln[i] + 4 + NUM_MAX; /* "name":value, */
     }
     if (!fast)
         return ok_doc_jansson(mid, model_ref, names, values, n, received_at);
