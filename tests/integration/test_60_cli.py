@@ -308,6 +308,18 @@ def test_bench_pipeline_reports_its_figures(fm_bin, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
     assert doc["measurements"] == 400 and doc["ok"] == 400
+    # The unmeasured warm-up pass defaults to the measured pass's size.
+    assert doc["warmup"] == 400, doc
     for k in ("cpu_us_per_measurement", "parse_validate_us", "features_us",
               "predict_one_row_us"):
         assert doc[k] > 0, (k, doc)
+    out = subprocess.run([fm_bin, "bench", "pipeline", "--n", "150", "--warmup", "0",
+                          "--data", str(tmp_path / "cold")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+    assert doc["measurements"] == 150 and doc["warmup"] == 0 and doc["ok"] == 150, doc
+    bad = subprocess.run([fm_bin, "bench", "pipeline", "--n", "10", "--warmup", "x",
+                          "--data", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--warmup" in bad.stderr
