@@ -20,9 +20,10 @@ typedef struct fm_hist {
 
 /* Where a measurement's time goes inside the service, one histogram each
  * (fleetml_stage_seconds{stage=...}); inference and commit have their own
- * histograms. Per message: queue (receipt -> a worker starts on it),
- * prepare (parse, validate, features), handoff (prepared -> the commit
- * thread takes its batch: the wait for the commit before). Per batch:
+ * histograms. Per message: queue (receipt -> a worker, or the idle commit
+ * thread, starts on it), prepare (parse, validate, features), handoff
+ * (prepared by a worker -> the commit thread takes its batch: the wait for
+ * the commit before; absent for messages the commit thread prepared). Per batch:
  * admit (device checks and dedupe), publish (handing the replies to the
  * MQTT client). */
 enum fm_stage {

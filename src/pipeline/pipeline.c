@@ -13,6 +13,12 @@
  * not full wait at most that long for more, counted from the oldest
  * message's arrival: an upper bound, for disks whose fsync costs more than
  * the wait.
+ *
+ * A message that arrives when both stages are empty and the commit thread
+ * is waiting skips the workers: the commit thread prepares it itself. At
+ * low rates that saves a thread wake-up per message (on two shared cores,
+ * ~0.06 ms); under load the workers prepare everything, in parallel, as
+ * before.
  */
 #include "fleetml/pipeline.h"
 #include "fleetml/jsonmem.h"
@@ -80,9 +86,10 @@ struct fm_pipeline {
     char proc_ref[PROC_MAX][80];
     size_t nprocs;
 
-    fm_thread commit;      /* the commit thread; its lock guards head, tail, depth */
+    fm_thread commit;      /* the commit thread; its lock guards head, tail, depth, idle */
     fm_inmsg *head, *tail; /* prepared, waiting for the commit thread */
     long depth;
+    bool idle; /* the commit thread is waiting for work */
     _Atomic int healthy;
     _Atomic long bytes; /* payload bytes held by both stages */
     cached_device *devices; /* DEVICE_CACHE slots, commit thread only */
@@ -482,6 +489,7 @@ static void *run(void *arg)
     fm_thread_lock(t);
     for (;;) {
         while (!p->head && !fm_thread_should_stop(t)) {
+            p->idle = true;
             if (atomic_load(&p->healthy)) {
                 fm_thread_wait(t);
                 continue;
@@ -500,6 +508,7 @@ static void *run(void *arg)
                 fm_thread_lock(t);
             }
         }
+        p->idle = false;
         if (!p->head && fm_thread_should_stop(t))
             break;
         /* Wait for the batch to fill, but never past the window counted
@@ -617,6 +626,11 @@ fail:
 
 static int submit_counted(fm_pipeline *p, fm_inmsg *m);
 
+/* Largest payload an idle commit thread prepares itself (see
+ * submit_counted); anything bigger, valid or not, is parsed by a worker so
+ * the one serial thread never spends long on it. A sweep is 2-5 KB. */
+#define DIRECT_MAX_BYTES 16384
+
 /* Appends a message to the commit thread's queue. Called with its lock held. */
 static void enqueue_ready(fm_pipeline *p, fm_inmsg *m)
 {
@@ -701,6 +715,22 @@ static int submit_counted(fm_pipeline *p, fm_inmsg *m)
      * a benign race that can only be off by the messages in flight. */
     long total = p->in_depth + __atomic_load_n(&p->depth, __ATOMIC_RELAXED);
     int rc = p->in_stopping ? FM_ESTATE : total >= p->cfg.queue_max ? FM_EBUSY : 0;
+    if (rc == 0 && p->in_depth == 0 && m->len <= DIRECT_MAX_BYTES) {
+        /* Nothing is in the worker stage (in_depth counts a message until
+         * it is handed on), so nothing submitted earlier can be overtaken.
+         * If the commit thread is waiting too, it prepares this one itself:
+         * one thread woken instead of two. Lock order: in_mu, then the
+         * commit thread's; nothing takes them the other way round. */
+        fm_thread_lock(&p->commit);
+        bool direct = p->idle && !p->head && !fm_thread_should_stop(&p->commit);
+        if (direct)
+            enqueue_ready(p, m);
+        fm_thread_unlock(&p->commit);
+        if (direct) {
+            pthread_mutex_unlock(&p->in_mu);
+            return 0;
+        }
+    }
     if (rc == 0) {
         m->next = NULL;
         if (p->in_tail)

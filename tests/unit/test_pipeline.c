@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "fleetml/config.h"
+#include "fleetml/metrics.h"
 #include "fleetml/pipeline.h"
 #include "fleetml/store.h"
 #include "fleetml/viscometer.h"
@@ -22,6 +23,7 @@
 #include <ftw.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,6 +297,64 @@ static void test_errors_quarantined(void **state)
     free(m);
 }
 
+/* With no commit window, a message that finds both stages empty and the
+ * commit thread waiting is prepared by the commit thread itself (no worker
+ * hand-off: the handoff stage is not observed for it). Whether the thread
+ * is already waiting again when the next message comes is up to the
+ * scheduler, so the test sends lone messages until one takes that path. */
+static void test_idle_commit_thread_prepares_lone_messages(void **state)
+{
+    fx *f = *state;
+    fm_pipeline_stop(f->p);
+    f->cfg.commit_window_us = 0;
+    f->cfg.pipeline_workers = 2;
+    fm_errbuf err;
+    fm_pipeline_opts o = {.cfg = &f->cfg, .publish = fake_publish, .committed = on_commit,
+                          .ud = f};
+    assert_int_equal(fm_pipeline_start(&o, &f->p, &err), 0);
+    fm_metrics *mx = fm_metrics_get();
+    uint64_t queued0 = atomic_load(&mx->stage_seconds[FM_STAGE_QUEUE].count);
+    uint64_t handoff0 = atomic_load(&mx->stage_seconds[FM_STAGE_HANDOFF].count);
+    int sent = 0, direct = 0;
+    while (sent < 60 && direct == 0) {
+        char id[32];
+        size_t len;
+        snprintf(id, sizeof id, "lone-%d", sent);
+        char *m = make_measurement(100 + (uint64_t)sent, id, &len);
+        uint64_t h = atomic_load(&mx->stage_seconds[FM_STAGE_HANDOFF].count);
+        submit(f, "dev-a", m, len, NULL, NULL);
+        sent++;
+        wait_replies(f, sent);
+        direct += atomic_load(&mx->stage_seconds[FM_STAGE_HANDOFF].count) == h;
+        free(m);
+    }
+    assert_true(direct > 0);
+    /* Every message was prepared exactly once, by one stage or the other. */
+    uint64_t queued = atomic_load(&mx->stage_seconds[FM_STAGE_QUEUE].count) - queued0;
+    uint64_t handoff = atomic_load(&mx->stage_seconds[FM_STAGE_HANDOFF].count) - handoff0;
+    assert_int_equal(queued, (uint64_t)sent);
+    assert_true(handoff < (uint64_t)sent);
+    /* A burst right after still goes through whichever path and is stored
+     * once per measurement, each answered ok. */
+    size_t len;
+    for (int i = 0; i < 3; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "burst-%d", i);
+        char *m = make_measurement(500 + (uint64_t)i, id, &len);
+        submit(f, "dev-a", m, len, NULL, NULL);
+        free(m);
+    }
+    wait_replies(f, sent + 3);
+    for (int i = 0; i < sent + 3; i++) {
+        json_t *d = reply_doc(f, i);
+        assert_string_equal(json_string_value(json_object_get(d, "status")), "ok");
+        json_decref(d);
+    }
+    long n;
+    assert_int_equal(fm_store_count_measurements(f->reader, "dev-a", &n), 0);
+    assert_int_equal(n, sent + 3);
+}
+
 static void test_reply_topic_rules(void **state)
 {
     (void)state;
@@ -319,6 +379,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_duplicates, setup, teardown),
         cmocka_unit_test_setup_teardown(test_device_change_reaches_the_cache, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors_quarantined, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_commit_thread_prepares_lone_messages, setup,
+                                        teardown),
         cmocka_unit_test(test_reply_topic_rules),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
