@@ -177,10 +177,32 @@ static void run_pass(const pass_in *in, uint64_t first, uint64_t n)
     pthread_mutex_unlock(&in->c->mu);
 }
 
+static int cmp_i64(const void *a, const void *b);
+
+/* Submits k measurements one at a time, each after the previous one's
+ * reply and a pause of gap_ms (long enough for this machine's caches to
+ * go cold, as between two measurements of a quiet fleet), and stores each
+ * one's submit-to-reply time in us[]: what a lone measurement costs inside
+ * the service, broker and network left out. */
+static void run_lone(const pass_in *in, uint64_t first, int k, int gap_ms, int64_t *us)
+{
+    for (int j = 0; j < k; j++) {
+        struct timespec gap = {gap_ms / 1000, (long)(gap_ms % 1000) * 1000000L};
+        nanosleep(&gap, NULL);
+        uint64_t t0 = fm_mono_ns();
+        run_pass(in, first + (uint64_t)j, 1);
+        us[j] = (int64_t)((fm_mono_ns() - t0) / 1000);
+    }
+    qsort(us, (size_t)k, sizeof *us, cmp_i64);
+}
+
 static int bench_pipeline(int argc, char **argv)
 {
     fm_config cfg;
-    char dir[] = "/tmp/fleetml-bench-pipeline-XXXXXX";
+    /* $TMPDIR picks the file system (a tmpfs there leaves the disk out). */
+    const char *tmp = getenv("TMPDIR");
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/fleetml-bench-pipeline-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
         return 1;
@@ -193,7 +215,8 @@ static int bench_pipeline(int argc, char **argv)
     snprintf(cfg.data_dir, sizeof cfg.data_dir, "%s", dir);
     const char *n_s = fm_cli_take_opt(&argc, argv, "--n");
     const char *warm_s = fm_cli_take_opt(&argc, argv, "--warmup");
-    uint64_t n = 20000, warmup;
+    const char *lone_s = fm_cli_take_opt(&argc, argv, "--lone");
+    uint64_t n = 20000, warmup, lone = 0;
     if (n_s && (fm_cli_parse_u64(n_s, 10000000, &n) != 0 || n == 0)) {
         fprintf(stderr, "fleetml bench pipeline: --n expects 1..10000000\n");
         return 2;
@@ -201,6 +224,10 @@ static int bench_pipeline(int argc, char **argv)
     warmup = n;
     if (warm_s && fm_cli_parse_u64(warm_s, 10000000, &warmup) != 0) {
         fprintf(stderr, "fleetml bench pipeline: --warmup expects 0..10000000\n");
+        return 2;
+    }
+    if (lone_s && fm_cli_parse_u64(lone_s, 100000, &lone) != 0) {
+        fprintf(stderr, "fleetml bench pipeline: --lone expects 0..100000\n");
         return 2;
     }
     if (access(cfg.model_dir, R_OK) != 0) {
@@ -266,19 +293,31 @@ static int bench_pipeline(int argc, char **argv)
     double infer = (double)atomic_load(&mx->inference_seconds.sum_micro) / 1e6 - infer0;
     double commit = (double)atomic_load(&mx->commit_seconds.sum_micro) / 1e6 - commit0;
     uint64_t batches = atomic_load(&mx->commit_batch_size.count) - batches0;
-    fm_pipeline_stop(p);
     uint64_t ok = c.ok - ok0; /* the measured pass's */
+    /* Lone measurements, 20 ms apart. */
+    enum { LONE_GAP_MS = 20 };
+    int64_t *lone_us = lone ? fm_calloc(lone, sizeof *lone_us) : NULL;
+    if (lone_us)
+        run_lone(&pin, warmup + n, (int)lone, LONE_GAP_MS, lone_us);
+    fm_pipeline_stop(p);
     printf("{\"bench\":\"pipeline\",\"measurements\":%llu,\"warmup\":%llu,\"ok\":%llu,"
            "\"seconds\":%.3f,\"per_s\":%.1f,\"cpu_us_per_measurement\":%.1f,\"workers\":%d,"
            "\"inference_us_per_measurement\":%.1f,\"commit_us_per_measurement\":%.1f,"
            "\"mean_batch\":%.1f,\"payload_bytes\":%zu,\"parse_validate_us\":%.2f,"
-           "\"features_us\":%.2f,\"predict_one_row_us\":%.1f}\n",
+           "\"features_us\":%.2f,\"predict_one_row_us\":%.1f",
            (unsigned long long)n, (unsigned long long)warmup, (unsigned long long)ok, secs,
            (double)n / secs, cpu * 1e6 / (double)n, cfg.pipeline_workers,
            infer * 1e6 / (double)n, commit * 1e6 / (double)n,
            batches ? (double)n / (double)batches : 0.0, pool_len[0], parse_us, features_us,
            predict_one_us);
-    int all_ok = c.ok == c.replies && c.replies == warmup + n;
+    if (lone_us)
+        printf(",\"lone\":{\"n\":%llu,\"gap_ms\":%d,\"reply_us\":{\"p50\":%lld,\"p90\":%lld,"
+               "\"max\":%lld}}",
+               (unsigned long long)lone, LONE_GAP_MS, (long long)lone_us[lone / 2],
+               (long long)lone_us[lone * 9 / 10], (long long)lone_us[lone - 1]);
+    printf("}\n");
+    fm_free(lone_us);
+    int all_ok = c.ok == c.replies && c.replies == warmup + n + (lone_us ? lone : 0);
     for (int i = 0; i < POOL; i++)
         fm_free(pool[i]);
     nftw(dir, rm_cb, 8, FTW_DEPTH | FTW_PHYS);
@@ -403,7 +442,8 @@ const fm_cli_cmd fm_cli_bench_cmds[] = {
      .summary = "the measurement pipeline in-process: CPU per measurement",
      .flags = FM_CLI_CONFIG,
      .opts = {{"--n", "N", "measurements to measure (default 20000)"},
-              {"--warmup", "W", "measurements run first, not measured (default N)"}},
+              {"--warmup", "W", "measurements run first, not measured (default N)"},
+              {"--lone", "K", "then K measurements one at a time, 20 ms apart: submit-to-reply times"}},
      .examples = {"fleetml bench pipeline --n 50000 --set pipeline.workers=2"}},
     {.name = "bench function",
      .summary = "a function's warm call latency and cold start",

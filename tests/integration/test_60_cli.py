@@ -313,12 +313,17 @@ def test_bench_pipeline_reports_its_figures(fm_bin, tmp_path):
     for k in ("cpu_us_per_measurement", "parse_validate_us", "features_us",
               "predict_one_row_us"):
         assert doc[k] > 0, (k, doc)
+    assert "lone" not in doc
     out = subprocess.run([fm_bin, "bench", "pipeline", "--n", "150", "--warmup", "0",
-                          "--data", str(tmp_path / "cold")],
+                          "--lone", "7", "--data", str(tmp_path / "cold")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
     assert doc["measurements"] == 150 and doc["warmup"] == 0 and doc["ok"] == 150, doc
+    # Lone measurements, each answered before the next is sent.
+    lone = doc["lone"]
+    assert lone["n"] == 7 and lone["gap_ms"] > 0, lone
+    assert 0 < lone["reply_us"]["p50"] <= lone["reply_us"]["p90"] <= lone["reply_us"]["max"]
     bad = subprocess.run([fm_bin, "bench", "pipeline", "--n", "10", "--warmup", "x",
                           "--data", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=60)
