@@ -4,9 +4,20 @@
  * The network thread is ours rather than libmosquitto's loop_start: the
  * library's loop_forever gives up for good on a TLS error, which is exactly
  * what a broker killed mid-connection produces, and the service must
- * reconnect whatever happened. The client runs in "threaded" mode, so
- * publishes from the pipeline thread are only queued and this thread
- * writes them.
+ * reconnect whatever happened.
+ *
+ * Who writes. Every call into libmosquitto holds c->mu, so the library is
+ * only ever entered by one thread at a time and runs in its unthreaded
+ * mode: a publish writes its packet to the socket there and then, from
+ * the thread that publishes (the commit thread's replies, the PUBACK for
+ * each incoming measurement on this thread). In its "threaded" mode every
+ * packet was queued instead and this thread woken to write it: one more
+ * thread wake-up per reply (on two shared cores 0.1 ms or more when the
+ * thread was asleep) and two more system calls per packet. The network
+ * thread polls the socket without the lock (libmosquitto's external-loop
+ * API: mosquitto_socket, _loop_read, _loop_write, _loop_misc); a publish
+ * that cannot finish its write (socket buffer full) wakes it through
+ * wake_fd so that it polls for writability too.
  */
 #include "fleetml/mqtt.h"
 #include "fleetml/broker.h"
@@ -14,14 +25,18 @@
 #include "fleetml/measurement.h"
 #include "fleetml/metrics.h"
 
+#include <errno.h>
 #include <mosquitto.h>
 #include <mqtt_protocol.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #define SERVICE_CLIENT_ID "fleetml-service"
 #define MAX_SUBS 16
@@ -38,6 +53,10 @@ struct fm_mqtt {
     int port;
     mosquitto_property *connect_props;
     fm_thread thread; /* the network thread */
+    /* Held for every call into libmosquitto; recursive because the
+     * library's callbacks (run with it held) may publish. */
+    pthread_mutex_t mu;
+    int wake_fd; /* eventfd: the network thread's poll returns */
     _Atomic int connected;
     _Atomic int subscribed;
 };
@@ -181,6 +200,53 @@ static void mark_down(fm_mqtt *c)
     atomic_store(&fm_metrics_get()->mqtt_connected, 0);
 }
 
+/* Makes the network thread's poll return (a stop, or a publish that left
+ * bytes to write). */
+static void wake_net(fm_mqtt *c)
+{
+    uint64_t one = 1;
+    if (write(c->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        fm_logkv(FM_LOG_WARN, "mqtt", "cannot wake the network thread", "error",
+                 strerror(errno), NULL);
+}
+
+/* One turn of the loop while connected: wait (without the lock) until the
+ * socket is readable, writable when there is something to write, the
+ * keepalive is due or wake_net is called; then read, write and do the
+ * keepalive, with the lock. Returns a MOSQ_ERR_* code. */
+static int net_turn(fm_mqtt *c)
+{
+    pthread_mutex_lock(&c->mu);
+    int fd = mosquitto_socket(c->mosq);
+    bool want_write = mosquitto_want_write(c->mosq);
+    pthread_mutex_unlock(&c->mu);
+    if (fd < 0)
+        return MOSQ_ERR_NO_CONN;
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN | (want_write ? POLLOUT : 0)},
+                            {.fd = c->wake_fd, .events = POLLIN}};
+    /* 100 ms: the keepalive (30 s) and stop requests need no finer grain. */
+    int n = poll(pfd, 2, 100);
+    if (n < 0)
+        return errno == EINTR ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ERRNO;
+    if (pfd[1].revents & POLLIN) {
+        uint64_t v;
+        if (read(c->wake_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+            return MOSQ_ERR_ERRNO;
+    }
+    int rc = MOSQ_ERR_SUCCESS;
+    pthread_mutex_lock(&c->mu);
+    if (pfd[0].revents & (POLLIN | POLLERR | POLLHUP))
+        rc = mosquitto_loop_read(c->mosq, 1);
+    /* Callbacks run inside the read (a SUBSCRIBE from on_connect, replies
+     * published from on_message) only queue their packets. */
+    if (rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq))
+        rc = mosquitto_loop_write(c->mosq, 1);
+    if (rc == MOSQ_ERR_SUCCESS)
+        rc = mosquitto_loop_misc(c->mosq);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
 static void *net_thread(void *arg)
 {
     fm_mqtt *c = arg;
@@ -189,8 +255,10 @@ static void *net_thread(void *arg)
         if (!up) {
             /* Connect again with the same CONNECT properties (session
              * expiry), whatever ended the previous connection. */
+            pthread_mutex_lock(&c->mu);
             int rc = mosquitto_connect_bind_v5(c->mosq, c->host, c->port, 30, NULL,
                                                c->connect_props);
+            pthread_mutex_unlock(&c->mu);
             if (rc != MOSQ_ERR_SUCCESS) {
                 if (wait_or_stop(c, backoff_ms))
                     break;
@@ -200,14 +268,16 @@ static void *net_thread(void *arg)
             up = 1;
             backoff_ms = 100;
         }
-        int rc = mosquitto_loop(c->mosq, 100, 1);
+        int rc = net_turn(c);
         if (rc != MOSQ_ERR_SUCCESS) {
             if (atomic_load(&c->connected))
                 fm_logkv(FM_LOG_WARN, "mqtt", "connection lost", "reason",
                          mosquitto_strerror(rc), NULL);
             mark_down(c);
             up = 0;
+            pthread_mutex_lock(&c->mu);
             mosquitto_disconnect(c->mosq);
+            pthread_mutex_unlock(&c->mu);
             if (wait_or_stop(c, backoff_ms))
                 break;
         }
@@ -265,11 +335,23 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
     fm_mqtt *c = fm_calloc(1, sizeof *c);
     if (!c)
         return fm_errf(err, FM_ENOMEM, "out of memory");
+    c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->wake_fd < 0) {
+        fm_free(c);
+        return fm_errf(err, FM_EIO, "eventfd: %s", strerror(errno));
+    }
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&c->mu, &ma);
+    pthread_mutexattr_destroy(&ma);
     c->h = *h;
     for (; subscriptions[c->nsubs]; c->nsubs++) {
         if (c->nsubs == MAX_SUBS || !(c->subs[c->nsubs] = fm_strdup(subscriptions[c->nsubs]))) {
             for (int i = 0; i < c->nsubs; i++)
                 fm_free(c->subs[i]);
+            close(c->wake_fd);
+            pthread_mutex_destroy(&c->mu);
             fm_free(c);
             return fm_errf(err, FM_EINVAL, "too many subscriptions or out of memory");
         }
@@ -308,7 +390,7 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
         rc = fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
         goto fail;
     }
-    mosquitto_threaded_set(c->mosq, true);
+    /* Unthreaded on purpose: c->mu serialises every call (see the top). */
     mosquitto_int_option(c->mosq, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
     if (!unix_socket)
         mosquitto_int_option(c->mosq, MOSQ_OPT_TCP_NODELAY, 1);
@@ -340,6 +422,9 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
     *out = c;
     return 0;
 fail:
+    if (c->wake_fd >= 0)
+        close(c->wake_fd);
+    pthread_mutex_destroy(&c->mu);
     mosquitto_property_free_all(&c->connect_props);
     if (c->mosq)
         mosquitto_destroy(c->mosq);
@@ -357,8 +442,15 @@ int fm_mqtt_publish(fm_mqtt *c, const char *topic, const void *payload, size_t l
         mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, corr,
                                       (uint16_t)corr_len) != MOSQ_ERR_SUCCESS)
         return FM_ENOMEM;
+    /* Written to the socket here unless the socket's buffer is full (or
+     * this runs inside a callback): then the network thread finishes it. */
+    pthread_mutex_lock(&c->mu);
     int rc = mosquitto_publish_v5(c->mosq, NULL, topic, (int)len, payload, 1, false, props);
+    bool pending = rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq);
+    pthread_mutex_unlock(&c->mu);
     mosquitto_property_free_all(&props);
+    if (pending)
+        wake_net(c);
     if (rc == MOSQ_ERR_SUCCESS)
         return 0;
     return rc == MOSQ_ERR_NO_CONN ? FM_EUNAVAIL : FM_EIO;
@@ -373,17 +465,24 @@ void fm_mqtt_stop(fm_mqtt *c)
 {
     if (!c)
         return;
+    /* The network thread sees the request when its poll returns. */
+    fm_thread_request_stop(&c->thread);
+    wake_net(c);
     fm_thread_stop(&c->thread);
     /* The network thread is gone: send DISCONNECT (keeping the session)
      * and flush it from this thread. */
     if (atomic_load(&c->connected)) {
+        pthread_mutex_lock(&c->mu);
         mosquitto_disconnect_v5(c->mosq, MQTT_RC_NORMAL_DISCONNECTION, NULL);
         for (int i = 0; i < 10 && mosquitto_loop(c->mosq, 50, 1) == MOSQ_ERR_SUCCESS; i++)
             ;
+        pthread_mutex_unlock(&c->mu);
     }
     mark_down(c);
     mosquitto_property_free_all(&c->connect_props);
     mosquitto_destroy(c->mosq);
+    close(c->wake_fd);
+    pthread_mutex_destroy(&c->mu);
     for (int i = 0; i < c->nsubs; i++)
         fm_free(c->subs[i]);
     fm_free(c);

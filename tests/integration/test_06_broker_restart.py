@@ -1,10 +1,13 @@
 """Broker supervision (issue acceptance item 8): serve restarts a mosquitto
 child that died and devices get service again."""
 
+import json
 import os
 import pwd
 import signal
 import stat
+import subprocess
+import time
 
 from helpers import make_measurement, metric_value, pid_alive, unique_id, wait_for
 
@@ -50,6 +53,45 @@ def test_broker_killed_is_restarted(make_platform, devices):
     got = wait_for(answered, 15, interval=1.0, msg="a reply through the restarted broker")
     assert got[0].json()["status"] == "ok", got[0].payload
     assert p.count_measurements(DEV, mid) == 1
+
+
+def test_frozen_broker_loses_no_reply(make_platform):
+    """The broker stops reading (SIGSTOP) in the middle of a closed loop.
+    The service's replies back up in its socket (the writes that cannot
+    finish are left to the client's network thread) and come out when the
+    broker runs again: every measurement answered, each stored once."""
+    p = make_platform(name="frozen", start=False)
+    # A closed loop sends faster than the default per-device limits allow.
+    p.start(extra_args=("--set", "pipeline.device_rate=0",
+                        "--set", "pipeline.device_bytes_rate=0"))
+    broker = p.healthz()["broker_pid"]
+    sim = subprocess.Popen(
+        [p.bin, "sim", "--data", str(p.data), "--devices", "20", "--prefix", "fz",
+         "--inflight", "40", "--duration", "10", "--provision", "--timeout", "60",
+         "--drain", "60", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=p.workdir, env=p.env)
+    try:
+        stored = "SELECT COUNT(*) FROM measurements WHERE device_id LIKE 'fz%'"
+        wait_for(lambda: p.query(stored)[0][0] >= 200, 90, interval=0.1,
+                 msg="the closed loop to be under way")
+        os.kill(broker, signal.SIGSTOP)
+        try:
+            # The length of the fault, not a wait for a result: long enough
+            # for the replies in flight (800) to fill the socket's buffer.
+            time.sleep(2)
+        finally:
+            os.kill(broker, signal.SIGCONT)
+        out, err = sim.communicate(timeout=240)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()
+    assert sim.returncode == 0, err[-2000:]
+    res = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    assert res["errors"] == 0 and res["timeouts"] == 0, res
+    assert res["ok"] == res["sent"] and res["ok"] >= 200, res
+    assert p.query(stored)[0][0] == res["ok"]
+    assert p.proc.poll() is None
 
 
 def _answered(p, devices, dev_id):
