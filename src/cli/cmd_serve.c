@@ -21,8 +21,8 @@
 #include "fleetml/functions.h"
 #include "fleetml/rules.h"
 
+#include <pthread.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -39,15 +39,23 @@ typedef struct server {
     fm_fn_registry *functions;
     fm_lake *rules_lake;
     fm_rules *rules;
-    _Atomic(fm_mqtt *) mqtt;
+    /* The MQTT client, NULL before it starts and once it stops. Readers
+     * (publishes from the pipeline and registry, health checks) hold
+     * mqtt_mu for reading while they use it, so shutdown_all cannot free
+     * it under them. */
+    fm_mqtt *mqtt;
+    pthread_rwlock_t mqtt_mu;
 } server;
 
 static int publish(void *ud, const char *topic, const void *payload, size_t len,
                    const void *corr, size_t corr_len)
 {
     server *s = ud;
-    fm_mqtt *c = atomic_load(&s->mqtt);
-    return c ? fm_mqtt_publish(c, topic, payload, len, corr, corr_len) : FM_EUNAVAIL;
+    pthread_rwlock_rdlock(&s->mqtt_mu);
+    int rc = s->mqtt ? fm_mqtt_publish(s->mqtt, topic, payload, len, corr, corr_len)
+                     : FM_EUNAVAIL;
+    pthread_rwlock_unlock(&s->mqtt_mu);
+    return rc;
 }
 
 /* The deployer's tables go to the pipeline. */
@@ -97,14 +105,15 @@ static void on_connect(void *ud)
 static void health(void *ud, fm_health *h)
 {
     server *s = ud;
-    fm_mqtt *c = atomic_load(&s->mqtt);
     if (s->broker) {
         h->broker_pid = (int)fm_broker_pid(s->broker);
         h->broker_up = h->broker_pid > 0;
     } else {
         h->broker_up = 1; /* external broker: judged by the MQTT connection */
     }
-    h->mqtt_connected = c ? fm_mqtt_connected(c) : 0;
+    pthread_rwlock_rdlock(&s->mqtt_mu);
+    h->mqtt_connected = s->mqtt ? fm_mqtt_connected(s->mqtt) : 0;
+    pthread_rwlock_unlock(&s->mqtt_mu);
     h->store_ok = s->pipeline ? fm_pipeline_healthy(s->pipeline) : 0;
     h->model_loaded = s->pipeline != NULL;
     snprintf(h->model, sizeof h->model, "%s", s->pipeline ? fm_pipeline_model(s->pipeline) : "");
@@ -124,7 +133,12 @@ static void resolve_model_dir(fm_config *cfg)
 
 static void shutdown_all(server *s)
 {
-    fm_mqtt *c = atomic_exchange(&s->mqtt, NULL);
+    /* Taken for writing only to swap the pointer: fm_mqtt_stop joins the
+     * network thread, whose callbacks may publish (and take it to read). */
+    pthread_rwlock_wrlock(&s->mqtt_mu);
+    fm_mqtt *c = s->mqtt;
+    s->mqtt = NULL;
+    pthread_rwlock_unlock(&s->mqtt_mu);
     fm_mqtt_stop(c);
     /* HTTP before the pipeline: a predict?store=true request in flight
      * waits for its answer from the still-running pipeline, and no new one
@@ -160,7 +174,7 @@ static void shutdown_all(server *s)
 
 int fm_cmd_serve(int argc, char **argv)
 {
-    static server s;
+    static server s = {.mqtt_mu = PTHREAD_RWLOCK_INITIALIZER};
     int rc = fm_cli_config(&argc, argv, &s.cfg);
     if (rc)
         return rc;
@@ -237,7 +251,9 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "MQTT client failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    atomic_store(&s.mqtt, c);
+    pthread_rwlock_wrlock(&s.mqtt_mu);
+    s.mqtt = c;
+    pthread_rwlock_unlock(&s.mqtt_mu);
     /* Rules: their own lake handle (dead letters, lake targets) and store
      * connection. */
     if ((rc = fm_lake_open(&s.cfg, &s.rules_lake, &err)) != 0) {
