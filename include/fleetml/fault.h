@@ -41,9 +41,7 @@ bool fm_fault_enabled_by_env(void);
 
 /* Registers the "fleetml" SQLite VFS once (thread-safe) and returns its
  * name for sqlite3_open_v2, or NULL (use the default VFS) if it could not
- * be registered. It injects fsync failures and gathers writes to the WAL
- * and the database file until the next sync (src/store/sqlite_vfs.c): only
- * for connections that run synchronous=FULL. */
+ * be registered. */
 const char *fm_sqlite_vfs_name(void);
 
 #ifdef __cplusplus

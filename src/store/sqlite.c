@@ -753,7 +753,7 @@ int store__sqlite_open(const fm_config *cfg, fm_store **out, fm_errbuf *err)
     s->base.rules = &sql__rules_vt;
     int rc = sqlite3_open_v2(path, &s->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                             fm_sqlite_vfs_name()); /* fault injection, writes gathered */
+                             fm_sqlite_vfs_name()); /* pass-through VFS, fault injection */
     if (rc != SQLITE_OK) {
         rc = fm_errf(err, FM_EDB, "open %s: %s", path,
                      s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));

@@ -152,10 +152,7 @@ int sql__ckpt_start(sqlite_store *s)
      * is in WAL mode (and opens the log) on its first read: until then a
      * checkpoint does nothing. */
     sqlite3_busy_timeout(c->db, 1000);
-    /* synchronous=FULL: each pass syncs the database before it records the
-     * frames as copied, which the gathering VFS relies on. */
-    if (sqlite3_exec(c->db, "PRAGMA synchronous=FULL; SELECT count(*) FROM sqlite_schema", NULL,
-                     NULL, NULL) != SQLITE_OK) {
+    if (sqlite3_exec(c->db, "SELECT count(*) FROM sqlite_schema", NULL, NULL, NULL) != SQLITE_OK) {
         sqlite3_close(c->db);
         fm_free(c);
         return FM_EDB;

@@ -17,10 +17,6 @@ typedef struct sqlite_store {
     sql__ckpt *ckpt; /* the hot-path handle's checkpointer, or NULL */
 } sqlite_store;
 
-/* Since the process started: SQLite's writes to gathering files (*writes)
- * and the writes to the files made of them (*made). */
-void sql__vfs_gather_counts(uint64_t *writes, uint64_t *made);
-
 /* The hot-path handle's WAL checkpointer (sqlite_ckpt.c): a thread with its
  * own connection that keeps checkpoints off the committing thread.
  * sql__ckpt_start returns 0, FM_EDB (cannot open the second connection),

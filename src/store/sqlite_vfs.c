@@ -1,70 +1,30 @@
 /*
- * The "fleetml" SQLite VFS: a shim over the default (unix) VFS.
- *
- * Fault injection: every method forwards to the real VFS / real file;
- * xSync first asks fm_fault_fsync_take() and, when a failure is pending,
- * reports SQLITE_IOERR_FSYNC without syncing -- which is what SQLite's
- * unix VFS reports when fsync(2) fails. With no failure pending the cost
- * is one atomic load per sync.
- *
- * Gathered writes: the WAL and main database files it opens gather their
- * writes. SQLite writes each WAL frame as two writes, a 24-byte header and
- * the page, neither aligned to the file system's pages, and a checkpoint
- * copies frames into the database one page per write: a commit of one
- * measurement writes about 7 frames, a batch 4 per row, and each is copied
- * once more. Those small writes cost the kernel 3-5 us each (a frame's pair,
- * or one page); one write of the same bytes costs 0.6-1.6 us a frame
- * (docs/performance.md). So consecutive writes are copied into one buffer
- * and written together before anything that could observe the file or the
- * locks around it: xSync, xRead, xTruncate, xFileSize, xFileControl, xLock,
- * xUnlock, the shared-memory methods, xFetch, xClose, and any write that
- * does not follow on (SQLite rewrites a frame of the open transaction in
- * place).
- *
- * Durability and what other connections see are unchanged, because a
- * sync precedes every moment another connection may read what was
- * written: a commit's frames are synced before the WAL index publishes
- * them, and a checkpoint's pages are synced before it records them as
- * copied -- at synchronous=FULL, which both connections opened with this
- * VFS run (the store's, src/store/sqlite.c, and its checkpointer's,
- * sqlite_ckpt.c). A connection with synchronous=NORMAL or OFF must not use
- * it: a commit (or a checkpoint, at OFF) would publish what is still in
- * the buffer.
+ * The "fleetml" SQLite VFS: a pass-through shim over the default (unix)
+ * VFS whose only purpose is fault injection. Every method forwards to the
+ * real VFS / real file; xSync first asks fm_fault_fsync_take() and, when a
+ * failure is pending, reports SQLITE_IOERR_FSYNC without syncing -- which
+ * is what SQLite's unix VFS reports when fsync(2) fails. With no failure
+ * pending the cost is one atomic load per sync.
  *
  * A shim file is our header followed by the real VFS's file object in the
  * same allocation (szOsFile = ours + theirs); the header's pMethods points
  * at the forwarding methods, and `real` at the embedded real file.
  */
-#include "store/sqlite_int.h"
 #include "fleetml/fault.h"
 
 #include <pthread.h>
-#include <stdatomic.h>
-#include <stdbool.h>
-#include <stdint.h>
 #include <sqlite3.h>
 #include <stddef.h>
 #include <string.h>
 
 #define SHIM_NAME "fleetml"
-/* Bytes a WAL file gathers before it writes them (29 frames of 4 KiB).
- * Below 128 KiB: the unix VFS passes at most 0x1ffff bytes to one pwrite
- * and fails a write whose remainder is a multiple of 128 KiB. */
-#define GATHER_MAX (120 * 1024)
 
 typedef struct shim_file {
     sqlite3_file base;  /* must be first: SQLite sees this */
     sqlite3_file *real; /* points just past this struct */
-    /* WAL files of "fleetml-gather" only: writes not yet made, the bytes
-     * of [at, at + len) (allocated at the first write, GATHER_MAX). */
-    unsigned char *gather;
-    sqlite3_int64 at;
-    size_t len;
 } shim_file;
 
 static sqlite3_vfs shim_vfs;
-/* SQLite's writes to gathering WAL files, and the writes made of them. */
-static atomic_uint_least64_t gathered_writes, gather_flushes;
 static sqlite3_vfs *root_vfs;
 
 #define REAL(f) (((shim_file *)(f))->real)
@@ -130,126 +90,23 @@ static int shim_unfetch(sqlite3_file *f, sqlite3_int64 off, void *p)
     return RM(f)->xUnfetch(REAL(f), off, p);
 }
 
-/* ---- gathering files (WAL and main database) --------------------------------- */
-
-/* Writes what is gathered. On failure the bytes stay gathered and the
- * error is returned; the next flush tries again, so writes still reach the
- * file in the order SQLite made them (as with the kernel's own cache). */
-static int gather_flush(sqlite3_file *f)
-{
-    shim_file *sf = (shim_file *)f;
-    if (sf->len == 0)
-        return SQLITE_OK;
-    atomic_fetch_add_explicit(&gather_flushes, 1, memory_order_relaxed);
-    int rc = RM(f)->xWrite(REAL(f), sf->gather, (int)sf->len, sf->at);
-    if (rc == SQLITE_OK)
-        sf->len = 0;
-    return rc;
-}
-
-static int gather_write(sqlite3_file *f, const void *buf, int amt, sqlite3_int64 off)
-{
-    shim_file *sf = (shim_file *)f;
-    atomic_fetch_add_explicit(&gathered_writes, 1, memory_order_relaxed);
-    if (sf->len > 0 && off == sf->at + (sqlite3_int64)sf->len &&
-        sf->len + (size_t)amt <= GATHER_MAX) {
-        memcpy(sf->gather + sf->len, buf, (size_t)amt);
-        sf->len += (size_t)amt;
-        return SQLITE_OK;
-    }
-    int rc = gather_flush(f);
-    if (rc != SQLITE_OK)
-        return rc;
-    if (!sf->gather && (size_t)amt < GATHER_MAX)
-        sf->gather = sqlite3_malloc64(GATHER_MAX); /* NULL: write through */
-    if (!sf->gather || (size_t)amt >= GATHER_MAX) {
-        atomic_fetch_add_explicit(&gather_flushes, 1, memory_order_relaxed);
-        return RM(f)->xWrite(REAL(f), buf, amt, off);
-    }
-    memcpy(sf->gather, buf, (size_t)amt);
-    sf->at = off;
-    sf->len = (size_t)amt;
-    return SQLITE_OK;
-}
-
-/* Every other method first writes what is gathered, then forwards. */
-#define FLUSHED(call)                                                                             \
-    do {                                                                                          \
-        int flush_rc_ = gather_flush(f);                                                          \
-        return flush_rc_ != SQLITE_OK ? flush_rc_ : (call);                                       \
-    } while (0)
-
-static int gather_read(sqlite3_file *f, void *buf, int amt, sqlite3_int64 off)
-{
-    FLUSHED(shim_read(f, buf, amt, off));
-}
-static int gather_truncate(sqlite3_file *f, sqlite3_int64 size)
-{
-    FLUSHED(shim_truncate(f, size));
-}
-static int gather_sync(sqlite3_file *f, int flags) { FLUSHED(shim_sync(f, flags)); }
-static int gather_file_size(sqlite3_file *f, sqlite3_int64 *size)
-{
-    FLUSHED(shim_file_size(f, size));
-}
-static int gather_file_control(sqlite3_file *f, int op, void *arg)
-{
-    FLUSHED(shim_file_control(f, op, arg));
-}
-static int gather_lock(sqlite3_file *f, int lvl) { FLUSHED(shim_lock(f, lvl)); }
-static int gather_unlock(sqlite3_file *f, int lvl) { FLUSHED(shim_unlock(f, lvl)); }
-static int gather_shm_map(sqlite3_file *f, int pg, int pgsz, int extend, void volatile **pp)
-{
-    FLUSHED(shim_shm_map(f, pg, pgsz, extend, pp));
-}
-static int gather_shm_lock(sqlite3_file *f, int off, int n, int flags)
-{
-    FLUSHED(shim_shm_lock(f, off, n, flags));
-}
-/* No error to report here: the sync that precedes every publication in
- * the WAL index has already written everything (see the top). */
-static void gather_shm_barrier(sqlite3_file *f)
-{
-    (void)gather_flush(f);
-    shim_shm_barrier(f);
-}
-static int gather_shm_unmap(sqlite3_file *f, int del) { FLUSHED(shim_shm_unmap(f, del)); }
-static int gather_fetch(sqlite3_file *f, sqlite3_int64 off, int amt, void **pp)
-{
-    FLUSHED(shim_fetch(f, off, amt, pp));
-}
-static int gather_close(sqlite3_file *f)
-{
-    shim_file *sf = (shim_file *)f;
-    int rc = gather_flush(f);
-    sqlite3_free(sf->gather);
-    sf->gather = NULL;
-    sf->len = 0;
-    int crc = shim_close(f);
-    return rc != SQLITE_OK ? rc : crc;
-}
-
-/* One methods table per io_methods version the real VFS may hand out (the
- * shim must not claim methods the real file does not have), with the
- * methods of prefix p: shim_ forwards, gather_ writes what is gathered
- * first (WAL and main database files). */
-#define IO_METHODS(p, ver)                                                                        \
+/* One methods table per io_methods version the real VFS may hand out; the
+ * shim must not claim methods the real file does not have. */
+#define SHIM_METHODS(ver)                                                                         \
     {                                                                                             \
-        .iVersion = (ver), .xClose = p##close, .xRead = p##read, .xWrite = p##write,              \
-        .xTruncate = p##truncate, .xSync = p##sync, .xFileSize = p##file_size,                    \
-        .xLock = p##lock, .xUnlock = p##unlock, .xCheckReservedLock = shim_check_reserved,        \
-        .xFileControl = p##file_control, .xSectorSize = shim_sector_size,                         \
+        .iVersion = (ver), .xClose = shim_close, .xRead = shim_read, .xWrite = shim_write,        \
+        .xTruncate = shim_truncate, .xSync = shim_sync, .xFileSize = shim_file_size,              \
+        .xLock = shim_lock, .xUnlock = shim_unlock, .xCheckReservedLock = shim_check_reserved,    \
+        .xFileControl = shim_file_control, .xSectorSize = shim_sector_size,                       \
         .xDeviceCharacteristics = shim_device_chars,                                              \
-        .xShmMap = (ver) >= 2 ? p##shm_map : NULL, .xShmLock = (ver) >= 2 ? p##shm_lock : NULL,   \
-        .xShmBarrier = (ver) >= 2 ? p##shm_barrier : NULL,                                        \
-        .xShmUnmap = (ver) >= 2 ? p##shm_unmap : NULL,                                            \
-        .xFetch = (ver) >= 3 ? p##fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL,     \
+        .xShmMap = (ver) >= 2 ? shim_shm_map : NULL,                                              \
+        .xShmLock = (ver) >= 2 ? shim_shm_lock : NULL,                                            \
+        .xShmBarrier = (ver) >= 2 ? shim_shm_barrier : NULL,                                      \
+        .xShmUnmap = (ver) >= 2 ? shim_shm_unmap : NULL,                                          \
+        .xFetch = (ver) >= 3 ? shim_fetch : NULL, .xUnfetch = (ver) >= 3 ? shim_unfetch : NULL,   \
     }
-static const sqlite3_io_methods shim_methods[4] = {
-    IO_METHODS(shim_, 0), IO_METHODS(shim_, 1), IO_METHODS(shim_, 2), IO_METHODS(shim_, 3)};
-static const sqlite3_io_methods gather_methods[4] = {
-    IO_METHODS(gather_, 0), IO_METHODS(gather_, 1), IO_METHODS(gather_, 2),
-    IO_METHODS(gather_, 3)};
+static const sqlite3_io_methods shim_methods[4] = {SHIM_METHODS(0), SHIM_METHODS(1),
+                                                    SHIM_METHODS(2), SHIM_METHODS(3)};
 
 static int shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, int flags,
                      int *out_flags)
@@ -258,14 +115,10 @@ static int shim_open(sqlite3_vfs *vfs, sqlite3_filename name, sqlite3_file *f, i
     shim_file *sf = (shim_file *)f;
     sf->real = (sqlite3_file *)(sf + 1);
     sf->base.pMethods = NULL;
-    sf->gather = NULL;
-    sf->len = 0;
     int rc = root_vfs->xOpen(root_vfs, name, sf->real, flags, out_flags);
     if (sf->real->pMethods) {
         int v = sf->real->pMethods->iVersion;
-        v = v < 0 ? 0 : v > 3 ? 3 : v;
-        bool gather = flags & (SQLITE_OPEN_WAL | SQLITE_OPEN_MAIN_DB);
-        sf->base.pMethods = gather ? &gather_methods[v] : &shim_methods[v];
+        sf->base.pMethods = &shim_methods[v < 0 ? 0 : v > 3 ? 3 : v];
     }
     return rc;
 }
@@ -385,10 +238,4 @@ const char *fm_sqlite_vfs_name(void)
 {
     pthread_once(&once, do_register);
     return registered ? SHIM_NAME : NULL;
-}
-
-void sql__vfs_gather_counts(uint64_t *writes, uint64_t *made)
-{
-    *writes = atomic_load_explicit(&gathered_writes, memory_order_relaxed);
-    *made = atomic_load_explicit(&gather_flushes, memory_order_relaxed);
 }

@@ -263,98 +263,6 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* The store's connection gathers its writes (src/store/sqlite_vfs.c): a
- * one-row commit is ~7 WAL frames of two writes each, a batch many more,
- * and each commit's frames must reach the file before the commit returns,
- * so another connection sees every committed row at once. A batch of over
- * 128 KiB (the unix VFS's largest single write) commits whole, and a
- * checkpoint's pages reach the database before the log is cut. */
-static void test_wal_writes_gathered(void **state)
-{
-    fx *f = *state;
-    if (test_store_is_pg())
-        return;
-    char path[600];
-    snprintf(path, sizeof path, "%s/db/fleetml.db", f->dir);
-    sqlite3 *reader = NULL;
-    assert_int_equal(sqlite3_open_v2(path, &reader, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
-    sqlite3_stmt *count = NULL;
-    assert_int_equal(sqlite3_prepare_v2(reader, "SELECT count(*) FROM measurements", -1, &count,
-                                        NULL),
-                     SQLITE_OK);
-    uint64_t w0, m0, w1, m1;
-    sql__vfs_gather_counts(&w0, &m0);
-    for (int i = 0; i < 50; i++) {
-        commit_sized(f, i);
-        assert_int_equal(sqlite3_step(count), SQLITE_ROW);
-        assert_int_equal(sqlite3_column_int(count, 0), i + 1);
-        sqlite3_reset(count);
-    }
-    sql__vfs_gather_counts(&w1, &m1);
-    assert_true(w1 - w0 >= 50 * 8);       /* SQLite wrote its frames... */
-    assert_true(w1 - w0 >= 4 * (m1 - m0)); /* ...in a quarter of the writes or fewer */
-
-    enum { BIG = 120 };
-    static char payload[3300];
-    memset(payload, 'y', sizeof payload - 1);
-    fm_record recs[BIG];
-    char mids[BIG][16];
-    for (int i = 0; i < BIG; i++) {
-        snprintf(mids[i], sizeof mids[i], "big%04d", i);
-        recs[i] = rec(mids[i], "{\"r\":2}");
-        recs[i].payload = payload;
-        recs[i].payload_len = sizeof payload - 1;
-    }
-    fm_errbuf err;
-    assert_int_equal(fm_store_commit(f->st, recs, BIG, NULL, 0, &err), 0);
-    assert_int_equal(sqlite3_step(count), SQLITE_ROW);
-    assert_int_equal(sqlite3_column_int(count, 0), 50 + BIG);
-    sqlite3_finalize(count);
-    sqlite3_stmt *check = NULL;
-    assert_int_equal(sqlite3_prepare_v2(reader, "PRAGMA integrity_check", -1, &check, NULL),
-                     SQLITE_OK);
-    assert_int_equal(sqlite3_step(check), SQLITE_ROW);
-    assert_string_equal((const char *)sqlite3_column_text(check, 0), "ok");
-    sqlite3_finalize(check);
-
-    /* A checkpoint through the same VFS copies the log into the database
-     * in runs of pages; once the log is truncated, a reader finds every
-     * row in the database file itself. */
-    sqlite3 *ck = NULL;
-    assert_int_equal(sqlite3_open_v2(path, &ck, SQLITE_OPEN_READWRITE, fm_sqlite_vfs_name()),
-                     SQLITE_OK);
-    assert_int_equal(sqlite3_exec(ck, "PRAGMA synchronous=FULL", NULL, NULL, NULL), SQLITE_OK);
-    sql__vfs_gather_counts(&w0, &m0);
-    int logged = -1, copied = -1;
-    assert_int_equal(sqlite3_wal_checkpoint_v2(ck, NULL, SQLITE_CHECKPOINT_TRUNCATE, &logged,
-                                               &copied),
-                     SQLITE_OK);
-    sql__vfs_gather_counts(&w1, &m1);
-    assert_int_equal(logged, 0); /* truncated: the whole log was copied */
-    assert_true(w1 - w0 >= 150);            /* a page per row at least */
-    assert_true(w1 - w0 >= 2 * (m1 - m0)); /* in runs */
-    sqlite3_close(ck);
-    char wal[620];
-    snprintf(wal, sizeof wal, "%s-wal", path);
-    struct stat stw;
-    assert_int_equal(stat(wal, &stw), 0);
-    assert_int_equal(stw.st_size, 0);
-    assert_int_equal(sqlite3_prepare_v2(reader,
-                                        "SELECT count(*), sum(length(payload)) FROM measurements",
-                                        -1, &count, NULL),
-                     SQLITE_OK);
-    assert_int_equal(sqlite3_step(count), SQLITE_ROW);
-    assert_int_equal(sqlite3_column_int(count, 0), 50 + BIG);
-    assert_int_equal(sqlite3_column_int64(count, 1), (sqlite3_int64)(50 + BIG) * 3299);
-    sqlite3_finalize(count);
-    assert_int_equal(sqlite3_prepare_v2(reader, "PRAGMA integrity_check", -1, &check, NULL),
-                     SQLITE_OK);
-    assert_int_equal(sqlite3_step(check), SQLITE_ROW);
-    assert_string_equal((const char *)sqlite3_column_text(check, 0), "ok");
-    sqlite3_finalize(check);
-    sqlite3_close(reader);
-}
-
 /* The pipeline's handle: its WAL is checkpointed by a thread of its own,
  * and the log restarts from its beginning without a checkpoint ever
  * running on the committing thread. */
@@ -1525,7 +1433,6 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_measurement_get, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hot_path_checkpoints_beside_commits, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hot_path_log_is_bounded, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_wal_writes_gathered, setup, teardown),
         cmocka_unit_test_setup_teardown(test_labels, setup, teardown),
         cmocka_unit_test_setup_teardown(test_audit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scan_labels_audit, setup, teardown),
