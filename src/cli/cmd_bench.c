@@ -92,10 +92,11 @@ static void stage_costs(char *const *pool, const size_t *pool_len, int npool, ui
     }
     double t1 = thread_cpu_s();
     fm_measurement *ms = fm_calloc((size_t)npool, sizeof *ms);
-    int ok = ms != NULL && parsed == n;
-    for (int i = 0; ok && i < npool; i++) {
+    int ok = ms != NULL && parsed == n, nms = 0; /* ms[0 .. nms-1] parsed */
+    while (ok && nms < npool) {
         fm_verr e;
-        ok = fm_measurement_parse(pool[i], pool_len[i], &ms[i], &e) == 0;
+        ok = fm_measurement_parse(pool[nms], pool_len[nms], &ms[nms], &e) == 0;
+        nms += ok; /* a failed parse leaves nothing to free */
     }
     double t2 = thread_cpu_s();
     for (uint64_t i = 0; ok && i < n; i++) {
@@ -104,7 +105,7 @@ static void stage_costs(char *const *pool, const size_t *pool_len, int npool, ui
         ok = fm_features_extract(&ms[i % (uint64_t)npool], f, &e) == 0;
     }
     double t3 = thread_cpu_s();
-    for (int i = 0; ms && i < npool; i++)
+    for (int i = 0; i < nms; i++)
         fm_measurement_free(&ms[i]);
     fm_free(ms);
     /* A pool that does not parse or extract is a broken simulator: say so
