@@ -131,7 +131,7 @@ def run_disk_full(args):
         run.probe = probe = Probe(p, probe_id)
         fleet.wait_progress(300, 60, "before filling")
         stats = {"cycles": cycles, "probe_unavailable": 0, "probe_ok_while_full": 0,
-                 "readyz_503": 0, "recover_s_max": 0.0}
+                 "readyz_200_while_full": 0, "readyz_503": 0, "recover_s_max": 0.0}
         for c in range(cycles):
             fails0 = metric(p, "fleetml_commit_failures_total")
             filler = Filler(p.data / f"filler-{c}")
@@ -155,21 +155,33 @@ def run_disk_full(args):
             check(metric(p, "fleetml_store_unavailable") == 1, "fleetml_store_unavailable != 1")
             fails1 = metric(p, "fleetml_commit_failures_total")
             check(fails1 > fails0, f"fleetml_commit_failures_total {fails0} -> {fails1}")
-            # Full and staying full: no `ok` from now on, only `unavailable`.
+            # Full and staying full: every answer is `unavailable` or a
+            # durable `ok`. A full file system does not fail every write:
+            # once a checkpoint has emptied the WAL, SQLite writes the next
+            # frames over the WAL file's own pages from its start, which
+            # need no new space, so a small commit (the store probe's) or a
+            # few measurements can succeed and /readyz turn 200 until the
+            # log needs to grow again. What must hold is that such an `ok`
+            # is stored, and that nothing answered `unavailable` is.
+            ok_while_full = []
             t_end = time.monotonic() + 6
             while time.monotonic() < t_end:
                 mid, st, code = probe.measure()
                 if st == "ok":
-                    stats["probe_ok_while_full"] += 1
+                    ok_while_full.append(mid)
                 else:
                     check(code == "unavailable", f"probe {mid}: {st} {code}")
                     unavailable.append(mid)
-                check(readyz(p) == 503, "/readyz recovered while the disk is still full")
+                if readyz(p) != 503:
+                    stats["readyz_200_while_full"] += 1
                 time.sleep(0.1)
             stats["probe_unavailable"] += len(unavailable)
+            stats["probe_ok_while_full"] += len(ok_while_full)
             rows = db_rows(p)
             stored = [m for m in unavailable if (probe_id, m) in rows]
             check(not stored, f"measurements answered `unavailable` are in the database: {stored[:5]}")
+            missing = [m for m in ok_while_full if (probe_id, m) not in rows]
+            check(not missing, f"measurements answered `ok` while full are not stored: {missing[:5]}")
             integ = integrity_check(p)
             check(integ == ["ok"], f"integrity_check while full: {integ}")
             corrupt = lake_objects_ok(p)
@@ -205,8 +217,6 @@ def run_disk_full(args):
               f"idle recoveries {stats.get('idle_recoveries')} but {probe_recoveries} "
               "recoveries by the pipeline's store probe in the logs")
         stats["commit_failures"] = int(metric(p, "fleetml_commit_failures_total"))
-        check(stats["probe_ok_while_full"] == 0,
-              f"{stats['probe_ok_while_full']} ok replies while the disk was full")
         return run.finish(stats)
     finally:
         run.close()
