@@ -1,5 +1,5 @@
 /*
- * The measurement validator's fast path: simdjson On-Demand behind one C
+ * The measurement validator's fast path: simdjson's DOM parser behind one C
  * function (validate__fast, see validate_int.h for the contract).
  *
  * Why a second parser: jansson builds a tree with one allocation per value
