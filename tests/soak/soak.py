@@ -172,8 +172,9 @@ def run_disk_full(args):
                 else:
                     check(code == "unavailable", f"probe {mid}: {st} {code}")
                     unavailable.append(mid)
-                if readyz(p) != 503:
-                    stats["readyz_200_while_full"] += 1
+                rz = readyz(p)
+                check(rz in (200, 503), f"/readyz {rz} while the disk is full")
+                stats["readyz_200_while_full"] += rz == 200
                 time.sleep(0.1)
             stats["probe_unavailable"] += len(unavailable)
             stats["probe_ok_while_full"] += len(ok_while_full)
