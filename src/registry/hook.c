@@ -111,12 +111,18 @@ static int run_exec(const char *path, const char *body, int timeout_ms, hook_buf
         return fm_errf(err, FM_EIO, "hook: fork: %s", strerror(errno));
     }
     /* The request is small (well under a pipe buffer), so writing it in
-     * one go cannot block on a hook that does not read; a hook that exited
-     * without reading is an EPIPE, not a signal. */
+     * one go cannot block on a hook that does not read. A hook may answer
+     * without reading its request at all (a fixed policy): whether it has
+     * already exited when the request is written is a race, so EPIPE is not
+     * an error — its answer and exit status decide, as for any hook. */
     size_t blen = strlen(body);
     ssize_t w = fm_write_nopipe(in[1], body, blen);
+    int werr = errno;
     close(in[1]);
-    int rc = (w == (ssize_t)blen) ? 0 : fm_errf(err, FM_EIO, "hook: cannot write request");
+    int rc = (w == (ssize_t)blen || (w < 0 && werr == EPIPE))
+                 ? 0
+                 : fm_errf(err, FM_EIO, "hook: cannot write request: %s",
+                           w < 0 ? strerror(werr) : "short write");
     uint64_t deadline = fm_mono_ns() + (uint64_t)timeout_ms * 1000000ull;
     while (rc == 0) {
         uint64_t now = fm_mono_ns();

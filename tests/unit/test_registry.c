@@ -130,6 +130,22 @@ static void test_hook_exec(void **state)
     assert_int_equal(fm_registry_run_hook(slow, req, 200, &resp, &err), FM_ETIMEDOUT);
     assert_int_equal(fm_registry_run_hook(fail, req, 2000, &resp, &err), FM_EIO);
     assert_int_equal(fm_registry_run_hook("relative/path", req, 200, &resp, &err), FM_EINVAL);
+    /* A fixed-policy hook that never reads its request: whether it has
+     * exited before the request is written is a race the caller must not
+     * see. Its answer decides every time. */
+    char deaf[64];
+    snprintf(deaf, sizeof deaf, "%s/deaf", dir);
+    write_script(deaf, "#!/bin/sh\nexec 0<&-\necho '{\"allow\": true}'\n");
+    for (int i = 0; i < 40; i++) {
+        resp = NULL;
+        assert_int_equal(fm_registry_run_hook(deaf, req, 2000, &resp, &err), 0);
+        assert_true(json_is_true(json_object_get(resp, "allow")));
+        json_decref(resp);
+        /* The same race on a hook that answers garbage: still a protocol
+         * error, never an I/O error. */
+        assert_int_equal(fm_registry_run_hook(bad, req, 2000, &resp, &err), FM_EPROTO);
+    }
+    remove(deaf);
     json_decref(req);
     remove(ok);
     remove(bad);
