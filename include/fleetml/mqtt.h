@@ -50,10 +50,27 @@ int fm_mqtt_parse_url(const char *url, char *host, size_t host_len, int *port);
 int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
                   const fm_mqtt_handlers *h, fm_mqtt **out, fm_errbuf *err);
 
-/* Publishes with QoS 1 (optionally with Correlation Data). Thread-safe.
- * Returns 0, FM_EUNAVAIL when not connected, or FM_EIO. */
+/* Publishes with QoS 1 (optionally with Correlation Data). Thread-safe;
+ * never waits for a connection attempt. Returns:
+ *   0            written, or taken into the client's outgoing list when the
+ *                connection broke under the write (sent again after the
+ *                reconnect, as MQTT requires of QoS 1);
+ *   FM_EUNAVAIL  not connected: nothing was queued;
+ *   FM_EINVAL    topic, payload or properties refused (nothing queued);
+ *   FM_ENOMEM, FM_EIO. */
 int fm_mqtt_publish(fm_mqtt *c, const char *topic, const void *payload, size_t len,
                     const void *corr, size_t corr_len);
+
+/* Reconnect backoff: a failed attempt, or a connection that ended before it
+ * had been up FM_MQTT_STABLE_MS, doubles the wait (FM_MQTT_BACKOFF_MIN_MS up
+ * to FM_MQTT_BACKOFF_MAX_MS); a connection that lasted resets it. */
+#define FM_MQTT_BACKOFF_MIN_MS 100
+#define FM_MQTT_BACKOFF_MAX_MS 2000
+#define FM_MQTT_STABLE_MS 5000
+
+/* The wait after one that was backoff_ms, when the connection that just
+ * ended had been accepted established_ms before (0: never accepted). Pure. */
+int fm_mqtt_backoff_next(int backoff_ms, int64_t established_ms);
 
 /* 1 while connected and subscribed. */
 int fm_mqtt_connected(const fm_mqtt *c);

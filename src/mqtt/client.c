@@ -18,6 +18,21 @@
  * API: mosquitto_socket, _loop_read, _loop_write, _loop_misc); a publish
  * that cannot finish its write (socket buffer full) wakes it through
  * wake_fd so that it polls for writability too.
+ *
+ * Connecting. libmosquitto 2.0's connect is blocking (its asynchronous
+ * variant leaves TLS set-up undone), and a broker address that drops SYNs
+ * would hold this thread in connect() for the kernel's SYN retries (two
+ * minutes). So over TCP the thread first checks the address itself with a
+ * non-blocking connect bounded by CONNECT_PROBE_MS and cut short by a stop
+ * request, and hands over to libmosquitto only once the address answered.
+ * The connect runs without c->mu: `connected` is 0 then, and every other
+ * entry into libmosquitto (fm_mqtt_publish) checks it under c->mu first.
+ *
+ * Backoff. Failed attempts wait 100 ms, doubling to 2 s. A connection the
+ * broker accepted resets the wait only if it lasted STABLE_MS: a broker
+ * that refuses the CONNACK, or a second process with the same client id
+ * (the broker hands the session back and forth), is retried at the slow
+ * pace, not ten times a second.
  */
 #include "fleetml/mqtt.h"
 #include "fleetml/broker.h"
@@ -26,7 +41,10 @@
 #include "fleetml/metrics.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <mosquitto.h>
+#include <netdb.h>
+#include <openssl/ssl.h>
 #include <mqtt_protocol.h>
 #include <poll.h>
 #include <pthread.h>
@@ -35,6 +53,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,6 +62,11 @@
 /* How long the broker keeps the service's session (and queues messages for
  * it) while the service is away: long enough for any restart. */
 #define SESSION_EXPIRY_S (7 * 24 * 3600)
+/* The longest the address check may take before an attempt counts as failed. */
+#define CONNECT_PROBE_MS 5000
+/* Packets read in one turn of the network thread before it writes and
+ * polls again. */
+#define READ_BURST 64
 
 struct fm_mqtt {
     struct mosquitto *mosq;
@@ -50,7 +74,8 @@ struct fm_mqtt {
     char *subs[MAX_SUBS];
     int nsubs;
     char host[256];
-    int port;
+    int port; /* 0: host is a Unix socket path */
+    char client_id[128];
     mosquitto_property *connect_props;
     fm_thread thread; /* the network thread */
     /* Held for every call into libmosquitto; recursive because the
@@ -59,6 +84,9 @@ struct fm_mqtt {
     int wake_fd; /* eventfd: the network thread's poll returns */
     _Atomic int connected;
     _Atomic int subscribed;
+    /* fm_mono_ns() of the last accepted CONNACK on the current connection,
+     * 0 while there is none; written on the network thread only. */
+    uint64_t established_ns;
 };
 
 static int lib_init_once(void)
@@ -79,6 +107,7 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc, int flags,
                  NULL);
         return;
     }
+    c->established_ns = fm_mono_ns();
     atomic_store(&c->connected, 1);
     atomic_store(&fm_metrics_get()->mqtt_connected, 1);
     /* The persistent session keeps the subscriptions, but subscribing
@@ -116,9 +145,14 @@ static void on_disconnect(struct mosquitto *mosq, void *obj, int rc,
     (void)mosq;
     (void)props;
     fm_mqtt *c = obj;
-    if (atomic_exchange(&c->connected, 0))
+    if (rc == MQTT_RC_SESSION_TAKEN_OVER)
+        fm_logkv(FM_LOG_ERROR, "mqtt",
+                 "another connection took over this client id (is node.id unique?)", "client_id",
+                 c->client_id, NULL);
+    else if (atomic_exchange(&c->connected, 0))
         fm_logkv(FM_LOG_WARN, "mqtt", "disconnected from broker", "reason",
-                 mosquitto_strerror(rc), NULL);
+                 rc >= 128 ? mosquitto_reason_string(rc) : mosquitto_strerror(rc), NULL);
+    atomic_store(&c->connected, 0);
     atomic_store(&c->subscribed, 0);
     atomic_store(&fm_metrics_get()->mqtt_connected, 0);
 }
@@ -210,6 +244,35 @@ static void wake_net(fm_mqtt *c)
                  strerror(errno), NULL);
 }
 
+/* Whether another packet can be read at once: bytes OpenSSL has already
+ * taken off the socket, or bytes in the socket. */
+static bool more_to_read(fm_mqtt *c, int fd)
+{
+    SSL *ssl = mosquitto_ssl_get(c->mosq);
+    if (ssl && SSL_pending(ssl) > 0)
+        return true;
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+/* Reads up to READ_BURST packets, with c->mu held. mosquitto_loop_read
+ * stops after one packet whenever errno is EAGAIN on return, and it always
+ * is once the library's internal wake-up socket pair is full (it writes a
+ * byte there for every packet it queues, and nothing reads them when
+ * nobody calls mosquitto_loop): so ask again while data is waiting —
+ * otherwise a record OpenSSL has already read would wait for the next
+ * poll timeout. */
+static int read_burst(fm_mqtt *c, int fd)
+{
+    int rc = MOSQ_ERR_SUCCESS;
+    for (int i = 0; i < READ_BURST && rc == MOSQ_ERR_SUCCESS; i++) {
+        rc = mosquitto_loop_read(c->mosq, 1);
+        if (rc != MOSQ_ERR_SUCCESS || mosquitto_socket(c->mosq) != fd || !more_to_read(c, fd))
+            break;
+    }
+    return rc;
+}
+
 /* One turn of the loop while connected: wait (without the lock) until the
  * socket is readable, writable when there is something to write, the
  * keepalive is due or wake_net is called; then read, write and do the
@@ -236,7 +299,7 @@ static int net_turn(fm_mqtt *c)
     int rc = MOSQ_ERR_SUCCESS;
     pthread_mutex_lock(&c->mu);
     if (pfd[0].revents & (POLLIN | POLLERR | POLLHUP))
-        rc = mosquitto_loop_read(c->mosq, 1);
+        rc = read_burst(c, fd);
     /* Callbacks run inside the read (a SUBSCRIBE from on_connect, replies
      * published from on_message) only queue their packets. */
     if (rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq))
@@ -247,37 +310,116 @@ static int net_turn(fm_mqtt *c)
     return rc;
 }
 
+/* Checks that a TCP broker address answers: a non-blocking connect to each
+ * of its addresses in turn, within CONNECT_PROBE_MS in all, cut short when
+ * wake_fd fires (a stop). 0 when one accepted the connection (closed at
+ * once; libmosquitto then makes its own), -1 otherwise. */
+static int probe_address(fm_mqtt *c)
+{
+    char port[8];
+    snprintf(port, sizeof port, "%d", c->port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
+    int gai = getaddrinfo(c->host, port, &hints, &ai);
+    if (gai != 0) {
+        fm_logkv(FM_LOG_WARN, "mqtt", "cannot resolve the broker", "host", c->host, "error",
+                 gai_strerror(gai), NULL);
+        return -1;
+    }
+    uint64_t deadline = fm_mono_ns() + (uint64_t)CONNECT_PROBE_MS * 1000000ull;
+    int ok = -1;
+    for (struct addrinfo *a = ai; a && ok != 0 && !stopping(c); a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                        a->ai_protocol);
+        if (fd < 0)
+            continue;
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+            ok = 0;
+        } else if (errno == EINPROGRESS) {
+            struct pollfd p[2] = {{.fd = fd, .events = POLLOUT},
+                                  {.fd = c->wake_fd, .events = POLLIN}};
+            for (;;) {
+                uint64_t now = fm_mono_ns();
+                if (now >= deadline)
+                    break;
+                int n = poll(p, 2, (int)((deadline - now) / 1000000ull) + 1);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0 || (p[1].revents & POLLIN))
+                    break; /* time is up, or a stop (the flag is checked above) */
+                int soerr = 0;
+                socklen_t len = sizeof soerr;
+                if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0)
+                    ok = 0;
+                break;
+            }
+        }
+        close(fd);
+    }
+    freeaddrinfo(ai);
+    return ok;
+}
+
+/* The wait after a connection ends or an attempt fails. */
+int fm_mqtt_backoff_next(int backoff_ms, int64_t established_ms)
+{
+    if (established_ms >= FM_MQTT_STABLE_MS)
+        return FM_MQTT_BACKOFF_MIN_MS;
+    if (backoff_ms < FM_MQTT_BACKOFF_MIN_MS)
+        return FM_MQTT_BACKOFF_MIN_MS;
+    return backoff_ms * 2 > FM_MQTT_BACKOFF_MAX_MS ? FM_MQTT_BACKOFF_MAX_MS : backoff_ms * 2;
+}
+
 static void *net_thread(void *arg)
 {
     fm_mqtt *c = arg;
-    int backoff_ms = 100, up = 0;
+    int backoff_ms = FM_MQTT_BACKOFF_MIN_MS, up = 0;
+    unsigned short_lived = 0; /* accepted connections in a row that did not last */
     while (!stopping(c)) {
         if (!up) {
             /* Connect again with the same CONNECT properties (session
-             * expiry), whatever ended the previous connection. */
-            pthread_mutex_lock(&c->mu);
-            int rc = mosquitto_connect_bind_v5(c->mosq, c->host, c->port, 30, NULL,
+             * expiry), whatever ended the previous connection. Without
+             * c->mu: see the top of the file. */
+            int rc = MOSQ_ERR_NO_CONN;
+            if (c->port == 0 || probe_address(c) == 0)
+                rc = mosquitto_connect_bind_v5(c->mosq, c->host, c->port, 30, NULL,
                                                c->connect_props);
-            pthread_mutex_unlock(&c->mu);
             if (rc != MOSQ_ERR_SUCCESS) {
                 if (wait_or_stop(c, backoff_ms))
                     break;
-                backoff_ms = backoff_ms * 2 > 2000 ? 2000 : backoff_ms * 2;
+                backoff_ms = fm_mqtt_backoff_next(backoff_ms, 0);
                 continue;
             }
             up = 1;
-            backoff_ms = 100;
+            c->established_ns = 0;
         }
         int rc = net_turn(c);
         if (rc != MOSQ_ERR_SUCCESS) {
             if (atomic_load(&c->connected))
                 fm_logkv(FM_LOG_WARN, "mqtt", "connection lost", "reason",
                          mosquitto_strerror(rc), NULL);
-            mark_down(c);
-            up = 0;
+            int64_t lasted_ms =
+                c->established_ns ? (int64_t)((fm_mono_ns() - c->established_ns) / 1000000ull)
+                                  : 0;
+            backoff_ms = fm_mqtt_backoff_next(backoff_ms, lasted_ms);
+            /* Mosquitto 2.0 closes a connection whose client id another
+             * connection takes without saying why (newer brokers send
+             * reason 142, logged by on_disconnect). */
+            short_lived = c->established_ns && lasted_ms < FM_MQTT_STABLE_MS ? short_lived + 1
+                          : c->established_ns                                 ? 0
+                                                                              : short_lived;
+            if (short_lived == 3 || (short_lived > 3 && short_lived % 30 == 0)) {
+                char n[16];
+                snprintf(n, sizeof n, "%u", short_lived);
+                fm_logkv(FM_LOG_ERROR, "mqtt",
+                         "the broker keeps closing the connection soon after accepting it: "
+                         "another process may use the same client id (is node.id unique?)",
+                         "client_id", c->client_id, "times", n, NULL);
+            }
             pthread_mutex_lock(&c->mu);
+            mark_down(c);
             mosquitto_disconnect(c->mosq);
             pthread_mutex_unlock(&c->mu);
+            up = 0;
             if (wait_or_stop(c, backoff_ms))
                 break;
         }
@@ -380,12 +522,11 @@ int fm_mqtt_start(const fm_config *cfg, const char *const *subscriptions,
      * the survivors get everything at once; what was in flight to the dead
      * node was never answered, so its devices send it again. */
     bool external = strcmp(cfg->broker_mode, "external") == 0;
-    char client_id[128];
     if (external)
-        snprintf(client_id, sizeof client_id, "%s.%s", SERVICE_CLIENT_ID, cfg->node_id);
+        snprintf(c->client_id, sizeof c->client_id, "%s.%s", SERVICE_CLIENT_ID, cfg->node_id);
     else
-        snprintf(client_id, sizeof client_id, "%s", SERVICE_CLIENT_ID);
-    c->mosq = mosquitto_new(client_id, external, c);
+        snprintf(c->client_id, sizeof c->client_id, "%s", SERVICE_CLIENT_ID);
+    c->mosq = mosquitto_new(c->client_id, external, c);
     if (!c->mosq) {
         rc = fm_errf(err, FM_ENOMEM, "mosquitto_new failed");
         goto fail;
@@ -437,6 +578,11 @@ fail:
 int fm_mqtt_publish(fm_mqtt *c, const char *topic, const void *payload, size_t len,
                     const void *corr, size_t corr_len)
 {
+    /* Not connected: answer at once, without waiting for c->mu and without
+     * queueing in libmosquitto (it would keep a QoS 1 message for the next
+     * connection, and the queue would grow for as long as the outage). */
+    if (!atomic_load(&c->connected))
+        return FM_EUNAVAIL;
     mosquitto_property *props = NULL;
     if (corr && corr_len > 0 &&
         mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, corr,
@@ -445,15 +591,40 @@ int fm_mqtt_publish(fm_mqtt *c, const char *topic, const void *payload, size_t l
     /* Written to the socket here unless the socket's buffer is full (or
      * this runs inside a callback): then the network thread finishes it. */
     pthread_mutex_lock(&c->mu);
+    if (!atomic_load(&c->connected)) { /* went down meanwhile (set under c->mu) */
+        pthread_mutex_unlock(&c->mu);
+        mosquitto_property_free_all(&props);
+        return FM_EUNAVAIL;
+    }
     int rc = mosquitto_publish_v5(c->mosq, NULL, topic, (int)len, payload, 1, false, props);
-    bool pending = rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq);
+    /* From the network thread (a callback) the thread writes it itself
+     * after the read; from any other, wake it to finish a partial write. */
+    bool pending = rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq) &&
+                   !pthread_equal(pthread_self(), c->thread.tid);
     pthread_mutex_unlock(&c->mu);
     mosquitto_property_free_all(&props);
     if (pending)
         wake_net(c);
-    if (rc == MOSQ_ERR_SUCCESS)
+    switch (rc) {
+    case MOSQ_ERR_SUCCESS:
+    /* The connection broke under the write: the message is in the client's
+     * outgoing list already and goes out again after the reconnect (as
+     * MQTT requires of a QoS 1 message without its PUBACK). */
+    case MOSQ_ERR_NO_CONN:
+    case MOSQ_ERR_CONN_LOST:
+    case MOSQ_ERR_ERRNO:
         return 0;
-    return rc == MOSQ_ERR_NO_CONN ? FM_EUNAVAIL : FM_EIO;
+    case MOSQ_ERR_NOMEM:
+        return FM_ENOMEM;
+    case MOSQ_ERR_INVAL:
+    case MOSQ_ERR_MALFORMED_UTF8:
+    case MOSQ_ERR_PAYLOAD_SIZE:
+    case MOSQ_ERR_OVERSIZE_PACKET:
+    case MOSQ_ERR_QOS_NOT_SUPPORTED:
+        return FM_EINVAL;
+    default:
+        return FM_EIO;
+    }
 }
 
 int fm_mqtt_connected(const fm_mqtt *c)
@@ -473,9 +644,20 @@ void fm_mqtt_stop(fm_mqtt *c)
      * and flush it from this thread. */
     if (atomic_load(&c->connected)) {
         pthread_mutex_lock(&c->mu);
+        /* Written there and then unless the socket's buffer is full; then
+         * finish it within 500 ms (mosquitto_loop would return at once: its
+         * wake-up socket pair is never empty here). */
         mosquitto_disconnect_v5(c->mosq, MQTT_RC_NORMAL_DISCONNECTION, NULL);
-        for (int i = 0; i < 10 && mosquitto_loop(c->mosq, 50, 1) == MOSQ_ERR_SUCCESS; i++)
-            ;
+        uint64_t deadline = fm_mono_ns() + 500000000ull;
+        int fd;
+        while (mosquitto_want_write(c->mosq) && (fd = mosquitto_socket(c->mosq)) >= 0 &&
+               fm_mono_ns() < deadline) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            if (poll(&p, 1, 50) < 0 && errno != EINTR)
+                break;
+            if ((p.revents & POLLOUT) && mosquitto_loop_write(c->mosq, 1) != MOSQ_ERR_SUCCESS)
+                break;
+        }
         pthread_mutex_unlock(&c->mu);
     }
     mark_down(c);

@@ -12,7 +12,11 @@ store is PostgreSQL.
 - the broker restarted: it comes back with no registry, the nodes
   reconnect and send theirs, devices reconnect and are answered again;
 - `kill -9` of one node: the other answers every device, and no
-  acknowledged measurement is lost.
+  acknowledged measurement is lost;
+- a second process started with a node id already in use: the broker hands
+  the session back and forth, both back off to the slow pace instead of
+  reconnecting ten times a second, the log says why, and the first node is
+  answering again once the second stops.
 """
 
 import os
@@ -78,24 +82,27 @@ class ExternalBroker:
 class Setup:
     def __init__(self, fm_bin, wd, pg):
         self.pg = pg
+        self.bin = fm_bin
         plugin = str(Path(os.environ.get("FM_BUILD", Path(fm_bin).parent)) / "fleetml_auth.so")
         self.nodes = []
         for i in (1, 2):
             (wd / f"x{i}").mkdir()
-            n = Platform(fm_bin, wd / f"x{i}", node_id=f"x{i}")
-            n.pg_url = pg.url
-            self.nodes.append(n)
+            self.nodes.append(Platform(fm_bin, wd / f"x{i}", node_id=f"x{i}"))
         first = self.nodes[0]
         self.broker = ExternalBroker(wd, first.data / "pki", plugin)
         for n in self.nodes:
-            n.broker_port = self.broker.dev_port  # devices' port: the shared broker
-            n.extra_sets.update({
-                "store.backend": "postgres", "store.url": pg.url, "pipeline.device_rate": "0",
-                "broker.mode": "external",
-                "broker.url": f"mqtts://127.0.0.1:{self.broker.svc_port}"})
+            self.configure(n)
         first.init()
         for n in self.nodes[1:]:
             join_cluster(first, n)
+
+    def configure(self, n):
+        n.pg_url = self.pg.url
+        n.broker_port = self.broker.dev_port  # devices' port: the shared broker
+        n.extra_sets.update({
+            "store.backend": "postgres", "store.url": self.pg.url, "pipeline.device_rate": "0",
+            "broker.mode": "external",
+            "broker.url": f"mqtts://127.0.0.1:{self.broker.svc_port}"})
 
     def start(self):
         self.broker.start()
@@ -234,3 +241,45 @@ def test_kill9_of_one_node_the_other_answers(ext, tmp_path):
     assert len(rows) > at_kill + 100, "the surviving node kept answering"
     lost = ok - rows
     assert not lost, f"{len(lost)} acknowledged measurements missing, e.g. {sorted(lost)[:3]}"
+
+
+def test_duplicate_node_id_backs_off(ext, tmp_path):
+    first = ext.nodes[0]
+    first.wait_ready()
+    (tmp_path / "dup").mkdir()
+    dup = Platform(ext.bin, tmp_path / "dup", node_id=first.node_id)
+    ext.configure(dup)
+    join_cluster(first, dup)
+    client = f"as fleetml-service.{first.node_id} "
+    mark = len(ext.broker.log())
+    try:
+        dup.start(wait_ready=False)
+        t0 = time.monotonic()
+        # Both hold the same client id: each connection takes the session
+        # from the other. Watch the broker for a while.
+        wait_for(lambda: ext.broker.log()[mark:].count(client) >= 4, 30, interval=0.1,
+                 msg="the two processes taking the session from each other")
+        wait_for(lambda: time.monotonic() - t0 >= 10, 15, interval=0.2, msg="10 s")
+        connects = ext.broker.log()[mark:].count(client)
+        elapsed = time.monotonic() - t0
+        print(f"{connects} connections as {first.node_id} in {elapsed:.1f} s")
+        # Reconnecting after 100 ms each time: ~150 in 10 s. Backing off to
+        # 2 s: ~20 for the two together.
+        assert connects <= 50, f"{connects} connections in {elapsed:.1f} s"
+        logs = "".join(p.read_text(errors="replace") for n in (first, dup) for p in n.log_paths)
+        assert "same client id (is node.id unique?)" in logs, logs[-3000:]
+    finally:
+        dup.stop()
+        dup.cleanup()
+    # Alone again: the first node is back within its slowest retry.
+    first.wait_ready(timeout=30)
+    first.add_device("ext-dup")
+    admitted(first, "ext-dup")
+    dev = Device(first, "ext-dup")
+    try:
+        dev.connect()
+        dev.subscribe(dev.results_topic)
+        m, _ = dev.measure(make_measurement(unique_id()), timeout=15)
+        assert m.json()["status"] == "ok", m.json()
+    finally:
+        dev.close()
