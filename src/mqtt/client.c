@@ -244,39 +244,26 @@ static void wake_net(fm_mqtt *c)
                  strerror(errno), NULL);
 }
 
-/* Whether another packet can be read at once: bytes OpenSSL has already
- * taken off the socket, or bytes in the socket. */
-static bool more_to_read(fm_mqtt *c, int fd)
+/* Whether fd has bytes to read right now (a zero-timeout poll). */
+static bool readable_now(int fd)
 {
-    SSL *ssl = mosquitto_ssl_get(c->mosq);
-    if (ssl && SSL_pending(ssl) > 0)
-        return true;
     struct pollfd p = {.fd = fd, .events = POLLIN};
     return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
-}
-
-/* Reads up to READ_BURST packets, with c->mu held. mosquitto_loop_read
- * stops after one packet whenever errno is EAGAIN on return, and it always
- * is once the library's internal wake-up socket pair is full (it writes a
- * byte there for every packet it queues, and nothing reads them when
- * nobody calls mosquitto_loop): so ask again while data is waiting —
- * otherwise a record OpenSSL has already read would wait for the next
- * poll timeout. */
-static int read_burst(fm_mqtt *c, int fd)
-{
-    int rc = MOSQ_ERR_SUCCESS;
-    for (int i = 0; i < READ_BURST && rc == MOSQ_ERR_SUCCESS; i++) {
-        rc = mosquitto_loop_read(c->mosq, 1);
-        if (rc != MOSQ_ERR_SUCCESS || mosquitto_socket(c->mosq) != fd || !more_to_read(c, fd))
-            break;
-    }
-    return rc;
 }
 
 /* One turn of the loop while connected: wait (without the lock) until the
  * socket is readable, writable when there is something to write, the
  * keepalive is due or wake_net is called; then read, write and do the
- * keepalive, with the lock. Returns a MOSQ_ERR_* code. */
+ * keepalive, with the lock. Returns a MOSQ_ERR_* code.
+ *
+ * Reads come in bursts of up to READ_BURST packets. mosquitto_loop_read
+ * stops after one packet whenever errno is EAGAIN on its way out, and it
+ * always is once the library's internal wake-up socket pair is full (it
+ * writes a byte there for every packet it queues, and only mosquitto_loop
+ * reads them): so read again while OpenSSL holds decrypted bytes (which
+ * poll cannot see) or the socket is still readable. The lock is let go
+ * between packets, as it was between turns, so that replies published by
+ * other threads do not wait for a whole burst. */
 static int net_turn(fm_mqtt *c)
 {
     pthread_mutex_lock(&c->mu);
@@ -297,11 +284,25 @@ static int net_turn(fm_mqtt *c)
             return MOSQ_ERR_ERRNO;
     }
     int rc = MOSQ_ERR_SUCCESS;
+    if (pfd[0].revents & (POLLIN | POLLERR | POLLHUP)) {
+        for (int i = 0; i < READ_BURST; i++) {
+            pthread_mutex_lock(&c->mu);
+            rc = mosquitto_loop_read(c->mosq, 1);
+            /* Replies published from the message callback were only
+             * queued: written now, not after the burst. */
+            if (rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq))
+                rc = mosquitto_loop_write(c->mosq, 1);
+            bool same = mosquitto_socket(c->mosq) == fd;
+            SSL *ssl = same ? mosquitto_ssl_get(c->mosq) : NULL;
+            bool buffered = ssl && SSL_pending(ssl) > 0;
+            pthread_mutex_unlock(&c->mu);
+            if (rc != MOSQ_ERR_SUCCESS || !same || !(buffered || readable_now(fd)))
+                break;
+        }
+    }
     pthread_mutex_lock(&c->mu);
-    if (pfd[0].revents & (POLLIN | POLLERR | POLLHUP))
-        rc = read_burst(c, fd);
-    /* Callbacks run inside the read (a SUBSCRIBE from on_connect, replies
-     * published from on_message) only queue their packets. */
+    /* What is left to write: a partial write (socket buffer full), or
+     * packets queued by callbacks of the last read. */
     if (rc == MOSQ_ERR_SUCCESS && mosquitto_want_write(c->mosq))
         rc = mosquitto_loop_write(c->mosq, 1);
     if (rc == MOSQ_ERR_SUCCESS)
