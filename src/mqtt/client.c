@@ -41,7 +41,6 @@
 #include "fleetml/metrics.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <mosquitto.h>
 #include <netdb.h>
 #include <openssl/ssl.h>
@@ -405,9 +404,8 @@ static void *net_thread(void *arg)
             /* Mosquitto 2.0 closes a connection whose client id another
              * connection takes without saying why (newer brokers send
              * reason 142, logged by on_disconnect). */
-            short_lived = c->established_ns && lasted_ms < FM_MQTT_STABLE_MS ? short_lived + 1
-                          : c->established_ns                                 ? 0
-                                                                              : short_lived;
+            if (c->established_ns)
+                short_lived = lasted_ms < FM_MQTT_STABLE_MS ? short_lived + 1 : 0;
             if (short_lived == 3 || (short_lived > 3 && short_lived % 30 == 0)) {
                 char n[16];
                 snprintf(n, sizeof n, "%u", short_lived);
