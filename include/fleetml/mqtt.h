@@ -75,7 +75,16 @@ int fm_mqtt_backoff_next(int backoff_ms, int64_t established_ms);
 /* 1 while connected and subscribed. */
 int fm_mqtt_connected(const fm_mqtt *c);
 
-/* Disconnects, stops the network thread and frees c. */
+/* Stops the network thread and disconnects (keeping the broker session);
+ * no handler is called after it returns. c stays valid: from then on
+ * fm_mqtt_publish returns FM_EUNAVAIL and fm_mqtt_connected 0, so threads
+ * that still publish need no lock of their own against shutdown. Safe to
+ * call again after it returned, and while other threads publish; NULL is
+ * a no-op. */
+void fm_mqtt_halt(fm_mqtt *c);
+
+/* fm_mqtt_halt, then frees c. No other thread may use c any more (stop
+ * every publisher first). NULL is a no-op. */
 void fm_mqtt_stop(fm_mqtt *c);
 
 #endif

@@ -23,6 +23,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -39,23 +40,18 @@ typedef struct server {
     fm_fn_registry *functions;
     fm_lake *rules_lake;
     fm_rules *rules;
-    /* The MQTT client, NULL before it starts and once it stops. Readers
-     * (publishes from the pipeline and registry, health checks) hold
-     * mqtt_mu for reading while they use it, so shutdown_all cannot free
-     * it under them. */
-    fm_mqtt *mqtt;
-    pthread_rwlock_t mqtt_mu;
+    /* The MQTT client: NULL until it has started, then set once. Shutdown
+     * halts it first (publishes from the pipeline, registry and rules get
+     * FM_EUNAVAIL from then on) and frees it last, once every thread that
+     * could publish has stopped; so users need no lock against it. */
+    _Atomic(fm_mqtt *) mqtt;
 } server;
 
 static int publish(void *ud, const char *topic, const void *payload, size_t len,
                    const void *corr, size_t corr_len)
 {
-    server *s = ud;
-    pthread_rwlock_rdlock(&s->mqtt_mu);
-    int rc = s->mqtt ? fm_mqtt_publish(s->mqtt, topic, payload, len, corr, corr_len)
-                     : FM_EUNAVAIL;
-    pthread_rwlock_unlock(&s->mqtt_mu);
-    return rc;
+    fm_mqtt *c = atomic_load_explicit(&((server *)ud)->mqtt, memory_order_acquire);
+    return c ? fm_mqtt_publish(c, topic, payload, len, corr, corr_len) : FM_EUNAVAIL;
 }
 
 /* The deployer's tables go to the pipeline. */
@@ -111,9 +107,8 @@ static void health(void *ud, fm_health *h)
     } else {
         h->broker_up = 1; /* external broker: judged by the MQTT connection */
     }
-    pthread_rwlock_rdlock(&s->mqtt_mu);
-    h->mqtt_connected = s->mqtt ? fm_mqtt_connected(s->mqtt) : 0;
-    pthread_rwlock_unlock(&s->mqtt_mu);
+    fm_mqtt *c = atomic_load_explicit(&s->mqtt, memory_order_acquire);
+    h->mqtt_connected = c ? fm_mqtt_connected(c) : 0;
     h->store_ok = s->pipeline ? fm_pipeline_healthy(s->pipeline) : 0;
     h->model_loaded = s->pipeline != NULL;
     snprintf(h->model, sizeof h->model, "%s", s->pipeline ? fm_pipeline_model(s->pipeline) : "");
@@ -133,13 +128,9 @@ static void resolve_model_dir(fm_config *cfg)
 
 static void shutdown_all(server *s)
 {
-    /* Taken for writing only to swap the pointer: fm_mqtt_stop joins the
-     * network thread, whose callbacks may publish (and take it to read). */
-    pthread_rwlock_wrlock(&s->mqtt_mu);
-    fm_mqtt *c = s->mqtt;
-    s->mqtt = NULL;
-    pthread_rwlock_unlock(&s->mqtt_mu);
-    fm_mqtt_stop(c);
+    /* No message comes in after this; publishes answer FM_EUNAVAIL. */
+    fm_mqtt *c = atomic_load_explicit(&s->mqtt, memory_order_acquire);
+    fm_mqtt_halt(c);
     /* HTTP before the pipeline: a predict?store=true request in flight
      * waits for its answer from the still-running pipeline, and no new one
      * can reach a pipeline that is gone. */
@@ -170,11 +161,14 @@ static void shutdown_all(server *s)
     s->broker = NULL;
     fm_ingest_free(s->ingest);
     s->ingest = NULL;
+    /* Every thread that could publish has stopped. */
+    atomic_store_explicit(&s->mqtt, NULL, memory_order_release);
+    fm_mqtt_stop(c);
 }
 
 int fm_cmd_serve(int argc, char **argv)
 {
-    static server s = {.mqtt_mu = PTHREAD_RWLOCK_INITIALIZER};
+    static server s;
     int rc = fm_cli_config(&argc, argv, &s.cfg);
     if (rc)
         return rc;
@@ -251,9 +245,7 @@ int fm_cmd_serve(int argc, char **argv)
         fm_logkv(FM_LOG_ERROR, "serve", "MQTT client failed to start", "error", err.msg, NULL);
         goto fail;
     }
-    pthread_rwlock_wrlock(&s.mqtt_mu);
-    s.mqtt = c;
-    pthread_rwlock_unlock(&s.mqtt_mu);
+    atomic_store_explicit(&s.mqtt, c, memory_order_release);
     /* Rules: their own lake handle (dead letters, lake targets) and store
      * connection. */
     if ((rc = fm_lake_open(&s.cfg, &s.rules_lake, &err)) != 0) {

@@ -631,7 +631,7 @@ int fm_mqtt_connected(const fm_mqtt *c)
     return atomic_load(&c->connected) && atomic_load(&c->subscribed);
 }
 
-void fm_mqtt_stop(fm_mqtt *c)
+void fm_mqtt_halt(fm_mqtt *c)
 {
     if (!c)
         return;
@@ -640,9 +640,10 @@ void fm_mqtt_stop(fm_mqtt *c)
     wake_net(c);
     fm_thread_stop(&c->thread);
     /* The network thread is gone: send DISCONNECT (keeping the session)
-     * and flush it from this thread. */
+     * and flush it from this thread. Marked down under c->mu, so a publish
+     * that takes the lock after this sees FM_EUNAVAIL. */
+    pthread_mutex_lock(&c->mu);
     if (atomic_load(&c->connected)) {
-        pthread_mutex_lock(&c->mu);
         /* Written there and then unless the socket's buffer is full; then
          * finish it within 500 ms (mosquitto_loop would return at once: its
          * wake-up socket pair is never empty here). */
@@ -657,9 +658,16 @@ void fm_mqtt_stop(fm_mqtt *c)
             if ((p.revents & POLLOUT) && mosquitto_loop_write(c->mosq, 1) != MOSQ_ERR_SUCCESS)
                 break;
         }
-        pthread_mutex_unlock(&c->mu);
     }
     mark_down(c);
+    pthread_mutex_unlock(&c->mu);
+}
+
+void fm_mqtt_stop(fm_mqtt *c)
+{
+    if (!c)
+        return;
+    fm_mqtt_halt(c);
     mosquitto_property_free_all(&c->connect_props);
     mosquitto_destroy(c->mosq);
     close(c->wake_fd);

@@ -2,7 +2,8 @@
  * Unit tests for the service's MQTT client (src/mqtt/client.c) that need no
  * broker: the reconnect backoff policy, and a broker address that drops
  * SYNs (a listener whose accept queue is full), which must hold up neither
- * publishers nor shutdown. Talking to a real broker is covered by the
+ * publishers nor shutdown, and the two-step shutdown (halt while others
+ * publish, then free). Talking to a real broker is covered by the
  * integration suite.
  */
 #include "fleetml/config.h"
@@ -13,8 +14,10 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -88,6 +91,24 @@ static void on_message(void *ud, const fm_mqtt_msg *m)
     (void)m;
 }
 
+/* Publishes until told to stop, counting answers other than FM_EUNAVAIL. */
+typedef struct hammer {
+    fm_mqtt *c;
+    atomic_int stop;
+    long calls, other;
+} hammer;
+
+static void *publish_until(void *arg)
+{
+    hammer *hm = arg;
+    while (!atomic_load(&hm->stop)) {
+        if (fm_mqtt_publish(hm->c, "fleet/d/results", "{}", 2, "id", 2) != FM_EUNAVAIL)
+            hm->other++;
+        hm->calls++;
+    }
+    return NULL;
+}
+
 static void test_blackholed_broker_holds_up_nobody(void **state)
 {
     (void)state;
@@ -145,11 +166,24 @@ static void test_blackholed_broker_holds_up_nobody(void **state)
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL); /* spreads the calls over the connect attempt */
     }
+    /* Shutdown in two steps, as fm_cmd_serve does it: halt while another
+     * thread keeps publishing, then free once that thread is done. */
+    hammer hm = {.c = c};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, publish_until, &hm), 0);
     double t0 = now_s();
-    fm_mqtt_stop(c);
+    fm_mqtt_halt(c);
     double took = now_s() - t0;
-    print_message("stop took %.3f s\n", took);
+    print_message("halt took %.3f s\n", took);
     assert_true(took < 3.0);
+    atomic_store(&hm.stop, 1);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_true(hm.calls > 0);
+    assert_int_equal(hm.other, 0);
+    assert_int_equal(fm_mqtt_publish(c, "fleet/d/results", "{}", 2, NULL, 0), FM_EUNAVAIL);
+    assert_int_equal(fm_mqtt_connected(c), 0);
+    fm_mqtt_halt(c); /* again: nothing left to do */
+    fm_mqtt_stop(c);
 
     for (int i = 0; i < nfill; i++)
         close(fill[i]);
