@@ -78,7 +78,8 @@ static int connected_within(int fd, int ms)
 static void touch(const char *dir, const char *name)
 {
     char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int n = snprintf(path, sizeof path, "%s/%s", dir, name);
+    assert_true(n > 0 && (size_t)n < sizeof path);
     FILE *f = fopen(path, "w");
     assert_non_null(f);
     fputs("placeholder\n", f);
