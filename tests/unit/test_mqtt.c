@@ -96,7 +96,7 @@ static void on_message(void *ud, const fm_mqtt_msg *m)
 typedef struct hammer {
     fm_mqtt *c;
     atomic_int stop;
-    long calls, other;
+    atomic_long calls, other;
 } hammer;
 
 static void *publish_until(void *arg)
@@ -104,10 +104,23 @@ static void *publish_until(void *arg)
     hammer *hm = arg;
     while (!atomic_load(&hm->stop)) {
         if (fm_mqtt_publish(hm->c, "fleet/d/results", "{}", 2, "id", 2) != FM_EUNAVAIL)
-            hm->other++;
-        hm->calls++;
+            atomic_fetch_add(&hm->other, 1);
+        atomic_fetch_add(&hm->calls, 1);
     }
     return NULL;
+}
+
+/* Waits (up to 30 s: the bound only catches a thread that never runs)
+ * until the publishing thread has made more than `past` calls. */
+static int calls_pass(hammer *hm, long past)
+{
+    for (int i = 0; i < 30000; i++) {
+        if (atomic_load(&hm->calls) > past)
+            return 1;
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
 }
 
 static void test_blackholed_broker_holds_up_nobody(void **state)
@@ -172,15 +185,16 @@ static void test_blackholed_broker_holds_up_nobody(void **state)
     hammer hm = {.c = c};
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, publish_until, &hm), 0);
+    assert_true(calls_pass(&hm, 0)); /* publishing before the halt */
     double t0 = now_s();
     fm_mqtt_halt(c);
     double took = now_s() - t0;
     print_message("halt took %.3f s\n", took);
     assert_true(took < 3.0);
+    assert_true(calls_pass(&hm, atomic_load(&hm.calls))); /* and after it */
     atomic_store(&hm.stop, 1);
     assert_int_equal(pthread_join(th, NULL), 0);
-    assert_true(hm.calls > 0);
-    assert_int_equal(hm.other, 0);
+    assert_int_equal(atomic_load(&hm.other), 0);
     assert_int_equal(fm_mqtt_publish(c, "fleet/d/results", "{}", 2, NULL, 0), FM_EUNAVAIL);
     assert_int_equal(fm_mqtt_connected(c), 0);
     fm_mqtt_halt(c); /* again: nothing left to do */
