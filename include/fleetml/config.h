@@ -7,7 +7,7 @@
  *               service_port, host (external mode), max_payload
  *   [http]      bind, port, tls, threads, trusted_proxies, access_ttl_s,
  *               mfa_roles
- *   [pipeline]  commit_window_us, batch_max, queue_max
+ *   [pipeline]  commit_window_us, keep_warm_us, batch_max, queue_max
  *   [store]     backend (sqlite)
  *   [lake]      backend (fs), dir, roll_bytes, roll_seconds
  *   [model]     dir
@@ -35,7 +35,8 @@
  *   http.access_ttl_s       60..86400                          (900)
  *   http.mfa_roles          comma-separated roles              ("")
  *   pipeline.commit_window_us 0..2000 (the window is part of every ack's
- *                           latency, so it is capped at 2 ms)   (1000)
+ *                           latency, so it is capped at 2 ms)   (0)
+ *   pipeline.keep_warm_us   0..1000000 (idle model call period) (2000)
  *   pipeline.batch_max      1..4096                            (256)
  *   pipeline.queue_max      1..16777216                        (65536)
  *   store.backend           sqlite | postgres (postgres: accepted, not built)
@@ -101,6 +102,7 @@ typedef struct fm_config {
     int ops_port;
 
     int commit_window_us;
+    int keep_warm_us; /* idle model call period while traffic is sparse (0 = off) */
     int batch_max;
     int queue_max;
     int pipeline_workers; /* threads that parse and extract features */

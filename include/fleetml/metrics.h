@@ -49,6 +49,7 @@ typedef struct fm_metrics {
     _Atomic uint64_t rejected[FM_REJ__COUNT];
     _Atomic uint64_t replied;
     _Atomic uint64_t commit_failures;
+    _Atomic uint64_t keep_warm_calls; /* idle model calls (pipeline.keep_warm_us) */
     _Atomic uint64_t broker_restarts;
     _Atomic int64_t mqtt_connected;   /* gauge 0/1 */
     _Atomic int64_t queue_depth;      /* gauge */

@@ -129,6 +129,11 @@ static const key_def keys[] = {
     K_NUM("pipeline", "commit_window_us", T_INT, commit_window_us, 0, 2000,
           "How long a batch may wait for more measurements before it is committed, in "
           "microseconds (0 = commit at once)."),
+    K_NUM("pipeline", "keep_warm_us", T_INT, keep_warm_us, 0, 1000000,
+          "While measurements arrive less often than this (in microseconds) but have come "
+          "within the last minute, the commit thread scores one row with the model last "
+          "used whenever it has been idle this long, so the next measurement finds the "
+          "model in the CPU's caches (0 = off)."),
     K_NUM("pipeline", "batch_max", T_INT, batch_max, 1, 4096,
           "Most measurements committed in one transaction."),
     K_NUM("pipeline", "queue_max", T_INT, queue_max, 1, 16 * 1024 * 1024,
@@ -318,6 +323,7 @@ int fm_config_defaults(fm_config *c, const char *data_dir)
     copy_str(c->ops_bind, sizeof c->ops_bind, "127.0.0.1");
     c->ops_port = 9180;
     c->commit_window_us = 0;
+    c->keep_warm_us = 2000;
     c->queue_max_bytes = 256L * 1024 * 1024;
     c->device_rate = 20;
     c->device_burst = 100;

@@ -294,6 +294,9 @@ int fm_metrics_render(const fm_metrics *m, char **out, size_t *len)
             atomic_load(&m->replied));
     counter(&b, "fleetml_commit_failures_total", "Group commits that failed (nothing acked).",
             atomic_load(&m->commit_failures));
+    counter(&b, "fleetml_model_keep_warm_calls_total",
+            "Rows scored by an idle commit thread to keep the model in the CPU's caches.",
+            atomic_load(&m->keep_warm_calls));
     counter(&b, "fleetml_broker_restarts_total", "Times the supervised broker was restarted.",
             atomic_load(&m->broker_restarts));
     static const char *const ckpt_by[] = {"checkpointer", "idle", "bound"};

@@ -75,6 +75,7 @@ static void test_defaults(void **state)
     assert_string_equal(c.http_bind, "127.0.0.1");
     assert_int_equal(c.http_port, 8080);
     assert_int_equal(c.commit_window_us, 0);
+    assert_int_equal(c.keep_warm_us, 2000);
     assert_int_equal(c.batch_max, 256);
     assert_int_equal(c.queue_max, 65536);
     assert_string_equal(c.store_backend, "sqlite");
@@ -193,6 +194,8 @@ static void test_set_every_key(void **state)
     assert_int_equal(c.commit_window_us, 0);
     set_ok(&c, "pipeline.commit_window_us", "2000");
     assert_int_equal(c.commit_window_us, 2000);
+    set_ok(&c, "pipeline.keep_warm_us", "0");
+    assert_int_equal(c.keep_warm_us, 0);
     set_ok(&c, "pipeline.batch_max", "4096");
     assert_int_equal(c.batch_max, 4096);
     set_ok(&c, "pipeline.queue_max", "1");
@@ -254,6 +257,7 @@ static void test_set_errors(void **state)
         {"broker.service_port", "70000", "broker.service_port: 70000 is outside"},
         {"broker.max_payload", "1023", "broker.max_payload: 1023 is outside 1024..16777216"},
         {"pipeline.commit_window_us", "2001", "pipeline.commit_window_us: 2001 is outside 0..2000"},
+        {"pipeline.keep_warm_us", "-1", "pipeline.keep_warm_us: -1 is outside 0..1000000"},
         {"pipeline.commit_window_us", "-1", "is outside 0..2000"},
         {"pipeline.batch_max", "0", "pipeline.batch_max: 0 is outside 1..4096"},
         {"pipeline.batch_max", "4097", "is outside 1..4096"},
