@@ -496,10 +496,10 @@ static void *worker(void *arg);
 
 /* Waits for work while sparse traffic is flowing, scoring one row with the
  * model of the last batch each time keep_warm_us pass with nothing queued.
- * After an idle gap this machine runs a one-row prediction ~5x slower than
- * back to back (the trees are no longer in the caches; docs/performance.md,
- * "The model kept warm"); one call every 2 ms keeps it close to the warm
- * figure for ~3 % of a core while it runs. false when it did not apply
+ * After an idle gap this machine runs a one-row prediction several times
+ * slower than back to back (336 against 27 us; the trees are no longer in
+ * the caches, docs/performance.md, "The model kept warm"); one call every
+ * 2 ms brings it to ~62 us for 3-5 % of a core while it runs. false when it did not apply
  * (off, never used, or quiet for a minute): the caller waits as usual.
  * Called and returns with the lock held. */
 static bool keep_warm_wait(fm_pipeline *p)
